@@ -1,0 +1,3 @@
+"""The hostdev host agent: reports passthrough devices and drives libvirt."""
+
+from __future__ import annotations

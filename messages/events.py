@@ -1,0 +1,63 @@
+"""Events published on ``hostdev.events`` for external tools (past tense)."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from hostdev.messages.base import Message
+from hostdev.messages.pci_address import PciAddress
+from hostdev.messages.values import HostStatus, JobState, VmState
+
+
+class Event(Message, frozen=True, kw_only=True):
+    """Something that happened; ``at`` is an ISO 8601 UTC timestamp."""
+
+    kind: ClassVar[str] = "event"
+
+    at: str = ""
+
+
+class VmStateChanged(Event, frozen=True, kw_only=True):
+    """Routing key ``vm.<uuid>.<State>``."""
+
+    vm_uuid: str
+    state: VmState
+    previous: VmState | None = None
+    host_guid: str | None = None
+
+
+class HostStatusChanged(Event, frozen=True, kw_only=True):
+    """Routing key ``host.<guid>.<Status>``."""
+
+    host_guid: str
+    status: HostStatus
+    previous: HostStatus | None = None
+
+
+class PciDeviceAllocated(Event, frozen=True, kw_only=True):
+    """Routing key ``pci.<guid>.Allocated``."""
+
+    host_guid: str
+    address: PciAddress
+    name: str
+    vm_uuid: str
+
+
+class PciDeviceReleased(Event, frozen=True, kw_only=True):
+    """Routing key ``pci.<guid>.Released``."""
+
+    host_guid: str
+    address: PciAddress
+    name: str
+    vm_uuid: str
+
+
+class JobFinished(Event, frozen=True, kw_only=True):
+    """Routing key ``job.<id>.<Outcome>`` (``Succeeded`` or ``Failed``)."""
+
+    job_id: int
+    job_kind: str
+    state: JobState
+    vm_uuid: str | None = None
+    step: str = ""
+    details: str = ""

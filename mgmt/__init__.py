@@ -1,0 +1,3 @@
+"""The hostdev management daemon: inventory, allocation, placement and jobs."""
+
+from __future__ import annotations

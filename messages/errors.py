@@ -58,3 +58,11 @@ class RemoteError(BusError):
         super().__init__(reason)
         self.reason = reason
         self.code = code
+
+
+class TransientError(MessageError):
+    """A handler failed for a reason that may pass (database or broker hiccup).
+
+    The bus requeues the message; after the queue's delivery limit it is
+    dead-lettered like any other failure.
+    """

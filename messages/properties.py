@@ -1,0 +1,124 @@
+"""Java-properties files (``agent.properties``, ``mgmt.properties``), with line numbers.
+
+Both daemons read their configuration in the original's syntax; the reader
+keeps the line each key came from so every configuration error can name its
+file and line.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from hostdev.messages.errors import MessageError
+
+
+class PropertiesError(MessageError, ValueError):
+    """A properties file is unreadable or a line is malformed; names file and line."""
+
+    def __init__(self, path: str, line: int, text: str, expected: str) -> None:
+        super().__init__(f"{path}:{line}: {text!r}: {expected}")
+        self.path = path
+        self.line = line
+        self.text = text
+        self.expected = expected
+
+
+@dataclass(frozen=True)
+class Property:
+    """One ``key=value`` entry and where it stood."""
+
+    key: str
+    value: str
+    path: str
+    line: int
+
+    def error(self, expected: str, text: str | None = None) -> PropertiesError:
+        """Builds the error for this entry: file, line, offending text, what is expected."""
+        return PropertiesError(self.path, self.line, self.value if text is None else text, expected)
+
+
+_ESCAPES = {"t": "\t", "n": "\n", "r": "\r", "f": "\f"}
+
+
+def _logical_lines(text: str) -> Iterator[tuple[int, str]]:
+    """Yields (first line number, logical line) joining backslash continuations."""
+    pending: list[str] = []
+    start = 0
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = raw.lstrip() if pending else raw
+        if not pending:
+            stripped = line.lstrip()
+            if not stripped or stripped[0] in "#!":
+                continue
+            start = number
+        trailing = len(line) - len(line.rstrip("\\"))
+        if trailing % 2 == 1:
+            pending.append(line[:-1])
+            continue
+        pending.append(line)
+        yield start, "".join(pending)
+        pending = []
+    if pending:
+        yield start, "".join(pending)
+
+
+def _unescape(text: str) -> str:
+    out: list[str] = []
+    chars = iter(text)
+    for char in chars:
+        if char != "\\":
+            out.append(char)
+            continue
+        nxt = next(chars, "")
+        if nxt == "u":
+            code = "".join(next(chars, "") for _ in range(4))
+            out.append(chr(int(code, 16)) if len(code) == 4 else "\\u" + code)
+        else:
+            out.append(_ESCAPES.get(nxt, nxt))
+    return "".join(out)
+
+
+def _split(line: str) -> tuple[str, str]:
+    line = line.lstrip()
+    index = 0
+    while index < len(line):
+        char = line[index]
+        if char == "\\":
+            index += 2
+            continue
+        if char in "=: \t\f":
+            break
+        index += 1
+    key = line[:index]
+    rest = line[index:].lstrip(" \t\f")
+    if rest[:1] in ("=", ":"):
+        rest = rest[1:].lstrip(" \t\f")
+    return _unescape(key), _unescape(rest)
+
+
+def parse_properties(text: str, path: str = "<string>") -> list[Property]:
+    """Parses Java-properties text into entries, in file order.
+
+    Comments start with ``#`` or ``!``; separators are ``=``, ``:`` or
+    whitespace; a trailing backslash continues a line.
+    """
+    return [
+        Property(key=key, value=value.strip(), path=path, line=line)
+        for line, logical in _logical_lines(text)
+        for key, value in [_split(logical)]
+    ]
+
+
+def read_properties(path: str | Path) -> list[Property]:
+    """Reads and parses a properties file; a missing file is a clear error."""
+    name = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise PropertiesError(name, 0, name, "the file does not exist; pass --config PATH "
+                              "or create it from the sample in etc/") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PropertiesError(name, 0, name, f"cannot be read: {exc}") from None
+    return parse_properties(text, name)

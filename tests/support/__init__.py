@@ -1,0 +1,1 @@
+"""Fixture code shared by the integration and end-to-end tests."""

@@ -25,7 +25,7 @@ def wait_for(
     while True:
         try:
             value = condition()
-        except Exception as exc:  # noqa: BLE001 - keep polling; report the last one
+        except Exception as exc:  # keep polling; the last error is reported
             last_error = exc
             value = None
         if value:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import ClassVar
 
 from hostdev.messages.base import Answer, Message
+from hostdev.messages.pci_address import PciAddress
 from hostdev.messages.values import (
     DeviceMapping,
     HostRow,
@@ -21,7 +22,6 @@ from hostdev.messages.values import (
     PciRequest,
     VmRow,
 )
-from hostdev.messages.pci_address import PciAddress
 
 
 class ApiRequest(Message, frozen=True, kw_only=True):

@@ -38,7 +38,7 @@ class Value(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tru
     """A structured value nested inside messages (never sent on its own)."""
 
 
-class Answer(Message):
+class Answer(Message, frozen=True, kw_only=True):
     """The typed answer to a command: outcome, details, and the command's own data.
 
     ``result`` is ``ok`` or ``error``; ``details`` says why in words a person

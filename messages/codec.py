@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Any, Union
 
 import msgspec
-
+import msgspec.inspect as mi
 from hostdev.messages import api, commands, events
 from hostdev.messages.base import PROTOCOL_VERSION, Message
 from hostdev.messages.errors import (
@@ -19,6 +20,9 @@ from hostdev.messages.errors import (
 )
 from hostdev.messages.pci_address import PciAddress
 
+#: Classes that group messages but are never sent on their own.
+_ABSTRACT: tuple[type[Message], ...] = (api.ApiRequest, api.ApiResponse, events.Event)
+
 
 def _concrete(module: Any) -> list[type[Message]]:
     found = []
@@ -27,8 +31,7 @@ def _concrete(module: Any) -> list[type[Message]]:
             isinstance(value, type)
             and issubclass(value, Message)
             and value.__module__ == module.__name__
-            and value.__doc__
-            and not value.__name__.startswith(("Api", "Event"))
+            and value not in _ABSTRACT
         ):
             found.append(value)
     return found
@@ -43,6 +46,8 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
 
 AnyMessage = Union[tuple(MESSAGE_TYPES.values())]  # type: ignore[valid-type]  # noqa: UP007
 
+_EXAMPLE = '{"type": "<MessageType>", "v": 1, ...}'
+
 
 def _enc_hook(obj: Any) -> Any:
     if isinstance(obj, PciAddress):
@@ -53,7 +58,9 @@ def _enc_hook(obj: Any) -> Any:
 def _dec_hook(kind: type, obj: Any) -> Any:
     if kind is PciAddress:
         if not isinstance(obj, str):
-            raise ValueError(f"a PCI address must be a string, got {type(obj).__name__}")
+            raise ValueError(
+                f"a PCI address must be a string such as 0000:28:00.1, got {type(obj).__name__}"
+            )
         try:
             return PciAddress(obj)
         except PciAddressError as exc:
@@ -67,14 +74,15 @@ _decoder: msgspec.json.Decoder[Any] = msgspec.json.Decoder(AnyMessage, dec_hook=
 
 
 class _Envelope(msgspec.Struct):
-    type: Any = None
-    v: Any = None
+    type: Any = msgspec.UNSET
+    v: Any = msgspec.UNSET
 
 
 _envelope_decoder = msgspec.json.Decoder(_Envelope)
 _PATH = re.compile(r" - at `(?P<path>[^`]+)`$")
-_MISSING = re.compile(r"missing required field `(?P<field>[^`]+)`")
-_UNKNOWN = re.compile(r"unknown field `(?P<field>[^`]+)`")
+_MISSING = re.compile(r"^Object missing required field `(?P<field>[^`]+)`$")
+_UNKNOWN = re.compile(r"^Object contains unknown field `(?P<field>[^`]+)`$")
+_SEGMENT = re.compile(r"\.(?P<name>[^.\[]+)|\[(?P<index>\d+)\]")
 
 
 def encode(message: Message) -> bytes:
@@ -85,63 +93,171 @@ def encode(message: Message) -> bytes:
 def decode(body: bytes | bytearray | memoryview | str) -> Message:
     """Decodes a body into its typed message.
 
+    Only ``DecodeError`` subclasses (a ``MessageError``) escape, whatever the body.
+
     Raises:
         MalformedBodyError: the body is not a JSON object.
         UnknownTypeError: ``type`` is missing or names no message.
         UnsupportedVersionError: ``v`` is not this build's major version.
-        InvalidFieldError: a field is missing, unknown or of the wrong type.
+        InvalidFieldError: a field is missing, unknown or of the wrong type or value.
     """
     try:
         message: Message = _decoder.decode(body)
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+    except msgspec.DecodeError as exc:  # ValidationError is a subclass
         raise _explain(body, exc) from None
+    except UnicodeError as exc:  # a str body holding lone surrogates
+        raise MalformedBodyError(
+            f"body is not valid UTF-8 text ({exc}); expected a JSON object such as {_EXAMPLE}"
+        ) from None
     if message.v != PROTOCOL_VERSION:
         raise _version_error(type(message).__name__, message.v)
     return message
 
 
-def _version_error(name: str, version: object) -> UnsupportedVersionError:
+def _version_error(name: str, version: int) -> UnsupportedVersionError:
     return UnsupportedVersionError(
-        f"{name}: field 'v' is {version!r}, but this build speaks protocol version "
-        f"{PROTOCOL_VERSION} only; upgrade the receiver or send v={PROTOCOL_VERSION}",
+        f"{name} at $.v: protocol version {version} is not supported; this build speaks "
+        f"version {PROTOCOL_VERSION} only (expected v={PROTOCOL_VERSION}); upgrade the "
+        "receiver, or have the sender speak this version",
         message_type=name,
-        field="v",
+        field="$.v",
     )
+
+
+def _json(value: object) -> str:
+    """Shows a decoded JSON value as the sender wrote it (``null``, ``true``, ``"1"``)."""
+    return msgspec.json.encode(value).decode()
 
 
 def _explain(body: bytes | bytearray | memoryview | str, exc: Exception) -> DecodeError:
     """Turns msgspec's error into ours, naming the message, the field and what was expected."""
     try:
         envelope = _envelope_decoder.decode(body)
+    except msgspec.ValidationError as inner:
+        return MalformedBodyError(
+            f"body is valid JSON but not an object ({inner}); expected {_EXAMPLE}"
+        )
     except msgspec.DecodeError as inner:
-        return MalformedBodyError(f"body is not valid JSON: {inner}")
-    except msgspec.ValidationError:
-        return MalformedBodyError("body is not a JSON object (expected {\"type\": ..., \"v\": 1, ...})")
+        return MalformedBodyError(f"body is not valid JSON ({inner}); expected {_EXAMPLE}")
     name = envelope.type
-    if name is None:
-        return UnknownTypeError("message has no 'type' field (expected the message's type name)",
-                                field="type")
+    if name is msgspec.UNSET:
+        return UnknownTypeError(
+            f"message has no 'type' field (expected the message's type name: {_EXAMPLE})",
+            field="$.type",
+        )
     if not isinstance(name, str) or name not in MESSAGE_TYPES:
         return UnknownTypeError(
-            f"unknown message type {name!r} (expected one of the {len(MESSAGE_TYPES)} types "
-            "of the protocol; see `hostdev schema`)",
-            message_type=str(name),
-            field="type",
+            f"unknown message type {_json(name)} in field 'type' (expected one of the "
+            f"{len(MESSAGE_TYPES)} types of protocol version {PROTOCOL_VERSION}, such as "
+            "'StartCommand'; `hostdev schema` lists them)",
+            message_type=name if isinstance(name, str) else _json(name),
+            field="$.type",
         )
-    if envelope.v is not None and envelope.v != PROTOCOL_VERSION:
-        return _version_error(name, envelope.v)
-    text = str(exc)
-    field: str | None = None
+    version = envelope.v
+    if version is not msgspec.UNSET:
+        if not isinstance(version, int) or isinstance(version, bool):
+            return InvalidFieldError(
+                f"{name} at $.v: the protocol version is {_json(version)} "
+                f"(expected an integer, {PROTOCOL_VERSION})",
+                message_type=name,
+                field="$.v",
+            )
+        if version != PROTOCOL_VERSION:
+            return _version_error(name, version)
+    return _field_error(name, str(exc))
+
+
+def _field_error(name: str, text: str) -> InvalidFieldError:
+    """Builds the error for one bad field out of msgspec's ``<problem> - at `<path>```."""
+    path = "$"
     match = _PATH.search(text)
     if match:
-        field = match["path"]
+        path = match["path"]
         text = text[: match.start()]
-    for pattern in (_MISSING, _UNKNOWN):
-        found = pattern.search(text)
-        if found:
-            field = (field or "$") + "." + found["field"]
-    where = f" at {field}" if field else ""
-    return InvalidFieldError(f"{name}{where}: {text}", message_type=name, field=field)
+    cls = MESSAGE_TYPES[name]
+    missing, unknown = _MISSING.match(text), _UNKNOWN.match(text)
+    if missing:
+        field = missing["field"]
+        where = _type_at(cls, path + "." + field)
+        expected = _describe(where) if where is not None else "a value"
+        problem = f"required field `{field}` is missing (expected {expected})"
+        path = path + "." + field
+    elif unknown:
+        field = unknown["field"]
+        owner = _type_at(cls, path)
+        known = ", ".join(_field_names(owner)) if owner is not None else "the documented fields"
+        problem = f"unknown field `{field}` (expected only: {known})"
+        path = path + "." + field
+    else:
+        where = _type_at(cls, path)
+        problem = text
+        if where is not None and "expected" not in text.lower():
+            problem = f"{text} (expected {_describe(where)})"
+    return InvalidFieldError(f"{name} at {path}: {problem}", message_type=name, field=path)
+
+
+@functools.cache
+def _struct_info(cls: type[Message]) -> mi.Type:
+    return mi.type_info(cls)
+
+
+def _type_at(cls: type[Message], path: str) -> mi.Type | None:
+    """Resolves a msgspec path such as ``$.vm.pci_devices[0]`` to the type expected there."""
+    current: mi.Type | None = _struct_info(cls)
+    for segment in _SEGMENT.finditer(path.removeprefix("$")):
+        current = _step(current, segment["name"], segment["index"])
+        if current is None:
+            return None
+    return current
+
+
+def _step(current: mi.Type | None, name: str | None, index: str | None) -> mi.Type | None:
+    if isinstance(current, mi.UnionType):  # e.g. ``Struct | None``: follow the struct
+        structs = [t for t in current.types if isinstance(t, mi.StructType)]
+        current = structs[0] if len(structs) == 1 else None
+    if name is not None and isinstance(current, mi.StructType):
+        return next((f.type for f in current.fields if f.encode_name == name), None)
+    if index is not None and isinstance(current, (mi.VarTupleType, mi.ListType)):
+        return current.item_type
+    if index is not None and isinstance(current, mi.TupleType):
+        position = int(index)
+        return current.item_types[position] if position < len(current.item_types) else None
+    return None
+
+
+def _field_names(owner: mi.Type) -> list[str]:
+    if isinstance(owner, mi.UnionType):
+        owner = next((t for t in owner.types if isinstance(t, mi.StructType)), owner)
+    if not isinstance(owner, mi.StructType):
+        return []
+    names = [owner.tag_field] if owner.tag_field else []
+    return names + [f.encode_name for f in owner.fields]
+
+
+def _describe(kind: mi.Type) -> str:
+    """Says in words what a JSON value of this type looks like."""
+    simple = {
+        mi.StrType: "a string",
+        mi.IntType: "an integer",
+        mi.FloatType: "a number",
+        mi.BoolType: "true or false",
+        mi.NoneType: "null",
+        mi.AnyType: "any value",
+    }
+    for cls, words in simple.items():
+        if isinstance(kind, cls):
+            return words
+    if isinstance(kind, mi.LiteralType):
+        return "one of " + ", ".join(repr(value) for value in kind.values)
+    if isinstance(kind, mi.CustomType) and kind.cls is PciAddress:
+        return "a PCI address string such as 0000:28:00.1"
+    if isinstance(kind, (mi.VarTupleType, mi.ListType)):
+        return f"an array of {_describe(kind.item_type)}"
+    if isinstance(kind, mi.UnionType):
+        return " or ".join(_describe(member) for member in kind.types)
+    if isinstance(kind, mi.StructType):
+        return f"a {kind.cls.__name__} object"
+    return type(kind).__name__.removesuffix("Type").lower()
 
 
 def _schema_hook(kind: type) -> dict[str, Any]:
@@ -155,15 +271,36 @@ def _schema_hook(kind: type) -> dict[str, Any]:
     raise NotImplementedError(f"no schema for {kind!r}")
 
 
+#: JSON Schema dialect of the exported schemas (msgspec emits 2020-12).
+SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
+
+
 def json_schema(name: str | None = None) -> dict[str, Any]:
-    """Returns the JSON Schema of one message, or of the whole union when ``name`` is None."""
+    """Returns the JSON Schema of one message, or of the whole union when ``name`` is None.
+
+    Raises:
+        UnknownTypeError: ``name`` is not a message type.
+    """
     if name is None:
         schema = msgspec.json.schema(AnyMessage, schema_hook=_schema_hook)
         schema["title"] = "AnyMessage"
         schema["description"] = "Every hostdev message; `type` selects which."
-        return schema
-    try:
-        cls = MESSAGE_TYPES[name]
-    except KeyError:
-        raise UnknownTypeError(f"unknown message type {name!r}", message_type=name) from None
-    return msgspec.json.schema(cls, schema_hook=_schema_hook)
+    else:
+        try:
+            cls = MESSAGE_TYPES[name]
+        except KeyError:
+            raise UnknownTypeError(
+                f"unknown message type {name!r} (expected one of: {', '.join(MESSAGE_TYPES)})",
+                message_type=name,
+            ) from None
+        schema = msgspec.json.schema(cls, schema_hook=_schema_hook)
+    for def_name, definition in schema.get("$defs", {}).items():
+        if def_name in MESSAGE_TYPES:
+            definition["properties"]["v"] = {
+                "description": "Protocol major version; a receiver refuses any other value. "
+                "Absent means 1.",
+                "type": "integer",
+                "const": PROTOCOL_VERSION,
+                "default": PROTOCOL_VERSION,
+            }
+    return {"$schema": SCHEMA_DIALECT, **schema}

@@ -10,7 +10,7 @@ from hostdev.messages.errors import PciAddressError
 _SHAPE = re.compile(
     r"^(?:(?P<domain>[^:]+):)?(?P<bus>[^:]+):(?P<slot>[^.:]+)\.(?P<function>[^.:]+)$"
 )
-_HEX = re.compile(r"^[0-9a-fA-F]+$")
+_HEX = re.compile(r"[0-9a-fA-F]+")  # used with fullmatch: no trailing newline slips through
 _EXPECTED = "[domain:]bus:slot.function, e.g. 28:00.1 or 0000:28:00.1"
 
 # (part, digits at most, largest value)
@@ -24,7 +24,7 @@ _LIMITS = {
 
 def _part(name: str, text: str, whole: str) -> int:
     width, top = _LIMITS[name]
-    if not _HEX.match(text) or len(text) > width:
+    if not _HEX.fullmatch(text) or len(text) > width:
         raise PciAddressError(
             f"PCI address {whole!r}: {name} {text!r} is not a hexadecimal number of at most "
             f"{width} digit{'s' if width > 1 else ''} (expected {_EXPECTED})"

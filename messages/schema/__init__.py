@@ -1,0 +1,1 @@
+"""Generated JSON Schemas of every message; regenerate with ``make schema``, never edit."""

@@ -1,0 +1,68 @@
+"""The ``hostdev`` operator CLI: one ``argparse`` subcommand per noun.
+
+How to add a subcommand (``hosts``, ``devices``, ``vm ...``, ``job ...``):
+write, next to the code it drives, a function
+``add_<noun>_command(subparsers) -> None`` that calls
+``subparsers.add_parser(...)`` (nested ``add_subparsers`` for verbs such as
+``vm deploy``) and ends with ``parser.set_defaults(handler=<fn>)``, where
+``<fn>(args: argparse.Namespace) -> int`` returns the exit status. Then append
+it to ``COMMANDS`` below. This module only wires parsers together and turns
+the package root errors into a one-line message and an exit status; it holds
+no command logic (``hostdev schema`` lives in ``hostdev.messages.schema_export``).
+Commands that log configure structlog in ``main`` (CONVENTIONS 6: only the
+entry point configures logging); ``hostdev schema`` does not log.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+from hostdev.messages.errors import MessageError
+from hostdev.messages.schema_export import add_schema_command
+
+if TYPE_CHECKING:  # argparse's action class is generic only to type checkers
+    SubParsers = argparse._SubParsersAction[argparse.ArgumentParser]
+
+#: Registration functions, one per top-level subcommand, in ``--help`` order.
+COMMANDS: list[Callable[[SubParsers], None]] = [
+    add_schema_command,
+]
+
+#: Exit status when a command fails with one of the package root errors.
+EXIT_FAILURE = 1
+#: Exit status for a usage error (argparse uses the same).
+EXIT_USAGE = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Builds the ``hostdev`` parser with every registered subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="hostdev",
+        description="Operate hostdev: PCI passthrough for KVM clouds, driven over AMQP.",
+    )
+    subparsers = parser.add_subparsers(title="commands", metavar="COMMAND")
+    for register in COMMANDS:
+        register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the ``hostdev`` command line; returns the process exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler: Callable[[argparse.Namespace], int] | None = getattr(args, "handler", None)
+    if handler is None:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    try:
+        return handler(args)
+    except MessageError as exc:
+        sys.stderr.write(f"hostdev: {exc}\n")
+        return EXIT_FAILURE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

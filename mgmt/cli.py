@@ -4,9 +4,10 @@ How to add a subcommand (``hosts``, ``devices``, ``vm ...``, ``job ...``):
 write, next to the code it drives, a function
 ``add_<noun>_command(subparsers) -> None`` that calls
 ``subparsers.add_parser(...)`` (nested ``add_subparsers`` for verbs such as
-``vm deploy``) and ends with ``parser.set_defaults(handler=<fn>)``, where
+``vm deploy``) and ends with ``parser.set_defaults(func=<fn>)``, where
 ``<fn>(args: argparse.Namespace) -> int`` returns the exit status. Then append
-it to ``COMMANDS`` below. This module only wires parsers together and turns
+it to ``COMMANDS`` below (``hostdev.mgmt.operator_cli.add_commands`` follows
+this shape). This module only wires parsers together and turns
 the package root errors into a one-line message and an exit status; it holds
 no command logic (``hostdev schema`` lives in ``hostdev.messages.schema_export``).
 Commands that log configure structlog in ``main`` (CONVENTIONS 6: only the
@@ -22,6 +23,7 @@ from typing import TYPE_CHECKING
 
 from hostdev.messages.errors import MessageError
 from hostdev.messages.schema_export import add_schema_command
+from hostdev.mgmt.operator_cli import add_commands as add_operator_commands
 
 if TYPE_CHECKING:  # argparse's action class is generic only to type checkers
     SubParsers = argparse._SubParsersAction[argparse.ArgumentParser]
@@ -29,6 +31,7 @@ if TYPE_CHECKING:  # argparse's action class is generic only to type checkers
 #: Registration functions, one per top-level subcommand, in ``--help`` order.
 COMMANDS: list[Callable[[SubParsers], None]] = [
     add_schema_command,
+    add_operator_commands,
 ]
 
 #: Exit status when a command fails with one of the package root errors.
@@ -53,12 +56,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Runs the ``hostdev`` command line; returns the process exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    handler: Callable[[argparse.Namespace], int] | None = getattr(args, "handler", None)
-    if handler is None:
+    func: Callable[[argparse.Namespace], int] | None = getattr(args, "func", None)
+    if func is None:  # no subcommand, or a group such as ``vm`` without its verb
         parser.print_help(sys.stderr)
         return EXIT_USAGE
     try:
-        return handler(args)
+        return func(args)
     except MessageError as exc:
         sys.stderr.write(f"hostdev: {exc}\n")
         return EXIT_FAILURE

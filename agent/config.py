@@ -1,0 +1,230 @@
+"""``agent.properties``: parsed and validated into a typed, frozen ``AgentConfig``.
+
+Every bad value stops the agent before it connects anywhere, with a
+``ConfigError`` naming the file, the line, the offending text and what is
+expected. Unknown keys are warnings (a typo must not take a host down).
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import structlog
+from hostdev.agent.errors import ConfigError
+from hostdev.messages.errors import PciAddressError
+from hostdev.messages.pci_address import PciAddress
+from hostdev.messages.properties import PropertiesError, Property, parse_properties
+
+log = structlog.get_logger()
+
+DEFAULT_PATH = "/etc/hostdev/agent.properties"
+
+LogFormat = Literal["json", "console"]
+LogLevel = Literal["debug", "info", "warning", "error"]
+
+_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+_NAME_EXPECTED = "a device name of 1 to 64 characters from A-Z a-z 0-9 _ . -"
+_ENTRY_EXPECTED = "[domain:]bus:slot.function|name, e.g. 28:00.1|10GE"
+_GUID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+@dataclass(frozen=True)
+class PciDeviceEntry:
+    """One device set aside for passthrough, as the operator listed it."""
+
+    address: PciAddress
+    name: str
+    line: int = 0
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    """The agent's configuration, validated; ``guid`` is None until generated."""
+
+    path: str = DEFAULT_PATH
+    guid: str | None = None
+    name: str = field(default_factory=socket.gethostname)
+    amqp_url: str = "amqp://guest:guest@127.0.0.1:5672//"
+    amqp_queue_type: Literal["quorum", "classic"] = "quorum"
+    libvirt_uri: str = "qemu:///system"
+    pci_devices: tuple[PciDeviceEntry, ...] = ()
+    ping_interval_s: float = 60.0
+    attach_timeout_s: float = 10.0
+    detach_timeout_s: float = 10.0
+    migration_timeout_s: float = 300.0
+    log_format: LogFormat = "json"
+    log_level: LogLevel = "info"
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def inventory(self) -> dict[PciAddress, str]:
+        """The listed devices: address to name."""
+        return {entry.address: entry.name for entry in self.pci_devices}
+
+
+def parse_pci_devices(prop: Property) -> tuple[PciDeviceEntry, ...]:
+    """Parses ``pci.devices``: comma-separated ``[domain:]bus:slot.function|name``."""
+    entries: list[PciDeviceEntry] = []
+    seen: dict[PciAddress, str] = {}
+    if not prop.value:
+        return ()
+    for raw in prop.value.split(","):
+        text = raw.strip()
+        if not text:
+            raise prop.error(f"an entry between commas is empty; expected {_ENTRY_EXPECTED}",
+                             prop.value)
+        if "|" not in text:
+            raise _error(prop, text, f"the entry has no '|name'; expected {_ENTRY_EXPECTED}")
+        address_text, name = (part.strip() for part in text.split("|", 1))
+        try:
+            address = PciAddress(address_text)
+        except PciAddressError as exc:
+            raise _error(prop, text, str(exc)) from None
+        if not name:
+            raise _error(prop, text, f"the name after '|' is empty; expected {_NAME_EXPECTED}")
+        if not _NAME.match(name):
+            raise _error(prop, text, f"the name {name!r} is invalid; expected {_NAME_EXPECTED}")
+        if address in seen:
+            raise _error(prop, text, f"the address {address} is listed twice (also as "
+                         f"{seen[address]!r}); list each device once")
+        seen[address] = text
+        entries.append(PciDeviceEntry(address=address, name=name, line=prop.line))
+    return tuple(entries)
+
+
+def _error(prop: Property, text: str, expected: str) -> ConfigError:
+    return ConfigError(prop.path, prop.line, text, expected)
+
+
+def _positive_seconds(prop: Property) -> float:
+    try:
+        value = float(prop.value)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise _error(prop, prop.value, f"{prop.key} must be a positive number of seconds, "
+                     "e.g. 30 or 2.5")
+    return value
+
+
+def _choice(options: Sequence[str]) -> Callable[[Property], str]:
+    def parse(prop: Property) -> str:
+        value = prop.value.lower()
+        if value not in options:
+            raise _error(prop, prop.value, f"{prop.key} must be one of {', '.join(options)}")
+        return value
+    return parse
+
+
+def _amqp_url(prop: Property) -> str:
+    urls = [url.strip() for url in prop.value.split(";")]
+    for url in urls:
+        if not url.startswith(("amqp://", "amqps://")):
+            raise _error(prop, url or prop.value, "amqp.url must be amqp://user:pass@host:port/"
+                         "vhost or amqps://..., several separated by ';' for failover")
+    return prop.value
+
+
+def _libvirt_uri(prop: Property) -> str:
+    if "://" not in prop.value:
+        raise _error(prop, prop.value, "libvirt.uri must be a libvirt URI such as "
+                     "qemu:///system, test:///abs/node.xml or simulated:///abs/spec.json")
+    return prop.value
+
+
+def _guid(prop: Property) -> str:
+    if not _GUID.match(prop.value):
+        raise _error(prop, prop.value, "guid must be 1 to 64 characters from A-Z a-z 0-9 _ . - "
+                     "(delete the line to have one generated)")
+    return prop.value
+
+
+def _name(prop: Property) -> str:
+    if not _NAME.match(prop.value):
+        raise _error(prop, prop.value, "name must be 1 to 64 characters from A-Z a-z 0-9 _ . - "
+                     "(delete the line to use the host name)")
+    return prop.value
+
+
+#: key -> (AgentConfig field, parser)
+_KEYS: dict[str, tuple[str, Callable[[Property], object]]] = {
+    "guid": ("guid", _guid),
+    "name": ("name", _name),
+    "amqp.url": ("amqp_url", _amqp_url),
+    "amqp.queue.type": ("amqp_queue_type", _choice(("quorum", "classic"))),
+    "libvirt.uri": ("libvirt_uri", _libvirt_uri),
+    "pci.devices": ("pci_devices", parse_pci_devices),
+    "ping.interval": ("ping_interval_s", _positive_seconds),
+    "timeout.attach": ("attach_timeout_s", _positive_seconds),
+    "timeout.detach": ("detach_timeout_s", _positive_seconds),
+    "timeout.migration": ("migration_timeout_s", _positive_seconds),
+    "log.format": ("log_format", _choice(("json", "console"))),
+    "log.level": ("log_level", _choice(("debug", "info", "warning", "error"))),
+}
+
+KNOWN_KEYS = tuple(_KEYS)
+
+
+def config_from_properties(props: Sequence[Property], path: str) -> AgentConfig:
+    """Builds the configuration from parsed entries; raises ``ConfigError`` on a bad value."""
+    values: dict[str, Any] = {}
+    warnings: list[str] = []
+    lines: dict[str, int] = {}
+    for prop in props:
+        spec = _KEYS.get(prop.key)
+        if spec is None:
+            warnings.append(f"{path}:{prop.line}: unknown key {prop.key!r} is ignored "
+                            f"(known keys: {', '.join(KNOWN_KEYS)})")
+            continue
+        if prop.key in lines:
+            warnings.append(f"{path}:{prop.line}: {prop.key!r} repeats line {lines[prop.key]}; "
+                            "the last one wins")
+        lines[prop.key] = prop.line
+        attribute, parse = spec
+        values[attribute] = parse(prop)
+    for warning in warnings:
+        log.warning("config_warning", problem=warning)
+    return AgentConfig(path=path, warnings=tuple(warnings), **values)
+
+
+def parse_config(text: str, path: str = "<string>") -> AgentConfig:
+    """Parses and validates the text of an ``agent.properties`` file."""
+    return config_from_properties(parse_properties(text, path), path)
+
+
+def load_config(path: str | Path = DEFAULT_PATH) -> AgentConfig:
+    """Reads and validates ``agent.properties``; a missing file is a ``ConfigError``."""
+    name = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(name, 0, name, "the file does not exist; pass --config PATH or "
+                          "create it from the sample etc/agent.properties") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(name, 0, name, f"the file cannot be read: {exc}") from None
+    try:
+        return parse_config(text, name)
+    except PropertiesError as exc:
+        raise ConfigError(exc.path, exc.line, exc.text, exc.expected) from None
+
+
+def ensure_guid(config: AgentConfig) -> AgentConfig:
+    """Returns the config with a guid, generating one and appending it to the file if absent.
+
+    The guid is what management knows the host by, so it is written back at
+    once: a restart must announce the same host.
+    """
+    if config.guid is not None:
+        return config
+    guid = str(uuid.uuid4())
+    with open(config.path, "a", encoding="utf-8") as handle:
+        handle.write(f"\n# Generated by hostdev-agent on first start; keep it: management "
+                     f"knows this host by it.\nguid={guid}\n")
+    log.info("guid_generated", guid=guid, path=config.path)
+    return replace(config, guid=guid)

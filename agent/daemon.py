@@ -1,0 +1,296 @@
+"""``hostdev-agent``: the host agent daemon.
+
+Start-up order: read and validate ``agent.properties`` (a bad value stops here,
+before anything is contacted), open libvirt, run the start-up checks, connect
+the bus, declare ``hostdev.agent.<guid>``, announce with
+``StartupRoutingCommand``, then ping every ``ping.interval`` and push a
+``VmStateReport`` on every lifecycle event. After a reconnect the agent
+announces itself again. ``--check`` validates the file and the host and exits
+0 or 1, like ``nginx -t``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from importlib import metadata
+from typing import Any, Protocol
+
+import structlog
+from hostdev.agent.config import DEFAULT_PATH, AgentConfig, ensure_guid, load_config
+from hostdev.agent.errors import AgentError, ConfigError, HypervisorError
+from hostdev.agent.handlers import CommandHandlers, Timeouts
+from hostdev.agent.hypervisor import Hypervisor, LifecycleEvent
+from hostdev.agent.libvirt_host import LibvirtHost
+from hostdev.agent.simulated import SimulatedHost, is_simulated_uri
+from hostdev.agent.startup_checks import CheckReport, check_host
+from hostdev.messages.base import Message
+from hostdev.messages.commands import (
+    AttachPciDevicesCommand,
+    DetachPciDevicesCommand,
+    MigrateCommand,
+    PingRoutingCommand,
+    StartCommand,
+    StartupAnswer,
+    StartupRoutingCommand,
+    StopCommand,
+    VmStateReport,
+)
+from hostdev.messages.errors import TransientError
+from hostdev.messages.logging import bound_message, configure_logging
+from hostdev.messages.sd_notify import SystemdNotifier
+
+log = structlog.get_logger()
+
+
+class AgentBus(Protocol):
+    """The part of the bus contract (``hostdev.messages.bus.Bus``) the agent uses."""
+
+    def connect(self) -> None: ...
+    def close(self) -> None: ...
+    def declare_agent_queue(self, guid: str) -> str: ...
+    def send_to_mgmt(self, guid: str, message: Message, *, correlation_id: str | None = None,
+                     message_id: str | None = None) -> str: ...
+    def consume(self, queue: str, handlers: Mapping[type[Message], Any]) -> None: ...
+    def call_every(self, interval_s: float, fn: Callable[[], None]) -> None: ...
+    def call_soon_threadsafe(self, fn: Callable[[], None]) -> None: ...
+    def run(self, *, until: Callable[[], bool] | None = None,
+            timeout: float | None = None) -> None: ...
+    def on_reconnect(self, fn: Callable[[], None]) -> None: ...
+    def stop(self) -> None: ...
+
+
+def open_hypervisor(uri: str) -> Hypervisor:
+    """Returns the hypervisor for a ``libvirt.uri``: simulated for simulated:// and test://."""
+    host: Hypervisor = SimulatedHost(uri) if is_simulated_uri(uri) else LibvirtHost(uri)
+    host.open()
+    return host
+
+
+def _agent_version() -> str:
+    try:
+        return metadata.version("hostdev")
+    except metadata.PackageNotFoundError:
+        return ""
+
+
+class Agent:
+    """Ties a ``Hypervisor`` to the bus: announces, pings, reports, handles commands."""
+
+    def __init__(self, config: AgentConfig, hypervisor: Hypervisor, bus: AgentBus,
+                 report: CheckReport, *, notifier: SystemdNotifier | None = None) -> None:
+        if config.guid is None:
+            raise AgentError("the agent needs a guid; call ensure_guid(config) first")
+        self.guid: str = config.guid
+        self.config = config
+        self.hypervisor = hypervisor
+        self.bus = bus
+        self.report = report
+        self.notifier = notifier or SystemdNotifier()
+        self.commands = CommandHandlers(
+            hypervisor, config.inventory,
+            Timeouts(attach_s=config.attach_timeout_s, detach_s=config.detach_timeout_s,
+                     migration_s=config.migration_timeout_s))
+        self.announcements = 0
+
+    # -- outgoing ------------------------------------------------------------------
+
+    def startup_message(self) -> StartupRoutingCommand:
+        """Builds the announcement: host facts, the checked inventory, the domains."""
+        facts = self.hypervisor.facts()
+        return StartupRoutingCommand(
+            guid=self.guid, name=self.config.name, hypervisor=facts.hypervisor,
+            hypervisor_version=facts.hypervisor_version, cpus=facts.cpus,
+            memory_mb=facts.memory_mb, pci_devices=self.report.inventory,
+            domains=self.hypervisor.domains(), agent_version=_agent_version())
+
+    def announce(self) -> None:
+        """Sends ``StartupRoutingCommand`` (at start and after every reconnect)."""
+        message = self.startup_message()
+        self.bus.send_to_mgmt(self.guid, message)
+        self.announcements += 1
+        log.info("agent_announced", host=self.guid, devices=len(message.pci_devices),
+                 domains=len(message.domains))
+
+    def ping(self) -> None:
+        """Sends ``PingRoutingCommand`` with every domain's state and hostdevs."""
+        try:
+            domains = self.hypervisor.domains()
+        except HypervisorError as exc:
+            log.error("ping_skipped", host=self.guid, error=str(exc))
+            return
+        self.bus.send_to_mgmt(self.guid, PingRoutingCommand(guid=self.guid, domains=domains))
+
+    def on_lifecycle(self, event: LifecycleEvent) -> None:
+        """Hands a libvirt event (event thread) to the bus loop thread."""
+        self.bus.call_soon_threadsafe(lambda: self._report(event))
+
+    def _report(self, event: LifecycleEvent) -> None:
+        domain = self.hypervisor.domain(event.uuid)
+        report = VmStateReport(
+            guid=self.guid, vm_uuid=event.uuid, vm_name=event.name,
+            state=domain.state if domain else "stopped",
+            event=f"{event.event}/{event.detail}",
+            hostdevs=domain.hostdevs if domain else ())
+        self.bus.send_to_mgmt(self.guid, report)
+        log.info("vm_state_reported", host=self.guid, vm=event.uuid, state=report.state,
+                 event=report.event)
+
+    # -- incoming ------------------------------------------------------------------
+
+    def _wrap(self, run: Callable[[Any], Message]) -> Callable[[Any, Any], Message | None]:
+        def handler(message: Any, incoming: Any) -> Message | None:
+            vm = getattr(message, "vm_uuid", None) or getattr(getattr(message, "vm", None),
+                                                               "uuid", None)
+            with bound_message(incoming.message_id, incoming.correlation_id, host=self.guid,
+                               vm=vm):
+                log.info("command_received", type=type(message).__name__,
+                         redelivered=incoming.redelivered)
+                try:
+                    answer = run(message)
+                except HypervisorError as exc:
+                    # libvirt itself failed (connection lost...): try again later.
+                    raise TransientError(f"{type(message).__name__}: {exc}") from exc
+                log.info("command_answered", type=type(answer).__name__,
+                         result=getattr(answer, "result", ""))
+                return answer
+        return handler
+
+    def _startup_answer(self, message: StartupAnswer, incoming: Any) -> None:
+        if message.ok:
+            log.info("startup_accepted", host=self.guid, host_id=message.host_id,
+                     ping_interval_s=message.ping_interval_s)
+        else:
+            log.error("startup_refused", host=self.guid, details=message.details)
+        return None
+
+    def handlers(self) -> dict[type[Message], Any]:
+        """Returns the bus handlers by message type."""
+        return {
+            StartCommand: self._wrap(self.commands.start),
+            StopCommand: self._wrap(self.commands.stop),
+            MigrateCommand: self._wrap(self.commands.migrate),
+            AttachPciDevicesCommand: self._wrap(self.commands.attach),
+            DetachPciDevicesCommand: self._wrap(self.commands.detach),
+            StartupAnswer: self._startup_answer,
+        }
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    def start(self) -> None:
+        """Connects, declares the queue, consumes, announces, and schedules pings."""
+        self.bus.connect()
+        queue = self.bus.declare_agent_queue(self.guid)
+        self.bus.consume(queue, self.handlers())
+        self.bus.on_reconnect(self.announce)
+        self.hypervisor.set_lifecycle_listener(self.on_lifecycle)
+        self.announce()
+        self.bus.call_every(self.config.ping_interval_s, self.ping)
+        watchdog = self.notifier.watchdog_interval_s()
+        if watchdog:
+            self.bus.call_every(watchdog, self.notifier.watchdog)
+        self.notifier.ready(f"announced as {self.guid}")
+
+    def run(self) -> None:
+        """Starts and runs the bus loop until ``stop()``."""
+        self.start()
+        try:
+            self.bus.run()
+        finally:
+            self.notifier.notify("STOPPING=1")
+            self.hypervisor.set_lifecycle_listener(None)
+            self.bus.close()
+            self.hypervisor.close()
+
+    def stop(self) -> None:
+        """Asks the loop to return after the message in hand (thread- and signal-safe)."""
+        self.bus.stop()
+
+
+def _log_report(report: CheckReport) -> None:
+    for warning in report.warnings:
+        log.warning("iommu_group_shared", problem=warning)
+    for use in report.in_use:
+        log.info("pci_device_in_use", address=use.address, name=use.name,
+                 vm=use.domain.uuid, vm_name=use.domain.name, state=use.domain.state)
+    for error in report.errors:
+        log.error("startup_check_failed", problem=error)
+
+
+def check(config: AgentConfig) -> int:
+    """Validates the host against the configuration and prints the verdict (``--check``)."""
+    out = sys.stderr
+    print(f"hostdev-agent: the configuration file {config.path} syntax is ok", file=out)
+    for warning in config.warnings:
+        print(f"hostdev-agent: warning: {warning}", file=out)
+    try:
+        host = open_hypervisor(config.libvirt_uri)
+    except AgentError as exc:
+        print(f"hostdev-agent: {exc}", file=out)
+        print(f"hostdev-agent: the configuration file {config.path} test failed", file=out)
+        return 1
+    try:
+        report = check_host(config, host.pci_devices(), host.domains())
+    finally:
+        host.close()
+    for warning in report.warnings:
+        print(f"hostdev-agent: warning: {warning}", file=out)
+    for use in report.in_use:
+        print(f"hostdev-agent: note: {use}", file=out)
+    for error in report.errors:
+        print(f"hostdev-agent: error: {error}", file=out)
+    verdict = "is successful" if report.ok else "failed"
+    print(f"hostdev-agent: {len(report.inventory)} of {len(config.pci_devices)} devices found "
+          f"on {config.libvirt_uri}; the configuration file {config.path} test {verdict}",
+          file=out)
+    return 0 if report.ok else 1
+
+
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="hostdev-agent", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default=DEFAULT_PATH,
+                        help=f"agent.properties to read (default {DEFAULT_PATH})")
+    parser.add_argument("--check", action="store_true",
+                        help="validate the file and the host, then exit 0 (ok) or 1")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the agent; returns the exit status (1 on a configuration or host error)."""
+    args = _parse_args(argv)
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"hostdev-agent: {exc}", file=sys.stderr)
+        return 1
+    configure_logging(config.log_level, json=config.log_format == "json")
+    if args.check:
+        return check(config)
+    try:
+        config = ensure_guid(config)
+        host = open_hypervisor(config.libvirt_uri)
+    except (AgentError, OSError) as exc:
+        log.error("agent_start_failed", error=str(exc))
+        return 1
+    report = check_host(config, host.pci_devices(), host.domains())
+    _log_report(report)
+    if not report.ok:
+        host.close()
+        return 1
+    from hostdev.messages.bus import Bus, BusConfig  # kombu is only needed from here on
+
+    bus = Bus(BusConfig(url=config.amqp_url, queue_type=config.amqp_queue_type,
+                        app_id="hostdev-agent"))
+    agent = Agent(config, host, bus, report)
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda _sig, _frame: agent.stop())
+    log.info("agent_starting", host=config.guid, name=config.name, uri=config.libvirt_uri,
+             amqp=config.amqp_url.split("@")[-1])
+    agent.run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

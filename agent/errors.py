@@ -1,0 +1,77 @@
+"""Errors of the host agent; each says what was wrong, where, and what to do."""
+
+from __future__ import annotations
+
+from hostdev.messages.pci_address import PciAddress
+
+
+class AgentError(Exception):
+    """Root of every error raised by ``hostdev.agent``."""
+
+
+class ConfigError(AgentError, ValueError):
+    """A value in ``agent.properties`` is wrong; names file, line, text and expectation.
+
+    Attributes:
+        path: the configuration file.
+        line: the line of the offending entry (0 when the file itself is the problem).
+        text: the offending text.
+        expected: what would have been accepted.
+    """
+
+    def __init__(self, path: str, line: int, text: str, expected: str) -> None:
+        super().__init__(f"{path}:{line}: {text!r}: {expected}")
+        self.path = path
+        self.line = line
+        self.text = text
+        self.expected = expected
+
+
+class HypervisorError(AgentError):
+    """A hypervisor operation failed; carries the operation and libvirt's code."""
+
+    def __init__(self, operation: str, reason: str, *, code: int | None = None) -> None:
+        super().__init__(f"{operation} failed: {reason}" + (f" (libvirt code {code})"
+                                                              if code is not None else ""))
+        self.operation = operation
+        self.reason = reason
+        self.code = code
+
+
+class DomainNotFound(HypervisorError):
+    """No domain with that UUID is defined on this host."""
+
+    def __init__(self, uuid: str) -> None:
+        super().__init__("lookup", f"no domain with UUID {uuid} on this host")
+        self.uuid = uuid
+
+
+class DetachRefused(HypervisorError):
+    """The guest did not release a device in time; the device stays attached.
+
+    A hypervisor raising it MUST leave the device attached both live and in the
+    persistent configuration, so a rollback only has to re-attach the others.
+    """
+
+    def __init__(self, uuid: str, address: PciAddress, timeout_s: float) -> None:
+        super().__init__(
+            "detach",
+            f"the guest of domain {uuid} did not release {address} within {timeout_s:g} s "
+            "(a guest without PCI hot-plug support, e.g. no acpiphp, ignores the unplug)",
+        )
+        self.uuid = uuid
+        self.address = address
+        self.timeout_s = timeout_s
+
+
+class MigrationFailed(HypervisorError):
+    """A live migration failed or was aborted; the domain still runs on the source."""
+
+    def __init__(self, uuid: str, destination_uri: str, reason: str) -> None:
+        super().__init__("migrate", f"domain {uuid} to {destination_uri}: {reason}")
+        self.uuid = uuid
+        self.destination_uri = destination_uri
+
+
+class StartupCheckError(AgentError):
+    """The host does not match the configuration (a listed device is missing)."""

@@ -1,0 +1,259 @@
+"""Command handlers: what the agent does for each command, idempotent under redelivery.
+
+Each handler reads libvirt's state first, so running it twice for the same
+command gives the same result (a device already attached is a success, a
+domain already running is started). Handlers never raise for an outcome the
+sender must hear about: they answer ``result="error"`` with ``details`` saying
+what failed, where, and what was done about it.
+
+Timeouts: a command's own timeout applies, capped by the agent's configured
+one (the operator decides the longest a host waits).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TypeVar
+
+import structlog
+from hostdev.agent.errors import DetachRefused, DomainNotFound, HypervisorError, MigrationFailed
+from hostdev.agent.hypervisor import Hypervisor
+from hostdev.messages.commands import (
+    AttachPciDevicesAnswer,
+    AttachPciDevicesCommand,
+    DetachPciDevicesAnswer,
+    DetachPciDevicesCommand,
+    MigrateAnswer,
+    MigrateCommand,
+    StartAnswer,
+    StartCommand,
+    StopAnswer,
+    StopCommand,
+)
+from hostdev.messages.pci_address import PciAddress
+from hostdev.messages.values import DeviceOutcome, DomainInfo
+
+log = structlog.get_logger()
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """The agent's ceilings for waiting on libvirt, in seconds."""
+
+    attach_s: float = 10.0
+    detach_s: float = 10.0
+    migration_s: float = 300.0
+
+
+class CommandHandlers:
+    """Runs commands against a ``Hypervisor`` for the devices in the inventory."""
+
+    def __init__(self, hypervisor: Hypervisor, inventory: Mapping[PciAddress, str],
+                 timeouts: Timeouts | None = None) -> None:
+        self.hypervisor = hypervisor
+        self.inventory = dict(inventory)
+        self.timeouts = timeouts or Timeouts()
+
+    # -- shared checks -----------------------------------------------------------
+
+    def _holder(self, address: PciAddress, vm_uuid: str) -> DomainInfo | None:
+        """Returns another running domain holding ``address``, if any."""
+        for domain in self.hypervisor.domains():
+            if domain.uuid != vm_uuid and domain.state in ("running", "paused") \
+                    and address in domain.hostdevs:
+                return domain
+        return None
+
+    def _refusal(self, address: PciAddress, vm_uuid: str) -> str | None:
+        """Says why ``address`` cannot be given to ``vm_uuid``, or None when it can."""
+        if address not in self.inventory:
+            listed = ", ".join(sorted(self.inventory)) or "none"
+            return (f"{address} is not a passthrough device of this host (pci.devices lists: "
+                    f"{listed})")
+        holder = self._holder(address, vm_uuid)
+        if holder is not None:
+            return f"{address} is held by domain {holder.name} ({holder.uuid}), which is running"
+        return None
+
+    # -- StartCommand --------------------------------------------------------------
+
+    def start(self, command: StartCommand) -> StartAnswer:
+        """Defines and starts the VM with its hostdevs; refuses foreign or busy devices."""
+        spec = command.vm
+        wanted = tuple(dict.fromkeys(PciAddress(a) for a in spec.pci_devices))
+        current = self.hypervisor.domain(spec.uuid)
+        if current is not None and current.state == "running" \
+                and set(wanted) <= set(current.hostdevs):
+            return StartAnswer(vm_uuid=spec.uuid, hostdevs=current.hostdevs,
+                               details="already running with its devices")
+        refusals = [r for r in (self._refusal(a, spec.uuid) for a in wanted) if r]
+        if refusals:
+            return StartAnswer(result="error", vm_uuid=spec.uuid,
+                               details="refused to start: " + "; ".join(refusals))
+        try:
+            if current is not None and current.state == "running":
+                for address in wanted:  # running without all of them: plug the rest
+                    self.hypervisor.attach_hostdev(spec.uuid, address, self.timeouts.attach_s)
+            else:
+                self.hypervisor.define(spec)
+                self.hypervisor.start(spec.uuid)
+        except HypervisorError as exc:
+            return StartAnswer(result="error", vm_uuid=spec.uuid, details=str(exc))
+        after = self.hypervisor.domain(spec.uuid)
+        log.info("domain_started", vm=spec.uuid, hostdevs=wanted)
+        return StartAnswer(vm_uuid=spec.uuid, hostdevs=after.hostdevs if after else wanted)
+
+    # -- StopCommand ---------------------------------------------------------------
+
+    def stop(self, command: StopCommand) -> StopAnswer:
+        """Stops the VM gracefully (or at once with ``force``); optionally undefines it."""
+        uuid = command.vm_uuid
+        current = self.hypervisor.domain(uuid)
+        if current is None:
+            return StopAnswer(vm_uuid=uuid, state="stopped", details="no such domain here; "
+                              "nothing to stop")
+        try:
+            state = current.state
+            if state != "stopped":
+                if command.force:
+                    self.hypervisor.destroy(uuid)
+                    state = "stopped"
+                else:
+                    state = self.hypervisor.shutdown(uuid, command.timeout_s)
+            if state != "stopped":
+                return StopAnswer(result="error", vm_uuid=uuid, state=state, details=(
+                    f"the guest did not power off within {command.timeout_s:g} s; "
+                    "send StopCommand with force=true to power it off"))
+            if command.undefine:
+                self.hypervisor.undefine(uuid)
+        except DomainNotFound:
+            return StopAnswer(vm_uuid=uuid, state="stopped", details="domain vanished")
+        except HypervisorError as exc:
+            after = self.hypervisor.domain(uuid)
+            return StopAnswer(result="error", vm_uuid=uuid, details=str(exc),
+                              state=after.state if after else "unknown")
+        log.info("domain_stopped", vm=uuid, force=command.force, undefine=command.undefine)
+        return StopAnswer(vm_uuid=uuid, state="stopped")
+
+    # -- MigrateCommand ------------------------------------------------------------
+
+    def _reattach(self, uuid: str, addresses: list[PciAddress]) -> tuple[list[PciAddress],
+                                                                         list[str]]:
+        """Re-attaches in reverse order; returns those put back and the failures."""
+        done: list[PciAddress] = []
+        failures: list[str] = []
+        for address in reversed(addresses):
+            try:
+                self.hypervisor.attach_hostdev(uuid, address, self.timeouts.attach_s)
+                done.append(address)
+            except HypervisorError as exc:
+                failures.append(f"re-attaching {address} failed: {exc}")
+                log.error("reattach_failed", vm=uuid, address=address, error=str(exc))
+        return done, failures
+
+    def migrate(self, command: MigrateCommand) -> MigrateAnswer:
+        """Detaches every hostdev, migrates, and rolls back whatever step fails."""
+        uuid = command.vm_uuid
+        current = self.hypervisor.domain(uuid)
+        if current is None:
+            if self.hypervisor.has_domain_at(command.destination_uri, uuid):
+                return MigrateAnswer(vm_uuid=uuid, details="already migrated to "
+                                     f"{command.destination_uri}")
+            return MigrateAnswer(result="error", vm_uuid=uuid, failed_step="migrate",
+                                 details=f"domain {uuid} is not on this host")
+        if current.state != "running":
+            return MigrateAnswer(result="error", vm_uuid=uuid, failed_step="migrate",
+                                 details=f"domain {uuid} is {current.state}; only a running "
+                                 "domain migrates live")
+        detach_s = min(command.detach_timeout_s, self.timeouts.detach_s)
+        detached: list[PciAddress] = []
+        for address in current.hostdevs:
+            try:
+                self.hypervisor.detach_hostdev(uuid, address, detach_s)
+            except HypervisorError as exc:
+                reattached, failures = self._reattach(uuid, detached)
+                log.warning("migration_cancelled", vm=uuid, refused=address,
+                            detached=detached, reattached=reattached)
+                reason = "refused to release" if isinstance(exc, DetachRefused) else "failed"
+                return MigrateAnswer(
+                    result="error", vm_uuid=uuid, failed_step="detach", refused_device=address,
+                    detached=tuple(detached), reattached=tuple(reattached),
+                    details=" ".join([f"migration cancelled: {address} {reason} the detach "
+                                      f"({exc}); the VM stays here with its devices", *failures]))
+            detached.append(address)
+        migrate_s = min(command.migrate_timeout_s, self.timeouts.migration_s)
+        try:
+            self.hypervisor.migrate(uuid, command.destination_uri, migrate_s)
+        except (MigrationFailed, HypervisorError) as exc:
+            reattached, failures = self._reattach(uuid, detached)
+            log.warning("migration_failed", vm=uuid, error=str(exc), reattached=reattached)
+            return MigrateAnswer(
+                result="error", vm_uuid=uuid, failed_step="migrate", detached=tuple(detached),
+                reattached=tuple(reattached),
+                details=" ".join([f"migration failed ({exc}); devices re-attached on the "
+                                  "source", *failures]))
+        log.info("domain_migrated", vm=uuid, destination=command.destination_uri,
+                 detached=detached)
+        return MigrateAnswer(vm_uuid=uuid, detached=tuple(detached))
+
+    # -- Attach/DetachPciDevicesCommand ----------------------------------------------
+
+    def attach(self, command: AttachPciDevicesCommand) -> AttachPciDevicesAnswer:
+        """Attaches each device; one already attached is a success."""
+        uuid = command.vm_uuid
+        current = self.hypervisor.domain(uuid)
+        if current is None:
+            outcomes = tuple(DeviceOutcome(address=a, result="error",
+                                           details=f"domain {uuid} is not on this host")
+                             for a in command.addresses)
+            return AttachPciDevicesAnswer(result="error", vm_uuid=uuid, devices=outcomes,
+                                          details=f"domain {uuid} is not on this host")
+        timeout = min(command.timeout_s, self.timeouts.attach_s)
+        outcomes_list: list[DeviceOutcome] = []
+        for address in command.addresses:
+            if address in current.hostdevs:
+                outcomes_list.append(DeviceOutcome(address=address, result="ok",
+                                                   details="already attached"))
+                continue
+            refusal = self._refusal(address, uuid)
+            if refusal:
+                outcomes_list.append(DeviceOutcome(address=address, result="error",
+                                                   details=refusal))
+                continue
+            try:
+                self.hypervisor.attach_hostdev(uuid, address, timeout)
+                outcomes_list.append(DeviceOutcome(address=address, result="ok"))
+            except HypervisorError as exc:
+                outcomes_list.append(DeviceOutcome(address=address, result="error",
+                                                   details=str(exc)))
+        return _per_device(AttachPciDevicesAnswer, uuid, outcomes_list, "attach")
+
+    def detach(self, command: DetachPciDevicesCommand) -> DetachPciDevicesAnswer:
+        """Detaches each device; one already detached (or an absent domain) is a success."""
+        uuid = command.vm_uuid
+        current = self.hypervisor.domain(uuid)
+        timeout = min(command.timeout_s, self.timeouts.detach_s)
+        outcomes: list[DeviceOutcome] = []
+        for address in command.addresses:
+            if current is None or address not in current.hostdevs:
+                outcomes.append(DeviceOutcome(address=address, result="ok",
+                                              details="not attached"))
+                continue
+            try:
+                self.hypervisor.detach_hostdev(uuid, address, timeout)
+                outcomes.append(DeviceOutcome(address=address, result="ok"))
+            except HypervisorError as exc:
+                outcomes.append(DeviceOutcome(address=address, result="error", details=str(exc)))
+        return _per_device(DetachPciDevicesAnswer, uuid, outcomes, "detach")
+
+
+_A = TypeVar("_A", AttachPciDevicesAnswer, DetachPciDevicesAnswer)
+
+
+def _per_device(kind: type[_A], uuid: str, outcomes: list[DeviceOutcome], verb: str) -> _A:
+    failed = [o.address for o in outcomes if o.result == "error"]
+    if failed:
+        return kind(result="error", vm_uuid=uuid, devices=tuple(outcomes),
+                    details=f"could not {verb} {', '.join(failed)}; see devices")
+    return kind(vm_uuid=uuid, devices=tuple(outcomes))

@@ -1,0 +1,364 @@
+"""``LibvirtHost``: the ``Hypervisor`` on real libvirt (the only module importing libvirt).
+
+Lifecycle and device-removed events arrive on one process-wide thread running
+``virEventRunDefaultImpl``; the default event implementation is registered
+before the first ``open()``, as libvirt requires.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import libvirt
+import structlog
+from hostdev.agent.domain_xml import build_domain_xml, hostdev_xml, read_hostdevs
+from hostdev.agent.errors import DetachRefused, DomainNotFound, HypervisorError, MigrationFailed
+from hostdev.agent.hypervisor import HostFacts, LifecycleEvent, LifecycleListener
+from hostdev.agent.nodedev_xml import NodePciDevice, parse_pci_device
+from hostdev.messages.base import PowerState
+from hostdev.messages.pci_address import PciAddress
+from hostdev.messages.values import DomainInfo, VmSpec
+
+log = structlog.get_logger()
+
+# libvirt prints every error on stderr as well as raising it; we raise ours.
+libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+
+_EVENTS = ("Defined", "Undefined", "Started", "Suspended", "Resumed", "Stopped", "Shutdown",
+           "PMSuspended", "Crashed")
+_DETAILS: dict[str, tuple[str, ...]] = {
+    "Defined": ("Added", "Updated", "Renamed", "Snapshot"),
+    "Undefined": ("Removed", "Renamed"),
+    "Started": ("Booted", "Migrated", "Restored", "Snapshot", "Wakeup"),
+    "Stopped": ("Shutdown", "Destroyed", "Crashed", "Migrated", "Saved", "Failed", "Snapshot"),
+    "Shutdown": ("Finished", "Guest", "Host"),
+}
+_STATES: dict[int, PowerState] = {
+    libvirt.VIR_DOMAIN_NOSTATE: "unknown",
+    libvirt.VIR_DOMAIN_RUNNING: "running",
+    libvirt.VIR_DOMAIN_BLOCKED: "running",
+    libvirt.VIR_DOMAIN_PAUSED: "paused",
+    libvirt.VIR_DOMAIN_SHUTDOWN: "running",
+    libvirt.VIR_DOMAIN_SHUTOFF: "stopped",
+    libvirt.VIR_DOMAIN_CRASHED: "crashed",
+    libvirt.VIR_DOMAIN_PMSUSPENDED: "paused",
+}
+_EVENT_STATES: dict[str, PowerState] = {
+    "Started": "running", "Resumed": "running", "Suspended": "paused", "PMSuspended": "paused",
+    "Stopped": "stopped", "Undefined": "stopped", "Crashed": "crashed",
+}
+_POLL_S = 0.25  # upper bound between re-checks while waiting for a condition
+
+_loop_lock = threading.Lock()
+_loop_started = False
+
+
+def _ensure_event_loop() -> None:
+    """Registers libvirt's default event implementation once and runs it on a thread."""
+    global _loop_started
+    with _loop_lock:
+        if _loop_started:
+            return
+        libvirt.virEventRegisterDefaultImpl()
+
+        def run() -> None:
+            while True:
+                libvirt.virEventRunDefaultImpl()
+
+        threading.Thread(target=run, name="libvirt-events", daemon=True).start()
+        _loop_started = True
+
+
+def _reason(exc: libvirt.libvirtError) -> str:
+    return exc.get_error_message() or str(exc)
+
+
+def _version(number: int) -> str:
+    return f"{number // 1_000_000}.{number // 1000 % 1000}.{number % 1000}"
+
+
+class LibvirtHost:
+    """The ``Hypervisor`` protocol over one libvirt connection."""
+
+    def __init__(self, uri: str) -> None:
+        self.uri = uri
+        #: what ``open()`` hands libvirt; the simulated host points it at its node file
+        self.libvirt_uri = uri
+        self._conn: Any = None
+        self._listener: LifecycleListener | None = None
+        self._changed = threading.Condition()
+        self._callbacks: list[int] = []
+        self._quiet: dict[str, list[tuple[str, str]]] = {}
+        self._quiet_lock = threading.Lock()
+
+    # -- connection -------------------------------------------------------------
+
+    def open(self) -> None:
+        """Connects to ``uri`` and registers lifecycle and device-removed callbacks."""
+        if self._conn is not None:
+            return
+        _ensure_event_loop()
+        try:
+            self._conn = libvirt.open(self.libvirt_uri)
+        except libvirt.libvirtError as exc:
+            raise HypervisorError("connect", f"cannot open libvirt at {self.libvirt_uri}: "
+                                  f"{_reason(exc)}", code=exc.get_error_code()) from None
+        self._callbacks = [
+            self._conn.domainEventRegisterAny(
+                None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._on_lifecycle, None),
+            self._conn.domainEventRegisterAny(
+                None, libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_REMOVED, self._on_device_removed, None),
+        ]
+
+    def close(self) -> None:
+        """Deregisters callbacks and closes the connection; idempotent."""
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        for callback in self._callbacks:
+            with contextlib.suppress(libvirt.libvirtError):
+                conn.domainEventDeregisterAny(callback)
+        self._callbacks = []
+        with contextlib.suppress(libvirt.libvirtError):
+            conn.close()
+
+    @property
+    def conn(self) -> Any:
+        """The open ``virConnect``; raises when ``open()`` was not called."""
+        if self._conn is None:
+            raise HypervisorError("connect", f"libvirt at {self.uri} is not open; call open()")
+        return self._conn
+
+    def set_lifecycle_listener(self, listener: LifecycleListener | None) -> None:
+        """Sets the callback for lifecycle events (called on the libvirt event thread)."""
+        self._listener = listener
+
+    # -- events ------------------------------------------------------------------
+
+    def quiet_events(self, uuid: str, events: Iterable[tuple[str, str]]) -> None:
+        """Swallows the next matching ``(event, detail)`` pairs of one domain.
+
+        The simulated host uses it to hide the restart it does to emulate hot-plug.
+        """
+        with self._quiet_lock:
+            self._quiet.setdefault(uuid, []).extend(events)
+
+    def _on_lifecycle(self, _conn: Any, dom: Any, event: int, detail: int, _opaque: Any) -> None:
+        name = _EVENTS[event] if 0 <= event < len(_EVENTS) else str(event)
+        details = _DETAILS.get(name, ())
+        detail_name = details[detail] if 0 <= detail < len(details) else str(detail)
+        uuid = dom.UUIDString()
+        with self._changed:
+            self._changed.notify_all()
+        with self._quiet_lock:
+            pending = self._quiet.get(uuid, [])
+            if (name, detail_name) in pending:
+                pending.remove((name, detail_name))
+                return
+        try:
+            state = _STATES.get(dom.state()[0], "unknown")
+        except libvirt.libvirtError:
+            state = _EVENT_STATES.get(name, "unknown")
+        listener = self._listener
+        if listener is not None:
+            try:
+                listener(LifecycleEvent(uuid=uuid, name=dom.name(), event=name,
+                                        detail=detail_name, state=state))
+            except Exception:  # the event thread must survive a listener's bug
+                log.exception("lifecycle_listener_failed", vm=uuid, event=name)
+
+    def _on_device_removed(self, _conn: Any, _dom: Any, _alias: str, _opaque: Any) -> None:
+        with self._changed:
+            self._changed.notify_all()
+
+    def _wait_for(self, condition: Callable[[], bool], timeout_s: float) -> bool:
+        """Waits until ``condition()`` holds (re-checked on every event) or the timeout."""
+        deadline = time.monotonic() + timeout_s
+        while not condition():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            with self._changed:
+                self._changed.wait(min(remaining, _POLL_S))
+        return True
+
+    # -- lookups -----------------------------------------------------------------
+
+    def lookup(self, uuid: str) -> Any:
+        """Returns the ``virDomain`` with that UUID; raises ``DomainNotFound``."""
+        try:
+            return self.conn.lookupByUUIDString(uuid)
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                raise DomainNotFound(uuid) from None
+            raise HypervisorError("lookup", _reason(exc), code=exc.get_error_code()) from None
+
+    def domain_xml(self, uuid: str, *, inactive: bool = False) -> str:
+        """Returns a domain's live (or, with ``inactive``, persistent) XML."""
+        flags = libvirt.VIR_DOMAIN_XML_INACTIVE if inactive else 0
+        return str(self.lookup(uuid).XMLDesc(flags))
+
+    def is_active(self, uuid: str) -> bool:
+        """True when the domain runs (or is paused)."""
+        return bool(self.lookup(uuid).isActive())
+
+    def define_xml(self, xml: str) -> None:
+        """Defines a domain from XML; raises ``HypervisorError`` with libvirt's reason."""
+        try:
+            self.conn.defineXML(xml)
+        except libvirt.libvirtError as exc:
+            raise HypervisorError("define", _reason(exc), code=exc.get_error_code()) from None
+
+    def facts(self) -> HostFacts:
+        """Returns host name, CPUs, memory and hypervisor version."""
+        info = self.conn.getInfo()
+        return HostFacts(hostname=self.conn.getHostname(), cpus=int(info[2]),
+                         memory_mb=int(info[1]), hypervisor=str(self.conn.getType()).lower(),
+                         hypervisor_version=_version(int(self.conn.getVersion())))
+
+    def pci_devices(self) -> tuple[NodePciDevice, ...]:
+        """Returns every PCI node device of the host."""
+        flags = libvirt.VIR_CONNECT_LIST_NODE_DEVICES_CAP_PCI_DEV
+        found = (parse_pci_device(dev.XMLDesc(0)) for dev in self.conn.listAllDevices(flags))
+        return tuple(sorted((d for d in found if d is not None), key=lambda d: d.address))
+
+    def _info(self, dom: Any) -> DomainInfo:
+        return DomainInfo(uuid=dom.UUIDString(), name=dom.name(),
+                          state=_STATES.get(dom.state()[0], "unknown"),
+                          hostdevs=read_hostdevs(dom.XMLDesc(0)))
+
+    def domains(self) -> tuple[DomainInfo, ...]:
+        """Returns every defined or running domain with its state and hostdevs."""
+        result = []
+        for dom in self.conn.listAllDomains(0):
+            try:
+                result.append(self._info(dom))
+            except libvirt.libvirtError:
+                continue  # undefined between listing and reading: not there any more
+        return tuple(result)
+
+    def domain(self, uuid: str) -> DomainInfo | None:
+        """Returns one domain, or None when no domain has that UUID."""
+        try:
+            return self._info(self.lookup(uuid))
+        except (DomainNotFound, libvirt.libvirtError):
+            return None
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    def define(self, spec: VmSpec) -> None:
+        """Defines (or redefines) a domain with the spec's hostdevs."""
+        domain_type = "test" if str(self.conn.getType()).upper() == "TEST" else "kvm"
+        self.define_xml(build_domain_xml(spec, domain_type=domain_type))
+
+    def _call(self, operation: str, fn: Callable[[], object]) -> None:
+        try:
+            fn()
+        except libvirt.libvirtError as exc:
+            raise HypervisorError(operation, _reason(exc), code=exc.get_error_code()) from None
+
+    def start(self, uuid: str) -> None:
+        """Starts a defined domain; a running domain is left alone."""
+        dom = self.lookup(uuid)
+        if not dom.isActive():
+            self._call("start", dom.create)
+
+    def shutdown(self, uuid: str, timeout_s: float) -> PowerState:
+        """Asks the guest to power off and waits up to ``timeout_s`` for it."""
+        dom = self.lookup(uuid)
+        if dom.isActive():
+            self._call("shutdown", dom.shutdown)
+            self._wait_for(lambda: not dom.isActive(), timeout_s)
+        return _STATES.get(dom.state()[0], "unknown")
+
+    def destroy(self, uuid: str) -> None:
+        """Powers a domain off at once; a stopped domain is left alone."""
+        dom = self.lookup(uuid)
+        if dom.isActive():
+            self._call("destroy", dom.destroy)
+
+    def undefine(self, uuid: str) -> None:
+        """Removes a domain's definition; an absent domain is left alone."""
+        try:
+            dom = self.lookup(uuid)
+        except DomainNotFound:
+            return
+        self._call("undefine", dom.undefine)
+
+    # -- devices -----------------------------------------------------------------
+
+    def _placement(self, uuid: str, address: PciAddress) -> tuple[Any, bool, bool, bool]:
+        dom = self.lookup(uuid)
+        active = bool(dom.isActive())
+        live = address in read_hostdevs(dom.XMLDesc(0)) if active else False
+        config = address in read_hostdevs(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
+        return dom, active, live, config
+
+    def attach_hostdev(self, uuid: str, address: PciAddress, timeout_s: float) -> None:
+        """Attaches a device live (when running) and in the config; present parts are kept."""
+        dom, active, live, config = self._placement(uuid, address)
+        flags = (libvirt.VIR_DOMAIN_AFFECT_LIVE if active and not live else 0) | (
+            0 if config else libvirt.VIR_DOMAIN_AFFECT_CONFIG)
+        if flags:
+            self._call("attach", lambda: dom.attachDeviceFlags(hostdev_xml(address), flags))
+        if active and not self._wait_for(
+                lambda: address in read_hostdevs(dom.XMLDesc(0)), timeout_s):
+            raise HypervisorError("attach", f"{address} did not appear in domain {uuid} "
+                                  f"within {timeout_s:g} s")
+
+    def detach_hostdev(self, uuid: str, address: PciAddress, timeout_s: float) -> None:
+        """Detaches a device and waits for DEVICE_REMOVED; restores the config if refused."""
+        dom, _active, live, config = self._placement(uuid, address)
+        flags = (libvirt.VIR_DOMAIN_AFFECT_LIVE if live else 0) | (
+            libvirt.VIR_DOMAIN_AFFECT_CONFIG if config else 0)
+        if not flags:
+            return
+        self._call("detach", lambda: dom.detachDeviceFlags(hostdev_xml(address), flags))
+        if not live or self._wait_for(
+                lambda: address not in read_hostdevs(dom.XMLDesc(0)), timeout_s):
+            return
+        # The guest kept it: put it back in the config so live and config agree.
+        if address not in read_hostdevs(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)):
+            self._call("attach", lambda: dom.attachDeviceFlags(
+                hostdev_xml(address), libvirt.VIR_DOMAIN_AFFECT_CONFIG))
+        raise DetachRefused(uuid, address, timeout_s)
+
+    # -- migration ---------------------------------------------------------------
+
+    def migrate(self, uuid: str, destination_uri: str, timeout_s: float) -> None:
+        """Live peer-to-peer migration with ``migrateToURI3``; aborted after ``timeout_s``."""
+        dom = self.lookup(uuid)
+        flags = (libvirt.VIR_MIGRATE_LIVE | libvirt.VIR_MIGRATE_PEER2PEER
+                 | libvirt.VIR_MIGRATE_PERSIST_DEST | libvirt.VIR_MIGRATE_UNDEFINE_SOURCE)
+
+        def abort() -> None:
+            with contextlib.suppress(libvirt.libvirtError):
+                dom.abortJob()
+
+        timer = threading.Timer(timeout_s, abort)
+        timer.daemon = True
+        timer.start()
+        try:
+            dom.migrateToURI3(destination_uri, {}, flags)
+        except libvirt.libvirtError as exc:
+            raise MigrationFailed(uuid, destination_uri, _reason(exc)) from None
+        finally:
+            timer.cancel()
+
+    def has_domain_at(self, destination_uri: str, uuid: str) -> bool:
+        """Opens the destination read-only and looks the domain up; unreachable is False."""
+        try:
+            conn = libvirt.openReadOnly(destination_uri)
+        except libvirt.libvirtError:
+            return False
+        try:
+            conn.lookupByUUIDString(uuid)
+            return True
+        except libvirt.libvirtError:
+            return False
+        finally:
+            conn.close()

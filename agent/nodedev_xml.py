@@ -1,0 +1,233 @@
+"""Node-device XML: simulated-host specs turned into test-driver node XML, and PCI parsing.
+
+A simulated host is described by a small JSON spec (devices with address,
+vendor/product, IOMMU group, bridges; optional pre-existing domains) from
+which ``build_node_xml`` writes the ``<node>`` file libvirt's ``test:///``
+driver opens. ``parse_pci_device`` reads one ``nodeDevice.XMLDesc()`` back.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+import xml.etree.ElementTree as ET
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hostdev.agent.domain_xml import hostdev_element
+from hostdev.agent.errors import ConfigError
+from hostdev.messages.pci_address import PciAddress
+
+_TEST_NS = "http://libvirt.org/schemas/domain/test/1.0"
+_RUNSTATE_SHUTOFF = "5"
+
+
+@dataclass(frozen=True)
+class NodePciDevice:
+    """One PCI node device of the host, as libvirt describes it."""
+
+    address: PciAddress
+    vendor_id: str = ""
+    product_id: str = ""
+    vendor: str = ""
+    product: str = ""
+    class_code: int = 0
+    iommu_group: int | None = None
+    iommu_members: tuple[PciAddress, ...] = ()
+    driver: str = ""
+
+    @property
+    def is_bridge(self) -> bool:
+        """True for host and PCI bridges (base class 0x06), which share groups harmlessly."""
+        return self.class_code >> 16 == 0x06
+
+
+@dataclass(frozen=True)
+class SimDevice:
+    """A PCI device of a simulated host."""
+
+    address: PciAddress
+    vendor_id: str = "0x8086"
+    product_id: str = "0x1572"
+    vendor: str = "Intel Corporation"
+    product: str = "Ethernet Controller X710 for 10GbE SFP+"
+    class_code: int = 0x020000
+    iommu_group: int | None = None
+    parent: PciAddress | None = None
+
+
+@dataclass(frozen=True)
+class SimDomain:
+    """A domain present on a simulated host when it starts."""
+
+    name: str
+    uuid: str
+    running: bool = True
+    cpus: int = 1
+    memory_mb: int = 512
+    hostdevs: tuple[PciAddress, ...] = ()
+
+
+@dataclass(frozen=True)
+class SimHostSpec:
+    """A simulated host: size, PCI devices, domains, and injected failures."""
+
+    name: str = "sim"
+    cpus: int = 16
+    memory_mb: int = 65536
+    devices: tuple[SimDevice, ...] = ()
+    domains: tuple[SimDomain, ...] = ()
+    refuse_detach: frozenset[PciAddress] = field(default_factory=frozenset)
+    fail_migration: str | None = None
+
+
+def _device(data: Mapping[str, Any]) -> SimDevice:
+    parent = data.get("parent")
+    return SimDevice(
+        address=PciAddress(data["address"]),
+        vendor_id=str(data.get("vendor_id", "0x8086")),
+        product_id=str(data.get("product_id", "0x1572")),
+        vendor=str(data.get("vendor", "Intel Corporation")),
+        product=str(data.get("product", "Ethernet Controller X710 for 10GbE SFP+")),
+        class_code=int(str(data.get("class", "0x020000")), 0),
+        iommu_group=None if data.get("iommu_group") is None else int(data["iommu_group"]),
+        parent=PciAddress(parent) if parent else None,
+    )
+
+
+def _domain(data: Mapping[str, Any]) -> SimDomain:
+    return SimDomain(
+        name=str(data["name"]),
+        uuid=str(data["uuid"]),
+        running=bool(data.get("running", True)),
+        cpus=int(data.get("cpus", 1)),
+        memory_mb=int(data.get("memory_mb", 512)),
+        hostdevs=tuple(PciAddress(a) for a in data.get("hostdevs", ())),
+    )
+
+
+def spec_from_dict(data: Mapping[str, Any]) -> SimHostSpec:
+    """Builds a spec from its JSON form (see docs/agent.md, "Simulated hosts")."""
+    return SimHostSpec(
+        name=str(data.get("name", "sim")),
+        cpus=int(data.get("cpus", 16)),
+        memory_mb=int(data.get("memory_mb", 65536)),
+        devices=tuple(_device(d) for d in data.get("devices", ())),
+        domains=tuple(_domain(d) for d in data.get("domains", ())),
+        refuse_detach=frozenset(PciAddress(a) for a in data.get("refuse_detach", ())),
+        fail_migration=data.get("fail_migration"),
+    )
+
+
+def load_spec(path: str | Path) -> SimHostSpec:
+    """Reads a simulated-host spec file; a bad file is a ``ConfigError`` naming it."""
+    try:
+        return spec_from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
+    except FileNotFoundError:
+        raise ConfigError(str(path), 0, str(path), "the simulated-host spec file does not exist; "
+                          "use libvirt.uri=simulated:///<absolute path of a JSON spec>") from None
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(str(path), 0, str(path), f"not a valid simulated-host spec ({exc}); "
+                          "see docs/agent.md") from None
+
+
+def _hex_attrs(address: PciAddress) -> dict[str, str]:
+    return {"domain": f"0x{address.domain:04x}", "bus": f"0x{address.bus:02x}",
+            "slot": f"0x{address.slot:02x}", "function": f"0x{address.function:x}"}
+
+
+def build_node_xml(spec: SimHostSpec) -> str:
+    """Returns the test-driver ``<node>`` XML for a simulated host."""
+    ET.register_namespace("test", _TEST_NS)
+    node = ET.Element("node")
+    cpu = ET.SubElement(node, "cpu")
+    for tag, value in (("mhz", 3000), ("model", "i686"), ("active", spec.cpus), ("nodes", 1),
+                       ("sockets", 1), ("cores", spec.cpus), ("threads", 1)):
+        ET.SubElement(cpu, tag).text = str(value)
+    ET.SubElement(node, "memory").text = str(spec.memory_mb * 1024)
+    computer = ET.SubElement(node, "device")
+    ET.SubElement(computer, "name").text = "computer"
+    system = ET.SubElement(computer, "capability", {"type": "system"})
+    hardware = ET.SubElement(system, "hardware")
+    for tag, value in (("vendor", "hostdev"), ("version", "simulated"), ("serial", spec.name),
+                       ("uuid", str(uuid.uuid5(uuid.NAMESPACE_DNS, spec.name + ".hostdev")))):
+        ET.SubElement(hardware, tag).text = value
+    groups: dict[int, list[PciAddress]] = {}
+    assigned: dict[PciAddress, int] = {}
+    next_group = max((d.iommu_group or 0 for d in spec.devices), default=0) + 1
+    for device in spec.devices:
+        group = device.iommu_group
+        if group is None:
+            group, next_group = next_group, next_group + 1
+        assigned[device.address] = group
+        groups.setdefault(group, []).append(device.address)
+    for device in spec.devices:
+        element = ET.SubElement(node, "device")
+        ET.SubElement(element, "name").text = device.address.libvirt_name
+        ET.SubElement(element, "parent").text = (
+            device.parent.libvirt_name if device.parent else "computer")
+        cap = ET.SubElement(element, "capability", {"type": "pci"})
+        ET.SubElement(cap, "class").text = f"0x{device.class_code:06x}"
+        for tag in ("domain", "bus", "slot", "function"):
+            ET.SubElement(cap, tag).text = str(getattr(device.address, tag))
+        ET.SubElement(cap, "product", {"id": device.product_id}).text = device.product
+        ET.SubElement(cap, "vendor", {"id": device.vendor_id}).text = device.vendor
+        group_element = ET.SubElement(cap, "iommuGroup",
+                                      {"number": str(assigned[device.address])})
+        for member in groups[assigned[device.address]]:
+            ET.SubElement(group_element, "address", _hex_attrs(member))
+    for domain in spec.domains:
+        node.append(_domain_element(domain))
+    return ET.tostring(node, encoding="unicode")
+
+
+def _domain_element(domain: SimDomain) -> ET.Element:
+    element = ET.Element("domain", {"type": "test"})
+    ET.SubElement(element, "name").text = domain.name
+    ET.SubElement(element, "uuid").text = domain.uuid
+    ET.SubElement(element, "memory", {"unit": "MiB"}).text = str(domain.memory_mb)
+    ET.SubElement(element, "vcpu").text = str(domain.cpus)
+    ET.SubElement(ET.SubElement(element, "os"), "type").text = "hvm"
+    devices = ET.SubElement(element, "devices")
+    for address in domain.hostdevs:
+        devices.append(hostdev_element(address))
+    if not domain.running:
+        ET.SubElement(element, f"{{{_TEST_NS}}}runstate").text = _RUNSTATE_SHUTOFF
+    return element
+
+
+def _int(text: str | None, base: int = 10) -> int:
+    return int(text.strip(), base) if text and text.strip() else 0
+
+
+def parse_pci_device(xml: str) -> NodePciDevice | None:
+    """Parses one node device's XML; None when it is not a PCI device."""
+    root = ET.fromstring(xml)
+    cap = root.find("./capability[@type='pci']")
+    if cap is None:
+        return None
+    address = PciAddress.from_parts(
+        _int(cap.findtext("domain")), _int(cap.findtext("bus")),
+        _int(cap.findtext("slot")), _int(cap.findtext("function")))
+    vendor = cap.find("vendor")
+    product = cap.find("product")
+    group = cap.find("iommuGroup")
+    members: tuple[PciAddress, ...] = ()
+    if group is not None:
+        members = tuple(
+            PciAddress.from_parts(*(int(a.get(p, "0"), 0)
+                                    for p in ("domain", "bus", "slot", "function")))
+            for a in group.findall("address"))
+    return NodePciDevice(
+        address=address,
+        vendor_id=vendor.get("id", "") if vendor is not None else "",
+        product_id=product.get("id", "") if product is not None else "",
+        vendor=(vendor.text or "").strip() if vendor is not None else "",
+        product=(product.text or "").strip() if product is not None else "",
+        class_code=_int(cap.findtext("class"), 16) if cap.findtext("class") else 0,
+        iommu_group=int(group.get("number", "0")) if group is not None else None,
+        iommu_members=members,
+        driver=(root.findtext("./driver/name") or "").strip(),
+    )

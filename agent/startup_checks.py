@@ -1,0 +1,92 @@
+"""Start-up checks: the devices listed in ``agent.properties`` against the host.
+
+Pure functions over the host's PCI node devices and domains, so they are
+tested without libvirt:
+
+- every listed address exists as a PCI node device (else an error naming it);
+- a listed device whose IOMMU group holds other devices that are neither
+  listed nor bridges gets a warning naming them (passthrough takes the group);
+- a listed device already used by a domain is reported with that domain.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from hostdev.agent.config import AgentConfig
+from hostdev.agent.nodedev_xml import NodePciDevice
+from hostdev.messages.pci_address import PciAddress
+from hostdev.messages.values import DomainInfo, PciDeviceInfo
+
+
+@dataclass(frozen=True)
+class DeviceInUse:
+    """A listed device that a domain already holds."""
+
+    address: PciAddress
+    name: str
+    domain: DomainInfo
+
+    def __str__(self) -> str:
+        return (f"{self.address} ({self.name}) is used by domain {self.domain.name} "
+                f"({self.domain.uuid}, {self.domain.state})")
+
+
+@dataclass(frozen=True)
+class CheckReport:
+    """What the start-up checks found; ``ok`` is False when the agent must not start."""
+
+    inventory: tuple[PciDeviceInfo, ...]
+    errors: tuple[str, ...] = ()
+    warnings: tuple[str, ...] = ()
+    in_use: tuple[DeviceInUse, ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        """True when no check failed (warnings allowed)."""
+        return not self.errors
+
+
+def check_host(config: AgentConfig, devices: Sequence[NodePciDevice],
+               domains: Sequence[DomainInfo]) -> CheckReport:
+    """Checks the configured devices against the host's node devices and domains."""
+    by_address = {device.address: device for device in devices}
+    listed = {entry.address for entry in config.pci_devices}
+    holders: dict[PciAddress, DomainInfo] = {}
+    for domain in domains:
+        for address in domain.hostdevs:
+            # A running holder wins over a shut-off one: it is the one that matters now.
+            if address not in holders or domain.state == "running":
+                holders[address] = domain
+    inventory: list[PciDeviceInfo] = []
+    errors: list[str] = []
+    warnings: list[str] = []
+    in_use: list[DeviceInUse] = []
+    for entry in config.pci_devices:
+        device = by_address.get(entry.address)
+        if device is None:
+            errors.append(
+                f"{config.path}:{entry.line}: pci.devices lists {entry.address} "
+                f"({entry.name}) but this host has no such PCI device (libvirt node device "
+                f"{entry.address.libvirt_name} not found); correct the address "
+                "(lspci -D shows them) or remove the entry")
+            continue
+        inventory.append(PciDeviceInfo(
+            address=entry.address, name=entry.name, vendor_id=device.vendor_id,
+            product_id=device.product_id, iommu_group=device.iommu_group))
+        strangers = [
+            member for member in device.iommu_members
+            if member != entry.address and member not in listed
+            and not (member in by_address and by_address[member].is_bridge)
+        ]
+        if strangers:
+            warnings.append(
+                f"{entry.address} ({entry.name}) shares IOMMU group {device.iommu_group} with "
+                f"{', '.join(strangers)}, which are neither listed in pci.devices nor bridges; "
+                "a VM given this device takes the whole group: list them too or move the card")
+        if entry.address in holders:
+            in_use.append(DeviceInUse(address=entry.address, name=entry.name,
+                                      domain=holders[entry.address]))
+    return CheckReport(inventory=tuple(inventory), errors=tuple(errors),
+                       warnings=tuple(warnings), in_use=tuple(in_use))

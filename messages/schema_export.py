@@ -113,7 +113,7 @@ def add_schema_command(
         "--check", metavar="DIR", type=Path,
         help="exit 1 when the schema files in DIR differ from the code",
     )
-    parser.set_defaults(handler=run_schema_command)
+    parser.set_defaults(func=run_schema_command)
 
 
 def run_schema_command(args: argparse.Namespace, out: TextIO | None = None) -> int:

@@ -1,0 +1,259 @@
+"""Opens the management database and runs work in transactions that retry safely.
+
+Two back ends:
+
+- ``mysql+pymysql://user@host/db`` (TCP) or
+  ``mysql+pymysql://root@localhost/db?unix_socket=/run/mysqld/mysqld.sock``:
+  MariaDB/MySQL, for any number of management daemons.
+- ``sqlite:///path/to/hostdev.db``: a file in WAL mode with foreign keys on,
+  every write transaction opened with ``BEGIN IMMEDIATE``. SQLite allows one
+  writer at a time: it is for ONE management daemon (the embedded default and
+  the demo), never for several.
+
+Work that may lose a race (a claim, a conditional transition) runs through
+:func:`run_in_transaction`: each attempt is a NEW transaction, because under
+REPEATABLE READ a retry inside the same one would read the same snapshot.
+
+The Alembic environment lives in ``sql/`` next to this package's source
+folder; :func:`sql_directory` finds it for an editable install (``pip install
+-e``) or through ``HOSTDEV_SQL_DIR``. A wheel does not ship it yet.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import random
+import sqlite3
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Final, TypeVar
+
+import structlog
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from hostdev.mgmt.errors import ConfigError, Conflict, MgmtError
+from sqlalchemy import Connection, Engine, create_engine, event, make_url
+from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.orm import Session
+
+log = structlog.get_logger()
+
+T = TypeVar("T")
+
+SQL_DIR_ENV: Final = "HOSTDEV_SQL_DIR"
+READ_ONLY: Final = "hostdev_read_only"
+# MariaDB/MySQL error codes worth a new transaction: lock wait timeout,
+# deadlock, server gone away, lost connection.
+_RETRYABLE_MYSQL_CODES: Final = frozenset({1205, 1213, 2006, 2013})
+SQLITE_BUSY_TIMEOUT_S: Final = 30.0
+
+
+class RetryTransaction(MgmtError):
+    """Raised inside a unit of work to ask for a rollback and a NEW transaction.
+
+    Work raises it when it lost a race (a row changed between read and
+    conditional update); :func:`run_in_transaction` rolls back and tries again.
+    """
+
+    code = "conflict"
+
+
+class TransactionConflict(Conflict):
+    """A transaction kept losing races or deadlocking and ran out of attempts."""
+
+
+def create_database_engine(url: str, **kwargs: Any) -> Engine:
+    """Creates an engine for a ``mysql+pymysql://`` or ``sqlite:///`` URL, set up as above.
+
+    Args:
+        url: the database URL.
+        **kwargs: passed on to :func:`sqlalchemy.create_engine` (``echo``, pool sizes).
+
+    Raises:
+        ConfigError: the URL names another back end, or SQLite in memory.
+    """
+    parsed = make_url(url)
+    backend = parsed.get_backend_name()
+    if backend in ("mysql", "mariadb"):
+        kwargs.setdefault("pool_recycle", 3600)
+        # Every unit of work here ends its transaction (commit or rollback)
+        # and a Connection rolls back an open one when closed, so the pool's
+        # extra ROLLBACK on return only costs a round trip per transaction.
+        kwargs.setdefault("pool_reset_on_return", None)
+        return create_engine(parsed, **kwargs)
+    if backend == "sqlite":
+        if parsed.database in (None, "", ":memory:"):
+            raise ConfigError(
+                f"database URL {url!r}: SQLite needs a file (sqlite:///path/hostdev.db); an "
+                "in-memory database is private to one connection and loses everything"
+            )
+        kwargs.setdefault("connect_args", {}).setdefault("timeout", SQLITE_BUSY_TIMEOUT_S)
+        engine = create_engine(parsed, **kwargs)
+        _configure_sqlite(engine)
+        return engine
+    raise ConfigError(
+        f"database URL {url!r}: back end {backend!r} is not supported; use "
+        "mysql+pymysql://... (MariaDB/MySQL) or sqlite:///path"
+    )
+
+
+def _configure_sqlite(engine: Engine) -> None:
+    """Turns on WAL and foreign keys and makes SQLAlchemy, not sqlite3, emit BEGIN."""
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: sqlite3.Connection, _record: Any) -> None:
+        # sqlite3's own transaction handling would BEGIN late (DEFERRED, only
+        # before a write); we emit BEGIN ourselves in _on_begin.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute("PRAGMA synchronous=FULL")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        # IMMEDIATE takes the write lock up front, so a read-then-write
+        # transaction never fails half-way with SQLITE_BUSY on upgrade.
+        read_only = conn.get_execution_options().get(READ_ONLY, False)
+        conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
+
+
+@contextmanager
+def transaction(engine: Engine, *, read_only: bool = False) -> Iterator[Connection]:
+    """Yields a Connection in a transaction that commits on success, rolls back on error.
+
+    ``read_only`` opens a plain (deferred) transaction on SQLite, so readers
+    do not queue behind the writer; it changes nothing on MariaDB.
+    """
+    with engine.connect() as conn:
+        if read_only:
+            conn = conn.execution_options(**{READ_ONLY: True})
+        with conn.begin():
+            yield conn
+
+
+@contextmanager
+def session_scope(engine: Engine) -> Iterator[Session]:
+    """Yields an ORM Session in one transaction that commits on success, rolls back on error.
+
+    The Session's ``connection()`` can be passed to the Core functions of
+    ``hostdev.mgmt.pci_devices`` so they join this transaction.
+    """
+    with Session(engine, expire_on_commit=False) as session, session.begin():
+        yield session
+
+
+def is_retryable(exc: BaseException) -> bool:
+    """Tells whether an error means "roll back and try again in a new transaction"."""
+    if isinstance(exc, RetryTransaction):
+        return True
+    if not isinstance(exc, DBAPIError):
+        return False
+    if exc.connection_invalidated:
+        return True
+    orig = exc.orig
+    args = getattr(orig, "args", ())
+    if args and isinstance(args[0], int) and args[0] in _RETRYABLE_MYSQL_CODES:
+        return True
+    return isinstance(exc, OperationalError) and "database is locked" in str(orig)
+
+
+def run_in_transaction(
+    engine: Engine,
+    work: Callable[[Connection], T],
+    *,
+    attempts: int = 30,
+    read_only: bool = False,
+    what: str = "transaction",
+) -> T:
+    """Runs ``work(conn)`` in a transaction, retrying lost races in NEW transactions.
+
+    ``work`` MUST be safe to run again from the start: everything it did in a
+    failed attempt was rolled back. It signals a lost race by raising
+    :class:`RetryTransaction`; deadlocks, lock wait timeouts, dropped
+    connections and a busy SQLite are retried the same way, with a short
+    randomised back-off.
+
+    Raises:
+        TransactionConflict: every attempt lost; the caller may try later.
+    """
+    for attempt in range(1, attempts + 1):
+        try:
+            with transaction(engine, read_only=read_only) as conn:
+                return work(conn)
+        except Exception as exc:
+            if not is_retryable(exc):
+                raise
+            if attempt == attempts:
+                log.warning("transaction_gave_up", what=what, attempts=attempts, error=str(exc))
+                raise TransactionConflict(
+                    f"{what}: lost {attempts} attempts in a row to concurrent transactions "
+                    f"(last: {exc}); the database is heavily contended, try again later"
+                ) from exc
+            log.debug("transaction_retried", what=what, attempt=attempt, error=str(exc))
+            time.sleep(random.uniform(0, min(0.05, 0.0005 * 2**attempt)))
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def sql_directory() -> Path:
+    """Returns the Alembic environment folder (``sql/`` of the source checkout).
+
+    Raises:
+        MgmtError: the folder is not there (a wheel install); says how to fix.
+    """
+    override = os.environ.get(SQL_DIR_ENV)
+    folder = Path(override) if override else Path(__file__).resolve().parent.parent / "sql"
+    if not (folder / "env.py").is_file():
+        raise MgmtError(
+            f"the Alembic environment was not found at {folder} (no env.py); install hostdev "
+            f"editable from its source checkout (pip install -e .) or set {SQL_DIR_ENV} to "
+            "the checkout's sql/ folder"
+        )
+    return folder
+
+
+def alembic_config(
+    url: str, *, connection: Connection | None = None, output: io.StringIO | None = None
+) -> Config:
+    """Builds an Alembic Config for ``url`` without an ini file.
+
+    Args:
+        url: the database URL (also used to pick the dialect in offline mode).
+        connection: run the migrations on this connection instead of opening one.
+        output: where offline mode (``sql=True``) writes its SQL.
+    """
+    config = Config(output_buffer=output) if output is not None else Config()
+    config.set_main_option("script_location", str(sql_directory()))
+    # ConfigParser interpolates '%', which URL-encoded passwords contain.
+    config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    if connection is not None:
+        config.attributes["connection"] = connection
+    return config
+
+
+def upgrade(url: str, revision: str = "head") -> None:
+    """Applies the migrations up to ``revision`` (the latest by default)."""
+    command.upgrade(alembic_config(url), revision)
+    log.info("database_upgraded", url=make_url(url).render_as_string(), revision=revision)
+
+
+def current_revision(url: str) -> str | None:
+    """Returns the revision the database is at, None when it has no schema yet."""
+    engine = create_database_engine(url)
+    try:
+        with engine.connect() as conn:
+            return MigrationContext.configure(conn).get_current_revision()
+    finally:
+        engine.dispose()
+
+
+def offline_sql(url: str = "mysql+pymysql://", revision: str = "head") -> str:
+    """Returns the SQL script of the migrations up to ``revision`` for ``url``'s dialect."""
+    output = io.StringIO()
+    command.upgrade(alembic_config(url, output=output), revision, sql=True)
+    return output.getvalue()

@@ -1,0 +1,252 @@
+"""Maps the management database: hosts, PCI devices, offerings, VMs, jobs, outbox.
+
+Alembic owns the schema (``sql/versions``); these models are its reference and
+the typed view the code reads and writes. Names of constraints and indexes
+come from the naming convention below, so migrations stay stable across
+databases. Times are naive UTC (``utcnow``).
+
+Device rows (``op_host_pci_devices``) carry the allocation. The invariants
+``hostdev.mgmt.pci_devices`` keeps:
+
+- ``free``: ``instance_id`` and ``reserved_for`` are NULL.
+- ``allocated``: ``instance_id`` is the VM that holds the device.
+- ``reserved``: ``reserved_for`` is the VM migrating to this host.
+- ``quarantined``: gone from the agent's inventory while held or reserved;
+  ``instance_id`` or ``reserved_for`` still names the VM; never offered.
+- ``disabled``: taken out of service by an operator while free.
+- ``removed``: gone from the inventory and held by nobody; kept (never
+  deleted) so a device that comes back keeps its id and history.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Final
+
+from sqlalchemy import (
+    BigInteger,
+    CheckConstraint,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.dialects import mysql
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+NAMING_CONVENTION: Final = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+HOST_STATUSES: Final = ("Up", "Disconnected", "Down", "Maintenance")
+DEVICE_STATES: Final = ("free", "allocated", "reserved", "quarantined", "disabled", "removed")
+VM_STATES: Final = (
+    "Stopped", "Starting", "Running", "Stopping", "Migrating", "Destroyed", "Error"
+)
+MIGRATION_POLICIES: Final = ("forbid", "detach-attach")
+JOB_STATES: Final = ("pending", "running", "succeeded", "failed")
+
+# MariaDB's DATETIME drops fractions unless asked; job deadlines and outbox
+# order want microseconds.
+Timestamp = DateTime().with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb")
+# SQLite only auto-increments a column declared exactly INTEGER PRIMARY KEY.
+BigId = BigInteger().with_variant(Integer(), "sqlite")
+# InnoDB for row locks; binary collation so names compare exactly as on SQLite
+# (``10GE`` and ``10ge`` are two names).
+MYSQL_OPTIONS: Final = {
+    "mysql_engine": "InnoDB",
+    "mysql_charset": "utf8mb4",
+    "mysql_collate": "utf8mb4_bin",
+}
+
+
+def utcnow() -> datetime:
+    """Returns the current time as naive UTC, the form every timestamp column stores."""
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+def _one_of(column: str, values: tuple[str, ...]) -> str:
+    quoted = ", ".join(f"'{value}'" for value in values)
+    return f"{column} IN ({quoted})"
+
+
+class Base(DeclarativeBase):
+    """Declarative root sharing one naming convention for constraints and indexes."""
+
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class Host(Base):
+    """A hypervisor host, created when its agent first sends ``StartupRoutingCommand``."""
+
+    __tablename__ = "hosts"
+    __table_args__ = (
+        CheckConstraint(_one_of("status", HOST_STATUSES), name="status"),
+        MYSQL_OPTIONS,
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    guid: Mapped[str] = mapped_column(String(64), unique=True)
+    name: Mapped[str] = mapped_column(String(255))
+    status: Mapped[str] = mapped_column(String(16), default="Up")
+    last_ping: Mapped[datetime | None] = mapped_column(Timestamp)
+    cpus: Mapped[int] = mapped_column(Integer, default=0)
+    memory_mb: Mapped[int] = mapped_column(BigInteger, default=0)
+    hypervisor_version: Mapped[str] = mapped_column(String(64), default="")
+    created_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow, onupdate=utcnow)
+
+
+class ServiceOffering(Base):
+    """A compute offering: CPUs, memory, the PCI devices it asks for, a migration policy."""
+
+    __tablename__ = "service_offerings"
+    __table_args__ = (
+        CheckConstraint(_one_of("migration_policy", MIGRATION_POLICIES), name="migration_policy"),
+        MYSQL_OPTIONS,
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(255), unique=True)
+    cpus: Mapped[int] = mapped_column(Integer)
+    memory_mb: Mapped[int] = mapped_column(BigInteger)
+    migration_policy: Mapped[str] = mapped_column(String(16), default="forbid")
+    created_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)
+
+
+class ServiceOfferingPciRequest(Base):
+    """N devices of one name that an offering asks for (``10GE,10GE`` is 10GE x 2)."""
+
+    __tablename__ = "service_offering_pci_requests"
+    __table_args__ = (
+        UniqueConstraint("offering_id", "name"),
+        CheckConstraint("count > 0", name="count_positive"),
+        MYSQL_OPTIONS,
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    offering_id: Mapped[int] = mapped_column(ForeignKey("service_offerings.id", ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(String(64))
+    count: Mapped[int] = mapped_column(Integer, default=1)
+
+
+class VmInstance(Base):
+    """A VM; transitions are conditional UPDATEs on ``(state, update_count)``."""
+
+    __tablename__ = "vm_instances"
+    __table_args__ = (
+        CheckConstraint(_one_of("state", VM_STATES), name="state"),
+        Index(None, "offering_id"),
+        Index(None, "host_id", "state"),
+        Index(None, "last_host_id"),
+        MYSQL_OPTIONS,
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    uuid: Mapped[str] = mapped_column(String(36), unique=True)
+    name: Mapped[str] = mapped_column(String(255))
+    offering_id: Mapped[int] = mapped_column(ForeignKey("service_offerings.id"))
+    host_id: Mapped[int | None] = mapped_column(ForeignKey("hosts.id"))
+    last_host_id: Mapped[int | None] = mapped_column(ForeignKey("hosts.id"))
+    state: Mapped[str] = mapped_column(String(16), default="Stopped")
+    update_count: Mapped[int] = mapped_column(BigInteger, default=0)
+    cpus: Mapped[int] = mapped_column(Integer)
+    memory_mb: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow, onupdate=utcnow)
+
+
+class PciDevice(Base):
+    """A passthrough device on a host; ``instance_id`` is NULL unless a VM holds it.
+
+    Indexes: ``(host_id, name, state)`` serves claims (free devices of one
+    name on one host) and per-host counts; ``(state, name, host_id)`` serves
+    placement's grouped free counts over all hosts; ``instance_id`` and
+    ``reserved_for`` serve releases.
+    """
+
+    __tablename__ = "op_host_pci_devices"
+    __table_args__ = (
+        UniqueConstraint("host_id", "domain", "bus", "slot", "function"),
+        CheckConstraint(_one_of("state", DEVICE_STATES), name="state"),
+        Index(None, "host_id", "name", "state"),
+        Index(None, "state", "name", "host_id"),
+        Index(None, "instance_id"),
+        Index(None, "reserved_for"),
+        MYSQL_OPTIONS,
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    host_id: Mapped[int] = mapped_column(ForeignKey("hosts.id"))
+    name: Mapped[str] = mapped_column(String(64))
+    # Lowercase hexadecimal, as in the canonical address 0000:28:00.1.
+    domain: Mapped[str] = mapped_column(String(4))
+    bus: Mapped[str] = mapped_column(String(2))
+    slot: Mapped[str] = mapped_column(String(2))
+    function: Mapped[str] = mapped_column(String(1))
+    instance_id: Mapped[int | None] = mapped_column(ForeignKey("vm_instances.id"))
+    reserved_for: Mapped[int | None] = mapped_column(ForeignKey("vm_instances.id"))
+    vendor_id: Mapped[str] = mapped_column(String(8), default="")
+    product_id: Mapped[str] = mapped_column(String(8), default="")
+    iommu_group: Mapped[int | None] = mapped_column(Integer)
+    state: Mapped[str] = mapped_column(String(16), default="free")
+    created_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow, onupdate=utcnow)
+
+
+class Job(Base):
+    """A long operation (deploy, start, stop, migrate) and its progress."""
+
+    __tablename__ = "jobs"
+    __table_args__ = (
+        CheckConstraint(_one_of("state", JOB_STATES), name="state"),
+        Index(None, "state", "deadline"),
+        Index(None, "vm_id"),
+        MYSQL_OPTIONS,
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    kind: Mapped[str] = mapped_column(String(32))
+    state: Mapped[str] = mapped_column(String(16), default="pending")
+    vm_id: Mapped[int | None] = mapped_column(ForeignKey("vm_instances.id"))
+    step: Mapped[str] = mapped_column(String(64), default="")
+    details: Mapped[str] = mapped_column(Text, default="")
+    claimed_by: Mapped[str | None] = mapped_column(String(64))
+    deadline: Mapped[datetime | None] = mapped_column(Timestamp)
+    payload: Mapped[str] = mapped_column(Text, default="{}")
+    created_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow, onupdate=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(Timestamp)
+
+
+class HandledMessage(Base):
+    """The ``message_id`` of a bus message whose handler committed (idempotency)."""
+
+    __tablename__ = "handled_messages"
+    __table_args__ = (Index(None, "handled_at"), MYSQL_OPTIONS)
+
+    message_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    handled_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)
+
+
+class OutboxEvent(Base):
+    """An event written in the transaction that caused it, published after commit."""
+
+    __tablename__ = "event_outbox"
+    __table_args__ = (Index(None, "published_at", "id"), MYSQL_OPTIONS)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    routing_key: Mapped[str] = mapped_column(String(255))
+    type: Mapped[str] = mapped_column(String(64))
+    body: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)
+    published_at: Mapped[datetime | None] = mapped_column(Timestamp)

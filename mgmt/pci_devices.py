@@ -1,0 +1,513 @@
+"""Allocates PCI devices to VMs: inventory, claims, releases, migrations, admin.
+
+Two layers:
+
+- Functions that take a :class:`~sqlalchemy.Connection` already inside a
+  transaction (``claim_devices``, ``release_devices``, ...). They MUST run in
+  the caller's transaction and never commit; the VM state listener calls them
+  in the same transaction as the VM's state change. A function that lost a
+  race raises :class:`ClaimRaceLost` (a :class:`RetryTransaction`): the caller
+  MUST roll back and run its whole unit of work again in a NEW transaction,
+  e.g. through :func:`hostdev.mgmt.database.run_in_transaction`.
+- :class:`PciDeviceRepository`, which runs each of them in its own
+  transaction with those retries.
+
+Correct with any number of management daemons on one MariaDB: every state
+change is a conditional UPDATE (``WHERE id IN (...) AND state = 'free'``)
+checked by row count; claims pick rows with ``FOR UPDATE SKIP LOCKED`` so two
+daemons do not pick the same row. SQLite (one daemon) serialises writers with
+``BEGIN IMMEDIATE`` and needs neither.
+
+Device states and holders are described in :mod:`hostdev.mgmt.models`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final, TypeVar
+
+from hostdev.messages.pci_address import PciAddress
+from hostdev.messages.values import PciDeviceInfo
+from hostdev.mgmt.database import RetryTransaction, run_in_transaction
+from hostdev.mgmt.errors import Conflict, InvalidRequest, NoCapacity, NotFound
+from hostdev.mgmt.models import PciDevice, utcnow
+from sqlalchemy import Connection, Engine, Row, case, func, insert, or_, select, update
+
+T = TypeVar("T")
+
+DEVICES: Final = PciDevice.__table__
+C: Final = DEVICES.c
+COUNTED_STATES: Final = ("free", "allocated", "reserved", "quarantined", "disabled")
+# What a device becomes when its VM lets go: a quarantined one was already
+# gone from the inventory, so it is removed rather than offered again.
+_LET_GO: Final = case((C.state == "quarantined", "removed"), else_="free")
+
+
+class ClaimRaceLost(RetryTransaction):
+    """Another transaction took a device between our read and our update."""
+
+
+class InsufficientDevices(NoCapacity):
+    """A host has fewer free devices of a name than a request asks for."""
+
+    def __init__(self, reason: str, *, host_id: int, name: str, wanted: int, free: int) -> None:
+        super().__init__(reason)
+        self.host_id = host_id
+        self.name = name
+        self.wanted = wanted
+        self.free = free
+
+
+class DeviceNotFound(NotFound):
+    """No device has the id a request names."""
+
+
+class DeviceBusy(Conflict):
+    """An admin change needs a free device, and this one is held or gone."""
+
+
+@dataclass(frozen=True, slots=True)
+class HeldDevice:
+    """A device with its place and its state, as claims and queries return it."""
+
+    id: int
+    host_id: int
+    name: str
+    address: PciAddress
+    state: str
+
+
+@dataclass(frozen=True, slots=True)
+class InventoryChanges:
+    """What reconciling one host's reported inventory changed, by address."""
+
+    added: tuple[PciAddress, ...] = ()
+    renamed: tuple[PciAddress, ...] = ()
+    removed: tuple[PciAddress, ...] = ()
+    quarantined: tuple[PciAddress, ...] = ()
+    restored: tuple[PciAddress, ...] = ()
+
+
+@dataclass(slots=True)
+class DeviceCounts:
+    """Devices of one name on one host, by state; ``total`` leaves out ``removed``."""
+
+    host_id: int
+    name: str
+    free: int = 0
+    allocated: int = 0
+    reserved: int = 0
+    quarantined: int = 0
+    disabled: int = 0
+    removed: int = 0
+
+    @property
+    def total(self) -> int:
+        """Counts the devices still in the inventory (every state but ``removed``)."""
+        return self.free + self.allocated + self.reserved + self.quarantined + self.disabled
+
+
+@dataclass(slots=True)
+class _Reconciliation:
+    added: list[PciAddress] = field(default_factory=list)
+    renamed: list[PciAddress] = field(default_factory=list)
+    removed: list[PciAddress] = field(default_factory=list)
+    quarantined: list[PciAddress] = field(default_factory=list)
+    restored: list[PciAddress] = field(default_factory=list)
+
+
+def _address(row: Row[Any]) -> PciAddress:
+    return PciAddress(f"{row.domain}:{row.bus}:{row.slot}.{row.function}")
+
+
+def _address_columns(address: PciAddress) -> dict[str, str]:
+    return {
+        "domain": f"{address.domain:04x}",
+        "bus": f"{address.bus:02x}",
+        "slot": f"{address.slot:02x}",
+        "function": f"{address.function:x}",
+    }
+
+
+def _locks_rows(conn: Connection) -> bool:
+    # SQLite has one writer at a time (BEGIN IMMEDIATE): nothing to lock.
+    return conn.dialect.name != "sqlite"
+
+
+def _wanted(requests: Mapping[str, int]) -> list[tuple[str, int]]:
+    for name, count in requests.items():
+        if count < 0 or not name:
+            raise InvalidRequest(
+                f"PCI request {name!r} x {count}: a name must be non-empty and a count "
+                "at least 0; fix the offering"
+            )
+    # Sorted so concurrent claims lock index ranges in one order.
+    return sorted((name, count) for name, count in requests.items() if count)
+
+
+def _take(
+    conn: Connection, vm_id: int, host_id: int, requests: Mapping[str, int], *, reserve: bool
+) -> tuple[HeldDevice, ...]:
+    picked: list[HeldDevice] = []
+    locking = _locks_rows(conn)
+    for name, count in _wanted(requests):
+        query = (
+            select(C.id, C.domain, C.bus, C.slot, C.function)
+            .where(C.host_id == host_id, C.name == name, C.state == "free")
+            .order_by(C.id)
+            .limit(count)
+        )
+        if locking:
+            query = query.with_for_update(skip_locked=True)
+        rows = conn.execute(query).all()
+        if len(rows) < count:
+            free = _free_count(conn, host_id, name)
+            if locking and free >= count:
+                # Enough exist, but other transactions hold locks on them.
+                raise ClaimRaceLost(f"host {host_id}: {name} devices are locked by others")
+            raise InsufficientDevices(
+                f"host {host_id}: needs {count}x{name}, {free} free; pick another host "
+                "or free devices",
+                host_id=host_id, name=name, wanted=count, free=free,
+            )
+        state = "reserved" if reserve else "allocated"
+        picked.extend(HeldDevice(r.id, host_id, name, _address(r), state) for r in rows)
+    if not picked:
+        return ()
+    holder = C.reserved_for if reserve else C.instance_id
+    result = conn.execute(
+        update(DEVICES)
+        .where(C.id.in_([d.id for d in picked]), C.state == "free")
+        .values({C.state: picked[0].state, holder: vm_id, C.updated_at: utcnow()})
+    )
+    if result.rowcount != len(picked):
+        raise ClaimRaceLost(
+            f"host {host_id}: {len(picked) - result.rowcount} of {len(picked)} picked devices "
+            "were taken concurrently"
+        )
+    return tuple(picked)
+
+
+def _free_count(conn: Connection, host_id: int, name: str) -> int:
+    query = select(func.count()).where(
+        C.host_id == host_id, C.name == name, C.state == "free"
+    )
+    return int(conn.execute(query).scalar_one())
+
+
+def claim_devices(
+    conn: Connection, vm_id: int, host_id: int, requests: Mapping[str, int]
+) -> tuple[HeldDevice, ...]:
+    """Allocates ``count`` free devices of each requested name on one host to a VM.
+
+    All or nothing: either every request is met or the caller's transaction
+    must be rolled back. Not idempotent by itself: calling it twice claims
+    twice; callers make it run once by tying it to a conditional VM transition.
+
+    Raises:
+        InsufficientDevices: the host has too few free devices of a name.
+        ClaimRaceLost: a concurrent transaction won; retry in a NEW transaction.
+    """
+    return _take(conn, vm_id, host_id, requests, reserve=False)
+
+
+def reserve_devices(
+    conn: Connection, vm_id: int, host_id: int, requests: Mapping[str, int]
+) -> tuple[HeldDevice, ...]:
+    """Reserves a migration's destination set on ``host_id`` while the VM keeps its source set.
+
+    Same guarantees and errors as :func:`claim_devices`; reserved devices are
+    neither offered nor held until :func:`commit_migration`.
+    """
+    return _take(conn, vm_id, host_id, requests, reserve=True)
+
+
+def release_devices(conn: Connection, vm_id: int, host_id: int | None = None) -> int:
+    """Lets go of every device a VM holds or has reserved, on one host or on all.
+
+    Idempotent. Held devices become free; quarantined ones become removed.
+    Returns how many devices changed.
+    """
+    query = update(DEVICES).where(or_(C.instance_id == vm_id, C.reserved_for == vm_id))
+    if host_id is not None:
+        query = query.where(C.host_id == host_id)
+    values = {C.state: _LET_GO, C.instance_id: None, C.reserved_for: None, C.updated_at: utcnow()}
+    return int(conn.execute(query.values(values)).rowcount)
+
+
+def commit_migration(
+    conn: Connection, vm_id: int, source_host_id: int, destination_host_id: int
+) -> int:
+    """Ends a successful migration: frees the source set, allocates the reserved set.
+
+    Idempotent: a second call finds nothing left to change. A reserved device
+    that was quarantined meanwhile stays quarantined, now held by the VM.
+    Returns how many destination devices the VM now holds.
+    """
+    if source_host_id == destination_host_id:
+        raise InvalidRequest(
+            f"VM {vm_id}: a migration's source and destination are both host "
+            f"{source_host_id}; they must differ"
+        )
+    now = utcnow()
+    conn.execute(
+        update(DEVICES)
+        .where(C.host_id == source_host_id, C.instance_id == vm_id)
+        .values({C.state: _LET_GO, C.instance_id: None, C.updated_at: now})
+    )
+    result = conn.execute(
+        update(DEVICES)
+        .where(C.host_id == destination_host_id, C.reserved_for == vm_id)
+        .values({
+            C.state: case((C.state == "quarantined", "quarantined"), else_="allocated"),
+            C.instance_id: vm_id,
+            C.reserved_for: None,
+            C.updated_at: now,
+        })
+    )
+    return int(result.rowcount)
+
+
+def abort_migration(conn: Connection, vm_id: int, destination_host_id: int) -> int:
+    """Ends a failed migration: frees the destination set; the VM keeps its source set.
+
+    Idempotent. Returns how many reserved devices were let go.
+    """
+    result = conn.execute(
+        update(DEVICES)
+        .where(C.host_id == destination_host_id, C.reserved_for == vm_id)
+        .values({C.state: _LET_GO, C.reserved_for: None, C.updated_at: utcnow()})
+    )
+    return int(result.rowcount)
+
+
+def reconcile_inventory(
+    conn: Connection, host_id: int, reported: Sequence[PciDeviceInfo]
+) -> InventoryChanges:
+    """Makes a host's device rows match what its agent reports.
+
+    New addresses are inserted free; a changed name or identity is updated
+    (a held device keeps its VM); a device missing from the report becomes
+    removed when free or disabled, quarantined when held or reserved (never
+    deleted, never offered); a removed device that is reported again is free
+    again, and a quarantined one goes back to its VM (allocated or reserved).
+
+    Raises:
+        InvalidRequest: the report lists one address twice.
+    """
+    by_address: dict[PciAddress, PciDeviceInfo] = {}
+    for info in reported:
+        address = PciAddress(info.address)
+        if address in by_address:
+            raise InvalidRequest(
+                f"host {host_id}: device {address} is reported twice (as "
+                f"{by_address[address].name!r} and {info.name!r}); fix pci.devices"
+            )
+        by_address[address] = info
+    query = select(DEVICES).where(C.host_id == host_id)
+    if _locks_rows(conn):
+        # Start-up is rare: lock the host's rows so claims wait for us.
+        query = query.with_for_update()
+    known = {_address(row): row for row in conn.execute(query)}
+    now = utcnow()
+    changes = _Reconciliation()
+    new_rows = [
+        {
+            "host_id": host_id, "name": info.name, **_address_columns(address),
+            "vendor_id": info.vendor_id, "product_id": info.product_id,
+            "iommu_group": info.iommu_group, "state": "free",
+            "created_at": now, "updated_at": now,
+        }
+        for address, info in sorted(by_address.items())
+        if address not in known
+    ]
+    if new_rows:
+        conn.execute(insert(DEVICES), new_rows)
+        changes.added.extend(a for a in sorted(by_address) if a not in known)
+    gone: dict[str, list[int]] = {"removed": [], "quarantined": []}
+    for address, row in sorted(known.items()):
+        info = by_address.get(address)
+        if info is None:
+            target = {"free": "removed", "disabled": "removed", "allocated": "quarantined",
+                      "reserved": "quarantined"}.get(row.state)
+            if target is not None:
+                gone[target].append(row.id)
+                getattr(changes, target).append(address)
+            continue
+        values = _changed_values(row, info)
+        if "name" in values:
+            changes.renamed.append(address)
+        if row.state == "removed":
+            values["state"] = "free"
+        elif row.state == "quarantined":
+            values["state"] = "allocated" if row.instance_id is not None else "reserved"
+        if "state" in values:
+            changes.restored.append(address)
+        if values:
+            values["updated_at"] = now
+            conn.execute(update(DEVICES).where(C.id == row.id).values(values))
+    for target, ids in gone.items():
+        if ids:
+            conn.execute(
+                update(DEVICES).where(C.id.in_(ids)).values(state=target, updated_at=now)
+            )
+    return InventoryChanges(
+        added=tuple(changes.added), renamed=tuple(changes.renamed),
+        removed=tuple(changes.removed), quarantined=tuple(changes.quarantined),
+        restored=tuple(changes.restored),
+    )
+
+
+def _changed_values(row: Row[Any], info: PciDeviceInfo) -> dict[str, Any]:
+    reported = {
+        "name": info.name, "vendor_id": info.vendor_id,
+        "product_id": info.product_id, "iommu_group": info.iommu_group,
+    }
+    return {key: value for key, value in reported.items() if getattr(row, key) != value}
+
+
+def disable_device(conn: Connection, device_id: int) -> str:
+    """Takes a free device out of service; idempotent. Returns its state.
+
+    Raises:
+        DeviceNotFound: no device has this id.
+        DeviceBusy: the device is held, reserved, quarantined or removed.
+    """
+    result = conn.execute(
+        update(DEVICES)
+        .where(C.id == device_id, C.state == "free")
+        .values(state="disabled", updated_at=utcnow())
+    )
+    if result.rowcount == 1:
+        return "disabled"
+    row = _device_row(conn, device_id)
+    if row.state == "disabled":
+        return "disabled"
+    holder = row.instance_id if row.instance_id is not None else row.reserved_for
+    by = f" by VM {holder}" if holder is not None else ""
+    raise DeviceBusy(
+        f"device {device_id} ({_address(row)} on host {row.host_id}) is {row.state}{by}; "
+        "only a free device can be disabled: stop or migrate its VM first"
+    )
+
+
+def enable_device(conn: Connection, device_id: int) -> str:
+    """Puts a disabled device back in service; a no-op in any other state. Returns its state.
+
+    Raises:
+        DeviceNotFound: no device has this id.
+    """
+    result = conn.execute(
+        update(DEVICES)
+        .where(C.id == device_id, C.state == "disabled")
+        .values(state="free", updated_at=utcnow())
+    )
+    if result.rowcount == 1:
+        return "free"
+    return str(_device_row(conn, device_id).state)
+
+
+def _device_row(conn: Connection, device_id: int) -> Row[Any]:
+    row = conn.execute(select(DEVICES).where(C.id == device_id)).first()
+    if row is None:
+        raise DeviceNotFound(f"no PCI device has id {device_id}; list devices to find its id")
+    return row
+
+
+def device_counts(conn: Connection, host_id: int | None = None) -> list[DeviceCounts]:
+    """Counts devices per host and name by state, for one host or all, sorted."""
+    query = select(C.host_id, C.name, C.state, func.count()).group_by(
+        C.host_id, C.name, C.state
+    )
+    if host_id is not None:
+        query = query.where(C.host_id == host_id)
+    counts: dict[tuple[int, str], DeviceCounts] = {}
+    for row_host, name, state, number in conn.execute(query):
+        entry = counts.setdefault((row_host, name), DeviceCounts(row_host, name))
+        setattr(entry, state, int(number))
+    return [counts[key] for key in sorted(counts)]
+
+
+def devices_of_vm(conn: Connection, vm_id: int) -> tuple[HeldDevice, ...]:
+    """Returns every device a VM holds or has reserved (quarantined ones too), by id."""
+    query = (
+        select(C.id, C.host_id, C.name, C.domain, C.bus, C.slot, C.function, C.state)
+        .where(or_(C.instance_id == vm_id, C.reserved_for == vm_id))
+        .order_by(C.id)
+    )
+    return tuple(
+        HeldDevice(r.id, r.host_id, r.name, _address(r), r.state) for r in conn.execute(query)
+    )
+
+
+class PciDeviceRepository:
+    """Runs each allocation operation in its own transaction, retrying lost races.
+
+    Every method is one transaction; a lost race or deadlock is retried in a
+    NEW transaction up to ``attempts`` times, then raises
+    :class:`~hostdev.mgmt.database.TransactionConflict`.
+    """
+
+    def __init__(self, engine: Engine, *, attempts: int = 30) -> None:
+        self._engine = engine
+        self._attempts = attempts
+
+    def _run(self, what: str, work: Callable[[Connection], T], *, read_only: bool = False) -> T:
+        return run_in_transaction(
+            self._engine, work, attempts=self._attempts, read_only=read_only, what=what
+        )
+
+    def reconcile(self, host_id: int, reported: Iterable[PciDeviceInfo]) -> InventoryChanges:
+        """Applies a host's reported inventory (see :func:`reconcile_inventory`)."""
+        devices = tuple(reported)
+        return self._run("reconcile_inventory",
+                         lambda conn: reconcile_inventory(conn, host_id, devices))
+
+    def claim(
+        self, vm_id: int, host_id: int, requests: Mapping[str, int]
+    ) -> tuple[HeldDevice, ...]:
+        """Allocates devices to a VM, all or nothing (see :func:`claim_devices`)."""
+        return self._run("claim_devices",
+                         lambda conn: claim_devices(conn, vm_id, host_id, requests))
+
+    def reserve(
+        self, vm_id: int, host_id: int, requests: Mapping[str, int]
+    ) -> tuple[HeldDevice, ...]:
+        """Reserves a migration's destination set (see :func:`reserve_devices`)."""
+        return self._run("reserve_devices",
+                         lambda conn: reserve_devices(conn, vm_id, host_id, requests))
+
+    def release(self, vm_id: int, host_id: int | None = None) -> int:
+        """Lets go of a VM's devices; idempotent (see :func:`release_devices`)."""
+        return self._run("release_devices", lambda conn: release_devices(conn, vm_id, host_id))
+
+    def commit_migration(self, vm_id: int, source_host_id: int, destination_host_id: int) -> int:
+        """Frees the source set and allocates the destination set; idempotent."""
+        return self._run(
+            "commit_migration",
+            lambda conn: commit_migration(conn, vm_id, source_host_id, destination_host_id),
+        )
+
+    def abort_migration(self, vm_id: int, destination_host_id: int) -> int:
+        """Frees the destination set; idempotent."""
+        return self._run("abort_migration",
+                         lambda conn: abort_migration(conn, vm_id, destination_host_id))
+
+    def disable(self, device_id: int) -> str:
+        """Takes a free device out of service (see :func:`disable_device`)."""
+        return self._run("disable_device", lambda conn: disable_device(conn, device_id))
+
+    def enable(self, device_id: int) -> str:
+        """Puts a disabled device back in service (see :func:`enable_device`)."""
+        return self._run("enable_device", lambda conn: enable_device(conn, device_id))
+
+    def counts(self, host_id: int | None = None) -> list[DeviceCounts]:
+        """Counts devices per host, name and state (see :func:`device_counts`)."""
+        return self._run("device_counts", lambda conn: device_counts(conn, host_id),
+                         read_only=True)
+
+    def devices_of(self, vm_id: int) -> tuple[HeldDevice, ...]:
+        """Lists a VM's held, reserved and quarantined devices."""
+        return self._run("devices_of_vm", lambda conn: devices_of_vm(conn, vm_id),
+                         read_only=True)

@@ -77,8 +77,8 @@ def parse_pci_devices(prop: Property) -> tuple[PciDeviceEntry, ...]:
     for raw in prop.value.split(","):
         text = raw.strip()
         if not text:
-            raise prop.error(f"an entry between commas is empty; expected {_ENTRY_EXPECTED}",
-                             prop.value)
+            raise _error(prop, prop.value,
+                         f"an entry between commas is empty; expected {_ENTRY_EXPECTED}")
         if "|" not in text:
             raise _error(prop, text, f"the entry has no '|name'; expected {_ENTRY_EXPECTED}")
         address_text, name = (part.strip() for part in text.split("|", 1))
@@ -102,14 +102,23 @@ def _error(prop: Property, text: str, expected: str) -> ConfigError:
     return ConfigError(prop.path, prop.line, text, expected)
 
 
+_DURATION = re.compile(r"^(?P<number>[0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*(?P<unit>ms|s|m|h)?$")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+
+def parse_duration(text: str) -> float | None:
+    """Returns seconds for ``500ms``, ``30s``, ``5m``, ``1h`` or a bare number; None if invalid."""
+    match = _DURATION.match(text.strip().lower())
+    if match is None:
+        return None
+    return float(match["number"]) * _UNITS[match["unit"]]
+
+
 def _positive_seconds(prop: Property) -> float:
-    try:
-        value = float(prop.value)
-    except ValueError:
-        value = float("nan")
-    if not value > 0 or value == float("inf"):
-        raise _error(prop, prop.value, f"{prop.key} must be a positive number of seconds, "
-                     "e.g. 30 or 2.5")
+    value = parse_duration(prop.value)
+    if value is None or value <= 0:
+        raise _error(prop, prop.value, f"{prop.key} must be a positive duration: a number of "
+                     "seconds or one with a unit, e.g. 30, 2.5s, 500ms, 5m, 1h")
     return value
 
 

@@ -1,0 +1,82 @@
+"""Simulated hosts and agent.properties files for the agent's tests."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from hostdev.agent.simulated import SimulatedHost
+
+VM_OLD_UUID = "11111111-aaaa-bbbb-cccc-000000000001"
+VM_IDLE_UUID = "11111111-aaaa-bbbb-cccc-000000000002"
+
+#: pci.devices matching ``sample_spec``.
+SAMPLE_DEVICES = "28:00.1|10GE,28:00.2|10GE,3b:00.0|GPU"
+
+
+def sample_spec(name: str = "sim-a", **extra: Any) -> dict[str, Any]:
+    """Returns a simulated-host spec: two 10GE functions, a GPU and its audio, a bridge.
+
+    Groups: 27 = 28:00.1 + 28:00.2 + the bridge 00:03.1 (nothing foreign);
+    40 = GPU 3b:00.0 + its audio 3b:00.1 (unlisted). Domain ``vm-old`` runs
+    holding 3b:00.0; ``vm-idle`` is defined and shut off.
+    """
+    spec: dict[str, Any] = {
+        "name": name,
+        "cpus": 16,
+        "memory_mb": 65536,
+        "devices": [
+            {"address": "00:03.1", "class": "0x060400", "vendor_id": "0x1022",
+             "product_id": "0x1483", "vendor": "AMD", "product": "GPP Bridge",
+             "iommu_group": 27},
+            {"address": "28:00.1", "iommu_group": 27, "parent": "00:03.1"},
+            {"address": "28:00.2", "iommu_group": 27, "parent": "00:03.1"},
+            {"address": "3b:00.0", "class": "0x030000", "vendor_id": "0x10de",
+             "product_id": "0x2204", "vendor": "NVIDIA", "product": "GA102",
+             "iommu_group": 40},
+            {"address": "3b:00.1", "class": "0x040300", "vendor_id": "0x10de",
+             "product_id": "0x1aef", "vendor": "NVIDIA", "product": "GA102 Audio",
+             "iommu_group": 40},
+        ],
+        "domains": [
+            {"name": "vm-old", "uuid": VM_OLD_UUID, "running": True,
+             "hostdevs": ["3b:00.0"]},
+            {"name": "vm-idle", "uuid": VM_IDLE_UUID, "running": False},
+        ],
+    }
+    spec.update(extra)
+    return spec
+
+
+def write_spec(directory: Path, spec: dict[str, Any]) -> str:
+    """Writes a spec as ``<name>.json`` and returns its ``simulated:///`` URI."""
+    path = directory / f"{spec['name']}.json"
+    path.write_text(json.dumps(spec), encoding="utf-8")
+    return f"simulated://{path.resolve()}"
+
+
+def write_properties(directory: Path, text: str, name: str = "agent.properties") -> Path:
+    """Writes an agent.properties file and returns its path."""
+    path = directory / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+HostFactory = Callable[..., SimulatedHost]
+
+
+def host_factory(directory: Path) -> Iterator[HostFactory]:
+    """Yields a factory of opened simulated hosts; closes them all afterwards."""
+    opened: list[SimulatedHost] = []
+
+    def make(name: str = "sim-a", **extra: Any) -> SimulatedHost:
+        host = SimulatedHost(write_spec(directory, sample_spec(name, **extra)))
+        host.open()
+        opened.append(host)
+        return host
+
+    yield make
+    for host in opened:
+        host.close()

@@ -1,0 +1,81 @@
+"""Domain XML: building domains with managed PCI hostdevs and reading them back."""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+from hostdev.agent.domain_xml import (
+    build_domain_xml,
+    hostdev_xml,
+    read_hostdevs,
+    read_identity,
+    with_hostdev,
+    without_hostdev,
+    without_runtime_id,
+)
+from hostdev.messages.pci_address import PciAddress as P
+from hostdev.messages.values import VmSpec
+
+REFERENCE = Path("/work/shared/reference/libvirt-test-node.xml")
+SPEC = VmSpec(uuid="22222222-0000-0000-0000-000000000001", name="vm1", cpus=2, memory_mb=512,
+              pci_devices=(P("28:00.1"), P("1:3b:1f.7"), P("0000:28:00.1")))
+
+
+def test_a_hostdev_is_a_managed_pci_subsystem_device_with_hex_address() -> None:
+    """The hostdev element is mode=subsystem type=pci managed=yes with 0x-prefixed parts."""
+    element = ET.fromstring(hostdev_xml(P("1:3b:1f.7")))
+    assert element.attrib == {"mode": "subsystem", "type": "pci", "managed": "yes"}
+    address = element.find("./source/address")
+    assert address is not None
+    assert address.attrib == {"domain": "0x0001", "bus": "0x3b", "slot": "0x1f",
+                              "function": "0x7"}
+
+
+def test_a_built_domain_carries_identity_size_and_each_device_once() -> None:
+    """Name, UUID, memory, vCPUs and the hostdevs (duplicates folded) are in the XML."""
+    xml = build_domain_xml(SPEC, domain_type="test")
+    root = ET.fromstring(xml)
+    assert root.get("type") == "test"
+    assert read_identity(xml) == (SPEC.uuid, "vm1")
+    assert root.findtext("memory") == "512" and root.find("memory").get("unit") == "MiB"  # type: ignore[union-attr]
+    assert root.findtext("vcpu") == "2"
+    assert read_hostdevs(xml) == (P("28:00.1"), P("1:3b:1f.7"))
+
+
+def test_a_kvm_domain_names_its_architecture() -> None:
+    """A kvm domain declares an x86_64 hvm guest."""
+    root = ET.fromstring(build_domain_xml(SPEC))
+    assert root.get("type") == "kvm"
+    assert root.find("./os/type").attrib == {"arch": "x86_64"}  # type: ignore[union-attr]
+
+
+def test_hostdevs_are_read_from_libvirt_xml() -> None:
+    """The reference node file's running domain holds 0000:28:00.0."""
+    domain = ET.fromstring(REFERENCE.read_text()).find("domain")
+    assert domain is not None
+    assert read_hostdevs(ET.tostring(domain, encoding="unicode")) == (P("28:00.0"),)
+
+
+def test_non_pci_hostdevs_are_ignored() -> None:
+    """A USB hostdev is not a PCI device and is not reported."""
+    xml = ("<domain><devices><hostdev mode='subsystem' type='usb'><source>"
+           "<vendor id='0x1'/></source></hostdev></devices></domain>")
+    assert read_hostdevs(xml) == ()
+
+
+def test_adding_and_removing_a_hostdev_edits_only_that_device() -> None:
+    """with_hostdev adds once; without_hostdev removes only the given address."""
+    xml = build_domain_xml(SPEC, domain_type="test")
+    added = with_hostdev(xml, P("5e:00.0"))
+    assert read_hostdevs(added) == (P("28:00.1"), P("1:3b:1f.7"), P("5e:00.0"))
+    assert with_hostdev(added, P("5e:00.0")) == added
+    assert read_hostdevs(without_hostdev(added, P("28:00.1"))) == (P("1:3b:1f.7"), P("5e:00.0"))
+    assert read_hostdevs(with_hostdev("<domain><name>x</name></domain>", P("1:2.3"))) == (
+        P("1:2.3"),)
+
+
+def test_the_runtime_id_is_stripped_for_redefinition() -> None:
+    """A running domain's id attribute is removed, the rest kept."""
+    stripped = without_runtime_id("<domain type='test' id='4'><name>x</name></domain>")
+    assert ET.fromstring(stripped).attrib == {"type": "test"}

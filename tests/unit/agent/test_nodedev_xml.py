@@ -1,0 +1,97 @@
+"""Node-device XML: simulated-host specs to test-driver node XML and back."""
+
+from __future__ import annotations
+
+import json
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+from hostdev.agent.errors import ConfigError
+from hostdev.agent.nodedev_xml import (
+    NodePciDevice,
+    build_node_xml,
+    load_spec,
+    parse_pci_device,
+    spec_from_dict,
+)
+from hostdev.messages.pci_address import PciAddress as P
+
+from tests.support.agent import VM_IDLE_UUID, sample_spec
+
+REFERENCE = Path("/work/shared/reference/libvirt-test-node.xml")
+
+
+def devices_of(node_xml: str) -> dict[P, NodePciDevice]:
+    root = ET.fromstring(node_xml)
+    found: dict[P, NodePciDevice] = {}
+    for device in root.findall("device"):
+        parsed = parse_pci_device(ET.tostring(device, encoding="unicode"))
+        if parsed is not None:
+            found[parsed.address] = parsed
+    return found
+
+
+def test_the_reference_node_file_parses_into_devices() -> None:
+    """Vendor, product, class, IOMMU group and members come from libvirt's nodedev XML."""
+    devices = devices_of(REFERENCE.read_text())
+    gpu = devices[P("28:00.0")]
+    assert (gpu.vendor_id, gpu.product_id, gpu.iommu_group) == ("0x10de", "0x2204", 27)
+    assert gpu.iommu_members == (P("28:00.0"), P("28:00.1"))
+    assert gpu.driver == "vfio-pci" and not gpu.is_bridge
+    assert devices[P("00:03.1")].is_bridge
+    assert devices[P("00:00.0")].is_bridge
+
+
+def test_a_non_pci_node_device_is_not_parsed() -> None:
+    """The computer (system capability) device yields None."""
+    assert parse_pci_device("<device><name>computer</name>"
+                            "<capability type='system'/></device>") is None
+
+
+def test_a_spec_round_trips_through_node_xml() -> None:
+    """Every spec device comes back with its address, ids, class and group members."""
+    spec = spec_from_dict(sample_spec())
+    devices = devices_of(build_node_xml(spec))
+    assert set(devices) == {P("00:03.1"), P("28:00.1"), P("28:00.2"), P("3b:00.0"),
+                            P("3b:00.1")}
+    nic = devices[P("28:00.1")]
+    assert (nic.vendor_id, nic.product_id, nic.class_code, nic.iommu_group) == (
+        "0x8086", "0x1572", 0x020000, 27)
+    assert nic.iommu_members == (P("00:03.1"), P("28:00.1"), P("28:00.2"))
+    assert devices[P("3b:00.0")].iommu_members == (P("3b:00.0"), P("3b:00.1"))
+
+
+def test_devices_without_a_group_get_one_each() -> None:
+    """A device with no iommu_group is alone in a fresh group."""
+    spec = spec_from_dict({"devices": [{"address": "1:0.0", "iommu_group": 3},
+                                       {"address": "2:0.0"}, {"address": "3:0.0"}]})
+    devices = devices_of(build_node_xml(spec))
+    groups = {a: d.iommu_group for a, d in devices.items()}
+    assert groups == {P("1:0.0"): 3, P("2:0.0"): 4, P("3:0.0"): 5}
+
+
+def test_spec_domains_become_test_domains_with_their_run_state() -> None:
+    """A spec domain that is not running gets the test driver's shut-off run state."""
+    root = ET.fromstring(build_node_xml(spec_from_dict(sample_spec())))
+    domains = {d.findtext("uuid"): d for d in root.findall("domain")}
+    runstate = "{http://libvirt.org/schemas/domain/test/1.0}runstate"
+    assert domains[VM_IDLE_UUID].findtext(runstate) == "5"
+    assert all(d.get("type") == "test" for d in domains.values())
+
+
+def test_spec_failure_switches_are_read() -> None:
+    """refuse_detach and fail_migration are part of the spec."""
+    spec = spec_from_dict(sample_spec(refuse_detach=["28:00.2"], fail_migration="boom"))
+    assert spec.refuse_detach == {P("28:00.2")}
+    assert spec.fail_migration == "boom"
+
+
+def test_a_missing_or_broken_spec_file_is_a_config_error(tmp_path: Path) -> None:
+    """The spec loader names the file and what is wrong."""
+    with pytest.raises(ConfigError, match="spec file does not exist"):
+        load_spec(tmp_path / "none.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"devices": [{"address": "28:00.9"}]}))
+    with pytest.raises(ConfigError, match="not a valid simulated-host spec"):
+        load_spec(bad)

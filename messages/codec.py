@@ -109,6 +109,8 @@ def decode(body: bytes | bytearray | memoryview | str) -> Message:
         raise MalformedBodyError(
             f"body is not valid UTF-8 text ({exc}); expected a JSON object such as {_EXAMPLE}"
         ) from None
+    except RecursionError:
+        raise _too_deep() from None
     if message.v != PROTOCOL_VERSION:
         raise _version_error(type(message).__name__, message.v)
     return message
@@ -121,6 +123,13 @@ def _version_error(name: str, version: int) -> UnsupportedVersionError:
         "receiver, or have the sender speak this version",
         message_type=name,
         field="$.v",
+    )
+
+
+def _too_deep() -> MalformedBodyError:
+    return MalformedBodyError(
+        "body nests JSON objects or arrays too deeply to decode (no message nests more "
+        f"than a few levels); expected {_EXAMPLE}"
     )
 
 
@@ -139,6 +148,8 @@ def _explain(body: bytes | bytearray | memoryview | str, exc: Exception) -> Deco
         )
     except msgspec.DecodeError as inner:
         return MalformedBodyError(f"body is not valid JSON ({inner}); expected {_EXAMPLE}")
+    except RecursionError:
+        return _too_deep()
     name = envelope.type
     if name is msgspec.UNSET:
         return UnknownTypeError(

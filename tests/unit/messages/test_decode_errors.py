@@ -189,3 +189,12 @@ def test_errors_are_one_hierarchy() -> None:
     for cls in (MalformedBodyError, UnknownTypeError, UnsupportedVersionError,
                 InvalidFieldError):
         assert issubclass(cls, DecodeError) and issubclass(cls, MessageError)
+
+
+@pytest.mark.parametrize("raw", [b'{"a":' * 100_000, '{"a":' * 100_000,
+                                 b'{"type": "StopCommand", "vm_uuid": "u", "x": ' + b"[" * 100_000])
+def test_deep_nesting(raw: bytes | str) -> None:
+    """A body nested past the recursion limit raises MalformedBodyError, not RecursionError."""
+    exc = decode_error(raw)
+    assert type(exc) is MalformedBodyError
+    assert "too deeply" in str(exc)

@@ -136,7 +136,7 @@ class Agent:
             hostdevs=domain.hostdevs if domain else ())
         self.bus.send_to_mgmt(self.guid, report)
         log.info("vm_state_reported", host=self.guid, vm=event.uuid, state=report.state,
-                 event=report.event)
+                 libvirt_event=report.event)
 
     # -- incoming ------------------------------------------------------------------
 

@@ -169,7 +169,7 @@ class LibvirtHost:
                 listener(LifecycleEvent(uuid=uuid, name=dom.name(), event=name,
                                         detail=detail_name, state=state))
             except Exception:  # the event thread must survive a listener's bug
-                log.exception("lifecycle_listener_failed", vm=uuid, event=name)
+                log.exception("lifecycle_listener_failed", vm=uuid, libvirt_event=name)
 
     def _on_device_removed(self, _conn: Any, _dom: Any, _alias: str, _opaque: Any) -> None:
         with self._changed:

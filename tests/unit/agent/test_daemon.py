@@ -1,0 +1,229 @@
+"""The agent daemon: announcing, pinging, reporting, dispatching, --check and bad configs."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+import structlog
+from hostdev.agent.config import parse_config
+from hostdev.agent.daemon import Agent, main
+from hostdev.agent.errors import HypervisorError
+from hostdev.agent.hypervisor import LifecycleEvent
+from hostdev.agent.simulated import SimulatedHost
+from hostdev.agent.startup_checks import check_host
+from hostdev.messages.base import Message
+from hostdev.messages.bus_api import Incoming
+from hostdev.messages.commands import (
+    PingRoutingCommand,
+    StartAnswer,
+    StartCommand,
+    StartupAnswer,
+    StartupRoutingCommand,
+    VmStateReport,
+)
+from hostdev.messages.errors import TransientError
+from hostdev.messages.pci_address import PciAddress as P
+from hostdev.messages.values import VmSpec
+
+from tests.support.agent import SAMPLE_DEVICES, VM_OLD_UUID, HostFactory, write_properties
+
+pytestmark = pytest.mark.libvirt
+
+GUID = "host-guid-1"
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging() -> Iterator[None]:
+    """main() configures logging onto captured streams; undo it after each test."""
+    yield
+    structlog.reset_defaults()
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if getattr(handler, "_hostdev", False):
+            root.removeHandler(handler)
+
+
+class RecordingBus:
+    """Records what the agent does with the bus; runs queued calls on demand."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, Message]] = []
+        self.queues: list[str] = []
+        self.consumers: dict[str, Mapping[type[Message], Any]] = {}
+        self.timers: list[tuple[float, Callable[[], None]]] = []
+        self.reconnect: list[Callable[[], None]] = []
+        self.soon: list[Callable[[], None]] = []
+        self.connected = False
+
+    def connect(self) -> None:
+        self.connected = True
+
+    def close(self) -> None:
+        self.connected = False
+
+    def declare_agent_queue(self, guid: str) -> str:
+        self.queues.append(f"hostdev.agent.{guid}")
+        return self.queues[-1]
+
+    def send_to_mgmt(self, guid: str, message: Message, *, correlation_id: str | None = None,
+                     message_id: str | None = None) -> str:
+        self.sent.append((f"mgmt.{guid}.{type(message).__name__}", message))
+        return str(len(self.sent))
+
+    def consume(self, queue: str, handlers: Mapping[type[Message], Any]) -> None:
+        self.consumers[queue] = handlers
+
+    def call_every(self, interval_s: float, fn: Callable[[], None]) -> None:
+        self.timers.append((interval_s, fn))
+
+    def call_soon_threadsafe(self, fn: Callable[[], None]) -> None:
+        self.soon.append(fn)
+
+    def run(self, *, until: Callable[[], bool] | None = None,
+            timeout: float | None = None) -> None:
+        while self.soon:
+            self.soon.pop(0)()
+
+    def on_reconnect(self, fn: Callable[[], None]) -> None:
+        self.reconnect.append(fn)
+
+    def stop(self) -> None:
+        pass
+
+    def of_type(self, kind: type[Message]) -> list[Any]:
+        return [m for _, m in self.sent if isinstance(m, kind)]
+
+
+def incoming(message_id: str = "m-1") -> Incoming:
+    return Incoming(message_id=message_id, correlation_id=None, reply_to=None, user_id="guest",
+                    routing_key=f"agent.{GUID}.StartCommand", redelivered=False)
+
+
+def started_agent(host: SimulatedHost) -> tuple[Agent, RecordingBus]:
+    config = parse_config(f"guid={GUID}\nname=host-a\nping.interval=5s\n"
+                          f"pci.devices={SAMPLE_DEVICES}\n", "a.properties")
+    bus = RecordingBus()
+    agent = Agent(config, host, bus, check_host(config, host.pci_devices(), host.domains()))
+    agent.start()
+    return agent, bus
+
+
+def test_start_connects_declares_consumes_and_announces(make_host: HostFactory) -> None:
+    """The agent declares its queue, consumes every command and sends StartupRoutingCommand."""
+    _agent, bus = started_agent(make_host())
+    assert bus.connected and bus.queues == [f"hostdev.agent.{GUID}"]
+    handled = {t.__name__ for t in bus.consumers[f"hostdev.agent.{GUID}"]}
+    assert handled == {"StartCommand", "StopCommand", "MigrateCommand", "StartupAnswer",
+                       "AttachPciDevicesCommand", "DetachPciDevicesCommand"}
+    key, startup = bus.sent[0]
+    assert key == f"mgmt.{GUID}.StartupRoutingCommand"
+    assert isinstance(startup, StartupRoutingCommand)
+    assert (startup.guid, startup.name, startup.cpus, startup.memory_mb) == (
+        GUID, "host-a", 16, 65536)
+    assert [(d.address, d.name, d.vendor_id, d.iommu_group) for d in startup.pci_devices] == [
+        (P("28:00.1"), "10GE", "0x8086", 27), (P("28:00.2"), "10GE", "0x8086", 27),
+        (P("3b:00.0"), "GPU", "0x10de", 40)]
+    old = {d.uuid: d for d in startup.domains}[VM_OLD_UUID]
+    assert old.state == "running" and old.hostdevs == (P("3b:00.0"),)
+
+
+def test_pings_run_every_interval_and_reconnects_reannounce(make_host: HostFactory) -> None:
+    """ping.interval schedules PingRoutingCommand; a reconnect sends the start-up again."""
+    _agent, bus = started_agent(make_host())
+    ((interval, ping),) = bus.timers
+    assert interval == 5.0
+    ping()
+    (sent,) = bus.of_type(PingRoutingCommand)
+    assert sent.guid == GUID and VM_OLD_UUID in {d.uuid for d in sent.domains}
+    for callback in bus.reconnect:
+        callback()
+    assert len(bus.of_type(StartupRoutingCommand)) == 2
+
+
+def test_lifecycle_events_become_vm_state_reports_on_the_loop_thread(
+        make_host: HostFactory) -> None:
+    """An event is queued with call_soon_threadsafe and reported with state and hostdevs."""
+    host = make_host()
+    agent, bus = started_agent(host)
+    agent.on_lifecycle(LifecycleEvent(uuid=VM_OLD_UUID, name="vm-old", event="Started",
+                                      detail="Booted", state="running"))
+    assert bus.of_type(VmStateReport) == []
+    bus.run()
+    (report,) = bus.of_type(VmStateReport)
+    assert (report.vm_uuid, report.state, report.event, report.hostdevs) == (
+        VM_OLD_UUID, "running", "Started/Booted", (P("3b:00.0"),))
+
+
+def test_a_command_is_answered_by_its_handler(make_host: HostFactory) -> None:
+    """A StartCommand through the bus handler returns the StartAnswer for the bus to send."""
+    _agent, bus = started_agent(make_host())
+    handler = bus.consumers[f"hostdev.agent.{GUID}"][StartCommand]
+    command = StartCommand(vm=VmSpec(uuid="44444444-0000-0000-0000-000000000001", name="v",
+                                     cpus=1, memory_mb=128, pci_devices=(P("28:00.1"),)))
+    answer = handler(command, incoming())
+    assert isinstance(answer, StartAnswer) and answer.ok and answer.hostdevs == (P("28:00.1"),)
+    assert bus.consumers[f"hostdev.agent.{GUID}"][StartupAnswer](
+        StartupAnswer(host_id=3), incoming()) is None
+
+
+def test_a_hypervisor_failure_in_a_handler_is_transient(make_host: HostFactory) -> None:
+    """libvirt failing under a handler raises TransientError so the bus redelivers."""
+    host = make_host()
+    _agent, bus = started_agent(host)
+
+    def broken(uuid: str) -> None:
+        raise HypervisorError("lookup", "connection lost")
+
+    host.domain = broken  # type: ignore[assignment,method-assign]
+    handler = bus.consumers[f"hostdev.agent.{GUID}"][StartCommand]
+    command = StartCommand(vm=VmSpec(uuid="x", name="v", cpus=1, memory_mb=128))
+    with pytest.raises(TransientError, match="connection lost"):
+        handler(command, incoming())
+
+
+def test_a_bad_config_stops_the_agent_before_anything_else(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A malformed address exits 1 with file, line, text and expectation on stderr."""
+    path = write_properties(tmp_path, "pci.devices=28:00.9|10GE\n")
+    assert main(["--config", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert f"{path}:1: '28:00.9|10GE': PCI address '28:00.9': function '9'" in err
+
+
+def test_check_passes_for_a_matching_host(tmp_path: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """--check on a simulated host that has every device exits 0 and says so."""
+    from tests.support.agent import sample_spec, write_spec
+
+    uri = write_spec(tmp_path, sample_spec())
+    path = write_properties(tmp_path, f"libvirt.uri={uri}\npci.devices={SAMPLE_DEVICES}\n")
+    assert main(["--config", str(path), "--check"]) == 0
+    err = capsys.readouterr().err
+    assert "3 of 3 devices found" in err and "test is successful" in err
+    assert "shares IOMMU group 40 with 0000:3b:00.1" in err
+    assert "is used by domain vm-old" in err
+    assert "guid=" not in path.read_text()  # --check changes nothing
+
+
+def test_check_fails_for_a_missing_device(tmp_path: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """--check exits 1 naming a listed device the host does not have."""
+    from tests.support.agent import sample_spec, write_spec
+
+    uri = write_spec(tmp_path, sample_spec())
+    path = write_properties(tmp_path, f"libvirt.uri={uri}\npci.devices=5e:00.0|NVME\n")
+    assert main(["--config", str(path), "--check"]) == 1
+    err = capsys.readouterr().err
+    assert "pci.devices lists 0000:5e:00.0 (NVME)" in err and "test failed" in err
+
+
+def test_check_fails_when_libvirt_cannot_be_opened(tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """An unreachable libvirt URI fails --check with libvirt's reason."""
+    path = write_properties(tmp_path, f"libvirt.uri=test://{tmp_path}/missing.xml\n")
+    assert main(["--config", str(path), "--check"]) == 1
+    assert "cannot open libvirt" in capsys.readouterr().err

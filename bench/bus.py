@@ -1,0 +1,277 @@
+"""Benchmarks the hostdev bus against raw kombu on the same broker, in one run.
+
+Figures (medians of 3 alternating rounds, in a vhost of its own):
+- ``rpc``: sequential request/response calls per second over direct reply-to;
+  the server runs in another process. hostdev: ``Bus.request`` against a
+  ``Bus.consume`` handler (decode, dispatch, answer, confirm, ack). Raw: a
+  kombu Producer/Consumer pair doing the same round trip with manual acks.
+- ``publish``: persistent commands per second to a quorum queue, publisher
+  confirms on. hostdev: ``send_to_agent`` + ``wait_for_confirms`` with its
+  window of 100. Raw: a kombu Producer on a confirm-mode channel with 100
+  confirms in flight (kombu's own ``confirm_publish`` waits for each).
+- ``consume``: the same persistent commands consumed, decoded and acked.
+
+Prints a table, then ``metric=NAME value=NUMBER unit=UNIT`` lines; ratios are
+hostdev/raw (goal >= 0.8). Run: ``.venv/bin/python bench/bus.py``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing as mp
+import statistics
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import kombu
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from hostdev.messages.api import ListPciDevicesRequest, PciDeviceList
+from hostdev.messages.bus import Bus, BusConfig
+from hostdev.messages.codec import decode, encode
+from hostdev.messages.commands import StartCommand
+from hostdev.messages.logging import configure_logging
+from hostdev.messages.pci_address import PciAddress
+from hostdev.messages.values import PciDeviceRow, VmSpec
+
+from tests.support.rabbitmq import amqp_vhost
+
+RPC_SECONDS = 2.0
+PUBLISH_COUNT = 6000
+ROUNDS = 3
+RAW_API_QUEUE = "bench.raw.api"
+RAW_CMD_QUEUE = "bench.raw.agent"
+QUORUM = {"x-queue-type": "quorum"}
+
+ANSWER = PciDeviceList(devices=tuple(
+    PciDeviceRow(id=i, host_guid="6f1c0b1e-host", host_name="kvm-01",
+                 address=PciAddress(f"28:00.{i}"), name="10GE", state="free")
+    for i in range(3)))
+COMMAND = StartCommand(vm=VmSpec(uuid=str(uuid.uuid4()), name="bench-vm", cpus=4,
+                                 memory_mb=8192,
+                                 pci_devices=(PciAddress("28:00.1"), PciAddress("28:00.2"))))
+
+
+# -- servers (run in a child process) ---------------------------------------------
+
+
+def hostdev_server(url: str, ready: Any, stop: Any) -> None:
+    """Serves ListPciDevicesRequest with the hostdev bus until ``stop`` is set."""
+    bus = Bus(BusConfig(url=url))
+    bus.connect()
+    bus.declare_mgmt_queues()
+    bus.consume("hostdev.api", {ListPciDevicesRequest: lambda msg, inc: ANSWER})
+    bus.call_every(0.2, lambda: bus.stop() if stop.is_set() else None)
+    ready.set()
+    bus.run()
+    bus.close()
+
+
+def raw_server(url: str, ready: Any, stop: Any) -> None:
+    """Serves the same round trip with plain kombu until ``stop`` is set."""
+    body = encode(ANSWER)
+    with kombu.Connection(url) as conn:
+        channel = conn.channel()
+        channel.basic_qos(0, 50, False)
+        producer = kombu.Producer(channel)
+        queue = kombu.Queue(RAW_API_QUEUE, durable=True, queue_arguments=QUORUM,
+                            channel=channel)
+        queue.declare()
+
+        def on_request(_body: Any, message: Any) -> None:
+            decode(message.body)
+            producer.publish(body, routing_key=message.properties["reply_to"],
+                             correlation_id=message.properties["message_id"],
+                             content_type="application/json", content_encoding="binary",
+                             delivery_mode=2, serializer=None)
+            message.ack()
+
+        with kombu.Consumer(channel, [queue], callbacks=[on_request], accept=None):
+            ready.set()
+            while not stop.is_set():
+                with contextlib.suppress(TimeoutError):
+                    conn.drain_events(timeout=0.2)
+
+
+def start_server(target: Callable[[str, Any, Any], None], url: str) -> tuple[Any, Any]:
+    ctx = mp.get_context("fork")
+    ready, stop = ctx.Event(), ctx.Event()
+    proc = ctx.Process(target=target, args=(url, ready, stop), daemon=True)
+    proc.start()
+    if not ready.wait(30):
+        raise RuntimeError(f"{target.__name__} did not start")
+    return proc, stop
+
+
+# -- measurements -------------------------------------------------------------------
+
+
+def rpc_hostdev(url: str) -> float:
+    bus = Bus(BusConfig(url=url))
+    request = ListPciDevicesRequest()
+    for _ in range(200):
+        bus.request(request, timeout=5)
+    calls, start = 0, time.perf_counter()
+    while time.perf_counter() - start < RPC_SECONDS:
+        bus.request(request, timeout=5)
+        calls += 1
+    rate = calls / (time.perf_counter() - start)
+    bus.close()
+    return rate
+
+
+def rpc_raw(url: str) -> float:
+    body = encode(ListPciDevicesRequest())
+    replies: list[Any] = []
+    with kombu.Connection(url) as conn:
+        channel = conn.channel()
+        producer = kombu.Producer(channel)
+        reply_queue = kombu.Queue("amq.rabbitmq.reply-to", no_ack=True, channel=channel)
+        with kombu.Consumer(channel, [reply_queue], no_ack=True, accept=None,
+                            on_message=replies.append):
+
+            def call() -> None:
+                mid = str(uuid.uuid4())
+                producer.publish(body, routing_key=RAW_API_QUEUE, reply_to="amq.rabbitmq.reply-to",
+                                 message_id=mid, content_type="application/json",
+                                 content_encoding="binary", delivery_mode=2, serializer=None)
+                while True:
+                    conn.drain_events(timeout=5)
+                    if replies and replies[-1].properties.get("correlation_id") == mid:
+                        decode(replies.pop().body)
+                        return
+
+            for _ in range(200):
+                call()
+            calls, start = 0, time.perf_counter()
+            while time.perf_counter() - start < RPC_SECONDS:
+                call()
+                calls += 1
+            return calls / (time.perf_counter() - start)
+
+
+def publish_hostdev(bus: Bus) -> float:
+    start = time.perf_counter()
+    for _ in range(PUBLISH_COUNT):
+        bus.send_to_agent("bench", COMMAND)
+    bus.wait_for_confirms()
+    return PUBLISH_COUNT / (time.perf_counter() - start)
+
+
+def consume_hostdev(bus: Bus, queue: str) -> float:
+    handled = [0]
+
+    def on_start(_msg: StartCommand, _inc: Any) -> None:
+        handled[0] += 1
+
+    bus.consume(queue, {StartCommand: on_start})
+    start = time.perf_counter()
+    bus.run(until=lambda: handled[0] >= PUBLISH_COUNT, timeout=60)
+    bus.wait_for_confirms()
+    return handled[0] / (time.perf_counter() - start)
+
+
+def publish_raw(conn: kombu.Connection) -> float:
+    body = encode(COMMAND)
+    channel = conn.channel()
+    channel.confirm_select()
+    confirmed = [0]
+
+    def on_ack(tag: int, _multiple: bool) -> None:
+        # One queue: the broker confirms in order, so the highest tag is the watermark.
+        confirmed[0] = max(confirmed[0], tag)
+
+    channel.events["basic_ack"].add(on_ack)
+    producer = kombu.Producer(channel, routing_key=RAW_CMD_QUEUE)
+    start = time.perf_counter()
+    for sent in range(1, PUBLISH_COUNT + 1):
+        producer.publish(body, content_type="application/json", content_encoding="binary",
+                         delivery_mode=2, serializer=None, type="StartCommand",
+                         message_id=str(uuid.uuid4()))
+        while sent - confirmed[0] >= 100:
+            conn.drain_events(timeout=5)
+    while confirmed[0] < PUBLISH_COUNT:
+        conn.drain_events(timeout=5)
+    rate = PUBLISH_COUNT / (time.perf_counter() - start)
+    channel.close()
+    return rate
+
+
+def consume_raw(conn: kombu.Connection) -> float:
+    channel = conn.channel()
+    channel.basic_qos(0, 50, False)
+    handled = [0]
+
+    def on_message(message: Any) -> None:
+        decode(message.body)
+        message.ack()
+        handled[0] += 1
+
+    queue = kombu.Queue(RAW_CMD_QUEUE, durable=True, queue_arguments=QUORUM, channel=channel)
+    start = time.perf_counter()
+    with kombu.Consumer(channel, [queue], on_message=on_message, accept=None):
+        while handled[0] < PUBLISH_COUNT:
+            conn.drain_events(timeout=5)
+    rate = handled[0] / (time.perf_counter() - start)
+    channel.close()
+    return rate
+
+
+def main() -> None:
+    configure_logging("warning")
+    began = time.perf_counter()
+    with amqp_vhost("bench") as vhost:
+        url = vhost.url
+        figures: dict[str, list[float]] = {k: [] for k in (
+            "rpc_hostdev", "rpc_raw", "publish_hostdev", "publish_raw",
+            "consume_hostdev", "consume_raw")}
+
+        servers = [start_server(hostdev_server, url), start_server(raw_server, url)]
+        for _ in range(ROUNDS):
+            figures["rpc_raw"].append(rpc_raw(url))
+            figures["rpc_hostdev"].append(rpc_hostdev(url))
+        for proc, stop in servers:
+            stop.set()
+            proc.join(10)
+
+        bus = Bus(BusConfig(url=url))
+        bus.connect()
+        agent_queue = bus.declare_agent_queue("bench")
+        with kombu.Connection(url) as conn:
+            kombu.Queue(RAW_CMD_QUEUE, durable=True, queue_arguments=QUORUM,
+                        channel=conn.default_channel).declare()
+            for _ in range(ROUNDS):
+                figures["publish_raw"].append(publish_raw(conn))
+                figures["publish_hostdev"].append(publish_hostdev(bus))
+                figures["consume_raw"].append(consume_raw(conn))
+                figures["consume_hostdev"].append(consume_hostdev(bus, agent_queue))
+        bus.close()
+    report(figures, time.perf_counter() - began)
+
+
+def report(figures: dict[str, list[float]], elapsed: float) -> None:
+    med = {k: statistics.median(v) for k, v in figures.items()}
+    rows = [("request/response, sequential", "rpc", "calls/s"),
+            ("persistent publish, confirms on", "publish", "msg/s"),
+            ("consume + decode + ack", "consume", "msg/s")]
+    print(f"{'figure':34} {'hostdev':>10} {'raw kombu':>10} {'ratio':>6}  unit")
+    for label, key, unit in rows:
+        ratio = med[f"{key}_hostdev"] / med[f"{key}_raw"]
+        print(f"{label:34} {med[f'{key}_hostdev']:10.0f} {med[f'{key}_raw']:10.0f} "
+              f"{ratio:6.2f}  {unit}")
+    print(f"(medians of {ROUNDS} rounds; {elapsed:.0f} s in all)")
+    for label, key, unit in rows:
+        del label
+        print(f"metric={key}_hostdev value={med[f'{key}_hostdev']:.0f} unit={unit}")
+        print(f"metric={key}_raw_kombu value={med[f'{key}_raw']:.0f} unit={unit}")
+        print(f"metric={key}_ratio value={med[f'{key}_hostdev'] / med[f'{key}_raw']:.3f} "
+              "unit=ratio")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,192 @@
+"""The AMQP pieces the bus is built from: connecting, topology, message properties.
+
+Connections come from kombu (URL parsing, TLS, heartbeats); everything after
+that talks to the py-amqp channel under kombu, because kombu's
+``confirm_publish`` waits for each confirm in turn and cannot keep a window of
+confirms in flight (see ``bus.py``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+import amqp
+import amqp.exceptions
+import kombu
+from hostdev.messages.base import Message
+from hostdev.messages.bus_api import (
+    COMMANDS_EXCHANGE,
+    CONTENT_TYPE,
+    DEAD_EXCHANGE,
+    DEAD_QUEUE,
+    EVENTS_EXCHANGE,
+    REASON_HEADER,
+    BusConfig,
+)
+from hostdev.messages.codec import encode
+from hostdev.messages.errors import BusError
+
+#: Errors after which the connection is unusable and must be re-established.
+CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
+    amqp.exceptions.ConnectionError,
+    amqp.exceptions.RecoverableConnectionError,
+    amqp.exceptions.ChannelError,  # a closed channel: we reopen everything
+    OSError,
+    ConnectionError,
+)
+#: Exchanges this bus publishes to ("" is the default exchange, for reply_to).
+KNOWN_EXCHANGES = frozenset({"", COMMANDS_EXCHANGE, EVENTS_EXCHANGE, DEAD_EXCHANGE})
+
+
+def open_connection(url: str, config: BusConfig, *, heartbeat: float | None = None
+                    ) -> kombu.Connection:
+    """Opens one kombu connection to one URL (no retry; the caller backs off).
+
+    Raises:
+        OSError, amqp.exceptions.AMQPError: the broker refused or did not answer.
+    """
+    conn = kombu.Connection(
+        url,
+        heartbeat=config.heartbeat if heartbeat is None else heartbeat,
+        connect_timeout=config.connect_timeout,
+        transport_options={"client_properties": {"connection_name": config.app_id}},
+    )
+    try:
+        conn.connect()
+    except BaseException:
+        close_quietly(conn)
+        raise
+    return conn
+
+
+def close_quietly(conn: kombu.Connection | None) -> None:
+    """Closes a connection that may already be dead, ignoring every error."""
+    if conn is None:
+        return
+    try:
+        conn.close()
+    except Exception:
+        with contextlib.suppress(Exception):
+            conn.collect()
+
+
+def raw(conn: kombu.Connection) -> amqp.Connection:
+    """Returns the py-amqp connection under kombu."""
+    return conn.connection  # type: ignore[no-any-return]
+
+
+def queue_arguments(config: BusConfig, *, dead_letter: bool = True) -> dict[str, Any]:
+    """Returns the x-arguments of a hostdev queue for the configured queue type."""
+    args: dict[str, Any] = {"x-queue-type": config.queue_type}
+    if dead_letter:
+        args["x-dead-letter-exchange"] = DEAD_EXCHANGE
+        if config.queue_type == "quorum":
+            args["x-delivery-limit"] = config.delivery_limit
+    return args
+
+
+def declare_topology(channel: amqp.Channel, config: BusConfig) -> None:
+    """Declares the exchanges and the dead-letter queue (idempotent)."""
+    for name in (COMMANDS_EXCHANGE, EVENTS_EXCHANGE):
+        channel.exchange_declare(name, "topic", durable=True, auto_delete=False)
+    channel.exchange_declare(DEAD_EXCHANGE, "fanout", durable=True, auto_delete=False)
+    declare_queue(channel, config, DEAD_QUEUE, DEAD_EXCHANGE, [""], dead_letter=False)
+
+
+def declare_queue(channel: amqp.Channel, config: BusConfig, name: str, exchange: str,
+                  bindings: Sequence[str], *, dead_letter: bool = True) -> None:
+    """Declares a durable queue with its bindings.
+
+    Raises:
+        BusError: the queue exists with other arguments (type, delivery limit).
+    """
+    try:
+        channel.queue_declare(name, durable=True, auto_delete=False, exclusive=False,
+                              arguments=queue_arguments(config, dead_letter=dead_letter))
+    except amqp.exceptions.PreconditionFailed as exc:
+        raise BusError(
+            f"queue {name!r} already exists with other arguments than "
+            f"{queue_arguments(config, dead_letter=dead_letter)} ({exc.reply_text}); delete it "
+            "(rabbitmqctl delete_queue) or set BusConfig.queue_type/delivery_limit to match"
+        ) from exc
+    for key in bindings:
+        channel.queue_bind(name, exchange, key)
+
+
+def build_message(message: Message, *, config: BusConfig, user_id: str, message_id: str | None,
+                  correlation_id: str | None, reply_to: str | None,
+                  expiration_s: float | None, headers: dict[str, Any] | None
+                  ) -> tuple[amqp.Message, str]:
+    """Returns the AMQP message for ``message`` with every hostdev property, and its id."""
+    mid = message_id or str(uuid.uuid4())
+    props: dict[str, Any] = {
+        "content_type": CONTENT_TYPE,
+        "type": type(message).__name__,
+        "message_id": mid,
+        "timestamp": int(time.time()),
+        "app_id": config.app_id,
+        "user_id": user_id,
+        "delivery_mode": 2,
+    }
+    if correlation_id:
+        props["correlation_id"] = correlation_id
+    if reply_to:
+        props["reply_to"] = reply_to
+    if expiration_s is not None:
+        props["expiration"] = str(max(0, int(expiration_s * 1000)))
+    if headers:
+        props["application_headers"] = dict(headers)
+    return amqp.Message(encode(message), **props), mid
+
+
+def dead_letter_copy(raw_message: amqp.Message, *, queue: str, reason: str,
+                     user_id: str) -> amqp.Message:
+    """Returns a copy of a consumed message for hostdev.dead, with the reason in its headers.
+
+    The sender's ``user_id`` moves to a header (the broker only accepts our own
+    login in the property) and ``expiration`` is dropped so the copy stays.
+    """
+    props = dict(raw_message.properties)
+    headers = dict(props.pop("application_headers", None) or {})
+    info = getattr(raw_message, "delivery_info", None) or {}
+    headers[REASON_HEADER] = reason
+    headers["x-hostdev-queue"] = queue
+    headers["x-hostdev-exchange"] = info.get("exchange", "")
+    headers["x-hostdev-routing-key"] = info.get("routing_key", "")
+    sender = props.pop("user_id", None)
+    if sender:
+        headers["x-hostdev-user-id"] = sender
+    props.pop("expiration", None)
+    props["user_id"] = user_id
+    props["application_headers"] = headers
+    props.setdefault("delivery_mode", 2)
+    return amqp.Message(raw_message.body, **props)
+
+
+def wait_readable(conn: amqp.Connection, wake_fd: int | None, timeout: float) -> bool:
+    """Waits until the AMQP socket has data (or ``wake_fd`` is written); True if the socket does."""
+    import select
+
+    sock = conn.sock
+    pending = getattr(sock, "pending", None)
+    if pending is not None and pending():  # TLS: bytes already decrypted
+        return True
+    fds: list[Any] = [sock] if wake_fd is None else [sock, wake_fd]
+    readable, _, _ = select.select(fds, [], [], max(0.0, timeout))
+    return sock in readable
+
+
+def drain_ready(conn: amqp.Connection, limit: int = 1000) -> int:
+    """Processes the frames already received, without blocking; returns how many methods."""
+    done = 0
+    while done < limit:
+        try:
+            conn.drain_events(timeout=0)
+        except TimeoutError:
+            break
+        done += 1
+    return done

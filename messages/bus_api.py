@@ -1,0 +1,193 @@
+"""The bus contract shared by the AMQP bus and its in-process twin (no broker code here).
+
+``hostdev.messages.bus`` (kombu, RabbitMQ) and ``hostdev.messages.testing``
+(in-process) both implement :class:`BusLike`; daemons code against it and
+import the names below from ``hostdev.messages.bus``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+from urllib.parse import unquote, urlsplit
+
+from hostdev.messages.base import Message
+
+#: Exchange of commands: ``agent.<guid>.<Type>``, ``mgmt.<guid>.<Type>``, ``api.<Type>``.
+COMMANDS_EXCHANGE = "hostdev.commands"
+#: Exchange of events: ``vm.<uuid>.<State>``, ``host.<guid>.<Status>`` ...
+EVENTS_EXCHANGE = "hostdev.events"
+#: Fanout exchange and queue of everything that could not be decoded or handled.
+DEAD_EXCHANGE = "hostdev.dead"
+DEAD_QUEUE = "hostdev.dead"
+MGMT_QUEUE = "hostdev.mgmt"
+API_QUEUE = "hostdev.api"
+#: RabbitMQ's pseudo-queue for direct reply-to.
+DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
+#: Header naming why a message was dead-lettered by hostdev.
+REASON_HEADER = "x-hostdev-reason"
+CONTENT_TYPE = "application/json"
+
+
+@dataclass(frozen=True)
+class BusConfig:
+    """How to reach the broker and how to declare and use queues.
+
+    Attributes:
+        url: AMQP URL; several separated by ``;`` fail over round-robin.
+        app_id: the AMQP ``app_id`` put on everything published.
+        user_id: the AMQP ``user_id`` property (the broker checks it equals
+            the login user); None derives it from the URL.
+        queue_type: ``quorum`` (default) or ``classic``.
+        delivery_limit: deliveries of one message before it is dead-lettered
+            (quorum ``x-delivery-limit``, and the bus's own count for
+            handlers that keep raising ``TransientError``).
+        heartbeat: AMQP heartbeat in seconds (0 disables it).
+        prefetch: unacked deliveries the broker may push to one consumer channel.
+        confirm_window: publisher confirms in flight before ``publish()`` blocks.
+        connect_timeout: seconds for one TCP/AMQP connection attempt.
+        reconnect_max_s: the ceiling of the exponential reconnect backoff.
+    """
+
+    url: str = "amqp://guest:guest@127.0.0.1:5672//"
+    app_id: str = "hostdev"
+    user_id: str | None = None
+    queue_type: str = "quorum"
+    delivery_limit: int = 5
+    heartbeat: float = 30.0
+    prefetch: int = 50
+    confirm_window: int = 100
+    connect_timeout: float = 10.0
+    reconnect_max_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        if self.queue_type not in ("quorum", "classic"):
+            raise ValueError(
+                f"BusConfig.queue_type is {self.queue_type!r}; expected 'quorum' or 'classic'")
+        if self.delivery_limit < 1 or self.prefetch < 1 or self.confirm_window < 1:
+            raise ValueError(
+                "BusConfig.delivery_limit, prefetch and confirm_window must be >= 1 "
+                f"(got {self.delivery_limit}, {self.prefetch}, {self.confirm_window})")
+
+    def login_user(self) -> str:
+        """Returns the ``user_id`` to stamp: the configured one or the first URL's login."""
+        if self.user_id is not None:
+            return self.user_id
+        return user_from_url(self.url)
+
+    def safe_url(self) -> str:
+        """Returns the URL(s) with passwords masked, for logs and error texts."""
+        return ";".join(_mask(url) for url in self.url.split(";"))
+
+
+def user_from_url(url: str) -> str:
+    """Returns the login user of the first URL in ``url`` (``guest`` when it names none)."""
+    first = url.split(";")[0].strip()
+    user = urlsplit(first).username
+    return unquote(user) if user else "guest"
+
+
+def _mask(url: str) -> str:
+    parts = urlsplit(url.strip())
+    if parts.password is None:
+        return url.strip()
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return parts._replace(netloc=netloc).geturl()
+
+
+@dataclass(frozen=True)
+class Incoming:
+    """What a handler gets besides the typed message: the delivery's AMQP facts.
+
+    Attributes:
+        message_id: the sender's id; handlers MUST be idempotent by it, since
+            delivery is at-least-once (a redelivery repeats the id).
+        correlation_id: on an answer, the ``message_id`` of its command.
+        reply_to: where an answer goes (direct reply-to for API calls).
+        user_id: the broker-validated login of the sender (None if unset).
+        routing_key: the key the message was published with.
+        redelivered: the broker delivered it before (maybe handled already).
+        headers: AMQP headers (``x-delivery-count`` on quorum redeliveries).
+        queue: the queue it was consumed from.
+    """
+
+    message_id: str
+    correlation_id: str | None
+    reply_to: str | None
+    user_id: str | None
+    routing_key: str
+    redelivered: bool
+    headers: dict[str, Any] = field(default_factory=dict)
+    queue: str = ""
+
+
+#: A handler gets the typed message (declared as ``Any`` so a handler may be
+#: typed with its concrete message class) and returns an answer or None.
+Handler = Callable[[Any, Incoming], "Message | None"]
+
+
+def topic_matches(pattern: str, routing_key: str) -> bool:
+    """Tells whether an AMQP topic binding (``*`` one word, ``#`` zero or more) matches a key."""
+    return _match(pattern.split("."), routing_key.split("."))
+
+
+def _match(pat: list[str], key: list[str]) -> bool:
+    if not pat:
+        return not key
+    head, rest = pat[0], pat[1:]
+    if head == "#":
+        return any(_match(rest, key[i:]) for i in range(len(key) + 1))
+    if not key:
+        return False
+    return (head in ("*", key[0])) and _match(rest, key[1:])
+
+
+def answer_route(incoming: Incoming, answer_type: str) -> tuple[str, str] | None:
+    """Returns (exchange, routing key) an answer to ``incoming`` goes to, or None.
+
+    An answer goes to ``reply_to`` through the default exchange when the
+    message had one (API calls over direct reply-to). Otherwise it goes back
+    the way the command came: a command on ``agent.<guid>.*`` is answered on
+    ``mgmt.<guid>.<AnswerType>`` and one on ``mgmt.<guid>.*`` on
+    ``agent.<guid>.<AnswerType>``. Anything else has no route.
+    """
+    if incoming.reply_to:
+        return "", incoming.reply_to
+    words = incoming.routing_key.split(".")
+    if len(words) >= 3 and words[0] in ("agent", "mgmt"):
+        peer = "mgmt" if words[0] == "agent" else "agent"
+        return COMMANDS_EXCHANGE, f"{peer}.{words[1]}.{answer_type}"
+    return None
+
+
+class BusLike(Protocol):
+    """The interface both buses implement (see docs/bus-contract.md)."""
+
+    config: BusConfig
+
+    def connect(self) -> None: ...
+    def close(self) -> None: ...
+    def declare_queue(self, name: str, bindings: Sequence[str], *,
+                      exchange: str = COMMANDS_EXCHANGE) -> None: ...
+    def declare_agent_queue(self, guid: str) -> str: ...
+    def declare_mgmt_queues(self) -> None: ...
+    def publish(self, routing_key: str, message: Message, *, exchange: str = COMMANDS_EXCHANGE,
+                correlation_id: str | None = None, message_id: str | None = None,
+                reply_to: str | None = None, expiration_s: float | None = None,
+                headers: dict[str, Any] | None = None) -> str: ...
+    def send_to_agent(self, guid: str, message: Message, *, correlation_id: str | None = None,
+                      message_id: str | None = None) -> str: ...
+    def send_to_mgmt(self, guid: str, message: Message, *, correlation_id: str | None = None,
+                     message_id: str | None = None) -> str: ...
+    def publish_event(self, routing_key: str, event: Message, *,
+                      message_id: str | None = None) -> str: ...
+    def wait_for_confirms(self, timeout: float = 30.0) -> None: ...
+    def request(self, message: Message, *, timeout: float = 10.0) -> Message: ...
+    def consume(self, queue: str, handlers: Mapping[type[Message], Handler]) -> None: ...
+    def call_every(self, interval_s: float, fn: Callable[[], None]) -> None: ...
+    def call_soon_threadsafe(self, fn: Callable[[], None]) -> None: ...
+    def run(self, *, until: Callable[[], bool] | None = None,
+            timeout: float | None = None) -> None: ...
+    def on_reconnect(self, fn: Callable[[], None]) -> None: ...
+    def stop(self) -> None: ...

@@ -1,0 +1,151 @@
+"""What to do with one delivery: decode, dispatch by type, classify the outcome.
+
+Shared by the AMQP bus and the in-process bus so both treat every delivery
+the same way. The caller then acks, requeues or dead-letters; this module does
+no I/O besides calling the handler.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+import structlog
+from hostdev.messages.base import Answer, Message
+from hostdev.messages.bus_api import CONTENT_TYPE, Handler, Incoming, answer_route
+from hostdev.messages.codec import decode
+from hostdev.messages.commands import ErrorAnswer
+from hostdev.messages.errors import DecodeError, TransientError
+from hostdev.messages.logging import bound_message
+
+log = structlog.get_logger()
+
+Action = Literal["ack", "requeue", "dead"]
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """The verdict on one delivery.
+
+    Attributes:
+        action: ``ack`` (handled), ``requeue`` (transient failure, deliver again)
+            or ``dead`` (publish a copy to hostdev.dead with ``reason``, then ack).
+        reason: why it is dead-lettered or requeued, in words for an operator.
+        answer: a message to send back on ``route`` (the handler's answer, or
+            an ErrorAnswer for a dead-lettered message), or None.
+        route: (exchange, routing key) for ``answer``.
+        message_type: the decoded type name, when decoding got that far.
+    """
+
+    action: Action
+    reason: str = ""
+    answer: Message | None = None
+    route: tuple[str, str] | None = None
+    message_type: str | None = None
+
+
+def handle_delivery(
+    body: bytes,
+    *,
+    content_type: str | None,
+    type_property: str | None,
+    incoming: Incoming,
+    handlers: Mapping[type[Message], Handler],
+    attempts: int,
+    delivery_limit: int,
+) -> Outcome:
+    """Decodes ``body``, runs its handler and says what to do with the delivery.
+
+    Never raises for anything the message or handler did (only BaseException
+    such as KeyboardInterrupt escapes), so one message cannot kill the loop.
+
+    Args:
+        body: the raw AMQP body.
+        content_type: the AMQP content_type property (None or application/json accepted).
+        type_property: the AMQP ``type`` property; when set it must equal the body's type.
+        incoming: the delivery facts given to the handler.
+        handlers: handler per message class (a handler of a base class serves subclasses).
+        attempts: how many times this message has been delivered, this one included.
+        delivery_limit: after this many transient failures the message is dead-lettered.
+    """
+    where = f"queue {incoming.queue!r}, message_id {incoming.message_id}"
+    if content_type not in (None, "", CONTENT_TYPE):
+        return _dead(incoming, None, "decode",
+                     f"content_type {content_type!r} is not {CONTENT_TYPE} ({where})")
+    try:
+        message = decode(body)
+    except DecodeError as exc:
+        return _dead(incoming, None, "decode", f"undecodable message ({where}): {exc}")
+    name = type(message).__name__
+    if type_property and type_property != name:
+        return _dead(incoming, message, "invalid",
+                     f"AMQP property type={type_property!r} but the body is a {name} ({where}); "
+                     "the sender must set both to the same type")
+    handler = _find_handler(type(message), handlers)
+    if handler is None:
+        known = ", ".join(sorted(cls.__name__ for cls in handlers)) or "none"
+        return _dead(incoming, message, "invalid",
+                     f"no handler for {name} on {where} (handled here: {known})")
+    started = time.perf_counter()
+    with bound_message(incoming.message_id, incoming.correlation_id,
+                       message_type=name, queue=incoming.queue):
+        try:
+            result = handler(message, incoming)
+        except TransientError as exc:
+            if attempts >= delivery_limit:
+                return _dead(incoming, message, "unavailable",
+                             f"{name} handler failed transiently on each of {attempts} "
+                             f"deliveries, the delivery limit ({where}): {exc}")
+            log.warning("message_requeued", error=str(exc), attempts=attempts,
+                        delivery_limit=delivery_limit)
+            return Outcome("requeue", reason=str(exc), message_type=name)
+        except Exception as exc:
+            log.exception("handler_failed", handler=getattr(handler, "__qualname__", "?"))
+            code = getattr(exc, "code", None)
+            return _dead(incoming, message, code if isinstance(code, str) else "internal",
+                         f"{name} handler raised {type(exc).__name__}: {exc} ({where})")
+        log.debug("message_handled", duration_ms=round((time.perf_counter() - started) * 1e3, 3))
+    if result is None:
+        return Outcome("ack", message_type=name)
+    if not isinstance(result, Message):
+        return _dead(incoming, message, "internal",
+                     f"{name} handler returned {type(result).__name__}, expected a Message "
+                     f"or None ({where})")
+    route = answer_route(incoming, type(result).__name__)
+    if route is None:
+        log.warning("answer_not_routed", answer_type=type(result).__name__,
+                    routing_key=incoming.routing_key,
+                    hint="the message had no reply_to and did not come from agent.* or mgmt.*")
+    return Outcome("ack", answer=result if route else None, route=route, message_type=name)
+
+
+def _find_handler(cls: type[Message], handlers: Mapping[type[Message], Handler]) -> Handler | None:
+    handler = handlers.get(cls)
+    if handler is not None:
+        return handler
+    for base in cls.__mro__[1:]:
+        handler = handlers.get(base)  # type: ignore[call-overload]
+        if handler is not None:
+            return handler
+    return None
+
+
+def _dead(incoming: Incoming, message: Message | None, code: str, reason: str) -> Outcome:
+    """Builds a dead-letter verdict, with an ErrorAnswer where someone waits for an answer.
+
+    An error answer goes to ``reply_to``, or back along the agent/mgmt route of a
+    decoded command; never in answer to an answer, so two peers cannot bounce
+    errors at each other forever.
+    """
+    log.error("message_dead_lettered", reason=reason, code=code, message_id=incoming.message_id,
+              routing_key=incoming.routing_key, queue=incoming.queue)
+    route: tuple[str, str] | None = None
+    if incoming.reply_to:
+        route = ("", incoming.reply_to)
+    elif message is not None and not isinstance(message, Answer):
+        route = answer_route(incoming, ErrorAnswer.__name__)
+    answer = ErrorAnswer(details=reason, code=code) if route else None
+    return Outcome("dead", reason=reason, answer=answer, route=route,
+                   message_type=type(message).__name__ if message is not None else None)

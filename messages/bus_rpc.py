@@ -1,0 +1,134 @@
+"""Request/response over RabbitMQ direct reply-to, on a connection of its own.
+
+A request goes to ``hostdev.commands`` with routing key ``api.<Type>``,
+``reply_to=amq.rabbitmq.reply-to`` and ``expiration`` = the timeout (an
+unserved request expires into ``hostdev.dead`` rather than being answered
+long after its caller gave up). The answer's ``correlation_id`` is the
+request's ``message_id``; stale answers of earlier, timed-out requests are
+discarded. A lost connection is re-opened and the request re-sent with the
+same ``message_id`` until the deadline (API handlers are idempotent by it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+
+import amqp
+import kombu
+import structlog
+from hostdev.messages.base import Message
+from hostdev.messages.bus_amqp import (
+    CONNECTION_ERRORS,
+    build_message,
+    close_quietly,
+    open_connection,
+    raw,
+)
+from hostdev.messages.bus_api import COMMANDS_EXCHANGE, DIRECT_REPLY_TO, BusConfig
+from hostdev.messages.codec import decode
+from hostdev.messages.commands import ErrorAnswer
+from hostdev.messages.errors import BusError, DecodeError, RemoteError, RequestTimeout
+
+log = structlog.get_logger()
+
+
+class RpcClient:
+    """One connection and channel for requests; not thread-safe (the Bus holds a lock)."""
+
+    def __init__(self, config: BusConfig, urls: list[str], user_id: str) -> None:
+        self.config = config
+        self._urls = urls
+        self._url_index = 0
+        self._user_id = user_id
+        self._conn: kombu.Connection | None = None
+        self._channel: amqp.Channel | None = None
+        self._waiting: str | None = None
+        self._reply: amqp.Message | None = None
+        self._returned: str | None = None
+
+    def close(self) -> None:
+        """Closes the connection (a later call re-opens it)."""
+        close_quietly(self._conn)
+        self._conn = self._channel = None
+
+    def call(self, message: Message, *, timeout: float) -> Message:
+        """Sends ``message`` as a request and returns the typed answer (see Bus.request)."""
+        name = type(message).__name__
+        key = f"api.{name}"
+        deadline = time.monotonic() + timeout
+        amqp_message, mid = build_message(
+            message, config=self.config, user_id=self._user_id, message_id=None,
+            correlation_id=None, reply_to=DIRECT_REPLY_TO, expiration_s=timeout, headers=None)
+        self._waiting, self._reply, self._returned = mid, None, None
+        sent = False
+        try:
+            while self._reply is None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise RequestTimeout(
+                        f"no answer to {name} (message_id {mid}) within {timeout:g} s: it was "
+                        f"published to exchange {COMMANDS_EXCHANGE!r} with routing key {key!r} "
+                        f"on {self.config.safe_url()}; is hostdev-mgmt running and consuming "
+                        "queue 'hostdev.api'?")
+                try:
+                    if self._channel is None:
+                        self._open()
+                    assert self._conn is not None and self._channel is not None
+                    if not sent:
+                        self._channel.basic_publish(amqp_message, COMMANDS_EXCHANGE, key,
+                                                    mandatory=True)
+                        sent = True
+                    with contextlib.suppress(TimeoutError):
+                        raw(self._conn).drain_events(timeout=min(remaining, 1.0))
+                except CONNECTION_ERRORS as exc:
+                    log.warning("request_connection_lost", error=repr(exc), message_id=mid)
+                    self.close()
+                    self._url_index += 1
+                    sent = False  # direct reply-to is bound to the lost channel: re-send
+                if self._returned is not None:
+                    raise BusError(
+                        f"{name} (message_id {mid}) cannot be delivered: no queue is bound to "
+                        f"routing key {key!r} on exchange {COMMANDS_EXCHANGE!r} at "
+                        f"{self.config.safe_url()} ({self._returned}); start hostdev-mgmt once "
+                        "so it declares queue 'hostdev.api'")
+        finally:
+            self._waiting = None
+        return self._answer(self._reply, name, mid)
+
+    def _answer(self, reply: amqp.Message, name: str, mid: str) -> Message:
+        try:
+            answer = decode(reply.body)
+        except DecodeError as exc:
+            raise BusError(f"the answer to {name} (message_id {mid}) is undecodable: {exc}"
+                           ) from exc
+        if isinstance(answer, ErrorAnswer):
+            raise RemoteError(f"{name} (message_id {mid}) failed remotely "
+                              f"[{answer.code}]: {answer.details}", code=answer.code)
+        return answer
+
+    def _open(self) -> None:
+        url = self._urls[self._url_index % len(self._urls)]
+        # No heartbeats: the connection idles between calls, and a call has its own timeout.
+        conn = open_connection(url, self.config, heartbeat=0)
+        try:
+            channel = conn.channel()
+            channel.exchange_declare(COMMANDS_EXCHANGE, "topic", durable=True, auto_delete=False)
+            channel.events["basic_return"].add(self._on_return)
+            channel.basic_consume(DIRECT_REPLY_TO, no_ack=True, callback=self._on_reply)
+        except BaseException:
+            close_quietly(conn)
+            raise
+        self._conn, self._channel = conn, channel
+
+    def _on_reply(self, message: amqp.Message) -> None:
+        correlation_id = message.properties.get("correlation_id")
+        if self._waiting is not None and correlation_id == self._waiting:
+            self._reply = message
+        else:
+            log.info("stale_answer_discarded", correlation_id=correlation_id)
+
+    def _on_return(self, exc: Exception, exchange: str, routing_key: str,
+                   message: amqp.Message) -> None:
+        if message.properties.get("message_id") == self._waiting:
+            self._returned = str(exc)

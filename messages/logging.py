@@ -1,0 +1,95 @@
+"""structlog set-up for both daemons and the CLI, and per-message context binding.
+
+Only entry points call :func:`configure_logging`; library modules just do
+``log = structlog.get_logger()``. While the bus runs a handler it binds
+``message_id`` and ``correlation_id`` (:func:`bound_message`) so every line
+the handler logs carries them.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, TextIO
+
+import structlog
+from structlog.contextvars import bind_contextvars, reset_contextvars
+from structlog.typing import Processor
+
+_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
+           "warn": logging.WARNING, "error": logging.ERROR, "critical": logging.CRITICAL}
+
+
+def parse_level(level: str | int) -> int:
+    """Returns the numeric level of ``debug``/``info``/``warning``/``error``/``critical``.
+
+    Raises:
+        ValueError: the name is none of those.
+    """
+    if isinstance(level, int):
+        return level
+    try:
+        return _LEVELS[level.strip().lower()]
+    except KeyError:
+        raise ValueError(f"unknown log level {level!r}; expected one of "
+                         "debug, info, warning, error, critical") from None
+
+
+def configure_logging(level: str | int = "info", *, stream: TextIO | None = None,
+                      json: bool | None = None) -> None:
+    """Configures structlog (and the stdlib loggers of kombu/amqp) to write to ``stream``.
+
+    Args:
+        level: the lowest level written.
+        stream: where lines go; stderr by default.
+        json: JSON lines when True, coloured console lines when False; None picks
+            JSON unless ``stream`` is a terminal (journald and log files get JSON).
+    """
+    out = stream if stream is not None else sys.stderr
+    numeric = parse_level(level)
+    if json is None:
+        json = not (hasattr(out, "isatty") and out.isatty())
+    shared: list[Processor] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
+    renderer: Processor
+    if json:
+        renderer = structlog.processors.JSONRenderer()
+        tail: list[Processor] = [structlog.processors.dict_tracebacks]
+    else:
+        renderer = structlog.dev.ConsoleRenderer(colors=hasattr(out, "isatty") and out.isatty())
+        tail = []
+    structlog.configure(
+        processors=[*shared, structlog.processors.StackInfoRenderer(), *tail, renderer],
+        wrapper_class=structlog.make_filtering_bound_logger(numeric),
+        logger_factory=structlog.PrintLoggerFactory(file=out),
+        cache_logger_on_first_use=False,
+    )
+    # kombu and py-amqp log through the stdlib; render their lines the same way.
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(structlog.stdlib.ProcessorFormatter(
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *tail, renderer],
+        foreign_pre_chain=[*shared, structlog.stdlib.ExtraAdder()],
+    ))
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        if getattr(old, "_hostdev", False):
+            root.removeHandler(old)
+    handler._hostdev = True  # type: ignore[attr-defined]
+    root.addHandler(handler)
+    root.setLevel(max(numeric, logging.INFO))
+
+
+@contextmanager
+def bound_message(message_id: str | None, correlation_id: str | None,
+                  **extra: Any) -> Iterator[None]:
+    """Binds ``message_id``, ``correlation_id`` (and ``extra``) to every log line inside."""
+    tokens = bind_contextvars(message_id=message_id, correlation_id=correlation_id, **extra)
+    try:
+        yield
+    finally:
+        reset_contextvars(**tokens)

@@ -13,10 +13,11 @@ from typing import Any
 
 import msgspec
 import msgspec.inspect as mi
+from hypothesis import strategies as st
+
 from hostdev.messages.base import PROTOCOL_VERSION, Message
 from hostdev.messages.codec import MESSAGE_TYPES
 from hostdev.messages.pci_address import PciAddress
-from hypothesis import strategies as st
 
 _INT64 = (-(2**63), 2**63 - 1)
 

@@ -1,0 +1,329 @@
+"""Deploy, start, stop and destroy as persistent jobs advanced by the agents' answers.
+
+A job is a row (``jobs``) changed in the same transaction as the VM and its
+devices; the command to the agent goes through the outbox, so it leaves
+exactly when that transaction committed. Its message id is kept in the job's
+payload and the agent's answer carries it as ``correlation_id``: any
+management daemon, not only the one that began the job, can advance it. A
+job whose answer does not come before its deadline is failed and rolled back
+by the sweeper (``expire``): devices released, VM state consistent, and a
+forced stop sent so no domain lingers.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid as uuid_module
+from collections.abc import Collection
+from datetime import timedelta
+from typing import Any
+
+import structlog
+from hostdev.messages.commands import StartAnswer, StartCommand, StopAnswer, StopCommand
+from hostdev.messages.events import JobFinished
+from hostdev.messages.values import JobRow, VmSpec
+from hostdev.mgmt import outbox, planner
+from hostdev.mgmt.config import MgmtConfig
+from hostdev.mgmt.database import RetryTransaction
+from hostdev.mgmt.errors import Conflict, InvalidRequest, NoCapacity, NotFound
+from hostdev.mgmt.models import Host, Job, ServiceOffering, VmInstance, utcnow
+from hostdev.mgmt.pci_devices import ClaimRaceLost, InsufficientDevices
+from hostdev.mgmt.vm_lifecycle import (
+    PciDeviceManager,
+    VmLifecycleManager,
+    offering_requests,
+)
+from hostdev.mgmt.vm_states import VmEvent
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+log = structlog.get_logger()
+
+#: How many hosts a deploy or start tries after failed starts before giving up.
+MAX_START_ATTEMPTS = 3
+
+
+def find_vm(session: Session, ref: str) -> VmInstance:
+    """Returns the live VM named or identified by ``ref``.
+
+    Raises:
+        NotFound: no VM (other than a destroyed one) has that name or uuid.
+    """
+    vm = session.scalar(select(VmInstance).where(
+        (VmInstance.uuid == ref) | (VmInstance.name == ref),
+        VmInstance.state != "Destroyed").order_by(VmInstance.id.desc()).limit(1))
+    if vm is None:
+        raise NotFound(f"no VM is named {ref!r} (nor has that uuid); list them with: "
+                       "hostdev vm list")
+    return vm
+
+
+def find_offering(session: Session, name: str) -> ServiceOffering:
+    """Returns the offering called ``name``, or NotFound listing those that exist."""
+    offering = session.scalar(select(ServiceOffering).where(ServiceOffering.name == name))
+    if offering is None:
+        names = ", ".join(session.scalars(select(ServiceOffering.name)
+                                          .order_by(ServiceOffering.name))) or "none yet"
+        raise NotFound(f"no offering is named {name!r}; offerings: {names}")
+    return offering
+
+
+def job_row(session: Session, job: Job) -> JobRow:
+    """Returns a job as the API shows it."""
+    vm_uuid = (session.scalar(select(VmInstance.uuid).where(VmInstance.id == job.vm_id))
+               if job.vm_id is not None else None)
+    return JobRow(id=job.id, kind=job.kind, state=job.state, vm_uuid=vm_uuid,  # type: ignore[arg-type]
+                  step=job.step, details=job.details,
+                  created_at=job.created_at.isoformat() + "Z",
+                  finished_at=job.finished_at.isoformat() + "Z" if job.finished_at else None)
+
+
+def _payload(job: Job) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads(job.payload or "{}")
+    return data
+
+
+class JobManager:
+    """Begins jobs from API requests and advances them from agent answers and deadlines."""
+
+    def __init__(self, config: MgmtConfig, lifecycle: VmLifecycleManager,
+                 devices: PciDeviceManager) -> None:
+        self._config = config
+        self._lifecycle = lifecycle
+        self._devices = devices
+
+    # -- beginning ---------------------------------------------------------------
+
+    def deploy(self, session: Session, name: str, offering_name: str,
+               avoid: Collection[str] = ()) -> tuple[Job, VmInstance]:
+        """Creates a VM from an offering, places it and sends StartCommand (one transaction).
+
+        Raises:
+            NotFound: the offering does not exist.
+            Conflict: a live VM already has that name.
+            NoCapacity: no host fits; nothing is created and the text says why.
+        """
+        if not name.strip():
+            raise InvalidRequest("a VM needs a name: hostdev vm deploy NAME --offering O")
+        offering = find_offering(session, offering_name)
+        taken = session.scalar(select(VmInstance.uuid).where(
+            VmInstance.name == name, VmInstance.state != "Destroyed"))
+        if taken:
+            raise Conflict(f"a VM named {name!r} exists already ({taken}); pick another name "
+                           "or destroy it first")
+        vm = VmInstance(uuid=str(uuid_module.uuid4()), name=name, offering_id=offering.id,
+                        state="Stopped", update_count=0, cpus=offering.cpus,
+                        memory_mb=offering.memory_mb)
+        session.add(vm)
+        session.flush()
+        job = self._new_job(session, "deploy", vm, {"avoid": list(avoid), "tried": []})
+        self._place_and_start(session, job, vm)
+        return job, vm
+
+    def start(self, session: Session, ref: str) -> Job:
+        """Places a stopped VM and sends StartCommand."""
+        vm = find_vm(session, ref)
+        if vm.state not in ("Stopped", "Error"):
+            raise Conflict(f"VM {vm.name} is {vm.state}; only a Stopped VM can be started")
+        job = self._new_job(session, "start", vm, {"avoid": [], "tried": []})
+        self._place_and_start(session, job, vm)
+        return job
+
+    def stop(self, session: Session, ref: str, *, force: bool = False) -> Job:
+        """Moves a running VM to Stopping and sends StopCommand to its host."""
+        vm = find_vm(session, ref)
+        if vm.state != "Running":
+            raise Conflict(f"VM {vm.name} is {vm.state}; only a Running VM can be stopped")
+        job = self._new_job(session, "stop", vm, {})
+        self._send_stop(session, job, vm, force=force, undefine=False)
+        return job
+
+    def destroy(self, session: Session, ref: str) -> Job:
+        """Destroys a VM: a running one is stopped first; its devices are released."""
+        vm = find_vm(session, ref)
+        job = self._new_job(session, "destroy", vm, {})
+        if vm.state == "Running":
+            self._send_stop(session, job, vm, force=True, undefine=True)
+        elif vm.state in ("Stopped", "Error"):
+            host_id = vm.host_id or vm.last_host_id
+            self._lifecycle.transition(session, vm, VmEvent.DESTROY_REQUESTED)
+            if host_id is not None:  # remove the domain's definition, best effort
+                guid = session.scalar(select(Host.guid).where(Host.id == host_id))
+                outbox.add(session, f"agent.{guid}.StopCommand",
+                           StopCommand(vm_uuid=vm.uuid, force=True, undefine=True))
+            self._finish(session, job, "succeeded", "destroyed")
+        else:
+            raise Conflict(f"VM {vm.name} is {vm.state}; wait until its current job "
+                           "finishes (hostdev job show), then destroy it")
+        return job
+
+    # -- answers ---------------------------------------------------------------
+
+    def on_start_answer(self, session: Session, answer: StartAnswer,
+                        correlation_id: str | None) -> Job | None:
+        """Advances the start of a VM; a failed start tries the next host."""
+        job, vm = self._job_for(session, answer.vm_uuid, correlation_id)
+        if job is None or vm is None or vm.state != "Starting":
+            return None
+        if answer.ok:
+            self._lifecycle.transition(session, vm, VmEvent.OPERATION_SUCCEEDED)
+            self._finish(session, job, "succeeded", f"running on {_payload(job)['host']}")
+            return job
+        payload = _payload(job)
+        log.warning("vm_start_failed", vm=vm.uuid, host=payload.get("host"),
+                    details=answer.details)
+        self._lifecycle.transition(session, vm, VmEvent.OPERATION_FAILED)
+        payload.setdefault("failures", []).append(f"{payload.get('host')}: {answer.details}")
+        job.payload = json.dumps(payload)
+        if len(payload["tried"]) >= MAX_START_ATTEMPTS:
+            self._finish(session, job, "failed", "start failed on " +
+                         "; ".join(payload["failures"]))
+            return job
+        try:
+            self._place_and_start(session, job, vm)
+        except NoCapacity as exc:
+            self._finish(session, job, "failed", "start failed on " +
+                         "; ".join(payload["failures"]) + f"; then {exc.reason}")
+        return job
+
+    def on_stop_answer(self, session: Session, answer: StopAnswer,
+                       correlation_id: str | None) -> Job | None:
+        """Finishes a stop or destroy: Stopped (or Destroyed) on success, Running on failure."""
+        job, vm = self._job_for(session, answer.vm_uuid, correlation_id)
+        if job is None or vm is None or vm.state != "Stopping":
+            return None
+        if answer.ok:
+            event = (VmEvent.DESTROY_REQUESTED if job.kind == "destroy"
+                     else VmEvent.OPERATION_SUCCEEDED)
+            self._lifecycle.transition(session, vm, event)
+            self._finish(session, job, "succeeded", "destroyed" if job.kind == "destroy"
+                         else "stopped")
+        else:
+            self._lifecycle.transition(session, vm, VmEvent.OPERATION_FAILED)
+            self._finish(session, job, "failed", f"the host refused to stop it: "
+                         f"{answer.details}")
+        return job
+
+    # -- deadlines ---------------------------------------------------------------
+
+    def overdue(self, session: Session, limit: int = 100) -> list[int]:
+        """Returns the ids of running jobs past their deadline."""
+        return list(session.scalars(
+            select(Job.id).where(Job.state == "running", Job.deadline < utcnow())
+            .order_by(Job.deadline).limit(limit)))
+
+    def expire(self, session: Session, job_id: int) -> bool:
+        """Fails one overdue job and rolls its VM back; False if it finished meanwhile."""
+        job = session.scalar(select(Job).where(Job.id == job_id).with_for_update())
+        if job is None or job.state != "running" or job.deadline is None \
+                or job.deadline >= utcnow():
+            return False
+        vm = session.get(VmInstance, job.vm_id) if job.vm_id is not None else None
+        payload = _payload(job)
+        host = payload.get("host", "?")
+        waited = f"no answer from host {host} to {job.step} VM {vm.name if vm else '?'}"
+        if vm is not None and vm.state == "Starting":
+            guid = payload.get("host")
+            self._lifecycle.transition(session, vm, VmEvent.OPERATION_FAILED)
+            if guid:  # make sure a late start does not leave a domain holding devices
+                outbox.add(session, f"agent.{guid}.StopCommand",
+                           StopCommand(vm_uuid=vm.uuid, force=True,
+                                       undefine=job.kind == "deploy"))
+            self._finish(session, job, "failed", f"timed out: {waited}; rolled back, "
+                         "devices released")
+        elif vm is not None and vm.state == "Stopping":
+            self._lifecycle.transition(session, vm, VmEvent.OPERATION_FAILED)
+            self._finish(session, job, "failed", f"timed out: {waited}; the VM is "
+                         "considered Running until its host reports otherwise")
+        else:
+            self._finish(session, job, "failed", f"timed out: {waited}")
+        log.warning("job_timed_out", job=job.id, kind=job.kind, host=host)
+        return True
+
+    # -- internals ---------------------------------------------------------------
+
+    def _new_job(self, session: Session, kind: str, vm: VmInstance,
+                 payload: dict[str, Any]) -> Job:
+        job = Job(kind=kind, state="running", vm_id=vm.id, step="place",
+                  payload=json.dumps(payload), details="",
+                  deadline=utcnow() + timedelta(seconds=self._config.job_start_timeout_s))
+        session.add(job)
+        session.flush()
+        return job
+
+    def _place_and_start(self, session: Session, job: Job, vm: VmInstance) -> None:
+        payload = _payload(job)
+        demand = planner.Demand(cpus=vm.cpus, memory_mb=vm.memory_mb,
+                                pci=offering_requests(session, vm.offering_id))
+        avoid = set(payload.get("avoid", [])) | set(payload.get("tried", []))
+        candidates = planner.find_hosts(session, demand, avoid=avoid)
+        if not candidates:
+            hosts = planner.read_capacities(session, [r.name for r in demand.pci])
+            raise NoCapacity(planner.refusal(demand, hosts, avoid))
+        for candidate in candidates:
+            savepoint = session.begin_nested()
+            try:
+                self._lifecycle.transition(session, vm, VmEvent.START_REQUESTED,
+                                           host_id=candidate.id)
+            except (InsufficientDevices, ClaimRaceLost) as exc:
+                savepoint.rollback()
+                session.refresh(vm)
+                log.info("placement_race_lost", vm=vm.uuid, host=candidate.guid,
+                         reason=str(exc))
+                continue
+            savepoint.commit()
+            payload.setdefault("tried", []).append(candidate.guid)
+            spec = VmSpec(uuid=vm.uuid, name=vm.name, cpus=vm.cpus, memory_mb=vm.memory_mb,
+                          pci_devices=self._devices.held_addresses(session, vm.id))
+            command_id = outbox.add(session, f"agent.{candidate.guid}.StartCommand",
+                                    StartCommand(vm=spec))
+            payload.update(host=candidate.guid, command_id=command_id)
+            job.payload = json.dumps(payload)
+            job.step = "start"
+            job.deadline = utcnow() + timedelta(seconds=self._config.job_start_timeout_s)
+            log.info("vm_placed", vm=vm.uuid, host=candidate.guid, job=job.id)
+            return
+        # Every candidate was taken under us: a new transaction sees the new counts.
+        raise RetryTransaction(f"every host found for VM {vm.name} was taken meanwhile")
+
+    def _send_stop(self, session: Session, job: Job, vm: VmInstance, *, force: bool,
+                   undefine: bool) -> None:
+        guid = session.scalar(select(Host.guid).where(Host.id == vm.host_id))
+        self._lifecycle.transition(session, vm, VmEvent.STOP_REQUESTED)
+        timeout = self._config.job_stop_timeout_s
+        command_id = outbox.add(session, f"agent.{guid}.StopCommand",
+                                StopCommand(vm_uuid=vm.uuid, force=force,
+                                            timeout_s=max(1.0, timeout / 2),
+                                            undefine=undefine))
+        job.payload = json.dumps({"host": guid, "command_id": command_id})
+        job.step = "stop"
+        job.deadline = utcnow() + timedelta(seconds=timeout)
+
+    def _job_for(self, session: Session, vm_uuid: str,
+                 correlation_id: str | None) -> tuple[Job | None, VmInstance | None]:
+        vm = session.scalar(select(VmInstance).where(VmInstance.uuid == vm_uuid))
+        if vm is None:
+            log.warning("answer_for_unknown_vm", vm=vm_uuid, correlation_id=correlation_id)
+            return None, None
+        for job in session.scalars(select(Job).where(Job.vm_id == vm.id,
+                                                     Job.state == "running")
+                                   .with_for_update()):
+            if correlation_id and _payload(job).get("command_id") == correlation_id:
+                return job, vm
+        log.info("answer_without_job", vm=vm_uuid, correlation_id=correlation_id)
+        return None, vm
+
+    def _finish(self, session: Session, job: Job, state: str, details: str) -> None:
+        job.state = state
+        job.details = details
+        job.step = "done"
+        job.deadline = None
+        job.finished_at = utcnow()
+        vm_uuid = (session.scalar(select(VmInstance.uuid).where(VmInstance.id == job.vm_id))
+                   if job.vm_id is not None else None)
+        outcome = "Succeeded" if state == "succeeded" else "Failed"
+        outbox.add(session, f"job.{job.id}.{outcome}",
+                   JobFinished(job_id=job.id, job_kind=job.kind, state=state,  # type: ignore[arg-type]
+                               vm_uuid=vm_uuid, step=job.step, details=details,
+                               at=utcnow().isoformat() + "Z"))
+        log.info("job_finished", job=job.id, kind=job.kind, state=state, details=details)

@@ -1,0 +1,130 @@
+"""The outbox: events and agent commands written in the transaction that causes them.
+
+A row is added inside the caller's transaction, so a message exists exactly
+when its cause committed; ``OutboxPublisher`` publishes rows after commit:
+the ones a handler just wrote (``publish_now``) and, periodically, anything
+a crashed daemon left behind (``publish_stale``). Delivery is at-least-once;
+the message id is derived from the row id (``outbox-<id>``) so a second
+publication of the same row carries the same id and receivers drop it.
+
+Routing keys starting with ``agent.`` go to ``hostdev.commands`` (commands
+for one agent); all others go to ``hostdev.events``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import timedelta
+from typing import Protocol
+
+import structlog
+from hostdev.messages.base import Message
+from hostdev.messages.codec import decode, encode
+from hostdev.mgmt.database import session_scope
+from hostdev.mgmt.models import OutboxEvent, utcnow
+from sqlalchemy import Engine, select, update
+from sqlalchemy.orm import Session
+
+log = structlog.get_logger()
+
+#: Key in ``Session.info`` listing the outbox rows the transaction added.
+PENDING_KEY = "hostdev_outbox_ids"
+COMMANDS_EXCHANGE = "hostdev.commands"
+EVENTS_EXCHANGE = "hostdev.events"
+
+
+class Publisher(Protocol):
+    """The part of the Bus the outbox needs."""
+
+    def publish(self, routing_key: str, message: Message, *, exchange: str = ...,
+                correlation_id: str | None = None, message_id: str | None = None,
+                reply_to: str | None = None, expiration_s: float | None = None,
+                headers: dict[str, object] | None = None) -> str:
+        """Publishes one message; returns its message id."""
+        ...
+
+    def wait_for_confirms(self, timeout: float = 30.0) -> None:
+        """Returns once the broker confirmed everything published so far."""
+        ...
+
+
+def message_id_of(row_id: int) -> str:
+    """Returns the AMQP message id an outbox row is published with."""
+    return f"outbox-{row_id}"
+
+
+def add(session: Session, routing_key: str, message: Message) -> str:
+    """Adds ``message`` to the outbox in the session's transaction; returns its message id."""
+    row = OutboxEvent(routing_key=routing_key, type=type(message).__name__,
+                      body=encode(message))
+    session.add(row)
+    session.flush()
+    session.info.setdefault(PENDING_KEY, []).append(row.id)
+    return message_id_of(row.id)
+
+
+def take_pending(session: Session) -> list[int]:
+    """Returns and forgets the outbox row ids this session added (call after commit)."""
+    ids: list[int] = session.info.pop(PENDING_KEY, [])
+    return ids
+
+
+def exchange_for(routing_key: str) -> str:
+    """Returns the exchange a routing key is published on."""
+    return COMMANDS_EXCHANGE if routing_key.startswith("agent.") else EVENTS_EXCHANGE
+
+
+class OutboxPublisher:
+    """Publishes committed outbox rows on the bus and marks them published."""
+
+    def __init__(self, engine: Engine, bus: Publisher, *, stale_after_s: float = 5.0,
+                 batch: int = 500) -> None:
+        self._engine = engine
+        self._bus = bus
+        self._stale_after = timedelta(seconds=stale_after_s)
+        self._batch = batch
+
+    def publish_now(self, ids: Sequence[int]) -> int:
+        """Publishes the given (committed) rows that are not published yet."""
+        if not ids:
+            return 0
+        with session_scope(self._engine) as session:
+            rows = session.scalars(
+                select(OutboxEvent).where(OutboxEvent.id.in_(list(ids)),
+                                          OutboxEvent.published_at.is_(None))
+                .order_by(OutboxEvent.id)).all()
+            return self._publish(session, list(rows))
+
+    def publish_stale(self) -> int:
+        """Publishes rows left unpublished longer than ``stale_after_s`` (crash recovery)."""
+        cutoff = utcnow() - self._stale_after
+        with session_scope(self._engine) as session:
+            rows = session.scalars(
+                select(OutboxEvent).where(OutboxEvent.published_at.is_(None),
+                                          OutboxEvent.created_at < cutoff)
+                .order_by(OutboxEvent.id).limit(self._batch)
+                .with_for_update(skip_locked=True)).all()
+            count = self._publish(session, list(rows))
+        if count:
+            log.info("outbox_stale_published", count=count)
+        return count
+
+    def _publish(self, session: Session, rows: list[OutboxEvent]) -> int:
+        for row in rows:
+            self._bus.publish(row.routing_key, decode(row.body),
+                              exchange=exchange_for(row.routing_key),
+                              message_id=message_id_of(row.id))
+        if rows:
+            # Marked published only once the broker has them: a crash before
+            # this line publishes them again (same message ids) later.
+            self._bus.wait_for_confirms()
+            session.execute(update(OutboxEvent)
+                            .where(OutboxEvent.id.in_([row.id for row in rows]))
+                            .values(published_at=utcnow()))
+        return len(rows)
+
+    def purge(self, older_than_s: float = 86400.0) -> None:
+        """Deletes rows published more than ``older_than_s`` ago."""
+        cutoff = utcnow() - timedelta(seconds=older_than_s)
+        with session_scope(self._engine) as session:
+            session.query(OutboxEvent).filter(OutboxEvent.published_at < cutoff).delete()

@@ -1,0 +1,180 @@
+"""Host registration, pings, power reports and the sweeper of silent hosts.
+
+``StartupRoutingCommand`` creates or updates the host, reconciles its device
+inventory (added, renamed, removed, quarantined) and the VMs it reports, and
+is answered with ``StartupAnswer``. Pings keep a host Up and reconcile power
+drift: a VM management thinks Running that the host reports stopped (or does
+not report) becomes Stopped and its devices are released. The sweeper marks
+a silent host Disconnected, then Down; placement only offers devices of Up
+hosts.
+
+A message whose broker-validated ``user_id`` is an agent's (``agent-<guid>``)
+and speaks for another host is refused (``Forbidden``): the bus dead-letters it.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from datetime import timedelta
+
+import structlog
+from hostdev.messages.commands import (
+    PingRoutingCommand,
+    StartupAnswer,
+    StartupRoutingCommand,
+    VmStateReport,
+)
+from hostdev.messages.events import HostStatusChanged
+from hostdev.messages.values import DomainInfo
+from hostdev.mgmt import outbox, pci_devices
+from hostdev.mgmt.config import MgmtConfig
+from hostdev.mgmt.errors import Forbidden
+from hostdev.mgmt.models import Host, VmInstance, utcnow
+from hostdev.mgmt.vm_lifecycle import VmLifecycleManager
+from hostdev.mgmt.vm_states import VmEvent
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+log = structlog.get_logger()
+
+_AGENT_USER = re.compile(r"^agent-(?P<guid>.+)$")
+#: A transition younger than this is not overridden by a power report, which
+#: may have been taken before the transition (reports and answers race).
+DRIFT_GRACE_S = 5.0
+
+
+def check_sender(user_id: str | None, guid: str, routing_key: str = "") -> None:
+    """Refuses a message an agent user sends for another host.
+
+    Raises:
+        Forbidden: ``user_id`` is ``agent-<x>`` with ``x`` not ``guid``, or the
+            routing key (``mgmt.<guid>.<Type>``) names another host.
+    """
+    words = routing_key.split(".")
+    if len(words) >= 3 and words[0] == "mgmt" and words[1] != guid:
+        raise Forbidden(f"message on routing key {routing_key} speaks for host {guid}; "
+                        "an agent may only speak for itself")
+    match = _AGENT_USER.match(user_id or "")
+    if match and match["guid"] != guid:
+        raise Forbidden(f"broker user {user_id} may not speak for host {guid}; each agent "
+                        "connects as agent-<its guid>")
+
+
+def guid_of(routing_key: str) -> str | None:
+    """Returns the host guid of a ``mgmt.<guid>.<Type>`` routing key."""
+    words = routing_key.split(".")
+    return words[1] if len(words) >= 3 and words[0] == "mgmt" else None
+
+
+class HostRegistry:
+    """Keeps hosts, their inventory and their VMs' power states in step with the agents."""
+
+    def __init__(self, config: MgmtConfig, lifecycle: VmLifecycleManager) -> None:
+        self._config = config
+        self._lifecycle = lifecycle
+
+    def on_startup(self, session: Session, command: StartupRoutingCommand) -> StartupAnswer:
+        """Creates or updates the host, reconciles devices and VMs, answers StartupAnswer."""
+        now = utcnow()
+        host = session.scalar(select(Host).where(Host.guid == command.guid).with_for_update())
+        previous = None
+        if host is None:
+            host = Host(guid=command.guid, status="Up", created_at=now)
+            session.add(host)
+        else:
+            previous = host.status
+        host.name = command.name
+        host.cpus = command.cpus
+        host.memory_mb = command.memory_mb
+        host.hypervisor_version = command.hypervisor_version
+        host.last_ping = now
+        host.status = "Up"
+        session.flush()
+        changes = pci_devices.reconcile_inventory(session.connection(), host.id,
+                                                  command.pci_devices)
+        if previous != "Up":
+            self._status_event(session, host, "Up", previous)
+        stopped = self._reconcile_power(session, host, command.domains, grace=False)
+        log.info("host_registered", host=host.guid, name=host.name, host_id=host.id,
+                 devices=len(command.pci_devices), added=len(changes.added),
+                 renamed=len(changes.renamed), removed=len(changes.removed),
+                 quarantined=len(changes.quarantined), vms_found_stopped=stopped)
+        return StartupAnswer(host_id=host.id, ping_interval_s=self._config.ping_interval_s,
+                             details=f"registered {host.name} with "
+                                     f"{len(command.pci_devices)} PCI devices")
+
+    def on_ping(self, session: Session, command: PingRoutingCommand) -> None:
+        """Keeps the host Up and reconciles its VMs' power states."""
+        host = session.scalar(select(Host).where(Host.guid == command.guid))
+        if host is None:
+            log.warning("ping_from_unknown_host", host=command.guid,
+                        hint="the agent re-registers after its next reconnect")
+            return
+        previous = host.status
+        host.last_ping = utcnow()
+        if previous != "Up" and previous != "Maintenance":
+            host.status = "Up"
+            self._status_event(session, host, "Up", previous)
+        self._reconcile_power(session, host, command.domains, grace=True)
+
+    def on_vm_state_report(self, session: Session, report: VmStateReport) -> None:
+        """Follows a pushed power change: a Running VM found stopped becomes Stopped."""
+        host = session.scalar(select(Host).where(Host.guid == report.guid))
+        if host is None:
+            return
+        if report.state in ("stopped", "crashed"):
+            vm = session.scalar(select(VmInstance).where(VmInstance.uuid == report.vm_uuid,
+                                                         VmInstance.host_id == host.id))
+            if vm is not None and vm.state == "Running" and self._settled(vm):
+                log.warning("vm_found_stopped", vm=vm.uuid, host=host.guid,
+                            libvirt_event=report.event)
+                self._lifecycle.transition(session, vm, VmEvent.FOLLOW_AGENT_POWER_OFF)
+
+    def _settled(self, vm: VmInstance) -> bool:
+        return vm.updated_at <= utcnow() - timedelta(seconds=DRIFT_GRACE_S)
+
+    def _reconcile_power(self, session: Session, host: Host, domains: Iterable[DomainInfo],
+                         *, grace: bool) -> int:
+        running = {d.uuid for d in domains if d.state in ("running", "paused")}
+        stopped = 0
+        vms = session.scalars(select(VmInstance).where(VmInstance.host_id == host.id,
+                                                       VmInstance.state == "Running"))
+        for vm in list(vms):
+            if vm.uuid in running or (grace and not self._settled(vm)):
+                continue
+            log.warning("vm_found_stopped", vm=vm.uuid, host=host.guid)
+            self._lifecycle.transition(session, vm, VmEvent.FOLLOW_AGENT_POWER_OFF)
+            stopped += 1
+        return stopped
+
+    def _status_event(self, session: Session, host: Host, status: str,
+                      previous: str | None) -> None:
+        outbox.add(session, f"host.{host.guid}.{status}",
+                   HostStatusChanged(host_guid=host.guid, status=status,  # type: ignore[arg-type]
+                                     previous=previous,  # type: ignore[arg-type]
+                                     at=utcnow().isoformat() + "Z"))
+        log.info("host_status_changed", host=host.guid, status=status, previous=previous)
+
+    def sweep(self, session: Session) -> int:
+        """Marks silent hosts Disconnected, then Down; returns how many changed."""
+        now = utcnow()
+        disconnected_before = now - timedelta(seconds=self._config.host_disconnected_after_s)
+        down_before = now - timedelta(seconds=self._config.host_down_after_s)
+        changed = 0
+        hosts = session.scalars(select(Host).where(
+            Host.status.in_(("Up", "Disconnected")), Host.last_ping < disconnected_before))
+        for host in list(hosts):
+            status = "Down" if host.last_ping and host.last_ping < down_before \
+                else "Disconnected"
+            if status == host.status:
+                continue
+            # Conditional on what we read: a ping that just arrived wins.
+            result = session.execute(
+                update(Host).where(Host.id == host.id, Host.status == host.status,
+                                   Host.last_ping == host.last_ping)
+                .values(status=status).execution_options(synchronize_session=False))
+            if result.rowcount == 1:  # type: ignore[attr-defined]
+                self._status_event(session, host, status, host.status)
+                changed += 1
+        return changed

@@ -1,0 +1,96 @@
+"""Runs a unit of work in an ORM transaction, retries lost races, then publishes its outbox.
+
+Each attempt is a NEW transaction (a retry inside the same one would read the
+same snapshot under REPEATABLE READ). After the commit, the outbox rows the
+work wrote are published at once; if that fails they stay in the table and
+the periodic stale sweep publishes them.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+import structlog
+from hostdev.mgmt import outbox
+from hostdev.mgmt.database import TransactionConflict, is_retryable
+from hostdev.mgmt.errors import Conflict
+from hostdev.mgmt.models import HandledMessage
+from sqlalchemy import Engine
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+log = structlog.get_logger()
+
+T = TypeVar("T")
+
+
+class AlreadyHandled(Conflict):
+    """The message was handled before: at-least-once delivery repeated it."""
+
+    code = "duplicate"
+
+
+class UnitOfWork:
+    """Opens sessions on one engine and publishes what they wrote to the outbox."""
+
+    def __init__(self, engine: Engine, publisher: outbox.OutboxPublisher | None = None) -> None:
+        self.engine = engine
+        self.publisher = publisher
+
+    def run(self, work: Callable[[Session], T], *, what: str = "transaction",
+            attempts: int = 20, message_id: str | None = None) -> T:
+        """Runs ``work(session)`` in a transaction; returns its result after commit.
+
+        ``work`` MUST be safe to run again from the start. Lost races
+        (``RetryTransaction``), deadlocks and a busy SQLite are retried in new
+        transactions with a short randomised back-off. With ``message_id``,
+        the id is recorded in ``handled_messages`` in the same transaction and
+        a message handled before raises ``AlreadyHandled`` instead of running.
+
+        Raises:
+            AlreadyHandled: ``message_id`` was handled (committed) before.
+            TransactionConflict: every attempt lost.
+        """
+        for attempt in range(1, attempts + 1):
+            try:
+                with Session(self.engine, expire_on_commit=False) as session:
+                    with session.begin():
+                        if message_id is not None:
+                            self._record(session, message_id, what)
+                        result = work(session)
+                    pending = outbox.take_pending(session)
+                self._publish(pending)
+                return result
+            except Exception as exc:
+                if not is_retryable(exc):
+                    raise
+                if attempt == attempts:
+                    raise TransactionConflict(
+                        f"{what}: lost {attempts} attempts in a row to concurrent "
+                        f"transactions (last: {exc}); try again later") from exc
+                log.debug("unit_of_work_retried", what=what, attempt=attempt, error=str(exc))
+                time.sleep(random.uniform(0, min(0.05, 0.0005 * 2**attempt)))
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    @staticmethod
+    def _record(session: Session, message_id: str, what: str) -> None:
+        if session.get(HandledMessage, message_id) is not None:
+            raise AlreadyHandled(f"{what}: message {message_id} was handled already "
+                                 "(a redelivery); nothing done again")
+        session.add(HandledMessage(message_id=message_id))
+        try:
+            session.flush()
+        except IntegrityError:  # another daemon handles the same delivery right now
+            raise AlreadyHandled(f"{what}: message {message_id} is being handled by "
+                                 "another daemon") from None
+
+    def _publish(self, ids: list[int]) -> None:
+        if not ids or self.publisher is None:
+            return
+        try:
+            self.publisher.publish_now(ids)
+        except Exception as exc:  # the stale sweep publishes them later
+            log.warning("outbox_publish_deferred", count=len(ids), error=str(exc))

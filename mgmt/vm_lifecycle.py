@@ -1,0 +1,187 @@
+"""Applies VM transitions in the database and runs the transition listeners.
+
+A transition is a conditional UPDATE on ``(state, update_count)`` checked by
+row count: when another daemon moved the VM first, ``StaleVmState`` asks the
+caller for a new transaction. Listeners run in the same transaction, before
+(``pre_transition``, may veto by raising) and after the UPDATE
+(``post_transition``). ``PciDeviceManager`` is one: it claims the offering's
+devices on the VM's host when the VM enters Starting and releases them when
+it enters Stopped, Destroyed or Error. Every transition writes a
+``VmStateChanged`` event (``vm.<uuid>.<State>``) to the outbox.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+import structlog
+from hostdev.messages.events import PciDeviceAllocated, PciDeviceReleased, VmStateChanged
+from hostdev.messages.pci_address import PciAddress
+from hostdev.messages.values import PciRequest, VmState
+from hostdev.mgmt import outbox, pci_devices
+from hostdev.mgmt.database import RetryTransaction
+from hostdev.mgmt.errors import Conflict
+from hostdev.mgmt.models import Host, ServiceOfferingPciRequest, VmInstance, utcnow
+from hostdev.mgmt.pci_devices import HeldDevice
+from hostdev.mgmt.vm_states import RELEASES_DEVICES, VmEvent, next_state
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+from sqlalchemy.orm.attributes import set_committed_value
+
+log = structlog.get_logger()
+
+
+class StaleVmState(RetryTransaction):
+    """The VM changed under us (another daemon moved it first); retry in a new transaction."""
+
+
+class TransitionListener(Protocol):
+    """Reacts to VM transitions inside the transaction that makes them.
+
+    Listeners MUST only touch the database through ``session`` (so a
+    rollback undoes them) and MAY raise to veto the transition.
+    """
+
+    def pre_transition(self, session: Session, vm: VmInstance, event: VmEvent,
+                       old: VmState, new: VmState) -> None:
+        """Runs before the UPDATE; ``vm`` still shows the old state."""
+
+    def post_transition(self, session: Session, vm: VmInstance, event: VmEvent,
+                        old: VmState, new: VmState) -> None:
+        """Runs after the UPDATE; ``vm`` shows the new state."""
+
+
+_KEEP = object()
+
+
+class VmLifecycleManager:
+    """Moves VMs through the state machine with conditional UPDATEs and listeners."""
+
+    def __init__(self, listeners: Sequence[TransitionListener] = ()) -> None:
+        self._listeners = list(listeners)
+
+    def add_listener(self, listener: TransitionListener) -> None:
+        """Registers a listener; listeners run in registration order."""
+        self._listeners.append(listener)
+
+    def transition(self, session: Session, vm: VmInstance, event: VmEvent, *,
+                   host_id: int | object | None = _KEEP) -> VmState:
+        """Applies ``event`` to ``vm`` in the session's transaction; returns the new state.
+
+        Args:
+            session: the caller's transaction.
+            vm: the VM as read in this transaction.
+            event: what happened.
+            host_id: the host the VM is placed on (with StartRequested).
+
+        Raises:
+            InvalidTransition: the event is not allowed in the VM's state.
+            StaleVmState: the row changed since it was read (retry).
+        """
+        old: VmState = vm.state  # type: ignore[assignment]
+        new = next_state(old, event, vm=vm.name)
+        for listener in self._listeners:
+            listener.pre_transition(session, vm, event, old, new)
+        values: dict[str, object] = {"state": new, "update_count": vm.update_count + 1,
+                                     "updated_at": utcnow()}
+        if host_id is not _KEEP:
+            values["host_id"] = host_id
+        if new in ("Stopped", "Destroyed") and vm.host_id is not None:
+            values["host_id"] = None
+            values["last_host_id"] = vm.host_id
+        result = session.execute(
+            update(VmInstance)
+            .where(VmInstance.id == vm.id, VmInstance.state == old,
+                   VmInstance.update_count == vm.update_count)
+            .values(**values).execution_options(synchronize_session=False))
+        if result.rowcount != 1:  # type: ignore[attr-defined]
+            raise StaleVmState(f"VM {vm.name} changed while {event.value} was applied; "
+                               "retrying")
+        for key, value in values.items():
+            set_committed_value(vm, key, value)
+        for listener in self._listeners:
+            listener.post_transition(session, vm, event, old, new)
+        host_guid = None
+        host_ref = vm.host_id if vm.host_id is not None else vm.last_host_id
+        if host_ref is not None:
+            host_guid = session.scalar(select(Host.guid).where(Host.id == host_ref))
+        outbox.add(session, f"vm.{vm.uuid}.{new}",
+                   VmStateChanged(vm_uuid=vm.uuid, state=new, previous=old,
+                                  host_guid=host_guid, at=utcnow().isoformat() + "Z"))
+        log.info("vm_state_changed", vm=vm.uuid, name=vm.name, vm_event=event.value,
+                 previous=old, state=new)
+        return new
+
+
+def offering_requests(session: Session, offering_id: int) -> tuple[PciRequest, ...]:
+    """Returns the PCI requests of an offering, by name."""
+    rows = session.execute(
+        select(ServiceOfferingPciRequest.name, ServiceOfferingPciRequest.count)
+        .where(ServiceOfferingPciRequest.offering_id == offering_id)
+        .order_by(ServiceOfferingPciRequest.id))
+    return tuple(PciRequest(name=row.name, count=row.count) for row in rows)
+
+
+class PciDeviceManager:
+    """Claims a VM's devices when it starts and releases them when it stops.
+
+    Every claim is a conditional UPDATE on rows seen free, checked by row
+    count, so any number of management daemons can share the database.
+    """
+
+    def pre_transition(self, session: Session, vm: VmInstance, event: VmEvent,
+                       old: VmState, new: VmState) -> None:
+        """Does nothing: claims need the VM's host, set by the UPDATE."""
+
+    def post_transition(self, session: Session, vm: VmInstance, event: VmEvent,
+                        old: VmState, new: VmState) -> None:
+        """Claims on Starting; releases on Stopped, Destroyed and Error."""
+        if new == "Starting":
+            if vm.host_id is None:
+                raise Conflict(f"VM {vm.name} is Starting without a host")
+            self.claim(session, vm, vm.host_id)
+        elif new in RELEASES_DEVICES:
+            self.release(session, vm)
+
+    def claim(self, session: Session, vm: VmInstance, host_id: int) -> tuple[HeldDevice, ...]:
+        """Allocates the offering's devices on ``host_id`` to ``vm``, all or nothing.
+
+        Raises:
+            InsufficientDevices: the host has too few free devices of a name.
+            ClaimRaceLost: a device was taken between the read and the UPDATE.
+        """
+        requests = {r.name: r.count for r in offering_requests(session, vm.offering_id)}
+        if not requests:
+            return ()
+        held = pci_devices.claim_devices(session.connection(), vm.id, host_id, requests)
+        host_guid = session.scalar(select(Host.guid).where(Host.id == host_id)) or ""
+        at = utcnow().isoformat() + "Z"
+        for device in held:
+            outbox.add(session, f"pci.{host_guid}.Allocated",
+                       PciDeviceAllocated(host_guid=host_guid, address=device.address,
+                                          name=device.name, vm_uuid=vm.uuid, at=at))
+        return held
+
+    def release(self, session: Session, vm: VmInstance) -> int:
+        """Frees every device ``vm`` holds or has reserved; quarantined ones become removed."""
+        conn = session.connection()
+        held = pci_devices.devices_of_vm(conn, vm.id)
+        if not held:
+            return 0
+        pci_devices.release_devices(conn, vm.id)
+        guids = {host_id: guid for host_id, guid in session.execute(
+            select(Host.id, Host.guid).where(Host.id.in_({d.host_id for d in held})))}
+        at = utcnow().isoformat() + "Z"
+        for device in held:
+            guid = guids.get(device.host_id, "")
+            outbox.add(session, f"pci.{guid}.Released",
+                       PciDeviceReleased(host_guid=guid, address=device.address,
+                                         name=device.name, vm_uuid=vm.uuid, at=at))
+        return len(held)
+
+    def held_addresses(self, session: Session, vm_id: int) -> tuple[PciAddress, ...]:
+        """Returns the addresses of the devices a VM holds, in id order."""
+        return tuple(device.address
+                     for device in pci_devices.devices_of_vm(session.connection(), vm_id)
+                     if device.state == "allocated")

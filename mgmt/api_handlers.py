@@ -11,6 +11,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from sqlalchemy import select
+from sqlalchemy.orm import Session, aliased
+
 from hostdev.messages import api
 from hostdev.messages.base import Message
 from hostdev.messages.pci_address import PciAddress
@@ -30,8 +33,6 @@ from hostdev.mgmt.models import (
 from hostdev.mgmt.offerings import check_names_exist, parse_pci_devices
 from hostdev.mgmt.unit_of_work import UnitOfWork
 from hostdev.mgmt.vm_lifecycle import offering_requests
-from sqlalchemy import select
-from sqlalchemy.orm import Session, aliased
 
 
 def _iso(value: Any) -> str | None:

@@ -19,6 +19,9 @@ from datetime import timedelta
 from typing import Any
 
 import structlog
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
 from hostdev.messages.commands import StartAnswer, StartCommand, StopAnswer, StopCommand
 from hostdev.messages.events import JobFinished
 from hostdev.messages.values import JobRow, VmSpec
@@ -34,8 +37,6 @@ from hostdev.mgmt.vm_lifecycle import (
     offering_requests,
 )
 from hostdev.mgmt.vm_states import VmEvent
-from sqlalchemy import select
-from sqlalchemy.orm import Session
 
 log = structlog.get_logger()
 

@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, TextIO
 
 import msgspec
+
 from hostdev.messages import api
 from hostdev.messages.base import Message
 from hostdev.messages.errors import BusError, MessageError, RemoteError, RequestTimeout

@@ -18,12 +18,13 @@ from datetime import timedelta
 from typing import Protocol
 
 import structlog
+from sqlalchemy import Engine, select, update
+from sqlalchemy.orm import Session
+
 from hostdev.messages.base import Message
 from hostdev.messages.codec import decode, encode
 from hostdev.mgmt.database import session_scope
 from hostdev.mgmt.models import OutboxEvent, utcnow
-from sqlalchemy import Engine, select, update
-from sqlalchemy.orm import Session
 
 log = structlog.get_logger()
 

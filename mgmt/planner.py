@@ -17,12 +17,13 @@ from __future__ import annotations
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 
+from sqlalchemy import case, func, select
+from sqlalchemy.orm import Session
+
 from hostdev.messages.values import HostVerdict, PciRequest
 from hostdev.mgmt.models import Host, PciDevice, VmInstance
 from hostdev.mgmt.offerings import describe_pci_requests
 from hostdev.mgmt.vm_states import HOLDS_DEVICES
-from sqlalchemy import case, func, select
-from sqlalchemy.orm import Session
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,9 @@ from collections.abc import Iterable
 from datetime import timedelta
 
 import structlog
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
 from hostdev.messages.commands import (
     PingRoutingCommand,
     StartupAnswer,
@@ -33,8 +36,6 @@ from hostdev.mgmt.errors import Forbidden
 from hostdev.mgmt.models import Host, VmInstance, utcnow
 from hostdev.mgmt.vm_lifecycle import VmLifecycleManager
 from hostdev.mgmt.vm_states import VmEvent
-from sqlalchemy import select, update
-from sqlalchemy.orm import Session
 
 log = structlog.get_logger()
 

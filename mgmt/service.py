@@ -19,6 +19,9 @@ from collections.abc import Callable
 from typing import Any
 
 import structlog
+from sqlalchemy import Engine
+from sqlalchemy.exc import OperationalError
+
 from hostdev.messages import api
 from hostdev.messages.base import Message
 from hostdev.messages.bus_api import API_QUEUE, MGMT_QUEUE, BusLike, Incoming
@@ -41,8 +44,6 @@ from hostdev.mgmt.outbox import OutboxPublisher
 from hostdev.mgmt.registration import HostRegistry, check_sender, guid_of
 from hostdev.mgmt.unit_of_work import AlreadyHandled, UnitOfWork
 from hostdev.mgmt.vm_lifecycle import PciDeviceManager, VmLifecycleManager
-from sqlalchemy import Engine
-from sqlalchemy.exc import OperationalError
 
 log = structlog.get_logger()
 

@@ -14,13 +14,14 @@ from collections.abc import Callable
 from typing import TypeVar
 
 import structlog
+from sqlalchemy import Engine
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
 from hostdev.mgmt import outbox
 from hostdev.mgmt.database import TransactionConflict, is_retryable
 from hostdev.mgmt.errors import Conflict
 from hostdev.mgmt.models import HandledMessage
-from sqlalchemy import Engine
-from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
 
 log = structlog.get_logger()
 

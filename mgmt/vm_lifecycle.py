@@ -16,6 +16,10 @@ from collections.abc import Sequence
 from typing import Protocol
 
 import structlog
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+from sqlalchemy.orm.attributes import set_committed_value
+
 from hostdev.messages.events import PciDeviceAllocated, PciDeviceReleased, VmStateChanged
 from hostdev.messages.pci_address import PciAddress
 from hostdev.messages.values import PciRequest, VmState
@@ -25,9 +29,6 @@ from hostdev.mgmt.errors import Conflict
 from hostdev.mgmt.models import Host, ServiceOfferingPciRequest, VmInstance, utcnow
 from hostdev.mgmt.pci_devices import HeldDevice
 from hostdev.mgmt.vm_states import RELEASES_DEVICES, VmEvent, next_state
-from sqlalchemy import select, update
-from sqlalchemy.orm import Session
-from sqlalchemy.orm.attributes import set_committed_value
 
 log = structlog.get_logger()
 

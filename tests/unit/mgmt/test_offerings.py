@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
 from hostdev.messages.values import PciRequest
 from hostdev.mgmt.errors import InvalidRequest
 from hostdev.mgmt.offerings import (
@@ -11,8 +14,6 @@ from hostdev.mgmt.offerings import (
     format_pci_requests,
     parse_pci_devices,
 )
-from hypothesis import given
-from hypothesis import strategies as st
 
 
 def test_repeated_name_means_several() -> None:

@@ -7,6 +7,9 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from sqlalchemy import Engine, func, select, update
+from sqlalchemy.orm import Session
+
 from hostdev.messages import api
 from hostdev.messages.commands import (
     ErrorAnswer,
@@ -19,9 +22,6 @@ from hostdev.mgmt.config import MgmtConfig
 from hostdev.mgmt.database import create_database_engine
 from hostdev.mgmt.errors import Forbidden
 from hostdev.mgmt.models import Host, Job, PciDevice, VmInstance, utcnow
-from sqlalchemy import Engine, func, select, update
-from sqlalchemy.orm import Session
-
 from tests.support.databases import sqlite_database
 from tests.support.mgmt_harness import Harness, devices
 

@@ -16,11 +16,13 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import structlog
 from sqlalchemy import Engine
 from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session
 
 from hostdev.messages import api
 from hostdev.messages.base import Message
@@ -110,8 +112,7 @@ class ManagementService:
         """Fails and rolls back the jobs past their deadline."""
         overdue = self.work.run(self.jobs.overdue, what="find overdue jobs")
         for job_id in overdue:
-            self.work.run(lambda session, job_id=job_id: self.jobs.expire(session, job_id),
-                          what=f"expire job {job_id}")
+            self.work.run(partial(self.jobs.expire, job_id=job_id), what=f"expire job {job_id}")
 
     def _guard(self, fn: Callable[[], Any]) -> Callable[[], None]:
         def run() -> None:
@@ -133,12 +134,8 @@ class ManagementService:
                 lambda s, m, i: self.registry.on_ping(s, m)),
             VmStateReport: self._from_agent(
                 lambda s, m, i: self.registry.on_vm_state_report(s, m)),
-            StartAnswer: self._from_agent(
-                lambda s, m, i: self.jobs.on_start_answer(s, m, i.correlation_id) and None,
-                record=True),
-            StopAnswer: self._from_agent(
-                lambda s, m, i: self.jobs.on_stop_answer(s, m, i.correlation_id) and None,
-                record=True),
+            StartAnswer: self._from_agent(self._start_answer, record=True),
+            StopAnswer: self._from_agent(self._stop_answer, record=True),
             ErrorAnswer: self._agent_error,
         }
 
@@ -159,6 +156,13 @@ class ManagementService:
                 except (TransactionConflict, OperationalError) as exc:
                     raise TransientError(f"{type(message).__name__}: {exc}") from exc
         return handler
+
+    def _start_answer(self, session: Session, answer: StartAnswer,
+                      incoming: Incoming) -> None:
+        self.jobs.on_start_answer(session, answer, incoming.correlation_id)
+
+    def _stop_answer(self, session: Session, answer: StopAnswer, incoming: Incoming) -> None:
+        self.jobs.on_stop_answer(session, answer, incoming.correlation_id)
 
     def _agent_error(self, message: ErrorAnswer, incoming: Incoming) -> None:
         log.error("agent_refused_message", host=guid_of(incoming.routing_key),

@@ -121,7 +121,7 @@ def offering_requests(session: Session, offering_id: int) -> tuple[PciRequest, .
         select(ServiceOfferingPciRequest.name, ServiceOfferingPciRequest.count)
         .where(ServiceOfferingPciRequest.offering_id == offering_id)
         .order_by(ServiceOfferingPciRequest.id))
-    return tuple(PciRequest(name=row.name, count=row.count) for row in rows)
+    return tuple(PciRequest(name=name, count=int(count)) for name, count in rows)
 
 
 class PciDeviceManager:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -80,3 +81,75 @@ def host_factory(directory: Path) -> Iterator[HostFactory]:
     yield make
     for host in opened:
         host.close()
+
+
+class MgmtObserver:
+    """Plays management with a plain pika client: reads mgmt.<guid>.# and sends commands.
+
+    The queue is durable and named, so it keeps collecting while the broker
+    closes connections; ``reconnect()`` opens a new connection to read on.
+    """
+
+    def __init__(self, url: str, guid: str) -> None:
+        self.url = url
+        self.guid = guid
+        self.queue = f"test-observer-{guid}"
+        self.seen: list[tuple[dict[str, Any], Any]] = []
+        self._connect()
+
+    def _connect(self) -> None:
+        import pika
+
+        self.connection = pika.BlockingConnection(pika.URLParameters(self.url))
+        self.channel = self.connection.channel()
+        self.channel.exchange_declare("hostdev.commands", "topic", durable=True)
+        self.channel.queue_declare(self.queue, durable=True)
+        self.channel.queue_bind(self.queue, "hostdev.commands", f"mgmt.{self.guid}.#")
+
+    def reconnect(self) -> None:
+        """Opens a fresh connection (after the broker closed the old one)."""
+        with contextlib.suppress(Exception):  # already closed by the broker
+            self.connection.close()
+        self._connect()
+
+    def close(self) -> None:
+        """Closes the connection; the vhost's deletion removes the queue."""
+        if self.connection.is_open:
+            self.connection.close()
+
+    def send(self, body: dict[str, Any]) -> str:
+        """Publishes a command to the agent as management would; returns its message_id."""
+        import uuid as uuid_module
+
+        import pika
+
+        message_id = str(uuid_module.uuid4())
+        self.channel.basic_publish(
+            "hostdev.commands", f"agent.{self.guid}.{body['type']}", json.dumps(body).encode(),
+            pika.BasicProperties(content_type="application/json", type=body["type"],
+                                 message_id=message_id, delivery_mode=2))
+        return message_id
+
+    def _drain(self) -> None:
+        while True:
+            method, properties, raw = self.channel.basic_get(self.queue, auto_ack=True)
+            if method is None:
+                return
+            self.seen.append((json.loads(raw), properties))
+
+    def find(self, kind: str, **fields: Any) -> Callable[[], dict[str, Any] | None]:
+        """Returns a condition for ``wait_for``: the first message of that type and fields."""
+        def condition() -> dict[str, Any] | None:
+            self._drain()
+            for body, properties in self.seen:
+                if body.get("type") == kind and all(
+                        (properties.correlation_id if k == "correlation_id" else body.get(k)) == v
+                        for k, v in fields.items()):
+                    return body
+            return None
+        return condition
+
+    def count(self, kind: str) -> int:
+        """How many messages of that type arrived so far."""
+        self._drain()
+        return sum(1 for body, _ in self.seen if body.get("type") == kind)

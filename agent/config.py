@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import structlog
+
 from hostdev.agent.errors import ConfigError
 from hostdev.messages.errors import PciAddressError
 from hostdev.messages.pci_address import PciAddress

@@ -19,6 +19,7 @@ from importlib import metadata
 from typing import Any, Protocol
 
 import structlog
+
 from hostdev.agent.config import DEFAULT_PATH, AgentConfig, ensure_guid, load_config
 from hostdev.agent.errors import AgentError, ConfigError, HypervisorError
 from hostdev.agent.handlers import CommandHandlers, Timeouts
@@ -190,8 +191,11 @@ class Agent:
         self.bus.call_every(self.config.ping_interval_s, self.ping)
         watchdog = self.notifier.watchdog_interval_s()
         if watchdog:
-            self.bus.call_every(watchdog, self.notifier.watchdog)
+            self.bus.call_every(watchdog, self._pet_watchdog)
         self.notifier.ready(f"announced as {self.guid}")
+
+    def _pet_watchdog(self) -> None:
+        self.notifier.watchdog()
 
     def run(self) -> None:
         """Starts and runs the bus loop until ``stop()``."""

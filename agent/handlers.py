@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 import structlog
+
 from hostdev.agent.errors import DetachRefused, DomainNotFound, HypervisorError, MigrationFailed
 from hostdev.agent.hypervisor import Hypervisor
 from hostdev.messages.commands import (

@@ -15,6 +15,7 @@ from typing import Any
 
 import libvirt
 import structlog
+
 from hostdev.agent.domain_xml import build_domain_xml, hostdev_xml, read_hostdevs
 from hostdev.agent.errors import DetachRefused, DomainNotFound, HypervisorError, MigrationFailed
 from hostdev.agent.hypervisor import HostFacts, LifecycleEvent, LifecycleListener

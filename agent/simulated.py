@@ -25,6 +25,7 @@ import threading
 from pathlib import Path
 
 import structlog
+
 from hostdev.agent.domain_xml import (
     read_hostdevs,
     with_hostdev,

@@ -6,6 +6,7 @@ import socket
 from pathlib import Path
 
 import pytest
+
 from hostdev.agent.config import (
     DEFAULT_PATH,
     AgentConfig,

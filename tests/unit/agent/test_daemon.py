@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import structlog
+
 from hostdev.agent.config import parse_config
 from hostdev.agent.daemon import Agent, main
 from hostdev.agent.errors import HypervisorError
@@ -28,7 +29,6 @@ from hostdev.messages.commands import (
 from hostdev.messages.errors import TransientError
 from hostdev.messages.pci_address import PciAddress as P
 from hostdev.messages.values import VmSpec
-
 from tests.support.agent import SAMPLE_DEVICES, VM_OLD_UUID, HostFactory, write_properties
 
 pytestmark = pytest.mark.libvirt

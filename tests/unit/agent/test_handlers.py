@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from hostdev.agent.errors import HypervisorError
 from hostdev.agent.handlers import CommandHandlers, Timeouts
 from hostdev.agent.simulated import SimulatedHost
@@ -16,7 +17,6 @@ from hostdev.messages.commands import (
 )
 from hostdev.messages.pci_address import PciAddress as P
 from hostdev.messages.values import VmSpec
-
 from tests.support.agent import VM_IDLE_UUID, VM_OLD_UUID, HostFactory
 
 pytestmark = pytest.mark.libvirt

@@ -7,6 +7,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
+
 from hostdev.agent.errors import ConfigError
 from hostdev.agent.nodedev_xml import (
     NodePciDevice,
@@ -16,7 +17,6 @@ from hostdev.agent.nodedev_xml import (
     spec_from_dict,
 )
 from hostdev.messages.pci_address import PciAddress as P
-
 from tests.support.agent import VM_IDLE_UUID, sample_spec
 
 REFERENCE = Path("/work/shared/reference/libvirt-test-node.xml")

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import pytest
+
 from hostdev.agent.domain_xml import read_hostdevs
-from hostdev.agent.errors import DetachRefused, DomainNotFound, MigrationFailed
+from hostdev.agent.errors import DetachRefused, DomainNotFound, HypervisorError, MigrationFailed
 from hostdev.agent.hypervisor import LifecycleEvent
+from hostdev.agent.libvirt_host import LibvirtHost
 from hostdev.agent.simulated import SimulatedHost
 from hostdev.messages.pci_address import PciAddress as P
 from hostdev.messages.values import VmSpec
-
 from tests.support.agent import VM_IDLE_UUID, VM_OLD_UUID, HostFactory
 from tests.support.waiting import wait_for
 
@@ -125,3 +126,29 @@ def test_two_hosts_keep_separate_state(make_host: HostFactory) -> None:
     a, b = make_host("sim-a"), make_host("sim-b")
     running_vm(a)
     assert a.domain(UUID) is not None and b.domain(UUID) is None
+
+
+def test_a_test_uri_opens_a_node_file_as_is() -> None:
+    """test:///<node.xml> serves the reference file's devices and domains."""
+    host = SimulatedHost("test:///work/shared/reference/libvirt-test-node.xml")
+    host.open()
+    try:
+        assert P("28:00.1") in {d.address for d in host.pci_devices()}
+        assert {d.name for d in host.domains()} == {"vm-gpu", "vm-idle"}
+    finally:
+        host.close()
+
+
+def test_plain_libvirt_errors_become_hypervisor_errors_with_the_code() -> None:
+    """On the bare test driver a live attach is unsupported: HypervisorError, libvirt code 3."""
+    host = LibvirtHost("test:///work/shared/reference/libvirt-test-node.xml")
+    host.open()
+    try:
+        with pytest.raises(HypervisorError) as info:
+            host.attach_hostdev("11111111-aaaa-bbbb-cccc-000000000001", P("28:00.1"), 1.0)
+        assert info.value.code == 3 and info.value.operation == "attach"
+        assert "not supported" in str(info.value)
+    finally:
+        host.close()
+    with pytest.raises(HypervisorError, match="not open"):
+        host.domains()

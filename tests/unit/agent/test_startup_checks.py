@@ -14,7 +14,6 @@ from hostdev.agent.nodedev_xml import (
 from hostdev.agent.startup_checks import check_host
 from hostdev.messages.pci_address import PciAddress as P
 from hostdev.messages.values import DomainInfo
-
 from tests.support.agent import SAMPLE_DEVICES, VM_OLD_UUID, sample_spec
 
 

@@ -21,6 +21,7 @@ import msgspec
 from hostdev.messages import api
 from hostdev.messages.base import Message
 from hostdev.messages.errors import BusError, MessageError, RemoteError, RequestTimeout
+from hostdev.messages.logging import configure_logging
 from hostdev.messages.values import JobRow
 from hostdev.mgmt.offerings import format_pci_requests
 
@@ -138,10 +139,14 @@ def _cmd(command: Command) -> Callable[..., int]:
         close: Callable[[], None] = lambda: None  # noqa: E731
         try:
             if requester is None:
+                # The bus logs its connection at info; a person wants only the answer.
+                configure_logging("warning", json=False)
                 requester, close = bus_requester(_amqp_url(args))
             return command(args, requester, stream)
         except RemoteError as exc:
-            print(f"error: {exc.reason}", file=sys.stderr)
+            # The bus prefixes the request's type and id; a person needs the reason.
+            reason = exc.reason.split("]: ", 1)[1] if "]: " in exc.reason else exc.reason
+            print(f"error: {reason}", file=sys.stderr)
             return 1
         except RequestTimeout as exc:
             print(f"error: {exc} -- is hostdev-mgmt running and connected to the same "
@@ -160,7 +165,8 @@ def _cmd(command: Command) -> Callable[..., int]:
 
 
 def _json(value: Any, out: TextIO) -> None:
-    out.write(json.dumps(msgspec.to_builtins(value), indent=2, sort_keys=True) + "\n")
+    out.write(json.dumps(msgspec.to_builtins(value, enc_hook=str), indent=2, sort_keys=True)
+              + "\n")
 
 
 def render_table(headers: Sequence[str], rows: Sequence[Sequence[object]], out: TextIO) -> None:

@@ -1,0 +1,119 @@
+"""The operator commands of ``hostdev`` against a service on SQLite (no broker)."""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from hostdev.messages import api
+from hostdev.messages.base import Message
+from hostdev.messages.codec import decode, encode
+from hostdev.messages.commands import ErrorAnswer
+from hostdev.messages.errors import RemoteError, RequestTimeout
+from hostdev.mgmt.cli import build_parser
+from hostdev.mgmt.database import create_database_engine
+from hostdev.mgmt.operator_cli import render_table
+from tests.support.databases import sqlite_database
+from tests.support.mgmt_harness import Harness, devices
+
+
+@pytest.fixture
+def h(tmp_path: Path) -> Iterator[Harness]:
+    """A service with h1 (2 x 10GE) and h2 (1 x 10GE) and offering net2 = 10GE,10GE."""
+    with sqlite_database(tmp_path) as url:
+        engine = create_database_engine(url)
+        harness = Harness(engine)
+        harness.register("g1", "h1", devices(2))
+        harness.register("g2", "h2", devices(1))
+        harness.api(api.CreateOfferingRequest(name="net2", pci_devices="10GE:2"))
+        yield harness
+        engine.dispose()
+
+
+def _cli(h: Harness, *argv: str, answer_jobs: bool = False) -> tuple[int, str]:
+    """Runs ``hostdev ARGV`` with requests answered by the harness's service."""
+    def request(message: Message, timeout: float) -> Message:
+        if answer_jobs and isinstance(message, api.GetJobRequest):
+            h.answer()
+        answer = h.api(decode(encode(message)))
+        if isinstance(answer, ErrorAnswer):
+            raise RemoteError(f"{type(message).__name__} (message_id x) failed remotely "
+                              f"[{answer.code}]: {answer.details}", code=answer.code)
+        return answer
+
+    args = build_parser().parse_args(list(argv))
+    out = io.StringIO()
+    status: int = args.func(args, requester=request, out=out)
+    return status, out.getvalue()
+
+
+def test_hosts_table_and_json(h: Harness) -> None:
+    """`hostdev hosts` prints a table; with --json, a list of objects."""
+    status, text = _cli(h, "hosts")
+    assert status == 0
+    lines = text.splitlines()
+    assert lines[0].split()[:3] == ["NAME", "GUID", "STATUS"]
+    assert lines[1].split()[:3] == ["h1", "g1", "Up"] and "2/2" in lines[1]
+    status, text = _cli(h, "hosts", "--json")
+    assert [row["name"] for row in json.loads(text)] == ["h1", "h2"]
+
+
+def test_deploy_wait_then_devices_show_the_holder(h: Harness) -> None:
+    """`vm deploy --wait` returns when the VM runs; `devices --host h1` shows its devices."""
+    status, text = _cli(h, "vm", "deploy", "web1", "--offering", "net2", "--wait",
+                        answer_jobs=True)
+    assert status == 0 and "succeeded" in text
+    status, text = _cli(h, "devices", "--host", "h1", "--json")
+    rows = json.loads(text)
+    assert {row["state"] for row in rows} == {"allocated"} and len(rows) == 2
+    status, text = _cli(h, "vm", "list")
+    assert "web1" in text and "Running" in text
+
+
+def test_no_capacity_error_is_one_clear_line(h: Harness,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """A refused deploy exits 1 and prints why each host cannot take it."""
+    _cli(h, "vm", "deploy", "web1", "--offering", "net2")
+    status, _ = _cli(h, "vm", "deploy", "web2", "--offering", "net2")
+    assert status == 1
+    assert capsys.readouterr().err == ("error: no host has 2 x 10GE free: h1 has 0, "
+                                       "h2 has 1\n")
+
+
+def test_explain_and_offerings(h: Harness) -> None:
+    """`explain` gives a verdict per host; `offerings` shows the short PCI form."""
+    status, text = _cli(h, "explain", "net2")
+    assert status == 0
+    assert "h2" in text and "needs 2x10GE, 1 free" in text
+    status, text = _cli(h, "offerings")
+    assert "net2" in text and "10GE:2" in text
+
+
+def test_offering_create_refuses_unknown_names(h: Harness,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """`offering create --pci 40GE` fails naming the device names that exist."""
+    status, _ = _cli(h, "offering", "create", "big", "--pci", "40GE")
+    assert status == 1
+    assert "names that exist: 10GE" in capsys.readouterr().err
+
+
+def test_timeout_says_what_to_check(h: Harness, capsys: pytest.CaptureFixture[str]) -> None:
+    """A request nobody answers tells the person to check the daemon and broker."""
+    def request(message: Message, timeout: float) -> Message:
+        raise RequestTimeout("no answer to ListHostsRequest within 10 s")
+
+    args = build_parser().parse_args(["hosts"])
+    assert args.func(args, requester=request, out=io.StringIO()) == 1
+    assert "is hostdev-mgmt running" in capsys.readouterr().err
+
+
+def test_render_table_marks_empty_cells() -> None:
+    """Empty cells print as '-', and an empty table says (none)."""
+    out = io.StringIO()
+    render_table(("A", "B"), [("x", None)], out)
+    render_table(("A",), [], out)
+    assert out.getvalue() == "A  B\nx  -\nA\n(none)\n"

@@ -38,7 +38,6 @@ from hostdev.messages.commands import StartCommand
 from hostdev.messages.logging import configure_logging
 from hostdev.messages.pci_address import PciAddress
 from hostdev.messages.values import PciDeviceRow, VmSpec
-
 from tests.support.rabbitmq import amqp_vhost
 
 RPC_SECONDS = 2.0

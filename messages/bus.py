@@ -35,6 +35,7 @@ from typing import Any
 import amqp
 import kombu
 import structlog
+
 from hostdev.messages.base import Message
 from hostdev.messages.bus_amqp import (
     CONNECTION_ERRORS,
@@ -58,6 +59,7 @@ from hostdev.messages.bus_api import (
     BusConfig,
     Handler,
     Incoming,
+    body_id,
 )
 from hostdev.messages.bus_confirms import ConfirmWindow, Unconfirmed
 from hostdev.messages.bus_dispatch import Outcome, handle_delivery
@@ -341,7 +343,8 @@ class Bus:
         now = time.monotonic()
         while self._timers and self._timers[0][0] <= now:
             due, seq, interval, fn = heapq.heappop(self._timers)
-            heapq.heappush(self._timers, (max(due + interval, now), seq, interval, fn))
+            nxt = due + interval if due + interval > now else now + interval  # no bursts
+            heapq.heappush(self._timers, (nxt, seq, interval, fn))
             self._call_safely(fn, "timer")
 
     def _call_safely(self, fn: Callable[[], None], kind: str) -> None:
@@ -367,7 +370,7 @@ class Bus:
         props = message.properties
         info = message.delivery_info
         headers = props.get("application_headers") or {}
-        mid = props.get("message_id") or _body_id(message.body)
+        mid = props.get("message_id") or body_id(message.body)
         incoming = Incoming(
             message_id=mid, correlation_id=props.get("correlation_id"),
             reply_to=props.get("reply_to"), user_id=props.get("user_id"),
@@ -398,12 +401,12 @@ class Bus:
                 self._publish_answer(outcome, incoming)
             log.info("delivery_left_for_redelivery", message_id=incoming.message_id)
             return
-        if outcome.answer is not None and outcome.route:
-            self._publish_answer(outcome, incoming)
         if outcome.action == "dead":
             self._send(Unconfirmed(DEAD_EXCHANGE, queue, dead_letter_copy(
                 message, queue=queue, reason=outcome.reason, user_id=self._user_id),
                 False, incoming.message_id))
+        if outcome.answer is not None and outcome.route:
+            self._publish_answer(outcome, incoming)
         if epoch != self._epoch:
             return
         tag = message.delivery_info["delivery_tag"]
@@ -606,10 +609,3 @@ class Bus:
 
 def _safe(url: str) -> str:
     return BusConfig(url=url).safe_url()
-
-
-def _body_id(body: bytes) -> str:
-    """Derives a stable id for a message its sender gave no ``message_id``."""
-    import hashlib
-
-    return "sha1-" + hashlib.sha1(body).hexdigest()

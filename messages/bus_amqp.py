@@ -17,6 +17,7 @@ from typing import Any
 import amqp
 import amqp.exceptions
 import kombu
+
 from hostdev.messages.base import Message
 from hostdev.messages.bus_api import (
     COMMANDS_EXCHANGE,

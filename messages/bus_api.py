@@ -7,6 +7,7 @@ import the names below from ``hostdev.messages.bus``.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -159,6 +160,14 @@ def answer_route(incoming: Incoming, answer_type: str) -> tuple[str, str] | None
         peer = "mgmt" if words[0] == "agent" else "agent"
         return COMMANDS_EXCHANGE, f"{peer}.{words[1]}.{answer_type}"
     return None
+
+
+def body_id(body: bytes) -> str:
+    """Derives a stable ``message_id`` for a message whose sender gave none.
+
+    Redeliveries of the same body get the same id, so idempotent handlers still work.
+    """
+    return "sha1-" + hashlib.sha1(body).hexdigest()
 
 
 class BusLike(Protocol):

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import structlog
+
 from hostdev.messages.base import Answer, Message
 from hostdev.messages.bus_api import CONTENT_TYPE, Handler, Incoming, answer_route
 from hostdev.messages.codec import decode

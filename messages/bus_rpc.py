@@ -17,6 +17,7 @@ import time
 import amqp
 import kombu
 import structlog
+
 from hostdev.messages.base import Message
 from hostdev.messages.bus_amqp import (
     CONNECTION_ERRORS,

@@ -69,14 +69,26 @@ class AgentConfig:
         return {entry.address: entry.name for entry in self.pci_devices}
 
 
-def parse_pci_devices(prop: Property) -> tuple[PciDeviceEntry, ...]:
-    """Parses ``pci.devices``: comma-separated ``[domain:]bus:slot.function|name``."""
+def parse_pci_devices(prop: Property, source: Sequence[str] = ()) -> tuple[PciDeviceEntry, ...]:
+    """Parses ``pci.devices``: comma-separated ``[domain:]bus:slot.function|name``.
+
+    Args:
+        prop: the ``pci.devices`` entry.
+        source: the file's physical lines, so an entry on a continuation line
+            is reported with its own line number (else the key's line).
+    """
     entries: list[PciDeviceEntry] = []
     seen: dict[PciAddress, str] = {}
     if not prop.value:
         return ()
+    cursor = prop.line
     for raw in prop.value.split(","):
         text = raw.strip()
+        for number in range(cursor, len(source) + 1):
+            if text and text in source[number - 1]:
+                cursor = number
+                break
+        prop = replace(prop, line=cursor)
         if not text:
             raise _error(prop, prop.value,
                          f"an entry between commas is empty; expected {_ENTRY_EXPECTED}")
@@ -181,8 +193,13 @@ _KEYS: dict[str, tuple[str, Callable[[Property], object]]] = {
 KNOWN_KEYS = tuple(_KEYS)
 
 
-def config_from_properties(props: Sequence[Property], path: str) -> AgentConfig:
-    """Builds the configuration from parsed entries; raises ``ConfigError`` on a bad value."""
+def config_from_properties(props: Sequence[Property], path: str,
+                           source: Sequence[str] = ()) -> AgentConfig:
+    """Builds the configuration from parsed entries; raises ``ConfigError`` on a bad value.
+
+    ``source`` (the file's lines) lets errors in a continued ``pci.devices``
+    name the physical line of the offending entry.
+    """
     values: dict[str, Any] = {}
     warnings: list[str] = []
     lines: dict[str, int] = {}
@@ -197,7 +214,8 @@ def config_from_properties(props: Sequence[Property], path: str) -> AgentConfig:
                             "the last one wins")
         lines[prop.key] = prop.line
         attribute, parse = spec
-        values[attribute] = parse(prop)
+        values[attribute] = (parse_pci_devices(prop, source) if prop.key == "pci.devices"
+                             else parse(prop))
     for warning in warnings:
         log.warning("config_warning", problem=warning)
     return AgentConfig(path=path, warnings=tuple(warnings), **values)
@@ -205,7 +223,7 @@ def config_from_properties(props: Sequence[Property], path: str) -> AgentConfig:
 
 def parse_config(text: str, path: str = "<string>") -> AgentConfig:
     """Parses and validates the text of an ``agent.properties`` file."""
-    return config_from_properties(parse_properties(text, path), path)
+    return config_from_properties(parse_properties(text, path), path, text.splitlines())
 
 
 def load_config(path: str | Path = DEFAULT_PATH) -> AgentConfig:

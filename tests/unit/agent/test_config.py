@@ -167,3 +167,15 @@ def test_the_sample_file_in_etc_loads_and_documents_every_key() -> None:
     text = sample.read_text()
     for key in KNOWN_KEYS:
         assert f"{key}=" in text, key
+
+
+def test_an_error_on_a_continuation_line_names_that_line() -> None:
+    """A bad entry on the third physical line of a continued pci.devices names line 3."""
+    error = error_of("pci.devices=28:00.1|A,\\\n  28:00.2|B,\\\n  28:00.9|C\n")
+    assert (error.line, error.text) == (3, "28:00.9|C")
+
+
+def test_devices_remember_their_physical_line() -> None:
+    """Each parsed entry keeps the line it was written on."""
+    config = parse_config("# x\npci.devices=28:00.1|A,\\\n  28:00.2|B\n", "a.properties")
+    assert [e.line for e in config.pci_devices] == [2, 3]

@@ -215,7 +215,7 @@ class Agent:
 
 def _log_report(report: CheckReport) -> None:
     for warning in report.warnings:
-        log.warning("iommu_group_shared", problem=warning)
+        log.warning("startup_check_warning", problem=warning)
     for use in report.in_use:
         log.info("pci_device_in_use", address=use.address, name=use.name,
                  vm=use.domain.uuid, vm_name=use.domain.name, state=use.domain.state)
@@ -236,7 +236,7 @@ def check(config: AgentConfig) -> int:
         print(f"hostdev-agent: the configuration file {config.path} test failed", file=out)
         return 1
     try:
-        report = check_host(config, host.pci_devices(), host.domains())
+        report = check_host(config, host.pci_devices(), host.domains(), host.pci_backends())
     finally:
         host.close()
     for warning in report.warnings:
@@ -278,7 +278,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (AgentError, OSError) as exc:
         log.error("agent_start_failed", error=str(exc))
         return 1
-    report = check_host(config, host.pci_devices(), host.domains())
+    report = check_host(config, host.pci_devices(), host.domains(), host.pci_backends())
     _log_report(report)
     if not report.ok:
         host.close()

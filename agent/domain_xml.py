@@ -114,3 +114,15 @@ def without_runtime_id(xml: str) -> str:
     root = ET.fromstring(xml)
     root.attrib.pop("id", None)
     return ET.tostring(root, encoding="unicode")
+
+
+def pci_backends(domain_capabilities_xml: str) -> tuple[str, ...]:
+    """Returns the PCI passthrough backends in libvirt's domain capabilities (``vfio``...).
+
+    An empty ``<enum name='pciBackend'/>`` means the host cannot pass PCI
+    devices through (no IOMMU or no vfio-pci): every VM with a hostdev would
+    fail to start.
+    """
+    root = ET.fromstring(domain_capabilities_xml)
+    return tuple((value.text or "").strip()
+                 for value in root.findall("./devices/hostdev/enum[@name='pciBackend']/value"))

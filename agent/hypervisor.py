@@ -110,5 +110,9 @@ class Hypervisor(Protocol):
         """Tells whether the host at ``destination_uri`` has the domain (a finished migration)."""
         ...
 
+    def pci_backends(self) -> tuple[str, ...] | None:
+        """Returns the PCI passthrough backends (``vfio``), () when none, None when unknown."""
+        ...
+
     def set_lifecycle_listener(self, listener: LifecycleListener | None) -> None:
         """Sets the callback for lifecycle events (called on the event thread)."""

@@ -16,7 +16,7 @@ from typing import Any
 import libvirt
 import structlog
 
-from hostdev.agent.domain_xml import build_domain_xml, hostdev_xml, read_hostdevs
+from hostdev.agent.domain_xml import build_domain_xml, hostdev_xml, pci_backends, read_hostdevs
 from hostdev.agent.errors import DetachRefused, DomainNotFound, HypervisorError, MigrationFailed
 from hostdev.agent.hypervisor import HostFacts, LifecycleEvent, LifecycleListener
 from hostdev.agent.nodedev_xml import NodePciDevice, parse_pci_device
@@ -226,6 +226,13 @@ class LibvirtHost:
         flags = libvirt.VIR_CONNECT_LIST_NODE_DEVICES_CAP_PCI_DEV
         found = (parse_pci_device(dev.XMLDesc(0)) for dev in self.conn.listAllDevices(flags))
         return tuple(sorted((d for d in found if d is not None), key=lambda d: d.address))
+
+    def pci_backends(self) -> tuple[str, ...] | None:
+        """Reads the PCI passthrough backends from the domain capabilities; None if unknown."""
+        try:
+            return pci_backends(self.conn.getDomainCapabilities(None, None, None, None, 0))
+        except libvirt.libvirtError:
+            return None
 
     def _info(self, dom: Any) -> DomainInfo:
         return DomainInfo(uuid=dom.UUIDString(), name=dom.name(),

@@ -111,6 +111,10 @@ class SimulatedHost(LibvirtHost):
                 del _REGISTRY[self.uri]
         super().close()
 
+    def pci_backends(self) -> tuple[str, ...] | None:
+        """A simulated host passes devices through as if it had VFIO."""
+        return ("vfio",)
+
     # -- hot-plug ----------------------------------------------------------------
 
     def _redefine(self, uuid: str, xml: str, *, replug: bool) -> None:

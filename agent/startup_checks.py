@@ -49,8 +49,17 @@ class CheckReport:
 
 
 def check_host(config: AgentConfig, devices: Sequence[NodePciDevice],
-               domains: Sequence[DomainInfo]) -> CheckReport:
-    """Checks the configured devices against the host's node devices and domains."""
+               domains: Sequence[DomainInfo],
+               backends: tuple[str, ...] | None = None) -> CheckReport:
+    """Checks the configured devices against the host's node devices and domains.
+
+    Args:
+        config: the validated configuration.
+        devices: every PCI node device of the host.
+        domains: every domain with its hostdevs.
+        backends: the host's PCI passthrough backends; () warns that none
+            exists, None (unknown, e.g. the driver cannot tell) says nothing.
+    """
     by_address = {device.address: device for device in devices}
     listed = {entry.address for entry in config.pci_devices}
     holders: dict[PciAddress, DomainInfo] = {}
@@ -63,6 +72,11 @@ def check_host(config: AgentConfig, devices: Sequence[NodePciDevice],
     errors: list[str] = []
     warnings: list[str] = []
     in_use: list[DeviceInUse] = []
+    if backends == () and config.pci_devices:
+        warnings.append(
+            "libvirt reports no PCI passthrough backend (empty pciBackend in the domain "
+            "capabilities): every VM given a device will fail to start; enable the IOMMU "
+            "(intel_iommu=on or amd_iommu=on) and load vfio-pci")
     for entry in config.pci_devices:
         device = by_address.get(entry.address)
         if device is None:

@@ -8,6 +8,7 @@ from pathlib import Path
 from hostdev.agent.domain_xml import (
     build_domain_xml,
     hostdev_xml,
+    pci_backends,
     read_hostdevs,
     read_identity,
     with_hostdev,
@@ -79,3 +80,14 @@ def test_the_runtime_id_is_stripped_for_redefinition() -> None:
     """A running domain's id attribute is removed, the rest kept."""
     stripped = without_runtime_id("<domain type='test' id='4'><name>x</name></domain>")
     assert ET.fromstring(stripped).attrib == {"type": "test"}
+
+
+def test_pci_backends_are_read_from_domain_capabilities() -> None:
+    """vfio is listed when present; an empty pciBackend enum gives ()."""
+    with_vfio = ("<domainCapabilities><devices><hostdev supported='yes'>"
+                 "<enum name='pciBackend'><value>vfio</value></enum>"
+                 "</hostdev></devices></domainCapabilities>")
+    assert pci_backends(with_vfio) == ("vfio",)
+    without = ("<domainCapabilities><devices><hostdev supported='yes'>"
+               "<enum name='pciBackend'/></hostdev></devices></domainCapabilities>")
+    assert pci_backends(without) == ()

@@ -75,3 +75,12 @@ def test_a_device_used_by_a_domain_is_reported_with_the_domain() -> None:
     assert (use.address, use.domain.name) == (P("3b:00.0"), "vm-old")
     assert str(use) == (f"0000:3b:00.0 (GPU) is used by domain vm-old ({VM_OLD_UUID}, "
                         "running)")
+
+
+def test_a_host_without_a_passthrough_backend_is_warned_about() -> None:
+    """An empty pciBackend warns that VMs with devices cannot start; unknown says nothing."""
+    config = parse_config("pci.devices=28:00.1|10GE,28:00.2|10GE\n", "a.properties")
+    assert check_host(config, host_devices(), [], None).warnings == ()
+    assert check_host(config, host_devices(), [], ("vfio",)).warnings == ()
+    (warning,) = check_host(config, host_devices(), [], ()).warnings
+    assert "no PCI passthrough backend" in warning and "vfio-pci" in warning

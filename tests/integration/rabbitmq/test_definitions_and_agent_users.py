@@ -1,0 +1,180 @@
+"""The shipped RabbitMQ definitions and per-agent users, on the real broker."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import quote
+
+import pika
+import pika.exceptions
+import pytest
+
+from hostdev.mgmt.rabbitmq_users import agent_user_recipe, apply_recipe
+from tests.support.rabbitmq import Vhost, amqp_vhost, rabbitmqctl
+
+pytestmark = pytest.mark.rabbitmq
+
+ROOT = Path(__file__).resolve().parents[3]
+DEFINITIONS = ROOT / "etc" / "rabbitmq" / "definitions.json"
+
+
+@pytest.fixture()
+def vhost() -> Iterator[Vhost]:
+    with amqp_vhost("defs") as created:
+        yield created
+
+
+@pytest.fixture()
+def imported(vhost: Vhost) -> Iterator[str]:
+    """Imports the shipped definitions into the test vhost under a unique mgmt user name."""
+    user = f"hostdev-mgmt-test-{secrets.token_hex(4)}"
+    definitions = json.loads(DEFINITIONS.read_text())
+    for section in ("permissions", "policies", "exchanges", "queues", "bindings"):
+        for item in definitions[section]:
+            item["vhost"] = vhost.name
+    definitions["vhosts"] = [{"name": vhost.name}]
+    for item in definitions["users"] + definitions["permissions"]:
+        key = "name" if "name" in item else "user"
+        item[key] = user
+    # rabbitmqctl runs as the rabbitmq user: the file must be readable by it.
+    folder = Path(tempfile.mkdtemp(prefix="hostdev-defs-"))
+    path = folder / "definitions.json"
+    path.write_text(json.dumps(definitions))
+    folder.chmod(0o755)
+    path.chmod(0o644)
+    try:
+        rabbitmqctl("import_definitions", str(path))
+    finally:
+        shutil.rmtree(folder)
+    yield user
+    rabbitmqctl("delete_user", user)
+
+
+def _agent_connection(vhost: Vhost, user: str, password: str) -> pika.BlockingConnection:
+    params = pika.URLParameters(
+        f"amqp://{quote(user, safe='')}:{quote(password, safe='')}@127.0.0.1:5672/"
+        f"{quote(vhost.name, safe='')}")
+    return pika.BlockingConnection(params)
+
+
+@pytest.fixture()
+def topology(vhost: Vhost) -> None:
+    """Declares hostdev's exchanges and management queues as the daemon would."""
+    from hostdev.messages.bus import Bus, BusConfig
+
+    bus = Bus(BusConfig(url=vhost.url))
+    bus.connect()
+    try:
+        bus.declare_mgmt_queues()
+    finally:
+        bus.close()
+
+
+@pytest.fixture()
+def agent_user(vhost: Vhost, topology: None) -> Iterator[tuple[str, str]]:
+    guid = f"h{secrets.token_hex(4)}"
+    recipe = agent_user_recipe(guid, vhost=vhost.name)
+    # The agent's own queue exists before it connects (management or the
+    # operator creates it with the user), so the agent needs no wide rights.
+    apply_recipe(recipe)
+    yield guid, recipe.password
+    rabbitmqctl("delete_user", recipe.user)
+
+
+def test_definitions_declare_exchanges_queues_and_policy(imported: str, vhost: Vhost) -> None:
+    """Importing definitions.json creates hostdev's exchanges, quorum queues and policy."""
+    exchanges = rabbitmqctl("list_exchanges", "--silent", "-p", vhost.name, "name", "type")
+    assert {"hostdev.commands\ttopic", "hostdev.events\ttopic", "hostdev.dead\tfanout"} <= set(
+        exchanges.splitlines())
+    queues = rabbitmqctl("list_queues", "--silent", "-p", vhost.name, "name", "type")
+    assert {"hostdev.mgmt\tquorum", "hostdev.api\tquorum", "hostdev.dead\tquorum"} <= set(
+        queues.splitlines())
+    policies = rabbitmqctl("list_policies", "--silent", "-p", vhost.name)
+    assert "hostdev-dead-letter" in policies
+
+
+def test_definitions_match_what_the_bus_declares(imported: str, vhost: Vhost) -> None:
+    """The bus declares the imported queues again without a precondition failure."""
+    from hostdev.messages.bus import Bus, BusConfig
+
+    bus = Bus(BusConfig(url=vhost.url))
+    bus.connect()
+    try:
+        bus.declare_mgmt_queues()
+    finally:
+        bus.close()
+
+
+def test_agent_user_can_publish_only_as_itself(vhost: Vhost, agent_user: tuple[str, str]
+                                              ) -> None:
+    """An agent user publishes mgmt.<own guid>.*, but not as another host."""
+    guid, password = agent_user
+    user = f"agent-{guid}"
+    connection = _agent_connection(vhost, user, password)
+    try:
+        channel = connection.channel()
+        channel.confirm_delivery()
+        props = pika.BasicProperties(user_id=user, content_type="application/json",
+                                     type="PingRoutingCommand")
+        body = json.dumps({"type": "PingRoutingCommand", "v": 1, "guid": guid}).encode()
+        channel.basic_publish("hostdev.commands", f"mgmt.{guid}.PingRoutingCommand", body, props)
+        with pytest.raises(pika.exceptions.ChannelClosedByBroker) as refused:
+            channel.basic_publish("hostdev.commands", "mgmt.otherhost.PingRoutingCommand",
+                                  body, props)
+        assert refused.value.reply_code == 403
+    finally:
+        if connection.is_open:
+            connection.close()
+    guest = pika.BlockingConnection(pika.URLParameters(vhost.url))
+    try:
+        method, properties, _body = guest.channel().basic_get("hostdev.mgmt", auto_ack=True)
+        assert method is not None, "the agent's own ping did not reach hostdev.mgmt"
+        assert method.routing_key == f"mgmt.{guid}.PingRoutingCommand"
+        assert properties.user_id == user
+    finally:
+        guest.close()
+
+
+def test_agent_user_cannot_claim_another_user_id(vhost: Vhost, agent_user: tuple[str, str]
+                                                ) -> None:
+    """The broker refuses a message whose user_id is not the agent's own login."""
+    guid, password = agent_user
+    connection = _agent_connection(vhost, f"agent-{guid}", password)
+    try:
+        channel = connection.channel()
+        channel.confirm_delivery()
+        props = pika.BasicProperties(user_id="agent-otherhost")
+        with pytest.raises(pika.exceptions.ChannelClosedByBroker) as refused:
+            channel.basic_publish("hostdev.commands", f"mgmt.{guid}.PingRoutingCommand",
+                                  b"{}", props)
+        assert refused.value.reply_code == 406
+    finally:
+        if connection.is_open:
+            connection.close()
+
+
+def test_agent_user_cannot_read_the_management_queue(vhost: Vhost,
+                                                    agent_user: tuple[str, str]) -> None:
+    """An agent user cannot consume hostdev.mgmt (it would see other hosts' traffic)."""
+    guid, password = agent_user
+    connection = _agent_connection(vhost, f"agent-{guid}", password)
+    try:
+        channel = connection.channel()
+        with pytest.raises(pika.exceptions.ChannelClosedByBroker) as refused:
+            channel.basic_get("hostdev.mgmt")
+        assert refused.value.reply_code == 403
+    finally:
+        if connection.is_open:
+            connection.close()
+
+
+def test_recipe_prints_rabbitmqctl_lines() -> None:
+    """The recipe reads as the rabbitmqctl commands an operator would run."""
+    text = agent_user_recipe("h1", password="pw").shell()
+    assert "rabbitmqctl add_user agent-h1 pw" in text
+    assert "set_topic_permissions -p / agent-h1 hostdev.commands '^mgmt\\.h1\\.'" in text

@@ -109,7 +109,12 @@ class Agent:
 
     def announce(self) -> None:
         """Sends ``StartupRoutingCommand`` (at start and after every reconnect)."""
-        message = self.startup_message()
+        try:
+            message = self.startup_message()
+        except HypervisorError as exc:
+            # The next reconnect or a restart announces again; pings keep the host known.
+            log.error("announce_failed", host=self.guid, error=str(exc))
+            return
         self.bus.send_to_mgmt(self.guid, message)
         self.announcements += 1
         log.info("agent_announced", host=self.guid, devices=len(message.pci_devices),
@@ -129,7 +134,11 @@ class Agent:
         self.bus.call_soon_threadsafe(lambda: self._report(event))
 
     def _report(self, event: LifecycleEvent) -> None:
-        domain = self.hypervisor.domain(event.uuid)
+        try:
+            domain = self.hypervisor.domain(event.uuid)
+        except HypervisorError as exc:
+            log.error("vm_state_report_failed", host=self.guid, vm=event.uuid, error=str(exc))
+            return
         report = VmStateReport(
             guid=self.guid, vm_uuid=event.uuid, vm_name=event.name,
             state=domain.state if domain else "stopped",
@@ -278,7 +287,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (AgentError, OSError) as exc:
         log.error("agent_start_failed", error=str(exc))
         return 1
-    report = check_host(config, host.pci_devices(), host.domains(), host.pci_backends())
+    try:
+        report = check_host(config, host.pci_devices(), host.domains(), host.pci_backends())
+    except HypervisorError as exc:
+        log.error("agent_start_failed", error=str(exc))
+        host.close()
+        return 1
     _log_report(report)
     if not report.ok:
         host.close()

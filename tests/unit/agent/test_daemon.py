@@ -227,3 +227,21 @@ def test_check_fails_when_libvirt_cannot_be_opened(tmp_path: Path,
     path = write_properties(tmp_path, f"libvirt.uri=test://{tmp_path}/missing.xml\n")
     assert main(["--config", str(path), "--check"]) == 1
     assert "cannot open libvirt" in capsys.readouterr().err
+
+
+def test_libvirt_failures_outside_handlers_are_logged_not_raised(make_host: HostFactory) -> None:
+    """A failing announce or state report is skipped; the loop thread survives."""
+    host = make_host()
+    agent, bus = started_agent(host)
+
+    def broken(*_args: object) -> None:
+        raise HypervisorError("lookup", "connection lost")
+
+    host.facts = broken  # type: ignore[assignment,method-assign]
+    host.domain = broken  # type: ignore[assignment,method-assign]
+    agent.announce()
+    agent.on_lifecycle(LifecycleEvent(uuid=VM_OLD_UUID, name="vm-old", event="Stopped",
+                                      detail="Destroyed", state="stopped"))
+    bus.run()
+    assert len(bus.of_type(StartupRoutingCommand)) == 1
+    assert bus.of_type(VmStateReport) == []

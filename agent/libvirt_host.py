@@ -258,10 +258,19 @@ class LibvirtHost:
 
     # -- lifecycle ---------------------------------------------------------------
 
+    def domain_type(self) -> str:
+        """Returns the domain type to define: ``test``, ``kvm``, or ``qemu`` (TCG) without KVM."""
+        if str(self.conn.getType()).upper() == "TEST":
+            return "test"
+        try:
+            self.conn.getDomainCapabilities(None, None, None, "kvm", 0)
+            return "kvm"
+        except libvirt.libvirtError:
+            return "qemu"  # no KVM on this host: libvirt would refuse type='kvm'
+
     def define(self, spec: VmSpec) -> None:
         """Defines (or redefines) a domain with the spec's hostdevs."""
-        domain_type = "test" if str(self.conn.getType()).upper() == "TEST" else "kvm"
-        self.define_xml(build_domain_xml(spec, domain_type=domain_type))
+        self.define_xml(build_domain_xml(spec, domain_type=self.domain_type()))
 
     def _call(self, operation: str, fn: Callable[[], object]) -> None:
         try:

@@ -50,8 +50,8 @@ class Vhost:
                 if line.split("\t", 1)[0] == self.name]
 
     def queue_depth(self, queue: str) -> int:
-        """Returns the number of ready messages in ``queue`` (via rabbitmqctl)."""
-        out = rabbitmqctl("list_queues", "--silent", "-p", self.name, "name", "messages_ready")
+        """Returns the number of messages in ``queue``, ready or unacked (via rabbitmqctl)."""
+        out = rabbitmqctl("list_queues", "--silent", "-p", self.name, "name", "messages")
         for line in out.splitlines():
             name, _, count = line.partition("\t")
             if name == queue:

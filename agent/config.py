@@ -54,6 +54,7 @@ class AgentConfig:
     amqp_url: str = "amqp://guest:guest@127.0.0.1:5672//"
     amqp_queue_type: Literal["quorum", "classic"] = "quorum"
     libvirt_uri: str = "qemu:///system"
+    migration_uri: str = ""
     pci_devices: tuple[PciDeviceEntry, ...] = ()
     ping_interval_s: float = 60.0
     attach_timeout_s: float = 10.0
@@ -181,6 +182,7 @@ _KEYS: dict[str, tuple[str, Callable[[Property], object]]] = {
     "amqp.url": ("amqp_url", _amqp_url),
     "amqp.queue.type": ("amqp_queue_type", _choice(("quorum", "classic"))),
     "libvirt.uri": ("libvirt_uri", _libvirt_uri),
+    "migration.uri": ("migration_uri", _libvirt_uri),
     "pci.devices": ("pci_devices", parse_pci_devices),
     "ping.interval": ("ping_interval_s", _positive_seconds),
     "timeout.attach": ("attach_timeout_s", _positive_seconds),
@@ -218,7 +220,22 @@ def config_from_properties(props: Sequence[Property], path: str,
                              else parse(prop))
     for warning in warnings:
         log.warning("config_warning", problem=warning)
-    return AgentConfig(path=path, warnings=tuple(warnings), **values)
+    config = AgentConfig(path=path, warnings=tuple(warnings), **values)
+    if not config.migration_uri:
+        config = replace(config, migration_uri=default_migration_uri(config.libvirt_uri))
+    return config
+
+
+def default_migration_uri(libvirt_uri: str, hostname: str | None = None) -> str:
+    """Returns the URI peers migrate to when ``migration.uri`` is unset.
+
+    A local ``driver:///path`` becomes ``driver+tcp://<this host's FQDN>/path``;
+    a remote URI and a simulated host's URI are used as they are.
+    """
+    scheme, _, rest = libvirt_uri.partition("://")
+    if scheme in ("simulated", "test") or "+" in scheme or not rest.startswith("/"):
+        return libvirt_uri
+    return f"{scheme}+tcp://{hostname or socket.getfqdn()}{rest}"
 
 
 def parse_config(text: str, path: str = "<string>") -> AgentConfig:

@@ -105,7 +105,8 @@ class Agent:
             guid=self.guid, name=self.config.name, hypervisor=facts.hypervisor,
             hypervisor_version=facts.hypervisor_version, cpus=facts.cpus,
             memory_mb=facts.memory_mb, pci_devices=self.report.inventory,
-            domains=self.hypervisor.domains(), agent_version=_agent_version())
+            domains=self.hypervisor.domains(), agent_version=_agent_version(),
+            migration_uri=self.config.migration_uri)
 
     def announce(self) -> None:
         """Sends ``StartupRoutingCommand`` (at start and after every reconnect)."""

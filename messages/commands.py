@@ -27,6 +27,9 @@ class StartupRoutingCommand(Message, frozen=True, kw_only=True):
     pci_devices: tuple[PciDeviceInfo, ...] = ()
     domains: tuple[DomainInfo, ...] = ()
     agent_version: str = ""
+    #: The libvirt URI other hosts migrate domains to this host with
+    #: (``MigrateCommand.destination_uri``), e.g. ``qemu+tcp://kvm-01/system``.
+    migration_uri: str = ""
 
 
 class PingRoutingCommand(Message, frozen=True, kw_only=True):

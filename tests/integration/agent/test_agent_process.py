@@ -25,6 +25,7 @@ def test_the_startup_message_carries_the_node_xml_inventory(run_agent: AgentRunn
     _daemon, mgmt = run_agent()
     startup = wait_for(mgmt.find("StartupRoutingCommand"), timeout=30, what="start-up")
     assert startup["guid"] == mgmt.guid and startup["name"] == "it-host"
+    assert startup["migration_uri"].startswith("simulated:///")
     assert (startup["cpus"], startup["memory_mb"], startup["hypervisor"]) == (16, 65536, "test")
     assert [(d["address"], d["name"], d["vendor_id"], d["product_id"], d["iommu_group"])
             for d in startup["pci_devices"]] == [

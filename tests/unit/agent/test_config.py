@@ -10,6 +10,7 @@ import pytest
 from hostdev.agent.config import (
     DEFAULT_PATH,
     AgentConfig,
+    default_migration_uri,
     ensure_guid,
     load_config,
     parse_config,
@@ -179,3 +180,22 @@ def test_devices_remember_their_physical_line() -> None:
     """Each parsed entry keeps the line it was written on."""
     config = parse_config("# x\npci.devices=28:00.1|A,\\\n  28:00.2|B\n", "a.properties")
     assert [e.line for e in config.pci_devices] == [2, 3]
+
+
+@pytest.mark.parametrize(("libvirt_uri", "wanted"), [
+    ("qemu:///system", "qemu+tcp://kvm-01.example.org/system"),
+    ("qemu+ssh://other/system", "qemu+ssh://other/system"),
+    ("simulated:///tmp/a.json", "simulated:///tmp/a.json"),
+    ("test:///tmp/node.xml", "test:///tmp/node.xml"),
+])
+def test_the_migration_uri_defaults_to_the_libvirt_uri_made_remote(libvirt_uri: str,
+                                                                   wanted: str) -> None:
+    """A local libvirt URI gets this host's FQDN over tcp; remote and simulated stay as is."""
+    assert default_migration_uri(libvirt_uri, "kvm-01.example.org") == wanted
+
+
+def test_an_explicit_migration_uri_wins() -> None:
+    """migration.uri overrides the derived default."""
+    config = parse_config("migration.uri=qemu+tls://h/system\n", "a.properties")
+    assert config.migration_uri == "qemu+tls://h/system"
+    assert parse_config("", "a").migration_uri.startswith("qemu+tcp://")

@@ -104,7 +104,7 @@ def incoming(message_id: str = "m-1") -> Incoming:
 
 
 def started_agent(host: SimulatedHost) -> tuple[Agent, RecordingBus]:
-    config = parse_config(f"guid={GUID}\nname=host-a\nping.interval=5s\n"
+    config = parse_config(f"guid={GUID}\nname=host-a\nping.interval=5s\nlibvirt.uri={host.uri}\n"
                           f"pci.devices={SAMPLE_DEVICES}\n", "a.properties")
     bus = RecordingBus()
     agent = Agent(config, host, bus, check_host(config, host.pci_devices(), host.domains()))
@@ -114,7 +114,8 @@ def started_agent(host: SimulatedHost) -> tuple[Agent, RecordingBus]:
 
 def test_start_connects_declares_consumes_and_announces(make_host: HostFactory) -> None:
     """The agent declares its queue, consumes every command and sends StartupRoutingCommand."""
-    _agent, bus = started_agent(make_host())
+    host = make_host()
+    _agent, bus = started_agent(host)
     assert bus.connected and bus.queues == [f"hostdev.agent.{GUID}"]
     handled = {t.__name__ for t in bus.consumers[f"hostdev.agent.{GUID}"]}
     assert handled == {"StartCommand", "StopCommand", "MigrateCommand", "StartupAnswer",
@@ -124,6 +125,7 @@ def test_start_connects_declares_consumes_and_announces(make_host: HostFactory) 
     assert isinstance(startup, StartupRoutingCommand)
     assert (startup.guid, startup.name, startup.cpus, startup.memory_mb) == (
         GUID, "host-a", 16, 65536)
+    assert startup.migration_uri == host.uri
     assert [(d.address, d.name, d.vendor_id, d.iommu_group) for d in startup.pci_devices] == [
         (P("28:00.1"), "10GE", "0x8086", 27), (P("28:00.2"), "10GE", "0x8086", 27),
         (P("3b:00.0"), "GPU", "0x10de", 40)]

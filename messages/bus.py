@@ -33,8 +33,8 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import amqp
-import kombu
 import structlog
+from kombu.connection import Connection as KombuConnection
 
 from hostdev.messages.base import Message
 from hostdev.messages.bus_amqp import (
@@ -46,6 +46,7 @@ from hostdev.messages.bus_amqp import (
     declare_queue,
     declare_topology,
     drain_ready,
+    new_channel,
     open_connection,
     raw,
     wait_readable,
@@ -81,6 +82,10 @@ class _Broken(Exception):
     """The connection was torn down and must be re-established before use."""
 
 
+_RECOVERABLE: tuple[type[BaseException], ...] = (*CONNECTION_ERRORS, _Broken)
+_CLOSE_ERRORS: tuple[type[BaseException], ...] = (BusError, _Stopped, *CONNECTION_ERRORS)
+
+
 class Bus:
     """The hostdev bus on RabbitMQ. The constructor does no I/O; :meth:`connect` does."""
 
@@ -88,7 +93,7 @@ class Bus:
         self.config = config or BusConfig()
         self._urls = [u.strip() for u in self.config.url.split(";") if u.strip()]
         self._url_index = 0
-        self._conn: kombu.Connection | None = None
+        self._conn: KombuConnection | None = None
         self._pub: amqp.Channel | None = None
         self._sub: amqp.Channel | None = None
         self._broken = False
@@ -142,7 +147,7 @@ class Bus:
         if self._conn is not None and not self._broken:
             try:
                 self._wait_confirms(5.0)
-            except (BusError, _Stopped, *CONNECTION_ERRORS) as exc:
+            except _CLOSE_ERRORS as exc:
                 log.warning("bus_close_unconfirmed", error=str(exc), unconfirmed=len(self._window))
         close_quietly(self._conn)
         self._conn = self._pub = self._sub = None
@@ -297,7 +302,7 @@ class Bus:
                     return
                 try:
                     self._iteration(deadline)
-                except (*CONNECTION_ERRORS, _Broken) as exc:
+                except _RECOVERABLE as exc:
                     self._recover(exc)
         except _Stopped:
             pass
@@ -311,7 +316,7 @@ class Bus:
         now = time.monotonic()
         if now >= self._next_heartbeat_check:
             self._next_heartbeat_check = now + 1.0
-            self._conn.heartbeat_check(rate=2)
+            self._conn.heartbeat_check(rate=2)  # type: ignore[no-untyped-call]
         self._run_soon()
         self._run_timers()
         if self._inbox:
@@ -449,7 +454,7 @@ class Bus:
                                         mandatory=item.mandatory)
                 self._window.published(item)
                 return
-            except (*CONNECTION_ERRORS, _Broken) as exc:
+            except _RECOVERABLE as exc:
                 self._recover(exc)
 
     def _wait_confirms(self, timeout: float) -> None:
@@ -463,7 +468,7 @@ class Bus:
                 if self._broken:
                     raise _Broken()
                 self._pump(min(remaining, 1.0))
-            except (*CONNECTION_ERRORS, _Broken) as exc:
+            except _RECOVERABLE as exc:
                 self._recover(exc)
         self._flush_acks()
 
@@ -524,12 +529,12 @@ class Bus:
     def _open(self) -> None:
         conn = open_connection(self._current_url(), self.config)
         self._conn = conn
-        login = conn.userid
+        login = str(conn.userid)
         if self.config.user_id is not None and self.config.user_id != login:
             raise BusError(f"BusConfig.user_id {self.config.user_id!r} differs from the login "
                            f"{login!r}; the broker would refuse every publish")
         self._user_id = login
-        pub = conn.channel()
+        pub = new_channel(conn)
         pub.confirm_select()
         pub.events["basic_ack"].add(self._on_ack)
         pub.events["basic_nack"].add(self._on_nack)
@@ -537,7 +542,7 @@ class Bus:
         declare_topology(pub, self.config)
         for name, (exchange, bindings) in self._queues.items():
             declare_queue(pub, self.config, name, exchange, bindings)
-        sub = conn.channel()
+        sub = new_channel(conn)
         sub.basic_qos(0, self.config.prefetch, False)
         self._pub, self._sub = pub, sub
         self._broken = False
@@ -558,7 +563,14 @@ class Bus:
 
     def _start_consumer(self, queue: str) -> None:
         assert self._sub is not None
-        self._sub.basic_consume(queue, callback=self._on_delivery(queue))
+        self._sub.basic_consume(queue, callback=self._on_delivery(queue),
+                                on_cancel=self._on_cancel)
+
+    def _on_cancel(self, consumer_tag: str) -> None:
+        # The broker cancels a consumer whose queue was deleted (or failed over):
+        # reconnecting re-declares the queue and consumes it again.
+        log.warning("bus_consumer_cancelled", consumer_tag=consumer_tag)
+        self._broken = True
 
     def _teardown(self) -> None:
         close_quietly(self._conn)

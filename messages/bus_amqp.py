@@ -16,7 +16,7 @@ from typing import Any
 
 import amqp
 import amqp.exceptions
-import kombu
+from kombu.connection import Connection as KombuConnection
 
 from hostdev.messages.base import Message
 from hostdev.messages.bus_api import (
@@ -44,40 +44,46 @@ KNOWN_EXCHANGES = frozenset({"", COMMANDS_EXCHANGE, EVENTS_EXCHANGE, DEAD_EXCHAN
 
 
 def open_connection(url: str, config: BusConfig, *, heartbeat: float | None = None
-                    ) -> kombu.Connection:
+                    ) -> KombuConnection:
     """Opens one kombu connection to one URL (no retry; the caller backs off).
 
     Raises:
         OSError, amqp.exceptions.AMQPError: the broker refused or did not answer.
     """
-    conn = kombu.Connection(
+    conn = KombuConnection(  # type: ignore[no-untyped-call]
+
         url,
         heartbeat=config.heartbeat if heartbeat is None else heartbeat,
         connect_timeout=config.connect_timeout,
         transport_options={"client_properties": {"connection_name": config.app_id}},
     )
     try:
-        conn.connect()
+        conn.connect()  # type: ignore[no-untyped-call]
     except BaseException:
         close_quietly(conn)
         raise
     return conn
 
 
-def close_quietly(conn: kombu.Connection | None) -> None:
+def close_quietly(conn: KombuConnection | None) -> None:
     """Closes a connection that may already be dead, ignoring every error."""
     if conn is None:
         return
     try:
-        conn.close()
+        conn.close()  # type: ignore[no-untyped-call]
     except Exception:
         with contextlib.suppress(Exception):
-            conn.collect()
+            conn.collect()  # type: ignore[no-untyped-call]
 
 
-def raw(conn: kombu.Connection) -> amqp.Connection:
+def raw(conn: KombuConnection) -> amqp.Connection:
     """Returns the py-amqp connection under kombu."""
-    return conn.connection  # type: ignore[no-any-return]
+    return conn.connection
+
+
+def new_channel(conn: KombuConnection) -> amqp.Channel:
+    """Opens a channel: kombu's py-amqp channel, used directly for windowed confirms."""
+    return conn.channel()  # type: ignore[no-untyped-call]
 
 
 def queue_arguments(config: BusConfig, *, dead_letter: bool = True) -> dict[str, Any]:

@@ -127,7 +127,7 @@ def _find_handler(cls: type[Message], handlers: Mapping[type[Message], Handler])
     if handler is not None:
         return handler
     for base in cls.__mro__[1:]:
-        handler = handlers.get(base)  # type: ignore[call-overload]
+        handler = handlers.get(base)
         if handler is not None:
             return handler
     return None

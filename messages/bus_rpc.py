@@ -15,14 +15,15 @@ import contextlib
 import time
 
 import amqp
-import kombu
 import structlog
+from kombu.connection import Connection as KombuConnection
 
 from hostdev.messages.base import Message
 from hostdev.messages.bus_amqp import (
     CONNECTION_ERRORS,
     build_message,
     close_quietly,
+    new_channel,
     open_connection,
     raw,
 )
@@ -42,7 +43,7 @@ class RpcClient:
         self._urls = urls
         self._url_index = 0
         self._user_id = user_id
-        self._conn: kombu.Connection | None = None
+        self._conn: KombuConnection | None = None
         self._channel: amqp.Channel | None = None
         self._waiting: str | None = None
         self._reply: amqp.Message | None = None
@@ -113,7 +114,7 @@ class RpcClient:
         # No heartbeats: the connection idles between calls, and a call has its own timeout.
         conn = open_connection(url, self.config, heartbeat=0)
         try:
-            channel = conn.channel()
+            channel = new_channel(conn)
             channel.exchange_declare(COMMANDS_EXCHANGE, "topic", durable=True, auto_delete=False)
             channel.events["basic_return"].add(self._on_return)
             channel.basic_consume(DIRECT_REPLY_TO, no_ack=True, callback=self._on_reply)

@@ -218,8 +218,6 @@ def config_from_properties(props: Sequence[Property], path: str,
         attribute, parse = spec
         values[attribute] = (parse_pci_devices(prop, source) if prop.key == "pci.devices"
                              else parse(prop))
-    for warning in warnings:
-        log.warning("config_warning", problem=warning)
     config = AgentConfig(path=path, warnings=tuple(warnings), **values)
     if not config.migration_uri:
         config = replace(config, migration_uri=default_migration_uri(config.libvirt_uri))

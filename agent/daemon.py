@@ -282,6 +282,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(config.log_level, json=config.log_format == "json")
     if args.check:
         return check(config)
+    for warning in config.warnings:
+        log.warning("config_warning", problem=warning)
     try:
         config = ensure_guid(config)
         host = open_hypervisor(config.libvirt_uri)

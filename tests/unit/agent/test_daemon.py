@@ -247,3 +247,23 @@ def test_libvirt_failures_outside_handlers_are_logged_not_raised(make_host: Host
     bus.run()
     assert len(bus.of_type(StartupRoutingCommand)) == 1
     assert bus.of_type(VmStateReport) == []
+
+
+def test_main_writes_a_guid_and_logs_warnings_before_running(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """First start: the guid is generated into the file; an unknown key is logged."""
+    from hostdev.agent import daemon
+    from tests.support.agent import sample_spec, write_spec
+
+    ran: list[Agent] = []
+    monkeypatch.setattr(daemon.Agent, "run", lambda self: ran.append(self))
+    monkeypatch.setattr(daemon.signal, "signal", lambda *_args: None)  # keep pytest's
+    uri = write_spec(tmp_path, sample_spec())
+    path = write_properties(tmp_path, f"libvirt.uri={uri}\npci.devices={SAMPLE_DEVICES}\n"
+                                      "colour=blue\n")
+    assert main(["--config", str(path)]) == 0
+    (agent,) = ran
+    assert f"guid={agent.guid}" in path.read_text()
+    assert "unknown key 'colour'" in capsys.readouterr().err
+    agent.hypervisor.close()

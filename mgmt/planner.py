@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 from sqlalchemy import Select, case, func, select
 from sqlalchemy.orm import Session
@@ -68,7 +67,8 @@ def _used(column: object, host_id: object) -> object:
 PAGE = 64
 
 
-def _host_filters(query: Select[Any], demand: Demand, avoid: Collection[str]) -> Select[Any]:
+def _host_filters(query: Select[int, str, str], demand: Demand,
+                  avoid: Collection[str]) -> Select[int, str, str]:
     query = (query.where(Host.status == "Up")
              .where(Host.cpus - _used(VmInstance.cpus, Host.id) >= demand.cpus)
              .where(Host.memory_mb - _used(VmInstance.memory_mb, Host.id) >= demand.memory_mb))

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import signal
+from collections.abc import Callable
+from functools import partial
 from types import FrameType
 from typing import Any
 
@@ -42,6 +44,10 @@ def check_schema(config: MgmtConfig) -> None:
                     "schema; run: hostdev-mgmt db upgrade --db-url URL")
 
 
+def _ignore_result(fn: Callable[[], object]) -> None:
+    fn()
+
+
 def run(config: MgmtConfig, *, name: str | None = None) -> int:
     """Runs the management daemon with ``config`` until SIGTERM/SIGINT; returns exit status."""
     from hostdev.messages.bus import Bus, BusConfig
@@ -66,7 +72,7 @@ def run(config: MgmtConfig, *, name: str | None = None) -> int:
         notifier.ready("consuming hostdev.mgmt and hostdev.api")
         watchdog = notifier.watchdog_interval_s()
         if watchdog:
-            bus.call_every(watchdog, notifier.watchdog)
+            bus.call_every(watchdog, partial(_ignore_result, notifier.watchdog))
         service.run()
     finally:
         service.close()

@@ -16,11 +16,12 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Callable
+from datetime import timedelta
 from functools import partial
 from typing import Any
 
 import structlog
-from sqlalchemy import Engine
+from sqlalchemy import Engine, delete
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
@@ -42,6 +43,7 @@ from hostdev.mgmt.config import MgmtConfig
 from hostdev.mgmt.database import TransactionConflict
 from hostdev.mgmt.errors import MgmtError
 from hostdev.mgmt.jobs import JobManager
+from hostdev.mgmt.models import HandledMessage, utcnow
 from hostdev.mgmt.outbox import OutboxPublisher
 from hostdev.mgmt.registration import HostRegistry, check_sender, guid_of
 from hostdev.mgmt.unit_of_work import AlreadyHandled, UnitOfWork
@@ -83,6 +85,7 @@ class ManagementService:
         self.bus.call_every(self.config.host_sweep_interval_s, self._guard(self.sweep_hosts))
         self.bus.call_every(self.config.job_sweep_interval_s, self._guard(self.expire_jobs))
         self.bus.call_every(2.0, self._guard(self.outbox.publish_stale))
+        self.bus.call_every(3600.0, self._guard(self.purge))
         self._started = True
         log.info("mgmt_started", service=self.name, bus=self.bus.config.safe_url(),
                  db=self.engine.url.render_as_string())
@@ -113,6 +116,14 @@ class ManagementService:
         overdue = self.work.run(self.jobs.overdue, what="find overdue jobs")
         for job_id in overdue:
             self.work.run(partial(self.jobs.expire, job_id=job_id), what=f"expire job {job_id}")
+
+    def purge(self, older_than_s: float = 86400.0) -> None:
+        """Deletes handled message ids and published outbox rows older than a day."""
+        self.outbox.purge(older_than_s)
+        cutoff = utcnow() - timedelta(seconds=older_than_s)
+        self.work.run(lambda session: session.execute(
+            delete(HandledMessage).where(HandledMessage.handled_at < cutoff)),
+            what="purge handled messages")
 
     def _guard(self, fn: Callable[[], Any]) -> Callable[[], None]:
         def run() -> None:

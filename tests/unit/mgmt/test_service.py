@@ -21,7 +21,15 @@ from hostdev.messages.commands import (
 from hostdev.mgmt.config import MgmtConfig
 from hostdev.mgmt.database import create_database_engine
 from hostdev.mgmt.errors import Forbidden
-from hostdev.mgmt.models import Host, Job, PciDevice, VmInstance, utcnow
+from hostdev.mgmt.models import (
+    HandledMessage,
+    Host,
+    Job,
+    OutboxEvent,
+    PciDevice,
+    VmInstance,
+    utcnow,
+)
 from tests.support.databases import sqlite_database
 from tests.support.mgmt_harness import Harness, devices
 
@@ -266,3 +274,13 @@ def test_disable_device_takes_it_out_of_placement(h: Harness) -> None:
     assert [p.routing_key for p in h.commands(StartCommand)] == ["agent.g2.StartCommand"]
     free = h.api(api.ListPciDevicesRequest(host="h1", free_only=True))
     assert isinstance(free, api.PciDeviceList) and len(free.devices) == 1
+
+
+def test_purge_forgets_old_handled_ids_and_published_events(h: Harness, engine: Engine) -> None:
+    """The hourly purge deletes handled message ids and outbox rows once published."""
+    _deploy(h, "vm1")
+    h.answer()
+    h.service.purge(older_than_s=-1)
+    with Session(engine) as session:
+        assert session.scalar(select(func.count()).select_from(HandledMessage)) == 0
+        assert session.scalar(select(func.count()).select_from(OutboxEvent)) == 0

@@ -164,13 +164,18 @@ class LibvirtHost:
             state = _STATES.get(dom.state()[0], "unknown")
         except libvirt.libvirtError:
             state = _EVENT_STATES.get(name, "unknown")
+        self.emit(LifecycleEvent(uuid=uuid, name=dom.name(), event=name, detail=detail_name,
+                                 state=state))
+
+    def emit(self, event: LifecycleEvent) -> None:
+        """Hands one lifecycle event to the listener, surviving the listener's bugs."""
         listener = self._listener
         if listener is not None:
             try:
-                listener(LifecycleEvent(uuid=uuid, name=dom.name(), event=name,
-                                        detail=detail_name, state=state))
+                listener(event)
             except Exception:  # the event thread must survive a listener's bug
-                log.exception("lifecycle_listener_failed", vm=uuid, libvirt_event=name)
+                log.exception("lifecycle_listener_failed", vm=event.uuid,
+                              libvirt_event=event.event)
 
     def _on_device_removed(self, _conn: Any, _dom: Any, _alias: str, _opaque: Any) -> None:
         with self._changed:

@@ -28,11 +28,13 @@ import structlog
 
 from hostdev.agent.domain_xml import (
     read_hostdevs,
+    read_identity,
     with_hostdev,
     without_hostdev,
     without_runtime_id,
 )
 from hostdev.agent.errors import DetachRefused, MigrationFailed
+from hostdev.agent.hypervisor import LifecycleEvent
 from hostdev.agent.libvirt_host import LibvirtHost
 from hostdev.agent.nodedev_xml import SimHostSpec, build_node_xml, load_spec
 from hostdev.messages.pci_address import PciAddress
@@ -166,9 +168,18 @@ class SimulatedHost(LibvirtHost):
         if not self.is_active(uuid):
             raise MigrationFailed(uuid, destination_uri, "the domain is not running")
         xml = without_runtime_id(self.domain_xml(uuid))
+        name = read_identity(xml)[1]
+        # Report what real libvirt reports (Started/Migrated, Stopped/Migrated),
+        # not the boot and destroy that emulate it.
         destination.define_xml(xml)
+        destination.quiet_events(uuid, [("Started", "Booted")])
         destination.start(uuid)
+        destination.emit(LifecycleEvent(uuid=uuid, name=name, event="Started",
+                                        detail="Migrated", state="running"))
+        self.quiet_events(uuid, [("Stopped", "Destroyed")])
         self.destroy(uuid)
+        self.emit(LifecycleEvent(uuid=uuid, name=name, event="Stopped", detail="Migrated",
+                                 state="stopped"))
         self.undefine(uuid)
         log.info("simulated_domain_migrated", vm=uuid, destination=destination_uri)
 

@@ -152,3 +152,26 @@ def test_plain_libvirt_errors_become_hypervisor_errors_with_the_code() -> None:
         host.close()
     with pytest.raises(HypervisorError, match="not open"):
         host.domains()
+
+
+def test_a_migration_reports_migrated_events_like_libvirt(make_host: HostFactory) -> None:
+    """Source: Stopped/Migrated then Undefined; destination: Started/Migrated, no boot."""
+    source, destination = make_host("sim-a"), make_host("sim-b")
+    on_source: list[LifecycleEvent] = []
+    on_destination: list[LifecycleEvent] = []
+    source.set_lifecycle_listener(on_source.append)
+    destination.set_lifecycle_listener(on_destination.append)
+    uuid = running_vm(source, NIC1)
+    wait_for(lambda: any(e.event == "Started" for e in on_source), timeout=5,
+             what="the boot on the source")
+    source.migrate(uuid, destination.uri, 5.0)
+    wait_for(lambda: any(e.event == "Undefined" for e in on_source), timeout=5,
+             what="the source's Undefined event")
+    wait_for(lambda: any(e.event == "Defined" for e in on_destination), timeout=5,
+             what="the destination's Defined event")
+    source_events = [(e.event, e.detail) for e in on_source if e.uuid == uuid]
+    assert source_events[-2:] == [("Stopped", "Migrated"), ("Undefined", "Removed")]
+    assert ("Stopped", "Destroyed") not in source_events
+    destination_events = {(e.event, e.detail) for e in on_destination}
+    assert ("Started", "Migrated") in destination_events
+    assert ("Started", "Booted") not in destination_events

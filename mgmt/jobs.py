@@ -30,7 +30,7 @@ from hostdev.mgmt.config import MgmtConfig
 from hostdev.mgmt.database import RetryTransaction
 from hostdev.mgmt.errors import Conflict, InvalidRequest, NoCapacity, NotFound
 from hostdev.mgmt.models import Host, Job, ServiceOffering, VmInstance, utcnow
-from hostdev.mgmt.pci_devices import ClaimRaceLost, InsufficientDevices
+from hostdev.mgmt.pci_devices import InsufficientDevices
 from hostdev.mgmt.vm_lifecycle import (
     PciDeviceManager,
     VmLifecycleManager,
@@ -262,17 +262,18 @@ class JobManager:
             hosts = planner.read_capacities(session, [r.name for r in demand.pci])
             raise NoCapacity(planner.refusal(demand, hosts, avoid))
         for candidate in candidates:
-            savepoint = session.begin_nested()
+            # The claim (a pre-transition listener) runs before the VM row
+            # changes and refuses before writing anything: nothing to undo, try
+            # the next host. A lost race (ClaimRaceLost) may have written part
+            # of the claim: it propagates and the whole unit of work is retried
+            # in a new transaction.
             try:
                 self._lifecycle.transition(session, vm, VmEvent.START_REQUESTED,
                                            host_id=candidate.id)
-            except (InsufficientDevices, ClaimRaceLost) as exc:
-                savepoint.rollback()
-                session.refresh(vm)
+            except InsufficientDevices as exc:
                 log.info("placement_race_lost", vm=vm.uuid, host=candidate.guid,
                          reason=str(exc))
                 continue
-            savepoint.commit()
             payload.setdefault("tried", []).append(candidate.guid)
             spec = VmSpec(uuid=vm.uuid, name=vm.name, cpus=vm.cpus, memory_mb=vm.memory_mb,
                           pci_devices=self._devices.held_addresses(session, vm.id))

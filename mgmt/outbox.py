@@ -2,8 +2,11 @@
 
 A row is added inside the caller's transaction, so a message exists exactly
 when its cause committed; ``OutboxPublisher`` publishes rows after commit:
-the ones a handler just wrote (``publish_now``) and, periodically, anything
-a crashed daemon left behind (``publish_stale``). Delivery is at-least-once;
+the ones a handler just wrote (``publish_now``, straight from memory, no
+read back), and periodically anything a crashed daemon left behind
+(``publish_stale``). Rows published from memory are marked published in
+batches (``mark_published``, after the broker confirmed them), so a handler
+costs no second transaction. Delivery is at-least-once;
 the message id is derived from the row id (``outbox-<id>``) so a second
 publication of the same row carries the same id and receivers drop it.
 
@@ -54,20 +57,24 @@ def message_id_of(row_id: int) -> str:
     return f"outbox-{row_id}"
 
 
+#: One row written by this process: id, routing key, message.
+Pending = tuple[int, str, Message]
+
+
 def add(session: Session, routing_key: str, message: Message) -> str:
     """Adds ``message`` to the outbox in the session's transaction; returns its message id."""
     row = OutboxEvent(routing_key=routing_key, type=type(message).__name__,
                       body=encode(message))
     session.add(row)
     session.flush()
-    session.info.setdefault(PENDING_KEY, []).append(row.id)
+    session.info.setdefault(PENDING_KEY, []).append((row.id, routing_key, message))
     return message_id_of(row.id)
 
 
-def take_pending(session: Session) -> list[int]:
-    """Returns and forgets the outbox row ids this session added (call after commit)."""
-    ids: list[int] = session.info.pop(PENDING_KEY, [])
-    return ids
+def take_pending(session: Session) -> list[Pending]:
+    """Returns and forgets the outbox rows this session added (call after commit)."""
+    rows: list[Pending] = session.info.pop(PENDING_KEY, [])
+    return rows
 
 
 def exchange_for(routing_key: str) -> str:
@@ -84,20 +91,34 @@ class OutboxPublisher:
         self._bus = bus
         self._stale_after = timedelta(seconds=stale_after_s)
         self._batch = batch
+        self._unmarked: list[int] = []
 
-    def publish_now(self, ids: Sequence[int]) -> int:
-        """Publishes the given (committed) rows that are not published yet."""
-        if not ids:
+    def publish_now(self, rows: Sequence[Pending]) -> int:
+        """Publishes rows just committed by this process; marks them later in a batch."""
+        for row_id, routing_key, message in rows:
+            self._bus.publish(routing_key, message, exchange=exchange_for(routing_key),
+                              message_id=message_id_of(row_id))
+            self._unmarked.append(row_id)
+        return len(rows)
+
+    def mark_published(self) -> int:
+        """Marks the rows published from memory, once the broker confirmed them."""
+        if not self._unmarked:
             return 0
-        with session_scope(self._engine) as session:
-            rows = session.scalars(
-                select(OutboxEvent).where(OutboxEvent.id.in_(list(ids)),
-                                          OutboxEvent.published_at.is_(None))
-                .order_by(OutboxEvent.id)).all()
-            return self._publish(session, list(rows))
+        ids, self._unmarked = self._unmarked, []
+        try:
+            self._bus.wait_for_confirms()
+            with session_scope(self._engine) as session:
+                session.execute(update(OutboxEvent).where(OutboxEvent.id.in_(ids))
+                                .values(published_at=utcnow()))
+        except Exception:
+            self._unmarked[:0] = ids  # next time; the stale sweep may republish meanwhile
+            raise
+        return len(ids)
 
     def publish_stale(self) -> int:
         """Publishes rows left unpublished longer than ``stale_after_s`` (crash recovery)."""
+        self.mark_published()
         cutoff = utcnow() - self._stale_after
         with session_scope(self._engine) as session:
             rows = session.scalars(
@@ -126,6 +147,7 @@ class OutboxPublisher:
 
     def purge(self, older_than_s: float = 86400.0) -> None:
         """Deletes rows published more than ``older_than_s`` ago."""
+        self.mark_published()
         cutoff = utcnow() - timedelta(seconds=older_than_s)
         with session_scope(self._engine) as session:
             session.query(OutboxEvent).filter(OutboxEvent.published_at < cutoff).delete()

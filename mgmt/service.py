@@ -84,6 +84,7 @@ class ManagementService:
         self.bus.consume(API_QUEUE, self.api_handlers())
         self.bus.call_every(self.config.host_sweep_interval_s, self._guard(self.sweep_hosts))
         self.bus.call_every(self.config.job_sweep_interval_s, self._guard(self.expire_jobs))
+        self.bus.call_every(0.2, self._guard(self.outbox.mark_published))
         self.bus.call_every(2.0, self._guard(self.outbox.publish_stale))
         self.bus.call_every(3600.0, self._guard(self.purge))
         self._started = True
@@ -102,7 +103,11 @@ class ManagementService:
         self.bus.stop()
 
     def close(self) -> None:
-        """Closes the bus connection."""
+        """Marks what was published, then closes the bus connection."""
+        try:
+            self.outbox.mark_published()
+        except Exception as exc:  # the stale sweep of any daemon republishes them
+            log.warning("outbox_mark_failed", error=str(exc))
         self.bus.close()
 
     # -- periodic work ---------------------------------------------------------------

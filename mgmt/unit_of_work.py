@@ -14,14 +14,14 @@ from collections.abc import Callable
 from typing import TypeVar
 
 import structlog
-from sqlalchemy import Engine
+from sqlalchemy import Engine, insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from hostdev.mgmt import outbox
 from hostdev.mgmt.database import TransactionConflict, is_retryable
 from hostdev.mgmt.errors import Conflict
-from hostdev.mgmt.models import HandledMessage
+from hostdev.mgmt.models import HandledMessage, utcnow
 
 log = structlog.get_logger()
 
@@ -78,20 +78,18 @@ class UnitOfWork:
 
     @staticmethod
     def _record(session: Session, message_id: str, what: str) -> None:
-        if session.get(HandledMessage, message_id) is not None:
-            raise AlreadyHandled(f"{what}: message {message_id} was handled already "
-                                 "(a redelivery); nothing done again")
-        session.add(HandledMessage(message_id=message_id))
+        # One INSERT: the primary key refuses an id handled (or being handled) before.
         try:
-            session.flush()
-        except IntegrityError:  # another daemon handles the same delivery right now
-            raise AlreadyHandled(f"{what}: message {message_id} is being handled by "
-                                 "another daemon") from None
+            session.execute(insert(HandledMessage).values(message_id=message_id,
+                                                          handled_at=utcnow()))
+        except IntegrityError:
+            raise AlreadyHandled(f"{what}: message {message_id} was handled already "
+                                 "(a redelivery); nothing done again") from None
 
-    def _publish(self, ids: list[int]) -> None:
-        if not ids or self.publisher is None:
+    def _publish(self, rows: list[outbox.Pending]) -> None:
+        if not rows or self.publisher is None:
             return
         try:
-            self.publisher.publish_now(ids)
+            self.publisher.publish_now(rows)
         except Exception as exc:  # the stale sweep publishes them later
-            log.warning("outbox_publish_deferred", count=len(ids), error=str(exc))
+            log.warning("outbox_publish_deferred", count=len(rows), error=str(exc))

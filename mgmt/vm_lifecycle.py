@@ -82,12 +82,20 @@ class VmLifecycleManager:
         """
         old: VmState = vm.state  # type: ignore[assignment]
         new = next_state(old, event, vm=vm.name)
-        for listener in self._listeners:
-            listener.pre_transition(session, vm, event, old, new)
         values: dict[str, object] = {"state": new, "update_count": vm.update_count + 1,
                                      "updated_at": utcnow()}
         if host_id is not _KEEP:
+            # Pre-listeners see the target host (PciDeviceManager claims there).
+            previous_host = vm.host_id
+            set_committed_value(vm, "host_id", host_id)
             values["host_id"] = host_id
+        try:
+            for listener in self._listeners:
+                listener.pre_transition(session, vm, event, old, new)
+        except BaseException:
+            if host_id is not _KEEP:
+                set_committed_value(vm, "host_id", previous_host)
+            raise
         if new in ("Stopped", "Destroyed") and vm.host_id is not None:
             values["host_id"] = None
             values["last_host_id"] = vm.host_id
@@ -103,10 +111,8 @@ class VmLifecycleManager:
             set_committed_value(vm, key, value)
         for listener in self._listeners:
             listener.post_transition(session, vm, event, old, new)
-        host_guid = None
         host_ref = vm.host_id if vm.host_id is not None else vm.last_host_id
-        if host_ref is not None:
-            host_guid = session.scalar(select(Host.guid).where(Host.id == host_ref))
+        host_guid = host_guid_of(session, host_ref) if host_ref is not None else None
         outbox.add(session, f"vm.{vm.uuid}.{new}",
                    VmStateChanged(vm_uuid=vm.uuid, state=new, previous=old,
                                   host_guid=host_guid, at=utcnow().isoformat() + "Z"))
@@ -115,13 +121,31 @@ class VmLifecycleManager:
         return new
 
 
+_GUIDS: dict[tuple[str, int], str] = {}
+
+
+def host_guid_of(session: Session, host_id: int) -> str:
+    """Returns a host's guid (cached: a host id never changes guid)."""
+    key = (str(session.get_bind().url), host_id)
+    guid = _GUIDS.get(key)
+    if guid is None:
+        guid = session.scalar(select(Host.guid).where(Host.id == host_id)) or ""
+        if guid:
+            _GUIDS[key] = guid
+    return guid
+
+
 def offering_requests(session: Session, offering_id: int) -> tuple[PciRequest, ...]:
-    """Returns the PCI requests of an offering, by name."""
-    rows = session.execute(
-        select(ServiceOfferingPciRequest.name, ServiceOfferingPciRequest.count)
-        .where(ServiceOfferingPciRequest.offering_id == offering_id)
-        .order_by(ServiceOfferingPciRequest.id))
-    return tuple(PciRequest(name=name, count=int(count)) for name, count in rows)
+    """Returns the PCI requests of an offering, by name (read once per transaction)."""
+    cache: dict[int, tuple[PciRequest, ...]] = session.info.setdefault("hostdev_requests", {})
+    if offering_id not in cache:
+        rows = session.execute(
+            select(ServiceOfferingPciRequest.name, ServiceOfferingPciRequest.count)
+            .where(ServiceOfferingPciRequest.offering_id == offering_id)
+            .order_by(ServiceOfferingPciRequest.id))
+        cache[offering_id] = tuple(PciRequest(name=name, count=int(count))
+                                   for name, count in rows)
+    return cache[offering_id]
 
 
 class PciDeviceManager:
@@ -133,16 +157,16 @@ class PciDeviceManager:
 
     def pre_transition(self, session: Session, vm: VmInstance, event: VmEvent,
                        old: VmState, new: VmState) -> None:
-        """Does nothing: claims need the VM's host, set by the UPDATE."""
-
-    def post_transition(self, session: Session, vm: VmInstance, event: VmEvent,
-                        old: VmState, new: VmState) -> None:
-        """Claims on Starting; releases on Stopped, Destroyed and Error."""
+        """Claims on Starting, before the VM row changes: a refused claim vetoes it."""
         if new == "Starting":
             if vm.host_id is None:
                 raise Conflict(f"VM {vm.name} is Starting without a host")
             self.claim(session, vm, vm.host_id)
-        elif new in RELEASES_DEVICES:
+
+    def post_transition(self, session: Session, vm: VmInstance, event: VmEvent,
+                        old: VmState, new: VmState) -> None:
+        """Releases on Stopped, Destroyed and Error."""
+        if new in RELEASES_DEVICES:
             self.release(session, vm)
 
     def claim(self, session: Session, vm: VmInstance, host_id: int) -> tuple[HeldDevice, ...]:
@@ -156,7 +180,8 @@ class PciDeviceManager:
         if not requests:
             return ()
         held = pci_devices.claim_devices(session.connection(), vm.id, host_id, requests)
-        host_guid = session.scalar(select(Host.guid).where(Host.id == host_id)) or ""
+        session.info.setdefault("hostdev_claimed", {})[vm.id] = held
+        host_guid = host_guid_of(session, host_id)
         at = utcnow().isoformat() + "Z"
         for device in held:
             outbox.add(session, f"pci.{host_guid}.Allocated",
@@ -171,11 +196,9 @@ class PciDeviceManager:
         if not held:
             return 0
         pci_devices.release_devices(conn, vm.id)
-        guids = {host_id: guid for host_id, guid in session.execute(
-            select(Host.id, Host.guid).where(Host.id.in_({d.host_id for d in held})))}
         at = utcnow().isoformat() + "Z"
         for device in held:
-            guid = guids.get(device.host_id, "")
+            guid = host_guid_of(session, device.host_id)
             outbox.add(session, f"pci.{guid}.Released",
                        PciDeviceReleased(host_guid=guid, address=device.address,
                                          name=device.name, vm_uuid=vm.uuid, at=at))
@@ -183,6 +206,9 @@ class PciDeviceManager:
 
     def held_addresses(self, session: Session, vm_id: int) -> tuple[PciAddress, ...]:
         """Returns the addresses of the devices a VM holds, in id order."""
+        claimed = session.info.get("hostdev_claimed", {}).get(vm_id)
+        if claimed is not None:  # claimed in this transaction
+            return tuple(sorted((d.address for d in claimed), key=str))
         return tuple(device.address
                      for device in pci_devices.devices_of_vm(session.connection(), vm_id)
                      if device.state == "allocated")

@@ -126,7 +126,7 @@ _GUIDS: dict[tuple[str, int], str] = {}
 
 def host_guid_of(session: Session, host_id: int) -> str:
     """Returns a host's guid (cached: a host id never changes guid)."""
-    key = (str(session.get_bind().url), host_id)
+    key = (str(session.get_bind().engine.url), host_id)
     guid = _GUIDS.get(key)
     if guid is None:
         guid = session.scalar(select(Host.guid).where(Host.id == host_id)) or ""

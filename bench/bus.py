@@ -1,14 +1,16 @@
 """Benchmarks the hostdev bus against raw kombu on the same broker, in one run.
 
-Figures (medians of 3 alternating rounds, in a vhost of its own):
+Figures (medians of 5 alternating rounds, in a vhost of its own):
 - ``rpc``: sequential request/response calls per second over direct reply-to;
   the server runs in another process. hostdev: ``Bus.request`` against a
   ``Bus.consume`` handler (decode, dispatch, answer, confirm, ack). Raw: a
   kombu Producer/Consumer pair doing the same round trip with manual acks.
-- ``publish``: persistent commands per second to a quorum queue, publisher
-  confirms on. hostdev: ``send_to_agent`` + ``wait_for_confirms`` with its
-  window of 100. Raw: a kombu Producer on a confirm-mode channel with 100
-  confirms in flight (kombu's own ``confirm_publish`` waits for each).
+- ``publish``: persistent commands per second through ``hostdev.commands`` to
+  a quorum queue, publisher confirms on. hostdev: ``send_to_agent`` +
+  ``wait_for_confirms`` with its window of 100 (and ``mandatory``, so an
+  unroutable command is dead-lettered). Raw: a kombu Producer on a
+  confirm-mode channel with 100 confirms in flight (kombu's own
+  ``confirm_publish`` waits for each one).
 - ``consume``: the same persistent commands consumed, decoded and acked.
 
 Prints a table, then ``metric=NAME value=NUMBER unit=UNIT`` lines; ratios are
@@ -40,12 +42,14 @@ from hostdev.messages.pci_address import PciAddress
 from hostdev.messages.values import PciDeviceRow, VmSpec
 from tests.support.rabbitmq import amqp_vhost
 
-RPC_SECONDS = 2.0
-PUBLISH_COUNT = 6000
-ROUNDS = 3
+RPC_SECONDS = 1.5
+PUBLISH_COUNT = 5000
+ROUNDS = 5
 RAW_API_QUEUE = "bench.raw.api"
 RAW_CMD_QUEUE = "bench.raw.agent"
 QUORUM = {"x-queue-type": "quorum"}
+# Raw publishes go through the same topic exchange as hostdev's commands.
+COMMANDS = kombu.Exchange("hostdev.commands", type="topic", durable=True, passive=True)
 
 ANSWER = PciDeviceList(devices=tuple(
     PciDeviceRow(id=i, host_guid="6f1c0b1e-host", host_name="kvm-01",
@@ -186,7 +190,7 @@ def publish_raw(conn: kombu.Connection) -> float:
         confirmed[0] = max(confirmed[0], tag)
 
     channel.events["basic_ack"].add(on_ack)
-    producer = kombu.Producer(channel, routing_key=RAW_CMD_QUEUE)
+    producer = kombu.Producer(channel, exchange=COMMANDS, routing_key="agent.rawbench.StartCommand")
     start = time.perf_counter()
     for sent in range(1, PUBLISH_COUNT + 1):
         producer.publish(body, content_type="application/json", content_encoding="binary",
@@ -242,7 +246,8 @@ def main() -> None:
         bus.connect()
         agent_queue = bus.declare_agent_queue("bench")
         with kombu.Connection(url) as conn:
-            kombu.Queue(RAW_CMD_QUEUE, durable=True, queue_arguments=QUORUM,
+            kombu.Queue(RAW_CMD_QUEUE, exchange=COMMANDS, routing_key="agent.rawbench.#",
+                        durable=True, queue_arguments=QUORUM,
                         channel=conn.default_channel).declare()
             for _ in range(ROUNDS):
                 figures["publish_raw"].append(publish_raw(conn))

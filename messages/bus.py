@@ -58,6 +58,7 @@ __all__ = ["Bus", "BusConfig", "Handler", "Incoming"]
 
 log = structlog.get_logger()
 
+_ACK_BATCH = 16  # deliveries handled between two (multiple) acks while more are waiting
 _CLOSE_ERRORS: tuple[type[BaseException], ...] = (BusError, Stopped, *RECOVERABLE)
 
 
@@ -74,6 +75,7 @@ class Bus:
         self._rpc: RpcClient | None = None
         self._rpc_lock = threading.Lock()
         self._next_heartbeat_check = 0.0
+        self._since_flush = 0
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -257,8 +259,12 @@ class Bus:
         self._loop.run_due()
         if link.inbox:
             self._handle(*link.inbox.popleft())
-            if not link.inbox and link.usable:
-                link.pump(0.0)
+            self._since_flush += 1
+            if link.usable and (not link.inbox or self._since_flush >= _ACK_BATCH):
+                self._since_flush = 0
+                link.flush_acks()
+                if not link.inbox:
+                    link.pump(0.0)
             return
         cap = min(1.0, self.config.heartbeat / 4) if self.config.heartbeat else 1.0
         link.pump(self._loop.next_wait(deadline, cap))

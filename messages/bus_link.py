@@ -263,9 +263,12 @@ class AmqpLink:
             self._after_frames()
 
     def ack_when_confirmed(self, epoch: int, tag: int) -> None:
-        """Acks delivery ``tag`` once everything published so far is confirmed."""
+        """Acks delivery ``tag`` once everything published so far is confirmed.
+
+        The ack is sent by the next :meth:`flush_acks` (the loop calls it after
+        a batch of deliveries), so several are acked in one frame.
+        """
         self.window.defer((epoch, tag))
-        self.flush_acks()
 
     def reject(self, epoch: int, tag: int) -> None:
         """Requeues a delivery (if its connection is still the current one)."""
@@ -273,13 +276,18 @@ class AmqpLink:
             self.sub.basic_reject(tag, requeue=True)
 
     def flush_acks(self) -> None:
-        """Sends the acks whose publishes are all confirmed."""
+        """Sends the acks whose publishes are all confirmed, as one ``multiple`` ack.
+
+        Deliveries are handled and deferred in tag order and every earlier one
+        is settled (acked, rejected or deferred ahead of it), so acking the
+        highest ready tag with ``multiple`` acks exactly the ready ones.
+        """
         ready = self.window.ready()
         if not ready or self.sub is None:
             return
-        for epoch, tag in ready:
-            if epoch == self.epoch:
-                self.sub.basic_ack(tag)
+        current = [tag for epoch, tag in ready if epoch == self.epoch]
+        if current:
+            self.sub.basic_ack(max(current), multiple=True)
 
     def _after_frames(self) -> None:
         if self._returned:

@@ -15,6 +15,7 @@ Deterministic use in unit tests (no threads)::
     broker.dead_letters()       # what was dead-lettered, with reasons
 
 Or threaded: each bus's ``run()`` in its own thread, exactly like the real one.
+The broker itself lives in ``bus_memory.py``.
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 from hostdev.messages.base import Message
@@ -34,211 +34,29 @@ from hostdev.messages.bus_api import (
     API_QUEUE,
     COMMANDS_EXCHANGE,
     CONTENT_TYPE,
-    DEAD_EXCHANGE,
     DEAD_QUEUE,
     DIRECT_REPLY_TO,
     EVENTS_EXCHANGE,
     MGMT_QUEUE,
-    REASON_HEADER,
     BusConfig,
     Handler,
     Incoming,
     body_id,
-    topic_matches,
 )
 from hostdev.messages.bus_dispatch import handle_delivery
+from hostdev.messages.bus_memory import (
+    Consumer,
+    DeadLetter,
+    Envelope,
+    FakeClock,
+    InProcessBroker,
+)
 from hostdev.messages.codec import decode, encode
 from hostdev.messages.commands import ErrorAnswer
 from hostdev.messages.errors import BusError, DecodeError, RemoteError, RequestTimeout
 
 __all__ = ["BusConfig", "DeadLetter", "Envelope", "FakeClock", "InProcessBroker",
            "InProcessBus", "Incoming"]
-
-
-class FakeClock:
-    """A clock that moves only when told; pass it to InProcessBroker for timer tests."""
-
-    def __init__(self, start: float = 1000.0) -> None:
-        self.now = start
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        """Moves the clock forward."""
-        self.now += seconds
-
-
-@dataclass
-class Envelope:
-    """One message as the broker holds it: body bytes and AMQP properties."""
-
-    exchange: str
-    routing_key: str
-    body: bytes
-    properties: dict[str, Any]
-    delivery_count: int = 0
-    expires_at: float | None = None
-
-    @property
-    def headers(self) -> dict[str, Any]:
-        """The AMQP headers."""
-        return dict(self.properties.get("headers") or {})
-
-    def message(self) -> Message | None:
-        """Decodes the body, or None if it does not decode."""
-        try:
-            return decode(self.body)
-        except DecodeError:
-            return None
-
-
-@dataclass(frozen=True)
-class DeadLetter:
-    """A message in ``hostdev.dead``, with why and where it failed."""
-
-    reason: str
-    queue: str
-    routing_key: str
-    envelope: Envelope
-
-    @property
-    def message(self) -> Message | None:
-        """The decoded message, or None if it was undecodable."""
-        return self.envelope.message()
-
-
-@dataclass
-class _Consumer:
-    bus: InProcessBus
-    queue: str
-    handlers: dict[type[Message], Handler] = field(default_factory=dict)
-
-
-class InProcessBroker:
-    """Exchanges, queues and bindings in memory, shared by several buses; thread-safe."""
-
-    def __init__(self, *, clock: Callable[[], float] = time.monotonic) -> None:
-        self.clock = clock
-        self.cond = threading.Condition(threading.RLock())
-        self.queues: dict[str, deque[Envelope]] = {DEAD_QUEUE: deque()}
-        self.bindings: dict[str, list[tuple[str, str]]] = {
-            COMMANDS_EXCHANGE: [], EVENTS_EXCHANGE: [], DEAD_EXCHANGE: [("#", DEAD_QUEUE)]}
-        self.published: list[Envelope] = []
-        self.consumers: list[_Consumer] = []
-        self.buses: list[InProcessBus] = []
-        self._rr = itertools.count()
-        self._draining = False
-
-    # -- broker operations ---------------------------------------------------
-
-    def declare_queue(self, name: str, exchange: str, bindings: Sequence[str]) -> None:
-        """Creates a queue (if new) and adds its bindings (idempotent)."""
-        with self.cond:
-            self.queues.setdefault(name, deque())
-            for key in bindings:
-                if (key, name) not in self.bindings.setdefault(exchange, []):
-                    self.bindings[exchange].append((key, name))
-
-    def route(self, envelope: Envelope, *, mandatory: bool) -> None:
-        """Delivers ``envelope`` to the queues bound to its exchange and key.
-
-        An unroutable mandatory message is dead-lettered with the reason.
-        """
-        with self.cond:
-            self.published.append(envelope)
-            if envelope.exchange == "":
-                targets = [envelope.routing_key] if envelope.routing_key in self.queues else []
-            else:
-                targets = sorted({q for key, q in self.bindings.get(envelope.exchange, [])
-                                  if envelope.exchange == DEAD_EXCHANGE
-                                  or topic_matches(key, envelope.routing_key)})
-            for queue in targets:
-                self.queues[queue].append(_copy(envelope))
-            if not targets and mandatory:
-                self.dead_letter(envelope, queue="", reason=(
-                    f"unroutable: no queue is bound to routing key {envelope.routing_key!r} on "
-                    f"exchange {envelope.exchange!r}; is the receiver's queue declared?"))
-            self.cond.notify_all()
-
-    def dead_letter(self, envelope: Envelope, *, queue: str, reason: str) -> None:
-        """Puts a copy of ``envelope`` in hostdev.dead with ``x-hostdev-reason``."""
-        props = dict(envelope.properties)
-        headers = dict(props.get("headers") or {})
-        headers.update({REASON_HEADER: reason, "x-hostdev-queue": queue,
-                        "x-hostdev-exchange": envelope.exchange,
-                        "x-hostdev-routing-key": envelope.routing_key})
-        props["headers"] = headers
-        props.pop("expiration", None)
-        with self.cond:
-            self.queues[DEAD_QUEUE].append(Envelope(DEAD_EXCHANGE, envelope.routing_key,
-                                                    envelope.body, props))
-            self.cond.notify_all()
-
-    def disconnect_all(self) -> None:
-        """Simulates a lost and re-established connection: on_reconnect callbacks run next."""
-        with self.cond:
-            for bus in self.buses:
-                for fn in bus.reconnect_callbacks:
-                    bus.call_soon_threadsafe(fn)
-
-    # -- inspection helpers for tests -------------------------------------------
-
-    def dead_letters(self) -> list[DeadLetter]:
-        """Returns what waits in hostdev.dead, oldest first (without consuming it)."""
-        with self.cond:
-            return [DeadLetter(reason=str(e.headers.get(REASON_HEADER, "")),
-                               queue=str(e.headers.get("x-hostdev-queue", "")),
-                               routing_key=e.routing_key, envelope=e)
-                    for e in self.queues[DEAD_QUEUE]]
-
-    def pending(self, queue: str) -> list[Message | None]:
-        """Returns the decoded messages waiting in ``queue``."""
-        with self.cond:
-            return [e.message() for e in self.queues[queue]]
-
-    def sent(self, message_type: type[Message] | None = None) -> list[tuple[str, Message]]:
-        """Returns (routing key, message) of everything published, optionally of one type."""
-        with self.cond:
-            out = [(e.routing_key, m) for e in self.published if (m := e.message()) is not None]
-        return [(k, m) for k, m in out if message_type is None or isinstance(m, message_type)]
-
-    # -- driving ----------------------------------------------------------------
-
-    def drain(self, *, max_steps: int = 100_000) -> int:
-        """Runs every bus not inside ``run()``: queued calls, due timers, deliveries.
-
-        Returns when nothing is left to do; returns the number of steps.
-
-        Raises:
-            RuntimeError: still busy after ``max_steps`` (messages bouncing forever).
-        """
-        if self._draining:  # a handler calling request(): do not recurse
-            return 0
-        self._draining = True
-        try:
-            steps = 0
-            while steps < max_steps:
-                passive = [b for b in self.buses if b.loop_thread is None]
-                progressed = False
-                for bus in passive:  # one step each in turn: competing consumers share
-                    progressed = bus.step() or progressed
-                if not progressed:
-                    return steps
-                steps += 1
-            raise RuntimeError(f"InProcessBroker.drain(): still busy after {max_steps} steps; "
-                               "are two handlers answering each other forever?")
-        finally:
-            self._draining = False
-
-    def take(self, bus: InProcessBus) -> tuple[_Consumer, Envelope] | None:
-        """Takes the next deliverable message for one of ``bus``'s consumers (round-robin)."""
-        with self.cond:
-            mine = [c for c in self.consumers if c.bus is bus and self.queues.get(c.queue)]
-            if not mine:
-                return None
-            consumer = mine[next(self._rr) % len(mine)]
-            return consumer, self.queues[consumer.queue].popleft()
 
 
 class InProcessBus:
@@ -375,7 +193,7 @@ class InProcessBus:
         with self.broker.cond:
             if queue not in self.broker.queues:
                 raise BusError(f"consume({queue!r}): the queue is not declared; declare it first")
-            self.broker.consumers.append(_Consumer(self, queue, dict(handlers)))
+            self.broker.consumers.append(Consumer(self, queue, dict(handlers)))
             self.broker.cond.notify_all()
 
     def call_every(self, interval_s: float, fn: Callable[[], None]) -> None:
@@ -444,7 +262,7 @@ class InProcessBus:
             self._timers and self._timers[0][0] <= self.broker.clock()) or any(
             c.bus is self and self.broker.queues.get(c.queue) for c in self.broker.consumers)
 
-    def _deliver(self, consumer: _Consumer, envelope: Envelope) -> None:
+    def _deliver(self, consumer: Consumer, envelope: Envelope) -> None:
         props = envelope.properties
         if envelope.expires_at is not None and self.broker.clock() >= envelope.expires_at:
             self.broker.dead_letter(envelope, queue=consumer.queue, reason="expired")
@@ -479,11 +297,6 @@ class InProcessBus:
 
 #: The in-process bus under the name daemons use for the real one.
 Bus = InProcessBus
-
-
-def _copy(envelope: Envelope) -> Envelope:
-    return Envelope(envelope.exchange, envelope.routing_key, envelope.body,
-                    dict(envelope.properties), 0, envelope.expires_at)
 
 
 def _answer(envelope: Envelope, name: str, mid: str) -> Message:

@@ -28,7 +28,8 @@ class BusRunner:
 
     def bus(self, **config: object) -> Bus:
         """Returns a connected bus on the vhost."""
-        bus = Bus(BusConfig(url=self.vhost.url, heartbeat=10, **config))  # type: ignore[arg-type]
+        settings: dict[str, object] = {"heartbeat": 10, **config}
+        bus = Bus(BusConfig(url=self.vhost.url, **settings))  # type: ignore[arg-type]
         bus.connect()
         self.buses.append(bus)
         return bus

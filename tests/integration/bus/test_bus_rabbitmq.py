@@ -262,3 +262,14 @@ def test_publish_from_another_thread_is_refused_while_running(runner: BusRunner)
     wait_for(lambda: bus._loop_thread is not None, what="the loop to start")
     with pytest.raises(BusError, match="call_soon_threadsafe"):
         bus.send_to_agent("g", StopAnswer(vm_uuid="x"))
+
+
+def test_connections_negotiate_the_configured_heartbeat(runner: BusRunner, vhost: Vhost) -> None:
+    """The broker sees the heartbeat from BusConfig on the bus's connection."""
+    from tests.support.rabbitmq import rabbitmqctl
+
+    runner.bus(heartbeat=7, app_id="hb-test")
+    out = rabbitmqctl("list_connections", "--silent", "vhost", "timeout", "client_properties")
+    mine = [line for line in out.splitlines()
+            if line.startswith(vhost.name + "\t") and "hb-test" in line]
+    assert mine and all(line.split("\t")[1] == "7" for line in mine)

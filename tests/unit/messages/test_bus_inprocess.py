@@ -265,3 +265,32 @@ def test_publish_before_connect_is_refused() -> None:
     """Using a bus before connect() raises BusError saying so."""
     with pytest.raises(BusError, match="connect"):
         InProcessBus().publish("agent.g.StopCommand", StopCommand(vm_uuid="x"))
+
+
+def test_handler_log_lines_carry_message_and_correlation_ids(broker: InProcessBroker) -> None:
+    """While a handler runs, its log lines carry message_id, correlation_id and queue."""
+    import io
+    import json
+    import logging
+
+    import structlog
+
+    from hostdev.messages.logging import configure_logging
+
+    out = io.StringIO()
+    configure_logging("info", stream=out)
+    try:
+        bus = _bus(broker)
+        queue = bus.declare_agent_queue("g1")
+        bus.consume(queue, {StopCommand: lambda m, i: structlog.get_logger().info("stopping")})
+        mid = bus.send_to_agent("g1", StopCommand(vm_uuid="vm-1"), correlation_id="job-1")
+        broker.drain()
+    finally:
+        structlog.reset_defaults()
+        root = logging.getLogger()
+        for handler in [h for h in root.handlers if getattr(h, "_hostdev", False)]:
+            root.removeHandler(handler)
+    line = next(json.loads(raw) for raw in out.getvalue().splitlines()
+                if json.loads(raw)["event"] == "stopping")
+    assert (line["message_id"], line["correlation_id"], line["queue"]) == (mid, "job-1", queue)
+    assert line["message_type"] == "StopCommand"

@@ -3,7 +3,7 @@
 - ``deploys_per_s``: VMs deployed per second, from the first ``DeployVmRequest``
   to the last ``vm.<uuid>.Running`` event, with 20 simulated hosts (scripted
   agents answering ``StartCommand`` at once, all on one bus in this process)
-  and ONE management daemon in a child process; 16 client threads send the
+  and ``--daemons`` management daemons (default one) in child processes; 16 client threads send the
   requests. Offering: one 10GE device; 16 per host.
 - ``placement_p50_ms_<N>_hosts``: the planner's search (``find_hosts``) on
   N hosts of 16 devices each, half of them full (first fit has to skip them).
@@ -100,11 +100,13 @@ class Agents:
         self.bus.run()
 
 
-def bench_deploys(vms: int) -> float:
+def bench_deploys(vms: int, daemons: int = 1) -> float:
     """Returns VMs deployed per second end to end."""
     with amqp_vhost("bench-deploy") as vhost, mariadb_database("bench_deploy") as db_url:
-        mgmt = mp.get_context("spawn").Process(target=_run_mgmt, args=(db_url, vhost.url))
-        mgmt.start()
+        processes = [mp.get_context("spawn").Process(target=_run_mgmt, args=(db_url, vhost.url))
+                     for _ in range(daemons)]
+        for process in processes:
+            process.start()
         agents = Agents(vhost.url)
         try:
             client = Bus(BusConfig(url=vhost.url, queue_type="classic", app_id="bench"))
@@ -144,8 +146,10 @@ def bench_deploys(vms: int) -> float:
             return vms / elapsed
         finally:
             agents.bus.stop()
-            mgmt.terminate()
-            mgmt.join(10)
+            for process in processes:
+                process.terminate()
+            for process in processes:
+                process.join(10)
 
 
 def _answers(client: Bus) -> bool:
@@ -203,13 +207,15 @@ def main() -> None:
     """Runs the benchmarks and prints the table and metric lines."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--vms", type=int, default=300)
+    parser.add_argument("--daemons", type=int, default=1,
+                        help="management daemons sharing the queues and the database")
     args = parser.parse_args()
     configure_logging("warning")
-    rate = bench_deploys(min(args.vms, HOSTS * DEVICES_PER_HOST))
+    rate = bench_deploys(min(args.vms, HOSTS * DEVICES_PER_HOST), args.daemons)
     p1k = bench_placement(1000)
     p10k = bench_placement(10000)
     print(f"{'figure':<34}{'value':>10}  unit")
-    print(f"{'deploys end to end (20 hosts)':<34}{rate:>10.1f}  1/s")
+    print(f"{f'deploys end to end (20 hosts, {args.daemons} mgmt)':<34}{rate:>10.1f}  1/s")
     print(f"{'placement p50, 1,000 hosts':<34}{p1k:>10.2f}  ms")
     print(f"{'placement p50, 10,000 hosts':<34}{p10k:>10.2f}  ms")
     print(f"metric=deploys_per_s value={rate:.1f} unit=1/s")

@@ -25,6 +25,7 @@ delivery in ``bus_dispatch``; request/response in ``bus_rpc``.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections import OrderedDict
@@ -246,6 +247,9 @@ class Bus:
         finally:
             self._loop.stopping.clear()
             self._loop_thread = None
+            if self._link.usable:
+                with contextlib.suppress(*RECOVERABLE):  # acks of a dead link are moot
+                    self._link.flush_acks()
 
     def _iteration(self, deadline: float | None) -> None:
         link = self._link

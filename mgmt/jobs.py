@@ -31,6 +31,7 @@ from hostdev.mgmt.database import RetryTransaction
 from hostdev.mgmt.errors import Conflict, InvalidRequest, NoCapacity, NotFound
 from hostdev.mgmt.models import Host, Job, ServiceOffering, VmInstance, utcnow
 from hostdev.mgmt.pci_devices import InsufficientDevices
+from hostdev.mgmt.unit_of_work import REQUEST_KEY
 from hostdev.mgmt.vm_lifecycle import (
     PciDeviceManager,
     VmLifecycleManager,
@@ -77,6 +78,13 @@ def job_row(session: Session, job: Job) -> JobRow:
                   step=job.step, details=job.details,
                   created_at=job.created_at.isoformat() + "Z",
                   finished_at=job.finished_at.isoformat() + "Z" if job.finished_at else None)
+
+
+def job_of_request(session: Session, request_id: str) -> Job | None:
+    """Returns the job a (redelivered) API request created, if any."""
+    return session.scalar(select(Job).where(
+        Job.payload.contains(json.dumps({"request": request_id})[1:-1]))
+        .order_by(Job.id.desc()).limit(1))
 
 
 def _payload(job: Job) -> dict[str, Any]:
@@ -245,6 +253,9 @@ class JobManager:
 
     def _new_job(self, session: Session, kind: str, vm: VmInstance,
                  payload: dict[str, Any]) -> Job:
+        request_id = session.info.get(REQUEST_KEY)
+        if request_id:  # lets a redelivered request find the job it created
+            payload["request"] = request_id
         job = Job(kind=kind, state="running", vm_id=vm.id, step="place",
                   payload=json.dumps(payload), details="",
                   deadline=utcnow() + timedelta(seconds=self._config.job_start_timeout_s))
@@ -297,7 +308,9 @@ class JobManager:
                                 StopCommand(vm_uuid=vm.uuid, force=force,
                                             timeout_s=max(1.0, timeout / 2),
                                             undefine=undefine))
-        job.payload = json.dumps({"host": guid, "command_id": command_id})
+        payload = _payload(job)
+        payload.update(host=guid, command_id=command_id)
+        job.payload = json.dumps(payload)
         job.step = "stop"
         job.deadline = utcnow() + timedelta(seconds=timeout)
 

@@ -21,7 +21,7 @@ from functools import partial
 from typing import Any
 
 import structlog
-from sqlalchemy import Engine, delete
+from sqlalchemy import Engine, delete, select
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
@@ -42,8 +42,8 @@ from hostdev.mgmt.api_handlers import ApiHandlers
 from hostdev.mgmt.config import MgmtConfig
 from hostdev.mgmt.database import TransactionConflict
 from hostdev.mgmt.errors import MgmtError
-from hostdev.mgmt.jobs import JobManager
-from hostdev.mgmt.models import HandledMessage, utcnow
+from hostdev.mgmt.jobs import JobManager, job_of_request
+from hostdev.mgmt.models import HandledMessage, VmInstance, utcnow
 from hostdev.mgmt.outbox import OutboxPublisher
 from hostdev.mgmt.registration import HostRegistry, check_sender, guid_of
 from hostdev.mgmt.unit_of_work import AlreadyHandled, UnitOfWork
@@ -186,6 +186,18 @@ class ManagementService:
                   details=message.details)
         return None
 
+    def _already_handled(self, message_id: str, exc: AlreadyHandled) -> Message:
+        """Answers a redelivered request: the job it created, or a duplicate error."""
+        def work(session: Session) -> Message:
+            job = job_of_request(session, message_id)
+            if job is None:
+                return ErrorAnswer(code=exc.code, details=exc.reason)
+            vm_uuid = session.scalar(select(VmInstance.uuid).where(VmInstance.id == job.vm_id))
+            return api.JobAccepted(job_id=job.id, vm_uuid=vm_uuid,
+                                   details="a redelivery of a request already accepted")
+        log.info("api_request_redelivered", message_id=message_id)
+        return self.work.run(work, what="find the job of a redelivered request")
+
     def api_handlers(self) -> dict[type[Message], Callable[[Any, Incoming], Message | None]]:
         """Returns the handlers of ``hostdev.api`` (requests from clients)."""
         return {kind: self._api(kind, fn) for kind, fn in self.api.handlers().items()}
@@ -201,6 +213,8 @@ class ManagementService:
                     if changes:
                         return fn(message, message_id=incoming.message_id)
                     return fn(message)
+                except AlreadyHandled as exc:
+                    return self._already_handled(incoming.message_id, exc)
                 except MgmtError as exc:
                     log.info("api_request_refused", code=exc.code, reason=exc.reason)
                     return ErrorAnswer(code=exc.code, details=exc.reason)

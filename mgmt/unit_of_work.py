@@ -28,6 +28,10 @@ log = structlog.get_logger()
 T = TypeVar("T")
 
 
+#: Key in ``Session.info``: the message id of the request being handled.
+REQUEST_KEY = "hostdev_request_id"
+
+
 class AlreadyHandled(Conflict):
     """The message was handled before: at-least-once delivery repeated it."""
 
@@ -61,6 +65,7 @@ class UnitOfWork:
                     with session.begin():
                         if message_id is not None:
                             self._record(session, message_id, what)
+                            session.info[REQUEST_KEY] = message_id
                         result = work(session)
                     pending = outbox.take_pending(session)
                 self._publish(pending)

@@ -225,13 +225,22 @@ def test_agent_speaking_for_another_host_is_refused(h: Harness) -> None:
 
 
 def test_redelivered_messages_are_handled_once(h: Harness, engine: Engine) -> None:
-    """A deploy or an answer delivered twice (same message_id) acts once."""
+    """A deploy delivered twice (same message_id) acts once and answers the same job."""
     first = h.api(api.DeployVmRequest(name="vm1", offering="net2"), message_id="dup-1")
     again = h.api(api.DeployVmRequest(name="vm1", offering="net2"), message_id="dup-1")
-    assert isinstance(first, api.JobAccepted)
-    assert isinstance(again, ErrorAnswer) and again.code == "duplicate"
+    assert isinstance(first, api.JobAccepted) and isinstance(again, api.JobAccepted)
+    assert (again.job_id, again.vm_uuid) == (first.job_id, first.vm_uuid)
+    offering = h.api(api.CreateOfferingRequest(name="o2", pci_devices="GPU"), message_id="d2")
+    duplicate = h.api(api.CreateOfferingRequest(name="o2", pci_devices="GPU"), message_id="d2")
+    assert isinstance(offering, api.OfferingList)
+    assert isinstance(duplicate, ErrorAnswer) and duplicate.code == "duplicate"
+    start = h.commands(StartCommand)[0]
+    h.answer()
+    h.answered.discard(start.message_id)
+    h.answer()  # the same StartAnswer again: ignored
     with Session(engine) as session:
         assert session.scalar(select(func.count()).select_from(VmInstance)) == 1
+        assert session.scalar(select(VmInstance.state)) == "Running"
 
 
 def test_destroy_running_vm_stops_then_releases(h: Harness, engine: Engine) -> None:

@@ -88,6 +88,8 @@ class Bus:
         """
         self._owner_only("connect")
         if not self._link.usable:
+            if self._link.conn is not None:
+                self._link.teardown()  # a broken connection is replaced, not leaked
             self._link.connect_once()
 
     def close(self) -> None:

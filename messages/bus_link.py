@@ -17,6 +17,7 @@ from collections import deque
 from collections.abc import Callable
 
 import amqp
+import amqp.exceptions
 import structlog
 from kombu.connection import Connection as KombuConnection
 
@@ -189,10 +190,17 @@ class AmqpLink:
 
     def consume(self, queue: str) -> None:
         """Consumes ``queue`` now (if connected) and after every reconnect."""
-        if queue not in self.consumed:
-            self.consumed.append(queue)
-            if self.usable:
+        if queue in self.consumed:
+            return
+        if self.usable:
+            try:
                 self.start_consumer(queue)
+            except amqp.exceptions.NotFound as exc:
+                self.broken = True  # the broker closed the consumer channel
+                raise BusError(f"cannot consume queue {queue!r}: it does not exist on "
+                               f"{self.url()}; declare it first (declare_queue, "
+                               "declare_agent_queue or declare_mgmt_queues)") from exc
+        self.consumed.append(queue)
 
     def start_consumer(self, queue: str) -> None:
         """Starts a consumer whose deliveries land in :attr:`inbox`."""

@@ -15,6 +15,7 @@ import contextlib
 import time
 
 import amqp
+import amqp.exceptions
 import structlog
 from kombu.connection import Connection as KombuConnection
 
@@ -83,6 +84,12 @@ class RpcClient:
                         sent = True
                     with contextlib.suppress(TimeoutError):
                         raw(self._conn).drain_events(timeout=min(remaining, 1.0))
+                except (amqp.exceptions.NotFound, amqp.exceptions.AccessRefused) as exc:
+                    self.close()
+                    raise BusError(
+                        f"{name} cannot be sent to exchange {COMMANDS_EXCHANGE!r} on "
+                        f"{self.config.safe_url()}: {exc.reply_text}; the exchange must exist "
+                        "(start hostdev-mgmt once) and the user may write to it") from exc
                 except CONNECTION_ERRORS as exc:
                     log.warning("request_connection_lost", error=repr(exc), message_id=mid)
                     self.close()
@@ -115,7 +122,6 @@ class RpcClient:
         conn = open_connection(url, self.config, heartbeat=0)
         try:
             channel = new_channel(conn)
-            channel.exchange_declare(COMMANDS_EXCHANGE, "topic", durable=True, auto_delete=False)
             channel.events["basic_return"].add(self._on_return)
             channel.basic_consume(DIRECT_REPLY_TO, no_ack=True, callback=self._on_reply)
         except BaseException:

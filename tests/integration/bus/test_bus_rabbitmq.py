@@ -273,3 +273,17 @@ def test_connections_negotiate_the_configured_heartbeat(runner: BusRunner, vhost
     mine = [line for line in out.splitlines()
             if line.startswith(vhost.name + "\t") and "hb-test" in line]
     assert mine and all(line.split("\t")[1] == "7" for line in mine)
+
+
+def test_consuming_an_undeclared_queue_is_a_clear_error(runner: BusRunner) -> None:
+    """consume() of a queue that does not exist raises BusError; the bus keeps working."""
+    bus = runner.bus()
+    with pytest.raises(BusError, match="does not exist.*declare it first"):
+        bus.consume("hostdev.agent.never-declared", {StopCommand: lambda m, i: None})
+    guid = _guid()
+    queue = bus.declare_agent_queue(guid)
+    got: list[StopCommand] = []
+    bus.consume(queue, {StopCommand: lambda m, i: got.append(m)})
+    bus.send_to_agent(guid, StopCommand(vm_uuid="vm-1"))
+    bus.run(until=lambda: bool(got), timeout=10)
+    assert got == [StopCommand(vm_uuid="vm-1")]

@@ -288,7 +288,7 @@ class JobManager:
             payload.setdefault("tried", []).append(candidate.guid)
             spec = VmSpec(uuid=vm.uuid, name=vm.name, cpus=vm.cpus, memory_mb=vm.memory_mb,
                           pci_devices=self._devices.held_addresses(session, vm.id))
-            command_id = outbox.add(session, f"agent.{candidate.guid}.StartCommand",
+            command_id = outbox.send(session, f"agent.{candidate.guid}.StartCommand",
                                     StartCommand(vm=spec))
             payload.update(host=candidate.guid, command_id=command_id)
             job.payload = json.dumps(payload)
@@ -304,7 +304,7 @@ class JobManager:
         guid = session.scalar(select(Host.guid).where(Host.id == vm.host_id))
         self._lifecycle.transition(session, vm, VmEvent.STOP_REQUESTED)
         timeout = self._config.job_stop_timeout_s
-        command_id = outbox.add(session, f"agent.{guid}.StopCommand",
+        command_id = outbox.send(session, f"agent.{guid}.StopCommand",
                                 StopCommand(vm_uuid=vm.uuid, force=force,
                                             timeout_s=max(1.0, timeout / 2),
                                             undefine=undefine))

@@ -21,7 +21,7 @@ from datetime import timedelta
 from typing import Protocol
 
 import structlog
-from sqlalchemy import Engine, select, update
+from sqlalchemy import Engine, insert, select, update
 from sqlalchemy.orm import Session
 
 from hostdev.messages.base import Message
@@ -33,6 +33,8 @@ log = structlog.get_logger()
 
 #: Key in ``Session.info`` listing the outbox rows the transaction added.
 PENDING_KEY = "hostdev_outbox_ids"
+#: Key in ``Session.info`` listing events queued for the next ``flush``.
+QUEUED_KEY = "hostdev_outbox_queued"
 COMMANDS_EXCHANGE = "hostdev.commands"
 EVENTS_EXCHANGE = "hostdev.events"
 
@@ -61,18 +63,43 @@ def message_id_of(row_id: int) -> str:
 Pending = tuple[int, str, Message]
 
 
-def add(session: Session, routing_key: str, message: Message) -> str:
-    """Adds ``message`` to the outbox in the session's transaction; returns its message id."""
-    row = OutboxEvent(routing_key=routing_key, type=type(message).__name__,
-                      body=encode(message))
-    session.add(row)
-    session.flush()
-    session.info.setdefault(PENDING_KEY, []).append((row.id, routing_key, message))
-    return message_id_of(row.id)
+def _values(routing_key: str, message: Message) -> dict[str, object]:
+    return {"routing_key": routing_key, "type": type(message).__name__,
+            "body": encode(message), "created_at": utcnow()}
+
+
+def send(session: Session, routing_key: str, message: Message) -> str:
+    """Adds a command to the outbox at once and returns its message id (for correlation)."""
+    row_id = session.execute(insert(OutboxEvent).values(**_values(routing_key, message))
+                             .returning(OutboxEvent.id)).scalar_one()
+    session.info.setdefault(PENDING_KEY, []).append((row_id, routing_key, message))
+    return message_id_of(row_id)
+
+
+def add(session: Session, routing_key: str, message: Message) -> None:
+    """Queues an event for the outbox; ``flush`` writes the queued ones in one INSERT.
+
+    The caller's unit of work MUST call ``flush(session)`` before it commits
+    (``UnitOfWork.run`` does).
+    """
+    session.info.setdefault(QUEUED_KEY, []).append((routing_key, message))
+
+
+def flush(session: Session) -> None:
+    """Writes the queued events in one multi-row INSERT, in the caller's transaction."""
+    queued: list[tuple[str, Message]] = session.info.pop(QUEUED_KEY, [])
+    if not queued:
+        return
+    statement = insert(OutboxEvent).returning(OutboxEvent.id, sort_by_parameter_order=True)
+    ids = session.execute(statement,
+                          [_values(key, message) for key, message in queued]).scalars().all()
+    pending = session.info.setdefault(PENDING_KEY, [])
+    pending.extend((row_id, key, message)
+                   for row_id, (key, message) in zip(ids, queued, strict=True))
 
 
 def take_pending(session: Session) -> list[Pending]:
-    """Returns and forgets the outbox rows this session added (call after commit)."""
+    """Returns and forgets the outbox rows this session wrote (call after commit)."""
     rows: list[Pending] = session.info.pop(PENDING_KEY, [])
     return rows
 

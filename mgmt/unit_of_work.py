@@ -67,6 +67,7 @@ class UnitOfWork:
                             self._record(session, message_id, what)
                             session.info[REQUEST_KEY] = message_id
                         result = work(session)
+                        outbox.flush(session)
                     pending = outbox.take_pending(session)
                 self._publish(pending)
                 return result

@@ -35,10 +35,11 @@ import structlog
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
-from hostdev.mgmt.errors import ConfigError, Conflict, MgmtError
 from sqlalchemy import Connection, Engine, create_engine, event, make_url
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session
+
+from hostdev.mgmt.errors import ConfigError, Conflict, MgmtError
 
 log = structlog.get_logger()
 
@@ -80,6 +81,11 @@ def create_database_engine(url: str, **kwargs: Any) -> Engine:
     backend = parsed.get_backend_name()
     if backend in ("mysql", "mariadb"):
         kwargs.setdefault("pool_recycle", 3600)
+        # READ COMMITTED: locking reads take record locks only, no gap locks,
+        # so a claim's FOR UPDATE SKIP LOCKED does not block another claim's
+        # index update next to it (REPEATABLE READ does, until lock timeout).
+        # Needs binlog_format ROW or MIXED (MariaDB's default) if binlog is on.
+        kwargs.setdefault("isolation_level", "READ COMMITTED")
         # Every unit of work here ends its transaction (commit or rollback)
         # and a Connection rolls back an open one when closed, so the pool's
         # extra ROLLBACK on return only costs a round trip per transaction.

@@ -27,12 +27,13 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, TypeVar
 
+from sqlalchemy import Connection, Engine, Row, case, func, insert, or_, select, update
+
 from hostdev.messages.pci_address import PciAddress
 from hostdev.messages.values import PciDeviceInfo
 from hostdev.mgmt.database import RetryTransaction, run_in_transaction
 from hostdev.mgmt.errors import Conflict, InvalidRequest, NoCapacity, NotFound
 from hostdev.mgmt.models import PciDevice, utcnow
-from sqlalchemy import Connection, Engine, Row, case, func, insert, or_, select, update
 
 T = TypeVar("T")
 

@@ -11,9 +11,10 @@ from __future__ import annotations
 import os
 
 from alembic import context
+from sqlalchemy import Connection
+
 from hostdev.mgmt.database import create_database_engine
 from hostdev.mgmt.models import Base
-from sqlalchemy import Connection
 
 config = context.config
 target_metadata = Base.metadata

@@ -1,0 +1,111 @@
+"""Runs ``hostdev-mgmt``: the management daemon's command line.
+
+Today it offers the database commands::
+
+    hostdev-mgmt db upgrade [--db-url URL] [--revision REV]
+    hostdev-mgmt db current [--db-url URL]
+    hostdev-mgmt db schema  [--db-url URL]   # offline SQL, for DBAs
+
+Structure for whoever adds more (the daemon's ``run``, ...): each command
+group has an ``add_<group>_commands(subparsers)`` function that registers its
+sub-commands and sets ``handler`` (a function taking the parsed namespace
+and returning the exit status) with ``set_defaults``; :func:`build_parser`
+calls each of them and :func:`main` dispatches. Keep handlers thin: they
+parse, call into the modules that do the work, and print.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any, Final
+
+from hostdev.mgmt import database
+from hostdev.mgmt.errors import MgmtError
+
+DB_URL_ENV: Final = "HOSTDEV_DB_URL"
+
+
+def _add_db_url(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--db-url",
+        default=os.environ.get(DB_URL_ENV),
+        help=f"database URL, mysql+pymysql://... or sqlite:///path (default: ${DB_URL_ENV})",
+    )
+
+
+def _db_url(args: argparse.Namespace) -> str:
+    url: str | None = args.db_url
+    if not url:
+        raise MgmtError(
+            f"no database URL: pass --db-url mysql+pymysql://user@host/hostdev (or "
+            f"sqlite:///path/hostdev.db) or set {DB_URL_ENV}"
+        )
+    return url
+
+
+def _db_upgrade(args: argparse.Namespace) -> int:
+    database.upgrade(_db_url(args), args.revision)
+    print(f"database at revision {database.current_revision(_db_url(args))}")
+    return 0
+
+
+def _db_current(args: argparse.Namespace) -> int:
+    revision = database.current_revision(_db_url(args))
+    print(revision if revision is not None else "none (no schema yet: run `db upgrade`)")
+    return 0
+
+
+def _db_schema(args: argparse.Namespace) -> int:
+    sys.stdout.write(database.offline_sql(args.db_url or "mysql+pymysql://", args.revision))
+    return 0
+
+
+def add_db_commands(subparsers: Any) -> None:
+    """Registers ``db upgrade``, ``db current`` and ``db schema``."""
+    db = subparsers.add_parser("db", help="manage the database schema (Alembic)")
+    commands = db.add_subparsers(dest="db_command", required=True, metavar="COMMAND")
+
+    upgrade = commands.add_parser("upgrade", help="apply the migrations")
+    _add_db_url(upgrade)
+    upgrade.add_argument("--revision", default="head", help="target revision (default: head)")
+    upgrade.set_defaults(handler=_db_upgrade)
+
+    current = commands.add_parser("current", help="print the database's revision")
+    _add_db_url(current)
+    current.set_defaults(handler=_db_current)
+
+    schema = commands.add_parser(
+        "schema", help="print the migrations as SQL without connecting (default dialect: MySQL)"
+    )
+    schema.add_argument("--db-url", default=None,
+                        help="URL whose dialect to render for (default: mysql+pymysql://)")
+    schema.add_argument("--revision", default="head", help="target revision (default: head)")
+    schema.set_defaults(handler=_db_schema)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Builds the argument parser with every command group."""
+    parser = argparse.ArgumentParser(
+        prog="hostdev-mgmt", description="hostdev management daemon"
+    )
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_db_commands(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parses ``argv`` and runs the chosen command; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        status: int = args.handler(args)
+    except MgmtError as exc:
+        print(f"hostdev-mgmt: {exc}", file=sys.stderr)
+        return 1
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,52 @@
+"""PciDeviceRepository on MariaDB: the shared contract suite, plus lock races."""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import Engine
+
+from hostdev.mgmt.database import run_in_transaction, transaction
+from hostdev.mgmt.pci_devices import ClaimRaceLost, PciDeviceRepository, claim_devices
+from tests.support.databases import add_host, add_offering, add_vms
+from tests.support.pci_device_contract import STANDARD, PciDeviceRepositoryContract
+
+pytestmark = pytest.mark.mariadb
+
+
+class TestPciDeviceRepositoryOnMariaDb(PciDeviceRepositoryContract):
+    """Runs the repository contract against MariaDB."""
+
+
+def test_claim_skips_rows_locked_by_another_claim(engine: Engine) -> None:
+    """A claim does not wait for, nor take, devices another open transaction is claiming."""
+    repo = PciDeviceRepository(engine)
+    with transaction(engine) as conn:
+        host = add_host(conn)
+        vm_a, vm_b = add_vms(conn, add_offering(conn), 2)
+    repo.reconcile(host, STANDARD)
+    with transaction(engine) as first:
+        mine = claim_devices(first, vm_a, host, {"GPU": 1})
+        theirs = repo.claim(vm_b, host, {"GPU": 1})  # runs while `first` is open
+        assert mine[0].id != theirs[0].id
+        with pytest.raises(ClaimRaceLost), transaction(engine) as third:
+            # One GPU is still free by the committed count, but locked: a lost race.
+            claim_devices(third, vm_b, host, {"GPU": 1})
+    assert len(repo.devices_of(vm_a)) == 1
+
+
+def test_lost_race_is_retried_in_a_new_transaction(engine: Engine) -> None:
+    """run_in_transaction retries a ClaimRaceLost in a fresh transaction until it wins."""
+    with transaction(engine) as conn:
+        host = add_host(conn)
+        (vm,) = add_vms(conn, add_offering(conn), 1)
+    PciDeviceRepository(engine).reconcile(host, STANDARD)
+    attempts = []
+
+    def work(conn):  # type: ignore[no-untyped-def]
+        attempts.append(conn)
+        if len(attempts) < 3:
+            raise ClaimRaceLost("simulated")
+        return claim_devices(conn, vm, host, {"10GE": 1})
+
+    held = run_in_transaction(engine, work)
+    assert len(held) == 1 and len(attempts) == 3

@@ -1,0 +1,119 @@
+"""Creates throw-away databases (MariaDB or SQLite) for tests, and rows to fill them.
+
+MariaDB: root through the unix socket creates ``hostdev_test_<random>`` and
+drops it afterwards. Reuse from any conftest::
+
+    @pytest.fixture(scope="module")
+    def db_url():
+        with mariadb_database() as url:   # migrated to head
+            yield url
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Final
+
+import pymysql
+from sqlalchemy import Connection, insert, make_url
+
+from hostdev.mgmt.database import upgrade
+from hostdev.mgmt.models import Host, ServiceOffering, VmInstance
+
+MARIADB_SOCKET: Final = os.environ.get("HOSTDEV_TEST_MARIADB_SOCKET", "/run/mysqld/mysqld.sock")
+
+
+def mariadb_url(database: str) -> str:
+    """Returns the URL of ``database`` on the local MariaDB, as root through the socket."""
+    return f"mysql+pymysql://root@localhost/{database}?unix_socket={MARIADB_SOCKET}"
+
+
+def _admin() -> pymysql.connections.Connection[Any]:
+    return pymysql.connect(unix_socket=MARIADB_SOCKET, user="root", autocommit=True)
+
+
+def create_mariadb_database(prefix: str = "hostdev_test", *, migrate: bool = True) -> str:
+    """Creates an empty database with a random name, optionally migrated; returns its URL."""
+    name = f"{prefix}_{secrets.token_hex(4)}"
+    with _admin() as admin, admin.cursor() as cursor:
+        cursor.execute(f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4 COLLATE utf8mb4_bin")
+    url = mariadb_url(name)
+    if migrate:
+        try:
+            upgrade(url)
+        except BaseException:
+            drop_mariadb_database(url)
+            raise
+    return url
+
+
+def drop_mariadb_database(url: str) -> None:
+    """Drops the database a URL from :func:`create_mariadb_database` names (if it exists)."""
+    name = make_url(url).database
+    if not name or not name.replace("_", "").isalnum():
+        raise ValueError(f"refusing to drop database {name!r}: not a test database name")
+    with _admin() as admin, admin.cursor() as cursor:
+        cursor.execute(f"DROP DATABASE IF EXISTS `{name}`")
+
+
+@contextmanager
+def mariadb_database(prefix: str = "hostdev_test", *, migrate: bool = True) -> Iterator[str]:
+    """Yields the URL of a fresh MariaDB database and drops it on exit."""
+    url = create_mariadb_database(prefix, migrate=migrate)
+    try:
+        yield url
+    finally:
+        drop_mariadb_database(url)
+
+
+@contextmanager
+def sqlite_database(folder: Path, *, migrate: bool = True) -> Iterator[str]:
+    """Yields the URL of a fresh SQLite file in ``folder`` (WAL files included)."""
+    path = folder / f"hostdev-{secrets.token_hex(4)}.db"
+    url = f"sqlite:///{path}"
+    if migrate:
+        upgrade(url)
+    try:
+        yield url
+    finally:
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{path}{suffix}").unlink(missing_ok=True)
+
+
+def add_host(conn: Connection, *, name: str | None = None, status: str = "Up",
+             cpus: int = 32, memory_mb: int = 131072) -> int:
+    """Inserts a host with a random guid; returns its id."""
+    guid = str(uuid.uuid4())
+    result = conn.execute(insert(Host).values(
+        guid=guid, name=name or f"host-{guid[:8]}", status=status, cpus=cpus,
+        memory_mb=memory_mb, hypervisor_version="test",
+    ))
+    return int(result.inserted_primary_key[0])
+
+
+def add_offering(conn: Connection, *, name: str | None = None, cpus: int = 2,
+                 memory_mb: int = 2048, migration_policy: str = "detach-attach") -> int:
+    """Inserts a service offering (no PCI requests); returns its id."""
+    result = conn.execute(insert(ServiceOffering).values(
+        name=name or f"offering-{secrets.token_hex(4)}", cpus=cpus, memory_mb=memory_mb,
+        migration_policy=migration_policy,
+    ))
+    return int(result.inserted_primary_key[0])
+
+
+def add_vms(conn: Connection, offering_id: int, count: int, *, state: str = "Stopped") -> list[int]:
+    """Inserts ``count`` VMs of an offering; returns their ids in order."""
+    ids = []
+    for _ in range(count):
+        vm_uuid = str(uuid.uuid4())
+        result = conn.execute(insert(VmInstance).values(
+            uuid=vm_uuid, name=f"vm-{vm_uuid[:8]}", offering_id=offering_id, state=state,
+            cpus=2, memory_mb=2048,
+        ))
+        ids.append(int(result.inserted_primary_key[0]))
+    return ids

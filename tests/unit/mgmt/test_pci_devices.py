@@ -1,0 +1,27 @@
+"""PciDeviceRepository on SQLite: the shared contract suite (see tests/support)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import Engine
+
+from hostdev.mgmt.database import create_database_engine
+from tests.support.databases import sqlite_database
+from tests.support.pci_device_contract import PciDeviceRepositoryContract
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engine]:
+    """Opens a migrated SQLite file shared by this module's tests."""
+    folder: Path = tmp_path_factory.mktemp("sqlite")
+    with sqlite_database(folder) as url:
+        engine = create_database_engine(url)
+        yield engine
+        engine.dispose()
+
+
+class TestPciDeviceRepositoryOnSqlite(PciDeviceRepositoryContract):
+    """Runs the repository contract against SQLite."""

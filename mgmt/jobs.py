@@ -127,6 +127,7 @@ class JobManager:
         session.flush()
         job = self._new_job(session, "deploy", vm, {"avoid": list(avoid), "tried": []})
         self._place_and_start(session, job, vm)
+        session.flush()  # one INSERT of the job, placed; gives its id
         return job, vm
 
     def start(self, session: Session, ref: str) -> Job:
@@ -136,6 +137,7 @@ class JobManager:
             raise Conflict(f"VM {vm.name} is {vm.state}; only a Stopped VM can be started")
         job = self._new_job(session, "start", vm, {"avoid": [], "tried": []})
         self._place_and_start(session, job, vm)
+        session.flush()
         return job
 
     def stop(self, session: Session, ref: str, *, force: bool = False) -> Job:
@@ -145,6 +147,7 @@ class JobManager:
             raise Conflict(f"VM {vm.name} is {vm.state}; only a Running VM can be stopped")
         job = self._new_job(session, "stop", vm, {})
         self._send_stop(session, job, vm, force=force, undefine=False)
+        session.flush()
         return job
 
     def destroy(self, session: Session, ref: str) -> Job:
@@ -164,6 +167,7 @@ class JobManager:
         else:
             raise Conflict(f"VM {vm.name} is {vm.state}; wait until its current job "
                            "finishes (hostdev job show), then destroy it")
+        session.flush()
         return job
 
     # -- answers ---------------------------------------------------------------
@@ -260,7 +264,6 @@ class JobManager:
                   payload=json.dumps(payload), details="",
                   deadline=utcnow() + timedelta(seconds=self._config.job_start_timeout_s))
         session.add(job)
-        session.flush()
         return job
 
     def _place_and_start(self, session: Session, job: Job, vm: VmInstance) -> None:
@@ -329,13 +332,15 @@ class JobManager:
         return None, vm
 
     def _finish(self, session: Session, job: Job, state: str, details: str) -> None:
+        if job.id is None:
+            session.flush()  # the routing key names the job
         job.state = state
         job.details = details
         job.step = "done"
         job.deadline = None
         job.finished_at = utcnow()
-        vm_uuid = (session.scalar(select(VmInstance.uuid).where(VmInstance.id == job.vm_id))
-                   if job.vm_id is not None else None)
+        vm = session.get(VmInstance, job.vm_id) if job.vm_id is not None else None
+        vm_uuid = vm.uuid if vm is not None else None
         outcome = "Succeeded" if state == "succeeded" else "Failed"
         outbox.add(session, f"job.{job.id}.{outcome}",
                    JobFinished(job_id=job.id, job_kind=job.kind, state=state,  # type: ignore[arg-type]

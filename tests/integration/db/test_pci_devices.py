@@ -50,3 +50,10 @@ def test_lost_race_is_retried_in_a_new_transaction(engine: Engine) -> None:
 
     held = run_in_transaction(engine, work)
     assert len(held) == 1 and len(attempts) == 3
+
+
+def test_mariadb_sessions_read_committed(engine: Engine) -> None:
+    """Engines on MariaDB run READ COMMITTED, so claims take no gap locks."""
+    with engine.connect() as conn:
+        level = conn.exec_driver_sql("SELECT @@SESSION.tx_isolation").scalar()
+    assert level == "READ-COMMITTED"

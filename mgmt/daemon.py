@@ -24,6 +24,7 @@ from typing import Any, Final
 
 from hostdev.mgmt import database
 from hostdev.mgmt.errors import MgmtError
+from hostdev.mgmt.runner import add_run_command
 
 DB_URL_ENV: Final = "HOSTDEV_DB_URL"
 
@@ -93,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_db_commands(subparsers)
+    add_run_command(subparsers)
     return parser
 
 

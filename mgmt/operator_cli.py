@@ -124,8 +124,9 @@ def bus_requester(url: str) -> tuple[Requester, Callable[[], None]]:
     """Returns a requester over a real bus at ``url`` and the function that closes it."""
     from hostdev.messages.bus import Bus, BusConfig
 
+    # No connect(): request() opens its own channel and declares nothing, so
+    # the CLI works whatever queue type the daemons declared.
     bus = Bus(BusConfig(url=url, app_id="hostdev-cli"))
-    bus.connect()
     return (lambda message, timeout: bus.request(message, timeout=timeout)), bus.close
 
 

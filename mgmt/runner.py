@@ -19,6 +19,7 @@ from typing import Any
 import structlog
 from sqlalchemy import make_url
 
+from hostdev.messages.errors import MessageError
 from hostdev.messages.logging import configure_logging
 from hostdev.messages.sd_notify import SystemdNotifier
 from hostdev.mgmt import database
@@ -98,6 +99,9 @@ def _run_command(args: argparse.Namespace) -> int:
     except MgmtError as exc:
         log.error("mgmt_failed", error=str(exc))
         raise
+    except MessageError as exc:  # the bus: broker unreachable, queue mismatch...
+        log.error("mgmt_failed", error=str(exc))
+        raise MgmtError(str(exc)) from exc
 
 
 def add_run_command(subparsers: Any) -> None:

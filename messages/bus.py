@@ -41,6 +41,7 @@ from hostdev.messages.bus_api import (
     API_QUEUE,
     COMMANDS_EXCHANGE,
     DEAD_EXCHANGE,
+    DIRECT_REPLY_TO,
     EVENTS_EXCHANGE,
     MGMT_QUEUE,
     BusConfig,
@@ -288,19 +289,34 @@ class Bus:
             routing_key=info["routing_key"], redelivered=bool(info["redelivered"]),
             headers=dict(headers), queue=queue)
         count = headers.get("x-delivery-count")
-        attempts = max(int(count) + 1 if isinstance(count, int) else 1,
-                       self._attempts.get(mid, 0) + 1)
-        outcome = handle_delivery(
-            message.body, content_type=props.get("content_type"), type_property=props.get("type"),
-            incoming=incoming, handlers=self._handlers.get(queue, {}), attempts=attempts,
-            delivery_limit=self.config.delivery_limit)
-        if outcome.action == "requeue":
-            self._attempts[mid] = attempts  # classic queues count no deliveries for us
-            while len(self._attempts) > 10_000:
-                self._attempts.popitem(last=False)
+        local = self._remember(mid, self._attempts.get(mid, 1) + 1) if incoming.redelivered else 1
+        attempts = max(int(count) + 1 if isinstance(count, int) else 1, local)
+        limit = self.config.delivery_limit
+        if attempts > limit:
+            # Delivered again and again without ever being settled: the connection
+            # died each time (e.g. the broker kills it for a forged reply_to). No
+            # answer is attempted, it could be what kills the connection.
+            outcome = Outcome("dead", reason=(
+                f"delivered {attempts} times without being settled, over the delivery limit "
+                f"{limit} (the connection was lost each time; a reply_to the broker rejects?) "
+                f"(queue {queue!r}, message_id {mid})"))
+            log.error("message_dead_lettered", reason=outcome.reason, message_id=mid)
         else:
-            self._attempts.pop(mid, None)
+            outcome = handle_delivery(
+                message.body, content_type=props.get("content_type"),
+                type_property=props.get("type"), incoming=incoming,
+                handlers=self._handlers.get(queue, {}), attempts=attempts, delivery_limit=limit)
+        if outcome.action == "requeue":
+            self._remember(mid, attempts)  # classic queues count no deliveries for us
+        # Otherwise the count is kept (bounded): an ack only counts once confirmed,
+        # and a connection lost before that brings the message back.
         self._settle(epoch, message, queue, incoming, outcome)
+
+    def _remember(self, mid: str, attempts: int) -> int:
+        self._attempts[mid] = attempts
+        while len(self._attempts) > 10_000:
+            self._attempts.popitem(last=False)
+        return attempts
 
     def _settle(self, epoch: int, message: amqp.Message, queue: str, incoming: Incoming,
                 outcome: Outcome) -> None:
@@ -331,8 +347,8 @@ class Bus:
         amqp_message, mid = build_message(
             outcome.answer, config=self.config, user_id=self._link.user_id, message_id=None,
             correlation_id=incoming.message_id, reply_to=None, expiration_s=None, headers=None)
-        self._link.send(Unconfirmed(exchange, key, amqp_message,
-                                    exchange == COMMANDS_EXCHANGE, mid))
+        self._link.send(Unconfirmed(exchange, key, amqp_message, exchange == COMMANDS_EXCHANGE,
+                                    mid, republish=not key.startswith(DIRECT_REPLY_TO)))
 
     def _owner_only(self, what: str) -> None:
         owner = self._loop_thread

@@ -96,12 +96,23 @@ def queue_arguments(config: BusConfig, *, dead_letter: bool = True) -> dict[str,
     return args
 
 
-def declare_topology(channel: amqp.Channel, config: BusConfig) -> None:
-    """Declares the exchanges and the dead-letter queue (idempotent)."""
+def declare_topology(conn: KombuConnection, channel: amqp.Channel, config: BusConfig) -> None:
+    """Declares the exchanges and the dead-letter queue (idempotent).
+
+    ``hostdev.dead`` is shared by every daemon, whatever its ``queue_type``:
+    it is created with the first declarer's type and used as it is after that.
+    """
     for name in (COMMANDS_EXCHANGE, EVENTS_EXCHANGE):
         channel.exchange_declare(name, "topic", durable=True, auto_delete=False)
     channel.exchange_declare(DEAD_EXCHANGE, "fanout", durable=True, auto_delete=False)
-    declare_queue(channel, config, DEAD_QUEUE, DEAD_EXCHANGE, [""], dead_letter=False)
+    probe = new_channel(conn)  # a failed passive declare closes its channel
+    try:
+        probe.queue_declare(DEAD_QUEUE, passive=True)
+    except amqp.exceptions.NotFound:
+        declare_queue(channel, config, DEAD_QUEUE, DEAD_EXCHANGE, [""], dead_letter=False)
+    else:
+        probe.close()
+        channel.queue_bind(DEAD_QUEUE, DEAD_EXCHANGE, "")
 
 
 def declare_queue(channel: amqp.Channel, config: BusConfig, name: str, exchange: str,

@@ -25,6 +25,10 @@ class Unconfirmed:
     mandatory: bool
     message_id: str
     nacks: int = 0
+    #: False for answers over direct reply-to: their request is redelivered and
+    #: answered again, and resending to a reply_to the broker rejects would only
+    #: kill the new connection too.
+    republish: bool = True
 
 
 class ConfirmWindow:

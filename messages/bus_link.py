@@ -13,6 +13,7 @@ loop thread.
 from __future__ import annotations
 
 import random
+import time
 from collections import deque
 from collections.abc import Callable
 
@@ -75,6 +76,8 @@ class AmqpLink:
         self.inbox: deque[tuple[int, amqp.Message, str]] = deque()
         self.reconnect_callbacks: list[Callable[[], None]] = []
         self._returned: list[tuple[amqp.Message, str]] = []
+        self._opened_at = 0.0
+        self._flaps = 0
 
     @property
     def usable(self) -> bool:
@@ -119,7 +122,7 @@ class AmqpLink:
         pub.events["basic_ack"].add(self._on_ack)
         pub.events["basic_nack"].add(self._on_nack)
         pub.events["basic_return"].add(self._on_return)
-        declare_topology(pub, self.config)
+        declare_topology(conn, pub, self.config)
         for name, (exchange, bindings) in self.queues.items():
             declare_queue(pub, self.config, name, exchange, bindings)
         sub = new_channel(conn)
@@ -129,6 +132,10 @@ class AmqpLink:
         for queue in self.consumed:
             self.start_consumer(queue)
         for item in self.window.reset():
+            if not item.republish:
+                log.info("answer_not_republished", message_id=item.message_id,
+                         routing_key=item.routing_key)
+                continue
             item.nacks += 1
             if item.nacks > _MAX_REPUBLISH:
                 self._abandon(item, "lost with several connections")
@@ -136,6 +143,7 @@ class AmqpLink:
             pub.basic_publish(item.message, item.exchange, item.routing_key,
                               mandatory=item.mandatory)
             self.window.published(item)
+        self._opened_at = time.monotonic()
         log.info("bus_connected", url=self.url(), epoch=self.epoch,
                  republished=len(self.window))
 
@@ -155,6 +163,11 @@ class AmqpLink:
         """
         log.warning("bus_connection_lost", error=repr(error), url=self.url())
         self.teardown()
+        # A connection that dies right after opening is flapping: back off too.
+        self._flaps = self._flaps + 1 if time.monotonic() - self._opened_at < 5.0 else 0
+        if self._flaps:
+            self.loop.stopping.wait(random.uniform(
+                0, min(self.config.reconnect_max_s, 0.2 * 2 ** self._flaps)))
         attempt = 0
         while True:
             if self.loop.stopping.is_set():

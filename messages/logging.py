@@ -81,7 +81,8 @@ def configure_logging(level: str | int = "info", *, stream: TextIO | None = None
             root.removeHandler(old)
     handler._hostdev = True  # type: ignore[attr-defined]
     root.addHandler(handler)
-    root.setLevel(max(numeric, logging.INFO))
+    # kombu, amqp and pika are chatty at INFO: only their warnings, unless debugging.
+    root.setLevel(numeric if numeric <= logging.DEBUG else max(numeric, logging.WARNING))
 
 
 @contextmanager

@@ -278,7 +278,7 @@ def test_connections_negotiate_the_configured_heartbeat(runner: BusRunner, vhost
 def test_consuming_an_undeclared_queue_is_a_clear_error(runner: BusRunner) -> None:
     """consume() of a queue that does not exist raises BusError; the bus keeps working."""
     bus = runner.bus()
-    with pytest.raises(BusError, match="does not exist.*declare it first"):
+    with pytest.raises(BusError, match=r"does not exist.*declare it first"):
         bus.consume("hostdev.agent.never-declared", {StopCommand: lambda m, i: None})
     guid = _guid()
     queue = bus.declare_agent_queue(guid)
@@ -287,3 +287,29 @@ def test_consuming_an_undeclared_queue_is_a_clear_error(runner: BusRunner) -> No
     bus.send_to_agent(guid, StopCommand(vm_uuid="vm-1"))
     bus.run(until=lambda: bool(got), timeout=10)
     assert got == [StopCommand(vm_uuid="vm-1")]
+
+
+def test_forged_reply_to_cannot_wedge_the_server(
+        runner: BusRunner, vhost: Vhost, dead: DeadLetters) -> None:
+    """A request whose reply_to makes the broker drop our connection ends in hostdev.dead.
+
+    RabbitMQ 3.10 closes the publishing connection (541) for a malformed
+    direct reply-to address; the server reconnects, is redelivered the request,
+    and after delivery_limit unsettled deliveries dead-letters it unanswered.
+    """
+    server, client = runner.bus(delivery_limit=2, queue_type="classic"), runner.bus()
+    server.declare_queue("hostdev.api.forged", ["api.#"])
+    server.consume("hostdev.api.forged", {ListHostsRequest: lambda m, i: HostList()})
+    runner.start(server)
+    epoch = server._link.epoch
+    forged = "amq.rabbitmq.reply-to.g2dkAA1yYWJiaXRAbG9jYWxob3N0AAAAAAAAAAIAAAAAAAAAAQ==.abc"
+    mid = f"forged-{_guid()}"
+    with pika.BlockingConnection(pika.URLParameters(vhost.url)) as conn:
+        conn.channel().basic_publish(
+            "hostdev.commands", "api.ListHostsRequest", b'{"type": "ListHostsRequest", "v": 1}',
+            pika.BasicProperties(reply_to=forged, message_id=mid))
+    wait_for(lambda: client.request(ListHostsRequest(), timeout=2) == HostList(), timeout=40,
+             what="the server to answer again")
+    if server._link.epoch != epoch:  # this broker kills the connection: the guard must act
+        props, _ = dead.by_id(mid)
+        assert "without being settled" in props.headers[REASON_HEADER]

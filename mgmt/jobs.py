@@ -180,7 +180,9 @@ class JobManager:
             return None
         if answer.ok:
             self._lifecycle.transition(session, vm, VmEvent.OPERATION_SUCCEEDED)
-            self._finish(session, job, "succeeded", f"running on {_payload(job)['host']}")
+            payload = _payload(job)
+            self._finish(session, job, "succeeded",
+                         f"running on {payload.get('host_name') or payload.get('host')}")
             return job
         payload = _payload(job)
         log.warning("vm_start_failed", vm=vm.uuid, host=payload.get("host"),
@@ -293,7 +295,7 @@ class JobManager:
                           pci_devices=self._devices.held_addresses(session, vm.id))
             command_id = outbox.send(session, f"agent.{candidate.guid}.StartCommand",
                                     StartCommand(vm=spec))
-            payload.update(host=candidate.guid, command_id=command_id)
+            payload.update(host=candidate.guid, host_name=candidate.name, command_id=command_id)
             job.payload = json.dumps(payload)
             job.step = "start"
             job.deadline = utcnow() + timedelta(seconds=self._config.job_start_timeout_s)

@@ -13,10 +13,12 @@ from sqlalchemy.orm import Session
 from hostdev.messages import api
 from hostdev.messages.commands import (
     ErrorAnswer,
+    PingRoutingCommand,
     StartCommand,
     StartupAnswer,
     StartupRoutingCommand,
     StopCommand,
+    VmStateReport,
 )
 from hostdev.mgmt.config import MgmtConfig
 from hostdev.mgmt.database import create_database_engine
@@ -145,7 +147,7 @@ def test_failed_start_tries_the_next_host(h: Harness) -> None:
     assert [p.routing_key for p in h.commands(StartCommand)] == ["agent.g2.StartCommand"]
     assert h.answer() == 1
     job = _job(h, accepted.job_id).jobs[0]
-    assert job.state == "succeeded" and "g2" in job.details
+    assert job.state == "succeeded" and job.details == "running on h2"
 
 
 def test_start_timeout_fails_job_and_rolls_back(h: Harness, engine: Engine) -> None:
@@ -293,3 +295,38 @@ def test_purge_forgets_old_handled_ids_and_published_events(h: Harness, engine: 
     with Session(engine) as session:
         assert session.scalar(select(func.count()).select_from(HandledMessage)) == 0
         assert session.scalar(select(func.count()).select_from(OutboxEvent)) == 0
+
+
+def test_vm_state_report_stopped_releases_devices(h: Harness, engine: Engine) -> None:
+    """A pushed VmStateReport saying a Running VM stopped makes it Stopped, devices free."""
+    accepted = _deploy(h, "vm1")
+    h.answer()
+    with Session(engine) as session, session.begin():
+        session.execute(update(VmInstance).values(updated_at=utcnow() - timedelta(minutes=1)))
+    h.from_agent("g1", VmStateReport(guid="g1", vm_uuid=accepted.vm_uuid or "",
+                                     state="stopped", event="Stopped/Destroyed"))
+    assert _holders(engine) == {}
+    assert h.events(f"vm.{accepted.vm_uuid}")[-1] == f"vm.{accepted.vm_uuid}.Stopped"
+
+
+def test_routing_key_of_another_host_is_refused(h: Harness) -> None:
+    """A ping published on mgmt.g2.* that speaks for g1 is refused."""
+    handler = h.bus.consumers["hostdev.mgmt"][PingRoutingCommand]
+    with pytest.raises(Forbidden, match="an agent may only speak for itself"):
+        handler(PingRoutingCommand(guid="g1"), h.incoming("mgmt.g2.PingRoutingCommand"))
+
+
+def test_stop_timeout_fails_job_and_keeps_vm_running(h: Harness, engine: Engine) -> None:
+    """A stop without answer past its deadline fails; the VM is Running with its devices."""
+    _deploy(h, "vm1")
+    h.answer()
+    stop = h.api(api.StopVmRequest(vm="vm1"))
+    assert isinstance(stop, api.JobAccepted)
+    with Session(engine) as session, session.begin():
+        session.execute(update(Job).where(Job.id == stop.job_id)
+                        .values(deadline=utcnow() - timedelta(seconds=1)))
+    h.service.expire_jobs()
+    job = _job(h, stop.job_id).jobs[0]
+    assert job.state == "failed" and "considered Running" in job.details
+    assert sum(_holders(engine).values()) == 2
+    assert f"job.{stop.job_id}.Failed" in h.events("job.")

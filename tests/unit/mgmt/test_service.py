@@ -330,3 +330,20 @@ def test_stop_timeout_fails_job_and_keeps_vm_running(h: Harness, engine: Engine)
     assert job.state == "failed" and "considered Running" in job.details
     assert sum(_holders(engine).values()) == 2
     assert f"job.{stop.job_id}.Failed" in h.events("job.")
+
+
+def test_command_left_unpublished_by_a_dead_daemon_is_sent_by_another(
+        h: Harness, engine: Engine) -> None:
+    """A daemon that committed a deploy but died before publishing: another one publishes it."""
+    def broker_gone(*args: object, **kwargs: object) -> str:
+        raise ConnectionError("broker connection lost")
+
+    h.bus.publish = broker_gone  # type: ignore[method-assign]
+    accepted = _deploy(h, "vm1")
+    survivor = Harness(engine)
+    with Session(engine) as session, session.begin():
+        session.execute(update(OutboxEvent).values(created_at=utcnow() - timedelta(minutes=1)))
+    survivor.service.outbox.publish_stale()
+    assert [p.routing_key for p in survivor.commands(StartCommand)] == ["agent.g1.StartCommand"]
+    survivor.answer()
+    assert _job(survivor, accepted.job_id).jobs[0].state == "succeeded"

@@ -13,6 +13,7 @@ forced stop sent so no domain lingers.
 from __future__ import annotations
 
 import json
+import re
 import uuid as uuid_module
 from collections.abc import Collection
 from datetime import timedelta
@@ -41,6 +42,8 @@ from hostdev.mgmt.vm_states import VmEvent
 
 log = structlog.get_logger()
 
+#: A VM name as libvirt and people both take it.
+VM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
 #: How many hosts a deploy or start tries after failed starts before giving up.
 MAX_START_ATTEMPTS = 3
 
@@ -112,8 +115,9 @@ class JobManager:
             Conflict: a live VM already has that name.
             NoCapacity: no host fits; nothing is created and the text says why.
         """
-        if not name.strip():
-            raise InvalidRequest("a VM needs a name: hostdev vm deploy NAME --offering O")
+        if not VM_NAME.match(name):
+            raise InvalidRequest(f"VM name {name!r} is not valid: use 1 to 64 letters, digits, "
+                                 "'_', '.' or '-', starting with a letter or digit")
         offering = find_offering(session, offering_name)
         taken = session.scalar(select(VmInstance.uuid).where(
             VmInstance.name == name, VmInstance.state != "Destroyed"))

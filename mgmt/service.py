@@ -22,7 +22,7 @@ from typing import Any
 
 import structlog
 from sqlalchemy import Engine, delete, select
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
 from hostdev.messages import api
@@ -169,7 +169,9 @@ class ManagementService:
                 except AlreadyHandled as exc:
                     log.info("message_already_handled", reason=exc.reason)
                     return None
-                except (TransactionConflict, OperationalError) as exc:
+                except (TransactionConflict, OperationalError, IntegrityError) as exc:
+                    # A race with another daemon (two start-ups of a new host) or a
+                    # database hiccup: the redelivery finds the winner's rows.
                     raise TransientError(f"{type(message).__name__}: {exc}") from exc
         return handler
 

@@ -347,3 +347,10 @@ def test_command_left_unpublished_by_a_dead_daemon_is_sent_by_another(
     assert [p.routing_key for p in survivor.commands(StartCommand)] == ["agent.g1.StartCommand"]
     survivor.answer()
     assert _job(survivor, accepted.job_id).jobs[0].state == "succeeded"
+
+
+def test_bad_vm_name_is_refused(h: Harness) -> None:
+    """A VM name with spaces is refused with the allowed characters."""
+    answer = h.api(api.DeployVmRequest(name="my vm", offering="net2"))
+    assert isinstance(answer, ErrorAnswer) and answer.code == "invalid"
+    assert "letters, digits" in answer.details

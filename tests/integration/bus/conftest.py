@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import pytest
 
@@ -55,17 +55,3 @@ def runner(vhost: Vhost) -> Iterator[BusRunner]:
     made = BusRunner(vhost)
     yield made
     made.stop_all()
-
-
-@pytest.fixture
-def in_loop() -> Callable[[Bus, Callable[[], object]], object]:
-    """Runs a callable in a running bus's loop thread and returns its result."""
-
-    def call(bus: Bus, fn: Callable[[], object]) -> object:
-        done = threading.Event()
-        result: list[object] = []
-        bus.call_soon_threadsafe(lambda: (result.append(fn()), done.set()))
-        assert done.wait(10), "the bus loop did not run the call"
-        return result[0]
-
-    return call

@@ -313,3 +313,31 @@ def test_forged_reply_to_cannot_wedge_the_server(
     if server._link.epoch != epoch:  # this broker kills the connection: the guard must act
         props, _ = dead.by_id(mid)
         assert "without being settled" in props.headers[REASON_HEADER]
+
+
+def test_timers_and_calls_from_other_threads_run_in_the_loop_thread(runner: BusRunner) -> None:
+    """call_every and call_soon_threadsafe run on the loop thread, where publishing is allowed."""
+    bus = runner.bus()
+    guid = _guid()
+    queue = bus.declare_agent_queue(guid)
+    threads: dict[str, int] = {}
+    got: list[StopCommand] = []
+    bus.consume(queue, {StopCommand: lambda m, i: got.append(m)})
+
+    def tick() -> None:
+        threads["timer"] = threading.get_ident()
+
+    bus.call_every(0.05, tick)
+    loop = runner.start(bus)
+    sent = threading.Event()
+
+    def publish_from_loop() -> None:
+        threads["soon"] = threading.get_ident()
+        bus.send_to_agent(guid, StopCommand(vm_uuid="from-another-thread"))
+        sent.set()
+
+    bus.call_soon_threadsafe(publish_from_loop)
+    assert sent.wait(10)
+    wait_for(lambda: got and "timer" in threads, what="the timer and the delivery")
+    assert threads == {"timer": loop.ident, "soon": loop.ident}
+    assert got == [StopCommand(vm_uuid="from-another-thread")]

@@ -34,6 +34,7 @@ from hostdev.messages.bus_api import (
     API_QUEUE,
     COMMANDS_EXCHANGE,
     CONTENT_TYPE,
+    DEAD_EXCHANGE,
     DEAD_QUEUE,
     DIRECT_REPLY_TO,
     EVENTS_EXCHANGE,
@@ -69,7 +70,7 @@ class InProcessBus:
         self.reconnect_callbacks: list[Callable[[], None]] = []
         self.loop_thread: int | None = None
         self._connected = False
-        self._user_id = self.config.user_id or "guest"
+        self._user_id = self.config.login_user()
         self._timers: list[tuple[float, int, float, Callable[[], None]]] = []
         self._seq = itertools.count()
         self._soon: deque[Callable[[], None]] = deque()
@@ -116,6 +117,9 @@ class InProcessBus:
                 headers: dict[str, Any] | None = None) -> str:
         """Publishes ``message``; an unroutable command is dead-lettered. Returns its id."""
         self._require_connected("publish")
+        if exchange not in ("", COMMANDS_EXCHANGE, EVENTS_EXCHANGE, DEAD_EXCHANGE):
+            raise BusError(f"publish to unknown exchange {exchange!r}; hostdev publishes to "
+                           "hostdev.commands, hostdev.events and hostdev.dead only")
         mid = message_id or str(uuid.uuid4())
         props: dict[str, Any] = {
             "content_type": CONTENT_TYPE, "type": type(message).__name__, "message_id": mid,

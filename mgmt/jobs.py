@@ -273,6 +273,12 @@ class JobManager:
         return job
 
     def _place_and_start(self, session: Session, job: Job, vm: VmInstance) -> None:
+        # A new job is inserted once, with its final step and payload, by the
+        # caller's flush, not early by a query's autoflush.
+        with session.no_autoflush:
+            self._place(session, job, vm)
+
+    def _place(self, session: Session, job: Job, vm: VmInstance) -> None:
         payload = _payload(job)
         demand = planner.Demand(cpus=vm.cpus, memory_mb=vm.memory_mb,
                                 pci=offering_requests(session, vm.offering_id))

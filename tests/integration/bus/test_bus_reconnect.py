@@ -52,3 +52,24 @@ def test_close_all_connections_mid_stream_loses_no_confirmed_message(
     assert reconnects == {"publisher": 1, "consumer": 1}
     assert len(set(received)) == len(sent) == 1000
     assert len(received) >= 1000  # at-least-once: the one in hand comes again
+
+
+def test_a_stalled_loop_loses_its_connection_to_heartbeats_and_recovers(
+        runner: BusRunner) -> None:
+    """With heartbeat=1 a loop blocked for 4 s is dropped by the broker, then reconnects."""
+    bus = runner.bus(heartbeat=1)
+    guid = uuid.uuid4().hex[:8]
+    queue = bus.declare_agent_queue(guid)
+    got: list[StopCommand] = []
+    reconnected = threading.Event()
+    bus.on_reconnect(reconnected.set)
+    bus.consume(queue, {StopCommand: lambda m, i: got.append(m)})
+    runner.start(bus)
+    # A handler or callback that blocks the loop (the scenario under test, not a wait).
+    bus.call_soon_threadsafe(lambda: threading.Event().wait(4.0))
+    assert reconnected.wait(30), "the bus did not notice the missed heartbeats"
+    sent = threading.Event()
+    bus.call_soon_threadsafe(lambda: (bus.send_to_agent(guid, StopCommand(vm_uuid="after")),
+                                      sent.set()))
+    assert sent.wait(10)
+    wait_for(lambda: got == [StopCommand(vm_uuid="after")], what="delivery after recovery")

@@ -2,7 +2,7 @@
 
 - ``deploys_per_s``: VMs deployed per second, from the first ``DeployVmRequest``
   to the last ``vm.<uuid>.Running`` event, with 20 simulated hosts (scripted
-  agents answering ``StartCommand`` at once, all on one bus in this process)
+  agents answering ``StartCommand`` at once, all on one bus in a child process)
   and ``--daemons`` management daemons (default one) in child processes; 16 client threads send the
   requests. Offering: one 10GE device; 16 per host.
 - ``placement_p50_ms_<N>_hosts``: the planner's search (``find_hosts``) on
@@ -62,29 +62,31 @@ def _run_mgmt(db_url: str, amqp_url: str) -> None:
 
 
 class Agents:
-    """20 scripted agents on one bus: register, answer StartCommand, count Running events."""
+    """20 scripted agents on one bus: register, answer StartCommand, count Running events.
 
-    def __init__(self, url: str) -> None:
+    Runs in a child process (``run_agents``) so the agents and the clients do
+    not share one interpreter lock; the counters are shared values.
+    """
+
+    def __init__(self, url: str, counters: Counters) -> None:
         self.bus = Bus(BusConfig(url=url, queue_type="classic", app_id="bench-agents"))
         self.guids = [f"bench-{n:02d}" for n in range(HOSTS)]
-        self.registered = 0
-        self.running = 0
-        self.last_running = 0.0
-        self.ready = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.counters = counters
 
     def _start(self, command: StartCommand, _: Any) -> StartAnswer:
         return StartAnswer(vm_uuid=command.vm.uuid, hostdevs=command.vm.pci_devices)
 
     def _registered(self, answer: StartupAnswer, _: Any) -> None:
-        self.registered += 1
+        with self.counters.registered.get_lock():
+            self.counters.registered.value += 1
 
     def _event(self, event: VmStateChanged, _: Any) -> None:
         if event.state == "Running":
-            self.running += 1
-            self.last_running = time.perf_counter()
+            self.counters.running.value += 1
+            self.counters.last_running.value = time.monotonic()
 
-    def _run(self) -> None:
+    def run(self) -> None:
+        """Declares the queues, announces every host and answers until terminated."""
         self.bus.connect()
         for guid in self.guids:
             queue = self.bus.declare_agent_queue(guid)
@@ -96,8 +98,22 @@ class Agents:
             self.bus.send_to_mgmt(guid, StartupRoutingCommand(
                 guid=guid, name=f"sim{n:02d}", cpus=512, memory_mb=1 << 20,
                 pci_devices=devices(DEVICES_PER_HOST)))
-        self.ready.set()
         self.bus.run()
+
+
+class Counters:
+    """Values shared with the agents' process."""
+
+    def __init__(self, context: Any) -> None:
+        self.registered = context.Value("i", 0)
+        self.running = context.Value("i", 0)
+        self.last_running = context.Value("d", 0.0)
+
+
+def run_agents(url: str, counters: Counters) -> None:
+    """Child process: the 20 scripted agents."""
+    configure_logging("warning")
+    Agents(url, counters).run()
 
 
 def bench_deploys(vms: int, daemons: int = 1) -> float:
@@ -107,12 +123,14 @@ def bench_deploys(vms: int, daemons: int = 1) -> float:
                      for _ in range(daemons)]
         for process in processes:
             process.start()
-        agents = Agents(vhost.url)
+        context = mp.get_context("spawn")
+        counters = Counters(context)
+        agents = context.Process(target=run_agents, args=(vhost.url, counters))
         try:
             client = Bus(BusConfig(url=vhost.url, queue_type="classic", app_id="bench"))
             _wait(lambda: _answers(client), 30, "management daemon")
-            agents.thread.start()
-            _wait(lambda: agents.registered == HOSTS, 30, "agents registered")
+            agents.start()
+            _wait(lambda: counters.registered.value == HOSTS, 30, "agents registered")
             client.request(api.CreateOfferingRequest(name="one10ge", cpus=1, memory_mb=256,
                                                      pci_devices="10GE"))
             names = iter(range(vms))
@@ -133,19 +151,20 @@ def bench_deploys(vms: int, daemons: int = 1) -> float:
                 bus.close()
 
             threads = [threading.Thread(target=deploy_loop) for _ in range(CLIENTS)]
-            start = time.perf_counter()
+            start = time.monotonic()
             for thread in threads:
                 thread.start()
             for thread in threads:
                 thread.join()
-            _wait(lambda: agents.running >= vms, 120, f"{vms} VMs Running")
-            elapsed = agents.last_running - start
+            _wait(lambda: counters.running.value >= vms, 120, f"{vms} VMs Running")
+            elapsed = counters.last_running.value - start
             if errors:
                 raise SystemExit(f"deploys refused: {errors[:3]}")
             client.close()
             return vms / elapsed
         finally:
-            agents.bus.stop()
+            agents.terminate()
+            agents.join(10)
             for process in processes:
                 process.terminate()
             for process in processes:

@@ -49,14 +49,19 @@ def check_sender(user_id: str | None, guid: str, routing_key: str = "") -> None:
     """Refuses a message an agent user sends for another host.
 
     Raises:
-        Forbidden: ``user_id`` is ``agent-<x>`` with ``x`` not ``guid``, or the
-            routing key (``mgmt.<guid>.<Type>``) names another host.
+        Forbidden: ``user_id`` is missing, or is ``agent-<x>`` with ``x`` not
+            ``guid``, or the routing key (``mgmt.<guid>.<Type>``) names another host.
     """
     words = routing_key.split(".")
     if len(words) >= 3 and words[0] == "mgmt" and words[1] != guid:
         raise Forbidden(f"message on routing key {routing_key} speaks for host {guid}; "
                         "an agent may only speak for itself")
-    match = _AGENT_USER.match(user_id or "")
+    if user_id is None:
+        # The broker validates user_id only when the sender sets it: without
+        # it, nothing says who sent the message (docs/bus-contract.md).
+        raise Forbidden(f"message for host {guid} carries no user_id; agents MUST set the "
+                        "AMQP user_id property (hostdev's bus always does)")
+    match = _AGENT_USER.match(user_id)
     if match and match["guid"] != guid:
         raise Forbidden(f"broker user {user_id} may not speak for host {guid}; each agent "
                         "connects as agent-<its guid>")

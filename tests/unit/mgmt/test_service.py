@@ -224,6 +224,8 @@ def test_agent_speaking_for_another_host_is_refused(h: Harness) -> None:
     with pytest.raises(Forbidden, match="agent-g2 may not speak for host g1"):
         h.from_agent("g1", startup, user_id="agent-g2")
     assert isinstance(h.from_agent("g1", startup, user_id="agent-g1"), StartupAnswer)
+    with pytest.raises(Forbidden, match="carries no user_id"):
+        h.from_agent("g1", startup, user_id=None)
 
 
 def test_redelivered_messages_are_handled_once(h: Harness, engine: Engine) -> None:

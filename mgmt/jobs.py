@@ -26,12 +26,12 @@ from sqlalchemy.orm import Session
 from hostdev.messages.commands import StartAnswer, StartCommand, StopAnswer, StopCommand
 from hostdev.messages.events import JobFinished
 from hostdev.messages.values import JobRow, VmSpec
-from hostdev.mgmt import outbox, planner
+from hostdev.mgmt import outbox, pci_devices, planner
 from hostdev.mgmt.config import MgmtConfig
 from hostdev.mgmt.database import RetryTransaction
 from hostdev.mgmt.errors import Conflict, InvalidRequest, NoCapacity, NotFound
 from hostdev.mgmt.models import Host, Job, ServiceOffering, VmInstance, utcnow
-from hostdev.mgmt.pci_devices import InsufficientDevices
+from hostdev.mgmt.pci_devices import ClaimRaceLost, InsufficientDevices
 from hostdev.mgmt.unit_of_work import REQUEST_KEY
 from hostdev.mgmt.vm_lifecycle import (
     PciDeviceManager,
@@ -290,13 +290,20 @@ class JobManager:
         for candidate in candidates:
             # The claim (a pre-transition listener) runs before the VM row
             # changes and refuses before writing anything: nothing to undo, try
-            # the next host. A lost race (ClaimRaceLost) may have written part
-            # of the claim: it propagates and the whole unit of work is retried
-            # in a new transaction.
+            # the next host. A lost race that wrote part of a claim propagates
+            # and the whole unit of work is retried in a new transaction.
             try:
                 self._lifecycle.transition(session, vm, VmEvent.START_REQUESTED,
                                            host_id=candidate.id)
             except InsufficientDevices as exc:
+                log.info("placement_host_refused", vm=vm.uuid, host=candidate.guid,
+                         reason=str(exc))
+                continue
+            except ClaimRaceLost as exc:
+                # Devices locked by another daemon's claim: if nothing of ours
+                # was written, the next host is as good as a new transaction.
+                if pci_devices.devices_of_vm(session.connection(), vm.id):
+                    raise
                 log.info("placement_race_lost", vm=vm.uuid, host=candidate.guid,
                          reason=str(exc))
                 continue

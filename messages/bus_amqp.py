@@ -9,6 +9,7 @@ confirms in flight (see ``bus.py``).
 from __future__ import annotations
 
 import contextlib
+import select
 import time
 import uuid
 from collections.abc import Sequence
@@ -186,16 +187,21 @@ def dead_letter_copy(raw_message: amqp.Message, *, queue: str, reason: str,
 
 
 def wait_readable(conn: amqp.Connection, wake_fd: int | None, timeout: float) -> bool:
-    """Waits until the AMQP socket has data (or ``wake_fd`` is written); True if the socket does."""
-    import select
+    """Waits until the AMQP socket has data (or ``wake_fd`` is written); True if the socket does.
 
+    Uses poll(), not select(), so file descriptors above 1023 work.
+    """
     sock = conn.sock
     pending = getattr(sock, "pending", None)
     if pending is not None and pending():  # TLS: bytes already decrypted
         return True
-    fds: list[Any] = [sock] if wake_fd is None else [sock, wake_fd]
-    readable, _, _ = select.select(fds, [], [], max(0.0, timeout))
-    return sock in readable
+    poller = select.poll()
+    sock_fd = sock.fileno()
+    poller.register(sock_fd, select.POLLIN | select.POLLERR | select.POLLHUP)
+    if wake_fd is not None:
+        poller.register(wake_fd, select.POLLIN)
+    events = poller.poll(max(0.0, timeout) * 1000.0)
+    return any(fd == sock_fd for fd, _ in events)
 
 
 def drain_ready(conn: amqp.Connection, limit: int = 1000) -> int:

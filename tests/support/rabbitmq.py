@@ -14,6 +14,7 @@ Or in a plain script: ``with amqp_vhost("bench") as vhost: ...``.
 
 from __future__ import annotations
 
+import os
 import secrets
 import shutil
 import subprocess
@@ -66,15 +67,18 @@ def rabbitmqctl(*args: str) -> str:
         RuntimeError: rabbitmqctl is missing or failed; the text has its output.
     """
     exe = shutil.which("rabbitmqctl") or "/usr/sbin/rabbitmqctl"
+    # rabbitmqctl needs the broker's Erlang cookie: root's, or sudo's for anyone else.
+    prefix = ["sudo", "-n"] if os.geteuid() != 0 and shutil.which("sudo") else []
     try:
-        done = subprocess.run([exe, "-q", *args], capture_output=True, text=True, timeout=60,
-                              check=False)
+        done = subprocess.run([*prefix, exe, "-q", *args], capture_output=True, text=True,
+                              timeout=60, check=False)
     except FileNotFoundError as exc:
         raise RuntimeError("rabbitmqctl not found; install rabbitmq-server or run `make services`"
                            ) from exc
     if done.returncode != 0:
         raise RuntimeError(f"rabbitmqctl {' '.join(args)} failed ({done.returncode}): "
-                           f"{done.stderr.strip() or done.stdout.strip()}")
+                           f"{done.stderr.strip() or done.stdout.strip()}; the integration "
+                           "tests need rabbitmqctl as root (or password-less sudo)")
     return done.stdout
 
 

@@ -40,15 +40,15 @@ unit: setup
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
 
 lint: setup
-	$(VENV)/bin/ruff check messages agent mgmt tests bench sql
+	$(VENV)/bin/ruff check messages agent mgmt demo tests bench sql
 	$(MAKE) typecheck
 
 # mypy cannot follow setuptools' package-dir mapping through the editable
 # install, so it checks a tree of symlinks that mirrors the import names.
 typecheck: setup
 	@mkdir -p .typecheck/hostdev
-	@for p in messages agent mgmt; do ln -sfn ../../$$p .typecheck/hostdev/$$p; done
-	cd .typecheck && ../$(VENV)/bin/mypy --config-file ../pyproject.toml -p hostdev.messages -p hostdev.mgmt -p hostdev.agent
+	@for p in messages agent mgmt demo; do ln -sfn ../../$$p .typecheck/hostdev/$$p; done
+	cd .typecheck && ../$(VENV)/bin/mypy --config-file ../pyproject.toml -p hostdev.messages -p hostdev.mgmt -p hostdev.agent -p hostdev.demo
 
 # Regenerates the committed JSON Schemas after a message type changed.
 schema: setup

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
+from importlib.metadata import entry_points
 from typing import TYPE_CHECKING
 
 from hostdev.messages.errors import MessageError
@@ -33,6 +34,9 @@ COMMANDS: list[Callable[[SubParsers], None]] = [
     add_schema_command,
     add_operator_commands,
 ]
+
+#: Entry-point group of subcommands that live outside ``hostdev.mgmt``.
+PLUGIN_GROUP = "hostdev.cli"
 
 #: Exit status when a command fails with one of the package root errors.
 EXIT_FAILURE = 1
@@ -49,6 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(title="commands", metavar="COMMAND")
     for register in COMMANDS:
         register(subparsers)
+    # Commands from other parts of the distribution (``hostdev demo`` runs the
+    # agent and management together) register through an entry point, so this
+    # module never imports the agent (DESIGN section 2).
+    for plugin in entry_points(group=PLUGIN_GROUP):
+        plugin.load()(subparsers)
     return parser
 
 

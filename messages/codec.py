@@ -8,6 +8,7 @@ from typing import Any, Union
 
 import msgspec
 import msgspec.inspect as mi
+
 from hostdev.messages import api, commands, events
 from hostdev.messages.base import PROTOCOL_VERSION, Message
 from hostdev.messages.errors import (

@@ -15,6 +15,7 @@ from urllib.parse import quote
 
 import pika
 import pytest
+
 from hostdev.messages.api import HostList, ListHostsRequest
 from hostdev.messages.codec import MESSAGE_TYPES, decode, encode
 from hostdev.messages.values import HostRow

@@ -6,11 +6,11 @@ import json
 from typing import Any
 
 import msgspec
-from hostdev.messages.codec import MESSAGE_TYPES, decode, encode
-from hostdev.messages.errors import DecodeError, MessageError
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from hostdev.messages.codec import MESSAGE_TYPES, decode, encode
+from hostdev.messages.errors import DecodeError, MessageError
 from tests.support.message_strategies import any_message
 
 JSON_SCALARS = (

@@ -6,6 +6,7 @@ import json
 from typing import Any
 
 import pytest
+
 from hostdev.messages.codec import MESSAGE_TYPES, decode
 from hostdev.messages.errors import (
     DecodeError,

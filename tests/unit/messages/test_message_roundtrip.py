@@ -6,13 +6,13 @@ import json
 
 import msgspec
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from hostdev.messages import api, commands, events
 from hostdev.messages.base import PROTOCOL_VERSION, Answer, Message
 from hostdev.messages.codec import MESSAGE_TYPES, decode, encode
 from hostdev.messages.pci_address import PciAddress
-from hypothesis import given, settings
-from hypothesis import strategies as st
-
 from tests.support.message_strategies import example_message, message_strategy
 
 NAMES = sorted(MESSAGE_TYPES)

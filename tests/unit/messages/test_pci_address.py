@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import pytest
-from hostdev.messages.errors import MessageError, PciAddressError
-from hostdev.messages.pci_address import PciAddress
 from hypothesis import given
 from hypothesis import strategies as st
 
+from hostdev.messages.errors import MessageError, PciAddressError
+from hostdev.messages.pci_address import PciAddress
 from tests.support.message_strategies import pci_addresses
 
 

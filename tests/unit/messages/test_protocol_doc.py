@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from hostdev.messages.base import PROTOCOL_VERSION
 from hostdev.messages.codec import MESSAGE_TYPES
 

@@ -7,6 +7,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+
 from hostdev.messages.codec import MESSAGE_TYPES, encode, json_schema
 from hostdev.messages.errors import UnknownTypeError
 from hostdev.messages.schema_export import (
@@ -18,8 +20,6 @@ from hostdev.messages.schema_export import (
     write_schemas,
 )
 from hostdev.mgmt.cli import main
-from hypothesis import given, settings
-
 from tests.support.message_strategies import any_message, example_message
 
 

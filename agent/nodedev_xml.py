@@ -20,7 +20,8 @@ from hostdev.agent.domain_xml import hostdev_element
 from hostdev.agent.errors import ConfigError
 from hostdev.messages.pci_address import PciAddress
 
-_TEST_NS = "http://libvirt.org/schemas/domain/test/1.0"
+TEST_NS = "http://libvirt.org/schemas/domain/test/1.0"
+_TEST_NS = TEST_NS
 _RUNSTATE_SHUTOFF = "5"
 
 
@@ -81,6 +82,7 @@ class SimHostSpec:
     domains: tuple[SimDomain, ...] = ()
     refuse_detach: frozenset[PciAddress] = field(default_factory=frozenset)
     fail_migration: str | None = None
+    persist: bool = False
 
 
 def _device(data: Mapping[str, Any]) -> SimDevice:
@@ -118,6 +120,7 @@ def spec_from_dict(data: Mapping[str, Any]) -> SimHostSpec:
         domains=tuple(_domain(d) for d in data.get("domains", ())),
         refuse_detach=frozenset(PciAddress(a) for a in data.get("refuse_detach", ())),
         fail_migration=data.get("fail_migration"),
+        persist=bool(data.get("persist", False)),
     )
 
 

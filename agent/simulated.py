@@ -15,14 +15,24 @@ has no attach, detach or migration. This module adds them:
 
 URIs: ``simulated:///<abs path>/spec.json`` builds the node XML from a JSON
 spec (see ``nodedev_xml``); ``test:///<abs path>/node.xml`` uses a node file as is.
+
+Persistence: a spec with ``"persist": true`` keeps its domains in
+``<spec>.state.json`` next to it, rewritten after every change (define, start,
+stop, undefine, hot-plug, migration) and loaded at ``open()`` instead of the
+spec's ``domains``, so a restarted agent finds its host as a real one would:
+the VMs it ran are still there, holding their devices.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 import threading
+import xml.etree.ElementTree as ET
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import structlog
 
@@ -33,10 +43,11 @@ from hostdev.agent.domain_xml import (
     without_hostdev,
     without_runtime_id,
 )
-from hostdev.agent.errors import DetachRefused, MigrationFailed
+from hostdev.agent.errors import ConfigError, DetachRefused, MigrationFailed
 from hostdev.agent.hypervisor import LifecycleEvent
 from hostdev.agent.libvirt_host import LibvirtHost
-from hostdev.agent.nodedev_xml import SimHostSpec, build_node_xml, load_spec
+from hostdev.agent.nodedev_xml import TEST_NS, SimHostSpec, build_node_xml, load_spec
+from hostdev.messages.base import PowerState
 from hostdev.messages.pci_address import PciAddress
 
 log = structlog.get_logger()
@@ -46,11 +57,43 @@ _REGISTRY: dict[str, SimulatedHost] = {}
 _REGISTRY_LOCK = threading.Lock()
 _QUIET_DEFINE = [("Defined", "Updated")]
 _QUIET_REPLUG = [("Stopped", "Destroyed"), ("Started", "Booted")]
+_RUNSTATE_SHUTOFF = "5"
 
 
 def is_simulated_uri(uri: str) -> bool:
     """True for the URIs a ``SimulatedHost`` serves (``simulated://`` and ``test://``)."""
     return uri.startswith((SIMULATED_SCHEME, "test://"))
+
+
+def state_path(spec_path: str | Path) -> Path:
+    """Returns where a persistent simulated host keeps its domains: next to its spec."""
+    path = Path(spec_path)
+    return path.with_name(f"{path.stem}.state.json")
+
+
+def load_state(path: Path) -> list[dict[str, Any]]:
+    """Reads the saved domains (``[{"xml": ..., "running": bool}]``); none if no file."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return []
+    except ValueError as exc:
+        raise ConfigError(str(path), 0, str(path), f"not a simulated-host state file ({exc}); "
+                          "delete it to start from the spec's domains") from None
+    domains: list[dict[str, Any]] = data["domains"]
+    return domains
+
+
+def _node_xml_with(node_xml: str, saved: list[dict[str, Any]]) -> str:
+    """Appends saved domains to a node XML; a stopped one gets the shut-off run state."""
+    node = ET.fromstring(node_xml)
+    for entry in saved:
+        domain = ET.fromstring(entry["xml"])
+        domain.attrib.pop("id", None)
+        if not entry["running"]:
+            ET.SubElement(domain, f"{{{TEST_NS}}}runstate").text = _RUNSTATE_SHUTOFF
+        node.append(domain)
+    return ET.tostring(node, encoding="unicode")
 
 
 def registered_host(uri: str) -> SimulatedHost | None:
@@ -70,6 +113,10 @@ class SimulatedHost(LibvirtHost):
         self._refused: set[PciAddress] = set(spec.refuse_detach) if spec else set()
         self._migration_failure: str | None = spec.fail_migration if spec else None
         self._released = threading.Event()  # never set: a refusing guest never releases
+        self.state_file: Path | None = None
+        if spec is not None and spec.persist and uri.startswith(SIMULATED_SCHEME):
+            self.state_file = state_path(uri.removeprefix(SIMULATED_SCHEME))
+        self._save_lock = threading.Lock()
 
     # -- behaviour switches ------------------------------------------------------
 
@@ -94,10 +141,16 @@ class SimulatedHost(LibvirtHost):
             self.libvirt_uri = self.uri
             super().open()
         else:
+            node_xml = build_node_xml(self.spec)
+            if self.state_file is not None and self.state_file.exists():
+                saved = load_state(self.state_file)
+                node_xml = _node_xml_with(build_node_xml(replace(self.spec, domains=())), saved)
+                log.info("simulated_domains_loaded", state_file=str(self.state_file),
+                         domains=len(saved))
             handle, path = tempfile.mkstemp(prefix="hostdev-sim-", suffix=".xml")
             try:
                 with os.fdopen(handle, "w", encoding="utf-8") as out:
-                    out.write(build_node_xml(self.spec))
+                    out.write(node_xml)
                 # The test driver parses the file at open() and keeps its state in memory.
                 self.libvirt_uri = "test://" + str(Path(path).resolve())
                 super().open()
@@ -117,6 +170,46 @@ class SimulatedHost(LibvirtHost):
         """A simulated host passes devices through as if it had VFIO."""
         return ("vfio",)
 
+    # -- persistence -------------------------------------------------------------
+
+    def save(self) -> None:
+        """Writes every domain (definition, running or not) to the state file, atomically."""
+        if self.state_file is None or self._conn is None:
+            return
+        with self._save_lock:
+            domains = [{"xml": self.domain_xml(d.uuid, inactive=True),
+                        "running": d.state in ("running", "paused")}
+                       for d in self.domains()]
+            temporary = self.state_file.with_name(self.state_file.name + ".tmp")
+            temporary.write_text(json.dumps({"domains": domains}, indent=1), encoding="utf-8")
+            os.replace(temporary, self.state_file)
+
+    def define_xml(self, xml: str) -> None:
+        """Defines a domain and saves the state."""
+        super().define_xml(xml)
+        self.save()
+
+    def start(self, uuid: str) -> None:
+        """Starts a domain and saves the state."""
+        super().start(uuid)
+        self.save()
+
+    def shutdown(self, uuid: str, timeout_s: float) -> PowerState:
+        """Shuts a domain down and saves the state."""
+        state = super().shutdown(uuid, timeout_s)
+        self.save()
+        return state
+
+    def destroy(self, uuid: str) -> None:
+        """Powers a domain off and saves the state."""
+        super().destroy(uuid)
+        self.save()
+
+    def undefine(self, uuid: str) -> None:
+        """Removes a domain and saves the state."""
+        super().undefine(uuid)
+        self.save()
+
     # -- hot-plug ----------------------------------------------------------------
 
     def _redefine(self, uuid: str, xml: str, *, replug: bool) -> None:
@@ -127,6 +220,7 @@ class SimulatedHost(LibvirtHost):
             dom = self.lookup(uuid)
             self._call("detach", dom.destroy)
             self._call("attach", dom.create)
+            self.save()
 
     def attach_hostdev(self, uuid: str, address: PciAddress, timeout_s: float) -> None:
         """Adds the hostdev to the definition and, when running, to the live domain."""

@@ -102,6 +102,8 @@ class Host(Base):
     cpus: Mapped[int] = mapped_column(Integer, default=0)
     memory_mb: Mapped[int] = mapped_column(BigInteger, default=0)
     hypervisor_version: Mapped[str] = mapped_column(String(64), default="")
+    #: The libvirt URI peers migrate to this host with (as its agent announces it).
+    migration_uri: Mapped[str] = mapped_column(String(1024), default="", server_default="")
     created_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow, onupdate=utcnow)
 

@@ -94,6 +94,7 @@ class HostRegistry:
         host.cpus = command.cpus
         host.memory_mb = command.memory_mb
         host.hypervisor_version = command.hypervisor_version
+        host.migration_uri = command.migration_uri
         host.last_ping = now
         host.status = "Up"
         session.flush()

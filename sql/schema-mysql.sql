@@ -147,3 +147,9 @@ CREATE INDEX ix_op_host_pci_devices_reserved_for ON op_host_pci_devices (reserve
 
 INSERT INTO alembic_version (version_num) VALUES ('0001');
 
+-- Running upgrade 0001 -> 0002
+
+ALTER TABLE hosts ADD COLUMN migration_uri VARCHAR(1024) NOT NULL DEFAULT '';
+
+UPDATE alembic_version SET version_num='0002' WHERE alembic_version.version_num = '0001';
+

@@ -30,7 +30,7 @@ def empty_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
 def test_upgrade_head_leaves_nothing_for_autogenerate(empty_url: str) -> None:
     """After `upgrade head`, autogenerate finds no difference from the models."""
     command.upgrade(alembic_config(empty_url), "head")
-    assert current_revision(empty_url) == "0001"
+    assert current_revision(empty_url) == "0002"
     engine = create_database_engine(empty_url)
     try:
         with engine.connect() as conn:
@@ -52,4 +52,4 @@ def test_downgrade_base_drops_everything(empty_url: str) -> None:
     finally:
         engine.dispose()
     command.upgrade(config, "head")
-    assert current_revision(empty_url) == "0001"
+    assert current_revision(empty_url) == "0002"

@@ -1,0 +1,204 @@
+"""Benchmarks hostdev's PCI claims against a raw PyMySQL loop on the same MariaDB, in one run.
+
+Tables: 2,000 hosts with 50 devices each (100,000 devices, 5 names x 10) and
+4,000 VMs, in a database of its own (``hostdev_bench_<random>``, dropped at
+the end). One operation = claim one free device of a name on a host for a
+VM, in its own transaction, then release it in another. Hosts, names and VMs
+follow the same seeded random sequence on both sides.
+
+- hostdev: ``PciDeviceRepository.claim`` + ``.release`` (SQLAlchemy Core,
+  SELECT ... FOR UPDATE SKIP LOCKED, conditional UPDATE checked by row
+  count, retry in a new transaction).
+- raw: PyMySQL, ``SELECT id ... LIMIT 1``; ``UPDATE ... WHERE id=%s AND
+  instance_id IS NULL`` checked by row count (retry in a new transaction);
+  COMMIT; ``UPDATE ... SET instance_id=NULL WHERE instance_id=%s AND
+  host_id=%s``; COMMIT.
+
+Figures: medians of 3 alternating rounds, sequential and with 2 processes.
+Prints a table, then ``metric=NAME value=NUMBER unit=UNIT`` lines; ratios
+are hostdev/raw (goal >= 0.7). Run: ``.venv/bin/python bench/alloc.py``.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import random
+import secrets
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pymysql
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import structlog
+
+from hostdev.mgmt.database import create_database_engine, upgrade
+from hostdev.mgmt.pci_devices import PciDeviceRepository
+
+SOCKET = "/run/mysqld/mysqld.sock"
+HOSTS = 2_000
+NAMES = ["10GE", "25GE", "GPU", "NVME", "FPGA"]
+PER_NAME = 10
+VMS = 4_000
+OPERATIONS = 2_000  # claim+release pairs per process per round
+ROUNDS = 3
+
+
+def _connect(database: str | None = None) -> pymysql.connections.Connection[Any]:
+    return pymysql.connect(unix_socket=SOCKET, user="root", database=database, autocommit=False)
+
+
+def populate(database: str) -> None:
+    """Creates the schema with Alembic, then fills hosts, devices and VMs in bulk."""
+    upgrade(url(database))
+    now = "2026-01-01 00:00:00"
+    conn = _connect(database)
+    with conn.cursor() as cur:
+        cur.executemany(
+            "INSERT INTO hosts (id, guid, name, status, cpus, memory_mb, hypervisor_version, "
+            "created_at, updated_at) VALUES (%s, %s, %s, 'Up', 64, 262144, 'bench', %s, %s)",
+            [(h, f"guid-{h}", f"host-{h}", now, now) for h in range(1, HOSTS + 1)],
+        )
+        cur.execute("INSERT INTO service_offerings (id, name, cpus, memory_mb, migration_policy,"
+                    " created_at) VALUES (1, 'bench', 2, 2048, 'forbid', %s)", (now,))
+        cur.executemany(
+            "INSERT INTO vm_instances (id, uuid, name, offering_id, state, update_count, cpus, "
+            "memory_mb, created_at, updated_at) VALUES (%s, %s, %s, 1, 'Stopped', 0, 2, 2048, "
+            "%s, %s)",
+            [(v, f"uuid-{v}", f"vm-{v}", now, now) for v in range(1, VMS + 1)],
+        )
+        rows = [
+            (h, name, "0000", f"{0x10 + n:02x}", f"{i // 8:02x}", str(i % 8), now, now)
+            for h in range(1, HOSTS + 1) for n, name in enumerate(NAMES) for i in range(PER_NAME)
+        ]
+        for start in range(0, len(rows), 10_000):
+            cur.executemany(
+                "INSERT INTO op_host_pci_devices (host_id, name, domain, bus, slot, `function`,"
+                " vendor_id, product_id, state, created_at, updated_at) VALUES (%s, %s, %s, %s, "
+                "%s, %s, '', '', 'free', %s, %s)",
+                rows[start:start + 10_000],
+            )
+        cur.execute("ANALYZE TABLE op_host_pci_devices")
+        cur.fetchall()
+    conn.commit()
+    conn.close()
+
+
+def url(database: str) -> str:
+    """Returns the SQLAlchemy URL of the bench database."""
+    return f"mysql+pymysql://root@localhost/{database}?unix_socket={SOCKET}"
+
+
+def workload(seed: int, vms: list[int]) -> list[tuple[int, int, str]]:
+    """Returns the (vm, host, name) sequence one process runs."""
+    rng = random.Random(seed)
+    return [(rng.choice(vms), rng.randint(1, HOSTS), rng.choice(NAMES)) for _ in range(OPERATIONS)]
+
+
+def run_hostdev(database: str, ops: list[tuple[int, int, str]]) -> float:
+    """Runs the operations through PciDeviceRepository; returns the seconds taken."""
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(30))
+    engine = create_database_engine(url(database))
+    repo = PciDeviceRepository(engine)
+    repo.counts(1)  # open the pooled connection outside the timing
+    started = time.perf_counter()
+    for vm, host, name in ops:
+        repo.claim(vm, host, {name: 1})
+        repo.release(vm, host)
+    elapsed = time.perf_counter() - started
+    engine.dispose()
+    return elapsed
+
+
+def run_raw(database: str, ops: list[tuple[int, int, str]]) -> float:
+    """Runs the same operations with plain PyMySQL; returns the seconds taken."""
+    conn = _connect(database)
+    cur = conn.cursor()
+    started = time.perf_counter()
+    for vm, host, name in ops:
+        while True:
+            cur.execute(
+                "SELECT id FROM op_host_pci_devices WHERE host_id=%s AND name=%s AND "
+                "state='free' ORDER BY id LIMIT 1", (host, name))
+            (device,) = cur.fetchone()
+            taken = cur.execute(
+                "UPDATE op_host_pci_devices SET state='allocated', instance_id=%s, "
+                "updated_at=NOW(6) WHERE id=%s AND instance_id IS NULL", (vm, device))
+            conn.commit()  # a lost race retries in a new transaction
+            if taken == 1:
+                break
+        cur.execute(
+            "UPDATE op_host_pci_devices SET state='free', instance_id=NULL, updated_at=NOW(6) "
+            "WHERE instance_id=%s AND host_id=%s", (vm, host))
+        conn.commit()
+    elapsed = time.perf_counter() - started
+    conn.close()
+    return elapsed
+
+
+def _worker(kind: str, database: str, ops: list[tuple[int, int, str]], barrier: Any) -> float:
+    barrier.wait()
+    return run_hostdev(database, ops) if kind == "hostdev" else run_raw(database, ops)
+
+
+def measure(kind: str, database: str, processes: int, round_no: int) -> float:
+    """Returns operations per second for ``processes`` processes of one kind."""
+    loads = [workload(1000 * round_no + p, list(range(p + 1, VMS + 1, processes)))
+             for p in range(processes)]
+    if processes == 1:
+        runner: Callable[[str, list[tuple[int, int, str]]], float]
+        runner = run_hostdev if kind == "hostdev" else run_raw
+        return OPERATIONS / runner(database, loads[0])
+    context = mp.get_context("spawn")
+    with context.Manager() as manager, context.Pool(processes) as pool:
+        barrier = manager.Barrier(processes)
+        jobs = [pool.apply_async(_worker, (kind, database, load, barrier)) for load in loads]
+        seconds = [job.get(timeout=600) for job in jobs]
+    return OPERATIONS * processes / max(seconds)
+
+
+def main() -> int:
+    """Creates the bench database, runs every round, prints the figures, drops it."""
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(30))
+    database = f"hostdev_bench_{secrets.token_hex(4)}"
+    admin = _connect()
+    admin.cursor().execute(f"CREATE DATABASE `{database}`")
+    try:
+        started = time.perf_counter()
+        populate(database)
+        print(f"populated {HOSTS} hosts, {HOSTS * len(NAMES) * PER_NAME} devices, {VMS} VMs "
+              f"in {time.perf_counter() - started:.1f} s", file=sys.stderr)
+        results: dict[tuple[str, int], list[float]] = {}
+        for round_no in range(ROUNDS):
+            for processes in (1, 2):
+                for kind in ("raw", "hostdev"):
+                    rate = measure(kind, database, processes, round_no)
+                    results.setdefault((kind, processes), []).append(rate)
+                    print(f"round {round_no + 1}: {kind} x{processes}: {rate:,.0f} ops/s",
+                          file=sys.stderr)
+    finally:
+        admin.cursor().execute(f"DROP DATABASE IF EXISTS `{database}`")
+        admin.close()
+
+    medians = {key: statistics.median(rates) for key, rates in results.items()}
+    lines = []
+    print(f"{'claim+release per second':<28}{'hostdev':>10}{'raw PyMySQL':>13}{'ratio':>8}")
+    for processes, label in ((1, "sequential"), (2, "2_processes")):
+        ours, raw = medians[("hostdev", processes)], medians[("raw", processes)]
+        print(f"{label:<28}{ours:>10,.0f}{raw:>13,.0f}{ours / raw:>8.2f}")
+        lines += [
+            f"metric=alloc_claim_release_{label}_hostdev value={ours:.0f} unit=ops/s",
+            f"metric=alloc_claim_release_{label}_raw value={raw:.0f} unit=ops/s",
+            f"metric=alloc_claim_release_{label}_ratio value={ours / raw:.2f} unit=ratio",
+        ]
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

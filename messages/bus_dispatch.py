@@ -20,6 +20,7 @@ from hostdev.messages.codec import decode
 from hostdev.messages.commands import ErrorAnswer
 from hostdev.messages.errors import DecodeError, TransientError
 from hostdev.messages.logging import bound_message
+from hostdev.messages.metrics import count_outcome
 
 log = structlog.get_logger()
 
@@ -47,6 +48,7 @@ class Outcome:
     message_type: str | None = None
 
 
+@count_outcome  # hostdev_messages_handled_total / _dead_lettered_total
 def handle_delivery(
     body: bytes,
     *,

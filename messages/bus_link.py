@@ -38,6 +38,7 @@ from hostdev.messages.bus_api import DEAD_EXCHANGE, BusConfig
 from hostdev.messages.bus_confirms import ConfirmWindow, Unconfirmed
 from hostdev.messages.bus_loop import LoopScheduler
 from hostdev.messages.errors import BusError
+from hostdev.messages.metrics import bus_reconnected
 
 log = structlog.get_logger()
 
@@ -184,6 +185,7 @@ class AmqpLink:
                             retry_in_s=round(delay, 2))
                 self.loop.stopping.wait(delay)
         log.info("bus_reconnected", attempts=attempt + 1)
+        bus_reconnected()
         for fn in self.reconnect_callbacks:
             self.loop.call_soon(fn)
 

@@ -1,0 +1,116 @@
+"""Prometheus metrics of the bus, shared by both daemons, and the HTTP endpoint that serves them.
+
+The counters live in prometheus-client's default registry, so every bus of a
+process adds to them (the demo's management and agents count together):
+
+- ``hostdev_messages_handled_total{type, outcome}``: deliveries by decoded
+  message type (``undecodable`` when decoding failed) and what became of
+  them: ``ack``, ``requeue`` (transient failure) or ``dead``;
+- ``hostdev_messages_dead_lettered_total{type}``: those sent to ``hostdev.dead``;
+- ``hostdev_bus_reconnects_total``: connections re-established after a loss.
+
+``serve_metrics(port)`` starts the ``/metrics`` endpoint on a daemon thread;
+each daemon calls it when ``metrics.port`` is set (off by default). Extra
+collectors (management's inventory, computed at scrape time) are passed in.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, Protocol, TypeVar
+
+import structlog
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, start_http_server
+from prometheus_client.metrics_core import Metric
+
+log = structlog.get_logger()
+
+MESSAGES_HANDLED = Counter(
+    "hostdev_messages_handled", "Deliveries handled, by message type and outcome "
+    "(ack, requeue, dead).", ["type", "outcome"])
+MESSAGES_DEAD_LETTERED = Counter(
+    "hostdev_messages_dead_lettered", "Deliveries sent to hostdev.dead, by message type.",
+    ["type"])
+BUS_RECONNECTS = Counter(
+    "hostdev_bus_reconnects", "AMQP connections re-established after a loss.")
+
+#: Type label of a delivery whose body did not decode.
+UNDECODABLE = "undecodable"
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class _Outcome(Protocol):
+    action: str
+    message_type: str | None
+
+
+def count_outcome(handle: F) -> F:
+    """Wraps ``bus_dispatch.handle_delivery`` to count each delivery's outcome by type."""
+    @functools.wraps(handle)
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        outcome: _Outcome = handle(*args, **kwargs)
+        kind = outcome.message_type or UNDECODABLE
+        MESSAGES_HANDLED.labels(kind, outcome.action).inc()
+        if outcome.action == "dead":
+            MESSAGES_DEAD_LETTERED.labels(kind).inc()
+        return outcome
+    return counted  # type: ignore[return-value]
+
+
+def bus_reconnected() -> None:
+    """Counts one re-established connection."""
+    BUS_RECONNECTS.inc()
+
+
+class Collector(Protocol):
+    """What prometheus-client collects from: anything with ``collect()``."""
+
+    def collect(self) -> Iterable[Metric]: ...
+
+
+class _Union:
+    """Collects from several collectors (the default registry and a daemon's own)."""
+
+    def __init__(self, collectors: Iterable[Collector]) -> None:
+        self.collectors = tuple(collectors)
+
+    def collect(self) -> Iterator[Metric]:
+        for collector in self.collectors:
+            yield from collector.collect()
+
+
+class MetricsServer:
+    """The running ``/metrics`` endpoint; ``close()`` stops it."""
+
+    def __init__(self, port: int, address: str, extra: Iterable[Collector]) -> None:
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(_Union((REGISTRY, *extra)))  # type: ignore[arg-type]
+        self.registry = registry
+        self._server, self._thread = start_http_server(port, addr=address, registry=registry)
+        self.port: int = self._server.server_port
+
+    def close(self) -> None:
+        """Stops serving and closes the socket."""
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5)
+
+
+def serve_metrics(port: int | None, *, address: str = "0.0.0.0",
+                  extra: Iterable[Collector] = ()) -> MetricsServer | None:
+    """Serves ``/metrics`` on ``port`` (0: any free port); None and nothing when ``port`` is None.
+
+    Raises:
+        OSError: the port is taken; the text says which.
+    """
+    if port is None:
+        return None
+    try:
+        server = MetricsServer(port, address, extra)
+    except OSError as exc:
+        raise OSError(exc.errno, f"cannot serve metrics on {address}:{port}: {exc.strerror}; "
+                      "free the port or change metrics.port") from exc
+    log.info("metrics_serving", port=server.port, address=address)
+    return server

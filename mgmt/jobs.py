@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session
 from hostdev.messages.commands import StartAnswer, StartCommand, StopAnswer, StopCommand
 from hostdev.messages.events import JobFinished
 from hostdev.messages.values import JobRow, VmSpec
-from hostdev.mgmt import outbox, pci_devices, planner
+from hostdev.mgmt import metrics, outbox, pci_devices, planner
 from hostdev.mgmt.config import MgmtConfig
 from hostdev.mgmt.database import RetryTransaction
 from hostdev.mgmt.errors import Conflict, InvalidRequest, NoCapacity, NotFound
@@ -366,3 +366,4 @@ class JobManager:
                                vm_uuid=vm_uuid, step=job.step, details=details,
                                at=utcnow().isoformat() + "Z"))
         log.info("job_finished", job=job.id, kind=job.kind, state=state, details=details)
+        metrics.job_finished(session, job)  # hostdev_job_duration_seconds, at commit

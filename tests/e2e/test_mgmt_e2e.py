@@ -1,0 +1,337 @@
+"""hostdev end to end: hostdev-mgmt and three hostdev-agent processes on RabbitMQ and MariaDB.
+
+Everything is driven from outside, as an operator or a client would: the
+``hostdev`` CLI as a subprocess, API requests on a Bus client, plain SQL on
+the database, the simulated hosts' state files, and signals to processes.
+One deployment (two management daemons, hosts e2e-a and e2e-b with four
+10GE devices, e2e-c with five) serves the module; each test first brings it
+to the state it needs (``fill``) and asserts only what it did itself.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from hostdev.messages import api
+from hostdev.messages.errors import RemoteError
+from tests.e2e.conftest import StackFactory
+from tests.support.e2e_stack import Stack
+from tests.support.processes import Daemon
+from tests.support.waiting import wait_for
+
+pytestmark = [pytest.mark.rabbitmq, pytest.mark.mariadb, pytest.mark.libvirt]
+
+OFFERING = "net2"
+HOSTS = {"e2e-a": {"10GE": 4}, "e2e-b": {"10GE": 4}, "e2e-c": {"10GE": 5}}
+#: Two devices per VM: a and b take two VMs each, c two and keeps one device free.
+CAPACITY = 6
+_names = iter(range(1000))
+
+
+@pytest.fixture(scope="module")
+def stack(make_e2e_stack: StackFactory) -> Iterator[Stack]:
+    """Two management daemons, three simulated hosts, offering net2 = 10GE,10GE."""
+    created = make_e2e_stack(mgmt=2, hosts=HOSTS)
+    done = created.cli("offering", "create", OFFERING, "--pci", "10GE,10GE")
+    assert done.returncode == 0, done.stderr
+    yield created
+
+
+# -- helpers --------------------------------------------------------------------------
+
+
+def deploy(stack: Stack) -> tuple[str, api.JobAccepted | RemoteError]:
+    """Sends one deploy request; returns the VM name and the answer (or the refusal)."""
+    name = f"vm{next(_names)}"
+    try:
+        answer = stack.request(api.DeployVmRequest(name=name, offering=OFFERING))
+    except RemoteError as exc:
+        return name, exc
+    assert isinstance(answer, api.JobAccepted), answer
+    return name, answer
+
+
+def fill(stack: Stack) -> list[str]:
+    """Deploys until management refuses; returns the names deployed now (all succeeded)."""
+    deployed = []
+    while True:
+        name, answer = deploy(stack)
+        if isinstance(answer, RemoteError):
+            assert "no host has 2 x 10GE free" in answer.reason, answer.reason
+            return deployed
+        job = stack.wait_job(answer.job_id)
+        assert job.state == "succeeded", job
+        deployed.append(name)
+
+
+def vms(stack: Stack) -> dict[str, Any]:
+    """Lists live VMs through the CLI, by name."""
+    return {vm["name"]: vm for vm in stack.cli_json("vm", "list")}
+
+
+def held(stack: Stack) -> dict[str, set[str]]:
+    """Reads op_host_pci_devices: VM uuid -> the addresses it holds (host:address)."""
+    rows = stack.sql(
+        "SELECT h.name AS host, d.domain, d.bus, d.slot, d.function, d.state, v.uuid "
+        "FROM op_host_pci_devices d JOIN hosts h ON h.id = d.host_id "
+        "LEFT JOIN vm_instances v ON v.id = d.instance_id WHERE d.instance_id IS NOT NULL")
+    found: dict[str, set[str]] = {}
+    for row in rows:
+        found.setdefault(row["uuid"], set()).add(
+            f"{row['host']}:{row['domain']}:{row['bus']}:{row['slot']}.{row['function']}")
+    return found
+
+
+def check_consistency(stack: Stack) -> None:
+    """Asserts the database and the simulated hosts agree about every device and VM.
+
+    Each device row is unique per host and address and held by at most one VM;
+    a held device is ``allocated``; every Running VM holds exactly two 10GE
+    devices on its own host, and its domain runs there with exactly those
+    hostdevs; no VM that is not Running holds anything or runs anywhere.
+    """
+    devices = stack.sql(
+        "SELECT d.host_id, d.domain, d.bus, d.slot, d.function, d.state, d.instance_id, "
+        "v.state AS vm_state, v.host_id AS vm_host FROM op_host_pci_devices d "
+        "LEFT JOIN vm_instances v ON v.id = d.instance_id")
+    keys = [(d["host_id"], d["domain"], d["bus"], d["slot"], d["function"]) for d in devices]
+    assert len(keys) == len(set(keys)), "a device row appears twice"
+    for device in devices:
+        if device["instance_id"] is None:
+            assert device["state"] in ("free", "disabled", "removed"), device
+        else:
+            assert device["state"] == "allocated", device
+            assert device["vm_state"] == "Running", device
+            assert device["vm_host"] == device["host_id"], device
+    holdings = held(stack)
+    running_domains = {uuid: (host.name, hostdevs)
+                       for host in stack.hosts.values()
+                       for uuid, (_, running, hostdevs) in host.domains().items() if running}
+    live = stack.sql("SELECT uuid, name, state FROM vm_instances WHERE state <> 'Destroyed'")
+    for vm in live:
+        if vm["state"] == "Running":
+            addresses = holdings.get(vm["uuid"], set())
+            assert len(addresses) == 2, (vm, addresses)
+            assert vm["uuid"] in running_domains, f"{vm['name']} runs on no simulated host"
+            host, hostdevs = running_domains[vm["uuid"]]
+            assert addresses == {f"{host}:{a}" for a in hostdevs}, (vm, addresses, hostdevs)
+        else:
+            assert vm["uuid"] not in holdings, vm
+            assert vm["uuid"] not in running_domains, vm
+    assert set(running_domains) <= {vm["uuid"] for vm in live if vm["state"] == "Running"}
+
+
+def refusal(stderr: str) -> set[str]:
+    """Splits the CLI's refusal into its per-host parts (hosts are listed by id)."""
+    prefix = "error: no host has 2 x 10GE free: "
+    assert stderr.startswith(prefix), stderr
+    return set(stderr.strip().removeprefix(prefix).split(", "))
+
+
+def host_of(stack: Stack, name: str) -> str:
+    return str(vms(stack)[name]["host_name"])
+
+
+# -- the tests ---------------------------------------------------------------------------
+
+
+def test_deploys_fill_the_hosts_then_the_next_is_refused_with_the_reason(stack: Stack) -> None:
+    """Deploys succeed until the 10GE devices run out; the next says why, per host."""
+    fill(stack)
+    running = [vm for vm in vms(stack).values() if vm["state"] == "Running"]
+    assert len(running) == CAPACITY
+    assert sorted(vm["host_name"] for vm in running) == sorted(
+        ["e2e-a"] * 2 + ["e2e-b"] * 2 + ["e2e-c"] * 2)
+    refused = stack.cli("vm", "deploy", "one-too-many", "--offering", OFFERING)
+    assert refused.returncode == 1
+    assert refusal(refused.stderr) == {"e2e-a has 0", "e2e-b has 0", "e2e-c has 1"}
+    assert "one-too-many" not in vms(stack)
+
+
+def test_each_device_is_held_by_one_vm_and_the_domains_hold_exactly_those(
+        stack: Stack) -> None:
+    """op_host_pci_devices, read with SQL, matches the VMs and the hosts' libvirt domains."""
+    fill(stack)
+    holdings = held(stack)
+    everything = [a for addresses in holdings.values() for a in addresses]
+    assert len(everything) == len(set(everything)) == 2 * CAPACITY
+    check_consistency(stack)
+
+
+def test_stopping_a_vm_frees_its_devices_for_the_next_deploy(stack: Stack) -> None:
+    """hostdev vm stop releases both rows; the next deploy gets exactly those devices."""
+    fill(stack)
+    victim = next(name for name, vm in vms(stack).items()
+                  if vm["state"] == "Running" and vm["host_name"] == "e2e-b")
+    victim_uuid = vms(stack)[victim]["uuid"]
+    freed = held(stack)[victim_uuid]
+    stopped = stack.cli("vm", "stop", victim, "--wait")
+    assert stopped.returncode == 0, stopped.stderr
+    assert vms(stack)[victim]["state"] == "Stopped"
+    assert victim_uuid not in held(stack)
+    rows = stack.sql("SELECT state FROM op_host_pci_devices d JOIN hosts h ON h.id = d.host_id "
+                     "WHERE h.name = 'e2e-b' AND d.state = 'free'")
+    assert len(rows) == 2
+    assert not stack.hosts["e2e-b"].domains()[victim_uuid][1], "the domain still runs"
+    deployed = stack.cli("vm", "deploy", "after-stop", "--offering", OFFERING, "--wait")
+    assert deployed.returncode == 0, deployed.stderr
+    assert held(stack)[vms(stack)["after-stop"]["uuid"]] == freed
+    check_consistency(stack)
+
+
+def test_a_killed_agent_goes_down_and_comes_back_with_its_allocations(stack: Stack) -> None:
+    """SIGKILL: the host is Down and not offered; restarted, it registers and keeps its VMs."""
+    fill(stack)
+    on_c = sorted(name for name, vm in vms(stack).items()
+                  if vm["state"] == "Running" and vm["host_name"] == "e2e-c")
+    assert len(on_c) == 2
+    stopped = stack.cli("vm", "stop", on_c[0], "--wait")
+    assert stopped.returncode == 0, stopped.stderr
+    keeper = vms(stack)[on_c[1]]["uuid"]
+    before = held(stack)
+    host = stack.hosts["e2e-c"]
+    host.kill()
+    wait_for(lambda: stack.hosts_by_name()["e2e-c"].status == "Down", timeout=30,
+             what="e2e-c to be Down")
+    refused = stack.cli("vm", "deploy", "while-down", "--offering", OFFERING)
+    assert refused.returncode == 1
+    assert refusal(refused.stderr) == {"e2e-a has 0", "e2e-b has 0", "e2e-c is Down"}
+    explained = {v["host_name"]: v for v in stack.cli_json("explain", OFFERING)["verdicts"]}
+    assert not explained["e2e-c"]["accepted"] and "Down" in explained["e2e-c"]["reason"]
+    assert held(stack) == before
+    host.restart().wait_log("startup_accepted", timeout=60)
+    stack.wait_hosts_up("e2e-c")
+    assert held(stack) == before, "re-registration changed the allocations"
+    assert vms(stack)[on_c[1]]["state"] == "Running"
+    assert host.domains()[keeper][1], "the VM's domain did not survive the agent restart"
+    deployed = stack.cli("vm", "deploy", "after-restart", "--offering", OFFERING, "--wait")
+    assert deployed.returncode == 0, deployed.stderr
+    assert host_of(stack, "after-restart") == "e2e-c"
+    check_consistency(stack)
+
+
+def _signal_agents(stack: Stack, signum: int) -> None:
+    for host in stack.hosts.values():
+        assert host.daemon.process is not None
+        os.killpg(host.daemon.process.pid, signum)
+
+
+def _placed_by(stack: Stack, vm_uuid: str) -> Daemon:
+    def find() -> Daemon | None:
+        for daemon in stack.mgmts:
+            if any(r.get("event") == "vm_placed" and r.get("vm") == vm_uuid
+                   for r in daemon.records()):
+                return daemon
+        return None
+    return wait_for(find, timeout=20, what=f"a daemon to place {vm_uuid}")
+
+
+def test_a_daemon_killed_mid_deploy_leaves_the_job_to_the_other(stack: Stack) -> None:
+    """SIGKILL of the daemon that placed a VM: the survivor finishes the job, nothing leaks."""
+    fill(stack)
+    for name in sorted(n for n, vm in vms(stack).items() if vm["state"] == "Running")[:2]:
+        assert stack.cli("vm", "stop", name, "--wait").returncode == 0
+    _signal_agents(stack, signal.SIGSTOP)  # the StartCommand waits, unanswered
+    try:
+        name, accepted = deploy(stack)
+        assert isinstance(accepted, api.JobAccepted), accepted
+        placer = _placed_by(stack, str(accepted.vm_uuid))
+        placer.kill()
+    finally:
+        _signal_agents(stack, signal.SIGCONT)
+    job = stack.wait_job(accepted.job_id)
+    assert job.state == "succeeded", job
+    assert vms(stack)[name]["state"] == "Running"
+    check_consistency(stack)
+    stack.mgmts.remove(placer)
+    stack.start_mgmt()
+
+
+def test_a_daemon_killed_during_a_burst_of_deploys_finishes_or_rolls_back_each(
+        stack: Stack) -> None:
+    """SIGKILL in the middle of four deploys: every job ends, claims match running VMs."""
+    fill(stack)
+    for name in sorted(n for n, vm in vms(stack).items() if vm["state"] == "Running")[:4]:
+        assert stack.cli("vm", "stop", name, "--wait").returncode == 0
+    jobs = []
+    for index in range(4):
+        _, accepted = deploy(stack)
+        assert isinstance(accepted, api.JobAccepted), accepted
+        jobs.append(accepted.job_id)
+        if index == 1:
+            victim = stack.mgmts[0]
+            victim.kill()
+    for job_id in jobs:
+        assert stack.wait_job(job_id).state in ("succeeded", "failed")
+    wait_for(lambda: not stack.sql("SELECT id FROM vm_instances WHERE state IN "
+                                   "('Starting', 'Stopping')"), timeout=30,
+             what="no VM in a transient state")
+    check_consistency(stack)
+    stack.mgmts.remove(victim)
+    stack.start_mgmt()
+
+
+# -- systemd notify ---------------------------------------------------------------------
+
+
+class NotifySocket:
+    """A unix datagram socket standing in for systemd's ``$NOTIFY_SOCKET``."""
+
+    def __init__(self) -> None:
+        self.folder = tempfile.mkdtemp(prefix="hd-")  # short: sun_path has 108 bytes
+        self.path = str(Path(self.folder) / "notify")
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(self.path)
+        self.sock.setblocking(False)
+        self.lines: list[str] = []
+
+    def wait_ready(self, daemon: Daemon) -> str:
+        """Waits for the READY=1 datagram; fails at once, with its log, if ``daemon`` exits."""
+        found = wait_for(lambda: self.ready() or (None if daemon.running else "exited"),
+                         timeout=60, what=f"READY=1 from {daemon.name}")
+        assert found != "exited", f"{daemon.name} exited before READY=1:\n{daemon.tail()}"
+        return found
+
+    def ready(self) -> str | None:
+        """Reads what arrived; returns the datagram carrying READY=1, if one did."""
+        while True:
+            try:
+                data = self.sock.recv(4096).decode()
+            except BlockingIOError:
+                break
+            self.lines.append(data)
+        return next((d for d in self.lines if "READY=1" in d.splitlines()), None)
+
+    def close(self) -> None:
+        self.sock.close()
+        Path(self.path).unlink(missing_ok=True)
+        os.rmdir(self.folder)
+
+
+def test_both_daemons_send_ready_once_connected(make_e2e_stack: StackFactory) -> None:
+    """READY=1 reaches $NOTIFY_SOCKET from hostdev-mgmt run and hostdev-agent, after connecting."""
+    fresh = make_e2e_stack(mgmt=0, prefix="e2e-notify")
+    notify = NotifySocket()
+    try:
+        mgmt = fresh.start_mgmt(env={"NOTIFY_SOCKET": notify.path}, wait=False)
+        datagram = notify.wait_ready(mgmt)
+        assert any(r.get("event") == "mgmt_started" for r in mgmt.records())
+        assert fresh.hosts_by_name() == {}, "ready but not answering the API"
+        assert "STATUS=" in datagram
+        notify.lines.clear()
+        agent = fresh.start_host("e2e-n", {"10GE": 1}, env={"NOTIFY_SOCKET": notify.path})
+        datagram = notify.wait_ready(agent.daemon)
+        assert any(r.get("event") == "agent_announced" for r in agent.daemon.records())
+        assert agent.guid in datagram
+        fresh.wait_hosts_up("e2e-n")
+    finally:
+        fresh.close()
+        notify.close()

@@ -62,6 +62,7 @@ class AgentConfig:
     migration_timeout_s: float = 300.0
     log_format: LogFormat = "json"
     log_level: LogLevel = "info"
+    metrics_port: int | None = None
     warnings: tuple[str, ...] = ()
 
     @property
@@ -161,6 +162,13 @@ def _libvirt_uri(prop: Property) -> str:
     return prop.value
 
 
+def _port(prop: Property) -> int:
+    if not prop.value.isdigit() or not 1 <= int(prop.value) <= 65535:
+        raise _error(prop, prop.value, f"{prop.key} must be a TCP port from 1 to 65535 (delete "
+                     "the line to serve no metrics)")
+    return int(prop.value)
+
+
 def _guid(prop: Property) -> str:
     if not _GUID.match(prop.value):
         raise _error(prop, prop.value, "guid must be 1 to 64 characters from A-Z a-z 0-9 _ . - "
@@ -190,6 +198,7 @@ _KEYS: dict[str, tuple[str, Callable[[Property], object]]] = {
     "timeout.migration": ("migration_timeout_s", _positive_seconds),
     "log.format": ("log_format", _choice(("json", "console"))),
     "log.level": ("log_level", _choice(("debug", "info", "warning", "error"))),
+    "metrics.port": ("metrics_port", _port),
 }
 
 KNOWN_KEYS = tuple(_KEYS)

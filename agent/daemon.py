@@ -20,6 +20,7 @@ from typing import Any, Protocol
 
 import structlog
 
+from hostdev.agent.background import BackgroundCommands
 from hostdev.agent.config import DEFAULT_PATH, AgentConfig, ensure_guid, load_config
 from hostdev.agent.errors import AgentError, ConfigError, HypervisorError
 from hostdev.agent.handlers import CommandHandlers, Timeouts
@@ -95,6 +96,7 @@ class Agent:
             Timeouts(attach_s=config.attach_timeout_s, detach_s=config.detach_timeout_s,
                      migration_s=config.migration_timeout_s))
         self.announcements = 0
+        self.background = BackgroundCommands(bus, self.guid)
 
     # -- outgoing ------------------------------------------------------------------
 
@@ -182,7 +184,9 @@ class Agent:
         return {
             StartCommand: self._wrap(self.commands.start),
             StopCommand: self._wrap(self.commands.stop),
-            MigrateCommand: self._wrap(self.commands.migrate),
+            # Long: on a worker thread, so the loop keeps the heartbeats going.
+            MigrateCommand: self.background.handler(self.commands.migrate,
+                                                    key=lambda m: m.vm_uuid),
             AttachPciDevicesCommand: self._wrap(self.commands.attach),
             DetachPciDevicesCommand: self._wrap(self.commands.detach),
             StartupAnswer: self._startup_answer,

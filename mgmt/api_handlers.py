@@ -20,8 +20,9 @@ from hostdev.messages.pci_address import PciAddress
 from hostdev.messages.values import HostRow, OfferingRow, PciDeviceRow, VmRow
 from hostdev.mgmt import pci_devices, planner
 from hostdev.mgmt.config import MgmtConfig
-from hostdev.mgmt.errors import Conflict, InvalidRequest, NotFound, NotImplementedYet
+from hostdev.mgmt.errors import Conflict, InvalidRequest, NotFound
 from hostdev.mgmt.jobs import JobManager, find_offering, job_row
+from hostdev.mgmt.migration import MigrationManager
 from hostdev.mgmt.models import (
     Host,
     Job,
@@ -46,10 +47,12 @@ def _address(device: PciDevice) -> PciAddress:
 class ApiHandlers:
     """One method per API request type; ``handlers()`` maps types to them."""
 
-    def __init__(self, config: MgmtConfig, work: UnitOfWork, jobs: JobManager) -> None:
+    def __init__(self, config: MgmtConfig, work: UnitOfWork, jobs: JobManager,
+                 migrations: MigrationManager | None = None) -> None:
         self._config = config
         self._work = work
         self._jobs = jobs
+        self.migrations = migrations or MigrationManager(config, jobs._lifecycle)
 
     def handlers(self) -> dict[type[Message], Callable[..., Message]]:
         """Returns the handler of each API request type."""
@@ -251,15 +254,27 @@ class ApiHandlers:
     def _uuid(self, session: Session, job: Job) -> str | None:
         return session.scalar(select(VmInstance.uuid).where(VmInstance.id == job.vm_id))
 
-    def migrate(self, request: api.MigrateVmRequest) -> Message:
-        """Refuses: live migration with PCI devices comes in a later release."""
-        raise NotImplementedYet(f"cannot migrate VM {request.vm}: live migration with PCI "
-                                "devices is not implemented in this release yet")
+    def migrate(self, request: api.MigrateVmRequest,
+                message_id: str | None = None) -> Message:
+        """Plans (dry run) or begins a live migration; see ``hostdev.mgmt.migration``."""
+        if request.dry_run:
+            return self._work.run(lambda s: self.migrations.plan(s, request.vm,
+                                                                 request.destination),
+                                  what=f"plan migration of {request.vm}")
 
-    def attach(self, request: api.AttachVmDevicesRequest) -> Message:
-        """Refuses: re-attaching devices belongs to migration, a later release."""
-        raise NotImplementedYet(f"cannot re-attach the devices of VM {request.vm}: this comes "
-                                "with live migration, not implemented in this release yet")
+        def work(session: Session) -> api.JobAccepted:
+            job = self.migrations.begin(session, request.vm, request.destination)
+            return api.JobAccepted(job_id=job.id, vm_uuid=self._uuid(session, job))
+        return self._work.run(work, what=f"migrate {request.vm}", message_id=message_id)
+
+    def attach(self, request: api.AttachVmDevicesRequest,
+               message_id: str | None = None) -> api.JobAccepted:
+        """Re-attaches the devices a Running VM holds on its host (a job)."""
+        def work(session: Session) -> api.JobAccepted:
+            job = self.migrations.attach_devices(session, request.vm)
+            return api.JobAccepted(job_id=job.id, vm_uuid=self._uuid(session, job))
+        return self._work.run(work, what=f"attach devices of {request.vm}",
+                              message_id=message_id)
 
     def set_device_enabled(self, request: api.SetPciDeviceEnabledRequest,
                            message_id: str | None = None) -> api.DeviceStateChanged:

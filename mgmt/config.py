@@ -44,6 +44,8 @@ class MgmtConfig:
     pci_migration_policy: MigrationPolicy = "forbid"
     job_start_timeout_s: float = 120.0
     job_stop_timeout_s: float = 120.0
+    job_migrate_timeout_s: float = 360.0
+    job_attach_timeout_s: float = 60.0
     job_sweep_interval_s: float = 5.0
     log_format: str = "json"
     log_level: str = "info"
@@ -97,6 +99,8 @@ _KEYS: dict[str, tuple[str, Callable[[Property], Any]]] = {
     "pci.migration.policy": ("pci_migration_policy", _choice("forbid", "detach-attach")),
     "job.start.timeout": ("job_start_timeout_s", _duration),
     "job.stop.timeout": ("job_stop_timeout_s", _duration),
+    "job.migrate.timeout": ("job_migrate_timeout_s", _duration),
+    "job.attach.timeout": ("job_attach_timeout_s", _duration),
     "job.sweep.interval": ("job_sweep_interval_s", _duration),
     "log.format": ("log_format", _choice("json", "console")),
     "log.level": ("log_level", _choice(*_LOG_LEVELS)),

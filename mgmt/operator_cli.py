@@ -87,6 +87,9 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
         sub.set_defaults(func=_cmd(_vm_change), verb=verb)
     sub = vm_sub.add_parser("list", parents=[common], help="list VMs")
     sub.set_defaults(func=_cmd(_vm_list))
+    from hostdev.mgmt.migration_cli import add_vm_commands  # it imports this module back
+
+    add_vm_commands(vm_sub, common)
 
     job = subparsers.add_parser("job", help="follow jobs")
     job_sub = job.add_subparsers(dest="job_command", required=True)

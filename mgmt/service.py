@@ -29,7 +29,9 @@ from hostdev.messages import api
 from hostdev.messages.base import Message
 from hostdev.messages.bus_api import API_QUEUE, MGMT_QUEUE, BusLike, Incoming
 from hostdev.messages.commands import (
+    AttachPciDevicesAnswer,
     ErrorAnswer,
+    MigrateAnswer,
     PingRoutingCommand,
     StartAnswer,
     StartupRoutingCommand,
@@ -38,11 +40,13 @@ from hostdev.messages.commands import (
 )
 from hostdev.messages.errors import TransientError
 from hostdev.messages.logging import bound_message
+from hostdev.mgmt import migration_hooks
 from hostdev.mgmt.api_handlers import ApiHandlers
 from hostdev.mgmt.config import MgmtConfig
 from hostdev.mgmt.database import TransactionConflict
 from hostdev.mgmt.errors import MgmtError
 from hostdev.mgmt.jobs import JobManager, job_of_request
+from hostdev.mgmt.migration import MigrationManager
 from hostdev.mgmt.models import HandledMessage, VmInstance, utcnow
 from hostdev.mgmt.outbox import OutboxPublisher
 from hostdev.mgmt.registration import HostRegistry, check_sender, guid_of
@@ -53,7 +57,8 @@ log = structlog.get_logger()
 
 #: API requests that change something (recorded in handled_messages).
 _CHANGES = (api.CreateOfferingRequest, api.DeployVmRequest, api.StartVmRequest,
-            api.StopVmRequest, api.DestroyVmRequest, api.SetPciDeviceEnabledRequest)
+            api.StopVmRequest, api.DestroyVmRequest, api.SetPciDeviceEnabledRequest,
+            api.MigrateVmRequest, api.AttachVmDevicesRequest)
 
 
 class ManagementService:
@@ -71,7 +76,8 @@ class ManagementService:
         self.lifecycle = VmLifecycleManager([self.devices])
         self.jobs = JobManager(config, self.lifecycle, self.devices)
         self.registry = HostRegistry(config, self.lifecycle)
-        self.api = ApiHandlers(config, self.work, self.jobs)
+        self.migrations = MigrationManager(config, self.lifecycle)
+        self.api = ApiHandlers(config, self.work, self.jobs, self.migrations)
         self._started = False
 
     # -- lifecycle ------------------------------------------------------------------
@@ -120,7 +126,8 @@ class ManagementService:
         """Fails and rolls back the jobs past their deadline."""
         overdue = self.work.run(self.jobs.overdue, what="find overdue jobs")
         for job_id in overdue:
-            self.work.run(partial(self.jobs.expire, job_id=job_id), what=f"expire job {job_id}")
+            self.work.run(partial(migration_hooks.expire, self, job_id=job_id),
+                          what=f"expire job {job_id}")
 
     def purge(self, older_than_s: float = 86400.0) -> None:
         """Deletes handled message ids and published outbox rows older than a day."""
@@ -144,14 +151,15 @@ class ManagementService:
     def agent_handlers(self) -> dict[type[Message], Callable[[Any, Incoming], Message | None]]:
         """Returns the handlers of ``hostdev.mgmt`` (messages from agents)."""
         return {
-            StartupRoutingCommand: self._from_agent(
-                lambda s, m, i: self.registry.on_startup(s, m)),
-            PingRoutingCommand: self._from_agent(
-                lambda s, m, i: self.registry.on_ping(s, m)),
-            VmStateReport: self._from_agent(
-                lambda s, m, i: self.registry.on_vm_state_report(s, m)),
+            StartupRoutingCommand: self._from_agent(migration_hooks.on_startup(self)),
+            PingRoutingCommand: self._from_agent(migration_hooks.on_ping(self)),
+            VmStateReport: self._from_agent(migration_hooks.on_vm_state_report(self)),
             StartAnswer: self._from_agent(self._start_answer, record=True),
             StopAnswer: self._from_agent(self._stop_answer, record=True),
+            MigrateAnswer: self._from_agent(migration_hooks.on_migrate_answer(self),
+                                            record=True),
+            AttachPciDevicesAnswer: self._from_agent(migration_hooks.on_attach_answer(self),
+                                                     record=True),
             ErrorAnswer: self._agent_error,
         }
 

@@ -24,6 +24,7 @@ from hostdev.messages.pci_address import PciAddress as P
 from hostdev.messages.testing import FakeClock, InProcessBroker, InProcessBus
 from hostdev.messages.values import VmSpec
 from tests.support.agent import SAMPLE_DEVICES, HostFactory
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.libvirt
 
@@ -97,7 +98,9 @@ def test_a_refused_detach_answer_reaches_mgmt(make_host: HostFactory) -> None:
     mgmt.bus.send_to_agent(GUID, MigrateCommand(
         vm_uuid=VM, destination_guid="b", destination_uri="simulated:///b.json",
         detach_timeout_s=0.05))
-    broker.drain()
+    # The agent migrates on a worker thread and answers through the loop (agent/background.py).
+    wait_for(lambda: broker.drain() >= 0 and mgmt.of(MigrateAnswer), timeout=10,
+             what="the MigrateAnswer")
     ((answer, _),) = mgmt.of(MigrateAnswer)
     assert answer.refused_device == P("28:00.2") and answer.reattached == (P("28:00.1"),)
 

@@ -262,13 +262,6 @@ def test_destroy_running_vm_stops_then_releases(h: Harness, engine: Engine) -> N
     assert isinstance(vms, api.VmList) and vms.vms == ()
 
 
-def test_migrate_is_not_implemented(h: Harness) -> None:
-    """MigrateVmRequest gets a clear not-implemented error."""
-    answer = h.api(api.MigrateVmRequest(vm="vm1"))
-    assert isinstance(answer, ErrorAnswer) and answer.code == "not_implemented"
-    assert "not implemented" in answer.details
-
-
 def test_errors_name_what_is_missing(h: Harness) -> None:
     """Unknown VM, offering and job give not_found with a hint."""
     answers = [h.api(api.StopVmRequest(vm="nope")),

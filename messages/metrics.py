@@ -86,7 +86,7 @@ class MetricsServer:
 
     def __init__(self, port: int, address: str, extra: Iterable[Collector]) -> None:
         registry = CollectorRegistry(auto_describe=False)
-        registry.register(_Union((REGISTRY, *extra)))  # type: ignore[arg-type]
+        registry.register(_Union((REGISTRY, *extra)))
         self.registry = registry
         self._server, self._thread = start_http_server(port, addr=address, registry=registry)
         self.port: int = self._server.server_port

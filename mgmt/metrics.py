@@ -83,15 +83,15 @@ class InventoryCollector:
                                  labels=["kind", "state"])
         with self.engine.connect() as conn:
             by_status = dict(conn.execute(
-                select(Host.status, func.count()).group_by(Host.status)).tuples().all())
+                select(Host.status, func.count()).group_by(Host.status)).all())
             by_device = conn.execute(select(PciDevice.name, PciDevice.state, func.count())
-                                     .group_by(PciDevice.name, PciDevice.state)).tuples().all()
+                                     .group_by(PciDevice.name, PciDevice.state)).all()
             by_vm = conn.execute(select(VmInstance.state, func.count())
                                  .where(VmInstance.state != "Destroyed")
-                                 .group_by(VmInstance.state)).tuples().all()
+                                 .group_by(VmInstance.state)).all()
             by_job = conn.execute(select(Job.kind, Job.state, func.count())
                                   .where(Job.state.in_(("pending", "running")))
-                                  .group_by(Job.kind, Job.state)).tuples().all()
+                                  .group_by(Job.kind, Job.state)).all()
         for status in (*HOST_STATUSES, *sorted(set(by_status) - set(HOST_STATUSES))):
             hosts.add_metric([status], by_status.get(status, 0))
         counts = {(name, state): count for name, state, count in by_device}

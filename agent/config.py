@@ -162,10 +162,11 @@ def _libvirt_uri(prop: Property) -> str:
     return prop.value
 
 
-def _port(prop: Property) -> int:
+def _port(prop: Property) -> int | None:
+    if prop.value.lower() == "off":
+        return None
     if not prop.value.isdigit() or not 1 <= int(prop.value) <= 65535:
-        raise _error(prop, prop.value, f"{prop.key} must be a TCP port from 1 to 65535 (delete "
-                     "the line to serve no metrics)")
+        raise _error(prop, prop.value, f"{prop.key} must be a TCP port from 1 to 65535, or off")
     return int(prop.value)
 
 

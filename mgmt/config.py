@@ -49,6 +49,7 @@ class MgmtConfig:
     job_sweep_interval_s: float = 5.0
     log_format: str = "json"
     log_level: str = "info"
+    metrics_port: int | None = None
 
 
 def _duration(prop: Property) -> float:
@@ -68,6 +69,15 @@ def _choice(*allowed: str) -> Callable[[Property], str]:
             raise prop.error("one of " + ", ".join(allowed))
         return value
     return parse
+
+
+def _port(prop: Property) -> int | None:
+    value = prop.value.strip().lower()
+    if value == "off":
+        return None
+    if not value.isdigit() or not 1 <= int(value) <= 65535:
+        raise prop.error("a TCP port from 1 to 65535, or off")
+    return int(value)
 
 
 def _db_url(prop: Property) -> str:
@@ -104,6 +114,7 @@ _KEYS: dict[str, tuple[str, Callable[[Property], Any]]] = {
     "job.sweep.interval": ("job_sweep_interval_s", _duration),
     "log.format": ("log_format", _choice("json", "console")),
     "log.level": ("log_level", _choice(*_LOG_LEVELS)),
+    "metrics.port": ("metrics_port", _port),
 }
 
 

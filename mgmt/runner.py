@@ -25,6 +25,7 @@ from hostdev.messages.sd_notify import SystemdNotifier
 from hostdev.mgmt import database
 from hostdev.mgmt.config import MgmtConfig, load_config
 from hostdev.mgmt.errors import ConfigError, MgmtError
+from hostdev.mgmt.metrics import serve_mgmt_metrics
 
 log = structlog.get_logger()
 
@@ -68,14 +69,18 @@ def run(config: MgmtConfig, *, name: str | None = None) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    metrics_server = None
     try:
         service.start()
+        metrics_server = serve_mgmt_metrics(config.metrics_port, engine)  # off unless set
         notifier.ready("consuming hostdev.mgmt and hostdev.api")
         watchdog = notifier.watchdog_interval_s()
         if watchdog:
             bus.call_every(watchdog, partial(_ignore_result, notifier.watchdog))
         service.run()
     finally:
+        if metrics_server is not None:
+            metrics_server.close()
         service.close()
         engine.dispose()
     log.info("mgmt_stopped", service=service.name)

@@ -26,6 +26,7 @@ from hostdev.agent.errors import AgentError, ConfigError, HypervisorError
 from hostdev.agent.handlers import CommandHandlers, Timeouts
 from hostdev.agent.hypervisor import Hypervisor, LifecycleEvent
 from hostdev.agent.libvirt_host import LibvirtHost
+from hostdev.agent.metrics import instrument, serve_agent_metrics
 from hostdev.agent.simulated import SimulatedHost, is_simulated_uri
 from hostdev.agent.startup_checks import CheckReport, check_host
 from hostdev.messages.base import Message
@@ -95,6 +96,7 @@ class Agent:
             hypervisor, config.inventory,
             Timeouts(attach_s=config.attach_timeout_s, detach_s=config.detach_timeout_s,
                      migration_s=config.migration_timeout_s))
+        instrument(self.commands)  # hostdev_agent_command_duration_seconds
         self.announcements = 0
         self.background = BackgroundCommands(bus, self.guid)
 
@@ -313,6 +315,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         signal.signal(signum, lambda _sig, _frame: agent.stop())
     log.info("agent_starting", host=config.guid, name=config.name, uri=config.libvirt_uri,
              amqp=config.amqp_url.split("@")[-1])
+    serve_agent_metrics(config.metrics_port)  # off unless metrics.port is set
     agent.run()
     return 0
 

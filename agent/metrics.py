@@ -41,6 +41,12 @@ def timed(run: Callable[[Any], Message]) -> Callable[[Any], Message]:
     return observed
 
 
+def instrument(commands: object) -> None:
+    """Times the handlers of a ``CommandHandlers``: start, stop, migrate, attach, detach."""
+    for name in ("start", "stop", "migrate", "attach", "detach"):
+        setattr(commands, name, timed(getattr(commands, name)))
+
+
 def serve_agent_metrics(port: int | None) -> MetricsServer | None:
     """Serves ``/metrics`` (bus counters and command durations) when ``port`` is set."""
     return serve_metrics(port)

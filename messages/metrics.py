@@ -100,17 +100,18 @@ class MetricsServer:
 
 def serve_metrics(port: int | None, *, address: str = "0.0.0.0",
                   extra: Iterable[Collector] = ()) -> MetricsServer | None:
-    """Serves ``/metrics`` on ``port`` (0: any free port); None and nothing when ``port`` is None.
+    """Serves ``/metrics`` on ``port`` (0: any free port); None when ``port`` is None.
 
-    Raises:
-        OSError: the port is taken; the text says which.
+    A port that cannot be bound is logged (``metrics_unavailable``) and the
+    daemon runs on without metrics: they must not take a host's agent down.
     """
     if port is None:
         return None
     try:
         server = MetricsServer(port, address, extra)
     except OSError as exc:
-        raise OSError(exc.errno, f"cannot serve metrics on {address}:{port}: {exc.strerror}; "
-                      "free the port or change metrics.port") from exc
+        log.error("metrics_unavailable", port=port, address=address, error=str(exc),
+                  hint="free the port or change metrics.port, then restart")
+        return None
     log.info("metrics_serving", port=server.port, address=address)
     return server

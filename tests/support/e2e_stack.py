@@ -155,8 +155,13 @@ class Stack:
     def start_host(self, name: str, devices: Mapping[str, int], *, cpus: int = 16,
                    memory_mb: int = 65536, ping: str = "500ms",
                    env: Mapping[str, str] | None = None,
-                   spec_extra: Mapping[str, Any] | None = None) -> SimHost:
-        """Writes a persistent simulated host with ``devices`` and starts its agent."""
+                   spec_extra: Mapping[str, Any] | None = None,
+                   agent_properties: Mapping[str, str] | None = None) -> SimHost:
+        """Writes a persistent simulated host with ``devices`` and starts its agent.
+
+        ``spec_extra`` adds keys to the simulated-host spec (``refuse_detach``...),
+        ``agent_properties`` lines to agent.properties (``migration.uri``...).
+        """
         guid = str(uuid_module.uuid5(uuid_module.NAMESPACE_URL, f"{self.work}/{name}"))
         addresses = device_addresses(devices)
         spec = {"name": name, "cpus": cpus, "memory_mb": memory_mb, "persist": True,
@@ -168,7 +173,8 @@ class Stack:
         config_path.write_text(
             f"guid={guid}\nname={name}\namqp.url={self.vhost.url}\n"
             f"amqp.queue.type={self.queue_type}\nlibvirt.uri=simulated://{spec_path}\n"
-            f"pci.devices={pci}\nping.interval={ping}\nlog.format=json\nlog.level=info\n",
+            f"pci.devices={pci}\nping.interval={ping}\nlog.format=json\nlog.level=info\n"
+            + "".join(f"{k}={v}\n" for k, v in (agent_properties or {}).items()),
             encoding="utf-8")
         daemon = Daemon(f"agent-{name}", ["hostdev-agent", "--config", str(config_path)],
                         self.work, env=dict(env or {})).start()

@@ -36,6 +36,7 @@ from typing import Any
 
 import structlog
 
+from hostdev.agent import simulated_store
 from hostdev.agent.domain_xml import (
     read_hostdevs,
     read_identity,
@@ -158,9 +159,11 @@ class SimulatedHost(LibvirtHost):
                 os.unlink(path)
         with _REGISTRY_LOCK:
             _REGISTRY[self.uri] = self
+        simulated_store.watch(self)  # other processes' migrations and run-time faults
 
     def close(self) -> None:
         """Unregisters the host and closes its connection; idempotent."""
+        simulated_store.unwatch(self)
         with _REGISTRY_LOCK:
             if _REGISTRY.get(self.uri) is self:
                 del _REGISTRY[self.uri]
@@ -229,6 +232,7 @@ class SimulatedHost(LibvirtHost):
         config_xml = self.domain_xml(uuid, inactive=True)
         if address in read_hostdevs(config_xml) and (live or not active):
             return
+        simulated_store.check_attach(self, uuid, address)
         self._redefine(uuid, with_hostdev(config_xml, address), replug=active and not live)
         log.info("simulated_hostdev_attached", vm=uuid, address=address)
 
@@ -253,9 +257,9 @@ class SimulatedHost(LibvirtHost):
         if self._migration_failure is not None:
             raise MigrationFailed(uuid, destination_uri, self._migration_failure)
         destination = registered_host(destination_uri)
-        if destination is None:
-            raise MigrationFailed(uuid, destination_uri, "no simulated host is open at that "
-                                  "URI in this process")
+        if destination is None:  # another process's host, through its mailbox
+            simulated_store.hand_over(self, uuid, destination_uri)
+            return
         if destination is self:
             raise MigrationFailed(uuid, destination_uri, "Attempt to migrate guest to the "
                                   "same host")
@@ -280,4 +284,6 @@ class SimulatedHost(LibvirtHost):
     def has_domain_at(self, destination_uri: str, uuid: str) -> bool:
         """Looks the domain up on the simulated host registered at ``destination_uri``."""
         destination = registered_host(destination_uri)
-        return destination is not None and destination.domain(uuid) is not None
+        if destination is None:
+            return simulated_store.has_domain(destination_uri, uuid)
+        return destination.domain(uuid) is not None

@@ -1,0 +1,239 @@
+"""Simulated migration between agents in separate processes, and faults switched at run time.
+
+Simulated hosts live in their agent's process (libvirt's test driver keeps
+domains in memory), so ``SimulatedHost.migrate`` reaches only hosts of the
+same process. For end-to-end tests with agents as processes, a host whose
+URI is ``simulated:///<dir>/<name>.json`` also has a mailbox beside its
+spec, ``<dir>/<name>.incoming/``:
+
+- the source writes the domain's XML there as ``<uuid>.json`` (atomically),
+  then destroys and undefines its copy (reporting ``Stopped/Migrated``) --
+  the hand-over real libvirt does, which outlives the agent that asked for it;
+- the destination's watcher thread (and ``open()``, before the agent
+  announces) defines and starts every domain it finds there, reports
+  ``Started/Migrated`` and deletes the file. An agent that is down meanwhile
+  finds the domain at its next start.
+
+Faults for tests, switched without restarting the agent: a JSON file
+``<dir>/<name>.faults.json`` read by the same watcher whenever it changes::
+
+    {"version": 3, "refuse_detach": ["28:00.2"], "fail_migration": "reason or null",
+     "fail_attach": ["28:00.1"], "migrate_delay_s": 5}
+
+``migrate_delay_s`` holds the source's migration (after the hand-over,
+before it answers), so a test can kill the agent mid-migration. Each change
+is logged as ``simulated_faults_applied`` with the file's ``version``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from hostdev.agent.domain_xml import read_identity, without_runtime_id
+from hostdev.agent.errors import HypervisorError, MigrationFailed
+from hostdev.agent.hypervisor import LifecycleEvent
+from hostdev.messages.pci_address import PciAddress
+
+if TYPE_CHECKING:
+    from hostdev.agent.simulated import SimulatedHost
+
+log = structlog.get_logger()
+
+SCHEME = "simulated://"
+#: How often the watcher looks at the mailbox and the faults file, in seconds.
+POLL_S = 0.1
+
+
+def _spec_path(uri: str) -> Path | None:
+    return Path(uri.removeprefix(SCHEME)) if uri.startswith(SCHEME) else None
+
+
+def mailbox(uri: str) -> Path | None:
+    """Returns the directory other processes hand domains to this host through."""
+    spec = _spec_path(uri)
+    return spec.with_name(f"{spec.stem}.incoming") if spec else None
+
+
+def faults_file(uri: str) -> Path | None:
+    """Returns the faults file of a simulated host."""
+    spec = _spec_path(uri)
+    return spec.with_name(f"{spec.stem}.faults.json") if spec else None
+
+
+def write_faults(uri: str, **faults: Any) -> None:
+    """Writes a host's faults file atomically (for tests); the watcher applies it."""
+    path = faults_file(uri)
+    assert path is not None, f"{uri} is not a simulated:// URI"
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(json.dumps(faults), encoding="utf-8")
+    os.replace(temporary, path)
+
+
+class Watcher:
+    """Picks up handed-over domains and applies faults for one simulated host."""
+
+    def __init__(self, host: SimulatedHost) -> None:
+        self.host = host
+        self.fail_attach: set[PciAddress] = set()
+        self.migrate_delay_s = 0.0
+        self._refused_by_file: set[PciAddress] = set()
+        self._faults_mtime: int | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Applies faults and picks up waiting domains now, then keeps watching."""
+        box = mailbox(self.host.uri)
+        if box is not None:
+            box.mkdir(parents=True, exist_ok=True)
+        self.poll()
+        self._thread = threading.Thread(target=self._run, name="hostdev-sim-watch",
+                                        daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stops watching; idempotent."""
+        self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        while not self._stop.wait(POLL_S):
+            try:
+                self.poll()
+            except Exception as exc:  # the next tick tries again
+                log.error("simulated_watch_failed", host=self.host.uri, error=str(exc))
+
+    def poll(self) -> None:
+        """Applies a changed faults file and takes in every handed-over domain."""
+        self._apply_faults()
+        box = mailbox(self.host.uri)
+        if box is None or not box.is_dir():
+            return
+        for entry in sorted(box.glob("*.json")):
+            self._take_in(entry)
+
+    def _apply_faults(self) -> None:
+        path = faults_file(self.host.uri)
+        try:
+            mtime = path.stat().st_mtime_ns if path else None
+        except FileNotFoundError:
+            mtime = None
+        if mtime == self._faults_mtime:
+            return
+        self._faults_mtime = mtime
+        data: dict[str, Any] = {}
+        if mtime is not None and path is not None:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        for address in self._refused_by_file:
+            self.host.refuse_detach(address, False)
+        self._refused_by_file = {PciAddress(a) for a in data.get("refuse_detach", ())}
+        for address in self._refused_by_file:
+            self.host.refuse_detach(address, True)
+        self.host.fail_migrations(data.get("fail_migration"))
+        self.fail_attach = {PciAddress(a) for a in data.get("fail_attach", ())}
+        self.migrate_delay_s = float(data.get("migrate_delay_s", 0.0))
+        log.info("simulated_faults_applied", host=self.host.uri, version=data.get("version"),
+                 faults=data)
+
+    def _take_in(self, entry: Path) -> None:
+        data = json.loads(entry.read_text(encoding="utf-8"))
+        xml = data["xml"]
+        uuid, name = read_identity(xml)
+        host = self.host
+        if host.domain(uuid) is None:
+            host.define_xml(xml)
+        if not host.is_active(uuid):
+            host.quiet_events(uuid, [("Started", "Booted")])
+            host.start(uuid)
+        entry.unlink()
+        host.emit(LifecycleEvent(uuid=uuid, name=name, event="Started", detail="Migrated",
+                                 state="running"))
+        log.info("simulated_domain_arrived", vm=uuid, host=host.uri, source=data.get("source"))
+
+
+_WATCHERS: dict[int, Watcher] = {}
+_LOCK = threading.Lock()
+
+
+def watch(host: SimulatedHost) -> None:
+    """Starts the watcher of a simulated:// host (called by ``SimulatedHost.open``)."""
+    if mailbox(host.uri) is None:
+        return
+    watcher = Watcher(host)
+    with _LOCK:
+        _WATCHERS[id(host)] = watcher
+    watcher.start()
+
+
+def unwatch(host: SimulatedHost) -> None:
+    """Stops the watcher of a host (called by ``SimulatedHost.close``); idempotent."""
+    with _LOCK:
+        watcher = _WATCHERS.pop(id(host), None)
+    if watcher is not None:
+        watcher.stop()
+
+
+def _watcher(host: SimulatedHost) -> Watcher | None:
+    with _LOCK:
+        return _WATCHERS.get(id(host))
+
+
+def check_attach(host: SimulatedHost, uuid: str, address: PciAddress) -> None:
+    """Raises the attach failure the faults file asks for, if any."""
+    watcher = _watcher(host)
+    if watcher is not None and PciAddress(address) in watcher.fail_attach:
+        raise HypervisorError("attach", f"simulated failure attaching {address} to {uuid} "
+                              "(fail_attach in the faults file)")
+
+
+def hand_over(host: SimulatedHost, uuid: str, destination_uri: str) -> None:
+    """Migrates a running domain to a simulated host of another process, through its mailbox.
+
+    Raises:
+        MigrationFailed: the destination is not a simulated:// host with a
+            mailbox, or the domain is not running here.
+    """
+    box = mailbox(destination_uri)
+    if box is None or not box.is_dir():
+        raise MigrationFailed(uuid, destination_uri, "no simulated host is open at that URI "
+                              "in this process or with a mailbox on this machine")
+    if destination_uri == host.uri:
+        raise MigrationFailed(uuid, destination_uri, "Attempt to migrate guest to the same host")
+    if not host.is_active(uuid):
+        raise MigrationFailed(uuid, destination_uri, "the domain is not running")
+    xml = without_runtime_id(host.domain_xml(uuid))
+    name = read_identity(xml)[1]
+    temporary = box / f".{uuid}.tmp"
+    temporary.write_text(json.dumps({"xml": xml, "source": host.uri}), encoding="utf-8")
+    os.replace(temporary, box / f"{uuid}.json")
+    host.quiet_events(uuid, [("Stopped", "Destroyed")])
+    host.destroy(uuid)
+    host.emit(LifecycleEvent(uuid=uuid, name=name, event="Stopped", detail="Migrated",
+                             state="stopped"))
+    host.undefine(uuid)
+    watcher = _watcher(host)
+    delay = watcher.migrate_delay_s if watcher is not None else 0.0
+    log.info("simulated_migration_handed_over", vm=uuid, destination=destination_uri,
+             delay_s=delay)
+    if delay:
+        time.sleep(delay)  # the window a test kills the agent in
+
+
+def has_domain(destination_uri: str, uuid: str) -> bool:
+    """Tells whether a domain was handed to a simulated host of another process."""
+    box = mailbox(destination_uri)
+    if box is not None and (box / f"{uuid}.json").exists():
+        return True
+    spec = _spec_path(destination_uri)
+    state = spec.with_name(f"{spec.stem}.state.json") if spec else None
+    if state is not None and state.exists():
+        return uuid in state.read_text(encoding="utf-8")
+    return False

@@ -1,0 +1,73 @@
+"""Simulated migration across processes through a host's mailbox, and run-time faults."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from hostdev.agent import simulated_store
+from hostdev.agent.errors import DetachRefused, HypervisorError
+from hostdev.agent.simulated import SimulatedHost
+from hostdev.messages.pci_address import PciAddress as P
+from hostdev.messages.values import VmSpec
+from tests.support.agent import sample_spec, write_spec
+from tests.support.waiting import wait_for
+
+pytestmark = pytest.mark.libvirt
+
+VM = "77777777-aaaa-bbbb-cccc-000000000001"
+
+
+def _running(host: SimulatedHost, devices: tuple[P, ...] = (P("28:00.1"),)) -> None:
+    host.define(VmSpec(uuid=VM, name="mover", cpus=1, memory_mb=128, pci_devices=devices))
+    host.start(VM)
+
+
+def test_a_domain_handed_over_appears_when_the_destination_opens(tmp_path: Path) -> None:
+    """The source hands the domain to a closed host's mailbox; that host runs it at open()."""
+    source = SimulatedHost(write_spec(tmp_path, sample_spec("src", domains=[])))
+    source.open()
+    destination_uri = write_spec(tmp_path, sample_spec("dst", domains=[]))
+    destination = SimulatedHost(destination_uri)
+    destination.open()
+    destination.close()  # like an agent process that is down
+    try:
+        _running(source, ())
+        source.migrate(VM, destination_uri, 5.0)
+        assert source.domain(VM) is None
+        assert source.has_domain_at(destination_uri, VM)
+        destination = SimulatedHost(destination_uri)
+        destination.open()
+        arrived = destination.domain(VM)
+        assert arrived is not None and arrived.state == "running"
+        mailbox = simulated_store.mailbox(destination_uri)
+        assert mailbox is not None and not (mailbox / f"{VM}.json").exists()
+    finally:
+        source.close()
+        destination.close()
+
+
+def test_faults_file_switches_detach_and_attach_failures(tmp_path: Path) -> None:
+    """Writing the faults file makes a detach refused and an attach fail, then not."""
+    host = SimulatedHost(write_spec(tmp_path, sample_spec("faulty", domains=[])))
+    host.open()
+    try:
+        _running(host)
+        simulated_store.write_faults(host.uri, version=1, refuse_detach=["28:00.1"],
+                                     fail_attach=["28:00.2"])
+        watcher = simulated_store._watcher(host)
+        assert watcher is not None
+        wait_for(lambda: P("28:00.2") in watcher.fail_attach, timeout=5, what="faults")
+        with pytest.raises(DetachRefused):
+            host.detach_hostdev(VM, P("28:00.1"), 0.01)
+        with pytest.raises(HypervisorError, match="simulated failure attaching"):
+            host.attach_hostdev(VM, P("28:00.2"), 1.0)
+        simulated_store.write_faults(host.uri, version=2)
+        wait_for(lambda: not watcher.fail_attach, timeout=5, what="faults cleared")
+        host.attach_hostdev(VM, P("28:00.2"), 1.0)
+        host.detach_hostdev(VM, P("28:00.1"), 1.0)
+        domain = host.domain(VM)
+        assert domain is not None and domain.hostdevs == (P("28:00.2"),)
+    finally:
+        host.close()

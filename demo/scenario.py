@@ -17,10 +17,8 @@ from dataclasses import dataclass, field
 from typing import TextIO
 
 from hostdev.demo.cloud import Cloud
-from hostdev.messages import api
 from hostdev.messages.codec import encode
-from hostdev.messages.errors import RemoteError
-from hostdev.mgmt.operator_cli import add_commands, render_table
+from hostdev.mgmt.operator_cli import add_commands
 
 #: How many GPU VMs the demo tries before it expects a refusal.
 MAX_GPU_VMS = 10
@@ -124,46 +122,26 @@ def run_scenario(cloud: Cloud, out: TextIO) -> DemoReport:
 
 
 def _migrate(con: Console, cloud: Cloud, vm: str, report: DemoReport) -> None:
-    """Shows the migration plan, migrates, and shows the AttachPciDevicesCommand sent."""
-    con.out.write(f"\n$ (API) MigrateVmRequest vm={vm} dry_run=true\n")
-    try:
-        plan = cloud.request(api.MigrateVmRequest(vm=vm, dry_run=True), 10.0)
-    except RemoteError as exc:
-        report.migration_note = ("migration: not available in this build ("
-                                 + exc.reason.split("]: ", 1)[-1] + ")")
+    """Shows the device mapping (dry run), migrates, and shows the AttachPciDevicesCommand."""
+    if con.run("vm", "migrate", vm, "--dry-run") != 0:
+        report.migration_note = f"migration: not available in this build ({con.last_error})"
         con.out.write(report.migration_note + "\n")
         return
-    if not isinstance(plan, api.MigrationPlan):
-        report.migration_note = f"migration: unexpected answer {type(plan).__name__}"
-        con.out.write(report.migration_note + "\n")
-        return
-    names = _host_names(cloud)
-    con.out.write(f"plan: {vm} from {names.get(plan.source_guid, plan.source_guid)} to "
-                  f"{names.get(plan.destination_guid, plan.destination_guid)}; devices "
-                  "assigned on the destination before the migration starts:\n")
-    render_table(("NAME", "SOURCE", "DESTINATION"),
-                 [(d.name, d.source, d.destination) for d in plan.devices], con.out)
     if not cloud.can_migrate:
-        report.migration_note = ("migration: shown as a plan only; simulated hosts in separate "
-                                 "processes cannot live-migrate")
+        report.migration_note = ("migration: shown as a dry run only; simulated hosts in "
+                                 "separate processes cannot live-migrate to each other")
         con.out.write(report.migration_note + "\n")
         return
+    con.out.write("The destination's devices are reserved before the migration starts; the "
+                  "source\nagent detaches the pair, libvirt migrates, the destination agent "
+                  "attaches.\n")
     before = len(cloud.attach_commands())
-    con.out.write(f"\n$ (API) MigrateVmRequest vm={vm} destination={plan.destination_guid}\n")
-    accepted = cloud.request(api.MigrateVmRequest(vm=vm, destination=plan.destination_guid),
-                             10.0)
-    assert isinstance(accepted, api.JobAccepted)
-    if con.run("job", "wait", str(accepted.job_id), "--for", "60") == 0:
+    if con.run("vm", "migrate", vm, "--wait") == 0:
         report.migrated = vm
+    else:
+        report.migration_note = f"migration failed: {con.last_error}"
     sent = cloud.attach_commands()[before:]
     con.out.write(f"\nAttachPciDevicesCommand sent to the destination agent ({len(sent)}):\n")
     for key, command in sent:
         body = json.loads(encode(command))
         con.out.write(f"  routing key {key}\n  {json.dumps(body, sort_keys=True)}\n")
-
-
-def _host_names(cloud: Cloud) -> dict[str, str]:
-    answer = cloud.request(api.ListHostsRequest(), 10.0)
-    assert isinstance(answer, api.HostList)
-    return {h.guid: h.name for h in answer.hosts}
-

@@ -23,7 +23,7 @@ def _last_table(output: str, command: str) -> str:
 
 
 def test_demo_runs_every_step_and_ends_consistent(tmp_path: Path) -> None:
-    """The demo deploys until GPUs run out, shows the refusal and its reason, stops a VM."""
+    """The demo deploys until GPUs run out, shows the refusal, migrates web-1, stops web-2."""
     out = io.StringIO()
     report = run_in(tmp_path, out=out)
     text = out.getvalue()
@@ -41,12 +41,14 @@ def test_demo_runs_every_step_and_ends_consistent(tmp_path: Path) -> None:
     assert len(re.findall(r" Running ", vms)) == 5
     devices = _last_table(text, "devices")
     assert re.search(r"kvm-01 +0000:3d:00.0 +10GE +free", devices)  # web-2's pair came back
+    assert re.search(r"kvm-01 +0000:28:00.0 +10GE +free", devices)  # web-1's, migrated
     assert len(re.findall(r" allocated ", devices)) == 7  # 2 + 2 NICs, 3 GPUs
-    if report.migrated:
-        assert "AttachPciDevicesCommand sent to the destination agent (1)" in text
-    else:  # migration not in this build yet: the step says so
-        assert report.migration_note.startswith("migration:")
-        assert report.migration_note in text
+    assert report.migrated == "web-1", report.migration_note
+    assert re.search(r"10GE +0000:28:00.0 +0000:86:00.0\n10GE +0000:28:00.1 +0000:86:00.1", text)
+    assert "AttachPciDevicesCommand sent to the destination agent (1)" in text
+    assert "routing key agent.demo-kvm-03.AttachPciDevicesCommand" in text
+    assert '"addresses": ["0000:86:00.0", "0000:86:00.1"]' in text
+    assert re.search(r"web-1 +\S+ +Running +net-2x10ge +kvm-03 +0000:86:00.0,0000:86:00.1", vms)
 
 
 def test_demo_refuses_a_database_that_is_not_empty(tmp_path: Path) -> None:

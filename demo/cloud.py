@@ -153,24 +153,27 @@ class ServiceCloud:
             self._failure = exc
 
     def start(self, timeout: float = 60.0) -> ServiceCloud:
-        """Starts management, then the agents; returns once every host is Up."""
+        """Starts management, then the agents one by one (in order, like the in-process demo)."""
         self._thread.start()
         for host in self.hosts:
-            uri = host.write_spec(self.directory)
-            path = self.directory / f"{host.name}.properties"
-            path.write_text(host.properties(uri, self.amqp_url), encoding="utf-8")
-            log_path = self.directory / f"{host.name}.log"
-            with open(log_path, "ab") as log_file:
-                process = subprocess.Popen(
-                    [sys.executable, "-m", "hostdev.agent.daemon", "--config", str(path)],
-                    stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
-            self.processes.append((host, process, log_path))
-        self._wait_hosts_up(timeout)
+            self._start_agent(host)
+            self._wait_hosts_up({host.guid}, timeout)
         return self
 
-    def _wait_hosts_up(self, timeout: float) -> None:
+    def _start_agent(self, host: DemoHost) -> None:
+        """Writes the host's spec and agent.properties and starts its hostdev-agent."""
+        uri = host.write_spec(self.directory)
+        path = self.directory / f"{host.name}.properties"
+        path.write_text(host.properties(uri, self.amqp_url), encoding="utf-8")
+        log_path = self.directory / f"{host.name}.log"
+        with open(log_path, "ab") as log_file:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "hostdev.agent.daemon", "--config", str(path)],
+                stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+        self.processes.append((host, process, log_path))
+
+    def _wait_hosts_up(self, wanted: set[str], timeout: float) -> None:
         deadline = time.monotonic() + timeout
-        wanted = {host.guid for host in self.hosts}
         delay = 0.05
         while True:
             self._check_alive()

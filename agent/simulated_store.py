@@ -49,6 +49,8 @@ log = structlog.get_logger()
 SCHEME = "simulated://"
 #: How often the watcher looks at the mailbox and the faults file, in seconds.
 POLL_S = 0.1
+#: How long a hand-over waits for the destination to take the domain in.
+PICKUP_WAIT_S = 2.0
 
 
 def _spec_path(uri: str) -> Path | None:
@@ -213,7 +215,14 @@ def hand_over(host: SimulatedHost, uuid: str, destination_uri: str) -> None:
     name = read_identity(xml)[1]
     temporary = box / f".{uuid}.tmp"
     temporary.write_text(json.dumps({"xml": xml, "source": host.uri}), encoding="utf-8")
-    os.replace(temporary, box / f"{uuid}.json")
+    handed = box / f"{uuid}.json"
+    os.replace(temporary, handed)
+    # Real libvirt returns once the destination runs the domain: give the
+    # destination's watcher the time to take it in (its agent may be down,
+    # while the libvirtd it stands for would not be: then go on regardless).
+    deadline = time.monotonic() + PICKUP_WAIT_S
+    while handed.exists() and time.monotonic() < deadline:
+        time.sleep(POLL_S / 4)
     host.quiet_events(uuid, [("Stopped", "Destroyed")])
     host.destroy(uuid)
     host.emit(LifecycleEvent(uuid=uuid, name=name, event="Stopped", detail="Migrated",

@@ -88,9 +88,10 @@ class BackgroundCommands:
                     return
                 log.info("command_answered", type=type(answer).__name__,
                          result=getattr(answer, "result", ""))
-                self._bus.call_soon_threadsafe(
-                    lambda: self._bus.send_to_mgmt(self._guid, answer,
-                                                   correlation_id=message_id) and None)
+
+                def publish() -> None:
+                    self._bus.send_to_mgmt(self._guid, answer, correlation_id=message_id)
+                self._bus.call_soon_threadsafe(publish)
         finally:
             with self._lock:
                 self._running.pop(name, None)

@@ -83,6 +83,7 @@ def run_scenario(cloud: Cloud, out: TextIO) -> DemoReport:
     con.run("offering", "create", "net-2x10ge", "--pci", "10GE,10GE",
             "--migration-policy", "detach-attach")
     con.run("offering", "create", "gpu-1", "--pci", "GPU", "--cpus", "4", "--memory", "8192")
+    _tables(con)
 
     _step(out, 3, "Deploy three VMs with two 10GE NICs each (first fit)")
     for name in ("web-1", "web-2", "web-3"):

@@ -17,9 +17,9 @@ Steps of a ``migrate`` job (DESIGN 1.6 and 7):
 
 Nothing is decided on a guess. A ``migrate`` step without an answer by its
 deadline moves to ``verify``: the job stays in flight, holding both sets,
-until a host's start-up, ping or lifecycle report says where the domain runs.
-Any management daemon can advance any job (rows locked, transitions
-conditional, commit and abort idempotent).
+until a host's start-up, ping or lifecycle report says where the domain runs
+(``hostdev.mgmt.migration_recovery``). Any management daemon can advance any
+job (rows locked, transitions conditional, commit and abort idempotent).
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ from hostdev.messages.commands import (
 from hostdev.messages.events import JobFinished, PciDeviceAllocated, PciDeviceReleased
 from hostdev.messages.pci_address import PciAddress
 from hostdev.messages.values import DomainInfo
-from hostdev.mgmt import outbox, pci_devices, planner
+from hostdev.mgmt import metrics, migration_recovery, outbox, pci_devices, planner
 from hostdev.mgmt.config import MgmtConfig
 from hostdev.mgmt.errors import Conflict, InvalidRequest, NoCapacity, NotFound
 from hostdev.mgmt.jobs import find_vm
@@ -69,10 +69,6 @@ from hostdev.mgmt.vm_states import VmEvent
 
 log = structlog.get_logger()
 
-#: How long a job in ``verify`` waits before it says so again (it stays in flight).
-VERIFY_WINDOW_S = 30.0
-
-
 def _payload(job: Job) -> dict[str, Any]:
     data: dict[str, Any] = json.loads(job.payload or "{}")
     return data
@@ -87,7 +83,7 @@ class MigrationManager:
 
     def __init__(self, config: MgmtConfig, lifecycle: VmLifecycleManager) -> None:
         self._config = config
-        self._lifecycle = lifecycle
+        self.lifecycle = lifecycle
 
     # -- planning ------------------------------------------------------------------
 
@@ -182,7 +178,7 @@ class MigrationManager:
 
     def _start(self, session: Session, vm: VmInstance, source: Host, target: Host,
                held: list[HeldDevice], reserved: Sequence[HeldDevice]) -> Job:
-        self._lifecycle.transition(session, vm, VmEvent.MIGRATION_REQUESTED)
+        self.lifecycle.transition(session, vm, VmEvent.MIGRATION_REQUESTED)
         detach_s = 10.0
         budget = self._config.job_migrate_timeout_s
         command = MigrateCommand(vm_uuid=vm.uuid, destination_guid=target.guid,
@@ -215,7 +211,7 @@ class MigrationManager:
         if vm.state != "Running" or vm.host_id is None:
             raise Conflict(f"VM {vm.name} is {vm.state}; devices are re-attached only to a "
                            "Running VM")
-        addresses = self._held_on(session, vm, vm.host_id)
+        addresses = self.held_on(session, vm, vm.host_id)
         if not addresses:
             raise Conflict(f"VM {vm.name} holds no PCI device on its host; nothing to attach")
         guid = host_guid_of(session, vm.host_id)
@@ -230,7 +226,7 @@ class MigrationManager:
         session.flush()
         return job
 
-    def _held_on(self, session: Session, vm: VmInstance, host_id: int) -> tuple[PciAddress, ...]:
+    def held_on(self, session: Session, vm: VmInstance, host_id: int) -> tuple[PciAddress, ...]:
         """Returns the addresses of the devices ``vm`` holds (not merely reserves) on a host."""
         return tuple(sorted((d.address for d in pci_devices.devices_of_vm(session.connection(),
                                                                           vm.id)
@@ -272,11 +268,11 @@ class MigrationManager:
         if job is None or vm is None or job.step not in (STEP_MIGRATE, STEP_VERIFY):
             return None
         if answer.ok:
-            self._migrated(session, job, vm, "the source agent reported the migration done")
+            self.migrated(session, job, vm, "the source agent reported the migration done")
             return job
         missing = missing_after_rollback(answer.detached, answer.reattached)
         step = answer.failed_step or STEP_MIGRATE
-        self._roll_back(session, job, vm, step, answer.details, missing)
+        self.roll_back(session, job, vm, step, answer.details, missing)
         return job
 
     def on_attach_answer(self, session: Session, answer: AttachPciDevicesAnswer,
@@ -290,35 +286,35 @@ class MigrationManager:
         failed = failed_attaches(addresses, answer.devices, answer.ok)
         host_name = payload.get("destination_name") or payload.get("attach_host")
         if job.kind == MIGRATE_JOB and job.step == STEP_ATTACH:
-            self._lifecycle.transition(session, vm, VmEvent.OPERATION_SUCCEEDED)
+            self.lifecycle.transition(session, vm, VmEvent.OPERATION_SUCCEEDED)
             done = (f"migrated VM {vm.name} from {payload['source_name']} to "
                     f"{payload['destination_name']}")
             if failed:
-                self._finish(session, job, "failed", STEP_ATTACH, self._missing_text(
+                self.finish(session, job, "failed", STEP_ATTACH, self.missing_text(
                     vm, done + ", but", host_name, failed))
             else:
-                self._finish(session, job, "succeeded", "done",
+                self.finish(session, job, "succeeded", "done",
                              f"{done} with {len(addresses)} PCI device(s) attached")
         elif job.kind == MIGRATE_JOB and job.step == STEP_REATTACH:
             note = payload.get("failure", "the migration failed")
             if failed:
-                note = self._missing_text(vm, note + "; and", host_name, failed)
+                note = self.missing_text(vm, note + "; and", host_name, failed)
             else:
                 note += f"; devices re-attached on {payload['source_name']}"
-            self._finish(session, job, "failed", payload.get("failed_step", STEP_MIGRATE), note)
+            self.finish(session, job, "failed", payload.get("failed_step", STEP_MIGRATE), note)
         elif job.kind == ATTACH_JOB:
             if failed:
-                self._finish(session, job, "failed", STEP_ATTACH,
-                             self._missing_text(vm, "still", host_name, failed))
+                self.finish(session, job, "failed", STEP_ATTACH,
+                             self.missing_text(vm, "still", host_name, failed))
             else:
-                self._finish(session, job, "succeeded", "done",
+                self.finish(session, job, "succeeded", "done",
                              f"{len(addresses)} PCI device(s) attached to VM {vm.name}")
         else:
             return None
         return job
 
     @staticmethod
-    def _missing_text(vm: VmInstance, lead: str, host: object,
+    def missing_text(vm: VmInstance, lead: str, host: object,
                       failed: Sequence[tuple[PciAddress, str]]) -> str:
         return (f"{lead} devices not attached on {host}: {describe_missing(failed)}; they stay "
                 f"held for VM {vm.name}: fix the cause, then retry with "
@@ -326,7 +322,7 @@ class MigrationManager:
 
     # -- outcomes ------------------------------------------------------------------
 
-    def _migrated(self, session: Session, job: Job, vm: VmInstance, how: str) -> None:
+    def migrated(self, session: Session, job: Job, vm: VmInstance, how: str) -> None:
         payload = _payload(job)
         source_id, target_id = int(payload["source_id"]), int(payload["destination_id"])
         conn = session.connection()
@@ -352,23 +348,23 @@ class MigrationManager:
                 outbox.add(session, f"pci.{guid}.Allocated", event)
         log.info("migration_committed", job=job.id, vm=vm.uuid, how=how,
                  destination=payload["destination"])
-        addresses = self._held_on(session, vm, target_id)
+        addresses = self.held_on(session, vm, target_id)
         job.step = STEP_ATTACH
         if not addresses:
             job.payload = json.dumps(payload)
-            self._lifecycle.transition(session, vm, VmEvent.OPERATION_SUCCEEDED)
-            self._finish(session, job, "succeeded", "done",
+            self.lifecycle.transition(session, vm, VmEvent.OPERATION_SUCCEEDED)
+            self.finish(session, job, "succeeded", "done",
                          f"migrated VM {vm.name} from {payload['source_name']} to "
                          f"{payload['destination_name']}")
             return
         self._send_attach(session, job, payload, vm, payload["destination"], addresses)
 
-    def _roll_back(self, session: Session, job: Job, vm: VmInstance, step: str, reason: str,
+    def roll_back(self, session: Session, job: Job, vm: VmInstance, step: str, reason: str,
                    missing: Sequence[PciAddress]) -> None:
         payload = _payload(job)
         freed = pci_devices.abort_migration(session.connection(), vm.id,
                                             int(payload["destination_id"]))
-        self._lifecycle.transition(session, vm, VmEvent.OPERATION_FAILED)
+        self.lifecycle.transition(session, vm, VmEvent.OPERATION_FAILED)
         text = (f"migration of VM {vm.name} to {payload['destination_name']} failed at step "
                 f"{step}: {reason}; {freed} reserved device(s) on "
                 f"{payload['destination_name']} freed; the VM runs on "
@@ -380,104 +376,23 @@ class MigrationManager:
             job.step = STEP_REATTACH
             self._send_attach(session, job, payload, vm, payload["source"], missing)
             return
-        self._finish(session, job, "failed", step, text)
+        self.finish(session, job, "failed", step, text)
 
-    # -- host reports ----------------------------------------------------------------
+    # -- host reports and deadlines (hostdev.mgmt.migration_recovery) ---------------
 
     def on_host_report(self, session: Session, guid: str, domains: Sequence[DomainInfo], *,
                        complete: bool, restarted: bool = False) -> None:
-        """Settles migrations from where a host says the domains are.
-
-        Args:
-            session: the transaction of the report's handler.
-            guid: the reporting host.
-            domains: what it reports (all its domains when ``complete``).
-            complete: the report lists every domain (start-up, ping).
-            restarted: the agent (re)started, so any command it was running is lost.
-        """
-        jobs = session.scalars(select(Job).where(Job.kind == MIGRATE_JOB,
-                                                 Job.state == "running",
-                                                 Job.step.in_((STEP_MIGRATE, STEP_VERIFY)))
-                               .with_for_update())
-        for job in list(jobs):
-            payload = _payload(job)
-            if guid not in (payload.get("source"), payload.get("destination")):
-                continue
-            vm = session.get(VmInstance, job.vm_id) if job.vm_id is not None else None
-            if vm is None or vm.state != "Migrating":
-                continue
-            found = next((d for d in domains if d.uuid == vm.uuid), None)
-            if guid == payload["destination"]:
-                if found is not None and found.state == "running":
-                    self._migrated(session, job, vm, "the destination reported the domain "
-                                   "running")
-                elif complete and job.step == STEP_VERIFY:
-                    self._absent(session, job, vm, payload, "destination")
-            elif restarted or job.step == STEP_VERIFY:
-                if found is not None and found.state in ("running", "paused"):
-                    held = self._held_on(session, vm, int(payload["source_id"]))
-                    missing = tuple(a for a in held if a not in found.hostdevs)
-                    self._roll_back(session, job, vm, STEP_MIGRATE,
-                                    "the source agent lost the migration (it restarted or "
-                                    "never answered) and the domain is still on the source",
-                                    missing)
-                elif complete:
-                    self._absent(session, job, vm, payload, "source")
-
-    def _absent(self, session: Session, job: Job, vm: VmInstance, payload: dict[str, Any],
-                side: str) -> None:
-        absent = set(payload.get("absent_on", []))
-        absent.add(side)
-        payload["absent_on"] = sorted(absent)
-        if job.step != STEP_VERIFY:
-            job.step = STEP_VERIFY
-            job.deadline = utcnow() + timedelta(seconds=VERIFY_WINDOW_S)
-        job.payload = json.dumps(payload)
-        if absent == {"source", "destination"}:
-            # Found on neither host: no domain holds any device; let them all go.
-            self._lifecycle.transition(session, vm, VmEvent.ERROR_OCCURRED)
-            self._finish(session, job, "failed", STEP_VERIFY,
-                         f"VM {vm.name} is on neither {payload['source_name']} nor "
-                         f"{payload['destination_name']} after its migration; it is Error "
-                         "and its devices are released: start it again "
-                         f"(`hostdev vm start {vm.name}`)")
-
-    # -- deadlines -------------------------------------------------------------------
+        """Settles migrations from a host's report (see ``migration_recovery``)."""
+        migration_recovery.on_host_report(self, session, guid, domains, complete=complete,
+                                          restarted=restarted)
 
     def expire(self, session: Session, job: Job) -> bool:
-        """Handles an overdue migrate or attach-devices job (locked by the caller)."""
-        vm = session.get(VmInstance, job.vm_id) if job.vm_id is not None else None
-        payload = _payload(job)
-        if vm is None:
-            self._finish(session, job, "failed", job.step, "the VM is gone")
-            return True
-        if job.kind == MIGRATE_JOB and job.step in (STEP_MIGRATE, STEP_VERIFY):
-            # Never guess: both sets stay held until a host says where the domain is.
-            job.step = STEP_VERIFY
-            job.deadline = utcnow() + timedelta(seconds=VERIFY_WINDOW_S)
-            job.details = (f"no answer from {payload['source_name']} to MigrateCommand; "
-                           f"waiting for {payload['source_name']} or "
-                           f"{payload['destination_name']} to report where VM {vm.name} "
-                           "runs (both device sets stay held meanwhile)")
-            log.warning("migration_outcome_unknown", job=job.id, vm=vm.uuid)
-            return True
-        host = payload.get("attach_host", "?")
-        failed = [(PciAddress(a), f"no answer from host {payload.get('destination_name') or host}")
-                  for a in payload.get("attach", [])]
-        if job.kind == MIGRATE_JOB and job.step == STEP_ATTACH and vm.state == "Migrating":
-            self._lifecycle.transition(session, vm, VmEvent.OPERATION_SUCCEEDED)
-            self._finish(session, job, "failed", STEP_ATTACH, self._missing_text(
-                vm, f"migrated VM {vm.name} to {payload['destination_name']}, but", host,
-                failed))
-        else:
-            self._finish(session, job, "failed", job.step, self._missing_text(
-                vm, payload.get("failure", "timed out;"), host, failed))
-        log.warning("job_timed_out", job=job.id, kind=job.kind, host=host)
-        return True
+        """Handles an overdue migrate or attach-devices job (see ``migration_recovery``)."""
+        return migration_recovery.expire(self, session, job)
 
     # -- internals -------------------------------------------------------------------
 
-    def _finish(self, session: Session, job: Job, state: str, step: str, details: str) -> None:
+    def finish(self, session: Session, job: Job, state: str, step: str, details: str) -> None:
         job.state = state
         job.details = details
         job.step = step
@@ -489,5 +404,6 @@ class MigrationManager:
                    JobFinished(job_id=job.id, job_kind=job.kind, state=state,  # type: ignore[arg-type]
                                vm_uuid=vm.uuid if vm else None, step=step, details=details,
                                at=utcnow().isoformat() + "Z"))
+        metrics.job_finished(session, job)
         log.info("job_finished", job=job.id, kind=job.kind, state=state, step=step,
                  details=details)

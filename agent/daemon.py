@@ -27,6 +27,7 @@ from hostdev.agent.handlers import CommandHandlers, Timeouts
 from hostdev.agent.hypervisor import Hypervisor, LifecycleEvent
 from hostdev.agent.libvirt_host import LibvirtHost
 from hostdev.agent.metrics import instrument, serve_agent_metrics
+from hostdev.agent.recent_commands import RecentCommands
 from hostdev.agent.simulated import SimulatedHost, is_simulated_uri
 from hostdev.agent.startup_checks import CheckReport, check_host
 from hostdev.messages.base import Message
@@ -99,6 +100,7 @@ class Agent:
         instrument(self.commands)  # hostdev_agent_command_duration_seconds
         self.announcements = 0
         self.background = BackgroundCommands(bus, self.guid)
+        self.recent = RecentCommands()  # answers repeats of a command (outbox re-publication)
 
     # -- outgoing ------------------------------------------------------------------
 
@@ -163,6 +165,11 @@ class Agent:
                                vm=vm):
                 log.info("command_received", type=type(message).__name__,
                          redelivered=incoming.redelivered)
+                previous = self.recent.answer_of(incoming.message_id)
+                if previous is not None:
+                    log.info("command_repeated", type=type(message).__name__,
+                             hint="answered as the first time, not run again")
+                    return previous
                 try:
                     answer = run(message)
                 except HypervisorError as exc:
@@ -170,6 +177,7 @@ class Agent:
                     raise TransientError(f"{type(message).__name__}: {exc}") from exc
                 log.info("command_answered", type=type(answer).__name__,
                          result=getattr(answer, "result", ""))
+                self.recent.remember(incoming.message_id, answer)
                 return answer
         return handler
 

@@ -14,6 +14,7 @@ import os
 import signal
 import socket
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from typing import Any
 import pytest
 
 from hostdev.messages import api
+from hostdev.messages.bus import Bus, BusConfig
 from hostdev.messages.errors import RemoteError
 from tests.e2e.conftest import StackFactory
 from tests.support.e2e_stack import Stack
@@ -255,22 +257,43 @@ def test_a_daemon_killed_mid_deploy_leaves_the_job_to_the_other(stack: Stack) ->
     stack.start_mgmt()
 
 
+def _placements(daemon: Daemon) -> int:
+    return sum(1 for r in daemon.records() if r.get("event") == "vm_placed")
+
+
 def test_a_daemon_killed_during_a_burst_of_deploys_finishes_or_rolls_back_each(
         stack: Stack) -> None:
-    """SIGKILL in the middle of four deploys: every job ends, claims match running VMs."""
+    """SIGKILL amid four concurrent deploys: each is answered and ends; claims match VMs."""
     fill(stack)
     for name in sorted(n for n, vm in vms(stack).items() if vm["state"] == "Running")[:4]:
         assert stack.cli("vm", "stop", name, "--wait").returncode == 0
-    jobs = []
-    for index in range(4):
-        _, accepted = deploy(stack)
-        assert isinstance(accepted, api.JobAccepted), accepted
-        jobs.append(accepted.job_id)
-        if index == 1:
-            victim = stack.mgmts[0]
-            victim.kill()
-    for job_id in jobs:
-        assert stack.wait_job(job_id).state in ("succeeded", "failed")
+    victim = stack.mgmts[0]
+    placed_before = _placements(victim)
+    answers: list[api.JobAccepted | RemoteError | BaseException] = []
+
+    def client() -> None:
+        bus = Bus(BusConfig(url=stack.vhost.url, queue_type=stack.queue_type,
+                            app_id="hostdev-e2e"))
+        try:
+            answers.append(bus.request(api.DeployVmRequest(
+                name=f"burst{next(_names)}", offering=OFFERING), timeout=30))
+        except BaseException as exc:  # reported by the assertion below
+            answers.append(exc)
+        finally:
+            bus.close()
+
+    threads = [threading.Thread(target=client) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    wait_for(lambda: _placements(victim) > placed_before or len(answers) == 4, timeout=30,
+             what="the first daemon to place a VM of the burst")
+    victim.kill()
+    for thread in threads:
+        thread.join(60)
+    accepted = [a for a in answers if isinstance(a, api.JobAccepted)]
+    assert len(accepted) == 4, answers
+    for answer in accepted:
+        assert stack.wait_job(answer.job_id).state in ("succeeded", "failed")
     wait_for(lambda: not stack.sql("SELECT id FROM vm_instances WHERE state IN "
                                    "('Starting', 'Stopping')"), timeout=30,
              what="no VM in a transient state")

@@ -57,7 +57,17 @@ _LET_GO: Final = case((C.state == "quarantined", "removed"), else_="free")
 
 
 class ClaimRaceLost(RetryTransaction):
-    """Another transaction took a device between our read and our update."""
+    """Another transaction took or locked a device between our read and our update.
+
+    Attributes:
+        written: rows this claim already changed in the caller's transaction
+            (0 when it lost before writing, so the caller may try another host
+            in the same transaction; otherwise it MUST roll back).
+    """
+
+    def __init__(self, reason: str, *, written: int = 0) -> None:
+        super().__init__(reason)
+        self.written = written
 
 
 class InsufficientDevices(NoCapacity):
@@ -239,7 +249,8 @@ def _take(
     if taken != len(picked):
         raise ClaimRaceLost(
             f"host {host_id}: {len(picked) - taken} of {len(picked)} picked devices "
-            "were taken concurrently"
+            "were taken concurrently",
+            written=taken,
         )
     return tuple(picked)
 

@@ -18,10 +18,11 @@ Faults for tests, switched without restarting the agent: a JSON file
 ``<dir>/<name>.faults.json`` read by the same watcher whenever it changes::
 
     {"version": 3, "refuse_detach": ["28:00.2"], "fail_migration": "reason or null",
-     "fail_attach": ["28:00.1"], "migrate_delay_s": 5}
+     "fail_attach": ["28:00.1"], "migrate_hold_s": 5, "migrate_delay_s": 5}
 
-``migrate_delay_s`` holds the source's migration (after the hand-over,
-before it answers), so a test can kill the agent mid-migration. Each change
+``migrate_hold_s`` holds the source's migration before the hand-over (the
+devices detached, the domain still here), ``migrate_delay_s`` after it
+(before the answer), so a test can kill the agent mid-migration either way. Each change
 is logged as ``simulated_faults_applied`` with the file's ``version``.
 """
 
@@ -85,6 +86,7 @@ class Watcher:
         self.host = host
         self.fail_attach: set[PciAddress] = set()
         self.migrate_delay_s = 0.0
+        self.migrate_hold_s = 0.0
         self._refused_by_file: set[PciAddress] = set()
         self._faults_mtime: int | None = None
         self._stop = threading.Event()
@@ -142,6 +144,7 @@ class Watcher:
         self.host.fail_migrations(data.get("fail_migration"))
         self.fail_attach = {PciAddress(a) for a in data.get("fail_attach", ())}
         self.migrate_delay_s = float(data.get("migrate_delay_s", 0.0))
+        self.migrate_hold_s = float(data.get("migrate_hold_s", 0.0))
         log.info("simulated_faults_applied", host=self.host.uri, version=data.get("version"),
                  faults=data)
 
@@ -211,6 +214,10 @@ def hand_over(host: SimulatedHost, uuid: str, destination_uri: str) -> None:
         raise MigrationFailed(uuid, destination_uri, "Attempt to migrate guest to the same host")
     if not host.is_active(uuid):
         raise MigrationFailed(uuid, destination_uri, "the domain is not running")
+    watcher = _watcher(host)
+    if watcher is not None and watcher.migrate_hold_s:
+        log.info("simulated_migration_holding", vm=uuid, hold_s=watcher.migrate_hold_s)
+        time.sleep(watcher.migrate_hold_s)  # before the hand-over: the domain stays here
     xml = without_runtime_id(host.domain_xml(uuid))
     name = read_identity(xml)[1]
     temporary = box / f".{uuid}.tmp"
@@ -228,7 +235,6 @@ def hand_over(host: SimulatedHost, uuid: str, destination_uri: str) -> None:
     host.emit(LifecycleEvent(uuid=uuid, name=name, event="Stopped", detail="Migrated",
                              state="stopped"))
     host.undefine(uuid)
-    watcher = _watcher(host)
     delay = watcher.migrate_delay_s if watcher is not None else 0.0
     log.info("simulated_migration_handed_over", vm=uuid, destination=destination_uri,
              delay_s=delay)

@@ -25,6 +25,7 @@ from tests.support.migration_e2e import (
     mgmt_that_began,
     migrate,
     set_faults,
+    set_faults_file_only,
     settle,
     vm_row,
 )
@@ -155,6 +156,27 @@ def test_destination_agent_dead_before_attach(stack: Stack, db: Engine) -> None:
     assert hostdevs(stack, "b", uuid) == A_DEVICES
     settle(stack, db)
     _destroy(stack, "orphan")
+
+
+def test_source_agent_killed_before_hand_over(stack: Stack, db: Engine) -> None:
+    """a's agent dies with the devices detached, the VM still on a: its restart rolls back."""
+    uuid = deploy(stack, "homebody", "net2", on="a")
+    set_faults(stack.hosts["a"], migrate_hold_s=60)
+    job_id = migrate(stack, "homebody", "b")
+    stack.hosts["a"].daemon.wait_log("simulated_migration_holding", vm=uuid)
+    assert hostdevs(stack, "a", uuid) == set()  # detached, not yet moved
+    stack.hosts["a"].kill()
+    assert stack.job(job_id).state == "running"
+    set_faults_file_only(stack.hosts["a"])  # the restarted agent must not hold again
+    stack.hosts["a"].restart().wait_log("startup_accepted")
+    job = stack.wait_job(job_id, timeout=30)
+    assert (job.state, job.step) == ("failed", "migrate"), job.details
+    assert "re-attached" in job.details
+    row = vm_row(stack, "homebody")
+    assert (row.state, row.host_name) == ("Running", "a")
+    assert hostdevs(stack, "a", uuid) == A_DEVICES
+    settle(stack, db)
+    _destroy(stack, "homebody")
 
 
 def test_source_agent_killed_mid_migration(stack: Stack, db: Engine) -> None:

@@ -28,6 +28,12 @@ def set_faults(host: SimHost, **faults: Any) -> None:
     host.daemon.wait_log("simulated_faults_applied", timeout=15, version=version)
 
 
+def set_faults_file_only(host: SimHost, **faults: Any) -> None:
+    """Writes a host's faults file without waiting (its agent is down)."""
+    simulated_store.write_faults(f"simulated://{host.spec_path}", version=next(_VERSIONS),
+                                 **faults)
+
+
 def domains_of(stack: Stack) -> dict[str, list[DomainInfo]]:
     """Every host's domains as its simulated libvirt holds them (the state files)."""
     return {host.guid: [DomainInfo(uuid=uuid, name=name,

@@ -194,6 +194,26 @@ def test_source_agent_killed_mid_migration(stack: Stack, db: Engine) -> None:
     _destroy(stack, "runaway")
 
 
+def test_source_killed_mid_migration_with_destination_down(stack: Stack, db: Engine) -> None:
+    """Both agents down mid-migration: a comes back without the VM, then b with it."""
+    uuid = deploy(stack, "limbo", "net2", on="a")
+    set_faults(stack.hosts["a"], migrate_delay_s=60)
+    stack.hosts["b"].kill()
+    job_id = migrate(stack, "limbo", "b")
+    stack.hosts["a"].daemon.wait_log("simulated_migration_handed_over", vm=uuid, timeout=20)
+    stack.hosts["a"].kill()
+    set_faults_file_only(stack.hosts["a"])
+    stack.hosts["a"].restart().wait_log("startup_accepted")
+    row = stack.job(job_id)
+    assert (row.state, row.step) == ("running", "verify"), row.details  # both sets held
+    stack.hosts["b"].restart().wait_log("startup_accepted")
+    job = stack.wait_job(job_id, timeout=30)
+    assert job.state == "succeeded", job.details
+    assert (vm_row(stack, "limbo").host_name, hostdevs(stack, "b", uuid)) == ("b", A_DEVICES)
+    settle(stack, db)
+    _destroy(stack, "limbo")
+
+
 def test_management_daemon_killed_mid_migration(stack: Stack, db: Engine) -> None:
     """The daemon that began the job dies; the other one finishes it."""
     uuid = deploy(stack, "relay", "net2", on="a")

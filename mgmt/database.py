@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final, TypeVar
+from typing import Any, Final, TypeVar, cast
 
 import structlog
 from alembic import command
@@ -39,6 +39,7 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy import ClauseElement, Connection, Dialect, Engine, create_engine, event, make_url
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session
+from sqlalchemy.sql.compiler import SQLCompiler
 
 from hostdev.mgmt.errors import ConfigError, Conflict, MgmtError
 
@@ -225,10 +226,10 @@ class PreparedStatement:
         self._compiled: dict[str, _Compiled] = {}
 
     def _compile(self, dialect: Dialect) -> _Compiled:
-        compiled = self._statement.compile(dialect=dialect)
+        compiled = cast(SQLCompiler, self._statement.compile(dialect=dialect))
         if "POSTCOMPILE" in compiled.string:
             raise TypeError(f"{compiled.string!r}: expanding parameters cannot be prepared")
-        processors = {}
+        processors: dict[str, Callable[[Any], Any]] = {}
         for name, bind in compiled.binds.items():
             processor = bind.type.dialect_impl(dialect).bind_processor(dialect)
             if processor is not None:
@@ -261,7 +262,7 @@ class PreparedStatement:
             ) from exc
         try:
             rows = cursor.fetchall() if cursor.description is not None else []
-            return PreparedResult(rows, cursor.rowcount)
+            return PreparedResult(list(rows), cursor.rowcount)
         finally:
             cursor.close()
 

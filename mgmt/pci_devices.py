@@ -25,12 +25,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final, TypeVar
+from typing import Any, Final, TypeVar, cast
 
 from sqlalchemy import (
+    BindParameter,
     Connection,
     Engine,
-    Row,
+    Table,
     bindparam,
     case,
     func,
@@ -48,7 +49,7 @@ from hostdev.mgmt.models import PciDevice, utcnow
 
 T = TypeVar("T")
 
-DEVICES: Final = PciDevice.__table__
+DEVICES: Final = cast(Table, PciDevice.__table__)
 C: Final = DEVICES.c
 COUNTED_STATES: Final = ("free", "allocated", "reserved", "quarantined", "disabled")
 # What a device becomes when its VM lets go: a quarantined one was already
@@ -139,7 +140,7 @@ class _Reconciliation:
     restored: list[PciAddress] = field(default_factory=list)
 
 
-def _address(row: Row[Any]) -> PciAddress:
+def _address(row: Any) -> PciAddress:
     return PciAddress(f"{row.domain}:{row.bus}:{row.slot}.{row.function}")
 
 
@@ -179,7 +180,7 @@ def _take_statement(reserve: bool, count: int) -> PreparedStatement:
     statement = _TAKE.get((reserve, count))
     if statement is None:
         holder = C.reserved_for if reserve else C.instance_id
-        ids = [bindparam(f"id_{i}") for i in range(count)]
+        ids: list[BindParameter[Any]] = [bindparam(f"id_{i}") for i in range(count)]
         statement = PreparedStatement(
             update(DEVICES)
             .where(C.id.in_(ids), C.state == "free")
@@ -193,7 +194,7 @@ def _take_statement(reserve: bool, count: int) -> PreparedStatement:
     return statement
 
 
-_LET_GO_VALUES: Final = {
+_LET_GO_VALUES: Final[dict[Any, Any]] = {
     C.state: _LET_GO, C.instance_id: None, C.reserved_for: None, C.updated_at: bindparam("now")
 }
 _HELD_OR_RESERVED = or_(C.instance_id == bindparam("vm_id"), C.reserved_for == bindparam("vm_id"))
@@ -384,15 +385,15 @@ def reconcile_inventory(
         changes.added.extend(a for a in sorted(by_address) if a not in known)
     gone: dict[str, list[int]] = {"removed": [], "quarantined": []}
     for address, row in sorted(known.items()):
-        info = by_address.get(address)
-        if info is None:
+        report = by_address.get(address)
+        if report is None:
             target = {"free": "removed", "disabled": "removed", "allocated": "quarantined",
                       "reserved": "quarantined"}.get(row.state)
             if target is not None:
                 gone[target].append(row.id)
                 getattr(changes, target).append(address)
             continue
-        values = _changed_values(row, info)
+        values = _changed_values(row, report)
         if "name" in values:
             changes.renamed.append(address)
         if row.state == "removed":
@@ -416,7 +417,7 @@ def reconcile_inventory(
     )
 
 
-def _changed_values(row: Row[Any], info: PciDeviceInfo) -> dict[str, Any]:
+def _changed_values(row: Any, info: PciDeviceInfo) -> dict[str, Any]:
     reported = {
         "name": info.name, "vendor_id": info.vendor_id,
         "product_id": info.product_id, "iommu_group": info.iommu_group,
@@ -465,7 +466,7 @@ def enable_device(conn: Connection, device_id: int) -> str:
     return str(_device_row(conn, device_id).state)
 
 
-def _device_row(conn: Connection, device_id: int) -> Row[Any]:
+def _device_row(conn: Connection, device_id: int) -> Any:
     row = conn.execute(select(DEVICES).where(C.id == device_id)).first()
     if row is None:
         raise DeviceNotFound(f"no PCI device has id {device_id}; list devices to find its id")

@@ -11,16 +11,16 @@ service on a thread against a real broker and database, and each agent as a
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import structlog
-from sqlalchemy import Engine, make_url
 
 from hostdev.agent.config import parse_config
 from hostdev.agent.daemon import Agent
@@ -35,6 +35,9 @@ from hostdev.messages.testing import InProcessBroker, InProcessBus
 from hostdev.mgmt import database
 from hostdev.mgmt.config import MgmtConfig
 from hostdev.mgmt.service import ManagementService
+
+if TYPE_CHECKING:  # only mgmt imports SQLAlchemy (DESIGN section 2)
+    from sqlalchemy import Engine
 
 log = structlog.get_logger()
 
@@ -229,4 +232,4 @@ class ServiceCloud:
 
 def safe_db_url(url: str) -> str:
     """Returns the URL with its password hidden, for printing."""
-    return make_url(url).render_as_string(hide_password=True)
+    return re.sub(r"^([a-z+]+://[^:/@]*):[^@]*@", r"\1:***@", url)

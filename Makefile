@@ -59,6 +59,8 @@ demo: setup
 
 bench: setup services
 	$(PY) bench/bus.py
+	$(PY) bench/alloc.py
+	$(PY) bench/deploy.py
 
 clean:
 	rm -rf $(VENV) .typecheck .pytest_cache .mypy_cache .ruff_cache .hypothesis build *.egg-info

@@ -217,7 +217,8 @@ class PreparedStatement:
     trip (bench/alloc.py). It runs inside the Connection's transaction like
     any other statement, but does not fire Core's execution events (``echo``
     does not show it). Parameters are bound by name; the statement must not
-    use expanding (``IN``) parameters. Driver errors are re-raised as
+    use expanding (``IN``) parameters nor leave a column with a Python-side
+    default (``default=``, ``onupdate=``) without a value. Driver errors are re-raised as
     :class:`~sqlalchemy.exc.DBAPIError`, as Core would.
     """
 
@@ -229,6 +230,13 @@ class PreparedStatement:
         compiled = cast(SQLCompiler, self._statement.compile(dialect=dialect))
         if "POSTCOMPILE" in compiled.string:
             raise TypeError(f"{compiled.string!r}: expanding parameters cannot be prepared")
+        defaulted = [c.name for c in (*compiled.insert_prefetch, *compiled.update_prefetch)]
+        if defaulted:
+            # Core's execution context computes Python-side defaults; we skip it.
+            raise TypeError(
+                f"{compiled.string!r}: give values for {defaulted}; a PreparedStatement does "
+                "not run Python-side column defaults"
+            )
         processors: dict[str, Callable[[Any], Any]] = {}
         for name, bind in compiled.binds.items():
             processor = bind.type.dialect_impl(dialect).bind_processor(dialect)

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 
 import pymysql
 import pytest
-from sqlalchemy import Connection, Engine, insert
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy import Connection, Engine, bindparam, insert, select
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
 from hostdev.mgmt.database import (
+    PreparedStatement,
     RetryTransaction,
     TransactionConflict,
     create_database_engine,
@@ -21,7 +23,7 @@ from hostdev.mgmt.database import (
     transaction,
 )
 from hostdev.mgmt.errors import ConfigError, MgmtError
-from hostdev.mgmt.models import PciDevice
+from hostdev.mgmt.models import Host, PciDevice
 from tests.support.databases import sqlite_database
 
 
@@ -126,3 +128,25 @@ def test_sql_directory_explains_a_missing_environment(
     monkeypatch.setenv("HOSTDEV_SQL_DIR", str(tmp_path))
     with pytest.raises(MgmtError, match="HOSTDEV_SQL_DIR"):
         sql_directory()
+
+
+def test_prepared_statement_binds_types_and_wraps_errors(
+    sqlite_file: tuple[Path, Engine],
+) -> None:
+    """A PreparedStatement converts parameters like Core does and raises DBAPIError."""
+    _, engine = sqlite_file
+    stamp = datetime(2026, 1, 2, 3, 4, 5, 678901)
+    insert_host = PreparedStatement(insert(Host).values(
+        guid=bindparam("guid"), name="h", status="Up", cpus=1, memory_mb=1,
+        hypervisor_version="", migration_uri="", created_at=bindparam("at"),
+        updated_at=bindparam("at")))
+    with transaction(engine) as conn:
+        assert insert_host.execute(conn, {"guid": "g-1", "at": stamp}).rowcount == 1
+    with engine.connect() as conn:
+        assert conn.execute(select(Host.created_at).where(Host.guid == "g-1")).scalar() == stamp
+    with pytest.raises(DBAPIError) as caught, transaction(engine) as conn:
+        insert_host.execute(conn, {"guid": "g-1", "at": stamp})  # duplicate guid
+    assert isinstance(caught.value, IntegrityError)
+    missing_default = PreparedStatement(insert(Host).values(guid="g-2", name="h"))
+    with pytest.raises(TypeError, match="Python-side column defaults"), engine.connect() as conn:
+        missing_default.execute(conn, {})

@@ -11,8 +11,9 @@ exactly as a returned answer would be.
 What MUST hold:
 
 - One worker per key (the VM): a redelivered command whose work is still
-  running is dropped (logged); once it finished, a redelivery runs the
-  idempotent handler again, which answers from libvirt's state.
+  running is dropped (logged); once it answered, the same message id gets the
+  same answer again without running (``recent``), so a re-published command
+  never migrates a VM a second time.
 - A worker that fails without an answer (libvirt itself failed) publishes
   nothing: management does not guess, it settles the job from the host's next
   reports (docs/migration.md).
@@ -44,26 +45,39 @@ class AnswerBus(Protocol):
     def call_soon_threadsafe(self, fn: Callable[[], None]) -> None: ...
 
 
+class AnswerMemory(Protocol):
+    """Remembers answers by command message id (``hostdev.agent.recent_commands``)."""
+
+    def answer_of(self, message_id: str | None) -> Message | None: ...
+    def remember(self, message_id: str | None, answer: Message) -> None: ...
+
+
 class BackgroundCommands:
     """Starts one worker thread per long command and answers from the loop thread."""
 
-    def __init__(self, bus: AnswerBus, guid: str) -> None:
+    def __init__(self, bus: AnswerBus, guid: str, *, recent: AnswerMemory | None = None) -> None:
         self._bus = bus
         self._guid = guid
+        self._recent = recent
         self._running: dict[str, threading.Thread] = {}
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
 
     def handler(self, run: Callable[[Any], Message],
-                key: Callable[[Any], str]) -> Callable[[Any, Any], None]:
+                key: Callable[[Any], str]) -> Callable[[Any, Any], Message | None]:
         """Returns a bus handler that runs ``run(message)`` on a worker thread."""
-        def handle(message: Any, incoming: Any) -> None:
+        def handle(message: Any, incoming: Any) -> Message | None:
+            previous = self._recent.answer_of(incoming.message_id) if self._recent else None
+            if previous is not None:  # the same command again (outbox re-publication)
+                log.info("command_repeated", type=type(message).__name__,
+                         hint="answered as the first time, not run again")
+                return previous
             name = key(message)
             with self._lock:
                 if name in self._running:
                     log.info("command_already_running", type=type(message).__name__, key=name,
                              redelivered=incoming.redelivered)
-                    return
+                    return None
                 worker = threading.Thread(
                     target=self._work, args=(run, message, incoming.message_id,
                                              incoming.correlation_id, name),
@@ -71,6 +85,7 @@ class BackgroundCommands:
                 self._running[name] = worker
             log.info("command_started_in_background", type=type(message).__name__, key=name)
             worker.start()
+            return None
         return handle
 
     def _work(self, run: Callable[[Any], Message], message: Any, message_id: str,
@@ -89,7 +104,9 @@ class BackgroundCommands:
                 log.info("command_answered", type=type(answer).__name__,
                          result=getattr(answer, "result", ""))
 
-                def publish() -> None:
+                def publish() -> None:  # on the loop thread, like every bus call
+                    if self._recent is not None:
+                        self._recent.remember(message_id, answer)
                     self._bus.send_to_mgmt(self._guid, answer, correlation_id=message_id)
                 self._bus.call_soon_threadsafe(publish)
         finally:

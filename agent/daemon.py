@@ -99,8 +99,8 @@ class Agent:
                      migration_s=config.migration_timeout_s))
         instrument(self.commands)  # hostdev_agent_command_duration_seconds
         self.announcements = 0
-        self.background = BackgroundCommands(bus, self.guid)
         self.recent = RecentCommands()  # answers repeats of a command (outbox re-publication)
+        self.background = BackgroundCommands(bus, self.guid, recent=self.recent)
 
     # -- outgoing ------------------------------------------------------------------
 

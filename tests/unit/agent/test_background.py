@@ -76,3 +76,23 @@ def test_a_hypervisor_failure_publishes_nothing() -> None:
     assert background.wait_idle(5)
     bus.run_queued()
     assert bus.sent == []
+
+
+def test_a_repeated_command_gets_the_first_answer_without_running_again() -> None:
+    """The same message id after the answer: answered from memory, no second migration."""
+    from hostdev.agent.recent_commands import RecentCommands
+
+    bus, runs = FakeBus(), []
+
+    def migrate(command: MigrateCommand) -> MigrateAnswer:
+        runs.append(command.vm_uuid)
+        return MigrateAnswer(vm_uuid=command.vm_uuid, details="first")
+
+    background = BackgroundCommands(bus, "guid-a", recent=RecentCommands())
+    handle = background.handler(migrate, key=lambda m: m.vm_uuid)
+    handle(COMMAND, Delivery("m-3"))
+    assert background.wait_idle(5)
+    bus.run_queued()
+    again = handle(COMMAND, Delivery("m-3"))
+    assert isinstance(again, MigrateAnswer) and again.details == "first"
+    assert runs == ["vm-1"]

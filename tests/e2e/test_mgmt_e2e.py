@@ -302,6 +302,30 @@ def test_a_daemon_killed_during_a_burst_of_deploys_finishes_or_rolls_back_each(
     stack.start_mgmt()
 
 
+def test_a_deploy_to_a_dead_agent_times_out_and_rolls_back(make_e2e_stack: StackFactory) -> None:
+    """No answer: the job fails, devices are freed; the restarted agent leaves no domain."""
+    lone = make_e2e_stack(mgmt=1, hosts={"e2e-t": {"10GE": 2}}, prefix="e2e-timeout",
+                          mgmt_properties={"job.start.timeout": "3s"})
+    assert lone.cli("offering", "create", OFFERING, "--pci", "10GE:2").returncode == 0
+    host = lone.hosts["e2e-t"]
+    host.kill()  # still Up for two seconds: the deploy is placed on it
+    name, accepted = deploy(lone)
+    assert isinstance(accepted, api.JobAccepted), accepted
+    job = lone.wait_job(accepted.job_id, timeout=30)
+    assert job.state == "failed" and "timed out" in job.details, job
+    assert vms(lone)[name]["state"] == "Stopped"
+    assert held(lone) == {}
+    host.restart().wait_log("startup_accepted", timeout=60)
+    # The StartCommand and then the rollback's forced StopCommand waited in its queue.
+    wait_for(lambda: str(accepted.vm_uuid) not in host.domains(), timeout=30,
+             what="the rolled-back VM's domain to be undefined")
+    check_consistency(lone)
+    again = lone.cli("vm", "deploy", "after-timeout", "--offering", OFFERING, "--wait")
+    assert again.returncode == 0, again.stderr
+    check_consistency(lone)
+    lone.close()
+
+
 # -- systemd notify ---------------------------------------------------------------------
 
 

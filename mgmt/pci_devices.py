@@ -6,9 +6,10 @@ Two layers:
   transaction (``claim_devices``, ``release_devices``, ...). They MUST run in
   the caller's transaction and never commit; the VM state listener calls them
   in the same transaction as the VM's state change. A function that lost a
-  race raises :class:`ClaimRaceLost` (a :class:`RetryTransaction`): the caller
-  MUST roll back and run its whole unit of work again in a NEW transaction,
-  e.g. through :func:`hostdev.mgmt.database.run_in_transaction`.
+  race raises :class:`ClaimRaceLost` (a :class:`RetryTransaction`): unless
+  its ``written`` is 0 the caller MUST roll back and run its whole unit of
+  work again in a NEW transaction, e.g. through
+  :func:`hostdev.mgmt.database.run_in_transaction`.
 - :class:`PciDeviceRepository`, which runs each of them in its own
   transaction with those retries.
 
@@ -443,11 +444,12 @@ def disable_device(conn: Connection, device_id: int) -> str:
     if row.state == "disabled":
         return "disabled"
     holder = row.instance_id if row.instance_id is not None else row.reserved_for
-    by = f" by VM {holder}" if holder is not None else ""
-    raise DeviceBusy(
-        f"device {device_id} ({_address(row)} on host {row.host_id}) is {row.state}{by}; "
-        "only a free device can be disabled: stop or migrate its VM first"
-    )
+    if row.state == "removed":
+        what = "no longer in its host's inventory (pci.devices); nothing to disable"
+    else:
+        by = f" by VM {holder}" if holder is not None else ""
+        what = f"{row.state}{by}; only a free device can be disabled: stop or migrate its VM first"
+    raise DeviceBusy(f"device {device_id} ({_address(row)} on host {row.host_id}) is {what}")
 
 
 def enable_device(conn: Connection, device_id: int) -> str:

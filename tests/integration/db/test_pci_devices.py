@@ -28,9 +28,10 @@ def test_claim_skips_rows_locked_by_another_claim(engine: Engine) -> None:
         mine = claim_devices(first, vm_a, host, {"GPU": 1})
         theirs = repo.claim(vm_b, host, {"GPU": 1})  # runs while `first` is open
         assert mine[0].id != theirs[0].id
-        with pytest.raises(ClaimRaceLost), transaction(engine) as third:
+        with pytest.raises(ClaimRaceLost) as caught, transaction(engine) as third:
             # One GPU is still free by the committed count, but locked: a lost race.
             claim_devices(third, vm_b, host, {"GPU": 1})
+        assert caught.value.written == 0  # lost before writing: another host may be tried
     assert len(repo.devices_of(vm_a)) == 1
 
 

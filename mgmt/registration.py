@@ -102,7 +102,11 @@ class HostRegistry:
                                                   command.pci_devices)
         if previous != "Up":
             self._status_event(session, host, "Up", previous)
-        stopped = self._reconcile_power(session, host, command.domains, grace=False)
+        # The start-up snapshot races answers like a ping does (with several
+        # daemons, or a redelivered start-up, it can be handled after a
+        # StartAnswer it predates), so it gets the same grace; a VM that really
+        # died while the agent was away is settled by the first ping after it.
+        stopped = self._reconcile_power(session, host, command.domains)
         log.info("host_registered", host=host.guid, name=host.name, host_id=host.id,
                  devices=len(command.pci_devices), added=len(changes.added),
                  renamed=len(changes.renamed), removed=len(changes.removed),
@@ -123,7 +127,7 @@ class HostRegistry:
         if previous != "Up" and previous != "Maintenance":
             host.status = "Up"
             self._status_event(session, host, "Up", previous)
-        self._reconcile_power(session, host, command.domains, grace=True)
+        self._reconcile_power(session, host, command.domains)
 
     def on_vm_state_report(self, session: Session, report: VmStateReport) -> None:
         """Follows a pushed power change: a Running VM found stopped becomes Stopped."""
@@ -141,14 +145,14 @@ class HostRegistry:
     def _settled(self, vm: VmInstance) -> bool:
         return vm.updated_at <= utcnow() - timedelta(seconds=DRIFT_GRACE_S)
 
-    def _reconcile_power(self, session: Session, host: Host, domains: Iterable[DomainInfo],
-                         *, grace: bool) -> int:
+    def _reconcile_power(self, session: Session, host: Host,
+                         domains: Iterable[DomainInfo]) -> int:
         running = {d.uuid for d in domains if d.state in ("running", "paused")}
         stopped = 0
         vms = session.scalars(select(VmInstance).where(VmInstance.host_id == host.id,
                                                        VmInstance.state == "Running"))
         for vm in list(vms):
-            if vm.uuid in running or (grace and not self._settled(vm)):
+            if vm.uuid in running or not self._settled(vm):
                 continue
             log.warning("vm_found_stopped", vm=vm.uuid, host=host.guid)
             self._lifecycle.transition(session, vm, VmEvent.FOLLOW_AGENT_POWER_OFF)

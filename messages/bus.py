@@ -42,11 +42,11 @@ from hostdev.messages.bus_api import (
     COMMANDS_EXCHANGE,
     DEAD_EXCHANGE,
     DIRECT_REPLY_TO,
-    EVENTS_EXCHANGE,
     MGMT_QUEUE,
     BusConfig,
     Handler,
     Incoming,
+    PublishShortcuts,
     body_id,
 )
 from hostdev.messages.bus_confirms import Unconfirmed
@@ -64,7 +64,7 @@ _ACK_BATCH = 16  # deliveries handled between two (multiple) acks while more are
 _CLOSE_ERRORS: tuple[type[BaseException], ...] = (BusError, Stopped, *RECOVERABLE)
 
 
-class Bus:
+class Bus(PublishShortcuts):
     """The hostdev bus on RabbitMQ. The constructor does no I/O; :meth:`connect` does."""
 
     def __init__(self, config: BusConfig | None = None) -> None:
@@ -149,23 +149,6 @@ class Bus:
         self._link.send(Unconfirmed(exchange, routing_key, amqp_message,
                                     exchange == COMMANDS_EXCHANGE, mid))
         return mid
-
-    def send_to_agent(self, guid: str, message: Message, *, correlation_id: str | None = None,
-                      message_id: str | None = None) -> str:
-        """Publishes a command to one agent on ``agent.<guid>.<Type>``."""
-        return self.publish(f"agent.{guid}.{type(message).__name__}", message,
-                            correlation_id=correlation_id, message_id=message_id)
-
-    def send_to_mgmt(self, guid: str, message: Message, *, correlation_id: str | None = None,
-                     message_id: str | None = None) -> str:
-        """Publishes an agent's message to management on ``mgmt.<guid>.<Type>``."""
-        return self.publish(f"mgmt.{guid}.{type(message).__name__}", message,
-                            correlation_id=correlation_id, message_id=message_id)
-
-    def publish_event(self, routing_key: str, event: Message, *,
-                      message_id: str | None = None) -> str:
-        """Publishes an event on ``hostdev.events``."""
-        return self.publish(routing_key, event, exchange=EVENTS_EXCHANGE, message_id=message_id)
 
     def wait_for_confirms(self, timeout: float = 30.0) -> None:
         """Returns once every publish so far is confirmed (reconnecting if needed).

@@ -200,3 +200,33 @@ class BusLike(Protocol):
             timeout: float | None = None) -> None: ...
     def on_reconnect(self, fn: Callable[[], None]) -> None: ...
     def stop(self) -> None: ...
+
+
+class PublishShortcuts:
+    """The routing-key spellings of DESIGN section 4, shared by both buses.
+
+    A subclass provides ``publish``; these only build the routing key.
+    """
+
+    def publish(self, routing_key: str, message: Message, *, exchange: str = COMMANDS_EXCHANGE,
+                correlation_id: str | None = None, message_id: str | None = None,
+                reply_to: str | None = None, expiration_s: float | None = None,
+                headers: dict[str, Any] | None = None) -> str:
+        raise NotImplementedError
+
+    def send_to_agent(self, guid: str, message: Message, *, correlation_id: str | None = None,
+                      message_id: str | None = None) -> str:
+        """Publishes a command to one agent on ``agent.<guid>.<Type>``."""
+        return self.publish(f"agent.{guid}.{type(message).__name__}", message,
+                            correlation_id=correlation_id, message_id=message_id)
+
+    def send_to_mgmt(self, guid: str, message: Message, *, correlation_id: str | None = None,
+                     message_id: str | None = None) -> str:
+        """Publishes an agent's message to management on ``mgmt.<guid>.<Type>``."""
+        return self.publish(f"mgmt.{guid}.{type(message).__name__}", message,
+                            correlation_id=correlation_id, message_id=message_id)
+
+    def publish_event(self, routing_key: str, event: Message, *,
+                      message_id: str | None = None) -> str:
+        """Publishes an event on ``hostdev.events``."""
+        return self.publish(routing_key, event, exchange=EVENTS_EXCHANGE, message_id=message_id)

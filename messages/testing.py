@@ -42,6 +42,7 @@ from hostdev.messages.bus_api import (
     BusConfig,
     Handler,
     Incoming,
+    PublishShortcuts,
     body_id,
 )
 from hostdev.messages.bus_dispatch import handle_delivery
@@ -60,7 +61,7 @@ __all__ = ["BusConfig", "DeadLetter", "Envelope", "FakeClock", "InProcessBroker"
            "InProcessBus", "Incoming"]
 
 
-class InProcessBus:
+class InProcessBus(PublishShortcuts):
     """The bus interface of ``hostdev.messages.bus.Bus``, on an :class:`InProcessBroker`."""
 
     def __init__(self, config: BusConfig | None = None, *,
@@ -131,23 +132,6 @@ class InProcessBus:
                                    expires_at=expires),
                           mandatory=exchange == COMMANDS_EXCHANGE)
         return mid
-
-    def send_to_agent(self, guid: str, message: Message, *, correlation_id: str | None = None,
-                      message_id: str | None = None) -> str:
-        """Publishes on ``agent.<guid>.<Type>``."""
-        return self.publish(f"agent.{guid}.{type(message).__name__}", message,
-                            correlation_id=correlation_id, message_id=message_id)
-
-    def send_to_mgmt(self, guid: str, message: Message, *, correlation_id: str | None = None,
-                     message_id: str | None = None) -> str:
-        """Publishes on ``mgmt.<guid>.<Type>``."""
-        return self.publish(f"mgmt.{guid}.{type(message).__name__}", message,
-                            correlation_id=correlation_id, message_id=message_id)
-
-    def publish_event(self, routing_key: str, event: Message, *,
-                      message_id: str | None = None) -> str:
-        """Publishes on ``hostdev.events``."""
-        return self.publish(routing_key, event, exchange=EVENTS_EXCHANGE, message_id=message_id)
 
     def wait_for_confirms(self, timeout: float = 30.0) -> None:
         """Returns at once: the in-process broker takes every publish synchronously."""

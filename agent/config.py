@@ -20,7 +20,7 @@ import structlog
 from hostdev.agent.errors import ConfigError
 from hostdev.messages.errors import PciAddressError
 from hostdev.messages.pci_address import PciAddress
-from hostdev.messages.properties import PropertiesError, Property, parse_properties
+from hostdev.messages.properties import PropertiesError, Property, parse_properties, read_text
 
 log = structlog.get_logger()
 
@@ -253,16 +253,8 @@ def parse_config(text: str, path: str = "<string>") -> AgentConfig:
 
 def load_config(path: str | Path = DEFAULT_PATH) -> AgentConfig:
     """Reads and validates ``agent.properties``; a missing file is a ``ConfigError``."""
-    name = str(path)
     try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(name, 0, name, "the file does not exist; pass --config PATH or "
-                          "create it from the sample etc/agent.properties") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(name, 0, name, f"the file cannot be read: {exc}") from None
-    try:
-        return parse_config(text, name)
+        return parse_config(read_text(path, "the sample etc/agent.properties"), str(path))
     except PropertiesError as exc:
         raise ConfigError(exc.path, exc.line, exc.text, exc.expected) from None
 

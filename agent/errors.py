@@ -3,28 +3,22 @@
 from __future__ import annotations
 
 from hostdev.messages.pci_address import PciAddress
+from hostdev.messages.properties import PropertiesError
 
 
 class AgentError(Exception):
     """Root of every error raised by ``hostdev.agent``."""
 
 
-class ConfigError(AgentError, ValueError):
+class ConfigError(AgentError, PropertiesError):
     """A value in ``agent.properties`` is wrong; names file, line, text and expectation.
 
-    Attributes:
+    Attributes (from ``PropertiesError``):
         path: the configuration file.
         line: the line of the offending entry (0 when the file itself is the problem).
         text: the offending text.
         expected: what would have been accepted.
     """
-
-    def __init__(self, path: str, line: int, text: str, expected: str) -> None:
-        super().__init__(f"{path}:{line}: {text!r}: {expected}")
-        self.path = path
-        self.line = line
-        self.text = text
-        self.expected = expected
 
 
 class HypervisorError(AgentError):

@@ -111,14 +111,23 @@ def parse_properties(text: str, path: str = "<string>") -> list[Property]:
     ]
 
 
-def read_properties(path: str | Path) -> list[Property]:
-    """Reads and parses a properties file; a missing file is a clear error."""
+def read_text(path: str | Path, sample: str = "the sample in etc/") -> str:
+    """Reads a properties file's text; a missing or unreadable file is a clear error.
+
+    Args:
+        path: the file.
+        sample: where a sample to start from lives, for the error text.
+    """
     name = str(path)
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        return Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
         raise PropertiesError(name, 0, name, "the file does not exist; pass --config PATH "
-                              "or create it from the sample in etc/") from None
+                              f"or create it from {sample}") from None
     except (OSError, UnicodeDecodeError) as exc:
-        raise PropertiesError(name, 0, name, f"cannot be read: {exc}") from None
-    return parse_properties(text, name)
+        raise PropertiesError(name, 0, name, f"the file cannot be read: {exc}") from None
+
+
+def read_properties(path: str | Path, sample: str = "the sample in etc/") -> list[Property]:
+    """Reads and parses a properties file; a missing file is a clear error."""
+    return parse_properties(read_text(path, sample), str(path))

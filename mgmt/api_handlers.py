@@ -21,7 +21,7 @@ from hostdev.messages.values import HostRow, OfferingRow, PciDeviceRow, VmRow
 from hostdev.mgmt import pci_devices, planner
 from hostdev.mgmt.config import MgmtConfig
 from hostdev.mgmt.errors import Conflict, InvalidRequest, NotFound
-from hostdev.mgmt.jobs import JobManager, find_offering, job_row
+from hostdev.mgmt.jobs import JobManager, find_host, find_offering, job_row
 from hostdev.mgmt.migration import MigrationManager
 from hostdev.mgmt.models import (
     Host,
@@ -92,14 +92,6 @@ class ApiHandlers:
             return api.HostList(hosts=rows)
         return self._work.run(work, what="list hosts")
 
-    def _host(self, session: Session, ref: str) -> Host:
-        host = session.scalar(select(Host).where((Host.guid == ref) | (Host.name == ref))
-                              .order_by(Host.id).limit(1))
-        if host is None:
-            names = ", ".join(session.scalars(select(Host.name).order_by(Host.id))) or "none"
-            raise NotFound(f"no host is named {ref!r} (nor has that guid); hosts: {names}")
-        return host
-
     def list_devices(self, request: api.ListPciDevicesRequest) -> api.PciDeviceList:
         """Lists devices (not the removed ones), of one host or only free ones if asked."""
         def work(session: Session) -> api.PciDeviceList:
@@ -110,7 +102,7 @@ class ApiHandlers:
                      .order_by(Host.id, PciDevice.domain, PciDevice.bus, PciDevice.slot,
                                PciDevice.function))
             if request.host:
-                query = query.where(PciDevice.host_id == self._host(session, request.host).id)
+                query = query.where(PciDevice.host_id == find_host(session, request.host).id)
             if request.free_only:
                 query = query.where(PciDevice.state == "free")
             rows = tuple(
@@ -280,7 +272,7 @@ class ApiHandlers:
                            message_id: str | None = None) -> api.DeviceStateChanged:
         """Disables a free device (never offered again) or enables it back."""
         def work(session: Session) -> api.DeviceStateChanged:
-            host = self._host(session, request.host)
+            host = find_host(session, request.host)
             address = PciAddress(request.address)
             device = session.scalar(select(PciDevice).where(
                 PciDevice.host_id == host.id, PciDevice.domain == f"{address.domain:04x}",

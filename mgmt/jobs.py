@@ -48,6 +48,20 @@ VM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
 MAX_START_ATTEMPTS = 3
 
 
+def find_host(session: Session, ref: str) -> Host:
+    """Returns the host named or identified (guid) by ``ref``.
+
+    Raises:
+        NotFound: no host has that name or guid; the text lists the hosts.
+    """
+    host = session.scalar(select(Host).where((Host.guid == ref) | (Host.name == ref))
+                          .order_by(Host.id).limit(1))
+    if host is None:
+        names = ", ".join(session.scalars(select(Host.name).order_by(Host.id))) or "none"
+        raise NotFound(f"no host is named {ref!r} (nor has that guid); hosts: {names}")
+    return host
+
+
 def find_vm(session: Session, ref: str) -> VmInstance:
     """Returns the live VM named or identified by ``ref``.
 

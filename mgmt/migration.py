@@ -45,8 +45,8 @@ from hostdev.messages.pci_address import PciAddress
 from hostdev.messages.values import DomainInfo
 from hostdev.mgmt import metrics, migration_recovery, outbox, pci_devices, planner
 from hostdev.mgmt.config import MgmtConfig
-from hostdev.mgmt.errors import Conflict, InvalidRequest, NoCapacity, NotFound
-from hostdev.mgmt.jobs import find_vm
+from hostdev.mgmt.errors import Conflict, InvalidRequest, NoCapacity
+from hostdev.mgmt.jobs import find_host, find_vm
 from hostdev.mgmt.migration_plan import (
     ATTACH_JOB,
     MIGRATE_JOB,
@@ -87,14 +87,6 @@ class MigrationManager:
 
     # -- planning ------------------------------------------------------------------
 
-    def _host(self, session: Session, ref: str) -> Host:
-        host = session.scalar(select(Host).where((Host.guid == ref) | (Host.name == ref))
-                              .order_by(Host.id).limit(1))
-        if host is None:
-            names = ", ".join(session.scalars(select(Host.name).order_by(Host.id))) or "none"
-            raise NotFound(f"no host is named {ref!r} (nor has that guid); hosts: {names}")
-        return host
-
     def _prepare(self, session: Session, ref: str, destination: str | None
                  ) -> tuple[VmInstance, Host, list[planner.Candidate], list[HeldDevice]]:
         vm = find_vm(session, ref)
@@ -112,7 +104,7 @@ class MigrationManager:
                                 pci=offering_requests(session, vm.offering_id))
         names = [r.name for r in demand.pci]
         if destination is not None:
-            host = self._host(session, destination)
+            host = find_host(session, destination)
             if host.id == source.id:
                 raise InvalidRequest(f"VM {vm.name} already runs on {host.name}; name another "
                                      "host with --to, or leave it out to let placement choose")

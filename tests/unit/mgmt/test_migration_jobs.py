@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import timedelta
-from pathlib import Path
 
 import pytest
 from sqlalchemy import Engine, select, update
@@ -20,19 +18,8 @@ from hostdev.messages.commands import (
     StartupRoutingCommand,
 )
 from hostdev.messages.values import DeviceOutcome, DomainInfo
-from hostdev.mgmt.database import create_database_engine
 from hostdev.mgmt.models import Job, PciDevice, VmInstance, utcnow
-from tests.support.databases import sqlite_database
 from tests.support.mgmt_harness import Harness, Published, devices
-
-
-@pytest.fixture
-def engine(tmp_path: Path) -> Iterator[Engine]:
-    """A fresh migrated SQLite file."""
-    with sqlite_database(tmp_path) as url:
-        engine = create_database_engine(url)
-        yield engine
-        engine.dispose()
 
 
 def _startup(h: Harness, guid: str, domains: tuple[DomainInfo, ...] = ()) -> None:

@@ -17,23 +17,13 @@ from hostdev.messages.errors import RemoteError
 from hostdev.messages.pci_address import PciAddress as P
 from hostdev.messages.testing import FakeClock, InProcessBroker, InProcessBus
 from hostdev.mgmt.config import MgmtConfig
-from hostdev.mgmt.database import create_database_engine
 from hostdev.mgmt.service import ManagementService
 from tests.support.agent import SAMPLE_DEVICES, HostFactory, host_factory
-from tests.support.databases import sqlite_database
 from tests.support.migration_checks import check_invariants
 from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.libvirt
 
-
-@pytest.fixture
-def engine(tmp_path: Path) -> Iterator[Engine]:
-    """A fresh migrated SQLite file."""
-    with sqlite_database(tmp_path) as url:
-        engine = create_database_engine(url)
-        yield engine
-        engine.dispose()
 
 
 @pytest.fixture

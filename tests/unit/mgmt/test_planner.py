@@ -3,19 +3,14 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
-from pathlib import Path
 
-import pytest
 from sqlalchemy import Engine, insert
 from sqlalchemy.orm import Session
 
 from hostdev.messages.values import PciRequest
 from hostdev.mgmt import planner
-from hostdev.mgmt.database import create_database_engine
 from hostdev.mgmt.models import Host, PciDevice
 from hostdev.mgmt.planner import Demand, HostCapacity, find_hosts, refusal, verdict
-from tests.support.databases import sqlite_database
 
 TWO_10GE = Demand(cpus=2, memory_mb=1024, pci=(PciRequest(name="10GE", count=2),))
 
@@ -44,14 +39,6 @@ def test_refusal_without_hosts_says_to_start_an_agent() -> None:
     """With no host registered, the refusal says what to do."""
     assert "start a hostdev-agent" in refusal(TWO_10GE, [])
 
-
-@pytest.fixture
-def engine(tmp_path: Path) -> Iterator[Engine]:
-    """A fresh migrated SQLite file."""
-    with sqlite_database(tmp_path) as url:
-        engine = create_database_engine(url)
-        yield engine
-        engine.dispose()
 
 
 def _hosts(engine: Engine, specs: list[tuple[str, str, int]]) -> None:

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import timedelta
-from pathlib import Path
 
 import pytest
 from sqlalchemy import Engine, func, select, update
@@ -21,7 +19,6 @@ from hostdev.messages.commands import (
     VmStateReport,
 )
 from hostdev.mgmt.config import MgmtConfig
-from hostdev.mgmt.database import create_database_engine
 from hostdev.mgmt.errors import Forbidden
 from hostdev.mgmt.models import (
     HandledMessage,
@@ -32,17 +29,7 @@ from hostdev.mgmt.models import (
     VmInstance,
     utcnow,
 )
-from tests.support.databases import sqlite_database
 from tests.support.mgmt_harness import Harness, devices
-
-
-@pytest.fixture
-def engine(tmp_path: Path) -> Iterator[Engine]:
-    """Opens a fresh migrated SQLite file."""
-    with sqlite_database(tmp_path) as url:
-        engine = create_database_engine(url)
-        yield engine
-        engine.dispose()
 
 
 @pytest.fixture

@@ -17,22 +17,12 @@ from hostdev.messages import api
 from hostdev.messages.errors import RemoteError
 from hostdev.messages.testing import FakeClock, InProcessBroker, InProcessBus
 from hostdev.mgmt.config import MgmtConfig
-from hostdev.mgmt.database import create_database_engine
 from hostdev.mgmt.models import VmInstance, utcnow
 from hostdev.mgmt.service import ManagementService
 from tests.support.agent import SAMPLE_DEVICES, HostFactory, host_factory
-from tests.support.databases import sqlite_database
 
 pytestmark = pytest.mark.libvirt
 
-
-@pytest.fixture
-def engine(tmp_path: Path) -> Iterator[Engine]:
-    """A fresh migrated SQLite file."""
-    with sqlite_database(tmp_path) as url:
-        engine = create_database_engine(url)
-        yield engine
-        engine.dispose()
 
 
 @pytest.fixture

@@ -54,6 +54,10 @@ typecheck: setup
 schema: setup
 	$(VENV)/bin/hostdev schema --write messages/schema
 
+# Regenerates the DBAs' SQL from the Alembic migrations (offline mode).
+sql-schema: setup
+	$(VENV)/bin/hostdev-mgmt db schema > sql/schema-mysql.sql
+
 demo: setup
 	$(VENV)/bin/hostdev demo
 

@@ -32,6 +32,7 @@ from hostdev.mgmt.models import (
     VmInstance,
 )
 from hostdev.mgmt.offerings import check_names_exist, parse_pci_devices
+from hostdev.mgmt.pci_inventory import address_of
 from hostdev.mgmt.unit_of_work import UnitOfWork
 from hostdev.mgmt.vm_lifecycle import offering_requests
 
@@ -39,9 +40,6 @@ from hostdev.mgmt.vm_lifecycle import offering_requests
 def _iso(value: Any) -> str | None:
     return value.isoformat() + "Z" if value is not None else None
 
-
-def _address(device: PciDevice) -> PciAddress:
-    return PciAddress(f"{device.domain}:{device.bus}:{device.slot}.{device.function}")
 
 
 class ApiHandlers:
@@ -106,7 +104,7 @@ class ApiHandlers:
             if request.free_only:
                 query = query.where(PciDevice.state == "free")
             rows = tuple(
-                PciDeviceRow(id=d.id, host_guid=guid, host_name=name, address=_address(d),
+                PciDeviceRow(id=d.id, host_guid=guid, host_name=name, address=address_of(d),
                              name=d.name, state=d.state, vm_uuid=vm_uuid,  # type: ignore[arg-type]
                              vendor_id=d.vendor_id, product_id=d.product_id,
                              iommu_group=d.iommu_group)
@@ -121,7 +119,7 @@ class ApiHandlers:
             for device in session.scalars(select(PciDevice)
                                           .where(PciDevice.instance_id.is_not(None))
                                           .order_by(PciDevice.id)):
-                held.setdefault(device.instance_id or 0, []).append(_address(device))
+                held.setdefault(device.instance_id or 0, []).append(address_of(device))
             host = aliased(Host)
             query = (select(VmInstance, ServiceOffering.name, host.guid, host.name)
                      .join(ServiceOffering, ServiceOffering.id == VmInstance.offering_id)

@@ -1,4 +1,6 @@
-"""Allocates PCI devices to VMs: inventory, claims, releases, migrations, admin.
+"""Allocates PCI devices to VMs: claims, releases, migrations, admin, counts.
+
+Reconciling a host's reported inventory lives in :mod:`hostdev.mgmt.pci_inventory`.
 
 Two layers:
 
@@ -24,19 +26,17 @@ Device states and holders are described in :mod:`hostdev.mgmt.models`.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Final, TypeVar, cast
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Final, TypeVar
 
 from sqlalchemy import (
     BindParameter,
     Connection,
     Engine,
-    Table,
     bindparam,
     case,
     func,
-    insert,
     or_,
     select,
     update,
@@ -46,12 +46,18 @@ from hostdev.messages.pci_address import PciAddress
 from hostdev.messages.values import PciDeviceInfo
 from hostdev.mgmt.database import PreparedStatement, RetryTransaction, run_in_transaction
 from hostdev.mgmt.errors import Conflict, InvalidRequest, NoCapacity, NotFound
-from hostdev.mgmt.models import PciDevice, utcnow
+from hostdev.mgmt.models import utcnow
+from hostdev.mgmt.pci_inventory import (
+    DEVICES,
+    C,
+    InventoryChanges,
+    address_of,
+    locks_rows,
+    reconcile_inventory,
+)
 
 T = TypeVar("T")
 
-DEVICES: Final = cast(Table, PciDevice.__table__)
-C: Final = DEVICES.c
 COUNTED_STATES: Final = ("free", "allocated", "reserved", "quarantined", "disabled")
 # What a device becomes when its VM lets go: a quarantined one was already
 # gone from the inventory, so it is removed rather than offered again.
@@ -102,17 +108,6 @@ class HeldDevice:
     state: str
 
 
-@dataclass(frozen=True, slots=True)
-class InventoryChanges:
-    """What reconciling one host's reported inventory changed, by address."""
-
-    added: tuple[PciAddress, ...] = ()
-    renamed: tuple[PciAddress, ...] = ()
-    removed: tuple[PciAddress, ...] = ()
-    quarantined: tuple[PciAddress, ...] = ()
-    restored: tuple[PciAddress, ...] = ()
-
-
 @dataclass(slots=True)
 class DeviceCounts:
     """Devices of one name on one host, by state; ``total`` leaves out ``removed``."""
@@ -130,33 +125,6 @@ class DeviceCounts:
     def total(self) -> int:
         """Counts the devices still in the inventory (every state but ``removed``)."""
         return self.free + self.allocated + self.reserved + self.quarantined + self.disabled
-
-
-@dataclass(slots=True)
-class _Reconciliation:
-    added: list[PciAddress] = field(default_factory=list)
-    renamed: list[PciAddress] = field(default_factory=list)
-    removed: list[PciAddress] = field(default_factory=list)
-    quarantined: list[PciAddress] = field(default_factory=list)
-    restored: list[PciAddress] = field(default_factory=list)
-
-
-def _address(row: Any) -> PciAddress:
-    return PciAddress(f"{row.domain}:{row.bus}:{row.slot}.{row.function}")
-
-
-def _address_columns(address: PciAddress) -> dict[str, str]:
-    return {
-        "domain": f"{address.domain:04x}",
-        "bus": f"{address.bus:02x}",
-        "slot": f"{address.slot:02x}",
-        "function": f"{address.function:x}",
-    }
-
-
-def _locks_rows(conn: Connection) -> bool:
-    # SQLite has one writer at a time (BEGIN IMMEDIATE): nothing to lock.
-    return conn.dialect.name != "sqlite"
 
 
 # The hot statements are built and compiled once, and run on the DBAPI
@@ -224,7 +192,7 @@ def _take(
     conn: Connection, vm_id: int, host_id: int, requests: Mapping[str, int], *, reserve: bool
 ) -> tuple[HeldDevice, ...]:
     picked: list[HeldDevice] = []
-    locking = _locks_rows(conn)
+    locking = locks_rows(conn)
     pick = _PICK_SKIP_LOCKED if locking else _PICK
     state = "reserved" if reserve else "allocated"
     for name, count in _wanted(requests):
@@ -341,91 +309,6 @@ def abort_migration(conn: Connection, vm_id: int, destination_host_id: int) -> i
     return int(result.rowcount)
 
 
-def reconcile_inventory(
-    conn: Connection, host_id: int, reported: Sequence[PciDeviceInfo]
-) -> InventoryChanges:
-    """Makes a host's device rows match what its agent reports.
-
-    New addresses are inserted free; a changed name or identity is updated
-    (a held device keeps its VM); a device missing from the report becomes
-    removed when free or disabled, quarantined when held or reserved (never
-    deleted, never offered); a removed device that is reported again is free
-    again, and a quarantined one goes back to its VM (allocated or reserved).
-
-    Raises:
-        InvalidRequest: the report lists one address twice.
-    """
-    by_address: dict[PciAddress, PciDeviceInfo] = {}
-    for info in reported:
-        address = PciAddress(info.address)
-        if address in by_address:
-            raise InvalidRequest(
-                f"host {host_id}: device {address} is reported twice (as "
-                f"{by_address[address].name!r} and {info.name!r}); fix pci.devices"
-            )
-        by_address[address] = info
-    query = select(DEVICES).where(C.host_id == host_id)
-    if _locks_rows(conn):
-        # Start-up is rare: lock the host's rows so claims wait for us.
-        query = query.with_for_update()
-    known = {_address(row): row for row in conn.execute(query)}
-    now = utcnow()
-    changes = _Reconciliation()
-    new_rows = [
-        {
-            "host_id": host_id, "name": info.name, **_address_columns(address),
-            "vendor_id": info.vendor_id, "product_id": info.product_id,
-            "iommu_group": info.iommu_group, "state": "free",
-            "created_at": now, "updated_at": now,
-        }
-        for address, info in sorted(by_address.items())
-        if address not in known
-    ]
-    if new_rows:
-        conn.execute(insert(DEVICES), new_rows)
-        changes.added.extend(a for a in sorted(by_address) if a not in known)
-    gone: dict[str, list[int]] = {"removed": [], "quarantined": []}
-    for address, row in sorted(known.items()):
-        report = by_address.get(address)
-        if report is None:
-            target = {"free": "removed", "disabled": "removed", "allocated": "quarantined",
-                      "reserved": "quarantined"}.get(row.state)
-            if target is not None:
-                gone[target].append(row.id)
-                getattr(changes, target).append(address)
-            continue
-        values = _changed_values(row, report)
-        if "name" in values:
-            changes.renamed.append(address)
-        if row.state == "removed":
-            values["state"] = "free"
-        elif row.state == "quarantined":
-            values["state"] = "allocated" if row.instance_id is not None else "reserved"
-        if "state" in values:
-            changes.restored.append(address)
-        if values:
-            values["updated_at"] = now
-            conn.execute(update(DEVICES).where(C.id == row.id).values(values))
-    for target, ids in gone.items():
-        if ids:
-            conn.execute(
-                update(DEVICES).where(C.id.in_(ids)).values(state=target, updated_at=now)
-            )
-    return InventoryChanges(
-        added=tuple(changes.added), renamed=tuple(changes.renamed),
-        removed=tuple(changes.removed), quarantined=tuple(changes.quarantined),
-        restored=tuple(changes.restored),
-    )
-
-
-def _changed_values(row: Any, info: PciDeviceInfo) -> dict[str, Any]:
-    reported = {
-        "name": info.name, "vendor_id": info.vendor_id,
-        "product_id": info.product_id, "iommu_group": info.iommu_group,
-    }
-    return {key: value for key, value in reported.items() if getattr(row, key) != value}
-
-
 def disable_device(conn: Connection, device_id: int) -> str:
     """Takes a free device out of service; idempotent. Returns its state.
 
@@ -449,7 +332,7 @@ def disable_device(conn: Connection, device_id: int) -> str:
     else:
         by = f" by VM {holder}" if holder is not None else ""
         what = f"{row.state}{by}; only a free device can be disabled: stop or migrate its VM first"
-    raise DeviceBusy(f"device {device_id} ({_address(row)} on host {row.host_id}) is {what}")
+    raise DeviceBusy(f"device {device_id} ({address_of(row)} on host {row.host_id}) is {what}")
 
 
 def enable_device(conn: Connection, device_id: int) -> str:
@@ -497,7 +380,7 @@ def devices_of_vm(conn: Connection, vm_id: int) -> tuple[HeldDevice, ...]:
         .order_by(C.id)
     )
     return tuple(
-        HeldDevice(r.id, r.host_id, r.name, _address(r), r.state) for r in conn.execute(query)
+        HeldDevice(r.id, r.host_id, r.name, address_of(r), r.state) for r in conn.execute(query)
     )
 
 

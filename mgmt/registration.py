@@ -30,7 +30,7 @@ from hostdev.messages.commands import (
 )
 from hostdev.messages.events import HostStatusChanged
 from hostdev.messages.values import DomainInfo
-from hostdev.mgmt import outbox, pci_devices
+from hostdev.mgmt import outbox, pci_inventory
 from hostdev.mgmt.config import MgmtConfig
 from hostdev.mgmt.errors import Forbidden
 from hostdev.mgmt.models import Host, VmInstance, utcnow
@@ -98,7 +98,7 @@ class HostRegistry:
         host.last_ping = now
         host.status = "Up"
         session.flush()
-        changes = pci_devices.reconcile_inventory(session.connection(), host.id,
+        changes = pci_inventory.reconcile_inventory(session.connection(), host.id,
                                                   command.pci_devices)
         if previous != "Up":
             self._status_event(session, host, "Up", previous)

@@ -11,10 +11,7 @@ from sqlalchemy.orm import Session
 from hostdev.messages.pci_address import PciAddress
 from hostdev.messages.values import DomainInfo
 from hostdev.mgmt.models import Host, Job, PciDevice, VmInstance
-
-
-def _address(device: PciDevice) -> PciAddress:
-    return PciAddress(f"{device.domain}:{device.bus}:{device.slot}.{device.function}")
+from hostdev.mgmt.pci_inventory import address_of
 
 
 def violations(engine: Engine, domains: Mapping[str, Sequence[DomainInfo]]) -> list[str]:
@@ -33,7 +30,7 @@ def violations(engine: Engine, domains: Mapping[str, Sequence[DomainInfo]]) -> l
             select(Job).where(Job.state == "running"))}
         migrating = {job.vm_id: json.loads(job.payload) for job in session.scalars(
             select(Job).where(Job.state == "running", Job.kind == "migrate"))}
-    by_place = {(d.host_id, _address(d)): d for d in devices}
+    by_place = {(d.host_id, address_of(d)): d for d in devices}
     # 1. No device is held by two VMs: in the database and in the running domains.
     for guid, listed in domains.items():
         seen: dict[PciAddress, str] = {}
@@ -53,7 +50,7 @@ def violations(engine: Engine, domains: Mapping[str, Sequence[DomainInfo]]) -> l
         # 2. No device is reserved without a job in flight.
         if (device.state == "reserved" or device.reserved_for is not None) \
                 and device.reserved_for not in migrating:
-            found.append(f"device {device.id} ({_address(device)}) is reserved for VM "
+            found.append(f"device {device.id} ({address_of(device)}) is reserved for VM "
                          f"{device.reserved_for} with no migration in flight")
     for vm in vms.values():
         if vm.state == "Destroyed":
@@ -65,7 +62,7 @@ def violations(engine: Engine, domains: Mapping[str, Sequence[DomainInfo]]) -> l
             for device in held:
                 if device.host_id != vm.host_id:
                     found.append(f"VM {vm.name} is on host {vm.host_id} but holds device "
-                                 f"{_address(device)} of host {device.host_id}")
+                                 f"{address_of(device)} of host {device.host_id}")
         # 4. The VM's state matches its host's (simulated) libvirt state.
         running_on = [guid for guid, listed in domains.items()
                       for d in listed if d.uuid == vm.uuid and d.state in ("running", "paused")]

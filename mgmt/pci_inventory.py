@@ -1,0 +1,150 @@
+"""A host's PCI device rows and how they follow the inventory its agent reports.
+
+Like :mod:`hostdev.mgmt.pci_devices`, :func:`reconcile_inventory` runs in
+the caller's transaction and never commits. A device that leaves the report
+while a VM holds it is quarantined, never deleted, and never offered again
+until it comes back (then it returns to its VM) or its VM lets go (then it is
+removed).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final, cast
+
+from sqlalchemy import Connection, Table, insert, select, update
+
+from hostdev.messages.pci_address import PciAddress
+from hostdev.messages.values import PciDeviceInfo
+from hostdev.mgmt.errors import InvalidRequest
+from hostdev.mgmt.models import PciDevice, utcnow
+
+DEVICES: Final = cast(Table, PciDevice.__table__)
+C: Final = DEVICES.c
+
+
+@dataclass(frozen=True, slots=True)
+class InventoryChanges:
+    """What reconciling one host's reported inventory changed, by address."""
+
+    added: tuple[PciAddress, ...] = ()
+    renamed: tuple[PciAddress, ...] = ()
+    removed: tuple[PciAddress, ...] = ()
+    quarantined: tuple[PciAddress, ...] = ()
+    restored: tuple[PciAddress, ...] = ()
+
+
+@dataclass(slots=True)
+class _Reconciliation:
+    added: list[PciAddress] = field(default_factory=list)
+    renamed: list[PciAddress] = field(default_factory=list)
+    removed: list[PciAddress] = field(default_factory=list)
+    quarantined: list[PciAddress] = field(default_factory=list)
+    restored: list[PciAddress] = field(default_factory=list)
+
+
+def address_of(row: Any) -> PciAddress:
+    """The address of a device row (text columns as stored)."""
+    return PciAddress(f"{row.domain}:{row.bus}:{row.slot}.{row.function}")
+
+
+def address_columns(address: PciAddress) -> dict[str, str]:
+    """The column values that store ``address``."""
+    return {
+        "domain": f"{address.domain:04x}",
+        "bus": f"{address.bus:02x}",
+        "slot": f"{address.slot:02x}",
+        "function": f"{address.function:x}",
+    }
+
+
+def locks_rows(conn: Connection) -> bool:
+    """True when the back end needs row locks to keep daemons apart."""
+    # SQLite has one writer at a time (BEGIN IMMEDIATE): nothing to lock.
+    return conn.dialect.name != "sqlite"
+
+
+def reconcile_inventory(
+    conn: Connection, host_id: int, reported: Sequence[PciDeviceInfo]
+) -> InventoryChanges:
+    """Makes a host's device rows match what its agent reports.
+
+    New addresses are inserted free; a changed name or identity is updated
+    (a held device keeps its VM); a device missing from the report becomes
+    removed when free or disabled, quarantined when held or reserved (never
+    deleted, never offered); a removed device that is reported again is free
+    again, and a quarantined one goes back to its VM (allocated or reserved).
+
+    Raises:
+        InvalidRequest: the report lists one address twice.
+    """
+    by_address: dict[PciAddress, PciDeviceInfo] = {}
+    for info in reported:
+        address = PciAddress(info.address)
+        if address in by_address:
+            raise InvalidRequest(
+                f"host {host_id}: device {address} is reported twice (as "
+                f"{by_address[address].name!r} and {info.name!r}); fix pci.devices"
+            )
+        by_address[address] = info
+    query = select(DEVICES).where(C.host_id == host_id)
+    if locks_rows(conn):
+        # Start-up is rare: lock the host's rows so claims wait for us.
+        query = query.with_for_update()
+    known = {address_of(row): row for row in conn.execute(query)}
+    now = utcnow()
+    changes = _Reconciliation()
+    new_rows = [
+        {
+            "host_id": host_id, "name": info.name, **address_columns(address),
+            "vendor_id": info.vendor_id, "product_id": info.product_id,
+            "iommu_group": info.iommu_group, "state": "free",
+            "created_at": now, "updated_at": now,
+        }
+        for address, info in sorted(by_address.items())
+        if address not in known
+    ]
+    if new_rows:
+        conn.execute(insert(DEVICES), new_rows)
+        changes.added.extend(a for a in sorted(by_address) if a not in known)
+    gone: dict[str, list[int]] = {"removed": [], "quarantined": []}
+    for address, row in sorted(known.items()):
+        report = by_address.get(address)
+        if report is None:
+            target = {"free": "removed", "disabled": "removed", "allocated": "quarantined",
+                      "reserved": "quarantined"}.get(row.state)
+            if target is not None:
+                gone[target].append(row.id)
+                getattr(changes, target).append(address)
+            continue
+        values = _changed_values(row, report)
+        if "name" in values:
+            changes.renamed.append(address)
+        if row.state == "removed":
+            values["state"] = "free"
+        elif row.state == "quarantined":
+            values["state"] = "allocated" if row.instance_id is not None else "reserved"
+        if "state" in values:
+            changes.restored.append(address)
+        if values:
+            values["updated_at"] = now
+            conn.execute(update(DEVICES).where(C.id == row.id).values(values))
+    for target, ids in gone.items():
+        if ids:
+            conn.execute(
+                update(DEVICES).where(C.id.in_(ids)).values(state=target, updated_at=now)
+            )
+    return InventoryChanges(
+        added=tuple(changes.added), renamed=tuple(changes.renamed),
+        removed=tuple(changes.removed), quarantined=tuple(changes.quarantined),
+        restored=tuple(changes.restored),
+    )
+
+
+def _changed_values(row: Any, info: PciDeviceInfo) -> dict[str, Any]:
+    reported = {
+        "name": info.name, "vendor_id": info.vendor_id,
+        "product_id": info.product_id, "iommu_group": info.iommu_group,
+    }
+    return {key: value for key, value in reported.items() if getattr(row, key) != value}

@@ -175,6 +175,8 @@ def test_stopping_a_vm_frees_its_devices_for_the_next_deploy(stack: Stack) -> No
                   if vm["state"] == "Running" and vm["host_name"] == "e2e-b")
     victim_uuid = vms(stack)[victim]["uuid"]
     freed = held(stack)[victim_uuid]
+    guid = stack.hosts["e2e-b"].guid
+    tap = stack.tap_events()
     stopped = stack.cli("vm", "stop", victim, "--wait")
     assert stopped.returncode == 0, stopped.stderr
     assert vms(stack)[victim]["state"] == "Stopped"
@@ -185,8 +187,17 @@ def test_stopping_a_vm_frees_its_devices_for_the_next_deploy(stack: Stack) -> No
     assert not stack.hosts["e2e-b"].domains()[victim_uuid][1], "the domain still runs"
     deployed = stack.cli("vm", "deploy", "after-stop", "--offering", OFFERING, "--wait")
     assert deployed.returncode == 0, deployed.stderr
-    assert held(stack)[vms(stack)["after-stop"]["uuid"]] == freed
+    new_uuid = vms(stack)["after-stop"]["uuid"]
+    assert held(stack)[new_uuid] == freed
     check_consistency(stack)
+
+    def moved(kind: str, vm_uuid: str) -> set[str] | None:
+        found = {f"e2e-b:{body['address']}" for key, body in tap.events()
+                 if key == f"pci.{guid}.{kind}" and body["vm_uuid"] == vm_uuid}
+        return found if len(found) == 2 else None
+    assert wait_for(lambda: moved("Released", victim_uuid), timeout=10) == freed
+    assert wait_for(lambda: moved("Allocated", new_uuid), timeout=10) == freed
+    assert f"vm.{victim_uuid}.Stopped" in tap.routing_keys()
 
 
 def test_a_killed_agent_goes_down_and_comes_back_with_its_allocations(stack: Stack) -> None:
@@ -200,9 +211,15 @@ def test_a_killed_agent_goes_down_and_comes_back_with_its_allocations(stack: Sta
     keeper = vms(stack)[on_c[1]]["uuid"]
     before = held(stack)
     host = stack.hosts["e2e-c"]
+    status_events = f"host.{host.guid}."
+    tap = stack.tap_events()
     host.kill()
     wait_for(lambda: stack.hosts_by_name()["e2e-c"].status == "Down", timeout=30,
              what="e2e-c to be Down")
+    wait_for(lambda: f"{status_events}Down" in tap.routing_keys(), timeout=10,
+             what="the Down event")
+    assert [k for k in tap.routing_keys() if k.startswith(status_events)] == [
+        f"{status_events}Disconnected", f"{status_events}Down"]
     refused = stack.cli("vm", "deploy", "while-down", "--offering", OFFERING)
     assert refused.returncode == 1
     assert refusal(refused.stderr) == {"e2e-a has 0", "e2e-b has 0", "e2e-c is Down"}
@@ -211,6 +228,7 @@ def test_a_killed_agent_goes_down_and_comes_back_with_its_allocations(stack: Sta
     assert held(stack) == before
     host.restart().wait_log("startup_accepted", timeout=60)
     stack.wait_hosts_up("e2e-c")
+    wait_for(lambda: f"{status_events}Up" in tap.routing_keys(), timeout=10, what="the Up event")
     assert held(stack) == before, "re-registration changed the allocations"
     assert vms(stack)[on_c[1]]["state"] == "Running"
     assert host.domains()[keeper][1], "the VM's domain did not survive the agent restart"

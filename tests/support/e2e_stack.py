@@ -120,6 +120,37 @@ class SimHost:
         return found
 
 
+class EventTap:
+    """A queue bound to every key of ``hostdev.events``, read with plain pika (as a tool would)."""
+
+    def __init__(self, url: str, name: str) -> None:
+        import pika
+
+        self.queue = name
+        self.connection = pika.BlockingConnection(pika.URLParameters(url))
+        self.channel = self.connection.channel()
+        self.channel.queue_declare(name, exclusive=True)
+        self.channel.queue_bind(name, "hostdev.events", "#")
+        self.seen: list[tuple[str, dict[str, Any]]] = []
+
+    def events(self) -> list[tuple[str, dict[str, Any]]]:
+        """Reads what arrived; returns every (routing key, body) so far, in order."""
+        while True:
+            method, _properties, body = self.channel.basic_get(self.queue, auto_ack=True)
+            if method is None:
+                return self.seen
+            self.seen.append((method.routing_key, json.loads(body)))
+
+    def routing_keys(self) -> list[str]:
+        """Returns the routing keys seen so far, in order."""
+        return [key for key, _ in self.events()]
+
+    def close(self) -> None:
+        """Closes the connection (the exclusive queue goes with it)."""
+        if self.connection.is_open:
+            self.connection.close()
+
+
 class Stack:
     """A vhost, a database, a work folder and the daemons started in them."""
 
@@ -138,6 +169,7 @@ class Stack:
         self.hosts: dict[str, SimHost] = {}
         self._bus: Bus | None = None
         self._started = 0
+        self._taps: list[EventTap] = []
 
     # -- processes ---------------------------------------------------------------
 
@@ -193,8 +225,16 @@ class Stack:
             return list(rows.values()) if ok else None
         return wait_for(up, timeout=timeout, what=f"hosts {sorted(wanted)} Up")
 
+    def tap_events(self) -> EventTap:
+        """Starts recording ``hostdev.events`` (needs a management daemon started first)."""
+        tap = EventTap(self.vhost.url, f"e2e-events-{len(self._taps)}")
+        self._taps.append(tap)
+        return tap
+
     def close(self) -> None:
         """Stops every process (agents first) and closes the client bus; idempotent."""
+        for tap in self._taps:
+            tap.close()
         for host in self.hosts.values():
             host.daemon.stop()
         for daemon in self.mgmts:

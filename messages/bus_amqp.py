@@ -98,22 +98,34 @@ def queue_arguments(config: BusConfig, *, dead_letter: bool = True) -> dict[str,
 
 
 def declare_topology(conn: KombuConnection, channel: amqp.Channel, config: BusConfig) -> None:
-    """Declares the exchanges and the dead-letter queue (idempotent).
+    """Declares the exchanges and the dead-letter queue that do not exist yet (idempotent).
 
-    ``hostdev.dead`` is shared by every daemon, whatever its ``queue_type``:
-    it is created with the first declarer's type and used as it is after that.
+    Each is probed with a passive declare first, which needs no permission:
+    an agent's broker user may configure only its own queue
+    (``hostdev-mgmt rabbitmq-user add``), so it must not re-declare what the
+    definitions or a management daemon created. ``hostdev.dead`` is shared by
+    every daemon, whatever its ``queue_type``: it is created with the first
+    declarer's type and used as it is after that.
     """
-    for name in (COMMANDS_EXCHANGE, EVENTS_EXCHANGE):
-        channel.exchange_declare(name, "topic", durable=True, auto_delete=False)
-    channel.exchange_declare(DEAD_EXCHANGE, "fanout", durable=True, auto_delete=False)
+    for name, kind in ((COMMANDS_EXCHANGE, "topic"), (EVENTS_EXCHANGE, "topic"),
+                       (DEAD_EXCHANGE, "fanout")):
+        if not _exists(conn, "exchange", name):
+            channel.exchange_declare(name, kind, durable=True, auto_delete=False)
+    if not _exists(conn, "queue", DEAD_QUEUE):
+        declare_queue(channel, config, DEAD_QUEUE, DEAD_EXCHANGE, [""], dead_letter=False)
+
+
+def _exists(conn: KombuConnection, kind: str, name: str) -> bool:
     probe = new_channel(conn)  # a failed passive declare closes its channel
     try:
-        probe.queue_declare(DEAD_QUEUE, passive=True)
+        if kind == "exchange":
+            probe.exchange_declare(name, "topic", passive=True)
+        else:
+            probe.queue_declare(name, passive=True)
     except amqp.exceptions.NotFound:
-        declare_queue(channel, config, DEAD_QUEUE, DEAD_EXCHANGE, [""], dead_letter=False)
-    else:
-        probe.close()
-        channel.queue_bind(DEAD_QUEUE, DEAD_EXCHANGE, "")
+        return False
+    probe.close()
+    return True
 
 
 def declare_queue(channel: amqp.Channel, config: BusConfig, name: str, exchange: str,

@@ -40,12 +40,14 @@ class AgentUserRecipe:
         guid = re.escape(self.guid)
         queue = re.escape(f"hostdev.agent.{self.guid}")
         own = f"^{queue}$"
-        with_exchange = f"^({queue}|hostdev\\.commands)$"
+        write = f"^({queue}|hostdev\\.commands|hostdev\\.dead)$"
+        read = f"^({queue}|hostdev\\.commands)$"
         return [
             ["add_user", self.user, self.password],
-            # configure: only its own queue; write: bind it (queue) and publish
-            # (exchange); read: consume its queue and bind from the exchange.
-            ["set_permissions", "-p", self.vhost, self.user, own, with_exchange, with_exchange],
+            # configure: only its own queue; write: bind it (queue), publish
+            # (exchange) and name hostdev.dead as its dead-letter exchange;
+            # read: consume its queue and bind from the exchange.
+            ["set_permissions", "-p", self.vhost, self.user, own, write, read],
             # Topic permissions: publish only as itself, bind only its own keys.
             ["set_topic_permissions", "-p", self.vhost, self.user, COMMANDS_EXCHANGE,
              f"^mgmt\\.{guid}\\.", f"^agent\\.{guid}\\."],

@@ -16,6 +16,7 @@ import pytest
 
 from hostdev.mgmt.rabbitmq_users import agent_user_recipe, apply_recipe
 from tests.support.rabbitmq import Vhost, amqp_vhost, rabbitmqctl
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.rabbitmq
 
@@ -178,3 +179,42 @@ def test_recipe_prints_rabbitmqctl_lines() -> None:
     text = agent_user_recipe("h1", password="pw").shell()
     assert "rabbitmqctl add_user agent-h1 pw" in text
     assert "set_topic_permissions -p / agent-h1 hostdev.commands '^mgmt\\.h1\\.'" in text
+
+
+@pytest.mark.libvirt
+def test_agent_process_runs_as_its_own_broker_user(vhost: Vhost, topology: None,
+                                                   tmp_path: Path) -> None:
+    """hostdev-agent starts, declares its queue and announces with only its own user's rights."""
+    from tests.support.agent import (
+        SAMPLE_DEVICES,
+        MgmtObserver,
+        sample_spec,
+        write_properties,
+        write_spec,
+    )
+    from tests.support.processes import Daemon
+
+    guid = f"h{secrets.token_hex(4)}"
+    recipe = agent_user_recipe(guid, vhost=vhost.name)
+    apply_recipe(recipe)
+    observer = MgmtObserver(vhost.url, guid)
+    url = (f"amqp://{recipe.user}:{quote(recipe.password, safe='')}@127.0.0.1:5672/"
+           f"{quote(vhost.name, safe='')}")
+    config = write_properties(tmp_path, (
+        f"guid={guid}\nname=own-user\namqp.url={url}\nlibvirt.uri="
+        f"{write_spec(tmp_path, sample_spec(f'sim-{guid}'))}\npci.devices={SAMPLE_DEVICES}\n"
+        "ping.interval=1h\nlog.format=json\n"))
+    daemon = Daemon(f"agent-{guid}", ["hostdev-agent", "--config", str(config)],
+                    tmp_path).start()
+    try:
+        startup = wait_for(observer.find("StartupRoutingCommand"), timeout=30,
+                           what=f"the agent's start-up announcement\n{daemon.tail()}")
+        assert startup["guid"] == guid
+        (_, properties), = [(b, p) for b, p in observer.seen
+                            if b.get("type") == "StartupRoutingCommand"]
+        assert properties.user_id == recipe.user
+    finally:
+        code = daemon.stop()
+        observer.close()
+        rabbitmqctl("delete_user", recipe.user)
+    assert code == 0, daemon.tail()

@@ -1,10 +1,12 @@
 """Runs ``hostdev-mgmt``: the management daemon's command line.
 
-Today it offers the database commands::
+Commands::
 
-    hostdev-mgmt db upgrade [--db-url URL] [--revision REV]
-    hostdev-mgmt db current [--db-url URL]
-    hostdev-mgmt db schema  [--db-url URL]   # offline SQL, for DBAs
+    hostdev-mgmt run [--config mgmt.properties]        # the daemon
+    hostdev-mgmt db upgrade [--config F | --db-url URL] [--revision REV]
+    hostdev-mgmt db current [--config F | --db-url URL]
+    hostdev-mgmt db schema  [--db-url URL]             # offline SQL, for DBAs
+    hostdev-mgmt rabbitmq-user add GUID [--apply]      # an agent's broker user
 
 Structure for whoever adds more (the daemon's ``run``, ...): each command
 group has an ``add_<group>_commands(subparsers)`` function that registers its
@@ -23,7 +25,9 @@ from collections.abc import Sequence
 from typing import Any, Final
 
 from hostdev.mgmt import database
+from hostdev.mgmt.config import load_config
 from hostdev.mgmt.errors import MgmtError
+from hostdev.mgmt.rabbitmq_users import agent_user_recipe, apply_recipe
 from hostdev.mgmt.runner import add_run_command
 
 DB_URL_ENV: Final = "HOSTDEV_DB_URL"
@@ -33,16 +37,22 @@ def _add_db_url(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--db-url",
         default=os.environ.get(DB_URL_ENV),
-        help=f"database URL, mysql+pymysql://... or sqlite:///path (default: ${DB_URL_ENV})",
+        help=f"database URL, mysql+pymysql://... or sqlite:///path (default: ${DB_URL_ENV}, "
+             "else db.url of --config)",
     )
+    parser.add_argument("--config", default=None,
+                        help="mgmt.properties whose db.url to use, as `run --config` does")
 
 
 def _db_url(args: argparse.Namespace) -> str:
     url: str | None = args.db_url
+    if not url and args.config:
+        url = load_config(args.config).db_url
     if not url:
         raise MgmtError(
-            f"no database URL: pass --db-url mysql+pymysql://user@host/hostdev (or "
-            f"sqlite:///path/hostdev.db) or set {DB_URL_ENV}"
+            f"no database URL: pass --config /etc/hostdev/mgmt.properties, --db-url "
+            f"mysql+pymysql://user@host/hostdev (or sqlite:///path/hostdev.db), or set "
+            f"{DB_URL_ENV}"
         )
     return url
 
@@ -87,6 +97,34 @@ def add_db_commands(subparsers: Any) -> None:
     schema.set_defaults(handler=_db_schema)
 
 
+def _rabbitmq_user_add(args: argparse.Namespace) -> int:
+    recipe = agent_user_recipe(args.guid, vhost=args.vhost, password=args.password)
+    if args.apply:
+        apply_recipe(recipe)
+        print(f"created broker user {recipe.user} in vhost {recipe.vhost}; in the agent's "
+              f"agent.properties set:\namqp.url=amqp://{recipe.user}:{recipe.password}@"
+              f"<broker>:5672/{'' if recipe.vhost == '/' else recipe.vhost}")
+    else:
+        print(recipe.shell())
+    return 0
+
+
+def add_rabbitmq_user_commands(subparsers: Any) -> None:
+    """Registers ``rabbitmq-user add GUID [--apply]``."""
+    group = subparsers.add_parser("rabbitmq-user", help="broker users for agents")
+    commands = group.add_subparsers(dest="rabbitmq_user_command", required=True,
+                                    metavar="COMMAND")
+    add = commands.add_parser(
+        "add", help="print (or --apply) the rabbitmqctl recipe for user agent-GUID, who may "
+                    "publish only mgmt.GUID.* and read only its own queue")
+    add.add_argument("guid", help="the agent's guid (its agent.properties `guid=`)")
+    add.add_argument("--vhost", default="/", help="the broker vhost (default: /)")
+    add.add_argument("--password", default=None, help="default: a generated one")
+    add.add_argument("--apply", action="store_true",
+                     help="run the rabbitmqctl calls here instead of printing them")
+    add.set_defaults(handler=_rabbitmq_user_add)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Builds the argument parser with every command group."""
     parser = argparse.ArgumentParser(
@@ -95,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_db_commands(subparsers)
     add_run_command(subparsers)
+    add_rabbitmq_user_commands(subparsers)
     return parser
 
 

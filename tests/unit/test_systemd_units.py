@@ -60,3 +60,17 @@ def test_systemd_analyze_verify_accepts_the_unit(unit: str, tmp_path: Path) -> N
     problems = [line for line in result.stderr.splitlines()
                 if line.strip() and "not found" not in line]
     assert problems == [], result.stderr
+
+
+def test_exec_lines_parse_with_the_daemons_own_parsers() -> None:
+    """Every ExecStart/ExecStartPre command line is one the daemon's parser accepts."""
+    from hostdev.agent.daemon import _parse_args
+    from hostdev.mgmt.daemon import build_parser
+
+    parsers = {"hostdev-agent": _parse_args,
+               "hostdev-mgmt": lambda argv: build_parser().parse_args(argv)}
+    for unit in UNITS:
+        directives = _directives(unit)
+        for line in directives.get("ExecStart", []) + directives.get("ExecStartPre", []):
+            binary, *argv = line.split()
+            parsers[Path(binary).name](argv)  # argparse exits (fails the test) on a bad line

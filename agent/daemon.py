@@ -251,6 +251,12 @@ def check(config: AgentConfig) -> int:
     """Validates the host against the configuration and prints the verdict (``--check``)."""
     out = sys.stderr
     print(f"hostdev-agent: the configuration file {config.path} syntax is ok", file=out)
+    if config.guid is not None:
+        print(f"hostdev-agent: guid {config.guid}", file=out)
+    else:
+        print(f"hostdev-agent: guid not set: the first start writes a generated one into "
+              f"{config.path}; set guid= yourself (e.g. `uuidgen`) to create the host's "
+              "broker user (hostdev-mgmt rabbitmq-user add GUID) before that", file=out)
     for warning in config.warnings:
         print(f"hostdev-agent: warning: {warning}", file=out)
     try:

@@ -209,6 +209,19 @@ def test_check_passes_for_a_matching_host(tmp_path: Path,
     assert "shares IOMMU group 40 with 0000:3b:00.1" in err
     assert "is used by domain vm-old" in err
     assert "guid=" not in path.read_text()  # --check changes nothing
+    assert "guid not set: the first start writes a generated one" in err
+
+
+def test_check_prints_the_guid_an_operator_needs_for_the_broker_user(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--check prints the configured guid (the name of the host's broker user)."""
+    from tests.support.agent import sample_spec, write_spec
+
+    uri = write_spec(tmp_path, sample_spec())
+    path = write_properties(tmp_path, f"guid=h-42\nlibvirt.uri={uri}\n"
+                                      f"pci.devices={SAMPLE_DEVICES}\n")
+    assert main(["--config", str(path), "--check"]) == 0
+    assert "hostdev-agent: guid h-42\n" in capsys.readouterr().err
 
 
 def test_check_fails_for_a_missing_device(tmp_path: Path,

@@ -255,8 +255,9 @@ def check(config: AgentConfig) -> int:
         print(f"hostdev-agent: guid {config.guid}", file=out)
     else:
         print(f"hostdev-agent: guid not set: the first start writes a generated one into "
-              f"{config.path}; set guid= yourself (e.g. `uuidgen`) to create the host's "
-              "broker user (hostdev-mgmt rabbitmq-user add GUID) before that", file=out)
+              f"{config.path}; set guid= yourself (e.g. `cat /proc/sys/kernel/random/uuid`) "
+              "to create the host's broker user (hostdev-mgmt rabbitmq-user add GUID) first",
+              file=out)
     for warning in config.warnings:
         print(f"hostdev-agent: warning: {warning}", file=out)
     try:

@@ -102,7 +102,9 @@ class ApiHandlers:
             if request.host:
                 query = query.where(PciDevice.host_id == find_host(session, request.host).id)
             if request.free_only:
-                query = query.where(PciDevice.state == "free")
+                # "Free" means placeable: a device of a host that is not Up is
+                # free in its own state but not offered (DESIGN section 7).
+                query = query.where(PciDevice.state == "free", Host.status == "Up")
             rows = tuple(
                 PciDeviceRow(id=d.id, host_guid=guid, host_name=name, address=address_of(d),
                              name=d.name, state=d.state, vm_uuid=vm_uuid,  # type: ignore[arg-type]

@@ -188,6 +188,9 @@ def test_silent_host_goes_disconnected_then_down_and_is_not_offered(
     assert [(v.host_name, v.accepted, v.reason) for v in explanation.verdicts] == [
         ("h1", False, "is Down"), ("h2", True, "fits"),
         ("h3", False, "needs 2x10GE, 0 free")]
+    free = h.api(api.ListPciDevicesRequest(free_only=True))
+    assert isinstance(free, api.PciDeviceList)
+    assert {d.host_name for d in free.devices} == {"h2", "h3"}  # h1 is Down
     _deploy(h, "vm1")
     assert [p.routing_key for p in h.commands(StartCommand)] == ["agent.g2.StartCommand"]
     h.ping("g1")

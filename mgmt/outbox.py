@@ -68,10 +68,17 @@ def _values(routing_key: str, message: Message) -> dict[str, object]:
             "body": encode(message), "created_at": utcnow()}
 
 
+#: The table, for Core statements: cheaper than ORM-enabled ones on the hot path.
+_TABLE = OutboxEvent.__table__
+#: Inserts rows and returns their ids in parameter order.
+_INSERT_MANY = insert(_TABLE).returning(_TABLE.c.id, sort_by_parameter_order=True)
+
+
 def send(session: Session, routing_key: str, message: Message) -> str:
     """Adds a command to the outbox at once and returns its message id (for correlation)."""
-    row_id = session.execute(insert(OutboxEvent).values(**_values(routing_key, message))
-                             .returning(OutboxEvent.id)).scalar_one()
+    row_id = session.connection().execute(
+        insert(_TABLE).values(**_values(routing_key, message)).returning(_TABLE.c.id)
+    ).scalar_one()
     session.info.setdefault(PENDING_KEY, []).append((row_id, routing_key, message))
     return message_id_of(row_id)
 
@@ -90,9 +97,8 @@ def flush(session: Session) -> None:
     queued: list[tuple[str, Message]] = session.info.pop(QUEUED_KEY, [])
     if not queued:
         return
-    statement = insert(OutboxEvent).returning(OutboxEvent.id, sort_by_parameter_order=True)
-    ids = session.execute(statement,
-                          [_values(key, message) for key, message in queued]).scalars().all()
+    ids = session.connection().execute(
+        _INSERT_MANY, [_values(key, message) for key, message in queued]).scalars().all()
     pending = session.info.setdefault(PENDING_KEY, [])
     pending.extend((row_id, key, message)
                    for row_id, (key, message) in zip(ids, queued, strict=True))

@@ -14,12 +14,12 @@ from collections.abc import Callable
 from typing import TypeVar
 
 import structlog
-from sqlalchemy import Engine, insert
+from sqlalchemy import Engine, bindparam, insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from hostdev.mgmt import outbox
-from hostdev.mgmt.database import TransactionConflict, is_retryable
+from hostdev.mgmt.database import PreparedStatement, TransactionConflict, is_retryable
 from hostdev.mgmt.errors import Conflict
 from hostdev.mgmt.models import HandledMessage, utcnow
 
@@ -27,6 +27,10 @@ log = structlog.get_logger()
 
 T = TypeVar("T")
 
+
+#: One INSERT: the primary key refuses an id handled (or being handled) before.
+_RECORD = PreparedStatement(insert(HandledMessage.__table__).values(
+    message_id=bindparam("message_id"), handled_at=bindparam("now")))
 
 #: Key in ``Session.info``: the message id of the request being handled.
 REQUEST_KEY = "hostdev_request_id"
@@ -84,10 +88,8 @@ class UnitOfWork:
 
     @staticmethod
     def _record(session: Session, message_id: str, what: str) -> None:
-        # One INSERT: the primary key refuses an id handled (or being handled) before.
         try:
-            session.execute(insert(HandledMessage).values(message_id=message_id,
-                                                          handled_at=utcnow()))
+            _RECORD.execute(session.connection(), {"message_id": message_id, "now": utcnow()})
         except IntegrityError:
             raise AlreadyHandled(f"{what}: message {message_id} was handled already "
                                  "(a redelivery); nothing done again") from None

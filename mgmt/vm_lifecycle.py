@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from typing import Protocol
 
 import structlog
-from sqlalchemy import select, update
+from sqlalchemy import bindparam, select, update
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
 
@@ -24,7 +24,7 @@ from hostdev.messages.events import PciDeviceAllocated, PciDeviceReleased, VmSta
 from hostdev.messages.pci_address import PciAddress
 from hostdev.messages.values import PciRequest, VmState
 from hostdev.mgmt import outbox, pci_devices
-from hostdev.mgmt.database import RetryTransaction
+from hostdev.mgmt.database import PreparedStatement, RetryTransaction
 from hostdev.mgmt.errors import Conflict
 from hostdev.mgmt.models import Host, ServiceOfferingPciRequest, VmInstance, utcnow
 from hostdev.mgmt.pci_devices import HeldDevice
@@ -54,6 +54,22 @@ class TransitionListener(Protocol):
 
 
 _KEEP = object()
+
+_VM_UPDATES: dict[tuple[str, ...], PreparedStatement] = {}
+
+
+def _vm_update(keys: tuple[str, ...]) -> PreparedStatement:
+    """Returns the conditional UPDATE of a VM on ``(state, update_count)`` setting ``keys``."""
+    statement = _VM_UPDATES.get(keys)
+    if statement is None:
+        table = VmInstance.__table__.c
+        statement = PreparedStatement(
+            update(VmInstance.__table__)
+            .where(table.id == bindparam("vm_id"), table.state == bindparam("old_state"),
+                   table.update_count == bindparam("old_count"))
+            .values({key: bindparam(f"new_{key}") for key in keys}))
+        _VM_UPDATES[keys] = statement
+    return statement
 
 
 class VmLifecycleManager:
@@ -99,12 +115,10 @@ class VmLifecycleManager:
         if new in ("Stopped", "Destroyed") and vm.host_id is not None:
             values["host_id"] = None
             values["last_host_id"] = vm.host_id
-        result = session.execute(
-            update(VmInstance)
-            .where(VmInstance.id == vm.id, VmInstance.state == old,
-                   VmInstance.update_count == vm.update_count)
-            .values(**values).execution_options(synchronize_session=False))
-        if result.rowcount != 1:  # type: ignore[attr-defined]
+        params = {f"new_{key}": value for key, value in values.items()}
+        params.update(vm_id=vm.id, old_state=old, old_count=vm.update_count)
+        result = _vm_update(tuple(values)).execute(session.connection(), params)
+        if result.rowcount != 1:
             raise StaleVmState(f"VM {vm.name} changed while {event.value} was applied; "
                                "retrying")
         for key, value in values.items():

@@ -17,6 +17,7 @@ from sqlalchemy import Connection, Table, insert, select, update
 
 from hostdev.messages.pci_address import PciAddress
 from hostdev.messages.values import PciDeviceInfo
+from hostdev.mgmt.database import RetryTransaction
 from hostdev.mgmt.errors import InvalidRequest
 from hostdev.mgmt.models import PciDevice, utcnow
 
@@ -148,3 +149,48 @@ def _changed_values(row: Any, info: PciDeviceInfo) -> dict[str, Any]:
         "product_id": info.product_id, "iommu_group": info.iommu_group,
     }
     return {key: value for key, value in reported.items() if getattr(row, key) != value}
+
+
+@dataclass(frozen=True, slots=True)
+class Adoption:
+    """What adopting a running domain's devices did: taken, or why not."""
+
+    adopted: tuple[tuple[PciAddress, str], ...] = ()
+    conflicts: tuple[str, ...] = ()
+
+
+def adopt_devices(conn: Connection, host_id: int, vm_id: int,
+                  addresses: Sequence[PciAddress]) -> Adoption:
+    """Allocates to ``vm_id`` the inventory devices its running domain already holds.
+
+    For a VM management thought stopped that a host reports running: the
+    devices it really holds must not stay on offer. All or nothing: when one
+    of them is held, reserved or disabled for anything else, nothing changes
+    and ``conflicts`` says why. Addresses outside the inventory are not
+    hostdev's to track and are skipped.
+
+    Raises:
+        RetryTransaction: a device was taken between the read and the UPDATE.
+    """
+    wanted = {PciAddress(a) for a in addresses}
+    query = select(DEVICES).where(C.host_id == host_id, C.state != "removed")
+    if locks_rows(conn):
+        query = query.with_for_update()
+    rows = [row for row in conn.execute(query) if address_of(row) in wanted]
+    conflicts = tuple(
+        f"{address_of(row)} ({row.name}) is {row.state}"
+        + (f" for VM id {row.instance_id or row.reserved_for}"
+           if (row.instance_id or row.reserved_for) else "")
+        for row in rows
+        if not (row.state == "free" or (row.state == "allocated" and row.instance_id == vm_id))
+    )
+    if conflicts:
+        return Adoption(conflicts=conflicts)
+    free = [row for row in rows if row.state == "free"]
+    if free:
+        result = conn.execute(
+            update(DEVICES).where(C.id.in_([row.id for row in free]), C.state == "free")
+            .values(state="allocated", instance_id=vm_id, updated_at=utcnow()))
+        if result.rowcount != len(free):
+            raise RetryTransaction(f"a device of VM id {vm_id} was taken while it was adopted")
+    return Adoption(adopted=tuple((address_of(row), row.name) for row in free))

@@ -4,7 +4,9 @@
 inventory (added, renamed, removed, quarantined) and the VMs it reports, and
 is answered with ``StartupAnswer``. Pings keep a host Up and reconcile power
 drift: a VM management thinks Running that the host reports stopped (or does
-not report) becomes Stopped and its devices are released. The sweeper marks
+not report) becomes Stopped and its devices are released; a VM management
+thinks Stopped that the host reports running becomes Running there and gets
+the devices its domain holds (unless another VM holds them). The sweeper marks
 a silent host Disconnected, then Down; placement only offers devices of Up
 hosts.
 
@@ -28,7 +30,7 @@ from hostdev.messages.commands import (
     StartupRoutingCommand,
     VmStateReport,
 )
-from hostdev.messages.events import HostStatusChanged
+from hostdev.messages.events import HostStatusChanged, PciDeviceAllocated
 from hostdev.messages.values import DomainInfo
 from hostdev.mgmt import outbox, pci_inventory
 from hostdev.mgmt.config import MgmtConfig
@@ -147,7 +149,9 @@ class HostRegistry:
 
     def _reconcile_power(self, session: Session, host: Host,
                          domains: Iterable[DomainInfo]) -> int:
-        running = {d.uuid for d in domains if d.state in ("running", "paused")}
+        reported = {d.uuid: d for d in domains if d.state in ("running", "paused")}
+        running = set(reported)
+        self._adopt_running(session, host, reported)
         stopped = 0
         vms = session.scalars(select(VmInstance).where(VmInstance.host_id == host.id,
                                                        VmInstance.state == "Running"))
@@ -158,6 +162,42 @@ class HostRegistry:
             self._lifecycle.transition(session, vm, VmEvent.FOLLOW_AGENT_POWER_OFF)
             stopped += 1
         return stopped
+
+    def _adopt_running(self, session: Session, host: Host,
+                       reported: dict[str, DomainInfo]) -> None:
+        """Follows a VM found running that management thought Stopped or in Error.
+
+        Its domain holds real devices: they are allocated to it (never left
+        on offer) and the VM becomes Running on this host. When one of them is
+        held by another VM, nothing changes and the conflict is logged for the
+        operator to settle (destroy the stray domain, or the other VM).
+        """
+        if not reported:
+            return
+        vms = session.scalars(select(VmInstance).where(
+            VmInstance.uuid.in_(list(reported)), VmInstance.state.in_(("Stopped", "Error"))))
+        for vm in list(vms):
+            if not self._settled(vm):
+                continue
+            domain = reported[vm.uuid]
+            adoption = pci_inventory.adopt_devices(session.connection(), host.id, vm.id,
+                                                   domain.hostdevs)
+            if adoption.conflicts:
+                log.error("vm_running_with_devices_of_others", vm=vm.uuid, vm_name=vm.name,
+                          host=host.guid, conflicts=list(adoption.conflicts),
+                          hint=f"the domain runs on {host.name} although management has it "
+                               f"{vm.state}; destroy it there (virsh destroy {vm.name}) or "
+                               "free the devices it holds")
+                continue
+            log.warning("vm_found_running", vm=vm.uuid, host=host.guid, previous=vm.state,
+                        devices=[str(address) for address, _ in adoption.adopted])
+            at = utcnow().isoformat() + "Z"
+            for address, name in adoption.adopted:
+                outbox.add(session, f"pci.{host.guid}.Allocated",
+                           PciDeviceAllocated(host_guid=host.guid, address=address, name=name,
+                                              vm_uuid=vm.uuid, at=at))
+            self._lifecycle.transition(session, vm, VmEvent.FOLLOW_AGENT_POWER_ON,
+                                       host_id=host.id)
 
     def _status_event(self, session: Session, host: Host, status: str,
                       previous: str | None) -> None:

@@ -17,10 +17,11 @@ from __future__ import annotations
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 
-from sqlalchemy import Select, case, func, select
+from sqlalchemy import ColumnElement, Select, bindparam, case, func, literal_column, select
 from sqlalchemy.orm import Session
 
 from hostdev.messages.values import HostVerdict, PciRequest
+from hostdev.mgmt.database import PreparedStatement
 from hostdev.mgmt.models import Host, PciDevice, VmInstance
 from hostdev.mgmt.offerings import describe_pci_requests
 from hostdev.mgmt.vm_states import HOLDS_DEVICES
@@ -102,25 +103,77 @@ def find_hosts(session: Session, demand: Demand, *, avoid: Collection[str] = (),
         query = _host_filters(select(Host.id, Host.guid, Host.name), demand, avoid)
         return [Candidate(id=row.id, guid=row.guid, name=row.name)
                 for row in session.execute(query.order_by(Host.id).limit(limit))]
+    if session.autoflush and (session.new or session.dirty or session.deleted):
+        session.flush()  # as a query's autoflush would
     first = demand.pci[0]
+    statement = _page_statement(len(demand.pci), len(avoid), limit)
+    params: dict[str, object] = {"cpus": demand.cpus, "memory_mb": demand.memory_mb}
+    for index, request in enumerate(demand.pci):
+        params[f"name_{index}"] = request.name
+        params[f"count_{index}"] = request.count
+    for index, ref in enumerate(sorted(avoid)):
+        params[f"avoid_{index}"] = ref
     after = 0
     while True:
+        params["after"] = after
+        rows = statement.execute(session.connection(), params).rows
+        if rows:
+            return [Candidate(id=id_, guid=guid, name=name) for id_, guid, name in rows]
         page = (select(PciDevice.host_id.label("host_id"))
                 .where(PciDevice.state == "free", PciDevice.name == first.name,
                        PciDevice.host_id > after)
                 .group_by(PciDevice.host_id).having(func.count() >= first.count)
                 .order_by(PciDevice.host_id).limit(PAGE).subquery("page"))
-        query = _host_filters(select(Host.id, Host.guid, Host.name)
-                              .join(page, page.c.host_id == Host.id), demand, avoid)
-        found = [Candidate(id=row.id, guid=row.guid, name=row.name)
-                 for row in session.execute(query.order_by(Host.id).limit(limit))]
-        if found:
-            return found
         last = session.scalar(select(func.max(page.c.host_id)))
         count = session.scalar(select(func.count()).select_from(page))
         if last is None or (count or 0) < PAGE:
             return []
         after = int(last)
+
+
+_PAGES: dict[tuple[int, int, int], PreparedStatement] = {}
+#: The states holding CPU and memory, inlined (a prepared statement has no expanding IN).
+_HOLDING = [literal_column(f"'{state}'") for state in sorted(HOLDS_DEVICES)]
+
+
+def _used_bound(column: ColumnElement[int]) -> ColumnElement[int]:
+    return (select(func.coalesce(func.sum(column), 0))
+            .where(VmInstance.host_id == Host.id, VmInstance.state.in_(_HOLDING))
+            .scalar_subquery())
+
+
+def _page_statement(names: int, avoided: int, limit: int) -> PreparedStatement:
+    """Returns ``find_hosts``' query for one page, prepared once per shape.
+
+    Parameters: ``after`` (host id), ``cpus``, ``memory_mb``, ``name_<i>`` and
+    ``count_<i>`` per requested name, ``avoid_<i>`` per avoided guid or name.
+    """
+    key = (names, avoided, limit)
+    statement = _PAGES.get(key)
+    if statement is not None:
+        return statement
+    page = (select(PciDevice.host_id.label("host_id"))
+            .where(PciDevice.state == "free", PciDevice.name == bindparam("name_0"),
+                   PciDevice.host_id > bindparam("after"))
+            .group_by(PciDevice.host_id).having(func.count() >= bindparam("count_0"))
+            .order_by(PciDevice.host_id).limit(PAGE).subquery("page"))
+    query = (select(Host.id, Host.guid, Host.name).join(page, page.c.host_id == Host.id)
+             .where(Host.status == "Up")
+             .where(Host.cpus - _used_bound(VmInstance.cpus) >= bindparam("cpus"))
+             .where(Host.memory_mb - _used_bound(VmInstance.memory_mb)
+                    >= bindparam("memory_mb")))
+    for index in range(1, names):
+        free = (select(func.count())
+                .where(PciDevice.host_id == Host.id, PciDevice.name == bindparam(f"name_{index}"),
+                       PciDevice.state == "free")
+                .scalar_subquery())
+        query = query.where(free >= bindparam(f"count_{index}"))
+    if avoided:
+        refs = [bindparam(f"avoid_{index}") for index in range(avoided)]
+        query = query.where(Host.guid.not_in(refs), Host.name.not_in(refs))
+    statement = PreparedStatement(query.order_by(Host.id).limit(limit))
+    _PAGES[key] = statement
+    return statement
 
 
 def read_capacities(session: Session, names: Sequence[str]) -> list[HostCapacity]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 
-from sqlalchemy import Engine, insert
+from sqlalchemy import Engine, insert, select
 from sqlalchemy.orm import Session
 
 from hostdev.messages.values import PciRequest
@@ -69,3 +69,20 @@ def test_search_reads_the_next_page_when_a_page_is_refused(engine: Engine) -> No
     with Session(engine) as session:
         assert [c.name for c in find_hosts(session, TWO_10GE)] == ["up"]
         assert find_hosts(session, TWO_10GE, avoid={"up"}) == []
+
+
+def test_search_checks_every_requested_name_and_avoids_by_guid(engine: Engine) -> None:
+    """A second requested name is counted per host; a guid in the avoid set leaves the host out."""
+    _hosts(engine, [("h1", "Up", 2), ("h2", "Up", 2), ("h3", "Up", 2)])
+    with engine.begin() as conn:
+        for host_id in (2, 3):
+            conn.execute(insert(PciDevice).values(
+                host_id=host_id, name="GPU", domain="0000", bus="29", slot="00",
+                function="0", state="free"))
+        guid_h2 = conn.execute(select(Host.guid).where(Host.name == "h2")).scalar_one()
+    both = Demand(cpus=2, memory_mb=1024, pci=(PciRequest(name="10GE", count=2),
+                                               PciRequest(name="GPU", count=1)))
+    with Session(engine) as session:
+        assert [c.name for c in find_hosts(session, both)] == ["h2", "h3"]
+        assert [c.name for c in find_hosts(session, both, avoid={guid_h2, "h9"})] == ["h3"]
+        assert [c.name for c in find_hosts(session, both, limit=1)] == ["h2"]

@@ -20,20 +20,28 @@ from datetime import timedelta
 from typing import Any
 
 import structlog
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session
 
 from hostdev.messages.commands import StartAnswer, StartCommand, StopAnswer, StopCommand
 from hostdev.messages.events import JobFinished
-from hostdev.messages.values import JobRow, VmSpec
+from hostdev.messages.values import JobRow, PciRequest, VmSpec
 from hostdev.mgmt import metrics, outbox, pci_devices, planner
 from hostdev.mgmt.config import MgmtConfig
-from hostdev.mgmt.database import RetryTransaction
+from hostdev.mgmt.database import PreparedStatement, RetryTransaction
 from hostdev.mgmt.errors import Conflict, InvalidRequest, NoCapacity, NotFound
-from hostdev.mgmt.models import Host, Job, ServiceOffering, VmInstance, utcnow
+from hostdev.mgmt.models import (
+    Host,
+    Job,
+    ServiceOffering,
+    ServiceOfferingPciRequest,
+    VmInstance,
+    utcnow,
+)
 from hostdev.mgmt.pci_devices import ClaimRaceLost, InsufficientDevices
 from hostdev.mgmt.unit_of_work import REQUEST_KEY
 from hostdev.mgmt.vm_lifecycle import (
+    REQUESTS_KEY,
     PciDeviceManager,
     VmLifecycleManager,
     offering_requests,
@@ -104,6 +112,41 @@ def job_of_request(session: Session, request_id: str) -> Job | None:
         .order_by(Job.id.desc()).limit(1))
 
 
+_OFFERING = ServiceOffering.__table__.c
+_REQUEST = ServiceOfferingPciRequest.__table__.c
+#: One round trip for a deploy: the offering, its PCI requests and a live VM of the name.
+_FOR_DEPLOY = PreparedStatement(
+    select(_OFFERING.id, _OFFERING.cpus, _OFFERING.memory_mb, _REQUEST.name, _REQUEST.count,
+           select(VmInstance.uuid)
+           .where(VmInstance.name == bindparam("vm_name"), VmInstance.state != "Destroyed")
+           .limit(1).scalar_subquery())
+    .select_from(ServiceOffering.__table__.outerjoin(
+        ServiceOfferingPciRequest.__table__, _REQUEST.offering_id == _OFFERING.id))
+    .where(_OFFERING.name == bindparam("offering"))
+    .order_by(_REQUEST.id))
+
+
+def _read_for_deploy(session: Session, offering_name: str,
+                     vm_name: str) -> tuple[int, int, int, str | None]:
+    """Returns an offering's id, CPUs and memory and a live VM called ``vm_name``, if any.
+
+    Fills the transaction's cache of the offering's PCI requests on the way.
+
+    Raises:
+        NotFound: the offering does not exist; the text lists those that exist.
+    """
+    rows = _FOR_DEPLOY.execute(session.connection(),
+                               {"offering": offering_name, "vm_name": vm_name}).rows
+    if not rows:
+        find_offering(session, offering_name)  # raises NotFound, listing the offerings
+    offering_id, cpus, memory_mb, _, _, taken = rows[0]
+    requests = tuple(PciRequest(name=name, count=int(count))
+                     for _, _, _, name, count, _ in rows if name is not None)
+    cache: dict[int, tuple[PciRequest, ...]] = session.info.setdefault(REQUESTS_KEY, {})
+    cache[offering_id] = requests
+    return offering_id, cpus, memory_mb, taken
+
+
 def _payload(job: Job) -> dict[str, Any]:
     data: dict[str, Any] = json.loads(job.payload or "{}")
     return data
@@ -132,15 +175,12 @@ class JobManager:
         if not VM_NAME.match(name):
             raise InvalidRequest(f"VM name {name!r} is not valid: use 1 to 64 letters, digits, "
                                  "'_', '.' or '-', starting with a letter or digit")
-        offering = find_offering(session, offering_name)
-        taken = session.scalar(select(VmInstance.uuid).where(
-            VmInstance.name == name, VmInstance.state != "Destroyed"))
+        offering_id, cpus, memory_mb, taken = _read_for_deploy(session, offering_name, name)
         if taken:
             raise Conflict(f"a VM named {name!r} exists already ({taken}); pick another name "
                            "or destroy it first")
-        vm = VmInstance(uuid=str(uuid_module.uuid4()), name=name, offering_id=offering.id,
-                        state="Stopped", update_count=0, cpus=offering.cpus,
-                        memory_mb=offering.memory_mb)
+        vm = VmInstance(uuid=str(uuid_module.uuid4()), name=name, offering_id=offering_id,
+                        state="Stopped", update_count=0, cpus=cpus, memory_mb=memory_mb)
         session.add(vm)
         session.flush()
         job = self._new_job(session, "deploy", vm, {"avoid": list(avoid), "tried": []})

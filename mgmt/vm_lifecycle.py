@@ -149,9 +149,13 @@ def host_guid_of(session: Session, host_id: int) -> str:
     return guid
 
 
+#: Key in ``Session.info``: offering id -> its PCI requests, read in this transaction.
+REQUESTS_KEY = "hostdev_requests"
+
+
 def offering_requests(session: Session, offering_id: int) -> tuple[PciRequest, ...]:
     """Returns the PCI requests of an offering, by name (read once per transaction)."""
-    cache: dict[int, tuple[PciRequest, ...]] = session.info.setdefault("hostdev_requests", {})
+    cache: dict[int, tuple[PciRequest, ...]] = session.info.setdefault(REQUESTS_KEY, {})
     if offering_id not in cache:
         rows = session.execute(
             select(ServiceOfferingPciRequest.name, ServiceOfferingPciRequest.count)

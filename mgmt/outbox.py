@@ -75,12 +75,14 @@ _INSERT_MANY = insert(_TABLE).returning(_TABLE.c.id, sort_by_parameter_order=Tru
 
 
 def send(session: Session, routing_key: str, message: Message) -> str:
-    """Adds a command to the outbox at once and returns its message id (for correlation)."""
-    row_id = session.connection().execute(
-        insert(_TABLE).values(**_values(routing_key, message)).returning(_TABLE.c.id)
-    ).scalar_one()
-    session.info.setdefault(PENDING_KEY, []).append((row_id, routing_key, message))
-    return message_id_of(row_id)
+    """Adds a command to the outbox at once and returns its message id (for correlation).
+
+    The events queued so far are written in the same multi-row INSERT, before
+    the command: one round trip, and the rows keep the order of their causes.
+    """
+    queued: list[tuple[str, Message]] = session.info.pop(QUEUED_KEY, [])
+    queued.append((routing_key, message))
+    return message_id_of(_write(session, queued))
 
 
 def add(session: Session, routing_key: str, message: Message) -> None:
@@ -95,13 +97,22 @@ def add(session: Session, routing_key: str, message: Message) -> None:
 def flush(session: Session) -> None:
     """Writes the queued events in one multi-row INSERT, in the caller's transaction."""
     queued: list[tuple[str, Message]] = session.info.pop(QUEUED_KEY, [])
-    if not queued:
-        return
-    ids = session.connection().execute(
-        _INSERT_MANY, [_values(key, message) for key, message in queued]).scalars().all()
+    if queued:
+        _write(session, queued)
+
+
+def _write(session: Session, rows: list[tuple[str, Message]]) -> int:
+    """Inserts ``rows`` in one statement, remembers them for publication; returns the last id."""
+    values = [_values(key, message) for key, message in rows]
+    if len(values) == 1:
+        ids = [session.connection().execute(
+            insert(_TABLE).values(**values[0]).returning(_TABLE.c.id)).scalar_one()]
+    else:
+        ids = list(session.connection().execute(_INSERT_MANY, values).scalars().all())
     pending = session.info.setdefault(PENDING_KEY, [])
     pending.extend((row_id, key, message)
-                   for row_id, (key, message) in zip(ids, queued, strict=True))
+                   for row_id, (key, message) in zip(ids, rows, strict=True))
+    return int(ids[-1])
 
 
 def take_pending(session: Session) -> list[Pending]:

@@ -2,9 +2,12 @@
 
 - ``deploys_per_s``: VMs deployed per second, from the first ``DeployVmRequest``
   to the last ``vm.<uuid>.Running`` event, with 20 simulated hosts (scripted
-  agents answering ``StartCommand`` at once, all on one bus in a child process)
-  and ``--daemons`` management daemons (default one) in child processes; 16 client threads send the
-  requests. Offering: one 10GE device; 16 per host.
+  agents answering ``StartCommand`` at once, all on one bus in a child process,
+  reading only the ``vm.*.Running`` events) and ``--daemons`` management
+  daemons (default two: a daemon is one thread, the machine has two cores) in
+  child processes; 16 client threads send the requests (16 deploys in flight).
+  Offering: one 10GE device; 16 per host. ``deploys_per_s_1_mgmt`` is the same
+  with one daemon.
 - ``placement_p50_ms_<N>_hosts``: the planner's search (``find_hosts``) on
   N hosts of 16 devices each, half of them full (first fit has to skip them).
 
@@ -92,7 +95,7 @@ class Agents:
             queue = self.bus.declare_agent_queue(guid)
             self.bus.consume(queue, {StartCommand: self._start,
                                      StartupAnswer: self._registered})
-        self.bus.declare_queue("bench.events", ["vm.#"], exchange=EVENTS_EXCHANGE)
+        self.bus.declare_queue("bench.events", ["vm.*.Running"], exchange=EVENTS_EXCHANGE)
         self.bus.consume("bench.events", {VmStateChanged: self._event})
         for n, guid in enumerate(self.guids):
             self.bus.send_to_mgmt(guid, StartupRoutingCommand(
@@ -226,18 +229,22 @@ def main() -> None:
     """Runs the benchmarks and prints the table and metric lines."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--vms", type=int, default=300)
-    parser.add_argument("--daemons", type=int, default=1,
+    parser.add_argument("--daemons", type=int, default=2,
                         help="management daemons sharing the queues and the database")
     args = parser.parse_args()
     configure_logging("warning")
-    rate = bench_deploys(min(args.vms, HOSTS * DEVICES_PER_HOST), args.daemons)
+    vms = min(args.vms, HOSTS * DEVICES_PER_HOST)
+    rate = bench_deploys(vms, args.daemons)
+    rate_1 = rate if args.daemons == 1 else bench_deploys(vms, 1)
     p1k = bench_placement(1000)
     p10k = bench_placement(10000)
-    print(f"{'figure':<34}{'value':>10}  unit")
-    print(f"{f'deploys end to end (20 hosts, {args.daemons} mgmt)':<34}{rate:>10.1f}  1/s")
-    print(f"{'placement p50, 1,000 hosts':<34}{p1k:>10.2f}  ms")
-    print(f"{'placement p50, 10,000 hosts':<34}{p10k:>10.2f}  ms")
+    print(f"{'figure':<38}{'value':>10}  unit")
+    print(f"{f'deploys end to end (20 hosts, {args.daemons} mgmt)':<38}{rate:>10.1f}  1/s")
+    print(f"{'deploys end to end (20 hosts, 1 mgmt)':<38}{rate_1:>10.1f}  1/s")
+    print(f"{'placement p50, 1,000 hosts':<38}{p1k:>10.2f}  ms")
+    print(f"{'placement p50, 10,000 hosts':<38}{p10k:>10.2f}  ms")
     print(f"metric=deploys_per_s value={rate:.1f} unit=1/s")
+    print(f"metric=deploys_per_s_1_mgmt value={rate_1:.1f} unit=1/s")
     print(f"metric=placement_p50_ms_1000_hosts value={p1k:.2f} unit=ms")
     print(f"metric=placement_p50_ms_10000_hosts value={p10k:.2f} unit=ms")
 

@@ -18,10 +18,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import timedelta
-from typing import Protocol
+from typing import Final, Protocol, cast
 
 import structlog
-from sqlalchemy import Engine, insert, select, update
+from sqlalchemy import Engine, Table, insert, select, update
 from sqlalchemy.orm import Session
 
 from hostdev.messages.base import Message
@@ -69,7 +69,7 @@ def _values(routing_key: str, message: Message) -> dict[str, object]:
 
 
 #: The table, for Core statements: cheaper than ORM-enabled ones on the hot path.
-_TABLE = OutboxEvent.__table__
+_TABLE: Final = cast(Table, OutboxEvent.__table__)
 #: Inserts rows and returns their ids in parameter order.
 _INSERT_MANY = insert(_TABLE).returning(_TABLE.c.id, sort_by_parameter_order=True)
 

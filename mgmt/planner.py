@@ -17,8 +17,18 @@ from __future__ import annotations
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 
-from sqlalchemy import ColumnElement, Select, bindparam, case, func, literal_column, select
-from sqlalchemy.orm import Session
+from sqlalchemy import (
+    BindParameter,
+    ColumnElement,
+    ScalarSelect,
+    Select,
+    bindparam,
+    case,
+    func,
+    literal_column,
+    select,
+)
+from sqlalchemy.orm import InstrumentedAttribute, Session
 
 from hostdev.messages.values import HostVerdict, PciRequest
 from hostdev.mgmt.database import PreparedStatement
@@ -133,10 +143,11 @@ def find_hosts(session: Session, demand: Demand, *, avoid: Collection[str] = (),
 
 _PAGES: dict[tuple[int, int, int], PreparedStatement] = {}
 #: The states holding CPU and memory, inlined (a prepared statement has no expanding IN).
-_HOLDING = [literal_column(f"'{state}'") for state in sorted(HOLDS_DEVICES)]
+_HOLDING: list[ColumnElement[str]] = [literal_column(f"'{state}'")
+                                      for state in sorted(HOLDS_DEVICES)]
 
 
-def _used_bound(column: ColumnElement[int]) -> ColumnElement[int]:
+def _used_bound(column: InstrumentedAttribute[int]) -> ScalarSelect[int]:
     return (select(func.coalesce(func.sum(column), 0))
             .where(VmInstance.host_id == Host.id, VmInstance.state.in_(_HOLDING))
             .scalar_subquery())
@@ -169,7 +180,8 @@ def _page_statement(names: int, avoided: int, limit: int) -> PreparedStatement:
                 .scalar_subquery())
         query = query.where(free >= bindparam(f"count_{index}"))
     if avoided:
-        refs = [bindparam(f"avoid_{index}") for index in range(avoided)]
+        refs: list[BindParameter[str]] = [bindparam(f"avoid_{index}")
+                                          for index in range(avoided)]
         query = query.where(Host.guid.not_in(refs), Host.name.not_in(refs))
     statement = PreparedStatement(query.order_by(Host.id).limit(limit))
     _PAGES[key] = statement

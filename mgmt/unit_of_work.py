@@ -11,10 +11,10 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable
-from typing import TypeVar
+from typing import TypeVar, cast
 
 import structlog
-from sqlalchemy import Engine, bindparam, insert
+from sqlalchemy import Engine, Table, bindparam, insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -29,7 +29,7 @@ T = TypeVar("T")
 
 
 #: One INSERT: the primary key refuses an id handled (or being handled) before.
-_RECORD = PreparedStatement(insert(HandledMessage.__table__).values(
+_RECORD = PreparedStatement(insert(cast(Table, HandledMessage.__table__)).values(
     message_id=bindparam("message_id"), handled_at=bindparam("now")))
 
 #: Key in ``Session.info``: the message id of the request being handled.

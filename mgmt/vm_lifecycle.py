@@ -13,10 +13,10 @@ it enters Stopped, Destroyed or Error. Every transition writes a
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Protocol, cast
 
 import structlog
-from sqlalchemy import bindparam, select, update
+from sqlalchemy import Table, bindparam, select, update
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
 
@@ -62,9 +62,10 @@ def _vm_update(keys: tuple[str, ...]) -> PreparedStatement:
     """Returns the conditional UPDATE of a VM on ``(state, update_count)`` setting ``keys``."""
     statement = _VM_UPDATES.get(keys)
     if statement is None:
-        table = VmInstance.__table__.c
+        vms = cast(Table, VmInstance.__table__)
+        table = vms.c
         statement = PreparedStatement(
-            update(VmInstance.__table__)
+            update(vms)
             .where(table.id == bindparam("vm_id"), table.state == bindparam("old_state"),
                    table.update_count == bindparam("old_count"))
             .values({key: bindparam(f"new_{key}") for key in keys}))

@@ -14,9 +14,9 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from importlib import metadata
-from typing import Any, Protocol
+from typing import Any
 
 import structlog
 
@@ -31,6 +31,7 @@ from hostdev.agent.recent_commands import RecentCommands
 from hostdev.agent.simulated import SimulatedHost, is_simulated_uri
 from hostdev.agent.startup_checks import CheckReport, check_host
 from hostdev.messages.base import Message
+from hostdev.messages.bus_api import BusLike
 from hostdev.messages.commands import (
     AttachPciDevicesCommand,
     DetachPciDevicesCommand,
@@ -48,22 +49,6 @@ from hostdev.messages.sd_notify import SystemdNotifier
 
 log = structlog.get_logger()
 
-
-class AgentBus(Protocol):
-    """The part of the bus contract (``hostdev.messages.bus.Bus``) the agent uses."""
-
-    def connect(self) -> None: ...
-    def close(self) -> None: ...
-    def declare_agent_queue(self, guid: str) -> str: ...
-    def send_to_mgmt(self, guid: str, message: Message, *, correlation_id: str | None = None,
-                     message_id: str | None = None) -> str: ...
-    def consume(self, queue: str, handlers: Mapping[type[Message], Any]) -> None: ...
-    def call_every(self, interval_s: float, fn: Callable[[], None]) -> None: ...
-    def call_soon_threadsafe(self, fn: Callable[[], None]) -> None: ...
-    def run(self, *, until: Callable[[], bool] | None = None,
-            timeout: float | None = None) -> None: ...
-    def on_reconnect(self, fn: Callable[[], None]) -> None: ...
-    def stop(self) -> None: ...
 
 
 def open_hypervisor(uri: str) -> Hypervisor:
@@ -83,7 +68,7 @@ def _agent_version() -> str:
 class Agent:
     """Ties a ``Hypervisor`` to the bus: announces, pings, reports, handles commands."""
 
-    def __init__(self, config: AgentConfig, hypervisor: Hypervisor, bus: AgentBus,
+    def __init__(self, config: AgentConfig, hypervisor: Hypervisor, bus: BusLike,
                  report: CheckReport, *, notifier: SystemdNotifier | None = None) -> None:
         if config.guid is None:
             raise AgentError("the agent needs a guid; call ensure_guid(config) first")

@@ -38,15 +38,13 @@ import structlog
 from hostdev.messages.base import Message
 from hostdev.messages.bus_amqp import KNOWN_EXCHANGES, build_message, dead_letter_copy
 from hostdev.messages.bus_api import (
-    API_QUEUE,
     COMMANDS_EXCHANGE,
     DEAD_EXCHANGE,
     DIRECT_REPLY_TO,
-    MGMT_QUEUE,
     BusConfig,
+    BusShortcuts,
     Handler,
     Incoming,
-    PublishShortcuts,
     body_id,
 )
 from hostdev.messages.bus_confirms import Unconfirmed
@@ -64,7 +62,7 @@ _ACK_BATCH = 16  # deliveries handled between two (multiple) acks while more are
 _CLOSE_ERRORS: tuple[type[BaseException], ...] = (BusError, Stopped, *RECOVERABLE)
 
 
-class Bus(PublishShortcuts):
+class Bus(BusShortcuts):
     """The hostdev bus on RabbitMQ. The constructor does no I/O; :meth:`connect` does."""
 
     def __init__(self, config: BusConfig | None = None) -> None:
@@ -116,16 +114,6 @@ class Bus(PublishShortcuts):
         self._owner_only("declare_queue")
         self._link.declare(name, exchange, tuple(bindings))
 
-    def declare_agent_queue(self, guid: str) -> str:
-        """Declares ``hostdev.agent.<guid>`` bound to ``agent.<guid>.#``; returns its name."""
-        name = f"hostdev.agent.{guid}"
-        self.declare_queue(name, [f"agent.{guid}.#"])
-        return name
-
-    def declare_mgmt_queues(self) -> None:
-        """Declares ``hostdev.mgmt`` (binds ``mgmt.#``) and ``hostdev.api`` (binds ``api.#``)."""
-        self.declare_queue(MGMT_QUEUE, ["mgmt.#"])
-        self.declare_queue(API_QUEUE, ["api.#"])
 
     # -- publishing -----------------------------------------------------------
 

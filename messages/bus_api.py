@@ -202,11 +202,26 @@ class BusLike(Protocol):
     def stop(self) -> None: ...
 
 
-class PublishShortcuts:
-    """The routing-key spellings of DESIGN section 4, shared by both buses.
+class BusShortcuts:
+    """The queue and routing-key spellings of DESIGN section 4, shared by both buses.
 
-    A subclass provides ``publish``; these only build the routing key.
+    A subclass provides ``declare_queue`` and ``publish``; these only build names.
     """
+
+    def declare_queue(self, name: str, bindings: Sequence[str], *,
+                      exchange: str = COMMANDS_EXCHANGE) -> None:
+        raise NotImplementedError
+
+    def declare_agent_queue(self, guid: str) -> str:
+        """Declares ``hostdev.agent.<guid>`` bound to ``agent.<guid>.#``; returns its name."""
+        name = f"hostdev.agent.{guid}"
+        self.declare_queue(name, [f"agent.{guid}.#"])
+        return name
+
+    def declare_mgmt_queues(self) -> None:
+        """Declares ``hostdev.mgmt`` (binds ``mgmt.#``) and ``hostdev.api`` (binds ``api.#``)."""
+        self.declare_queue(MGMT_QUEUE, ["mgmt.#"])
+        self.declare_queue(API_QUEUE, ["api.#"])
 
     def publish(self, routing_key: str, message: Message, *, exchange: str = COMMANDS_EXCHANGE,
                 correlation_id: str | None = None, message_id: str | None = None,

@@ -31,18 +31,16 @@ from typing import Any
 
 from hostdev.messages.base import Message
 from hostdev.messages.bus_api import (
-    API_QUEUE,
     COMMANDS_EXCHANGE,
     CONTENT_TYPE,
     DEAD_EXCHANGE,
     DEAD_QUEUE,
     DIRECT_REPLY_TO,
     EVENTS_EXCHANGE,
-    MGMT_QUEUE,
     BusConfig,
+    BusShortcuts,
     Handler,
     Incoming,
-    PublishShortcuts,
     body_id,
 )
 from hostdev.messages.bus_dispatch import handle_delivery
@@ -61,7 +59,7 @@ __all__ = ["BusConfig", "DeadLetter", "Envelope", "FakeClock", "InProcessBroker"
            "InProcessBus", "Incoming"]
 
 
-class InProcessBus(PublishShortcuts):
+class InProcessBus(BusShortcuts):
     """The bus interface of ``hostdev.messages.bus.Bus``, on an :class:`InProcessBroker`."""
 
     def __init__(self, config: BusConfig | None = None, *,
@@ -99,16 +97,6 @@ class InProcessBus(PublishShortcuts):
         """Declares a queue bound to ``exchange`` with ``bindings``."""
         self.broker.declare_queue(name, exchange, bindings)
 
-    def declare_agent_queue(self, guid: str) -> str:
-        """Declares ``hostdev.agent.<guid>`` bound to ``agent.<guid>.#``."""
-        name = f"hostdev.agent.{guid}"
-        self.declare_queue(name, [f"agent.{guid}.#"])
-        return name
-
-    def declare_mgmt_queues(self) -> None:
-        """Declares ``hostdev.mgmt`` (``mgmt.#``) and ``hostdev.api`` (``api.#``)."""
-        self.declare_queue(MGMT_QUEUE, ["mgmt.#"])
-        self.declare_queue(API_QUEUE, ["api.#"])
 
     # -- publishing ----------------------------------------------------------------
 

@@ -20,7 +20,13 @@ import structlog
 from hostdev.agent.errors import ConfigError
 from hostdev.messages.errors import PciAddressError
 from hostdev.messages.pci_address import PciAddress
-from hostdev.messages.properties import PropertiesError, Property, parse_properties, read_text
+from hostdev.messages.properties import (
+    PropertiesError,
+    Property,
+    parse_duration,
+    parse_properties,
+    read_text,
+)
 
 log = structlog.get_logger()
 
@@ -117,16 +123,6 @@ def _error(prop: Property, text: str, expected: str) -> ConfigError:
     return ConfigError(prop.path, prop.line, text, expected)
 
 
-_DURATION = re.compile(r"^(?P<number>[0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*(?P<unit>ms|s|m|h)?$")
-_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
-
-
-def parse_duration(text: str) -> float | None:
-    """Returns seconds for ``500ms``, ``30s``, ``5m``, ``1h`` or a bare number; None if invalid."""
-    match = _DURATION.match(text.strip().lower())
-    if match is None:
-        return None
-    return float(match["number"]) * _UNITS[match["unit"]]
 
 
 def _positive_seconds(prop: Property) -> float:

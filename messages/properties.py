@@ -7,6 +7,7 @@ file and line.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +41,16 @@ class Property:
 
 
 _ESCAPES = {"t": "\t", "n": "\n", "r": "\r", "f": "\f"}
+_DURATION = re.compile(r"^(?P<number>[0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*(?P<unit>ms|s|m|h)?$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+
+def parse_duration(text: str) -> float | None:
+    """Returns seconds for ``500ms``, ``30s``, ``5m``, ``1h`` or a bare number; None if invalid."""
+    match = _DURATION.match(text.strip().lower())
+    if match is None:
+        return None
+    return float(match["number"]) * _UNIT_SECONDS[match["unit"]]
 
 
 def _logical_lines(text: str) -> Iterator[tuple[int, str]]:

@@ -13,15 +13,18 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from hostdev.messages.properties import PropertiesError, Property, read_properties
+from hostdev.messages.properties import (
+    PropertiesError,
+    Property,
+    parse_duration,
+    read_properties,
+)
 from hostdev.messages.values import MigrationPolicy
 from hostdev.mgmt.errors import ConfigError
 
 DEFAULT_DB_URL = "sqlite:///hostdev-mgmt.sqlite"
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672//"
 
-_DURATION = re.compile(r"^(?P<number>\d+(?:\.\d+)?)\s*(?P<unit>ms|s|m|h)?$")
-_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
@@ -53,10 +56,9 @@ class MgmtConfig:
 
 
 def _duration(prop: Property) -> float:
-    match = _DURATION.match(prop.value.strip())
-    if not match:
+    seconds = parse_duration(prop.value)
+    if seconds is None:
         raise prop.error("a duration such as 60, 60s, 500ms, 5m or 1h")
-    seconds = float(match["number"]) * _UNIT_SECONDS[match["unit"]]
     if seconds <= 0:
         raise prop.error("a duration greater than zero")
     return seconds

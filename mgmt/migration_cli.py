@@ -36,14 +36,14 @@ def add_vm_commands(vm_sub: argparse._SubParsersAction[argparse.ArgumentParser],
 
 
 def _vm_migrate(args: argparse.Namespace, request: object, out: TextIO) -> int:
-    from hostdev.mgmt.operator_cli import Requester, _accepted, _json, render_table
+    from hostdev.mgmt.operator_cli import Requester, _accepted, _json, expect, render_table
 
     send: Requester = request  # type: ignore[assignment]
     answer = send(api.MigrateVmRequest(vm=args.vm, destination=args.destination,
                                        dry_run=args.dry_run), args.timeout)
     if not args.dry_run:
         return _accepted(args, send, answer, out, f"migrate {args.vm}")
-    assert isinstance(answer, api.MigrationPlan)
+    answer = expect(answer, api.MigrationPlan)
     if args.json:
         _json(answer, out)
         return 0

@@ -14,7 +14,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, TextIO
+from typing import Any, TextIO, TypeVar
 
 import msgspec
 
@@ -29,6 +29,21 @@ from hostdev.mgmt.offerings import format_pci_requests
 Requester = Callable[[Message, float], Message]
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672//"
+
+_T = TypeVar("_T", bound=Message)
+
+
+def expect(answer: Message, kind: type[_T]) -> _T:
+    """Returns ``answer`` as ``kind``, or says plainly that management answered something else.
+
+    Raises:
+        BusError: the answer is of another type (usually hostdev and
+            hostdev-mgmt of different versions).
+    """
+    if not isinstance(answer, kind):
+        raise BusError(f"management answered {type(answer).__name__} where {kind.__name__} "
+                       "was expected; are the hostdev CLI and hostdev-mgmt the same version?")
+    return answer
 _FINAL_JOB_STATES = ("succeeded", "failed")
 
 
@@ -189,7 +204,7 @@ def render_table(headers: Sequence[str], rows: Sequence[Sequence[object]], out: 
 
 def _hosts(args: argparse.Namespace, request: Requester, out: TextIO) -> int:
     answer = request(api.ListHostsRequest(), args.timeout)
-    assert isinstance(answer, api.HostList)
+    answer = expect(answer, api.HostList)
     if args.json:
         _json(answer.hosts, out)
         return 0
@@ -203,7 +218,7 @@ def _hosts(args: argparse.Namespace, request: Requester, out: TextIO) -> int:
 def _devices(args: argparse.Namespace, request: Requester, out: TextIO) -> int:
     answer = request(api.ListPciDevicesRequest(host=args.host, free_only=args.free),
                      args.timeout)
-    assert isinstance(answer, api.PciDeviceList)
+    answer = expect(answer, api.PciDeviceList)
     if args.json:
         _json(answer.devices, out)
         return 0
@@ -221,7 +236,7 @@ def _offering_rows(offerings: Sequence[Any], out: TextIO) -> None:
 
 def _offerings(args: argparse.Namespace, request: Requester, out: TextIO) -> int:
     answer = request(api.ListOfferingsRequest(), args.timeout)
-    assert isinstance(answer, api.OfferingList)
+    answer = expect(answer, api.OfferingList)
     if args.json:
         _json(answer.offerings, out)
     else:
@@ -233,7 +248,7 @@ def _offering_create(args: argparse.Namespace, request: Requester, out: TextIO) 
     answer = request(api.CreateOfferingRequest(
         name=args.name, cpus=args.cpus, memory_mb=args.memory, pci_devices=args.pci,
         migration_policy=args.migration_policy), args.timeout)
-    assert isinstance(answer, api.OfferingList)
+    answer = expect(answer, api.OfferingList)
     if args.json:
         _json(answer.offerings, out)
     else:
@@ -243,7 +258,7 @@ def _offering_create(args: argparse.Namespace, request: Requester, out: TextIO) 
 
 def _accepted(args: argparse.Namespace, request: Requester, answer: Message,
               out: TextIO, what: str) -> int:
-    assert isinstance(answer, api.JobAccepted)
+    answer = expect(answer, api.JobAccepted)
     if not args.wait:
         if args.json:
             _json(answer, out)
@@ -275,7 +290,7 @@ def _vm_change(args: argparse.Namespace, request: Requester, out: TextIO) -> int
 
 def _vm_list(args: argparse.Namespace, request: Requester, out: TextIO) -> int:
     answer = request(api.ListVmsRequest(), args.timeout)
-    assert isinstance(answer, api.VmList)
+    answer = expect(answer, api.VmList)
     if args.json:
         _json(answer.vms, out)
         return 0
@@ -292,7 +307,7 @@ def _job_rows(jobs: Sequence[JobRow], out: TextIO) -> None:
 
 def _get_job(request: Requester, job_id: int, timeout: float) -> JobRow:
     answer = request(api.GetJobRequest(job_id=job_id), timeout)
-    assert isinstance(answer, api.JobList)
+    answer = expect(answer, api.JobList)
     if not answer.jobs:
         raise RemoteError(f"job {job_id} does not exist", code="not_found")
     return answer.jobs[0]
@@ -339,7 +354,7 @@ def _job_wait(args: argparse.Namespace, request: Requester, out: TextIO) -> int:
 def _explain(args: argparse.Namespace, request: Requester, out: TextIO) -> int:
     answer = request(api.ExplainPlacementRequest(offering=args.offering,
                                                  avoid=tuple(args.avoid)), args.timeout)
-    assert isinstance(answer, api.PlacementExplanation)
+    answer = expect(answer, api.PlacementExplanation)
     if args.json:
         _json(answer, out)
         return 0

@@ -13,10 +13,10 @@ from hostdev.messages import api
 from hostdev.messages.base import Message
 from hostdev.messages.codec import decode, encode
 from hostdev.messages.commands import ErrorAnswer
-from hostdev.messages.errors import RemoteError, RequestTimeout
+from hostdev.messages.errors import BusError, RemoteError, RequestTimeout
 from hostdev.mgmt.cli import build_parser
 from hostdev.mgmt.database import create_database_engine
-from hostdev.mgmt.operator_cli import render_table
+from hostdev.mgmt.operator_cli import expect, render_table
 from tests.support.databases import sqlite_database
 from tests.support.mgmt_harness import Harness, devices
 
@@ -117,3 +117,10 @@ def test_render_table_marks_empty_cells() -> None:
     render_table(("A", "B"), [("x", None)], out)
     render_table(("A",), [], out)
     assert out.getvalue() == "A  B\nx  -\nA\n(none)\n"
+
+
+def test_an_answer_of_another_type_is_a_clear_error() -> None:
+    """An unexpected answer type says what came, what was expected and the likely cause."""
+    with pytest.raises(BusError, match="answered VmList where HostList was expected; are "
+                                       "the hostdev CLI and hostdev-mgmt the same version"):
+        expect(api.VmList(), api.HostList)

@@ -32,7 +32,7 @@ import structlog
 
 from hostdev.agent.errors import HypervisorError
 from hostdev.messages.base import Message
-from hostdev.messages.logging import bound_message
+from hostdev.messages.runtime.logging import bound_message
 
 log = structlog.get_logger()
 

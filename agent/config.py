@@ -20,7 +20,7 @@ import structlog
 from hostdev.agent.errors import ConfigError
 from hostdev.messages.errors import PciAddressError
 from hostdev.messages.pci_address import PciAddress
-from hostdev.messages.properties import (
+from hostdev.messages.runtime.properties import (
     PropertiesError,
     Property,
     parse_duration,

@@ -31,7 +31,7 @@ from hostdev.agent.recent_commands import RecentCommands
 from hostdev.agent.simulated import SimulatedHost, is_simulated_uri
 from hostdev.agent.startup_checks import CheckReport, check_host
 from hostdev.messages.base import Message
-from hostdev.messages.bus_api import BusLike
+from hostdev.messages.bus.contract import BusLike
 from hostdev.messages.commands import (
     AttachPciDevicesCommand,
     DetachPciDevicesCommand,
@@ -44,8 +44,8 @@ from hostdev.messages.commands import (
     VmStateReport,
 )
 from hostdev.messages.errors import TransientError
-from hostdev.messages.logging import bound_message, configure_logging
-from hostdev.messages.sd_notify import SystemdNotifier
+from hostdev.messages.runtime.logging import bound_message, configure_logging
+from hostdev.messages.runtime.sd_notify import SystemdNotifier
 
 log = structlog.get_logger()
 

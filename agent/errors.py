@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from hostdev.messages.pci_address import PciAddress
-from hostdev.messages.properties import PropertiesError
+from hostdev.messages.runtime.properties import PropertiesError
 
 
 class AgentError(Exception):

@@ -3,7 +3,7 @@
 ``hostdev_agent_command_duration_seconds{type, result}`` times Start, Stop,
 Migrate, Attach and Detach from delivery to answer (``result`` is the
 answer's ``ok``/``error``, or ``raised`` when the handler failed before
-answering). The bus counters (``hostdev.messages.metrics``) and the endpoint
+answering). The bus counters (``hostdev.messages.runtime.metrics``) and the endpoint
 come with the bus; ``serve_agent_metrics`` starts it when ``metrics.port`` is set.
 """
 
@@ -17,7 +17,7 @@ from typing import Any
 from prometheus_client import Histogram
 
 from hostdev.messages.base import Message
-from hostdev.messages.metrics import MetricsServer, serve_metrics
+from hostdev.messages.runtime.metrics import MetricsServer, serve_metrics
 
 COMMAND_DURATION = Histogram(
     "hostdev_agent_command_duration_seconds", "Time from a command's delivery to its answer, "

@@ -39,8 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import structlog
 
-from hostdev.mgmt.database import create_database_engine, upgrade
-from hostdev.mgmt.pci_devices import PciDeviceRepository
+from hostdev.mgmt.devices.pci_devices import PciDeviceRepository
+from hostdev.mgmt.persistence.database import create_database_engine, upgrade
 
 SOCKET = "/run/mysqld/mysqld.sock"
 HOSTS = 2_000

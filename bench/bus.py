@@ -38,8 +38,8 @@ from hostdev.messages.api import ListPciDevicesRequest, PciDeviceList
 from hostdev.messages.bus import Bus, BusConfig
 from hostdev.messages.codec import decode, encode
 from hostdev.messages.commands import StartCommand
-from hostdev.messages.logging import configure_logging
 from hostdev.messages.pci_address import PciAddress
+from hostdev.messages.runtime.logging import configure_logging
 from hostdev.messages.values import PciDeviceRow, VmSpec
 from tests.support.rabbitmq import amqp_vhost
 

@@ -34,7 +34,7 @@ from sqlalchemy.orm import Session
 
 from hostdev.messages import api
 from hostdev.messages.bus import Bus, BusConfig
-from hostdev.messages.bus_api import EVENTS_EXCHANGE
+from hostdev.messages.bus.contract import EVENTS_EXCHANGE
 from hostdev.messages.commands import (
     StartAnswer,
     StartCommand,
@@ -42,12 +42,12 @@ from hostdev.messages.commands import (
     StartupRoutingCommand,
 )
 from hostdev.messages.events import VmStateChanged
-from hostdev.messages.logging import configure_logging
+from hostdev.messages.runtime.logging import configure_logging
 from hostdev.messages.values import PciRequest
-from hostdev.mgmt import planner
 from hostdev.mgmt.config import MgmtConfig
-from hostdev.mgmt.database import create_database_engine
-from hostdev.mgmt.models import Host, PciDevice
+from hostdev.mgmt.persistence.database import create_database_engine
+from hostdev.mgmt.persistence.models import Host, PciDevice
+from hostdev.mgmt.placement import planner
 from tests.support.databases import mariadb_database
 from tests.support.mgmt_harness import devices
 from tests.support.rabbitmq import amqp_vhost

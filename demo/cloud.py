@@ -1,7 +1,7 @@
 """The demo's cloud: management and three simulated hosts, in one process or on real services.
 
 ``InProcessCloud`` runs a ``ManagementService`` and three ``Agent`` objects on
-one in-process broker (``hostdev.messages.testing``) with a SQLite file in a
+one in-process broker (``hostdev.messages.bus.in_process``) with a SQLite file in a
 temporary directory; requests drive every bus until all is handled, so each
 answer reflects a settled state. ``ServiceCloud`` runs the same management
 service on a thread against a real broker and database, and each agent as a
@@ -29,11 +29,11 @@ from hostdev.agent.startup_checks import check_host
 from hostdev.demo.hosts import DEMO_HOSTS, DemoHost
 from hostdev.messages import api
 from hostdev.messages.base import Message
+from hostdev.messages.bus.in_process import InProcessBroker, InProcessBus
 from hostdev.messages.commands import AttachPciDevicesCommand
 from hostdev.messages.errors import MessageError
-from hostdev.messages.testing import InProcessBroker, InProcessBus
-from hostdev.mgmt import database
 from hostdev.mgmt.config import MgmtConfig
+from hostdev.mgmt.persistence import database
 from hostdev.mgmt.service import ManagementService
 
 if TYPE_CHECKING:  # only mgmt imports SQLAlchemy (DESIGN section 2)

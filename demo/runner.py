@@ -19,7 +19,7 @@ from hostdev.demo.cloud import Cloud, DemoError, InProcessCloud, ServiceCloud, s
 from hostdev.demo.scenario import DemoReport, run_scenario
 from hostdev.messages import api
 from hostdev.messages.errors import MessageError
-from hostdev.messages.logging import configure_logging
+from hostdev.messages.runtime.logging import configure_logging
 
 
 def open_cloud(directory: Path, *, amqp_url: str | None, db_url: str | None,

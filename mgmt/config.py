@@ -13,7 +13,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from hostdev.messages.properties import (
+from hostdev.messages.runtime.properties import (
     PropertiesError,
     Property,
     parse_duration,

@@ -24,9 +24,9 @@ import sys
 from collections.abc import Sequence
 from typing import Any, Final
 
-from hostdev.mgmt import database
 from hostdev.mgmt.config import load_config
 from hostdev.mgmt.errors import MgmtError
+from hostdev.mgmt.persistence import database
 from hostdev.mgmt.rabbitmq_users import agent_user_recipe, apply_recipe
 from hostdev.mgmt.runner import add_run_command
 

@@ -27,8 +27,15 @@ from prometheus_client.metrics_core import Metric
 from sqlalchemy import Engine, event, func, select
 from sqlalchemy.orm import Session
 
-from hostdev.messages.metrics import MetricsServer, serve_metrics
-from hostdev.mgmt.models import DEVICE_STATES, HOST_STATUSES, Host, Job, PciDevice, VmInstance
+from hostdev.messages.runtime.metrics import MetricsServer, serve_metrics
+from hostdev.mgmt.persistence.models import (
+    DEVICE_STATES,
+    HOST_STATUSES,
+    Host,
+    Job,
+    PciDevice,
+    VmInstance,
+)
 
 log = structlog.get_logger()
 

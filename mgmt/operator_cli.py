@@ -21,9 +21,9 @@ import msgspec
 from hostdev.messages import api
 from hostdev.messages.base import Message
 from hostdev.messages.errors import BusError, MessageError, RemoteError, RequestTimeout
-from hostdev.messages.logging import configure_logging
+from hostdev.messages.runtime.logging import configure_logging
 from hostdev.messages.values import JobRow
-from hostdev.mgmt.offerings import format_pci_requests
+from hostdev.mgmt.api.offerings import format_pci_requests
 
 #: Sends one request and returns the typed answer (raises RemoteError/RequestTimeout).
 Requester = Callable[[Message, float], Message]

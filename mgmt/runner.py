@@ -20,12 +20,12 @@ import structlog
 from sqlalchemy import make_url
 
 from hostdev.messages.errors import MessageError
-from hostdev.messages.logging import configure_logging
-from hostdev.messages.sd_notify import SystemdNotifier
-from hostdev.mgmt import database
+from hostdev.messages.runtime.logging import configure_logging
+from hostdev.messages.runtime.sd_notify import SystemdNotifier
 from hostdev.mgmt.config import MgmtConfig, load_config
 from hostdev.mgmt.errors import ConfigError, MgmtError
 from hostdev.mgmt.metrics import serve_mgmt_metrics
+from hostdev.mgmt.persistence import database
 
 log = structlog.get_logger()
 

@@ -27,7 +27,7 @@ from sqlalchemy.orm import Session
 
 from hostdev.messages import api
 from hostdev.messages.base import Message
-from hostdev.messages.bus_api import API_QUEUE, MGMT_QUEUE, BusLike, Incoming
+from hostdev.messages.bus.contract import API_QUEUE, MGMT_QUEUE, BusLike, Incoming
 from hostdev.messages.commands import (
     AttachPciDevicesAnswer,
     ErrorAnswer,
@@ -39,19 +39,19 @@ from hostdev.messages.commands import (
     VmStateReport,
 )
 from hostdev.messages.errors import TransientError
-from hostdev.messages.logging import bound_message
-from hostdev.mgmt import migration_hooks
-from hostdev.mgmt.api_handlers import ApiHandlers
+from hostdev.messages.runtime.logging import bound_message
+from hostdev.mgmt.api.api_handlers import ApiHandlers
 from hostdev.mgmt.config import MgmtConfig
-from hostdev.mgmt.database import TransactionConflict
 from hostdev.mgmt.errors import MgmtError
-from hostdev.mgmt.jobs import JobManager, job_of_request
-from hostdev.mgmt.migration import MigrationManager
-from hostdev.mgmt.models import HandledMessage, VmInstance, utcnow
-from hostdev.mgmt.outbox import OutboxPublisher
-from hostdev.mgmt.registration import HostRegistry, check_sender, guid_of
-from hostdev.mgmt.unit_of_work import AlreadyHandled, UnitOfWork
-from hostdev.mgmt.vm_lifecycle import PciDeviceManager, VmLifecycleManager
+from hostdev.mgmt.hosts.registration import HostRegistry, check_sender, guid_of
+from hostdev.mgmt.jobs import migration_hooks
+from hostdev.mgmt.jobs.jobs import JobManager, job_of_request
+from hostdev.mgmt.jobs.migration import MigrationManager
+from hostdev.mgmt.persistence.database import TransactionConflict
+from hostdev.mgmt.persistence.models import HandledMessage, VmInstance, utcnow
+from hostdev.mgmt.persistence.outbox import OutboxPublisher
+from hostdev.mgmt.persistence.unit_of_work import AlreadyHandled, UnitOfWork
+from hostdev.mgmt.vms.vm_lifecycle import PciDeviceManager, VmLifecycleManager
 
 log = structlog.get_logger()
 

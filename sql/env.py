@@ -1,7 +1,7 @@
 """Runs hostdev's migrations online (a connection) or offline (an SQL script).
 
 The database URL comes, first found wins, from: a connection handed over by
-``hostdev.mgmt.database`` (``config.attributes["connection"]``), ``-x
+``hostdev.mgmt.persistence.database`` (``config.attributes["connection"]``), ``-x
 db_url=...`` on the alembic command line, ``HOSTDEV_DB_URL``, or
 ``sqlalchemy.url`` in the config.
 """
@@ -13,8 +13,8 @@ import os
 from alembic import context
 from sqlalchemy import Connection
 
-from hostdev.mgmt.database import create_database_engine
-from hostdev.mgmt.models import Base
+from hostdev.mgmt.persistence.database import create_database_engine
+from hostdev.mgmt.persistence.models import Base
 
 config = context.config
 target_metadata = Base.metadata

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 
 import structlog
 
-from hostdev.mgmt.database import create_database_engine
-from hostdev.mgmt.pci_devices import InsufficientDevices, PciDeviceRepository
+from hostdev.mgmt.devices.pci_devices import InsufficientDevices, PciDeviceRepository
+from hostdev.mgmt.persistence.database import create_database_engine
 
 
 @dataclass

@@ -22,8 +22,8 @@ from typing import Any, Final
 import pymysql
 from sqlalchemy import Connection, insert, make_url
 
-from hostdev.mgmt.database import upgrade
-from hostdev.mgmt.models import Host, ServiceOffering, VmInstance
+from hostdev.mgmt.persistence.database import upgrade
+from hostdev.mgmt.persistence.models import Host, ServiceOffering, VmInstance
 
 MARIADB_SOCKET: Final = os.environ.get("HOSTDEV_TEST_MARIADB_SOCKET", "/run/mysqld/mysqld.sock")
 

@@ -17,7 +17,7 @@ from typing import Any
 from sqlalchemy import Engine
 
 from hostdev.messages.base import Message
-from hostdev.messages.bus_api import BusConfig, Incoming
+from hostdev.messages.bus.contract import BusConfig, Incoming
 from hostdev.messages.codec import decode, encode
 from hostdev.messages.commands import (
     PingRoutingCommand,

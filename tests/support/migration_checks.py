@@ -10,8 +10,8 @@ from sqlalchemy.orm import Session
 
 from hostdev.messages.pci_address import PciAddress
 from hostdev.messages.values import DomainInfo
-from hostdev.mgmt.models import Host, Job, PciDevice, VmInstance
-from hostdev.mgmt.pci_inventory import address_of
+from hostdev.mgmt.devices.pci_inventory import address_of
+from hostdev.mgmt.persistence.models import Host, Job, PciDevice, VmInstance
 
 
 def violations(engine: Engine, domains: Mapping[str, Sequence[DomainInfo]]) -> list[str]:

@@ -12,7 +12,7 @@ from sqlalchemy import Engine
 from hostdev.agent import simulated_store
 from hostdev.messages import api
 from hostdev.messages.values import DomainInfo
-from hostdev.mgmt.database import create_database_engine
+from hostdev.mgmt.persistence.database import create_database_engine
 from tests.support.e2e_stack import SimHost, Stack
 from tests.support.migration_checks import violations
 from tests.support.processes import Daemon

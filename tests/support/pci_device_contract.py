@@ -15,9 +15,7 @@ from sqlalchemy import Engine
 
 from hostdev.messages.pci_address import PciAddress
 from hostdev.messages.values import PciDeviceInfo
-from hostdev.mgmt.database import transaction
-from hostdev.mgmt.errors import InvalidRequest
-from hostdev.mgmt.pci_devices import (
+from hostdev.mgmt.devices.pci_devices import (
     DeviceBusy,
     DeviceNotFound,
     InsufficientDevices,
@@ -26,6 +24,8 @@ from hostdev.mgmt.pci_devices import (
     device_counts,
     devices_of_vm,
 )
+from hostdev.mgmt.errors import InvalidRequest
+from hostdev.mgmt.persistence.database import transaction
 from tests.support.databases import add_host, add_offering, add_vms
 
 

@@ -13,7 +13,7 @@ import pika
 import pytest
 
 from hostdev.messages.api import HostList, ListHostsRequest, ListVmsRequest
-from hostdev.messages.bus_api import REASON_HEADER, Incoming
+from hostdev.messages.bus.contract import REASON_HEADER, Incoming
 from hostdev.messages.commands import StopAnswer, StopCommand
 from hostdev.messages.errors import BusError, RemoteError, RequestTimeout, TransientError
 from tests.integration.bus.conftest import BusRunner

@@ -7,7 +7,7 @@ import uuid
 
 import pytest
 
-from hostdev.messages.bus_api import Incoming
+from hostdev.messages.bus.contract import Incoming
 from hostdev.messages.commands import StopCommand
 from tests.integration.bus.conftest import BusRunner
 from tests.support.rabbitmq import Vhost

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import pytest
 from sqlalchemy import Engine
 
-from hostdev.mgmt.database import create_database_engine
+from hostdev.mgmt.persistence.database import create_database_engine
 from tests.support.databases import mariadb_database
 
 

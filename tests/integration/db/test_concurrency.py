@@ -9,9 +9,9 @@ from collections import Counter
 import pytest
 from sqlalchemy import Engine, select
 
-from hostdev.mgmt.database import transaction
-from hostdev.mgmt.models import PciDevice
-from hostdev.mgmt.pci_devices import PciDeviceRepository
+from hostdev.mgmt.devices.pci_devices import PciDeviceRepository
+from hostdev.mgmt.persistence.database import transaction
+from hostdev.mgmt.persistence.models import PciDevice
 from tests.support.allocation_load import find_double_holds, run_claim_release_load
 from tests.support.databases import add_host, add_offering, add_vms
 from tests.support.pci_device_contract import inventory

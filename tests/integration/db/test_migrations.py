@@ -11,8 +11,12 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import inspect
 
-from hostdev.mgmt.database import alembic_config, create_database_engine, current_revision
-from hostdev.mgmt.models import Base
+from hostdev.mgmt.persistence.database import (
+    alembic_config,
+    create_database_engine,
+    current_revision,
+)
+from hostdev.mgmt.persistence.models import Base
 from tests.support.databases import mariadb_database, sqlite_database
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from sqlalchemy import Engine
 
-from hostdev.mgmt.database import run_in_transaction, transaction
-from hostdev.mgmt.pci_devices import ClaimRaceLost, PciDeviceRepository, claim_devices
+from hostdev.mgmt.devices.pci_devices import ClaimRaceLost, PciDeviceRepository, claim_devices
+from hostdev.mgmt.persistence.database import run_in_transaction, transaction
 from tests.support.databases import add_host, add_offering, add_vms
 from tests.support.pci_device_contract import STANDARD, PciDeviceRepositoryContract
 

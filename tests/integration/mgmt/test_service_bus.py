@@ -20,7 +20,7 @@ from hostdev.messages.commands import (
 )
 from hostdev.messages.errors import RemoteError
 from hostdev.mgmt.config import MgmtConfig
-from hostdev.mgmt.database import create_database_engine
+from hostdev.mgmt.persistence.database import create_database_engine
 from hostdev.mgmt.service import ManagementService
 from tests.support.databases import mariadb_database
 from tests.support.mgmt_harness import devices

@@ -11,8 +11,8 @@ from sqlalchemy.orm import Session
 
 from hostdev.messages import api
 from hostdev.messages.commands import ErrorAnswer, StartAnswer, StartCommand
-from hostdev.mgmt.database import create_database_engine
-from hostdev.mgmt.models import PciDevice, VmInstance
+from hostdev.mgmt.persistence.database import create_database_engine
+from hostdev.mgmt.persistence.models import PciDevice, VmInstance
 from tests.support.databases import mariadb_database
 from tests.support.mgmt_harness import Harness, devices
 

@@ -17,7 +17,7 @@ from hostdev.agent.hypervisor import LifecycleEvent
 from hostdev.agent.simulated import SimulatedHost
 from hostdev.agent.startup_checks import check_host
 from hostdev.messages.base import Message
-from hostdev.messages.bus_api import Incoming
+from hostdev.messages.bus.contract import Incoming
 from hostdev.messages.commands import (
     PingRoutingCommand,
     StartAnswer,

@@ -11,7 +11,8 @@ from hostdev.agent.daemon import Agent
 from hostdev.agent.recent_commands import RecentCommands
 from hostdev.agent.simulated import SimulatedHost
 from hostdev.agent.startup_checks import check_host
-from hostdev.messages.bus_api import MGMT_QUEUE, Incoming
+from hostdev.messages.bus.contract import MGMT_QUEUE, Incoming
+from hostdev.messages.bus.in_process import FakeClock, InProcessBroker, InProcessBus
 from hostdev.messages.commands import (
     StartAnswer,
     StartCommand,
@@ -21,7 +22,6 @@ from hostdev.messages.commands import (
     StopCommand,
 )
 from hostdev.messages.pci_address import PciAddress as P
-from hostdev.messages.testing import FakeClock, InProcessBroker, InProcessBus
 from hostdev.messages.values import VmSpec
 from tests.support.agent import SAMPLE_DEVICES, HostFactory
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from hostdev.messages.bus_api import BusConfig, Incoming, answer_route, topic_matches
+from hostdev.messages.bus.contract import BusConfig, Incoming, answer_route, topic_matches
 
 
 @pytest.mark.parametrize(("pattern", "key", "expected"), [

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from hostdev.messages.bus_confirms import ConfirmWindow, Unconfirmed
+from hostdev.messages.bus.confirms import ConfirmWindow, Unconfirmed
 
 
 def _item(n: int) -> Unconfirmed:

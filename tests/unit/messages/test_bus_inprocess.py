@@ -7,11 +7,11 @@ import threading
 import pytest
 
 from hostdev.messages.api import HostList, ListHostsRequest, ListVmsRequest
-from hostdev.messages.bus_api import REASON_HEADER, Incoming
+from hostdev.messages.bus.contract import REASON_HEADER, Incoming
+from hostdev.messages.bus.in_process import FakeClock, InProcessBroker, InProcessBus
 from hostdev.messages.commands import ErrorAnswer, StopAnswer, StopCommand
 from hostdev.messages.errors import BusError, RemoteError, RequestTimeout, TransientError
 from hostdev.messages.events import HostStatusChanged
-from hostdev.messages.testing import FakeClock, InProcessBroker, InProcessBus
 
 
 @pytest.fixture
@@ -67,7 +67,7 @@ def test_topic_bindings_route_with_star_and_hash(broker: InProcessBroker) -> Non
 def test_undecodable_and_unknown_messages_are_dead_lettered_and_the_consumer_goes_on(
         broker: InProcessBroker, body: bytes, reason: str) -> None:
     """Malformed JSON and unknown types land in hostdev.dead with the reason; later ones flow."""
-    from hostdev.messages.testing import Envelope
+    from hostdev.messages.bus.in_process import Envelope
 
     agent = _bus(broker)
     queue = agent.declare_agent_queue("g1")
@@ -275,7 +275,7 @@ def test_handler_log_lines_carry_message_and_correlation_ids(broker: InProcessBr
 
     import structlog
 
-    from hostdev.messages.logging import configure_logging
+    from hostdev.messages.runtime.logging import configure_logging
 
     out = io.StringIO()
     configure_logging("info", stream=out)

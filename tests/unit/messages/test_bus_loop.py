@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from hostdev.messages.bus_loop import LoopScheduler
+from hostdev.messages.bus.loop import LoopScheduler
 
 
 @pytest.fixture

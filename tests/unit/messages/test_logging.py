@@ -9,7 +9,7 @@ import logging
 import pytest
 import structlog
 
-from hostdev.messages.logging import bound_message, configure_logging, parse_level
+from hostdev.messages.runtime.logging import bound_message, configure_logging, parse_level
 
 
 @pytest.fixture(autouse=True)

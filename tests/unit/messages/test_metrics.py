@@ -1,4 +1,4 @@
-"""The bus counters and the /metrics endpoint of hostdev.messages.metrics."""
+"""The bus counters and the /metrics endpoint of hostdev.messages.runtime.metrics."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ import urllib.request
 from prometheus_client import REGISTRY
 
 from hostdev.messages.api import ListHostsRequest
-from hostdev.messages.bus_api import COMMANDS_EXCHANGE
-from hostdev.messages.bus_memory import Envelope
-from hostdev.messages.metrics import bus_reconnected, serve_metrics
-from hostdev.messages.testing import InProcessBroker, InProcessBus
+from hostdev.messages.bus.contract import COMMANDS_EXCHANGE
+from hostdev.messages.bus.in_process import InProcessBroker, InProcessBus
+from hostdev.messages.bus.in_process_broker import Envelope
+from hostdev.messages.runtime.metrics import bus_reconnected, serve_metrics
 
 
 def _count(name: str, **labels: str) -> float:

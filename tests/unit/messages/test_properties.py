@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from hostdev.messages.properties import PropertiesError, parse_properties, read_properties
+from hostdev.messages.runtime.properties import PropertiesError, parse_properties, read_properties
 
 
 def test_separators_comments_and_line_numbers() -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from hostdev.messages.sd_notify import SystemdNotifier
+from hostdev.messages.runtime.sd_notify import SystemdNotifier
 
 
 @pytest.fixture()

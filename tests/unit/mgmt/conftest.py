@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import Engine
 
-from hostdev.mgmt.database import create_database_engine
+from hostdev.mgmt.persistence.database import create_database_engine
 from tests.support.databases import sqlite_database
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from hostdev.messages.properties import parse_properties
+from hostdev.messages.runtime.properties import parse_properties
 from hostdev.mgmt.config import MgmtConfig, config_from_properties, config_keys, load_config
 from hostdev.mgmt.errors import ConfigError
 

@@ -12,7 +12,8 @@ import pytest
 from sqlalchemy import Connection, Engine, bindparam, insert, select
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
-from hostdev.mgmt.database import (
+from hostdev.mgmt.errors import ConfigError, MgmtError
+from hostdev.mgmt.persistence.database import (
     PreparedStatement,
     RetryTransaction,
     TransactionConflict,
@@ -22,8 +23,7 @@ from hostdev.mgmt.database import (
     sql_directory,
     transaction,
 )
-from hostdev.mgmt.errors import ConfigError, MgmtError
-from hostdev.mgmt.models import Host, PciDevice
+from hostdev.mgmt.persistence.models import Host, PciDevice
 from tests.support.databases import sqlite_database
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import create_engine
 
-from hostdev.messages.properties import parse_properties
+from hostdev.messages.runtime.properties import parse_properties
 from hostdev.mgmt.config import MgmtConfig, config_from_properties
 from hostdev.mgmt.errors import ConfigError
 from hostdev.mgmt.metrics import InventoryCollector

@@ -18,7 +18,7 @@ from hostdev.messages.commands import (
     StartupRoutingCommand,
 )
 from hostdev.messages.values import DeviceOutcome, DomainInfo
-from hostdev.mgmt.models import Job, PciDevice, VmInstance, utcnow
+from hostdev.mgmt.persistence.models import Job, PciDevice, VmInstance, utcnow
 from tests.support.mgmt_harness import Harness, Published, devices
 
 

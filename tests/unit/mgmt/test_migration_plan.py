@@ -7,7 +7,7 @@ import pytest
 from hostdev.messages.pci_address import PciAddress as P
 from hostdev.messages.values import DeviceOutcome
 from hostdev.mgmt.errors import Forbidden
-from hostdev.mgmt.migration_plan import (
+from hostdev.mgmt.jobs.migration_plan import (
     NamedDevice,
     check_policy,
     failed_attaches,

@@ -13,9 +13,9 @@ from hostdev.agent.config import parse_config
 from hostdev.agent.daemon import Agent
 from hostdev.agent.startup_checks import check_host
 from hostdev.messages import api
+from hostdev.messages.bus.in_process import FakeClock, InProcessBroker, InProcessBus
 from hostdev.messages.errors import RemoteError
 from hostdev.messages.pci_address import PciAddress as P
-from hostdev.messages.testing import FakeClock, InProcessBroker, InProcessBus
 from hostdev.mgmt.config import MgmtConfig
 from hostdev.mgmt.service import ManagementService
 from tests.support.agent import SAMPLE_DEVICES, HostFactory, host_factory

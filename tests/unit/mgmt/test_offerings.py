@@ -7,13 +7,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from hostdev.messages.values import PciRequest
-from hostdev.mgmt.errors import InvalidRequest
-from hostdev.mgmt.offerings import (
+from hostdev.mgmt.api.offerings import (
     check_names_exist,
     describe_pci_requests,
     format_pci_requests,
     parse_pci_devices,
 )
+from hostdev.mgmt.errors import InvalidRequest
 
 
 def test_repeated_name_means_several() -> None:

@@ -27,9 +27,9 @@ from sqlalchemy import Engine, select
 
 from hostdev.messages.pci_address import PciAddress
 from hostdev.messages.values import PciDeviceInfo
-from hostdev.mgmt.database import create_database_engine, transaction
-from hostdev.mgmt.models import PciDevice
-from hostdev.mgmt.pci_devices import DeviceBusy, InsufficientDevices, PciDeviceRepository
+from hostdev.mgmt.devices.pci_devices import DeviceBusy, InsufficientDevices, PciDeviceRepository
+from hostdev.mgmt.persistence.database import create_database_engine, transaction
+from hostdev.mgmt.persistence.models import PciDevice
 from tests.support.databases import add_host, add_offering, add_vms, sqlite_database
 
 # A small world (3 devices per host, 2 VMs) so random steps often meet

@@ -8,9 +8,9 @@ from sqlalchemy import Engine, insert, select
 from sqlalchemy.orm import Session
 
 from hostdev.messages.values import PciRequest
-from hostdev.mgmt import planner
-from hostdev.mgmt.models import Host, PciDevice
-from hostdev.mgmt.planner import Demand, HostCapacity, find_hosts, refusal, verdict
+from hostdev.mgmt.persistence.models import Host, PciDevice
+from hostdev.mgmt.placement import planner
+from hostdev.mgmt.placement.planner import Demand, HostCapacity, find_hosts, refusal, verdict
 
 TWO_10GE = Demand(cpus=2, memory_mb=1024, pci=(PciRequest(name="10GE", count=2),))
 

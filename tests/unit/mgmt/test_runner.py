@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from hostdev.mgmt import database
 from hostdev.mgmt.config import MgmtConfig
 from hostdev.mgmt.errors import MgmtError
+from hostdev.mgmt.persistence import database
 from hostdev.mgmt.runner import add_run_command, check_schema
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from hostdev.mgmt.database import offline_sql, sql_directory
+from hostdev.mgmt.persistence.database import offline_sql, sql_directory
 
 
 def test_schema_mysql_sql_has_not_drifted() -> None:

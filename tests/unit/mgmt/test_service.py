@@ -20,7 +20,7 @@ from hostdev.messages.commands import (
 )
 from hostdev.mgmt.config import MgmtConfig
 from hostdev.mgmt.errors import Forbidden
-from hostdev.mgmt.models import (
+from hostdev.mgmt.persistence.models import (
     HandledMessage,
     Host,
     Job,

@@ -12,7 +12,7 @@ from hostdev.messages import api
 from hostdev.messages.commands import PingRoutingCommand
 from hostdev.messages.pci_address import PciAddress
 from hostdev.messages.values import DomainInfo
-from hostdev.mgmt.models import Host, PciDevice, VmInstance, utcnow
+from hostdev.mgmt.persistence.models import Host, PciDevice, VmInstance, utcnow
 from tests.support.mgmt_harness import Harness, devices
 
 ADDRESSES = (PciAddress("28:00.0"), PciAddress("28:00.1"))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from hostdev.mgmt.errors import InvalidTransition
-from hostdev.mgmt.vm_states import STATES, VmEvent, is_allowed, next_state
+from hostdev.mgmt.vms.vm_states import STATES, VmEvent, is_allowed, next_state
 
 
 @pytest.mark.parametrize(("state", "event", "after"), [

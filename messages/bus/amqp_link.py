@@ -22,7 +22,7 @@ import amqp.exceptions
 import structlog
 from kombu.connection import Connection as KombuConnection
 
-from hostdev.messages.bus_amqp import (
+from hostdev.messages.bus.amqp_message import (
     CONNECTION_ERRORS,
     close_quietly,
     dead_letter_copy,
@@ -34,11 +34,11 @@ from hostdev.messages.bus_amqp import (
     raw,
     wait_readable,
 )
-from hostdev.messages.bus_api import DEAD_EXCHANGE, BusConfig
-from hostdev.messages.bus_confirms import ConfirmWindow, Unconfirmed
-from hostdev.messages.bus_loop import LoopScheduler
+from hostdev.messages.bus.confirms import ConfirmWindow, Unconfirmed
+from hostdev.messages.bus.contract import DEAD_EXCHANGE, BusConfig
+from hostdev.messages.bus.loop import LoopScheduler
 from hostdev.messages.errors import BusError
-from hostdev.messages.metrics import bus_reconnected
+from hostdev.messages.runtime.metrics import bus_reconnected
 
 log = structlog.get_logger()
 

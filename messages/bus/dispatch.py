@@ -15,12 +15,12 @@ from typing import Literal
 import structlog
 
 from hostdev.messages.base import Answer, Message
-from hostdev.messages.bus_api import CONTENT_TYPE, Handler, Incoming, answer_route
+from hostdev.messages.bus.contract import CONTENT_TYPE, Handler, Incoming, answer_route
 from hostdev.messages.codec import decode
 from hostdev.messages.commands import ErrorAnswer
 from hostdev.messages.errors import DecodeError, TransientError
-from hostdev.messages.logging import bound_message
-from hostdev.messages.metrics import count_outcome
+from hostdev.messages.runtime.logging import bound_message
+from hostdev.messages.runtime.metrics import count_outcome
 
 log = structlog.get_logger()
 

@@ -1,6 +1,6 @@
 """Allocates PCI devices to VMs: claims, releases, migrations, admin, counts.
 
-Reconciling a host's reported inventory lives in :mod:`hostdev.mgmt.pci_inventory`.
+Reconciling a host's reported inventory lives in :mod:`hostdev.mgmt.devices.pci_inventory`.
 
 Two layers:
 
@@ -11,7 +11,7 @@ Two layers:
   race raises :class:`ClaimRaceLost` (a :class:`RetryTransaction`): unless
   its ``written`` is 0 the caller MUST roll back and run its whole unit of
   work again in a NEW transaction, e.g. through
-  :func:`hostdev.mgmt.database.run_in_transaction`.
+  :func:`hostdev.mgmt.persistence.database.run_in_transaction`.
 - :class:`PciDeviceRepository`, which runs each of them in its own
   transaction with those retries.
 
@@ -21,7 +21,7 @@ checked by row count; claims pick rows with ``FOR UPDATE SKIP LOCKED`` so two
 daemons do not pick the same row. SQLite (one daemon) serialises writers with
 ``BEGIN IMMEDIATE`` and needs neither.
 
-Device states and holders are described in :mod:`hostdev.mgmt.models`.
+Device states and holders are described in :mod:`hostdev.mgmt.persistence.models`.
 """
 
 from __future__ import annotations
@@ -44,10 +44,7 @@ from sqlalchemy import (
 
 from hostdev.messages.pci_address import PciAddress
 from hostdev.messages.values import PciDeviceInfo
-from hostdev.mgmt.database import PreparedStatement, RetryTransaction, run_in_transaction
-from hostdev.mgmt.errors import Conflict, InvalidRequest, NoCapacity, NotFound
-from hostdev.mgmt.models import utcnow
-from hostdev.mgmt.pci_inventory import (
+from hostdev.mgmt.devices.pci_inventory import (
     DEVICES,
     C,
     InventoryChanges,
@@ -55,6 +52,13 @@ from hostdev.mgmt.pci_inventory import (
     locks_rows,
     reconcile_inventory,
 )
+from hostdev.mgmt.errors import Conflict, InvalidRequest, NoCapacity, NotFound
+from hostdev.mgmt.persistence.database import (
+    PreparedStatement,
+    RetryTransaction,
+    run_in_transaction,
+)
+from hostdev.mgmt.persistence.models import utcnow
 
 T = TypeVar("T")
 
@@ -389,7 +393,7 @@ class PciDeviceRepository:
 
     Every method is one transaction; a lost race or deadlock is retried in a
     NEW transaction up to ``attempts`` times, then raises
-    :class:`~hostdev.mgmt.database.TransactionConflict`.
+    :class:`~hostdev.mgmt.persistence.database.TransactionConflict`.
     """
 
     def __init__(self, engine: Engine, *, attempts: int = 30) -> None:

@@ -1,6 +1,6 @@
 """A host's PCI device rows and how they follow the inventory its agent reports.
 
-Like :mod:`hostdev.mgmt.pci_devices`, :func:`reconcile_inventory` runs in
+Like :mod:`hostdev.mgmt.devices.pci_devices`, :func:`reconcile_inventory` runs in
 the caller's transaction and never commits. A device that leaves the report
 while a VM holds it is quarantined, never deleted, and never offered again
 until it comes back (then it returns to its VM) or its VM lets go (then it is
@@ -17,9 +17,9 @@ from sqlalchemy import Connection, Table, insert, select, update
 
 from hostdev.messages.pci_address import PciAddress
 from hostdev.messages.values import PciDeviceInfo
-from hostdev.mgmt.database import RetryTransaction
 from hostdev.mgmt.errors import InvalidRequest
-from hostdev.mgmt.models import PciDevice, utcnow
+from hostdev.mgmt.persistence.database import RetryTransaction
+from hostdev.mgmt.persistence.models import PciDevice, utcnow
 
 DEVICES: Final = cast(Table, PciDevice.__table__)
 C: Final = DEVICES.c

@@ -20,7 +20,7 @@ import amqp.exceptions
 from kombu.connection import Connection as KombuConnection
 
 from hostdev.messages.base import Message
-from hostdev.messages.bus_api import (
+from hostdev.messages.bus.contract import (
     COMMANDS_EXCHANGE,
     CONTENT_TYPE,
     DEAD_EXCHANGE,

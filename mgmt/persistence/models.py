@@ -6,7 +6,7 @@ come from the naming convention below, so migrations stay stable across
 databases. Times are naive UTC (``utcnow``).
 
 Device rows (``op_host_pci_devices``) carry the allocation. The invariants
-``hostdev.mgmt.pci_devices`` keeps:
+``hostdev.mgmt.devices.pci_devices`` keeps:
 
 - ``free``: ``instance_id`` and ``reserved_for`` are NULL.
 - ``allocated``: ``instance_id`` is the VM that holds the device.

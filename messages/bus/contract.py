@@ -1,6 +1,6 @@
 """The bus contract shared by the AMQP bus and its in-process twin (no broker code here).
 
-``hostdev.messages.bus`` (kombu, RabbitMQ) and ``hostdev.messages.testing``
+``hostdev.messages.bus`` (kombu, RabbitMQ) and ``hostdev.messages.bus.in_process``
 (in-process) both implement :class:`BusLike`; daemons code against it and
 import the names below from ``hostdev.messages.bus``.
 """

@@ -32,12 +32,13 @@ from hostdev.messages.commands import (
 )
 from hostdev.messages.events import HostStatusChanged, PciDeviceAllocated
 from hostdev.messages.values import DomainInfo
-from hostdev.mgmt import outbox, pci_inventory
 from hostdev.mgmt.config import MgmtConfig
+from hostdev.mgmt.devices import pci_inventory
 from hostdev.mgmt.errors import Forbidden
-from hostdev.mgmt.models import Host, VmInstance, utcnow
-from hostdev.mgmt.vm_lifecycle import VmLifecycleManager
-from hostdev.mgmt.vm_states import VmEvent
+from hostdev.mgmt.persistence import outbox
+from hostdev.mgmt.persistence.models import Host, VmInstance, utcnow
+from hostdev.mgmt.vms.vm_lifecycle import VmLifecycleManager
+from hostdev.mgmt.vms.vm_states import VmEvent
 
 log = structlog.get_logger()
 

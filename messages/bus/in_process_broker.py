@@ -1,4 +1,4 @@
-"""The in-process broker behind ``hostdev.messages.testing``: exchanges, queues, routing.
+"""The in-process broker behind ``hostdev.messages.bus.in_process``: exchanges, queues, routing.
 
 Holds messages as encoded bytes with AMQP-like properties; thread-safe (one
 condition variable). See ``testing.py`` for how tests drive it.
@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from hostdev.messages.base import Message
-from hostdev.messages.bus_api import (
+from hostdev.messages.bus.contract import (
     COMMANDS_EXCHANGE,
     DEAD_EXCHANGE,
     DEAD_QUEUE,
@@ -28,7 +28,7 @@ from hostdev.messages.codec import decode
 from hostdev.messages.errors import DecodeError
 
 if TYPE_CHECKING:
-    from hostdev.messages.testing import InProcessBus
+    from hostdev.messages.bus.in_process import InProcessBus
 
 
 class FakeClock:

@@ -20,7 +20,7 @@ import structlog
 from kombu.connection import Connection as KombuConnection
 
 from hostdev.messages.base import Message
-from hostdev.messages.bus_amqp import (
+from hostdev.messages.bus.amqp_message import (
     CONNECTION_ERRORS,
     build_message,
     close_quietly,
@@ -28,7 +28,7 @@ from hostdev.messages.bus_amqp import (
     open_connection,
     raw,
 )
-from hostdev.messages.bus_api import COMMANDS_EXCHANGE, DIRECT_REPLY_TO, BusConfig
+from hostdev.messages.bus.contract import COMMANDS_EXCHANGE, DIRECT_REPLY_TO, BusConfig
 from hostdev.messages.codec import decode
 from hostdev.messages.commands import ErrorAnswer
 from hostdev.messages.errors import BusError, DecodeError, RemoteError, RequestTimeout

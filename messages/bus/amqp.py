@@ -36,8 +36,10 @@ import amqp
 import structlog
 
 from hostdev.messages.base import Message
-from hostdev.messages.bus_amqp import KNOWN_EXCHANGES, build_message, dead_letter_copy
-from hostdev.messages.bus_api import (
+from hostdev.messages.bus.amqp_link import RECOVERABLE, AmqpLink, Broken, Stopped
+from hostdev.messages.bus.amqp_message import KNOWN_EXCHANGES, build_message, dead_letter_copy
+from hostdev.messages.bus.confirms import Unconfirmed
+from hostdev.messages.bus.contract import (
     COMMANDS_EXCHANGE,
     DEAD_EXCHANGE,
     DIRECT_REPLY_TO,
@@ -47,11 +49,9 @@ from hostdev.messages.bus_api import (
     Incoming,
     body_id,
 )
-from hostdev.messages.bus_confirms import Unconfirmed
-from hostdev.messages.bus_dispatch import Outcome, handle_delivery
-from hostdev.messages.bus_link import RECOVERABLE, AmqpLink, Broken, Stopped
-from hostdev.messages.bus_loop import LoopScheduler
-from hostdev.messages.bus_rpc import RpcClient
+from hostdev.messages.bus.dispatch import Outcome, handle_delivery
+from hostdev.messages.bus.loop import LoopScheduler
+from hostdev.messages.bus.rpc import RpcClient
 from hostdev.messages.errors import BusError
 
 __all__ = ["Bus", "BusConfig", "Handler", "Incoming"]

@@ -26,8 +26,8 @@ from sqlalchemy.orm import Session
 
 from hostdev.messages.base import Message
 from hostdev.messages.codec import decode, encode
-from hostdev.mgmt.database import session_scope
-from hostdev.mgmt.models import OutboxEvent, utcnow
+from hostdev.mgmt.persistence.database import session_scope
+from hostdev.mgmt.persistence.models import OutboxEvent, utcnow
 
 log = structlog.get_logger()
 

@@ -18,12 +18,14 @@ from hostdev.messages import api
 from hostdev.messages.base import Message
 from hostdev.messages.pci_address import PciAddress
 from hostdev.messages.values import HostRow, OfferingRow, PciDeviceRow, VmRow
-from hostdev.mgmt import pci_devices, planner
+from hostdev.mgmt.api.offerings import check_names_exist, parse_pci_devices
 from hostdev.mgmt.config import MgmtConfig
+from hostdev.mgmt.devices import pci_devices
+from hostdev.mgmt.devices.pci_inventory import address_of
 from hostdev.mgmt.errors import Conflict, InvalidRequest, NotFound
-from hostdev.mgmt.jobs import JobManager, find_host, find_offering, job_row
-from hostdev.mgmt.migration import MigrationManager
-from hostdev.mgmt.models import (
+from hostdev.mgmt.jobs.jobs import JobManager, find_host, find_offering, job_row
+from hostdev.mgmt.jobs.migration import MigrationManager
+from hostdev.mgmt.persistence.models import (
     Host,
     Job,
     PciDevice,
@@ -31,10 +33,9 @@ from hostdev.mgmt.models import (
     ServiceOfferingPciRequest,
     VmInstance,
 )
-from hostdev.mgmt.offerings import check_names_exist, parse_pci_devices
-from hostdev.mgmt.pci_inventory import address_of
-from hostdev.mgmt.unit_of_work import UnitOfWork
-from hostdev.mgmt.vm_lifecycle import offering_requests
+from hostdev.mgmt.persistence.unit_of_work import UnitOfWork
+from hostdev.mgmt.placement import planner
+from hostdev.mgmt.vms.vm_lifecycle import offering_requests
 
 
 def _iso(value: Any) -> str | None:
@@ -248,7 +249,7 @@ class ApiHandlers:
 
     def migrate(self, request: api.MigrateVmRequest,
                 message_id: str | None = None) -> Message:
-        """Plans (dry run) or begins a live migration; see ``hostdev.mgmt.migration``."""
+        """Plans (dry run) or begins a live migration; see ``hostdev.mgmt.jobs.migration``."""
         if request.dry_run:
             return self._work.run(lambda s: self.migrations.plan(s, request.vm,
                                                                  request.destination),

@@ -30,7 +30,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from hostdev.messages.base import Message
-from hostdev.messages.bus_api import (
+from hostdev.messages.bus.contract import (
     COMMANDS_EXCHANGE,
     CONTENT_TYPE,
     DEAD_EXCHANGE,
@@ -43,8 +43,8 @@ from hostdev.messages.bus_api import (
     Incoming,
     body_id,
 )
-from hostdev.messages.bus_dispatch import handle_delivery
-from hostdev.messages.bus_memory import (
+from hostdev.messages.bus.dispatch import handle_delivery
+from hostdev.messages.bus.in_process_broker import (
     Consumer,
     DeadLetter,
     Envelope,
@@ -269,10 +269,6 @@ class InProcessBus(BusShortcuts):
     def _require_connected(self, what: str) -> None:
         if not self._connected:
             raise BusError(f"InProcessBus.{what}() before connect(); connect first")
-
-
-#: The in-process bus under the name daemons use for the real one.
-Bus = InProcessBus
 
 
 def _answer(envelope: Envelope, name: str, mid: str) -> Message:

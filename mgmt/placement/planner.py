@@ -31,10 +31,10 @@ from sqlalchemy import (
 from sqlalchemy.orm import InstrumentedAttribute, Session
 
 from hostdev.messages.values import HostVerdict, PciRequest
-from hostdev.mgmt.database import PreparedStatement
-from hostdev.mgmt.models import Host, PciDevice, VmInstance
-from hostdev.mgmt.offerings import describe_pci_requests
-from hostdev.mgmt.vm_states import HOLDS_DEVICES
+from hostdev.mgmt.api.offerings import describe_pci_requests
+from hostdev.mgmt.persistence.database import PreparedStatement
+from hostdev.mgmt.persistence.models import Host, PciDevice, VmInstance
+from hostdev.mgmt.vms.vm_states import HOLDS_DEVICES
 
 
 @dataclass(frozen=True)

@@ -150,7 +150,7 @@ def session_scope(engine: Engine) -> Iterator[Session]:
     """Yields an ORM Session in one transaction that commits on success, rolls back on error.
 
     The Session's ``connection()`` can be passed to the Core functions of
-    ``hostdev.mgmt.pci_devices`` so they join this transaction.
+    ``hostdev.mgmt.devices.pci_devices`` so they join this transaction.
     """
     with Session(engine, expire_on_commit=False) as session, session.begin():
         yield session
@@ -298,7 +298,7 @@ def sql_directory() -> Path:
         MgmtError: the folder is not there (a wheel install); says how to fix.
     """
     override = os.environ.get(SQL_DIR_ENV)
-    folder = Path(override) if override else Path(__file__).resolve().parent.parent / "sql"
+    folder = Path(override) if override else Path(__file__).resolve().parents[2] / "sql"
     if not (folder / "env.py").is_file():
         raise MgmtError(
             f"the Alembic environment was not found at {folder} (no env.py); install hostdev "

@@ -23,12 +23,13 @@ from sqlalchemy.orm.attributes import set_committed_value
 from hostdev.messages.events import PciDeviceAllocated, PciDeviceReleased, VmStateChanged
 from hostdev.messages.pci_address import PciAddress
 from hostdev.messages.values import PciRequest, VmState
-from hostdev.mgmt import outbox, pci_devices
-from hostdev.mgmt.database import PreparedStatement, RetryTransaction
+from hostdev.mgmt.devices import pci_devices
+from hostdev.mgmt.devices.pci_devices import HeldDevice
 from hostdev.mgmt.errors import Conflict
-from hostdev.mgmt.models import Host, ServiceOfferingPciRequest, VmInstance, utcnow
-from hostdev.mgmt.pci_devices import HeldDevice
-from hostdev.mgmt.vm_states import RELEASES_DEVICES, VmEvent, next_state
+from hostdev.mgmt.persistence import outbox
+from hostdev.mgmt.persistence.database import PreparedStatement, RetryTransaction
+from hostdev.mgmt.persistence.models import Host, ServiceOfferingPciRequest, VmInstance, utcnow
+from hostdev.mgmt.vms.vm_states import RELEASES_DEVICES, VmEvent, next_state
 
 log = structlog.get_logger()
 

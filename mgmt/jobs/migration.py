@@ -18,7 +18,7 @@ Steps of a ``migrate`` job (DESIGN 1.6 and 7):
 Nothing is decided on a guess. A ``migrate`` step without an answer by its
 deadline moves to ``verify``: the job stays in flight, holding both sets,
 until a host's start-up, ping or lifecycle report says where the domain runs
-(``hostdev.mgmt.migration_recovery``). Any management daemon can advance any
+(``hostdev.mgmt.jobs.migration_recovery``). Any management daemon can advance any
 job (rows locked, transitions conditional, commit and abort idempotent).
 """
 
@@ -43,11 +43,14 @@ from hostdev.messages.commands import (
 from hostdev.messages.events import JobFinished, PciDeviceAllocated, PciDeviceReleased
 from hostdev.messages.pci_address import PciAddress
 from hostdev.messages.values import DomainInfo
-from hostdev.mgmt import metrics, migration_recovery, outbox, pci_devices, planner
+from hostdev.mgmt import metrics
 from hostdev.mgmt.config import MgmtConfig
+from hostdev.mgmt.devices import pci_devices
+from hostdev.mgmt.devices.pci_devices import ClaimRaceLost, HeldDevice, InsufficientDevices
 from hostdev.mgmt.errors import Conflict, InvalidRequest, NoCapacity
-from hostdev.mgmt.jobs import find_host, find_vm
-from hostdev.mgmt.migration_plan import (
+from hostdev.mgmt.jobs import migration_recovery
+from hostdev.mgmt.jobs.jobs import find_host, find_vm
+from hostdev.mgmt.jobs.migration_plan import (
     ATTACH_JOB,
     MIGRATE_JOB,
     STEP_ATTACH,
@@ -61,11 +64,19 @@ from hostdev.mgmt.migration_plan import (
     missing_after_rollback,
     pair_devices,
 )
-from hostdev.mgmt.models import Host, Job, PciDevice, ServiceOffering, VmInstance, utcnow
-from hostdev.mgmt.pci_devices import ClaimRaceLost, HeldDevice, InsufficientDevices
-from hostdev.mgmt.unit_of_work import REQUEST_KEY
-from hostdev.mgmt.vm_lifecycle import VmLifecycleManager, host_guid_of, offering_requests
-from hostdev.mgmt.vm_states import VmEvent
+from hostdev.mgmt.persistence import outbox
+from hostdev.mgmt.persistence.models import (
+    Host,
+    Job,
+    PciDevice,
+    ServiceOffering,
+    VmInstance,
+    utcnow,
+)
+from hostdev.mgmt.persistence.unit_of_work import REQUEST_KEY
+from hostdev.mgmt.placement import planner
+from hostdev.mgmt.vms.vm_lifecycle import VmLifecycleManager, host_guid_of, offering_requests
+from hostdev.mgmt.vms.vm_states import VmEvent
 
 log = structlog.get_logger()
 
@@ -370,7 +381,7 @@ class MigrationManager:
             return
         self.finish(session, job, "failed", step, text)
 
-    # -- host reports and deadlines (hostdev.mgmt.migration_recovery) ---------------
+    # -- host reports and deadlines (hostdev.mgmt.jobs.migration_recovery) ---------------
 
     def on_host_report(self, session: Session, guid: str, domains: Sequence[DomainInfo], *,
                        complete: bool, restarted: bool = False) -> None:

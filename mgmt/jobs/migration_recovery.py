@@ -23,18 +23,18 @@ from sqlalchemy.orm import Session
 
 from hostdev.messages.pci_address import PciAddress
 from hostdev.messages.values import DomainInfo
-from hostdev.mgmt.migration_plan import (
+from hostdev.mgmt.jobs.migration_plan import (
     MIGRATE_JOB,
     STEP_ATTACH,
     STEP_MIGRATE,
     STEP_REATTACH,
     STEP_VERIFY,
 )
-from hostdev.mgmt.models import Job, VmInstance, utcnow
-from hostdev.mgmt.vm_states import VmEvent
+from hostdev.mgmt.persistence.models import Job, VmInstance, utcnow
+from hostdev.mgmt.vms.vm_states import VmEvent
 
 if TYPE_CHECKING:
-    from hostdev.mgmt.migration import MigrationManager
+    from hostdev.mgmt.jobs.migration import MigrationManager
 
 log = structlog.get_logger()
 

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from hostdev.messages.bus_api import Incoming
+from hostdev.messages.bus.contract import Incoming
 from hostdev.messages.commands import (
     AttachPciDevicesAnswer,
     MigrateAnswer,
@@ -26,8 +26,8 @@ from hostdev.messages.commands import (
     VmStateReport,
 )
 from hostdev.messages.values import DomainInfo
-from hostdev.mgmt.migration_plan import ATTACH_JOB, MIGRATE_JOB
-from hostdev.mgmt.models import Job, utcnow
+from hostdev.mgmt.jobs.migration_plan import ATTACH_JOB, MIGRATE_JOB
+from hostdev.mgmt.persistence.models import Job, utcnow
 
 if TYPE_CHECKING:
     from hostdev.mgmt.service import ManagementService

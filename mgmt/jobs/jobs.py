@@ -26,11 +26,14 @@ from sqlalchemy.orm import Session
 from hostdev.messages.commands import StartAnswer, StartCommand, StopAnswer, StopCommand
 from hostdev.messages.events import JobFinished
 from hostdev.messages.values import JobRow, PciRequest, VmSpec
-from hostdev.mgmt import metrics, outbox, pci_devices, planner
+from hostdev.mgmt import metrics
 from hostdev.mgmt.config import MgmtConfig
-from hostdev.mgmt.database import PreparedStatement, RetryTransaction
+from hostdev.mgmt.devices import pci_devices
+from hostdev.mgmt.devices.pci_devices import ClaimRaceLost, InsufficientDevices
 from hostdev.mgmt.errors import Conflict, InvalidRequest, NoCapacity, NotFound
-from hostdev.mgmt.models import (
+from hostdev.mgmt.persistence import outbox
+from hostdev.mgmt.persistence.database import PreparedStatement, RetryTransaction
+from hostdev.mgmt.persistence.models import (
     Host,
     Job,
     ServiceOffering,
@@ -38,15 +41,15 @@ from hostdev.mgmt.models import (
     VmInstance,
     utcnow,
 )
-from hostdev.mgmt.pci_devices import ClaimRaceLost, InsufficientDevices
-from hostdev.mgmt.unit_of_work import REQUEST_KEY
-from hostdev.mgmt.vm_lifecycle import (
+from hostdev.mgmt.persistence.unit_of_work import REQUEST_KEY
+from hostdev.mgmt.placement import planner
+from hostdev.mgmt.vms.vm_lifecycle import (
     REQUESTS_KEY,
     PciDeviceManager,
     VmLifecycleManager,
     offering_requests,
 )
-from hostdev.mgmt.vm_states import VmEvent
+from hostdev.mgmt.vms.vm_states import VmEvent
 
 log = structlog.get_logger()
 

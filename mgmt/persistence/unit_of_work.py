@@ -18,10 +18,10 @@ from sqlalchemy import Engine, Table, bindparam, insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from hostdev.mgmt import outbox
-from hostdev.mgmt.database import PreparedStatement, TransactionConflict, is_retryable
 from hostdev.mgmt.errors import Conflict
-from hostdev.mgmt.models import HandledMessage, utcnow
+from hostdev.mgmt.persistence import outbox
+from hostdev.mgmt.persistence.database import PreparedStatement, TransactionConflict, is_retryable
+from hostdev.mgmt.persistence.models import HandledMessage, utcnow
 
 log = structlog.get_logger()
 

@@ -1,0 +1,1 @@
+"""The API: answers to every request on ``hostdev.api``, and offering validation."""

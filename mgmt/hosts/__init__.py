@@ -1,0 +1,1 @@
+"""Hosts: registration at start-up, pings, power reports and the sweep of silent hosts."""

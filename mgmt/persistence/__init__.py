@@ -1,0 +1,1 @@
+"""The database: engines and sessions, the models, units of work and the event outbox."""

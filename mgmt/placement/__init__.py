@@ -1,0 +1,1 @@
+"""Placement: which host fits a VM, and why the others do not."""

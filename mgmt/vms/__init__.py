@@ -1,0 +1,1 @@
+"""VMs: the state machine and the transitions that apply it, with their listeners."""

@@ -103,8 +103,8 @@ class InventoryCollector:
             hosts.add_metric([status], by_status.get(status, 0))
         counts = {(name, state): count for name, state, count in by_device}
         for name in sorted({name for name, _ in counts}):
-            for state in DEVICE_STATES:  # every state of every name, zeros included
-                devices.add_metric([name, state], counts.get((name, state), 0))
+            for device_state in DEVICE_STATES:  # every state of every name, zeros included
+                devices.add_metric([name, device_state], counts.get((name, device_state), 0))
         for state, count in by_vm:
             vms.add_metric([state], count)
         for kind, state, count in by_job:

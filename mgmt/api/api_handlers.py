@@ -17,11 +17,18 @@ from sqlalchemy.orm import Session, aliased
 from hostdev.messages import api
 from hostdev.messages.base import Message
 from hostdev.messages.pci_address import PciAddress
-from hostdev.messages.values import HostRow, OfferingRow, PciDeviceRow, VmRow
+from hostdev.messages.values import HostRow, OfferingRow, VmRow
 from hostdev.mgmt.api.offerings import check_names_exist, parse_pci_devices
 from hostdev.mgmt.config import MgmtConfig
 from hostdev.mgmt.devices import pci_devices
-from hostdev.mgmt.devices.pci_inventory import address_of
+from hostdev.mgmt.devices.device_rows import (
+    ADDRESS_COLUMNS,
+    FREE,
+    REMOVED,
+    address_is,
+    address_of,
+    api_row,
+)
 from hostdev.mgmt.errors import Conflict, InvalidRequest, NotFound
 from hostdev.mgmt.jobs.jobs import JobManager, find_host, find_offering, job_row
 from hostdev.mgmt.jobs.migration import MigrationManager
@@ -83,7 +90,7 @@ class ApiHandlers:
                 free, total = counts.get(entry.host_id, (0, 0))
                 counts[entry.host_id] = (free + entry.free, total + entry.total)
             rows = tuple(
-                HostRow(id=h.id, guid=h.guid, name=h.name, status=h.status,  # type: ignore[arg-type]
+                HostRow(id=h.id, guid=h.guid, name=h.name, status=h.status,
                         cpus=h.cpus, memory_mb=h.memory_mb, last_ping=_iso(h.last_ping),
                         free_devices=counts.get(h.id, (0, 0))[0],
                         total_devices=counts.get(h.id, (0, 0))[1])
@@ -97,21 +104,16 @@ class ApiHandlers:
             query = (select(PciDevice, Host.guid, Host.name, VmInstance.uuid)
                      .join(Host, Host.id == PciDevice.host_id)
                      .outerjoin(VmInstance, VmInstance.id == PciDevice.instance_id)
-                     .where(PciDevice.state != "removed")
-                     .order_by(Host.id, PciDevice.domain, PciDevice.bus, PciDevice.slot,
-                               PciDevice.function))
+                     .where(PciDevice.state != REMOVED)
+                     .order_by(Host.id, *ADDRESS_COLUMNS))
             if request.host:
                 query = query.where(PciDevice.host_id == find_host(session, request.host).id)
             if request.free_only:
                 # "Free" means placeable: a device of a host that is not Up is
                 # free in its own state but not offered (DESIGN section 7).
-                query = query.where(PciDevice.state == "free", Host.status == "Up")
-            rows = tuple(
-                PciDeviceRow(id=d.id, host_guid=guid, host_name=name, address=address_of(d),
-                             name=d.name, state=d.state, vm_uuid=vm_uuid,  # type: ignore[arg-type]
-                             vendor_id=d.vendor_id, product_id=d.product_id,
-                             iommu_group=d.iommu_group)
-                for d, guid, name, vm_uuid in session.execute(query))
+                query = query.where(PciDevice.state == FREE, Host.status == "Up")
+            rows = tuple(api_row(d, guid, name, vm_uuid)
+                         for d, guid, name, vm_uuid in session.execute(query))
             return api.PciDeviceList(devices=rows)
         return self._work.run(work, what="list devices")
 
@@ -194,7 +196,7 @@ class ApiHandlers:
 
         def work(session: Session) -> api.OfferingList:
             known = session.scalars(select(PciDevice.name).distinct()
-                                    .where(PciDevice.state != "removed"))
+                                    .where(PciDevice.state != REMOVED))
             check_names_exist(requests, list(known))
             if session.scalar(select(ServiceOffering.id).where(ServiceOffering.name == name)):
                 raise Conflict(f"an offering named {name!r} exists already; pick another name")
@@ -276,9 +278,7 @@ class ApiHandlers:
             host = find_host(session, request.host)
             address = PciAddress(request.address)
             device = session.scalar(select(PciDevice).where(
-                PciDevice.host_id == host.id, PciDevice.domain == f"{address.domain:04x}",
-                PciDevice.bus == f"{address.bus:02x}", PciDevice.slot == f"{address.slot:02x}",
-                PciDevice.function == f"{address.function:x}"))
+                PciDevice.host_id == host.id, address_is(address)))
             if device is None:
                 raise NotFound(f"host {host.name} has no PCI device {address}; list them with: "
                                f"hostdev devices --host {host.name}")
@@ -290,10 +290,6 @@ class ApiHandlers:
             session.refresh(device)
             vm_uuid = session.scalar(select(VmInstance.uuid)
                                      .where(VmInstance.id == device.instance_id))
-            return api.DeviceStateChanged(device=PciDeviceRow(
-                id=device.id, host_guid=host.guid, host_name=host.name, address=address,
-                name=device.name, state=device.state, vm_uuid=vm_uuid,  # type: ignore[arg-type]
-                vendor_id=device.vendor_id, product_id=device.product_id,
-                iommu_group=device.iommu_group))
+            return api.DeviceStateChanged(device=api_row(device, host.guid, host.name, vm_uuid))
         return self._work.run(work, what="set device enabled",
                               message_id=message_id)

@@ -1,57 +1,32 @@
-"""Allocates PCI devices to VMs: claims, releases, migrations, admin, counts.
-
-Reconciling a host's reported inventory lives in :mod:`hostdev.mgmt.devices.pci_inventory`.
-
-Two layers:
-
-- Functions that take a :class:`~sqlalchemy.Connection` already inside a
-  transaction (``claim_devices``, ``release_devices``, ...). They MUST run in
-  the caller's transaction and never commit; the VM state listener calls them
-  in the same transaction as the VM's state change. A function that lost a
-  race raises :class:`ClaimRaceLost` (a :class:`RetryTransaction`): unless
-  its ``written`` is 0 the caller MUST roll back and run its whole unit of
-  work again in a NEW transaction, e.g. through
-  :func:`hostdev.mgmt.persistence.database.run_in_transaction`.
-- :class:`PciDeviceRepository`, which runs each of them in its own
-  transaction with those retries.
-
-Correct with any number of management daemons on one MariaDB: every state
-change is a conditional UPDATE (``WHERE id IN (...) AND state = 'free'``)
-checked by row count; claims pick rows with ``FOR UPDATE SKIP LOCKED`` so two
-daemons do not pick the same row. SQLite (one daemon) serialises writers with
-``BEGIN IMMEDIATE`` and needs neither.
-
-Device states and holders are described in :mod:`hostdev.mgmt.persistence.models`.
-"""
+"""Allocates PCI devices to VMs inside the caller's transaction: claims, releases, migrations."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import replace
 from typing import Any, Final, TypeVar
 
-from sqlalchemy import (
-    BindParameter,
-    Connection,
-    Engine,
-    bindparam,
-    case,
-    func,
-    or_,
-    select,
-    update,
+from sqlalchemy import BindParameter, Connection, Engine, bindparam, case, func, or_, select, update
+
+from hostdev.messages.values import DeviceState, PciDeviceInfo
+from hostdev.mgmt.devices.device_rows import (
+    ALLOCATED,
+    DEVICE_COLUMNS,
+    DEVICES,
+    DISABLED,
+    FREE,
+    QUARANTINED,
+    REMOVED,
+    RESERVED,
+    C,
+    DeviceCounts,
+    address_of,
+    state_is,
 )
 
-from hostdev.messages.pci_address import PciAddress
-from hostdev.messages.values import PciDeviceInfo
-from hostdev.mgmt.devices.pci_inventory import (
-    DEVICES,
-    C,
-    InventoryChanges,
-    address_of,
-    locks_rows,
-    reconcile_inventory,
-)
+# Allocation callers take the device type from the module that hands it out.
+from hostdev.mgmt.devices.device_rows import HeldDevice as HeldDevice
+from hostdev.mgmt.devices.pci_inventory import InventoryChanges, locks_rows, reconcile_inventory
 from hostdev.mgmt.errors import Conflict, InvalidRequest, NoCapacity, NotFound
 from hostdev.mgmt.persistence.database import (
     PreparedStatement,
@@ -62,10 +37,9 @@ from hostdev.mgmt.persistence.models import utcnow
 
 T = TypeVar("T")
 
-COUNTED_STATES: Final = ("free", "allocated", "reserved", "quarantined", "disabled")
 # What a device becomes when its VM lets go: a quarantined one was already
 # gone from the inventory, so it is removed rather than offered again.
-_LET_GO: Final = case((C.state == "quarantined", "removed"), else_="free")
+_LET_GO: Final = case((state_is(QUARANTINED), REMOVED), else_=FREE)
 
 
 class ClaimRaceLost(RetryTransaction):
@@ -101,50 +75,17 @@ class DeviceBusy(Conflict):
     """An admin change needs a free device, and this one is held or gone."""
 
 
-@dataclass(frozen=True, slots=True)
-class HeldDevice:
-    """A device with its place and its state, as claims and queries return it."""
-
-    id: int
-    host_id: int
-    name: str
-    address: PciAddress
-    state: str
-
-
-@dataclass(slots=True)
-class DeviceCounts:
-    """Devices of one name on one host, by state; ``total`` leaves out ``removed``."""
-
-    host_id: int
-    name: str
-    free: int = 0
-    allocated: int = 0
-    reserved: int = 0
-    quarantined: int = 0
-    disabled: int = 0
-    removed: int = 0
-
-    @property
-    def total(self) -> int:
-        """Counts the devices still in the inventory (every state but ``removed``)."""
-        return self.free + self.allocated + self.reserved + self.quarantined + self.disabled
-
-
+# Every state change is a conditional UPDATE checked by its row count, and
+# claims pick rows with FOR UPDATE SKIP LOCKED, so several daemons share one
+# MariaDB; SQLite (one daemon) serialises writers with BEGIN IMMEDIATE.
 # The hot statements are built and compiled once, and run on the DBAPI
 # cursor: per call, Core's statement building and execution cost about as
 # much as the round trip itself (bench/alloc.py measures it).
-_FREE_OF_NAME = (
-    select(C.id, C.domain, C.bus, C.slot, C.function)
-    .where(C.host_id == bindparam("host_id"), C.name == bindparam("name"), C.state == "free")
-    .order_by(C.id)
-    .limit(bindparam("count"))
-)
+_OF_NAME = (C.host_id == bindparam("host_id"), C.name == bindparam("name"), state_is(FREE))
+_FREE_OF_NAME = select(*DEVICE_COLUMNS).where(*_OF_NAME).order_by(C.id).limit(bindparam("count"))
 _PICK = PreparedStatement(_FREE_OF_NAME)
 _PICK_SKIP_LOCKED = PreparedStatement(_FREE_OF_NAME.with_for_update(skip_locked=True))
-_FREE_COUNT = select(func.count()).where(
-    C.host_id == bindparam("host_id"), C.name == bindparam("name"), C.state == "free"
-)
+_FREE_COUNT = select(func.count()).where(*_OF_NAME)
 _TAKE: dict[tuple[bool, int], PreparedStatement] = {}
 
 
@@ -156,12 +97,9 @@ def _take_statement(reserve: bool, count: int) -> PreparedStatement:
         ids: list[BindParameter[Any]] = [bindparam(f"id_{i}") for i in range(count)]
         statement = PreparedStatement(
             update(DEVICES)
-            .where(C.id.in_(ids), C.state == "free")
-            .values({
-                C.state: "reserved" if reserve else "allocated",
-                holder: bindparam("vm_id"),
-                C.updated_at: bindparam("now"),
-            })
+            .where(C.id.in_(ids), state_is(FREE))
+            .values({C.state: RESERVED if reserve else ALLOCATED, holder: bindparam("vm_id"),
+                     C.updated_at: bindparam("now")})
         )
         _TAKE[(reserve, count)] = statement
     return statement
@@ -172,13 +110,10 @@ _LET_GO_VALUES: Final[dict[Any, Any]] = {
 }
 _HELD_OR_RESERVED = or_(C.instance_id == bindparam("vm_id"), C.reserved_for == bindparam("vm_id"))
 _RELEASE_EVERYWHERE = PreparedStatement(
-    update(DEVICES).where(_HELD_OR_RESERVED).values(_LET_GO_VALUES)
-)
+    update(DEVICES).where(_HELD_OR_RESERVED).values(_LET_GO_VALUES))
 _RELEASE_ON_HOST = PreparedStatement(
-    update(DEVICES)
-    .where(_HELD_OR_RESERVED, C.host_id == bindparam("on_host"))
-    .values(_LET_GO_VALUES)
-)
+    update(DEVICES).where(_HELD_OR_RESERVED, C.host_id == bindparam("on_host"))
+    .values(_LET_GO_VALUES))
 
 
 def _wanted(requests: Mapping[str, int]) -> list[tuple[str, int]]:
@@ -198,7 +133,7 @@ def _take(
     picked: list[HeldDevice] = []
     locking = locks_rows(conn)
     pick = _PICK_SKIP_LOCKED if locking else _PICK
-    state = "reserved" if reserve else "allocated"
+    state = RESERVED if reserve else ALLOCATED
     for name, count in _wanted(requests):
         rows = pick.execute(conn, {"host_id": host_id, "name": name, "count": count}).rows
         if len(rows) < count:
@@ -211,10 +146,8 @@ def _take(
                 "or free devices",
                 host_id=host_id, name=name, wanted=count, free=int(free),
             )
-        picked.extend(
-            HeldDevice(id_, host_id, name, PciAddress(f"{d}:{b}:{s}.{f}"), state)
-            for id_, d, b, s, f in rows
-        )
+        # Picked rows are still free; the UPDATE below gives them their new state.
+        picked.extend(replace(HeldDevice.of(row), state=state) for row in rows)
     if not picked:
         return ()
     params: dict[str, Any] = {f"id_{i}": device.id for i, device in enumerate(picked)}
@@ -291,7 +224,7 @@ def commit_migration(
         update(DEVICES)
         .where(C.host_id == destination_host_id, C.reserved_for == vm_id)
         .values({
-            C.state: case((C.state == "quarantined", "quarantined"), else_="allocated"),
+            C.state: case((state_is(QUARANTINED), QUARANTINED), else_=ALLOCATED),
             C.instance_id: vm_id,
             C.reserved_for: None,
             C.updated_at: now,
@@ -313,7 +246,7 @@ def abort_migration(conn: Connection, vm_id: int, destination_host_id: int) -> i
     return int(result.rowcount)
 
 
-def disable_device(conn: Connection, device_id: int) -> str:
+def disable_device(conn: Connection, device_id: int) -> DeviceState:
     """Takes a free device out of service; idempotent. Returns its state.
 
     Raises:
@@ -322,16 +255,16 @@ def disable_device(conn: Connection, device_id: int) -> str:
     """
     result = conn.execute(
         update(DEVICES)
-        .where(C.id == device_id, C.state == "free")
-        .values(state="disabled", updated_at=utcnow())
+        .where(C.id == device_id, state_is(FREE))
+        .values(state=DISABLED, updated_at=utcnow())
     )
     if result.rowcount == 1:
-        return "disabled"
+        return DISABLED
     row = _device_row(conn, device_id)
-    if row.state == "disabled":
-        return "disabled"
+    if row.state == DISABLED:
+        return DISABLED
     holder = row.instance_id if row.instance_id is not None else row.reserved_for
-    if row.state == "removed":
+    if row.state == REMOVED:
         what = "no longer in its host's inventory (pci.devices); nothing to disable"
     else:
         by = f" by VM {holder}" if holder is not None else ""
@@ -339,7 +272,7 @@ def disable_device(conn: Connection, device_id: int) -> str:
     raise DeviceBusy(f"device {device_id} ({address_of(row)} on host {row.host_id}) is {what}")
 
 
-def enable_device(conn: Connection, device_id: int) -> str:
+def enable_device(conn: Connection, device_id: int) -> DeviceState:
     """Puts a disabled device back in service; a no-op in any other state. Returns its state.
 
     Raises:
@@ -347,12 +280,13 @@ def enable_device(conn: Connection, device_id: int) -> str:
     """
     result = conn.execute(
         update(DEVICES)
-        .where(C.id == device_id, C.state == "disabled")
-        .values(state="free", updated_at=utcnow())
+        .where(C.id == device_id, state_is(DISABLED))
+        .values(state=FREE, updated_at=utcnow())
     )
     if result.rowcount == 1:
-        return "free"
-    return str(_device_row(conn, device_id).state)
+        return FREE
+    state: DeviceState = _device_row(conn, device_id).state
+    return state
 
 
 def _device_row(conn: Connection, device_id: int) -> Any:
@@ -379,13 +313,17 @@ def device_counts(conn: Connection, host_id: int | None = None) -> list[DeviceCo
 def devices_of_vm(conn: Connection, vm_id: int) -> tuple[HeldDevice, ...]:
     """Returns every device a VM holds or has reserved (quarantined ones too), by id."""
     query = (
-        select(C.id, C.host_id, C.name, C.domain, C.bus, C.slot, C.function, C.state)
+        select(*DEVICE_COLUMNS)
         .where(or_(C.instance_id == vm_id, C.reserved_for == vm_id))
         .order_by(C.id)
     )
-    return tuple(
-        HeldDevice(r.id, r.host_id, r.name, address_of(r), r.state) for r in conn.execute(query)
-    )
+    return tuple(HeldDevice.of(row) for row in conn.execute(query))
+
+
+def free_devices(conn: Connection, host_id: int) -> tuple[HeldDevice, ...]:
+    """Returns every free device of one host, by id (what a migration may reserve there)."""
+    query = select(*DEVICE_COLUMNS).where(C.host_id == host_id, state_is(FREE)).order_by(C.id)
+    return tuple(HeldDevice.of(row) for row in conn.execute(query))
 
 
 class PciDeviceRepository:

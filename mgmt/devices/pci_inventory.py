@@ -1,28 +1,35 @@
-"""A host's PCI device rows and how they follow the inventory its agent reports.
-
-Like :mod:`hostdev.mgmt.devices.pci_devices`, :func:`reconcile_inventory` runs in
-the caller's transaction and never commits. A device that leaves the report
-while a VM holds it is quarantined, never deleted, and never offered again
-until it comes back (then it returns to its VM) or its VM lets go (then it is
-removed).
-"""
+"""Makes a host's PCI device rows follow the inventory its agent reports."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final, cast
+from typing import Any, Final
 
-from sqlalchemy import Connection, Table, insert, select, update
+from sqlalchemy import Connection, insert, select, update
 
 from hostdev.messages.pci_address import PciAddress
-from hostdev.messages.values import PciDeviceInfo
+from hostdev.messages.values import DeviceState, PciDeviceInfo
+from hostdev.mgmt.devices.device_rows import (
+    ALLOCATED,
+    DEVICES,
+    FREE,
+    C,
+    address_columns,
+    address_of,
+    state_is,
+    state_is_not,
+)
 from hostdev.mgmt.errors import InvalidRequest
 from hostdev.mgmt.persistence.database import RetryTransaction
-from hostdev.mgmt.persistence.models import PciDevice, utcnow
+from hostdev.mgmt.persistence.models import utcnow
 
-DEVICES: Final = cast(Table, PciDevice.__table__)
-C: Final = DEVICES.c
+#: What a device missing from its host's report becomes, by its state: a held
+#: or reserved one is quarantined (its VM still names it), the others removed.
+_GONE: Final[dict[DeviceState, DeviceState]] = {
+    "free": "removed", "disabled": "removed",
+    "allocated": "quarantined", "reserved": "quarantined",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,21 +52,6 @@ class _Reconciliation:
     restored: list[PciAddress] = field(default_factory=list)
 
 
-def address_of(row: Any) -> PciAddress:
-    """The address of a device row (text columns as stored)."""
-    return PciAddress(f"{row.domain}:{row.bus}:{row.slot}.{row.function}")
-
-
-def address_columns(address: PciAddress) -> dict[str, str]:
-    """The column values that store ``address``."""
-    return {
-        "domain": f"{address.domain:04x}",
-        "bus": f"{address.bus:02x}",
-        "slot": f"{address.slot:02x}",
-        "function": f"{address.function:x}",
-    }
-
-
 def locks_rows(conn: Connection) -> bool:
     """True when the back end needs row locks to keep daemons apart."""
     # SQLite has one writer at a time (BEGIN IMMEDIATE): nothing to lock.
@@ -69,13 +61,14 @@ def locks_rows(conn: Connection) -> bool:
 def reconcile_inventory(
     conn: Connection, host_id: int, reported: Sequence[PciDeviceInfo]
 ) -> InventoryChanges:
-    """Makes a host's device rows match what its agent reports.
+    """Makes a host's device rows match what its agent reports, in the caller's transaction.
 
     New addresses are inserted free; a changed name or identity is updated
     (a held device keeps its VM); a device missing from the report becomes
     removed when free or disabled, quarantined when held or reserved (never
     deleted, never offered); a removed device that is reported again is free
     again, and a quarantined one goes back to its VM (allocated or reserved).
+    Never commits.
 
     Raises:
         InvalidRequest: the report lists one address twice.
@@ -100,7 +93,7 @@ def reconcile_inventory(
         {
             "host_id": host_id, "name": info.name, **address_columns(address),
             "vendor_id": info.vendor_id, "product_id": info.product_id,
-            "iommu_group": info.iommu_group, "state": "free",
+            "iommu_group": info.iommu_group, "state": FREE,
             "created_at": now, "updated_at": now,
         }
         for address, info in sorted(by_address.items())
@@ -109,12 +102,11 @@ def reconcile_inventory(
     if new_rows:
         conn.execute(insert(DEVICES), new_rows)
         changes.added.extend(a for a in sorted(by_address) if a not in known)
-    gone: dict[str, list[int]] = {"removed": [], "quarantined": []}
+    gone: dict[DeviceState, list[int]] = {"removed": [], "quarantined": []}
     for address, row in sorted(known.items()):
         report = by_address.get(address)
         if report is None:
-            target = {"free": "removed", "disabled": "removed", "allocated": "quarantined",
-                      "reserved": "quarantined"}.get(row.state)
+            target = _GONE.get(row.state)
             if target is not None:
                 gone[target].append(row.id)
                 getattr(changes, target).append(address)
@@ -122,10 +114,7 @@ def reconcile_inventory(
         values = _changed_values(row, report)
         if "name" in values:
             changes.renamed.append(address)
-        if row.state == "removed":
-            values["state"] = "free"
-        elif row.state == "quarantined":
-            values["state"] = "allocated" if row.instance_id is not None else "reserved"
+        values.update(_back(row))
         if "state" in values:
             changes.restored.append(address)
         if values:
@@ -141,6 +130,15 @@ def reconcile_inventory(
         removed=tuple(changes.removed), quarantined=tuple(changes.quarantined),
         restored=tuple(changes.restored),
     )
+
+
+def _back(row: Any) -> dict[str, DeviceState]:
+    """Returns the state a device that is reported again takes back, if it changes."""
+    if row.state == "removed":
+        return {"state": "free"}
+    if row.state == "quarantined":
+        return {"state": "allocated" if row.instance_id is not None else "reserved"}
+    return {}
 
 
 def _changed_values(row: Any, info: PciDeviceInfo) -> dict[str, Any]:
@@ -173,7 +171,7 @@ def adopt_devices(conn: Connection, host_id: int, vm_id: int,
         RetryTransaction: a device was taken between the read and the UPDATE.
     """
     wanted = {PciAddress(a) for a in addresses}
-    query = select(DEVICES).where(C.host_id == host_id, C.state != "removed")
+    query = select(DEVICES).where(C.host_id == host_id, state_is_not("removed"))
     if locks_rows(conn):
         query = query.with_for_update()
     rows = [row for row in conn.execute(query) if address_of(row) in wanted]
@@ -189,8 +187,8 @@ def adopt_devices(conn: Connection, host_id: int, vm_id: int,
     free = [row for row in rows if row.state == "free"]
     if free:
         result = conn.execute(
-            update(DEVICES).where(C.id.in_([row.id for row in free]), C.state == "free")
-            .values(state="allocated", instance_id=vm_id, updated_at=utcnow()))
+            update(DEVICES).where(C.id.in_([row.id for row in free]), state_is("free"))
+            .values(state=ALLOCATED, instance_id=vm_id, updated_at=utcnow()))
         if result.rowcount != len(free):
             raise RetryTransaction(f"a device of VM id {vm_id} was taken while it was adopted")
     return Adoption(adopted=tuple((address_of(row), row.name) for row in free))

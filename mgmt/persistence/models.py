@@ -1,27 +1,9 @@
-"""Maps the management database: hosts, PCI devices, offerings, VMs, jobs, outbox.
-
-Alembic owns the schema (``sql/versions``); these models are its reference and
-the typed view the code reads and writes. Names of constraints and indexes
-come from the naming convention below, so migrations stay stable across
-databases. Times are naive UTC (``utcnow``).
-
-Device rows (``op_host_pci_devices``) carry the allocation. The invariants
-``hostdev.mgmt.devices.pci_devices`` keeps:
-
-- ``free``: ``instance_id`` and ``reserved_for`` are NULL.
-- ``allocated``: ``instance_id`` is the VM that holds the device.
-- ``reserved``: ``reserved_for`` is the VM migrating to this host.
-- ``quarantined``: gone from the agent's inventory while held or reserved;
-  ``instance_id`` or ``reserved_for`` still names the VM; never offered.
-- ``disabled``: taken out of service by an operator while free.
-- ``removed``: gone from the inventory and held by nobody; kept (never
-  deleted) so a device that comes back keeps its id and history.
-"""
+"""Maps the management database (Alembic owns the schema; these models are its reference)."""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Final
+from typing import Final, get_args
 
 from sqlalchemy import (
     BigInteger,
@@ -39,6 +21,16 @@ from sqlalchemy import (
 from sqlalchemy.dialects import mysql
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from hostdev.messages.values import (
+    DeviceState,
+    HostStatus,
+    JobState,
+    MigrationPolicy,
+    VmState,
+)
+
+# Constraints and indexes are named by this convention, so migrations name
+# them the same on every database.
 NAMING_CONVENTION: Final = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
     "uq": "uq_%(table_name)s_%(column_0_N_name)s",
@@ -47,13 +39,13 @@ NAMING_CONVENTION: Final = {
     "pk": "pk_%(table_name)s",
 }
 
-HOST_STATUSES: Final = ("Up", "Disconnected", "Down", "Maintenance")
-DEVICE_STATES: Final = ("free", "allocated", "reserved", "quarantined", "disabled", "removed")
-VM_STATES: Final = (
-    "Stopped", "Starting", "Running", "Stopping", "Migrating", "Destroyed", "Error"
-)
-MIGRATION_POLICIES: Final = ("forbid", "detach-attach")
-JOB_STATES: Final = ("pending", "running", "succeeded", "failed")
+# The protocol's literal types are the one spelling of these values; the
+# CHECK constraints below and the code read these tuples of them.
+HOST_STATUSES: Final[tuple[HostStatus, ...]] = get_args(HostStatus)
+DEVICE_STATES: Final[tuple[DeviceState, ...]] = get_args(DeviceState)
+VM_STATES: Final[tuple[VmState, ...]] = get_args(VmState)
+MIGRATION_POLICIES: Final[tuple[MigrationPolicy, ...]] = get_args(MigrationPolicy)
+JOB_STATES: Final[tuple[JobState, ...]] = get_args(JobState)
 
 # MariaDB's DATETIME drops fractions unless asked; job deadlines and outbox
 # order want microseconds.
@@ -97,7 +89,7 @@ class Host(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     guid: Mapped[str] = mapped_column(String(64), unique=True)
     name: Mapped[str] = mapped_column(String(255))
-    status: Mapped[str] = mapped_column(String(16), default="Up")
+    status: Mapped[HostStatus] = mapped_column(String(16), default="Up")
     last_ping: Mapped[datetime | None] = mapped_column(Timestamp)
     cpus: Mapped[int] = mapped_column(Integer, default=0)
     memory_mb: Mapped[int] = mapped_column(BigInteger, default=0)
@@ -170,6 +162,17 @@ class VmInstance(Base):
 class PciDevice(Base):
     """A passthrough device on a host; ``instance_id`` is NULL unless a VM holds it.
 
+    States, and the invariants ``hostdev.mgmt.devices.pci_devices`` keeps:
+
+    - ``free``: ``instance_id`` and ``reserved_for`` are NULL.
+    - ``allocated``: ``instance_id`` is the VM that holds the device.
+    - ``reserved``: ``reserved_for`` is the VM migrating to this host.
+    - ``quarantined``: gone from the agent's inventory while held or reserved;
+      ``instance_id`` or ``reserved_for`` still names the VM; never offered.
+    - ``disabled``: taken out of service by an operator while free.
+    - ``removed``: gone from the inventory and held by nobody; kept (never
+      deleted) so a device that comes back keeps its id and history.
+
     Indexes: ``(host_id, name, state)`` serves claims (free devices of one
     name on one host) and per-host counts; ``(state, name, host_id)`` serves
     placement's grouped free counts over all hosts; ``instance_id`` and
@@ -200,7 +203,7 @@ class PciDevice(Base):
     vendor_id: Mapped[str] = mapped_column(String(8), default="")
     product_id: Mapped[str] = mapped_column(String(8), default="")
     iommu_group: Mapped[int | None] = mapped_column(Integer)
-    state: Mapped[str] = mapped_column(String(16), default="free")
+    state: Mapped[DeviceState] = mapped_column(String(16), default="free")
     created_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow, onupdate=utcnow)
 

@@ -10,7 +10,7 @@ from sqlalchemy.orm import Session
 
 from hostdev.messages.pci_address import PciAddress
 from hostdev.messages.values import DomainInfo
-from hostdev.mgmt.devices.pci_inventory import address_of
+from hostdev.mgmt.devices.device_rows import address_of
 from hostdev.mgmt.persistence.models import Host, Job, PciDevice, VmInstance
 
 

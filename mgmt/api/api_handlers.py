@@ -111,7 +111,7 @@ class ApiHandlers:
             if request.free_only:
                 # "Free" means placeable: a device of a host that is not Up is
                 # free in its own state but not offered (DESIGN section 7).
-                query = query.where(PciDevice.state == FREE, Host.status == "Up")
+                query = query.where(PciDevice.state == FREE, Host.status == planner.PLACEABLE)
             rows = tuple(api_row(d, guid, name, vm_uuid)
                          for d, guid, name, vm_uuid in session.execute(query))
             return api.PciDeviceList(devices=rows)

@@ -1,27 +1,15 @@
-"""First-fit placement: one SQL query finds a host, the claim runs in the same transaction.
-
-The search (``find_hosts``) is ONE query over Up hosts outside the avoid set,
-with free CPU and memory for the offering and, for every requested name,
-enough free devices (a count per host and name from the index
-``(host_id, name, state)``). The caller claims on the first host in the same
-transaction; a lost race (another daemon took a device between the query and
-the claim) rolls back and the next host is tried in a NEW transaction.
-
-``explain`` looks at every host with one grouped query and says, per host,
-why it would be refused (``h3: needs 2 x 10GE, 1 free``); ``refusal`` turns
-that into the error a person reads when nothing fits.
-"""
+"""First-fit placement: one fit rule, as a paged SQL search and as per-host verdicts."""
 
 from __future__ import annotations
 
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
+from typing import Final, Literal
 
 from sqlalchemy import (
     BindParameter,
     ColumnElement,
     ScalarSelect,
-    Select,
     bindparam,
     case,
     func,
@@ -30,8 +18,9 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import InstrumentedAttribute, Session
 
-from hostdev.messages.values import HostVerdict, PciRequest
+from hostdev.messages.values import HostStatus, HostVerdict, PciRequest
 from hostdev.mgmt.api.offerings import describe_pci_requests
+from hostdev.mgmt.devices.device_rows import FREE
 from hostdev.mgmt.persistence.database import PreparedStatement
 from hostdev.mgmt.persistence.models import Host, PciDevice, VmInstance
 from hostdev.mgmt.vms.vm_states import HOLDS_DEVICES
@@ -53,7 +42,7 @@ class HostCapacity:
     id: int
     guid: str
     name: str
-    status: str
+    status: HostStatus
     free_cpus: int
     free_memory_mb: int
     free_devices: dict[str, int] = field(default_factory=dict)
@@ -68,30 +57,19 @@ class Candidate:
     name: str
 
 
-def _used(column: object, host_id: object) -> object:
-    return (select(func.coalesce(func.sum(column), 0))
-            .where(VmInstance.host_id == host_id, VmInstance.state.in_(HOLDS_DEVICES))
-            .scalar_subquery())
-
-
+#: The one host status placement offers; a host in any other is refused.
+PLACEABLE: Final[HostStatus] = "Up"
 #: Hosts with enough free devices of the first requested name read per page.
 PAGE = 64
 
-
-def _host_filters(query: Select[int, str, str], demand: Demand,
-                  avoid: Collection[str]) -> Select[int, str, str]:
-    query = (query.where(Host.status == "Up")
-             .where(Host.cpus - _used(VmInstance.cpus, Host.id) >= demand.cpus)
-             .where(Host.memory_mb - _used(VmInstance.memory_mb, Host.id) >= demand.memory_mb))
-    for request in demand.pci[1:]:
-        free = (select(func.count())
-                .where(PciDevice.host_id == Host.id, PciDevice.name == request.name,
-                       PciDevice.state == "free")
-                .scalar_subquery())
-        query = query.where(free >= request.count)
-    if avoid:
-        query = query.where(Host.guid.not_in(list(avoid)), Host.name.not_in(list(avoid)))
-    return query
+# The fit rule, criterion by criterion. A host fits a demand when:
+#   1. it is in neither the avoid set's guids nor its names,
+#   2. its status is PLACEABLE,
+#   3. its CPUs minus those of its VMs in HOLDS_DEVICES states cover the demand's,
+#   4. so does its memory,
+#   5. it has at least ``count`` FREE devices of every requested name.
+# ``_fit_conditions`` says it in SQL for the search, ``shortfalls`` in Python
+# for verdicts and refusals; a property test holds the two to the same answers.
 
 
 def find_hosts(session: Session, demand: Demand, *, avoid: Collection[str] = (),
@@ -105,18 +83,16 @@ def find_hosts(session: Session, demand: Demand, *, avoid: Collection[str] = (),
     free devices of the first requested name from the index
     ``(state, name, host_id)`` in host order, grouped per host with
     ``HAVING COUNT(*) >= n``, a page of ``PAGE`` hosts at most, so full hosts
-    cost nothing; the outer query keeps Up hosts with free CPU and memory and
-    enough free devices of every other name. Only when a whole page is
-    refused (Down hosts, no CPU) is the next page read.
+    cost nothing; the outer query keeps the hosts that meet the rest of the
+    fit rule. Only when a whole page is refused (Down hosts, no CPU) is the
+    next page read; the answer holds the fitting hosts of the first page
+    that has any. The caller claims on the first host in the same
+    transaction; a lost race rolls back and the next host is tried in a new
+    transaction.
     """
-    if not demand.pci:
-        query = _host_filters(select(Host.id, Host.guid, Host.name), demand, avoid)
-        return [Candidate(id=row.id, guid=row.guid, name=row.name)
-                for row in session.execute(query.order_by(Host.id).limit(limit))]
     if session.autoflush and (session.new or session.dirty or session.deleted):
         session.flush()  # as a query's autoflush would
-    first = demand.pci[0]
-    statement = _page_statement(len(demand.pci), len(avoid), limit)
+    statement = _search_statement(len(demand.pci), len(avoid), limit)
     params: dict[str, object] = {"cpus": demand.cpus, "memory_mb": demand.memory_mb}
     for index, request in enumerate(demand.pci):
         params[f"name_{index}"] = request.name
@@ -127,10 +103,11 @@ def find_hosts(session: Session, demand: Demand, *, avoid: Collection[str] = (),
     while True:
         params["after"] = after
         rows = statement.execute(session.connection(), params).rows
-        if rows:
+        if rows or not demand.pci:
             return [Candidate(id=id_, guid=guid, name=name) for id_, guid, name in rows]
+        first = demand.pci[0]
         page = (select(PciDevice.host_id.label("host_id"))
-                .where(PciDevice.state == "free", PciDevice.name == first.name,
+                .where(PciDevice.state == FREE, PciDevice.name == first.name,
                        PciDevice.host_id > after)
                 .group_by(PciDevice.host_id).having(func.count() >= first.count)
                 .order_by(PciDevice.host_id).limit(PAGE).subquery("page"))
@@ -141,7 +118,7 @@ def find_hosts(session: Session, demand: Demand, *, avoid: Collection[str] = (),
         after = int(last)
 
 
-_PAGES: dict[tuple[int, int, int], PreparedStatement] = {}
+_SEARCHES: dict[tuple[int, int, int, int], PreparedStatement] = {}
 #: The states holding CPU and memory, inlined (a prepared statement has no expanding IN).
 _HOLDING: list[ColumnElement[str]] = [literal_column(f"'{state}'")
                                       for state in sorted(HOLDS_DEVICES)]
@@ -153,38 +130,53 @@ def _used_bound(column: InstrumentedAttribute[int]) -> ScalarSelect[int]:
             .scalar_subquery())
 
 
-def _page_statement(names: int, avoided: int, limit: int) -> PreparedStatement:
-    """Returns ``find_hosts``' query for one page, prepared once per shape.
+def _fit_conditions(names: range, avoided: int) -> list[ColumnElement[bool]]:
+    """Returns the fit rule over ``Host`` as SQL, for the requested names at ``names``.
 
-    Parameters: ``after`` (host id), ``cpus``, ``memory_mb``, ``name_<i>`` and
-    ``count_<i>`` per requested name, ``avoid_<i>`` per avoided guid or name.
+    Parameters: ``cpus``, ``memory_mb``, ``name_<i>`` and ``count_<i>`` per
+    index in ``names``, ``avoid_<i>`` per avoided guid or name.
     """
-    key = (names, avoided, limit)
-    statement = _PAGES.get(key)
-    if statement is not None:
-        return statement
-    page = (select(PciDevice.host_id.label("host_id"))
-            .where(PciDevice.state == "free", PciDevice.name == bindparam("name_0"),
-                   PciDevice.host_id > bindparam("after"))
-            .group_by(PciDevice.host_id).having(func.count() >= bindparam("count_0"))
-            .order_by(PciDevice.host_id).limit(PAGE).subquery("page"))
-    query = (select(Host.id, Host.guid, Host.name).join(page, page.c.host_id == Host.id)
-             .where(Host.status == "Up")
-             .where(Host.cpus - _used_bound(VmInstance.cpus) >= bindparam("cpus"))
-             .where(Host.memory_mb - _used_bound(VmInstance.memory_mb)
-                    >= bindparam("memory_mb")))
-    for index in range(1, names):
-        free = (select(func.count())
-                .where(PciDevice.host_id == Host.id, PciDevice.name == bindparam(f"name_{index}"),
-                       PciDevice.state == "free")
-                .scalar_subquery())
-        query = query.where(free >= bindparam(f"count_{index}"))
+    conditions: list[ColumnElement[bool]] = []
     if avoided:
         refs: list[BindParameter[str]] = [bindparam(f"avoid_{index}")
                                           for index in range(avoided)]
-        query = query.where(Host.guid.not_in(refs), Host.name.not_in(refs))
+        conditions += [Host.guid.not_in(refs), Host.name.not_in(refs)]
+    conditions += [
+        Host.status == PLACEABLE,
+        Host.cpus - _used_bound(VmInstance.cpus) >= bindparam("cpus"),
+        Host.memory_mb - _used_bound(VmInstance.memory_mb) >= bindparam("memory_mb"),
+    ]
+    for index in names:
+        free = (select(func.count())
+                .where(PciDevice.host_id == Host.id, PciDevice.name == bindparam(f"name_{index}"),
+                       PciDevice.state == FREE)
+                .scalar_subquery())
+        conditions.append(free >= bindparam(f"count_{index}"))
+    return conditions
+
+
+def _search_statement(names: int, avoided: int, limit: int) -> PreparedStatement:
+    """Returns ``find_hosts``' query (one page of it with PCI requests), prepared once per shape.
+
+    Parameters: those of :func:`_fit_conditions`, and ``after`` (host id)
+    with PCI requests.
+    """
+    key = (names, avoided, limit, PAGE)
+    statement = _SEARCHES.get(key)
+    if statement is not None:
+        return statement
+    query = select(Host.id, Host.guid, Host.name)
+    if names:
+        # The first name's count comes from the page itself.
+        page = (select(PciDevice.host_id.label("host_id"))
+                .where(PciDevice.state == FREE, PciDevice.name == bindparam("name_0"),
+                       PciDevice.host_id > bindparam("after"))
+                .group_by(PciDevice.host_id).having(func.count() >= bindparam("count_0"))
+                .order_by(PciDevice.host_id).limit(PAGE).subquery("page"))
+        query = query.join(page, page.c.host_id == Host.id)
+    query = query.where(*_fit_conditions(range(1, names), avoided))
     statement = PreparedStatement(query.order_by(Host.id).limit(limit))
-    _PAGES[key] = statement
+    _SEARCHES[key] = statement
     return statement
 
 
@@ -206,7 +198,7 @@ def read_capacities(session: Session, names: Sequence[str]) -> list[HostCapacity
                    for i, name in enumerate(names)]
         grouped = session.execute(
             select(PciDevice.host_id, *columns)
-            .where(PciDevice.state == "free", PciDevice.name.in_(list(names)))
+            .where(PciDevice.state == FREE, PciDevice.name.in_(list(names)))
             .group_by(PciDevice.host_id))
         for row in grouped:
             counts[row[0]] = {name: int(row[i + 1] or 0) for i, name in enumerate(names)}
@@ -216,21 +208,52 @@ def read_capacities(session: Session, names: Sequence[str]) -> list[HostCapacity
             for r in rows]
 
 
-def verdict(host: HostCapacity, demand: Demand, avoid: Collection[str] = ()) -> HostVerdict:
-    """Says whether ``host`` can take ``demand`` and, if not, why (pure)."""
-    reasons: list[str] = []
+@dataclass(frozen=True)
+class Shortfall:
+    """One criterion of the fit rule a host misses, with what was wanted and what it has."""
+
+    criterion: Literal["avoided", "status", "cpus", "memory", "devices"]
+    wanted: int = 0
+    free: int = 0
+    name: str = ""
+
+
+def shortfalls(host: HostCapacity, demand: Demand,
+               avoid: Collection[str] = ()) -> list[Shortfall]:
+    """Returns every criterion of the fit rule ``host`` misses for ``demand`` (pure)."""
+    missed: list[Shortfall] = []
     if host.guid in avoid or host.name in avoid:
-        reasons.append("in the avoid set")
-    if host.status != "Up":
-        reasons.append(f"is {host.status}")
+        missed.append(Shortfall("avoided"))
+    if host.status != PLACEABLE:
+        missed.append(Shortfall("status"))
     if host.free_cpus < demand.cpus:
-        reasons.append(f"needs {demand.cpus} CPUs, {host.free_cpus} free")
+        missed.append(Shortfall("cpus", demand.cpus, host.free_cpus))
     if host.free_memory_mb < demand.memory_mb:
-        reasons.append(f"needs {demand.memory_mb} MiB, {host.free_memory_mb} MiB free")
+        missed.append(Shortfall("memory", demand.memory_mb, host.free_memory_mb))
     for request in demand.pci:
         free = host.free_devices.get(request.name, 0)
         if free < request.count:
-            reasons.append(f"needs {request.count}x{request.name}, {free} free")
+            missed.append(Shortfall("devices", request.count, free, request.name))
+    return missed
+
+
+def _reason(host: HostCapacity, missed: Shortfall) -> str:
+    match missed.criterion:
+        case "avoided":
+            return "in the avoid set"
+        case "status":
+            return f"is {host.status}"
+        case "cpus":
+            return f"needs {missed.wanted} CPUs, {missed.free} free"
+        case "memory":
+            return f"needs {missed.wanted} MiB, {missed.free} MiB free"
+        case "devices":
+            return f"needs {missed.wanted}x{missed.name}, {missed.free} free"
+
+
+def verdict(host: HostCapacity, demand: Demand, avoid: Collection[str] = ()) -> HostVerdict:
+    """Says whether ``host`` can take ``demand`` and, if not, why (pure)."""
+    reasons = [_reason(host, missed) for missed in shortfalls(host, demand, avoid)]
     return HostVerdict(host_guid=host.guid, host_name=host.name, accepted=not reasons,
                        reason="; ".join(reasons) if reasons else "fits")
 
@@ -250,19 +273,19 @@ def refusal(demand: Demand, hosts: Sequence[HostCapacity],
     wanted = describe_pci_requests(demand.pci) if demand.pci else "room"
     parts: list[str] = []
     for host in hosts:
-        if host.guid in avoid or host.name in avoid:
+        missed = shortfalls(host, demand, avoid)
+        kinds = {m.criterion for m in missed}
+        if "avoided" in kinds:
             parts.append(f"{host.name} is avoided")
-        elif host.status != "Up":
+        elif "status" in kinds:
             parts.append(f"{host.name} is {host.status}")
         else:
-            short = [r for r in demand.pci if host.free_devices.get(r.name, 0) < r.count]
-            detail = [f"has {host.free_devices.get(r.name, 0)}"
-                      + ("" if len(demand.pci) == 1 else f" {r.name}") for r in short]
-            if host.free_cpus < demand.cpus:
-                detail.append(f"has {host.free_cpus} CPUs free of {demand.cpus} needed")
-            if host.free_memory_mb < demand.memory_mb:
-                detail.append(f"has {host.free_memory_mb} MiB free of {demand.memory_mb} "
-                              "needed")
+            detail = [f"has {m.free}" + ("" if len(demand.pci) == 1 else f" {m.name}")
+                      for m in missed if m.criterion == "devices"]
+            detail += [f"has {m.free} CPUs free of {m.wanted} needed"
+                       for m in missed if m.criterion == "cpus"]
+            detail += [f"has {m.free} MiB free of {m.wanted} needed"
+                       for m in missed if m.criterion == "memory"]
             parts.append(f"{host.name} " + (", ".join(detail) if detail else "fits now"))
     what = (f"{wanted} free" if demand.pci
             else f"{demand.cpus} CPUs and {demand.memory_mb} MiB free")

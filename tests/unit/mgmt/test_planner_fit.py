@@ -1,0 +1,36 @@
+"""Property tests: placement's SQL search finds exactly the hosts its verdicts accept."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from sqlalchemy import Engine
+
+from hostdev.mgmt.placement import planner
+from tests.support.placement_worlds import World, load, search_and_verdicts, worlds
+
+# One migrated SQLite file per test; each example replaces its rows.
+_SETTINGS = settings(max_examples=150, deadline=None,
+                     suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+@_SETTINGS
+@given(world=worlds())
+def test_search_finds_exactly_the_hosts_explain_accepts(engine: Engine, world: World) -> None:
+    """Within one page, ``find_hosts`` returns every accepted host, in first-fit order."""
+    load(engine, world)
+    found, fits = search_and_verdicts(engine, world, limit=len(world.hosts) + 1)
+    assert found == fits
+
+
+@_SETTINGS
+@given(world=worlds(max_hosts=10))
+def test_paged_search_returns_a_first_fit_prefix(engine: Engine, world: World,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """With pages of two hosts, the search still finds a host iff one fits, first fit first."""
+    monkeypatch.setattr(planner, "PAGE", 2)
+    load(engine, world)
+    found, fits = search_and_verdicts(engine, world, limit=len(world.hosts) + 1)
+    assert bool(found) == bool(fits)
+    assert found == fits[:len(found)]
+    assert search_and_verdicts(engine, world, limit=1)[0] == fits[:1]

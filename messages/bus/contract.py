@@ -29,6 +29,8 @@ DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
 #: Header naming why a message was dead-lettered by hostdev.
 REASON_HEADER = "x-hostdev-reason"
 CONTENT_TYPE = "application/json"
+#: Exchanges hostdev publishes to ("" is the default exchange, for ``reply_to``).
+KNOWN_EXCHANGES = frozenset({"", COMMANDS_EXCHANGE, EVENTS_EXCHANGE, DEAD_EXCHANGE})
 
 
 @dataclass(frozen=True)

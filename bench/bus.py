@@ -152,8 +152,9 @@ def raw_caller(stack: contextlib.ExitStack, url: str) -> Callable[[], None]:
 
     def call() -> None:
         mid = str(uuid.uuid4())
-        producer.publish(encode(request), routing_key=RAW_API_QUEUE, reply_to="amq.rabbitmq.reply-to",
-                         message_id=mid, content_type="application/json",
+        producer.publish(encode(request), routing_key=RAW_API_QUEUE,
+                         reply_to="amq.rabbitmq.reply-to", message_id=mid,
+                         content_type="application/json",
                          content_encoding="binary", delivery_mode=2, serializer=None)
         while True:
             conn.drain_events(timeout=5)
@@ -211,8 +212,9 @@ def publish_raw(conn: kombu.Connection) -> float:
     producer = kombu.Producer(channel, exchange=COMMANDS, routing_key="agent.rawbench.StartCommand")
     start = time.perf_counter()
     for sent in range(1, PUBLISH_COUNT + 1):
-        producer.publish(encode(COMMAND), content_type="application/json", content_encoding="binary",
-                         delivery_mode=2, serializer=None, type="StartCommand",
+        producer.publish(encode(COMMAND), content_type="application/json",
+                         content_encoding="binary", delivery_mode=2, serializer=None,
+                         type="StartCommand",
                          message_id=str(uuid.uuid4()))
         while sent - confirmed[0] >= 100:
             conn.drain_events(timeout=5)

@@ -1,7 +1,9 @@
-"""The bus both daemons use: contract, dispatch, loop, confirms, RPC and two transports.
+"""The bus both daemons use: one bus class on two transports behind one link contract.
 
-``Bus`` talks to RabbitMQ (kombu + py-amqp); ``InProcessBus`` on an
-``InProcessBroker`` is its in-process twin for the all-in-one demo and unit
+``core.LinkBus`` does everything that is the same on every transport;
+``link.Link`` is what a transport provides. ``Bus`` is the bus on RabbitMQ
+(``amqp_link``, kombu + py-amqp); ``InProcessBus`` the bus on an in-memory
+``InProcessBroker`` (``in_process_link``), for the all-in-one demo and unit
 tests. Both implement ``BusLike`` (``contract.py``); daemons code against it.
 """
 

@@ -1,353 +1,167 @@
-"""The bus's connection to RabbitMQ: channels, confirms in flight, deliveries, recovery.
+"""The AMQP link: RabbitMQ through kombu + py-amqp, under ``core.LinkBus``.
 
-:class:`AmqpLink` owns one kombu connection with two py-amqp channels: one
-in confirm mode for publishing and declaring, one for consuming. It keeps
-every unconfirmed publish (``ConfirmWindow``) and republishes them after a
-nack or a reconnect, holds back acks until the confirms they depend on, and
-reconnects with exponential backoff and full jitter. Deliveries are queued in
-:attr:`AmqpLink.inbox` tagged with the connection's epoch, so a delivery of a
-dead connection is never acked on a new one. Used only by ``bus.Bus``, on the
-loop thread.
+:class:`AmqpLink` implements ``link.Link`` on an ``AmqpConnection``. kombu's
+``confirm_publish`` waits for each confirm in turn, so the connection puts its
+channel in confirm mode itself and follows ``basic.ack``/``basic.nack``: up to
+``confirm_window`` confirms are in flight. Every unconfirmed publish is
+republished (same ``message_id``) after a nack or a reconnect: receivers may
+see duplicates, never a loss. Acks wait for the confirms they depend on and go
+out as one ``multiple`` ack per batch. Requests use a connection of their own
+(``rpc.RpcClient``), so any thread may send them.
 """
 
 from __future__ import annotations
 
-import random
+import contextlib
+import threading
 import time
-from collections import deque
-from collections.abc import Callable
 
-import amqp
-import amqp.exceptions
 import structlog
-from kombu.connection import Connection as KombuConnection
 
-from hostdev.messages.bus.amqp_message import (
-    CONNECTION_ERRORS,
-    close_quietly,
-    dead_letter_copy,
-    declare_queue,
-    declare_topology,
-    drain_ready,
-    new_channel,
-    open_connection,
-    raw,
-    wait_readable,
-)
-from hostdev.messages.bus.confirms import ConfirmWindow, Unconfirmed
-from hostdev.messages.bus.contract import DEAD_EXCHANGE, BusConfig
-from hostdev.messages.bus.loop import LoopScheduler
+from hostdev.messages.base import Message
+from hostdev.messages.bus.amqp_connection import RECOVERABLE, AmqpConnection, Broken
+from hostdev.messages.bus.amqp_message import close_quietly, dead_letter_copy, to_amqp
+from hostdev.messages.bus.confirms import Unconfirmed
+from hostdev.messages.bus.contract import DEAD_EXCHANGE, BusConfig, body_id
+from hostdev.messages.bus.link import Stopped
+from hostdev.messages.bus.rpc import RpcClient
+from hostdev.messages.bus.wire import Delivery, Outgoing
 from hostdev.messages.errors import BusError
-from hostdev.messages.runtime.metrics import bus_reconnected
 
 log = structlog.get_logger()
 
-_MAX_REPUBLISH = 3  # a publish refused or lost this many times is abandoned (poison reply_to)
+_ACK_BATCH = 16  # deliveries settled between two (multiple) acks while more are waiting
+_CLOSE_ERRORS: tuple[type[BaseException], ...] = (BusError, Stopped, *RECOVERABLE)
 
 
-class Stopped(BaseException):
-    """stop() was called while the link waited to reconnect (passes through handlers)."""
+class AmqpLink(AmqpConnection):
+    """The link contract on one RabbitMQ connection (see ``link.Link``)."""
 
+    recoverable = RECOVERABLE
 
-class Broken(Exception):
-    """The connection was torn down and must be re-established before use."""
+    def __init__(self, config: BusConfig) -> None:
+        super().__init__(config)
+        self._rpc: RpcClient | None = None
+        self._rpc_lock = threading.Lock()
+        self._since_flush = 0
+        self._next_heartbeat_check = 0.0
 
-
-RECOVERABLE: tuple[type[BaseException], ...] = (*CONNECTION_ERRORS, Broken)
-
-
-class AmqpLink:
-    """One connection, its channels and the publishes/deliveries in flight on it."""
-
-    def __init__(self, config: BusConfig, loop: LoopScheduler) -> None:
-        self.config = config
-        self.loop = loop
-        self.urls = [u.strip() for u in config.url.split(";") if u.strip()]
-        self.url_index = 0
-        self.conn: KombuConnection | None = None
-        self.pub: amqp.Channel | None = None
-        self.sub: amqp.Channel | None = None
-        self.broken = False
-        self.epoch = 0
-        self.user_id = config.login_user()
-        self.window = ConfirmWindow()
-        self.abandoned: list[str] = []
-        self.queues: dict[str, tuple[str, tuple[str, ...]]] = {}
-        self.consumed: list[str] = []
-        self.inbox: deque[tuple[int, amqp.Message, str]] = deque()
-        self.reconnect_callbacks: list[Callable[[], None]] = []
-        self._returned: list[tuple[amqp.Message, str]] = []
-        self._opened_at = 0.0
-        self._flaps = 0
-
-    @property
-    def usable(self) -> bool:
-        """True when connected and not torn down."""
-        return self.conn is not None and not self.broken
-
-    def url(self) -> str:
-        """Returns the URL in use (or to try next), password masked."""
-        return BusConfig(url=self.urls[self.url_index % len(self.urls)]).safe_url()
-
-    # -- opening and recovering -------------------------------------------------
-
-    def connect_once(self) -> None:
-        """Tries each failover URL once.
-
-        Raises:
-            BusError: none answered; the text names each URL and its error.
-        """
-        errors = []
-        for _ in self.urls:
-            try:
-                self.open()
-                return
-            except CONNECTION_ERRORS as exc:
-                errors.append(f"{self.url()}: {exc!r}")
-                self.teardown()
-                self.url_index += 1
-        raise BusError(f"cannot connect to RabbitMQ ({'; '.join(errors)}); check that the broker "
-                       "runs, and the URL, user, password and vhost in the configuration")
-
-    def open(self) -> None:
-        """Connects, declares everything, consumes every queue, republishes unconfirmed."""
-        conn = open_connection(self.urls[self.url_index % len(self.urls)], self.config)
-        self.conn = conn
-        login = str(conn.userid)
-        if self.config.user_id is not None and self.config.user_id != login:
-            raise BusError(f"BusConfig.user_id {self.config.user_id!r} differs from the login "
-                           f"{login!r}; the broker would refuse every publish")
-        self.user_id = login
-        pub = new_channel(conn)
-        pub.confirm_select()
-        pub.events["basic_ack"].add(self._on_ack)
-        pub.events["basic_nack"].add(self._on_nack)
-        pub.events["basic_return"].add(self._on_return)
-        declare_topology(conn, pub, self.config)
-        for name, (exchange, bindings) in self.queues.items():
-            declare_queue(pub, self.config, name, exchange, bindings)
-        sub = new_channel(conn)
-        sub.basic_qos(0, self.config.prefetch, False)
-        self.pub, self.sub = pub, sub
-        self.broken = False
-        for queue in self.consumed:
-            self.start_consumer(queue)
-        for item in self.window.reset():
-            if not item.republish:
-                log.info("answer_not_republished", message_id=item.message_id,
-                         routing_key=item.routing_key)
-                continue
-            item.nacks += 1
-            if item.nacks > _MAX_REPUBLISH:
-                self._abandon(item, "lost with several connections")
-                continue
-            pub.basic_publish(item.message, item.exchange, item.routing_key,
-                              mandatory=item.mandatory)
-            self.window.published(item)
-        self._opened_at = time.monotonic()
-        log.info("bus_connected", url=self.url(), epoch=self.epoch,
-                 republished=len(self.window))
-
-    def teardown(self) -> None:
-        """Drops the connection; its unacked deliveries will be redelivered by the broker."""
-        close_quietly(self.conn)
-        self.conn = self.pub = self.sub = None
-        self.broken = True
-        self.epoch += 1
-        self.inbox.clear()
-
-    def recover(self, error: BaseException) -> None:
-        """Reconnects with exponential backoff and full jitter until it works or stop().
-
-        Raises:
-            Stopped: stop() was called meanwhile.
-        """
-        log.warning("bus_connection_lost", error=repr(error), url=self.url())
-        self.teardown()
-        # A connection that dies right after opening is flapping: back off too.
-        self._flaps = self._flaps + 1 if time.monotonic() - self._opened_at < 5.0 else 0
-        if self._flaps:
-            self.loop.stopping.wait(random.uniform(
-                0, min(self.config.reconnect_max_s, 0.2 * 2 ** self._flaps)))
-        attempt = 0
-        while True:
-            if self.loop.stopping.is_set():
-                raise Stopped()
-            try:
-                self.open()
-                break
-            except CONNECTION_ERRORS as exc:
-                attempt += 1
-                self.teardown()
-                self.url_index += 1
-                delay = random.uniform(0, min(self.config.reconnect_max_s, 0.2 * 2 ** attempt))
-                log.warning("bus_reconnect_failed", error=repr(exc), attempt=attempt,
-                            retry_in_s=round(delay, 2))
-                self.loop.stopping.wait(delay)
-        log.info("bus_reconnected", attempts=attempt + 1)
-        bus_reconnected()
-        for fn in self.reconnect_callbacks:
-            self.loop.call_soon(fn)
+    def clock(self) -> float:
+        """Returns ``time.monotonic()``: timers run on real time."""
+        return time.monotonic()
 
     def close(self) -> None:
-        """Closes the connection without waiting."""
+        """Waits up to 5 s for outstanding confirms and acks, then closes every connection."""
+        if self.usable:
+            try:
+                self.await_confirms(5.0)
+            except _CLOSE_ERRORS as exc:
+                log.warning("bus_close_unconfirmed", error=str(exc), unconfirmed=len(self.window))
         close_quietly(self.conn)
         self.conn = self.pub = self.sub = None
+        with self._rpc_lock:
+            if self._rpc is not None:
+                self._rpc.close()
+                self._rpc = None
+        self.pipe.close()
 
-    # -- topology and consumers ---------------------------------------------------
+    def take(self) -> Delivery | None:
+        """Returns the next delivery received; checks heartbeats at most once a second."""
+        conn = self.conn
+        if conn is None or self.broken:
+            raise Broken()
+        now = time.monotonic()
+        if now >= self._next_heartbeat_check:
+            self._next_heartbeat_check = now + 1.0
+            conn.heartbeat_check(rate=2)  # type: ignore[no-untyped-call]
+        if not self.inbox:
+            return None
+        epoch, message, queue = self.inbox.popleft()
+        props = message.properties
+        info = message.delivery_info
+        return Delivery(body=message.body, properties=props,
+                        headers=dict(props.get("application_headers") or {}),
+                        routing_key=info["routing_key"], redelivered=bool(info["redelivered"]),
+                        queue=queue, token=(epoch, message))
 
-    def declare(self, name: str, exchange: str, bindings: tuple[str, ...]) -> None:
-        """Declares a queue now (if connected) and after every reconnect."""
-        self.queues[name] = (exchange, bindings)
+    def wait(self, timeout: float) -> None:
+        """Reads what the broker sends for up to ``timeout`` (shorter with heartbeats on)."""
+        if self.conn is None or self.broken:
+            raise Broken()
+        cap = min(1.0, self.config.heartbeat / 4) if self.config.heartbeat else 1.0
+        self.pump(min(timeout, cap))
+
+    def wake(self) -> None:
+        """Makes a wait() in the loop thread return; callable from any thread."""
+        self.pipe.wake()
+
+    def is_current(self, delivery: Delivery) -> bool:
+        """Tells whether ``delivery`` came on the connection in use."""
+        return bool(delivery.token[0] == self.epoch)
+
+    def ack(self, delivery: Delivery) -> None:
+        """Acks ``delivery`` once everything published so far is confirmed.
+
+        The ack goes out with the batch: after ``_ACK_BATCH`` settled
+        deliveries or when none is waiting, as one ``multiple`` ack.
+        """
+        epoch, message = delivery.token
+        if epoch == self.epoch:
+            self.window.defer((epoch, message.delivery_info["delivery_tag"]))
+        self._settled()
+
+    def requeue(self, delivery: Delivery) -> None:
+        """Rejects ``delivery`` with requeue (if its connection is still the current one)."""
+        epoch, message = delivery.token
+        if epoch == self.epoch and self.sub is not None:
+            self.sub.basic_reject(message.delivery_info["delivery_tag"], requeue=True)
+        self._settled()
+
+    def dead_letter(self, delivery: Delivery, reason: str) -> None:
+        """Publishes a copy of ``delivery`` to hostdev.dead, confirmed before its ack."""
+        message = delivery.token[1]
+        mid = delivery.properties.get("message_id") or body_id(delivery.body)
+        self.send_item(Unconfirmed(DEAD_EXCHANGE, delivery.queue, dead_letter_copy(
+            message, queue=delivery.queue, reason=reason, user_id=self.user_id), False, mid))
+
+    def flush(self) -> None:
+        """Sends the acks that are ready; a dead connection's acks are moot."""
         if self.usable:
-            assert self.pub is not None
-            declare_queue(self.pub, self.config, name, exchange, bindings)
+            with contextlib.suppress(*RECOVERABLE):
+                self.flush_acks()
 
-    def consume(self, queue: str) -> None:
-        """Consumes ``queue`` now (if connected) and after every reconnect."""
-        if queue in self.consumed:
-            return
-        if self.usable:
-            try:
-                self.start_consumer(queue)
-            except amqp.exceptions.NotFound as exc:
-                self.broken = True  # the broker closed the consumer channel
-                raise BusError(f"cannot consume queue {queue!r}: it does not exist on "
-                               f"{self.url()}; declare it first (declare_queue, "
-                               "declare_agent_queue or declare_mgmt_queues)") from exc
-        self.consumed.append(queue)
+    def _settled(self) -> None:
+        self._since_flush += 1
+        if self.usable and (not self.inbox or self._since_flush >= _ACK_BATCH):
+            self._since_flush = 0
+            self.flush_acks()
+            if not self.inbox:
+                self.pump(0.0)
 
-    def start_consumer(self, queue: str) -> None:
-        """Starts a consumer whose deliveries land in :attr:`inbox`."""
-        assert self.sub is not None
-        epoch, inbox = self.epoch, self.inbox
+    def send(self, outgoing: Outgoing) -> None:
+        """Publishes ``outgoing``, blocking only while the confirm window is full; reconnects."""
+        self.send_item(Unconfirmed(outgoing.exchange, outgoing.routing_key, to_amqp(outgoing),
+                                   outgoing.mandatory, outgoing.message_id,
+                                   republish=outgoing.republish))
 
-        def deliver(message: amqp.Message) -> None:
-            inbox.append((epoch, message, queue))
-
-        self.sub.basic_consume(queue, callback=deliver, on_cancel=self._on_cancel)
-
-    def _on_cancel(self, consumer_tag: str) -> None:
-        # The broker cancels a consumer whose queue was deleted: reconnecting
-        # re-declares the queue and consumes it again.
-        log.warning("bus_consumer_cancelled", consumer_tag=consumer_tag)
-        self.broken = True
-
-    # -- publishing and confirms ----------------------------------------------------
-
-    def send(self, item: Unconfirmed) -> None:
-        """Publishes ``item``, blocking only while the confirm window is full; reconnects."""
-        while True:
-            if self.conn is None:
-                raise BusError("publish before Bus.connect(); connect first")
-            try:
-                if self.broken:
-                    raise Broken()
-                while len(self.window) >= self.config.confirm_window:
-                    self.pump(self.config.heartbeat or 5.0)
-                assert self.pub is not None
-                self.pub.basic_publish(item.message, item.exchange, item.routing_key,
-                                       mandatory=item.mandatory)
-                self.window.published(item)
-                return
-            except RECOVERABLE as exc:
-                self.recover(exc)
-
-    def wait_confirms(self, timeout: float, now: Callable[[], float]) -> None:
-        """Returns once nothing is unconfirmed (reconnecting and republishing as needed).
+    def wait_confirms(self, timeout: float) -> None:
+        """Returns once every publish so far is confirmed (reconnecting if needed).
 
         Raises:
-            BusError: still unconfirmed after ``timeout``.
+            BusError: not all confirmed within ``timeout``, or some refused repeatedly.
         """
-        deadline = now() + timeout
-        while len(self.window) or self._returned:
-            remaining = deadline - now()
-            if remaining <= 0:
-                raise BusError(f"{len(self.window)} publish(es) not confirmed by the broker "
-                               f"within {timeout:g} s ({self.url()})")
-            try:
-                if self.broken:
-                    raise Broken()
-                self.pump(min(remaining, 1.0))
-            except RECOVERABLE as exc:
-                self.recover(exc)
-        self.flush_acks()
+        try:
+            self.await_confirms(timeout)
+        except Stopped:
+            raise BusError("bus stopped before all publishes were confirmed") from None
+        if self.abandoned:
+            ids, self.abandoned = self.abandoned, []
+            raise BusError(f"the broker refused {len(ids)} publish(es) repeatedly: {ids[:10]}; "
+                           "see the bus_publish_abandoned log lines")
 
-    def pump(self, timeout: float) -> None:
-        """Reads what the broker sent (waiting up to ``timeout``), then settles confirms."""
-        assert self.conn is not None
-        conn = raw(self.conn)
-        if timeout > 0:
-            readable = wait_readable(conn, self.loop.wake_fd, timeout)
-            self.loop.clear_wake()
-            if not readable:
-                return
-        if drain_ready(conn):
-            self._after_frames()
-
-    def ack_when_confirmed(self, epoch: int, tag: int) -> None:
-        """Acks delivery ``tag`` once everything published so far is confirmed.
-
-        The ack is sent by the next :meth:`flush_acks` (the loop calls it after
-        a batch of deliveries), so several are acked in one frame.
-        """
-        self.window.defer((epoch, tag))
-
-    def reject(self, epoch: int, tag: int) -> None:
-        """Requeues a delivery (if its connection is still the current one)."""
-        if epoch == self.epoch and self.sub is not None:
-            self.sub.basic_reject(tag, requeue=True)
-
-    def flush_acks(self) -> None:
-        """Sends the acks whose publishes are all confirmed, as one ``multiple`` ack.
-
-        Deliveries are handled and deferred in tag order and every earlier one
-        is settled (acked, rejected or deferred ahead of it), so acking the
-        highest ready tag with ``multiple`` acks exactly the ready ones.
-        """
-        ready = self.window.ready()
-        if not ready or self.sub is None:
-            return
-        current = [tag for epoch, tag in ready if epoch == self.epoch]
-        if current:
-            self.sub.basic_ack(max(current), multiple=True)
-
-    def _after_frames(self) -> None:
-        if self._returned:
-            returned, self._returned = self._returned, []
-            for message, reason in returned:
-                log.error("message_unroutable", reason=reason,
-                          message_id=message.properties.get("message_id"))
-                copy = dead_letter_copy(message, queue="", reason=reason, user_id=self.user_id)
-                self.send(Unconfirmed(DEAD_EXCHANGE, "", copy, False,
-                                      str(message.properties.get("message_id"))))
-            self.window.hold_back_deferred()
-        self.flush_acks()
-
-    def _on_ack(self, tag: int, multiple: bool) -> None:
-        self.window.acked(tag, multiple)
-
-    def _on_nack(self, tag: int, multiple: bool) -> None:
-        for item in self.window.nacked(tag, multiple):
-            item.nacks += 1
-            if item.nacks > _MAX_REPUBLISH:
-                self._abandon(item, "refused by the broker repeatedly")
-                continue
-            log.warning("bus_publish_nacked", message_id=item.message_id, nacks=item.nacks)
-            assert self.pub is not None
-            self.pub.basic_publish(item.message, item.exchange, item.routing_key,
-                                   mandatory=item.mandatory)
-            self.window.published(item)
-        self.window.hold_back_deferred()
-
-    def _on_return(self, exc: Exception, exchange: str, routing_key: str,
-                   message: amqp.Message) -> None:
-        reason = (f"unroutable: no queue is bound to routing key {routing_key!r} on exchange "
-                  f"{exchange!r} ({exc}); is the receiver's queue declared?")
-        message.delivery_info = {"exchange": exchange, "routing_key": routing_key}
-        self._returned.append((message, reason))
-
-    def _abandon(self, item: Unconfirmed, why: str) -> None:
-        log.error("bus_publish_abandoned", message_id=item.message_id, exchange=item.exchange,
-                  routing_key=item.routing_key, reason=why)
-        self.abandoned.append(item.message_id)
+    def request(self, message: Message, timeout: float) -> Message:
+        """Sends an API request over direct reply-to on a connection of its own; any thread."""
+        with self._rpc_lock:
+            if self._rpc is None:
+                self._rpc = RpcClient(self.config, self.urls, self.user_id)
+            return self._rpc.call(message, timeout=timeout)

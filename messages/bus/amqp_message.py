@@ -3,15 +3,13 @@
 Connections come from kombu (URL parsing, TLS, heartbeats); everything after
 that talks to the py-amqp channel under kombu, because kombu's
 ``confirm_publish`` waits for each confirm in turn and cannot keep a window of
-confirms in flight (see ``bus.py``).
+confirms in flight (see ``amqp_link.py``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import select
-import time
-import uuid
 from collections.abc import Sequence
 from typing import Any
 
@@ -19,17 +17,15 @@ import amqp
 import amqp.exceptions
 from kombu.connection import Connection as KombuConnection
 
-from hostdev.messages.base import Message
 from hostdev.messages.bus.contract import (
     COMMANDS_EXCHANGE,
-    CONTENT_TYPE,
     DEAD_EXCHANGE,
     DEAD_QUEUE,
     EVENTS_EXCHANGE,
     REASON_HEADER,
     BusConfig,
 )
-from hostdev.messages.codec import encode
+from hostdev.messages.bus.wire import Outgoing
 from hostdev.messages.errors import BusError
 
 #: Errors after which the connection is unusable and must be re-established.
@@ -40,8 +36,6 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     OSError,
     ConnectionError,
 )
-#: Exchanges this bus publishes to ("" is the default exchange, for reply_to).
-KNOWN_EXCHANGES = frozenset({"", COMMANDS_EXCHANGE, EVENTS_EXCHANGE, DEAD_EXCHANGE})
 
 
 def open_connection(url: str, config: BusConfig, *, heartbeat: float | None = None
@@ -148,30 +142,14 @@ def declare_queue(channel: amqp.Channel, config: BusConfig, name: str, exchange:
         channel.queue_bind(name, exchange, key)
 
 
-def build_message(message: Message, *, config: BusConfig, user_id: str, message_id: str | None,
-                  correlation_id: str | None, reply_to: str | None,
-                  expiration_s: float | None, headers: dict[str, Any] | None
-                  ) -> tuple[amqp.Message, str]:
-    """Returns the AMQP message for ``message`` with every hostdev property, and its id."""
-    mid = message_id or str(uuid.uuid4())
-    props: dict[str, Any] = {
-        "content_type": CONTENT_TYPE,
-        "type": type(message).__name__,
-        "message_id": mid,
-        "timestamp": int(time.time()),
-        "app_id": config.app_id,
-        "user_id": user_id,
-        "delivery_mode": 2,
-    }
-    if correlation_id:
-        props["correlation_id"] = correlation_id
-    if reply_to:
-        props["reply_to"] = reply_to
-    if expiration_s is not None:
-        props["expiration"] = str(max(0, int(expiration_s * 1000)))
-    if headers:
-        props["application_headers"] = dict(headers)
-    return amqp.Message(encode(message), **props), mid
+def to_amqp(outgoing: Outgoing) -> amqp.Message:
+    """Returns the py-amqp message for ``outgoing``, with its headers and expiration."""
+    props = dict(outgoing.properties)
+    if outgoing.expiration_s is not None:
+        props["expiration"] = str(max(0, int(outgoing.expiration_s * 1000)))
+    if outgoing.headers:
+        props["application_headers"] = dict(outgoing.headers)
+    return amqp.Message(outgoing.body, **props)
 
 
 def dead_letter_copy(raw_message: amqp.Message, *, queue: str, reason: str,

@@ -1,8 +1,8 @@
-"""The bus contract shared by the AMQP bus and its in-process twin (no broker code here).
+"""The bus contract daemons code against (no transport code here).
 
-``hostdev.messages.bus`` (kombu, RabbitMQ) and ``hostdev.messages.bus.in_process``
-(in-process) both implement :class:`BusLike`; daemons code against it and
-import the names below from ``hostdev.messages.bus``.
+``Bus`` (RabbitMQ) and ``InProcessBus`` (in memory), both ``core.LinkBus``,
+implement :class:`BusLike`; daemons code against it and import the names
+below from ``hostdev.messages.bus``.
 """
 
 from __future__ import annotations
@@ -29,6 +29,8 @@ DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
 #: Header naming why a message was dead-lettered by hostdev.
 REASON_HEADER = "x-hostdev-reason"
 CONTENT_TYPE = "application/json"
+#: Exchanges hostdev publishes to ("" is the default exchange, for ``reply_to``).
+KNOWN_EXCHANGES = frozenset({"", COMMANDS_EXCHANGE, EVENTS_EXCHANGE, DEAD_EXCHANGE})
 
 
 @dataclass(frozen=True)
@@ -171,7 +173,7 @@ def body_id(body: bytes) -> str:
 
 
 class BusLike(Protocol):
-    """The interface both buses implement (see docs/bus-contract.md)."""
+    """The interface of the bus on every transport (see docs/bus-contract.md)."""
 
     config: BusConfig
 
@@ -203,7 +205,7 @@ class BusLike(Protocol):
 
 
 class BusShortcuts:
-    """The queue and routing-key spellings of DESIGN section 4, shared by both buses.
+    """The queue and routing-key spellings of hostdev, for any bus.
 
     A subclass provides ``declare_queue`` and ``publish``; these only build names.
     """

@@ -1,8 +1,8 @@
 """What to do with one delivery: decode, dispatch by type, classify the outcome.
 
-Shared by the AMQP bus and the in-process bus so both treat every delivery
-the same way. The caller then acks, requeues or dead-letters; this module does
-no I/O besides calling the handler.
+Called by ``core.LinkBus`` for every delivery on every transport, so each is
+treated the same way. The bus then acks, requeues or dead-letters through its
+link; this module does no I/O besides calling the handler.
 """
 
 from __future__ import annotations

@@ -1,7 +1,10 @@
-"""The in-process broker behind ``hostdev.messages.bus.in_process``: exchanges, queues, routing.
+"""The in-process broker: exchanges, queues, topic routing, dead letters, in memory.
 
 Holds messages as encoded bytes with AMQP-like properties; thread-safe (one
-condition variable). See ``testing.py`` for how tests drive it.
+condition variable). Links (``in_process_link.InProcessLink``) attach to it as
+:class:`Member` objects, which is how :meth:`InProcessBroker.drain` steps their
+buses and :meth:`InProcessBroker.disconnect_all` simulates a reconnect. See
+``in_process.py`` for how tests and the demo drive it.
 """
 
 from __future__ import annotations
@@ -11,8 +14,8 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 from hostdev.messages.base import Message
 from hostdev.messages.bus.contract import (
@@ -21,14 +24,10 @@ from hostdev.messages.bus.contract import (
     DEAD_QUEUE,
     EVENTS_EXCHANGE,
     REASON_HEADER,
-    Handler,
     topic_matches,
 )
 from hostdev.messages.codec import decode
 from hostdev.messages.errors import DecodeError
-
-if TYPE_CHECKING:
-    from hostdev.messages.bus.in_process import InProcessBus
 
 
 class FakeClock:
@@ -84,13 +83,24 @@ class DeadLetter:
         return self.envelope.message()
 
 
-@dataclass
-class Consumer:
-    """One bus consuming one queue with its handlers."""
+class Member(Protocol):
+    """What the broker needs of an attached link."""
 
-    bus: InProcessBus
+    def step(self) -> bool:
+        """Does the ready work of the link's bus without blocking; False if idle or in run()."""
+        ...
+
+    def reconnected(self) -> None:
+        """Tells the link's bus that its connection was re-established."""
+        ...
+
+
+@dataclass(frozen=True)
+class Consumer:
+    """One attached link consuming one queue."""
+
+    owner: Member
     queue: str
-    handlers: dict[type[Message], Handler] = field(default_factory=dict)
 
 
 class InProcessBroker:
@@ -104,7 +114,7 @@ class InProcessBroker:
             COMMANDS_EXCHANGE: [], EVENTS_EXCHANGE: [], DEAD_EXCHANGE: [("#", DEAD_QUEUE)]}
         self.published: list[Envelope] = []
         self.consumers: list[Consumer] = []
-        self.buses: list[InProcessBus] = []
+        self.members: list[Member] = []
         self._rr = itertools.count()
         self._draining = False
 
@@ -153,12 +163,30 @@ class InProcessBroker:
                                                     envelope.body, props))
             self.cond.notify_all()
 
+    def requeue(self, queue: str, envelope: Envelope) -> None:
+        """Puts a delivered message back at the head of its queue."""
+        with self.cond:
+            self.queues[queue].appendleft(envelope)
+            self.cond.notify_all()
+
+    def attach(self, member: Member) -> None:
+        """Adds a link to the broker (idempotent)."""
+        with self.cond:
+            if member not in self.members:
+                self.members.append(member)
+
+    def detach(self, member: Member) -> None:
+        """Removes a link and its consumers."""
+        with self.cond:
+            self.consumers = [c for c in self.consumers if c.owner is not member]
+            if member in self.members:
+                self.members.remove(member)
+
     def disconnect_all(self) -> None:
         """Simulates a lost and re-established connection: on_reconnect callbacks run next."""
         with self.cond:
-            for bus in self.buses:
-                for fn in bus.reconnect_callbacks:
-                    bus.call_soon_threadsafe(fn)
+            for member in self.members:
+                member.reconnected()
 
     # -- inspection helpers for tests -------------------------------------------
 
@@ -184,7 +212,7 @@ class InProcessBroker:
     # -- driving ----------------------------------------------------------------
 
     def drain(self, *, max_steps: int = 100_000) -> int:
-        """Runs every bus not inside ``run()``: queued calls, due timers, deliveries.
+        """Steps every attached bus not inside ``run()``: queued calls, due timers, deliveries.
 
         Returns when nothing is left to do; returns the number of steps.
 
@@ -197,10 +225,9 @@ class InProcessBroker:
         try:
             steps = 0
             while steps < max_steps:
-                passive = [b for b in self.buses if b.loop_thread is None]
                 progressed = False
-                for bus in passive:  # one step each in turn: competing consumers share
-                    progressed = bus.step() or progressed
+                for member in list(self.members):  # one step each: competing consumers share
+                    progressed = member.step() or progressed
                 if not progressed:
                     return steps
                 steps += 1
@@ -209,10 +236,15 @@ class InProcessBroker:
         finally:
             self._draining = False
 
-    def take(self, bus: InProcessBus) -> tuple[Consumer, Envelope] | None:
-        """Takes the next deliverable message for one of ``bus``'s consumers (round-robin)."""
+    def has_deliveries(self, owner: Member) -> bool:
+        """Tells whether a queue ``owner`` consumes holds a message."""
         with self.cond:
-            mine = [c for c in self.consumers if c.bus is bus and self.queues.get(c.queue)]
+            return any(c.owner is owner and self.queues.get(c.queue) for c in self.consumers)
+
+    def take(self, owner: Member) -> tuple[Consumer, Envelope] | None:
+        """Takes the next deliverable message for one of ``owner``'s consumers (round-robin)."""
+        with self.cond:
+            mine = [c for c in self.consumers if c.owner is owner and self.queues.get(c.queue)]
             if not mine:
                 return None
             consumer = mine[next(self._rr) % len(mine)]

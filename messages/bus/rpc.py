@@ -22,22 +22,21 @@ from kombu.connection import Connection as KombuConnection
 from hostdev.messages.base import Message
 from hostdev.messages.bus.amqp_message import (
     CONNECTION_ERRORS,
-    build_message,
     close_quietly,
     new_channel,
     open_connection,
     raw,
+    to_amqp,
 )
 from hostdev.messages.bus.contract import COMMANDS_EXCHANGE, DIRECT_REPLY_TO, BusConfig
-from hostdev.messages.codec import decode
-from hostdev.messages.commands import ErrorAnswer
-from hostdev.messages.errors import BusError, DecodeError, RemoteError, RequestTimeout
+from hostdev.messages.bus.wire import decode_answer, new_outgoing
+from hostdev.messages.errors import BusError, RequestTimeout
 
 log = structlog.get_logger()
 
 
 class RpcClient:
-    """One connection and channel for requests; not thread-safe (the Bus holds a lock)."""
+    """One connection and channel for requests; not thread-safe (its owner holds a lock)."""
 
     def __init__(self, config: BusConfig, urls: list[str], user_id: str) -> None:
         self.config = config
@@ -60,9 +59,10 @@ class RpcClient:
         name = type(message).__name__
         key = f"api.{name}"
         deadline = time.monotonic() + timeout
-        amqp_message, mid = build_message(
-            message, config=self.config, user_id=self._user_id, message_id=None,
-            correlation_id=None, reply_to=DIRECT_REPLY_TO, expiration_s=timeout, headers=None)
+        outgoing = new_outgoing(message, exchange=COMMANDS_EXCHANGE, routing_key=key,
+                                app_id=self.config.app_id, user_id=self._user_id,
+                                reply_to=DIRECT_REPLY_TO, expiration_s=timeout)
+        amqp_message, mid = to_amqp(outgoing), outgoing.message_id
         self._waiting, self._reply, self._returned = mid, None, None
         sent = False
         try:
@@ -103,18 +103,7 @@ class RpcClient:
                         "so it declares queue 'hostdev.api'")
         finally:
             self._waiting = None
-        return self._answer(self._reply, name, mid)
-
-    def _answer(self, reply: amqp.Message, name: str, mid: str) -> Message:
-        try:
-            answer = decode(reply.body)
-        except DecodeError as exc:
-            raise BusError(f"the answer to {name} (message_id {mid}) is undecodable: {exc}"
-                           ) from exc
-        if isinstance(answer, ErrorAnswer):
-            raise RemoteError(f"{name} (message_id {mid}) failed remotely "
-                              f"[{answer.code}]: {answer.details}", code=answer.code)
-        return answer
+        return decode_answer(self._reply.body, name, mid)
 
     def _open(self) -> None:
         url = self._urls[self._url_index % len(self._urls)]

@@ -67,7 +67,7 @@ def test_topic_bindings_route_with_star_and_hash(broker: InProcessBroker) -> Non
 def test_undecodable_and_unknown_messages_are_dead_lettered_and_the_consumer_goes_on(
         broker: InProcessBroker, body: bytes, reason: str) -> None:
     """Malformed JSON and unknown types land in hostdev.dead with the reason; later ones flow."""
-    from hostdev.messages.bus.in_process import Envelope
+    from hostdev.messages.bus.in_process_broker import Envelope
 
     agent = _bus(broker)
     queue = agent.declare_agent_queue("g1")

@@ -1,4 +1,4 @@
-"""Tests of the loop scheduler: timers, calls from other threads, waking."""
+"""Tests of the loop scheduler (timers, calls from other threads, waking) and the wake pipe."""
 
 from __future__ import annotations
 
@@ -8,30 +8,37 @@ from collections.abc import Iterator
 
 import pytest
 
-from hostdev.messages.bus.loop import LoopScheduler
+from hostdev.messages.bus.loop import LoopScheduler, WakePipe
 
 
 @pytest.fixture
-def loop() -> Iterator[LoopScheduler]:
-    scheduler = LoopScheduler()
-    yield scheduler
-    scheduler.close()
+def pipe() -> Iterator[WakePipe]:
+    made = WakePipe()
+    yield made
+    made.close()
 
 
-def test_calls_from_another_thread_run_in_order_and_wake_the_loop(loop: LoopScheduler) -> None:
-    """call_soon from any thread makes the wake fd readable and runs the calls in order."""
+@pytest.fixture
+def loop(pipe: WakePipe) -> LoopScheduler:
+    return LoopScheduler(wake=pipe.wake)
+
+
+def test_calls_from_another_thread_run_in_order_and_wake_the_loop(
+        loop: LoopScheduler, pipe: WakePipe) -> None:
+    """call_soon from any thread wakes the loop (the pipe) and runs the calls in order."""
     ran: list[int] = []
     thread = threading.Thread(target=lambda: [loop.call_soon(lambda n=n: ran.append(n))
                                               for n in range(3)])
     thread.start()
     thread.join()
-    readable, _, _ = select.select([loop.wake_fd], [], [], 1.0)
+    readable, _, _ = select.select([pipe.fd], [], [], 1.0)
     assert readable
-    loop.clear_wake()
-    assert select.select([loop.wake_fd], [], [], 0)[0] == []
+    pipe.clear()
+    assert select.select([pipe.fd], [], [], 0)[0] == []
     assert loop.next_wait(None, 5.0) == 0.0
-    loop.run_due()
+    assert loop.run_due() is True
     assert ran == [0, 1, 2]
+    assert loop.run_due() is False
 
 
 def test_a_failing_call_is_logged_and_the_next_still_runs(loop: LoopScheduler) -> None:
@@ -52,7 +59,6 @@ def test_reraised_errors_escape(loop: LoopScheduler) -> None:
     strict.call_soon(lambda: (_ for _ in ()).throw(ConnectionError("gone")))
     with pytest.raises(ConnectionError):
         strict.run_due()
-    strict.close()
 
 
 def test_next_wait_is_bounded_by_timer_deadline_and_cap(loop: LoopScheduler) -> None:
@@ -61,13 +67,25 @@ def test_next_wait_is_bounded_by_timer_deadline_and_cap(loop: LoopScheduler) -> 
 
     assert loop.next_wait(None, 2.0) == 2.0
     loop.call_every(0.5, lambda: None)
-    loop.clear_wake()
     assert 0.0 < loop.next_wait(None, 2.0) <= 0.5
     assert loop.next_wait(time.monotonic() + 0.1, 2.0) <= 0.1
 
 
-def test_stop_sets_the_flag_and_wakes(loop: LoopScheduler) -> None:
+def test_stop_sets_the_flag_and_wakes(loop: LoopScheduler, pipe: WakePipe) -> None:
     """stop() is visible to the loop and wakes a blocked select()."""
     loop.stop()
     assert loop.stopping.is_set()
-    assert select.select([loop.wake_fd], [], [], 1.0)[0]
+    assert select.select([pipe.fd], [], [], 1.0)[0]
+
+
+def test_timers_run_on_the_given_clock() -> None:
+    """A timer is due when the scheduler's clock says so, not the wall clock."""
+    now = [100.0]
+    ran: list[float] = []
+    loop = LoopScheduler(clock=lambda: now[0])
+    loop.call_every(30.0, lambda: ran.append(now[0]))
+    assert loop.run_due() is False
+    assert loop.next_wait(None, 60.0) == 30.0
+    now[0] = 130.0
+    assert loop.run_due() is True
+    assert ran == [130.0]

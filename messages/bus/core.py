@@ -1,0 +1,273 @@
+"""The bus on any link: what is the same on every transport, written once.
+
+:class:`LinkBus` implements ``BusLike`` on a ``link.Link``. It builds every
+publish, turns each delivery into an ``Incoming``, counts deliveries against
+``BusConfig.delivery_limit``, asks ``dispatch.handle_delivery`` for the
+verdict, publishes the answer on its route, dead-letters with the reason or
+requeues, and runs the loop: timers and queued calls (``loop.LoopScheduler``),
+deliveries, stop, and recovery when the link reports a lost connection.
+``amqp.Bus`` and ``in_process.InProcessBus`` only choose the link.
+
+One thread owns the link: the one in :meth:`LinkBus.run` (or the caller before
+``run``). Other threads use :meth:`LinkBus.call_soon_threadsafe`. A handler
+blocks the loop: keep it short.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import structlog
+
+from hostdev.messages.base import Message
+from hostdev.messages.bus.contract import (
+    COMMANDS_EXCHANGE,
+    KNOWN_EXCHANGES,
+    BusConfig,
+    BusShortcuts,
+    Handler,
+    Incoming,
+    body_id,
+)
+from hostdev.messages.bus.dispatch import Outcome, handle_delivery
+from hostdev.messages.bus.link import Link, Stopped
+from hostdev.messages.bus.loop import LoopScheduler
+from hostdev.messages.bus.wire import Delivery, new_outgoing
+from hostdev.messages.errors import BusError
+
+log = structlog.get_logger()
+
+_REMEMBERED = 10_000  # message ids whose delivery count the bus keeps itself
+
+
+class LinkBus(BusShortcuts):
+    """The hostdev bus on one link. The constructor does no I/O; :meth:`connect` does."""
+
+    def __init__(self, config: BusConfig, link: Link) -> None:
+        self.config = config
+        self._link = link
+        self._loop = LoopScheduler(wake=link.wake, clock=link.clock, reraise=link.recoverable)
+        self._handlers: dict[str, dict[type[Message], Handler]] = {}
+        self._attempts: OrderedDict[str, int] = OrderedDict()
+        self._reconnect_callbacks: list[Callable[[], None]] = []
+        self._loop_thread: int | None = None
+        link.on_reconnect(self._reconnected)
+
+    # -- lifecycle and topology ---------------------------------------------------
+
+    def connect(self) -> None:
+        """Connects (trying each failover URL once) and declares the topology; idempotent.
+
+        Raises:
+            BusError: the broker cannot be reached; the text names where and why.
+        """
+        self._owner_only("connect")
+        self._link.connect()
+
+    def close(self) -> None:
+        """Waits briefly for outstanding confirms and acks, then disconnects."""
+        self._link.close()
+
+    def declare_queue(self, name: str, bindings: Sequence[str], *,
+                      exchange: str = COMMANDS_EXCHANGE) -> None:
+        """Declares a durable queue bound to ``exchange``; re-declared after every reconnect."""
+        self._owner_only("declare_queue")
+        self._link.declare(name, exchange, tuple(bindings))
+
+    # -- publishing ---------------------------------------------------------------
+
+    def publish(self, routing_key: str, message: Message, *, exchange: str = COMMANDS_EXCHANGE,
+                correlation_id: str | None = None, message_id: str | None = None,
+                reply_to: str | None = None, expiration_s: float | None = None,
+                headers: dict[str, Any] | None = None) -> str:
+        """Publishes a persistent message; blocks only while ``confirm_window`` confirms are out.
+
+        Commands are published ``mandatory``: one no queue takes is dead-lettered
+        with the reason instead of vanishing. Returns the ``message_id``.
+        """
+        self._owner_only("publish")
+        if exchange not in KNOWN_EXCHANGES:
+            raise BusError(f"publish to unknown exchange {exchange!r}; hostdev publishes to "
+                           f"{sorted(KNOWN_EXCHANGES)} only")
+        outgoing = new_outgoing(
+            message, exchange=exchange, routing_key=routing_key, app_id=self.config.app_id,
+            user_id=self._link.user_id, message_id=message_id, correlation_id=correlation_id,
+            reply_to=reply_to, expiration_s=expiration_s, headers=headers)
+        self._link.send(outgoing)
+        return outgoing.message_id
+
+    def wait_for_confirms(self, timeout: float = 30.0) -> None:
+        """Returns once every publish so far is confirmed (reconnecting if needed).
+
+        Raises:
+            BusError: not all were confirmed within ``timeout``, or the broker
+                refused some repeatedly (their message ids are named).
+        """
+        self._owner_only("wait_for_confirms")
+        self._link.wait_confirms(timeout)
+
+    def request(self, message: Message, *, timeout: float = 10.0) -> Message:
+        """Sends an API request on ``api.<Type>`` and returns the typed answer; any thread.
+
+        Raises:
+            RequestTimeout: no answer within ``timeout``.
+            RemoteError: the answer was an ErrorAnswer.
+            BusError: no queue takes ``api.<Type>``, or the answer was undecodable.
+        """
+        return self._link.request(message, timeout)
+
+    # -- consuming and the loop -----------------------------------------------------
+
+    def consume(self, queue: str, handlers: Mapping[type[Message], Handler]) -> None:
+        """Consumes ``queue`` (already declared), dispatching each message by type."""
+        self._owner_only("consume")
+        self._link.consume(queue)
+        self._handlers[queue] = dict(handlers)
+
+    def call_every(self, interval_s: float, fn: Callable[[], None]) -> None:
+        """Runs ``fn`` in the loop thread every ``interval_s`` seconds, first after one."""
+        self._loop.call_every(interval_s, fn)
+
+    def call_soon_threadsafe(self, fn: Callable[[], None]) -> None:
+        """Runs ``fn`` in the loop thread as soon as possible; callable from any thread."""
+        self._loop.call_soon(fn)
+
+    def on_reconnect(self, fn: Callable[[], None]) -> None:
+        """Runs ``fn`` in the loop thread after every re-established connection."""
+        self._reconnect_callbacks.append(fn)
+
+    def stop(self) -> None:
+        """Makes :meth:`run` return after the message in hand; thread-safe."""
+        self._loop.stop()
+
+    def run(self, *, until: Callable[[], bool] | None = None,
+            timeout: float | None = None) -> None:
+        """Handles deliveries, timers and queued calls until stopped, ``until()`` or ``timeout``.
+
+        When the link loses its connection, the link recovers it (re-declaring
+        queues and consumers) and then the :meth:`on_reconnect` callbacks run.
+        """
+        if not self._link.connected:
+            raise BusError(f"{type(self).__name__}.run() before connect(); connect first")
+        self._loop_thread = threading.get_ident()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            while not self._loop.stopping.is_set():
+                if until is not None and until():
+                    return
+                if deadline is not None and time.monotonic() >= deadline:
+                    return
+                try:
+                    if not self._step():
+                        self._link.wait(self._loop.next_wait(deadline, 1.0))
+                except self._link.recoverable as exc:
+                    self._link.recover(exc, self._loop.stopping)
+        except Stopped:
+            pass
+        finally:
+            self._loop.stopping.clear()
+            self._loop_thread = None
+            self._link.flush()
+
+    def step(self) -> bool:
+        """Does the work that is ready, without blocking: queued calls, due timers, one delivery.
+
+        Lets a caller drive a bus that is not inside :meth:`run` (the in-process
+        broker's ``drain()``); a bus inside ``run()`` is left to its own loop.
+
+        Returns:
+            False if there was nothing to do (or ``run()`` owns the loop).
+        """
+        if self._loop_thread is not None:
+            return False
+        return self._step()
+
+    def _step(self) -> bool:
+        ran = self._loop.run_due()
+        delivery = self._link.take()
+        if delivery is None:
+            return ran
+        self._handle(delivery)
+        return True
+
+    def _reconnected(self) -> None:
+        for fn in self._reconnect_callbacks:
+            self._loop.call_soon(fn)
+
+    # -- handling one delivery --------------------------------------------------------
+
+    def _handle(self, delivery: Delivery) -> None:
+        props = delivery.properties
+        mid = props.get("message_id") or body_id(delivery.body)
+        incoming = Incoming(
+            message_id=mid, correlation_id=props.get("correlation_id"),
+            reply_to=props.get("reply_to"), user_id=props.get("user_id"),
+            routing_key=delivery.routing_key, redelivered=delivery.redelivered,
+            headers=dict(delivery.headers), queue=delivery.queue)
+        count = delivery.headers.get("x-delivery-count")
+        local = self._remember(mid, self._attempts.get(mid, 1) + 1) if delivery.redelivered else 1
+        attempts = max(int(count) + 1 if isinstance(count, int) else 1, local)
+        limit = self.config.delivery_limit
+        if attempts > limit:
+            # Delivered again and again without ever being settled: the connection
+            # died each time (e.g. the broker kills it for a forged reply_to). No
+            # answer is attempted, it could be what kills the connection.
+            outcome = Outcome("dead", reason=(
+                f"delivered {attempts} times without being settled, over the delivery limit "
+                f"{limit} (the connection was lost each time; a reply_to the broker rejects?) "
+                f"(queue {delivery.queue!r}, message_id {mid})"))
+            log.error("message_dead_lettered", reason=outcome.reason, message_id=mid)
+        else:
+            outcome = handle_delivery(
+                delivery.body, content_type=props.get("content_type"),
+                type_property=props.get("type"), incoming=incoming,
+                handlers=self._handlers.get(delivery.queue, {}), attempts=attempts,
+                delivery_limit=limit)
+        if outcome.action == "requeue":
+            self._remember(mid, attempts)  # classic queues count no deliveries for us
+        # Otherwise the count is kept (bounded): an ack only counts once confirmed,
+        # and a connection lost before that brings the message back.
+        self._settle(delivery, incoming, outcome)
+
+    def _remember(self, mid: str, attempts: int) -> int:
+        self._attempts[mid] = attempts
+        while len(self._attempts) > _REMEMBERED:
+            self._attempts.popitem(last=False)
+        return attempts
+
+    def _settle(self, delivery: Delivery, incoming: Incoming, outcome: Outcome) -> None:
+        link = self._link
+        if not link.is_current(delivery):
+            # The connection was replaced while the handler ran: the broker
+            # redelivers the message. Its answer is still sent (a duplicate at
+            # worst) in case the idempotent rerun answers nothing.
+            if outcome.action == "ack":
+                self._answer(outcome, incoming)
+            log.info("delivery_left_for_redelivery", message_id=incoming.message_id)
+        else:
+            if outcome.action == "dead":
+                link.dead_letter(delivery, outcome.reason)
+            self._answer(outcome, incoming)
+        if outcome.action == "requeue":
+            link.requeue(delivery)
+        else:
+            link.ack(delivery)
+
+    def _answer(self, outcome: Outcome, incoming: Incoming) -> None:
+        if outcome.answer is None or outcome.route is None:
+            return
+        exchange, key = outcome.route
+        self._link.send(new_outgoing(
+            outcome.answer, exchange=exchange, routing_key=key, app_id=self.config.app_id,
+            user_id=self._link.user_id, correlation_id=incoming.message_id))
+
+    def _owner_only(self, what: str) -> None:
+        owner = self._loop_thread
+        if owner is not None and owner != threading.get_ident():
+            raise BusError(f"{type(self).__name__}.{what}() called from another thread while "
+                           "run() owns the connection; wrap the call in "
+                           "bus.call_soon_threadsafe(...)")

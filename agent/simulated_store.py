@@ -32,8 +32,9 @@ import json
 import os
 import threading
 import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import structlog
 
@@ -41,9 +42,7 @@ from hostdev.agent.domain_xml import read_identity, without_runtime_id
 from hostdev.agent.errors import HypervisorError, MigrationFailed
 from hostdev.agent.hypervisor import LifecycleEvent
 from hostdev.messages.pci_address import PciAddress
-
-if TYPE_CHECKING:
-    from hostdev.agent.simulated import SimulatedHost
+from hostdev.messages.values import DomainInfo
 
 log = structlog.get_logger()
 
@@ -79,10 +78,28 @@ def write_faults(uri: str, **faults: Any) -> None:
     os.replace(temporary, path)
 
 
+class MailboxHost(Protocol):
+    """What the mailbox and the faults file need of a simulated host (``SimulatedHost``)."""
+
+    @property
+    def uri(self) -> str: ...
+    def refuse_detach(self, address: PciAddress, refuse: bool = True) -> None: ...
+    def fail_migrations(self, reason: str | None) -> None: ...
+    def domain(self, uuid: str) -> DomainInfo | None: ...
+    def domain_xml(self, uuid: str, *, inactive: bool = False) -> str: ...
+    def define_xml(self, xml: str) -> None: ...
+    def is_active(self, uuid: str) -> bool: ...
+    def quiet_events(self, uuid: str, events: Iterable[tuple[str, str]]) -> None: ...
+    def start(self, uuid: str) -> None: ...
+    def destroy(self, uuid: str) -> None: ...
+    def undefine(self, uuid: str) -> None: ...
+    def emit(self, event: LifecycleEvent) -> None: ...
+
+
 class Watcher:
     """Picks up handed-over domains and applies faults for one simulated host."""
 
-    def __init__(self, host: SimulatedHost) -> None:
+    def __init__(self, host: MailboxHost) -> None:
         self.host = host
         self.fail_attach: set[PciAddress] = set()
         self.migrate_delay_s = 0.0
@@ -164,42 +181,27 @@ class Watcher:
         log.info("simulated_domain_arrived", vm=uuid, host=host.uri, source=data.get("source"))
 
 
-_WATCHERS: dict[int, Watcher] = {}
-_LOCK = threading.Lock()
+def watch(host: MailboxHost) -> Watcher | None:
+    """Starts the watcher of a simulated:// host; None for a host without a mailbox.
 
-
-def watch(host: SimulatedHost) -> None:
-    """Starts the watcher of a simulated:// host (called by ``SimulatedHost.open``)."""
+    The host owns the returned watcher and stops it when it closes.
+    """
     if mailbox(host.uri) is None:
-        return
+        return None
     watcher = Watcher(host)
-    with _LOCK:
-        _WATCHERS[id(host)] = watcher
     watcher.start()
+    return watcher
 
 
-def unwatch(host: SimulatedHost) -> None:
-    """Stops the watcher of a host (called by ``SimulatedHost.close``); idempotent."""
-    with _LOCK:
-        watcher = _WATCHERS.pop(id(host), None)
-    if watcher is not None:
-        watcher.stop()
-
-
-def _watcher(host: SimulatedHost) -> Watcher | None:
-    with _LOCK:
-        return _WATCHERS.get(id(host))
-
-
-def check_attach(host: SimulatedHost, uuid: str, address: PciAddress) -> None:
+def check_attach(watcher: Watcher | None, uuid: str, address: PciAddress) -> None:
     """Raises the attach failure the faults file asks for, if any."""
-    watcher = _watcher(host)
     if watcher is not None and PciAddress(address) in watcher.fail_attach:
         raise HypervisorError("attach", f"simulated failure attaching {address} to {uuid} "
                               "(fail_attach in the faults file)")
 
 
-def hand_over(host: SimulatedHost, uuid: str, destination_uri: str) -> None:
+def hand_over(host: MailboxHost, watcher: Watcher | None, uuid: str,
+              destination_uri: str) -> None:
     """Migrates a running domain to a simulated host of another process, through its mailbox.
 
     Raises:
@@ -214,7 +216,6 @@ def hand_over(host: SimulatedHost, uuid: str, destination_uri: str) -> None:
         raise MigrationFailed(uuid, destination_uri, "Attempt to migrate guest to the same host")
     if not host.is_active(uuid):
         raise MigrationFailed(uuid, destination_uri, "the domain is not running")
-    watcher = _watcher(host)
     if watcher is not None and watcher.migrate_hold_s:
         log.info("simulated_migration_holding", vm=uuid, hold_s=watcher.migrate_hold_s)
         time.sleep(watcher.migrate_hold_s)  # before the hand-over: the domain stays here

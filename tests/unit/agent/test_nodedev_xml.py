@@ -17,9 +17,7 @@ from hostdev.agent.nodedev_xml import (
     spec_from_dict,
 )
 from hostdev.messages.pci_address import PciAddress as P
-from tests.support.agent import VM_IDLE_UUID, sample_spec
-
-REFERENCE = Path("/work/shared/reference/libvirt-test-node.xml")
+from tests.support.agent import NODE_XML, VM_IDLE_UUID, sample_spec
 
 
 def devices_of(node_xml: str) -> dict[P, NodePciDevice]:
@@ -34,7 +32,7 @@ def devices_of(node_xml: str) -> dict[P, NodePciDevice]:
 
 def test_the_reference_node_file_parses_into_devices() -> None:
     """Vendor, product, class, IOMMU group and members come from libvirt's nodedev XML."""
-    devices = devices_of(REFERENCE.read_text())
+    devices = devices_of(NODE_XML.read_text())
     gpu = devices[P("28:00.0")]
     assert (gpu.vendor_id, gpu.product_id, gpu.iommu_group) == ("0x10de", "0x2204", 27)
     assert gpu.iommu_members == (P("28:00.0"), P("28:00.1"))

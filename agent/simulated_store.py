@@ -36,6 +36,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Protocol
 
+import msgspec
 import structlog
 
 from hostdev.agent.domain_xml import read_identity, without_runtime_id
@@ -51,6 +52,12 @@ SCHEME = "simulated://"
 POLL_S = 0.1
 #: How long a hand-over waits for the destination to take the domain in.
 PICKUP_WAIT_S = 2.0
+
+
+def _address(kind: type, value: Any) -> Any:
+    if kind is PciAddress:
+        return PciAddress(value)
+    raise NotImplementedError(f"cannot decode {kind}")
 
 
 def _spec_path(uri: str) -> Path | None:
@@ -76,6 +83,24 @@ def write_faults(uri: str, **faults: Any) -> None:
     temporary = path.with_name(path.name + ".tmp")
     temporary.write_text(json.dumps(faults), encoding="utf-8")
     os.replace(temporary, path)
+
+
+class Faults(msgspec.Struct, frozen=True):
+    """The faults file: what a simulated host fails at, switched at run time."""
+
+    version: int | None = None
+    refuse_detach: tuple[PciAddress, ...] = ()
+    fail_migration: str | None = None
+    fail_attach: tuple[PciAddress, ...] = ()
+    migrate_hold_s: float = 0.0
+    migrate_delay_s: float = 0.0
+
+
+class HandedOver(msgspec.Struct, frozen=True):
+    """A domain in a mailbox: its XML and the URI of the host it left."""
+
+    xml: str
+    source: str = ""
 
 
 class MailboxHost(Protocol):
@@ -150,24 +175,24 @@ class Watcher:
         if mtime == self._faults_mtime:
             return
         self._faults_mtime = mtime
-        data: dict[str, Any] = {}
+        faults = Faults()
         if mtime is not None and path is not None:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            faults = msgspec.json.decode(path.read_bytes(), type=Faults, dec_hook=_address)
         for address in self._refused_by_file:
             self.host.refuse_detach(address, False)
-        self._refused_by_file = {PciAddress(a) for a in data.get("refuse_detach", ())}
+        self._refused_by_file = set(faults.refuse_detach)
         for address in self._refused_by_file:
             self.host.refuse_detach(address, True)
-        self.host.fail_migrations(data.get("fail_migration"))
-        self.fail_attach = {PciAddress(a) for a in data.get("fail_attach", ())}
-        self.migrate_delay_s = float(data.get("migrate_delay_s", 0.0))
-        self.migrate_hold_s = float(data.get("migrate_hold_s", 0.0))
-        log.info("simulated_faults_applied", host=self.host.uri, version=data.get("version"),
-                 faults=data)
+        self.host.fail_migrations(faults.fail_migration)
+        self.fail_attach = set(faults.fail_attach)
+        self.migrate_delay_s = faults.migrate_delay_s
+        self.migrate_hold_s = faults.migrate_hold_s
+        log.info("simulated_faults_applied", host=self.host.uri, version=faults.version,
+                 faults=msgspec.to_builtins(faults, enc_hook=str))
 
     def _take_in(self, entry: Path) -> None:
-        data = json.loads(entry.read_text(encoding="utf-8"))
-        xml = data["xml"]
+        handed = msgspec.json.decode(entry.read_bytes(), type=HandedOver)
+        xml = handed.xml
         uuid, name = read_identity(xml)
         host = self.host
         if host.domain(uuid) is None:
@@ -178,7 +203,7 @@ class Watcher:
         entry.unlink()
         host.emit(LifecycleEvent(uuid=uuid, name=name, event="Started", detail="Migrated",
                                  state="running"))
-        log.info("simulated_domain_arrived", vm=uuid, host=host.uri, source=data.get("source"))
+        log.info("simulated_domain_arrived", vm=uuid, host=host.uri, source=handed.source)
 
 
 def watch(host: MailboxHost) -> Watcher | None:
@@ -222,7 +247,7 @@ def hand_over(host: MailboxHost, watcher: Watcher | None, uuid: str,
     xml = without_runtime_id(host.domain_xml(uuid))
     name = read_identity(xml)[1]
     temporary = box / f".{uuid}.tmp"
-    temporary.write_text(json.dumps({"xml": xml, "source": host.uri}), encoding="utf-8")
+    temporary.write_bytes(msgspec.json.encode(HandedOver(xml=xml, source=host.uri)))
     handed = box / f"{uuid}.json"
     os.replace(temporary, handed)
     # Real libvirt returns once the destination runs the domain: give the

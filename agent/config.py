@@ -128,7 +128,7 @@ def _error(prop: Property, text: str, expected: str) -> ConfigError:
 
 
 def _config_error(exc: PropertiesError) -> ConfigError:
-    """Re-raises a properties error as the agent's own (the same file, line and texts)."""
+    """Returns the agent's ConfigError for a properties error (same file, line and texts)."""
     return ConfigError(exc.path, exc.line, exc.text, exc.expected)
 
 

@@ -11,9 +11,10 @@ exactly as a returned answer would be.
 What MUST hold:
 
 - One worker per key (the VM): a redelivered command whose work is still
-  running is dropped (logged); once it answered, the same message id gets the
-  same answer again without running (``recent``), so a re-published command
-  never migrates a VM a second time.
+  running is dropped (logged); once it answered, the answer is remembered in
+  ``recent`` as it is published, so the pipeline (``hostdev.agent.pipeline``)
+  answers the same message id again without running it: a re-published
+  command never migrates a VM a second time.
 - A worker that fails without an answer (libvirt itself failed) publishes
   nothing: management does not guess, it settles the job from the host's next
   reports (docs/migration.md).
@@ -31,7 +32,9 @@ from typing import Any, Protocol
 import structlog
 
 from hostdev.agent.errors import HypervisorError
+from hostdev.agent.recent_commands import RecentCommands
 from hostdev.messages.base import Message
+from hostdev.messages.bus.contract import Incoming
 from hostdev.messages.runtime.logging import bound_message
 
 log = structlog.get_logger()
@@ -45,17 +48,10 @@ class AnswerBus(Protocol):
     def call_soon_threadsafe(self, fn: Callable[[], None]) -> None: ...
 
 
-class AnswerMemory(Protocol):
-    """Remembers answers by command message id (``hostdev.agent.recent_commands``)."""
-
-    def answer_of(self, message_id: str | None) -> Message | None: ...
-    def remember(self, message_id: str | None, answer: Message) -> None: ...
-
-
 class BackgroundCommands:
     """Starts one worker thread per long command and answers from the loop thread."""
 
-    def __init__(self, bus: AnswerBus, guid: str, *, recent: AnswerMemory | None = None) -> None:
+    def __init__(self, bus: AnswerBus, guid: str, recent: RecentCommands) -> None:
         self._bus = bus
         self._guid = guid
         self._recent = recent
@@ -63,15 +59,15 @@ class BackgroundCommands:
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
 
-    def handler(self, run: Callable[[Any], Message],
-                key: Callable[[Any], str]) -> Callable[[Any, Any], Message | None]:
-        """Returns a bus handler that runs ``run(message)`` on a worker thread."""
-        def handle(message: Any, incoming: Any) -> Message | None:
-            previous = self._recent.answer_of(incoming.message_id) if self._recent else None
-            if previous is not None:  # the same command again (outbox re-publication)
-                log.info("command_repeated", type=type(message).__name__,
-                         hint="answered as the first time, not run again")
-                return previous
+    def runner(self, run: Callable[[Any], Message],
+               key: Callable[[Any], str]) -> Callable[[Any, Incoming], None]:
+        """Returns the pipeline step that runs ``run(message)`` on a worker thread.
+
+        The step answers nothing itself (the delivery is acked); a repeat of an
+        answered command never gets here (the pipeline answers it from
+        ``recent``), and one whose work still runs is dropped.
+        """
+        def start(message: Any, incoming: Incoming) -> None:
             name = key(message)
             with self._lock:
                 if name in self._running:
@@ -86,7 +82,7 @@ class BackgroundCommands:
             log.info("command_started_in_background", type=type(message).__name__, key=name)
             worker.start()
             return None
-        return handle
+        return start
 
     def _work(self, run: Callable[[Any], Message], message: Any, message_id: str,
               correlation_id: str | None, name: str) -> None:
@@ -105,8 +101,7 @@ class BackgroundCommands:
                          result=getattr(answer, "result", ""))
 
                 def publish() -> None:  # on the loop thread, like every bus call
-                    if self._recent is not None:
-                        self._recent.remember(message_id, answer)
+                    self._recent.remember(message_id, answer)
                     self._bus.send_to_mgmt(self._guid, answer, correlation_id=message_id)
                 self._bus.call_soon_threadsafe(publish)
         finally:

@@ -23,9 +23,13 @@ from hostdev.messages.pci_address import PciAddress
 from hostdev.messages.runtime.properties import (
     PropertiesError,
     Property,
-    parse_duration,
+    choice,
+    duration,
+    matching,
     parse_properties,
+    port_or_off,
     read_text,
+    url,
 )
 
 log = structlog.get_logger()
@@ -35,10 +39,10 @@ DEFAULT_PATH = "/etc/hostdev/agent.properties"
 LogFormat = Literal["json", "console"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 
-_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _NAME_EXPECTED = "a device name of 1 to 64 characters from A-Z a-z 0-9 _ . -"
 _ENTRY_EXPECTED = "[domain:]bus:slot.function|name, e.g. 28:00.1|10GE"
-_GUID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_GUID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
 @dataclass(frozen=True)
@@ -109,7 +113,7 @@ def parse_pci_devices(prop: Property, source: Sequence[str] = ()) -> tuple[PciDe
             raise _error(prop, text, str(exc)) from None
         if not name:
             raise _error(prop, text, f"the name after '|' is empty; expected {_NAME_EXPECTED}")
-        if not _NAME.match(name):
+        if not _NAME.fullmatch(name):
             raise _error(prop, text, f"the name {name!r} is invalid; expected {_NAME_EXPECTED}")
         if address in seen:
             raise _error(prop, text, f"the address {address} is listed twice (also as "
@@ -123,79 +127,35 @@ def _error(prop: Property, text: str, expected: str) -> ConfigError:
     return ConfigError(prop.path, prop.line, text, expected)
 
 
+def _config_error(exc: PropertiesError) -> ConfigError:
+    """Returns the agent's ConfigError for a properties error (same file, line and texts)."""
+    return ConfigError(exc.path, exc.line, exc.text, exc.expected)
 
 
-def _positive_seconds(prop: Property) -> float:
-    value = parse_duration(prop.value)
-    if value is None or value <= 0:
-        raise _error(prop, prop.value, f"{prop.key} must be a positive duration: a number of "
-                     "seconds or one with a unit, e.g. 30, 2.5s, 500ms, 5m, 1h")
-    return value
-
-
-def _choice(options: Sequence[str]) -> Callable[[Property], str]:
-    def parse(prop: Property) -> str:
-        value = prop.value.lower()
-        if value not in options:
-            raise _error(prop, prop.value, f"{prop.key} must be one of {', '.join(options)}")
-        return value
-    return parse
-
-
-def _amqp_url(prop: Property) -> str:
-    urls = [url.strip() for url in prop.value.split(";")]
-    for url in urls:
-        if not url.startswith(("amqp://", "amqps://")):
-            raise _error(prop, url or prop.value, "amqp.url must be amqp://user:pass@host:port/"
-                         "vhost or amqps://..., several separated by ';' for failover")
-    return prop.value
-
-
-def _libvirt_uri(prop: Property) -> str:
-    if "://" not in prop.value:
-        raise _error(prop, prop.value, "libvirt.uri must be a libvirt URI such as "
-                     "qemu:///system, test:///abs/node.xml or simulated:///abs/spec.json")
-    return prop.value
-
-
-def _port(prop: Property) -> int | None:
-    if prop.value.lower() == "off":
-        return None
-    if not prop.value.isdigit() or not 1 <= int(prop.value) <= 65535:
-        raise _error(prop, prop.value, f"{prop.key} must be a TCP port from 1 to 65535, or off")
-    return int(prop.value)
-
-
-def _guid(prop: Property) -> str:
-    if not _GUID.match(prop.value):
-        raise _error(prop, prop.value, "guid must be 1 to 64 characters from A-Z a-z 0-9 _ . - "
-                     "(delete the line to have one generated)")
-    return prop.value
-
-
-def _name(prop: Property) -> str:
-    if not _NAME.match(prop.value):
-        raise _error(prop, prop.value, "name must be 1 to 64 characters from A-Z a-z 0-9 _ . - "
-                     "(delete the line to use the host name)")
-    return prop.value
+_NAME_RULE = "1 to 64 characters from A-Z a-z 0-9 _ . -"
+_LIBVIRT_URI = url((), "a libvirt URI such as qemu:///system, test:///abs/node.xml or "
+                   "simulated:///abs/spec.json")
 
 
 #: key -> (AgentConfig field, parser)
 _KEYS: dict[str, tuple[str, Callable[[Property], object]]] = {
-    "guid": ("guid", _guid),
-    "name": ("name", _name),
-    "amqp.url": ("amqp_url", _amqp_url),
-    "amqp.queue.type": ("amqp_queue_type", _choice(("quorum", "classic"))),
-    "libvirt.uri": ("libvirt_uri", _libvirt_uri),
-    "migration.uri": ("migration_uri", _libvirt_uri),
+    "guid": ("guid", matching(_GUID, f"{_NAME_RULE} (delete the line to have one "
+                                      "generated)")),
+    "name": ("name", matching(_NAME, f"{_NAME_RULE} (delete the line to use the host name)")),
+    "amqp.url": ("amqp_url", url(("amqp", "amqps"), "amqp://user:pass@host:port/vhost or "
+                                 "amqps://..., several separated by ';' for failover",
+                                 separator=";")),
+    "amqp.queue.type": ("amqp_queue_type", choice("quorum", "classic")),
+    "libvirt.uri": ("libvirt_uri", _LIBVIRT_URI),
+    "migration.uri": ("migration_uri", _LIBVIRT_URI),
     "pci.devices": ("pci_devices", parse_pci_devices),
-    "ping.interval": ("ping_interval_s", _positive_seconds),
-    "timeout.attach": ("attach_timeout_s", _positive_seconds),
-    "timeout.detach": ("detach_timeout_s", _positive_seconds),
-    "timeout.migration": ("migration_timeout_s", _positive_seconds),
-    "log.format": ("log_format", _choice(("json", "console"))),
-    "log.level": ("log_level", _choice(("debug", "info", "warning", "error"))),
-    "metrics.port": ("metrics_port", _port),
+    "ping.interval": ("ping_interval_s", duration),
+    "timeout.attach": ("attach_timeout_s", duration),
+    "timeout.detach": ("detach_timeout_s", duration),
+    "timeout.migration": ("migration_timeout_s", duration),
+    "log.format": ("log_format", choice("json", "console")),
+    "log.level": ("log_level", choice("debug", "info", "warning", "error")),
+    "metrics.port": ("metrics_port", port_or_off),
 }
 
 KNOWN_KEYS = tuple(_KEYS)
@@ -222,8 +182,11 @@ def config_from_properties(props: Sequence[Property], path: str,
                             "the last one wins")
         lines[prop.key] = prop.line
         attribute, parse = spec
-        values[attribute] = (parse_pci_devices(prop, source) if prop.key == "pci.devices"
-                             else parse(prop))
+        try:
+            values[attribute] = (parse_pci_devices(prop, source) if prop.key == "pci.devices"
+                                 else parse(prop))
+        except PropertiesError as exc:
+            raise _config_error(exc) from None
     config = AgentConfig(path=path, warnings=tuple(warnings), **values)
     if not config.migration_uri:
         config = replace(config, migration_uri=default_migration_uri(config.libvirt_uri))
@@ -252,7 +215,7 @@ def load_config(path: str | Path = DEFAULT_PATH) -> AgentConfig:
     try:
         return parse_config(read_text(path, "the sample etc/agent.properties"), str(path))
     except PropertiesError as exc:
-        raise ConfigError(exc.path, exc.line, exc.text, exc.expected) from None
+        raise _config_error(exc) from None
 
 
 def ensure_guid(config: AgentConfig) -> AgentConfig:

@@ -14,9 +14,8 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from importlib import metadata
-from typing import Any
 
 import structlog
 
@@ -26,12 +25,13 @@ from hostdev.agent.errors import AgentError, ConfigError, HypervisorError
 from hostdev.agent.handlers import CommandHandlers, Timeouts
 from hostdev.agent.hypervisor import Hypervisor, LifecycleEvent
 from hostdev.agent.libvirt_host import LibvirtHost
-from hostdev.agent.metrics import instrument, serve_agent_metrics
+from hostdev.agent.metrics import serve_agent_metrics
+from hostdev.agent.pipeline import CommandPipeline
 from hostdev.agent.recent_commands import RecentCommands
 from hostdev.agent.simulated import SimulatedHost, is_simulated_uri
 from hostdev.agent.startup_checks import CheckReport, check_host
 from hostdev.messages.base import Message
-from hostdev.messages.bus.contract import BusLike
+from hostdev.messages.bus.contract import BusLike, Handler
 from hostdev.messages.commands import (
     AttachPciDevicesCommand,
     DetachPciDevicesCommand,
@@ -43,8 +43,7 @@ from hostdev.messages.commands import (
     StopCommand,
     VmStateReport,
 )
-from hostdev.messages.errors import TransientError
-from hostdev.messages.runtime.logging import bound_message, configure_logging
+from hostdev.messages.runtime.logging import configure_logging
 from hostdev.messages.runtime.sd_notify import SystemdNotifier
 
 log = structlog.get_logger()
@@ -82,10 +81,10 @@ class Agent:
             hypervisor, config.inventory,
             Timeouts(attach_s=config.attach_timeout_s, detach_s=config.detach_timeout_s,
                      migration_s=config.migration_timeout_s))
-        instrument(self.commands)  # hostdev_agent_command_duration_seconds
         self.announcements = 0
-        self.recent = RecentCommands()  # answers repeats of a command (outbox re-publication)
-        self.background = BackgroundCommands(bus, self.guid, recent=self.recent)
+        recent = RecentCommands()  # answers repeats of a command (outbox re-publication)
+        self.background = BackgroundCommands(bus, self.guid, recent)
+        self.pipeline = CommandPipeline(self.guid, recent, self.background)
 
     # -- outgoing ------------------------------------------------------------------
 
@@ -142,31 +141,7 @@ class Agent:
 
     # -- incoming ------------------------------------------------------------------
 
-    def _wrap(self, run: Callable[[Any], Message]) -> Callable[[Any, Any], Message | None]:
-        def handler(message: Any, incoming: Any) -> Message | None:
-            vm = getattr(message, "vm_uuid", None) or getattr(getattr(message, "vm", None),
-                                                               "uuid", None)
-            with bound_message(incoming.message_id, incoming.correlation_id, host=self.guid,
-                               vm=vm):
-                log.info("command_received", type=type(message).__name__,
-                         redelivered=incoming.redelivered)
-                previous = self.recent.answer_of(incoming.message_id)
-                if previous is not None:
-                    log.info("command_repeated", type=type(message).__name__,
-                             hint="answered as the first time, not run again")
-                    return previous
-                try:
-                    answer = run(message)
-                except HypervisorError as exc:
-                    # libvirt itself failed (connection lost...): try again later.
-                    raise TransientError(f"{type(message).__name__}: {exc}") from exc
-                log.info("command_answered", type=type(answer).__name__,
-                         result=getattr(answer, "result", ""))
-                self.recent.remember(incoming.message_id, answer)
-                return answer
-        return handler
-
-    def _startup_answer(self, message: StartupAnswer, incoming: Any) -> None:
+    def _startup_answer(self, message: StartupAnswer) -> None:
         if message.ok:
             log.info("startup_accepted", host=self.guid, host_id=message.host_id,
                      ping_interval_s=message.ping_interval_s)
@@ -174,17 +149,18 @@ class Agent:
             log.error("startup_refused", host=self.guid, details=message.details)
         return None
 
-    def handlers(self) -> dict[type[Message], Any]:
-        """Returns the bus handlers by message type."""
+    def handlers(self) -> dict[type[Message], Handler]:
+        """Returns the bus handlers by message type, each through the pipeline."""
+        pipeline = self.pipeline
         return {
-            StartCommand: self._wrap(self.commands.start),
-            StopCommand: self._wrap(self.commands.stop),
+            StartCommand: pipeline.command(self.commands.start),
+            StopCommand: pipeline.command(self.commands.stop),
             # Long: on a worker thread, so the loop keeps the heartbeats going.
-            MigrateCommand: self.background.handler(self.commands.migrate,
-                                                    key=lambda m: m.vm_uuid),
-            AttachPciDevicesCommand: self._wrap(self.commands.attach),
-            DetachPciDevicesCommand: self._wrap(self.commands.detach),
-            StartupAnswer: self._startup_answer,
+            MigrateCommand: pipeline.long_command(self.commands.migrate,
+                                                  key=lambda m: m.vm_uuid),
+            AttachPciDevicesCommand: pipeline.command(self.commands.attach),
+            DetachPciDevicesCommand: pipeline.command(self.commands.detach),
+            StartupAnswer: pipeline.answer(self._startup_answer),
         }
 
     # -- lifecycle -----------------------------------------------------------------

@@ -69,3 +69,13 @@ class MigrationFailed(HypervisorError):
 
 class StartupCheckError(AgentError):
     """The host does not match the configuration (a listed device is missing)."""
+
+
+class SenderRefused(AgentError):
+    """A message reached the agent from where no command to it may come.
+
+    The bus dead-letters it and, for a command, answers an ``ErrorAnswer`` with
+    ``code`` ``forbidden`` (the bus copies the code from the error).
+    """
+
+    code = "forbidden"

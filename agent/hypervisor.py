@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from hostdev.agent.nodedev_xml import NodePciDevice
+from hostdev.agent.pci_device import NodePciDevice
 from hostdev.messages.base import PowerState
 from hostdev.messages.pci_address import PciAddress
 from hostdev.messages.values import DomainInfo, VmSpec

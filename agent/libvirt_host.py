@@ -19,7 +19,8 @@ import structlog
 from hostdev.agent.domain_xml import build_domain_xml, hostdev_xml, pci_backends, read_hostdevs
 from hostdev.agent.errors import DetachRefused, DomainNotFound, HypervisorError, MigrationFailed
 from hostdev.agent.hypervisor import HostFacts, LifecycleEvent, LifecycleListener
-from hostdev.agent.nodedev_xml import NodePciDevice, parse_pci_device
+from hostdev.agent.nodedev_xml import parse_pci_device
+from hostdev.agent.pci_device import NodePciDevice
 from hostdev.messages.base import PowerState
 from hostdev.messages.pci_address import PciAddress
 from hostdev.messages.values import DomainInfo, VmSpec

@@ -3,7 +3,8 @@
 ``hostdev_agent_command_duration_seconds{type, result}`` times Start, Stop,
 Migrate, Attach and Detach from delivery to answer (``result`` is the
 answer's ``ok``/``error``, or ``raised`` when the handler failed before
-answering). The bus counters (``hostdev.messages.runtime.metrics``) and the endpoint
+answering); the pipeline (``hostdev.agent.pipeline``) wraps each command's
+handler with ``timed``. The bus counters (``hostdev.messages.runtime.metrics``) and the endpoint
 come with the bus; ``serve_agent_metrics`` starts it when ``metrics.port`` is set.
 """
 
@@ -39,12 +40,6 @@ def timed(run: Callable[[Any], Message]) -> Callable[[Any], Message]:
             COMMAND_DURATION.labels(type(message).__name__, result).observe(
                 time.perf_counter() - started)
     return observed
-
-
-def instrument(commands: object) -> None:
-    """Times the handlers of a ``CommandHandlers``: start, stop, migrate, attach, detach."""
-    for name in ("start", "stop", "migrate", "attach", "detach"):
-        setattr(commands, name, timed(getattr(commands, name)))
 
 
 def serve_agent_metrics(port: int | None) -> MetricsServer | None:

@@ -1,7 +1,8 @@
 """Node-device XML: simulated-host specs turned into test-driver node XML, and PCI parsing.
 
 A simulated host is described by a small JSON spec (devices with address,
-vendor/product, IOMMU group, bridges; optional pre-existing domains) from
+vendor/product, IOMMU group, bridges; optional pre-existing domains; each
+device a ``NodePciDevice``, the facts libvirt will report back) from
 which ``build_node_xml`` writes the ``<node>`` file libvirt's ``test:///``
 driver opens. ``parse_pci_device`` reads one ``nodeDevice.XMLDesc()`` back.
 """
@@ -18,45 +19,12 @@ from typing import Any
 
 from hostdev.agent.domain_xml import hostdev_element
 from hostdev.agent.errors import ConfigError
+from hostdev.agent.pci_device import NodePciDevice
 from hostdev.messages.pci_address import PciAddress
 
 TEST_NS = "http://libvirt.org/schemas/domain/test/1.0"
 _TEST_NS = TEST_NS
 _RUNSTATE_SHUTOFF = "5"
-
-
-@dataclass(frozen=True)
-class NodePciDevice:
-    """One PCI node device of the host, as libvirt describes it."""
-
-    address: PciAddress
-    vendor_id: str = ""
-    product_id: str = ""
-    vendor: str = ""
-    product: str = ""
-    class_code: int = 0
-    iommu_group: int | None = None
-    iommu_members: tuple[PciAddress, ...] = ()
-    driver: str = ""
-
-    @property
-    def is_bridge(self) -> bool:
-        """True for host and PCI bridges (base class 0x06), which share groups harmlessly."""
-        return self.class_code >> 16 == 0x06
-
-
-@dataclass(frozen=True)
-class SimDevice:
-    """A PCI device of a simulated host."""
-
-    address: PciAddress
-    vendor_id: str = "0x8086"
-    product_id: str = "0x1572"
-    vendor: str = "Intel Corporation"
-    product: str = "Ethernet Controller X710 for 10GbE SFP+"
-    class_code: int = 0x020000
-    iommu_group: int | None = None
-    parent: PciAddress | None = None
 
 
 @dataclass(frozen=True)
@@ -78,16 +46,17 @@ class SimHostSpec:
     name: str = "sim"
     cpus: int = 16
     memory_mb: int = 65536
-    devices: tuple[SimDevice, ...] = ()
+    devices: tuple[NodePciDevice, ...] = ()
     domains: tuple[SimDomain, ...] = ()
     refuse_detach: frozenset[PciAddress] = field(default_factory=frozenset)
     fail_migration: str | None = None
     persist: bool = False
 
 
-def _device(data: Mapping[str, Any]) -> SimDevice:
+def _device(data: Mapping[str, Any]) -> NodePciDevice:
+    """Reads a spec's device; an unnamed one is an Intel X710 function, a common 10GbE NIC."""
     parent = data.get("parent")
-    return SimDevice(
+    return NodePciDevice(
         address=PciAddress(data["address"]),
         vendor_id=str(data.get("vendor_id", "0x8086")),
         product_id=str(data.get("product_id", "0x1572")),
@@ -217,6 +186,7 @@ def parse_pci_device(xml: str) -> NodePciDevice | None:
     vendor = cap.find("vendor")
     product = cap.find("product")
     group = cap.find("iommuGroup")
+    parent = (root.findtext("parent") or "").strip()
     members: tuple[PciAddress, ...] = ()
     if group is not None:
         members = tuple(
@@ -233,4 +203,5 @@ def parse_pci_device(xml: str) -> NodePciDevice | None:
         iommu_group=int(group.get("number", "0")) if group is not None else None,
         iommu_members=members,
         driver=(root.findtext("./driver/name") or "").strip(),
+        parent=PciAddress.from_libvirt_name(parent) if parent.startswith("pci_") else None,
     )

@@ -118,6 +118,8 @@ class SimulatedHost(LibvirtHost):
         if spec is not None and spec.persist and uri.startswith(SIMULATED_SCHEME):
             self.state_file = state_path(uri.removeprefix(SIMULATED_SCHEME))
         self._save_lock = threading.Lock()
+        #: Takes in domains other processes hand over and applies the faults file.
+        self.watcher: simulated_store.Watcher | None = None
 
     # -- behaviour switches ------------------------------------------------------
 
@@ -159,11 +161,13 @@ class SimulatedHost(LibvirtHost):
                 os.unlink(path)
         with _REGISTRY_LOCK:
             _REGISTRY[self.uri] = self
-        simulated_store.watch(self)  # other processes' migrations and run-time faults
+        self.watcher = simulated_store.watch(self)  # other processes' migrations, faults
 
     def close(self) -> None:
         """Unregisters the host and closes its connection; idempotent."""
-        simulated_store.unwatch(self)
+        watcher, self.watcher = self.watcher, None
+        if watcher is not None:
+            watcher.stop()
         with _REGISTRY_LOCK:
             if _REGISTRY.get(self.uri) is self:
                 del _REGISTRY[self.uri]
@@ -232,7 +236,7 @@ class SimulatedHost(LibvirtHost):
         config_xml = self.domain_xml(uuid, inactive=True)
         if address in read_hostdevs(config_xml) and (live or not active):
             return
-        simulated_store.check_attach(self, uuid, address)
+        simulated_store.check_attach(self.watcher, uuid, address)
         self._redefine(uuid, with_hostdev(config_xml, address), replug=active and not live)
         log.info("simulated_hostdev_attached", vm=uuid, address=address)
 
@@ -258,7 +262,7 @@ class SimulatedHost(LibvirtHost):
             raise MigrationFailed(uuid, destination_uri, self._migration_failure)
         destination = registered_host(destination_uri)
         if destination is None:  # another process's host, through its mailbox
-            simulated_store.hand_over(self, uuid, destination_uri)
+            simulated_store.hand_over(self, self.watcher, uuid, destination_uri)
             return
         if destination is self:
             raise MigrationFailed(uuid, destination_uri, "Attempt to migrate guest to the "

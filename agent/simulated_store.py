@@ -32,18 +32,18 @@ import json
 import os
 import threading
 import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
+import msgspec
 import structlog
 
 from hostdev.agent.domain_xml import read_identity, without_runtime_id
 from hostdev.agent.errors import HypervisorError, MigrationFailed
 from hostdev.agent.hypervisor import LifecycleEvent
 from hostdev.messages.pci_address import PciAddress
-
-if TYPE_CHECKING:
-    from hostdev.agent.simulated import SimulatedHost
+from hostdev.messages.values import DomainInfo
 
 log = structlog.get_logger()
 
@@ -52,6 +52,12 @@ SCHEME = "simulated://"
 POLL_S = 0.1
 #: How long a hand-over waits for the destination to take the domain in.
 PICKUP_WAIT_S = 2.0
+
+
+def _address(kind: type, value: Any) -> Any:
+    if kind is PciAddress:
+        return PciAddress(value)
+    raise NotImplementedError(f"cannot decode {kind}")
 
 
 def _spec_path(uri: str) -> Path | None:
@@ -79,10 +85,46 @@ def write_faults(uri: str, **faults: Any) -> None:
     os.replace(temporary, path)
 
 
+class Faults(msgspec.Struct, frozen=True):
+    """The faults file: what a simulated host fails at, switched at run time."""
+
+    version: int | None = None
+    refuse_detach: tuple[PciAddress, ...] = ()
+    fail_migration: str | None = None
+    fail_attach: tuple[PciAddress, ...] = ()
+    migrate_hold_s: float = 0.0
+    migrate_delay_s: float = 0.0
+
+
+class HandedOver(msgspec.Struct, frozen=True):
+    """A domain in a mailbox: its XML and the URI of the host it left."""
+
+    xml: str
+    source: str = ""
+
+
+class MailboxHost(Protocol):
+    """What the mailbox and the faults file need of a simulated host (``SimulatedHost``)."""
+
+    @property
+    def uri(self) -> str: ...
+    def refuse_detach(self, address: PciAddress, refuse: bool = True) -> None: ...
+    def fail_migrations(self, reason: str | None) -> None: ...
+    def domain(self, uuid: str) -> DomainInfo | None: ...
+    def domain_xml(self, uuid: str, *, inactive: bool = False) -> str: ...
+    def define_xml(self, xml: str) -> None: ...
+    def is_active(self, uuid: str) -> bool: ...
+    def quiet_events(self, uuid: str, events: Iterable[tuple[str, str]]) -> None: ...
+    def start(self, uuid: str) -> None: ...
+    def destroy(self, uuid: str) -> None: ...
+    def undefine(self, uuid: str) -> None: ...
+    def emit(self, event: LifecycleEvent) -> None: ...
+
+
 class Watcher:
     """Picks up handed-over domains and applies faults for one simulated host."""
 
-    def __init__(self, host: SimulatedHost) -> None:
+    def __init__(self, host: MailboxHost) -> None:
         self.host = host
         self.fail_attach: set[PciAddress] = set()
         self.migrate_delay_s = 0.0
@@ -133,24 +175,24 @@ class Watcher:
         if mtime == self._faults_mtime:
             return
         self._faults_mtime = mtime
-        data: dict[str, Any] = {}
+        faults = Faults()
         if mtime is not None and path is not None:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            faults = msgspec.json.decode(path.read_bytes(), type=Faults, dec_hook=_address)
         for address in self._refused_by_file:
             self.host.refuse_detach(address, False)
-        self._refused_by_file = {PciAddress(a) for a in data.get("refuse_detach", ())}
+        self._refused_by_file = set(faults.refuse_detach)
         for address in self._refused_by_file:
             self.host.refuse_detach(address, True)
-        self.host.fail_migrations(data.get("fail_migration"))
-        self.fail_attach = {PciAddress(a) for a in data.get("fail_attach", ())}
-        self.migrate_delay_s = float(data.get("migrate_delay_s", 0.0))
-        self.migrate_hold_s = float(data.get("migrate_hold_s", 0.0))
-        log.info("simulated_faults_applied", host=self.host.uri, version=data.get("version"),
-                 faults=data)
+        self.host.fail_migrations(faults.fail_migration)
+        self.fail_attach = set(faults.fail_attach)
+        self.migrate_delay_s = faults.migrate_delay_s
+        self.migrate_hold_s = faults.migrate_hold_s
+        log.info("simulated_faults_applied", host=self.host.uri, version=faults.version,
+                 faults=msgspec.to_builtins(faults, enc_hook=str))
 
     def _take_in(self, entry: Path) -> None:
-        data = json.loads(entry.read_text(encoding="utf-8"))
-        xml = data["xml"]
+        handed = msgspec.json.decode(entry.read_bytes(), type=HandedOver)
+        xml = handed.xml
         uuid, name = read_identity(xml)
         host = self.host
         if host.domain(uuid) is None:
@@ -161,45 +203,30 @@ class Watcher:
         entry.unlink()
         host.emit(LifecycleEvent(uuid=uuid, name=name, event="Started", detail="Migrated",
                                  state="running"))
-        log.info("simulated_domain_arrived", vm=uuid, host=host.uri, source=data.get("source"))
+        log.info("simulated_domain_arrived", vm=uuid, host=host.uri, source=handed.source)
 
 
-_WATCHERS: dict[int, Watcher] = {}
-_LOCK = threading.Lock()
+def watch(host: MailboxHost) -> Watcher | None:
+    """Starts the watcher of a simulated:// host; None for a host without a mailbox.
 
-
-def watch(host: SimulatedHost) -> None:
-    """Starts the watcher of a simulated:// host (called by ``SimulatedHost.open``)."""
+    The host owns the returned watcher and stops it when it closes.
+    """
     if mailbox(host.uri) is None:
-        return
+        return None
     watcher = Watcher(host)
-    with _LOCK:
-        _WATCHERS[id(host)] = watcher
     watcher.start()
+    return watcher
 
 
-def unwatch(host: SimulatedHost) -> None:
-    """Stops the watcher of a host (called by ``SimulatedHost.close``); idempotent."""
-    with _LOCK:
-        watcher = _WATCHERS.pop(id(host), None)
-    if watcher is not None:
-        watcher.stop()
-
-
-def _watcher(host: SimulatedHost) -> Watcher | None:
-    with _LOCK:
-        return _WATCHERS.get(id(host))
-
-
-def check_attach(host: SimulatedHost, uuid: str, address: PciAddress) -> None:
+def check_attach(watcher: Watcher | None, uuid: str, address: PciAddress) -> None:
     """Raises the attach failure the faults file asks for, if any."""
-    watcher = _watcher(host)
     if watcher is not None and PciAddress(address) in watcher.fail_attach:
         raise HypervisorError("attach", f"simulated failure attaching {address} to {uuid} "
                               "(fail_attach in the faults file)")
 
 
-def hand_over(host: SimulatedHost, uuid: str, destination_uri: str) -> None:
+def hand_over(host: MailboxHost, watcher: Watcher | None, uuid: str,
+              destination_uri: str) -> None:
     """Migrates a running domain to a simulated host of another process, through its mailbox.
 
     Raises:
@@ -214,14 +241,13 @@ def hand_over(host: SimulatedHost, uuid: str, destination_uri: str) -> None:
         raise MigrationFailed(uuid, destination_uri, "Attempt to migrate guest to the same host")
     if not host.is_active(uuid):
         raise MigrationFailed(uuid, destination_uri, "the domain is not running")
-    watcher = _watcher(host)
     if watcher is not None and watcher.migrate_hold_s:
         log.info("simulated_migration_holding", vm=uuid, hold_s=watcher.migrate_hold_s)
         time.sleep(watcher.migrate_hold_s)  # before the hand-over: the domain stays here
     xml = without_runtime_id(host.domain_xml(uuid))
     name = read_identity(xml)[1]
     temporary = box / f".{uuid}.tmp"
-    temporary.write_text(json.dumps({"xml": xml, "source": host.uri}), encoding="utf-8")
+    temporary.write_bytes(msgspec.json.encode(HandedOver(xml=xml, source=host.uri)))
     handed = box / f"{uuid}.json"
     os.replace(temporary, handed)
     # Real libvirt returns once the destination runs the domain: give the

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from hostdev.agent.config import AgentConfig
-from hostdev.agent.nodedev_xml import NodePciDevice
+from hostdev.agent.pci_device import NodePciDevice
 from hostdev.messages.pci_address import PciAddress
 from hostdev.messages.values import DomainInfo, PciDeviceInfo
 
@@ -86,9 +86,7 @@ def check_host(config: AgentConfig, devices: Sequence[NodePciDevice],
                 f"{entry.address.libvirt_name} not found); correct the address "
                 "(lspci -D shows them) or remove the entry")
             continue
-        inventory.append(PciDeviceInfo(
-            address=entry.address, name=entry.name, vendor_id=device.vendor_id,
-            product_id=device.product_id, iommu_group=device.iommu_group))
+        inventory.append(device.report(entry.name))
         strangers = [
             member for member in device.iommu_members
             if member != entry.address and member not in listed

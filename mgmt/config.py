@@ -7,7 +7,6 @@ never silently leaves a default in place.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -16,8 +15,11 @@ from typing import Any
 from hostdev.messages.runtime.properties import (
     PropertiesError,
     Property,
-    parse_duration,
+    choice,
+    duration,
+    port_or_off,
     read_properties,
+    url,
 )
 from hostdev.messages.values import MigrationPolicy
 from hostdev.mgmt.errors import ConfigError
@@ -55,68 +57,31 @@ class MgmtConfig:
     metrics_port: int | None = None
 
 
-def _duration(prop: Property) -> float:
-    seconds = parse_duration(prop.value)
-    if seconds is None:
-        raise prop.error("a duration such as 60, 60s, 500ms, 5m or 1h")
-    if seconds <= 0:
-        raise prop.error("a duration greater than zero")
-    return seconds
-
-
-def _choice(*allowed: str) -> Callable[[Property], str]:
-    def parse(prop: Property) -> str:
-        value = prop.value.strip().lower()
-        if value not in allowed:
-            raise prop.error("one of " + ", ".join(allowed))
-        return value
-    return parse
-
-
-def _port(prop: Property) -> int | None:
-    value = prop.value.strip().lower()
-    if value == "off":
-        return None
-    if not value.isdigit() or not 1 <= int(value) <= 65535:
-        raise prop.error("a TCP port from 1 to 65535, or off")
-    return int(value)
-
-
-def _db_url(prop: Property) -> str:
-    value = prop.value.strip()
-    if not re.match(r"^(sqlite|mysql\+pymysql|mariadb\+pymysql)://", value):
-        raise prop.error("a SQLAlchemy URL: sqlite:///PATH or "
-                         "mysql+pymysql://USER:PASSWORD@HOST/DATABASE")
-    return value
-
-
-def _amqp_url(prop: Property) -> str:
-    value = prop.value.strip()
-    parts = [part.strip() for part in value.split(";")]
-    if not parts or not all(re.match(r"^(amqp|amqps|memory)://", part) for part in parts):
-        raise prop.error("amqp://USER:PASSWORD@HOST:PORT/VHOST (or amqps://; several "
-                         "separated by ';' for failover; memory:// for the demo)")
-    return value
+_DB_URL = url(("sqlite", "mysql+pymysql", "mariadb+pymysql"),
+              "a SQLAlchemy URL: sqlite:///PATH or mysql+pymysql://USER:PASSWORD@HOST/DATABASE")
+_AMQP_URL = url(("amqp", "amqps", "memory"),
+                "amqp://USER:PASSWORD@HOST:PORT/VHOST (or amqps://; several separated by ';' "
+                "for failover; memory:// for the demo)", separator=";")
 
 
 #: key in the file -> (dataclass field, parser)
 _KEYS: dict[str, tuple[str, Callable[[Property], Any]]] = {
-    "db.url": ("db_url", _db_url),
-    "amqp.url": ("amqp_url", _amqp_url),
-    "amqp.queue.type": ("amqp_queue_type", _choice("quorum", "classic")),
-    "ping.interval": ("ping_interval_s", _duration),
-    "host.disconnected.timeout": ("host_disconnected_after_s", _duration),
-    "host.down.timeout": ("host_down_after_s", _duration),
-    "host.sweep.interval": ("host_sweep_interval_s", _duration),
-    "pci.migration.policy": ("pci_migration_policy", _choice("forbid", "detach-attach")),
-    "job.start.timeout": ("job_start_timeout_s", _duration),
-    "job.stop.timeout": ("job_stop_timeout_s", _duration),
-    "job.migrate.timeout": ("job_migrate_timeout_s", _duration),
-    "job.attach.timeout": ("job_attach_timeout_s", _duration),
-    "job.sweep.interval": ("job_sweep_interval_s", _duration),
-    "log.format": ("log_format", _choice("json", "console")),
-    "log.level": ("log_level", _choice(*_LOG_LEVELS)),
-    "metrics.port": ("metrics_port", _port),
+    "db.url": ("db_url", _DB_URL),
+    "amqp.url": ("amqp_url", _AMQP_URL),
+    "amqp.queue.type": ("amqp_queue_type", choice("quorum", "classic")),
+    "ping.interval": ("ping_interval_s", duration),
+    "host.disconnected.timeout": ("host_disconnected_after_s", duration),
+    "host.down.timeout": ("host_down_after_s", duration),
+    "host.sweep.interval": ("host_sweep_interval_s", duration),
+    "pci.migration.policy": ("pci_migration_policy", choice("forbid", "detach-attach")),
+    "job.start.timeout": ("job_start_timeout_s", duration),
+    "job.stop.timeout": ("job_stop_timeout_s", duration),
+    "job.migrate.timeout": ("job_migrate_timeout_s", duration),
+    "job.attach.timeout": ("job_attach_timeout_s", duration),
+    "job.sweep.interval": ("job_sweep_interval_s", duration),
+    "log.format": ("log_format", choice("json", "console")),
+    "log.level": ("log_level", choice(*_LOG_LEVELS)),
+    "metrics.port": ("metrics_port", port_or_off),
 }
 
 

@@ -2,13 +2,15 @@
 
 Both daemons read their configuration in the original's syntax; the reader
 keeps the line each key came from so every configuration error can name its
-file and line.
+file and line. The value parsers below (durations, choices, URLs, ports,
+patterns) are the one kit both daemons build their keys from, so the same kind
+of value is accepted, and refused with the same words, in either file.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,6 +53,70 @@ def parse_duration(text: str) -> float | None:
     if match is None:
         return None
     return float(match["number"]) * _UNIT_SECONDS[match["unit"]]
+
+
+def duration(prop: Property) -> float:
+    """Parses a positive duration (``500ms``, ``30s``, ``5m``, ``1h`` or seconds) into seconds.
+
+    Raises:
+        PropertiesError: the value is no duration or not above zero.
+    """
+    seconds = parse_duration(prop.value)
+    if seconds is None or seconds <= 0:
+        raise prop.error(f"{prop.key} must be a positive duration: a number of seconds or "
+                         "one with a unit, e.g. 30, 2.5s, 500ms, 5m, 1h")
+    return seconds
+
+
+def choice(*options: str) -> Callable[[Property], str]:
+    """Returns a parser accepting one of ``options``, case-insensitively, in lower case."""
+    def parse(prop: Property) -> str:
+        value = prop.value.lower()
+        if value not in options:
+            raise prop.error(f"{prop.key} must be one of {', '.join(options)}")
+        return value
+    return parse
+
+
+def url(schemes: Sequence[str], expected: str, *,
+        separator: str | None = None) -> Callable[[Property], str]:
+    """Returns a parser accepting URLs of ``schemes`` (any ``scheme://`` when empty).
+
+    Args:
+        schemes: the accepted schemes, without ``://``.
+        expected: what a good value looks like, for the error text.
+        separator: splits a value holding several URLs (``;`` for AMQP
+            failover); each one must be valid and the error names the bad one.
+    """
+    prefixes = tuple(f"{scheme}://" for scheme in schemes)
+
+    def parse(prop: Property) -> str:
+        parts = prop.value.split(separator) if separator else [prop.value]
+        for part in (p.strip() for p in parts):
+            valid = part.startswith(prefixes) if prefixes else "://" in part
+            if not valid:
+                raise prop.error(f"{prop.key} must be {expected}", text=part or prop.value)
+        return prop.value
+    return parse
+
+
+def port_or_off(prop: Property) -> int | None:
+    """Parses a TCP port from 1 to 65535, or ``off`` (None)."""
+    value = prop.value.lower()
+    if value == "off":
+        return None
+    if not value.isdigit() or not 1 <= int(value) <= 65535:
+        raise prop.error(f"{prop.key} must be a TCP port from 1 to 65535, or off")
+    return int(value)
+
+
+def matching(pattern: re.Pattern[str], expected: str) -> Callable[[Property], str]:
+    """Returns a parser accepting a value that ``pattern`` matches in full."""
+    def parse(prop: Property) -> str:
+        if not pattern.fullmatch(prop.value):
+            raise prop.error(f"{prop.key} must be {expected}")
+        return prop.value
+    return parse
 
 
 def _logical_lines(text: str) -> Iterator[tuple[int, str]]:

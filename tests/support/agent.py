@@ -10,6 +10,12 @@ from typing import Any
 
 from hostdev.agent.simulated import SimulatedHost
 
+#: A libvirt test-driver node file written by hand in libvirt's own format (not by
+#: ``build_node_xml``), so parsing is checked against XML the agent did not write.
+NODE_XML = Path(__file__).resolve().parents[1] / "data" / "libvirt-test-node.xml"
+#: The ``test:///`` URI that opens ``NODE_XML``.
+NODE_XML_URI = f"test://{NODE_XML}"
+
 VM_OLD_UUID = "11111111-aaaa-bbbb-cccc-000000000001"
 VM_IDLE_UUID = "11111111-aaaa-bbbb-cccc-000000000002"
 

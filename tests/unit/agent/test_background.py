@@ -8,7 +8,9 @@ from dataclasses import dataclass, field
 
 from hostdev.agent.background import BackgroundCommands
 from hostdev.agent.errors import HypervisorError
+from hostdev.agent.recent_commands import RecentCommands
 from hostdev.messages.base import Message
+from hostdev.messages.bus.contract import Incoming
 from hostdev.messages.commands import MigrateAnswer, MigrateCommand
 
 
@@ -32,13 +34,9 @@ class FakeBus:
             self.queued.pop(0)()
 
 
-@dataclass
-class Delivery:
-    """The delivery facts the handler reads."""
-
-    message_id: str
-    correlation_id: str | None = None
-    redelivered: bool = False
+def delivery(message_id: str, *, redelivered: bool = False) -> Incoming:
+    return Incoming(message_id=message_id, correlation_id=None, reply_to=None, user_id="mgmt",
+                    routing_key="agent.guid-a.MigrateCommand", redelivered=redelivered)
 
 
 COMMAND = MigrateCommand(vm_uuid="vm-1", destination_guid="b", destination_uri="test:///b")
@@ -52,16 +50,18 @@ def test_the_handler_returns_before_the_work_ends_and_the_answer_is_correlated()
         release.wait(5)
         return MigrateAnswer(vm_uuid=command.vm_uuid)
 
-    background = BackgroundCommands(bus, "guid-a")
-    handle = background.handler(migrate, key=lambda m: m.vm_uuid)
-    assert handle(COMMAND, Delivery("m-1")) is None
+    recent = RecentCommands()
+    background = BackgroundCommands(bus, "guid-a", recent)
+    start = background.runner(migrate, key=lambda m: m.vm_uuid)
+    assert start(COMMAND, delivery("m-1")) is None
     assert background.running() == ("vm-1",)
-    handle(COMMAND, Delivery("m-1", redelivered=True))  # dropped: still running
+    start(COMMAND, delivery("m-1", redelivered=True))  # dropped: still running
     release.set()
     assert background.wait_idle(5)
     bus.run_queued()
     assert [(guid, type(m).__name__, cid) for guid, m, cid in bus.sent] == [
         ("guid-a", "MigrateAnswer", "m-1")]
+    assert recent.answer_of("m-1") is bus.sent[0][1]  # the pipeline answers repeats with it
 
 
 def test_a_hypervisor_failure_publishes_nothing() -> None:
@@ -71,28 +71,9 @@ def test_a_hypervisor_failure_publishes_nothing() -> None:
     def migrate(command: MigrateCommand) -> MigrateAnswer:
         raise HypervisorError("migrate", "connection to libvirt lost")
 
-    background = BackgroundCommands(bus, "guid-a")
-    background.handler(migrate, key=lambda m: m.vm_uuid)(COMMAND, Delivery("m-2"))
+    recent = RecentCommands()
+    background = BackgroundCommands(bus, "guid-a", recent)
+    background.runner(migrate, key=lambda m: m.vm_uuid)(COMMAND, delivery("m-2"))
     assert background.wait_idle(5)
     bus.run_queued()
-    assert bus.sent == []
-
-
-def test_a_repeated_command_gets_the_first_answer_without_running_again() -> None:
-    """The same message id after the answer: answered from memory, no second migration."""
-    from hostdev.agent.recent_commands import RecentCommands
-
-    bus, runs = FakeBus(), []
-
-    def migrate(command: MigrateCommand) -> MigrateAnswer:
-        runs.append(command.vm_uuid)
-        return MigrateAnswer(vm_uuid=command.vm_uuid, details="first")
-
-    background = BackgroundCommands(bus, "guid-a", recent=RecentCommands())
-    handle = background.handler(migrate, key=lambda m: m.vm_uuid)
-    handle(COMMAND, Delivery("m-3"))
-    assert background.wait_idle(5)
-    bus.run_queued()
-    again = handle(COMMAND, Delivery("m-3"))
-    assert isinstance(again, MigrateAnswer) and again.details == "first"
-    assert runs == ["vm-1"]
+    assert bus.sent == [] and len(recent) == 0

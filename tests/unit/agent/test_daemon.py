@@ -169,7 +169,7 @@ def test_a_command_is_answered_by_its_handler(make_host: HostFactory) -> None:
     answer = handler(command, incoming())
     assert isinstance(answer, StartAnswer) and answer.ok and answer.hostdevs == (P("28:00.1"),)
     assert bus.consumers[f"hostdev.agent.{GUID}"][StartupAnswer](
-        StartupAnswer(host_id=3), incoming()) is None
+        StartupAnswer(host_id=3), incoming("m-2")) is None
 
 
 def test_a_hypervisor_failure_in_a_handler_is_transient(make_host: HostFactory) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import xml.etree.ElementTree as ET
-from pathlib import Path
 
 from hostdev.agent.domain_xml import (
     build_domain_xml,
@@ -17,8 +16,8 @@ from hostdev.agent.domain_xml import (
 )
 from hostdev.messages.pci_address import PciAddress as P
 from hostdev.messages.values import VmSpec
+from tests.support.agent import NODE_XML
 
-REFERENCE = Path("/work/shared/reference/libvirt-test-node.xml")
 SPEC = VmSpec(uuid="22222222-0000-0000-0000-000000000001", name="vm1", cpus=2, memory_mb=512,
               pci_devices=(P("28:00.1"), P("1:3b:1f.7"), P("0000:28:00.1")))
 
@@ -53,7 +52,7 @@ def test_a_kvm_domain_names_its_architecture() -> None:
 
 def test_hostdevs_are_read_from_libvirt_xml() -> None:
     """The reference node file's running domain holds 0000:28:00.0."""
-    domain = ET.fromstring(REFERENCE.read_text()).find("domain")
+    domain = ET.fromstring(NODE_XML.read_text()).find("domain")
     assert domain is not None
     assert read_hostdevs(ET.tostring(domain, encoding="unicode")) == (P("28:00.0"),)
 

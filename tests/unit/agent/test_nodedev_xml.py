@@ -10,16 +10,14 @@ import pytest
 
 from hostdev.agent.errors import ConfigError
 from hostdev.agent.nodedev_xml import (
-    NodePciDevice,
     build_node_xml,
     load_spec,
     parse_pci_device,
     spec_from_dict,
 )
+from hostdev.agent.pci_device import NodePciDevice
 from hostdev.messages.pci_address import PciAddress as P
-from tests.support.agent import VM_IDLE_UUID, sample_spec
-
-REFERENCE = Path("/work/shared/reference/libvirt-test-node.xml")
+from tests.support.agent import NODE_XML, VM_IDLE_UUID, sample_spec
 
 
 def devices_of(node_xml: str) -> dict[P, NodePciDevice]:
@@ -34,13 +32,20 @@ def devices_of(node_xml: str) -> dict[P, NodePciDevice]:
 
 def test_the_reference_node_file_parses_into_devices() -> None:
     """Vendor, product, class, IOMMU group and members come from libvirt's nodedev XML."""
-    devices = devices_of(REFERENCE.read_text())
+    devices = devices_of(NODE_XML.read_text())
     gpu = devices[P("28:00.0")]
     assert (gpu.vendor_id, gpu.product_id, gpu.iommu_group) == ("0x10de", "0x2204", 27)
     assert gpu.iommu_members == (P("28:00.0"), P("28:00.1"))
     assert gpu.driver == "vfio-pci" and not gpu.is_bridge
     assert devices[P("00:03.1")].is_bridge
     assert devices[P("00:00.0")].is_bridge
+
+
+def test_the_parent_bridge_comes_from_the_node_tree() -> None:
+    """A device behind a bridge names it; one hanging off the computer has no parent."""
+    devices = devices_of(NODE_XML.read_text())
+    assert devices[P("28:00.0")].parent == P("00:03.1")
+    assert devices[P("00:00.0")].parent is None
 
 
 def test_a_non_pci_node_device_is_not_parsed() -> None:
@@ -60,6 +65,8 @@ def test_a_spec_round_trips_through_node_xml() -> None:
         "0x8086", "0x1572", 0x020000, 27)
     assert nic.iommu_members == (P("00:03.1"), P("28:00.1"), P("28:00.2"))
     assert devices[P("3b:00.0")].iommu_members == (P("3b:00.0"), P("3b:00.1"))
+    assert {a: d.parent for a, d in devices.items()} == {
+        d.address: d.parent for d in spec.devices}
 
 
 def test_devices_without_a_group_get_one_each() -> None:

@@ -11,7 +11,7 @@ from hostdev.agent.libvirt_host import LibvirtHost
 from hostdev.agent.simulated import SimulatedHost
 from hostdev.messages.pci_address import PciAddress as P
 from hostdev.messages.values import VmSpec
-from tests.support.agent import VM_IDLE_UUID, VM_OLD_UUID, HostFactory
+from tests.support.agent import NODE_XML_URI, VM_IDLE_UUID, VM_OLD_UUID, HostFactory
 from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.libvirt
@@ -130,7 +130,7 @@ def test_two_hosts_keep_separate_state(make_host: HostFactory) -> None:
 
 def test_a_test_uri_opens_a_node_file_as_is() -> None:
     """test:///<node.xml> serves the reference file's devices and domains."""
-    host = SimulatedHost("test:///work/shared/reference/libvirt-test-node.xml")
+    host = SimulatedHost(NODE_XML_URI)
     host.open()
     try:
         assert P("28:00.1") in {d.address for d in host.pci_devices()}
@@ -141,7 +141,7 @@ def test_a_test_uri_opens_a_node_file_as_is() -> None:
 
 def test_plain_libvirt_errors_become_hypervisor_errors_with_the_code() -> None:
     """On the bare test driver a live attach is unsupported: HypervisorError, libvirt code 3."""
-    host = LibvirtHost("test:///work/shared/reference/libvirt-test-node.xml")
+    host = LibvirtHost(NODE_XML_URI)
     host.open()
     try:
         with pytest.raises(HypervisorError) as info:

@@ -56,7 +56,7 @@ def test_faults_file_switches_detach_and_attach_failures(tmp_path: Path) -> None
         _running(host)
         simulated_store.write_faults(host.uri, version=1, refuse_detach=["28:00.1"],
                                      fail_attach=["28:00.2"])
-        watcher = simulated_store._watcher(host)
+        watcher = host.watcher
         assert watcher is not None
         wait_for(lambda: P("28:00.2") in watcher.fail_attach, timeout=5, what="faults")
         with pytest.raises(DetachRefused):

@@ -6,11 +6,11 @@ import xml.etree.ElementTree as ET
 
 from hostdev.agent.config import parse_config
 from hostdev.agent.nodedev_xml import (
-    NodePciDevice,
     build_node_xml,
     parse_pci_device,
     spec_from_dict,
 )
+from hostdev.agent.pci_device import NodePciDevice
 from hostdev.agent.startup_checks import check_host
 from hostdev.messages.pci_address import PciAddress as P
 from hostdev.messages.values import DomainInfo

@@ -45,7 +45,8 @@ def test_durations_accept_units() -> None:
 
 def test_bad_duration_names_file_line_and_expected() -> None:
     """A bad duration names the file, the line and the accepted forms."""
-    with pytest.raises(ConfigError, match=r"mgmt.properties:2: 'soon': a duration such as"):
+    with pytest.raises(ConfigError, match=r"mgmt.properties:2: 'soon': ping.interval must be a "
+                       r"positive duration: a number of seconds or one with a unit"):
         _config("# comment\nping.interval=soon\n")
 
 

@@ -128,8 +128,8 @@ class ApiHandlers:
         """Lists live VMs with their host and the devices they hold."""
         held: dict[int, list[PciAddress]] = {}
         for device in tx.session.scalars(select(PciDevice)
-                                      .where(PciDevice.instance_id.is_not(None))
-                                      .order_by(PciDevice.id)):
+                                         .where(PciDevice.instance_id.is_not(None))
+                                         .order_by(PciDevice.id)):
             held.setdefault(device.instance_id or 0, []).append(address_of(device))
         host = aliased(Host)
         query = (select(VmInstance, ServiceOffering.name, host.guid, host.name)
@@ -157,7 +157,7 @@ class ApiHandlers:
     def list_jobs(self, tx: TxContext, request: api.ListJobsRequest) -> api.JobList:
         """Lists the most recent jobs, newest first."""
         jobs = tx.session.scalars(select(Job).order_by(Job.id.desc())
-                               .limit(max(1, min(request.limit, 1000))))
+                                  .limit(max(1, min(request.limit, 1000))))
         return api.JobList(jobs=tuple(job_row(tx.session, job) for job in jobs))
 
     def get_job(self, tx: TxContext, request: api.GetJobRequest) -> api.JobList:
@@ -193,7 +193,7 @@ class ApiHandlers:
         policy = request.migration_policy or self._config.pci_migration_policy
 
         known = tx.session.scalars(select(PciDevice.name).distinct()
-                                .where(PciDevice.state != "removed"))
+                                   .where(PciDevice.state != "removed"))
         check_names_exist(requests, list(known))
         if tx.session.scalar(select(ServiceOffering.id).where(ServiceOffering.name == name)):
             raise Conflict(f"an offering named {name!r} exists already; pick another name")
@@ -203,7 +203,7 @@ class ApiHandlers:
         tx.session.flush()
         for pci in requests:
             tx.session.add(ServiceOfferingPciRequest(offering_id=offering.id, name=pci.name,
-                                                  count=pci.count))
+                                                     count=pci.count))
         tx.session.flush()
         return api.OfferingList(offerings=(self._offering_row(tx, offering),))
 
@@ -261,7 +261,7 @@ class ApiHandlers:
             pci_devices.disable_device(conn, device.id)
         tx.session.refresh(device)
         vm_uuid = tx.session.scalar(select(VmInstance.uuid)
-                                 .where(VmInstance.id == device.instance_id))
+                                    .where(VmInstance.id == device.instance_id))
         return api.DeviceStateChanged(device=PciDeviceRow(
             id=device.id, host_guid=host.guid, host_name=host.name, address=address,
             name=device.name, state=device.state, vm_uuid=vm_uuid,  # type: ignore[arg-type]

@@ -2,18 +2,13 @@
 
 Reconciling a host's reported inventory lives in :mod:`hostdev.mgmt.devices.pci_inventory`.
 
-Two layers:
-
-- Functions that take a :class:`~sqlalchemy.Connection` already inside a
-  transaction (``claim_devices``, ``release_devices``, ...). They MUST run in
-  the caller's transaction and never commit; the VM state listener calls them
-  in the same transaction as the VM's state change. A function that lost a
-  race raises :class:`ClaimRaceLost` (a :class:`RetryTransaction`): unless
-  its ``written`` is 0 the caller MUST roll back and run its whole unit of
-  work again in a NEW transaction, e.g. through
-  :func:`hostdev.mgmt.persistence.database.run_in_transaction`.
-- :class:`PciDeviceRepository`, which runs each of them in its own
-  transaction with those retries.
+Every function takes a :class:`~sqlalchemy.Connection` already inside a
+transaction (``claim_devices``, ``release_devices``, ...); they MUST run in
+the caller's transaction and never commit; the VM state listener calls them
+in the same transaction as the VM's state change. A function that lost a
+race raises :class:`ClaimRaceLost` (a :class:`RetryTransaction`): unless
+its ``written`` is 0 the caller MUST roll back and run its whole unit of
+work again in a NEW transaction, as the daemon's unit of work does.
 
 Correct with any number of management daemons on one MariaDB: every state
 change is a conditional UPDATE (``WHERE id IN (...) AND state = 'free'``)
@@ -26,14 +21,13 @@ Device states and holders are described in :mod:`hostdev.mgmt.persistence.models
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Final, TypeVar
+from typing import Any, Final
 
 from sqlalchemy import (
     BindParameter,
     Connection,
-    Engine,
     bindparam,
     case,
     func,
@@ -43,24 +37,18 @@ from sqlalchemy import (
 )
 
 from hostdev.messages.pci_address import PciAddress
-from hostdev.messages.values import PciDeviceInfo
 from hostdev.mgmt.devices.pci_inventory import (
     DEVICES,
     C,
-    InventoryChanges,
     address_of,
     locks_rows,
-    reconcile_inventory,
 )
 from hostdev.mgmt.errors import Conflict, InvalidRequest, NoCapacity, NotFound
 from hostdev.mgmt.persistence.database import (
     PreparedStatement,
     RetryTransaction,
-    run_in_transaction,
 )
 from hostdev.mgmt.persistence.models import utcnow
-
-T = TypeVar("T")
 
 COUNTED_STATES: Final = ("free", "allocated", "reserved", "quarantined", "disabled")
 # What a device becomes when its VM lets go: a quarantined one was already
@@ -386,75 +374,3 @@ def devices_of_vm(conn: Connection, vm_id: int) -> tuple[HeldDevice, ...]:
     return tuple(
         HeldDevice(r.id, r.host_id, r.name, address_of(r), r.state) for r in conn.execute(query)
     )
-
-
-class PciDeviceRepository:
-    """Runs each allocation operation in its own transaction, retrying lost races.
-
-    Every method is one transaction; a lost race or deadlock is retried in a
-    NEW transaction up to ``attempts`` times, then raises
-    :class:`~hostdev.mgmt.persistence.database.TransactionConflict`.
-    """
-
-    def __init__(self, engine: Engine, *, attempts: int = 30) -> None:
-        self._engine = engine
-        self._attempts = attempts
-
-    def _run(self, what: str, work: Callable[[Connection], T], *, read_only: bool = False) -> T:
-        return run_in_transaction(
-            self._engine, work, attempts=self._attempts, read_only=read_only, what=what
-        )
-
-    def reconcile(self, host_id: int, reported: Iterable[PciDeviceInfo]) -> InventoryChanges:
-        """Applies a host's reported inventory (see :func:`reconcile_inventory`)."""
-        devices = tuple(reported)
-        return self._run("reconcile_inventory",
-                         lambda conn: reconcile_inventory(conn, host_id, devices))
-
-    def claim(
-        self, vm_id: int, host_id: int, requests: Mapping[str, int]
-    ) -> tuple[HeldDevice, ...]:
-        """Allocates devices to a VM, all or nothing (see :func:`claim_devices`)."""
-        return self._run("claim_devices",
-                         lambda conn: claim_devices(conn, vm_id, host_id, requests))
-
-    def reserve(
-        self, vm_id: int, host_id: int, requests: Mapping[str, int]
-    ) -> tuple[HeldDevice, ...]:
-        """Reserves a migration's destination set (see :func:`reserve_devices`)."""
-        return self._run("reserve_devices",
-                         lambda conn: reserve_devices(conn, vm_id, host_id, requests))
-
-    def release(self, vm_id: int, host_id: int | None = None) -> int:
-        """Lets go of a VM's devices; idempotent (see :func:`release_devices`)."""
-        return self._run("release_devices", lambda conn: release_devices(conn, vm_id, host_id))
-
-    def commit_migration(self, vm_id: int, source_host_id: int, destination_host_id: int) -> int:
-        """Frees the source set and allocates the destination set; idempotent."""
-        return self._run(
-            "commit_migration",
-            lambda conn: commit_migration(conn, vm_id, source_host_id, destination_host_id),
-        )
-
-    def abort_migration(self, vm_id: int, destination_host_id: int) -> int:
-        """Frees the destination set; idempotent."""
-        return self._run("abort_migration",
-                         lambda conn: abort_migration(conn, vm_id, destination_host_id))
-
-    def disable(self, device_id: int) -> str:
-        """Takes a free device out of service (see :func:`disable_device`)."""
-        return self._run("disable_device", lambda conn: disable_device(conn, device_id))
-
-    def enable(self, device_id: int) -> str:
-        """Puts a disabled device back in service (see :func:`enable_device`)."""
-        return self._run("enable_device", lambda conn: enable_device(conn, device_id))
-
-    def counts(self, host_id: int | None = None) -> list[DeviceCounts]:
-        """Counts devices per host, name and state (see :func:`device_counts`)."""
-        return self._run("device_counts", lambda conn: device_counts(conn, host_id),
-                         read_only=True)
-
-    def devices_of(self, vm_id: int) -> tuple[HeldDevice, ...]:
-        """Lists a VM's held, reserved and quarantined devices."""
-        return self._run("devices_of_vm", lambda conn: devices_of_vm(conn, vm_id),
-                         read_only=True)

@@ -138,7 +138,7 @@ class HostRegistry:
             return
         if report.state in ("stopped", "crashed"):
             vm = tx.session.scalar(select(VmInstance).where(VmInstance.uuid == report.vm_uuid,
-                                                         VmInstance.host_id == host.id))
+                                                            VmInstance.host_id == host.id))
             if vm is not None and vm.state == "Running" and self._settled(vm):
                 log.warning("vm_found_stopped", vm=vm.uuid, host=host.guid,
                             libvirt_event=report.event)
@@ -154,7 +154,7 @@ class HostRegistry:
         self._adopt_running(tx, host, reported)
         stopped = 0
         vms = tx.session.scalars(select(VmInstance).where(VmInstance.host_id == host.id,
-                                                       VmInstance.state == "Running"))
+                                                          VmInstance.state == "Running"))
         for vm in list(vms):
             if vm.uuid in running or not self._settled(vm):
                 continue

@@ -311,6 +311,7 @@ class JobManager:
             hosts = planner.read_capacities(session, [r.name for r in demand.pci])
             raise NoCapacity(planner.refusal(demand, hosts, avoid))
         for candidate in candidates:
+            tx.host_guids[candidate.id] = candidate.guid  # the claim's events name it
             # The claim (a pre-transition listener) runs before the VM row
             # changes and refuses before writing anything: nothing to undo, try
             # the next host. A lost race that wrote part of a claim propagates

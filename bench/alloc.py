@@ -6,9 +6,14 @@ the end). One operation = claim one free device of a name on a host for a
 VM, in its own transaction, then release it in another. Hosts, names and VMs
 follow the same seeded random sequence on both sides.
 
-- hostdev: ``PciDeviceRepository.claim`` + ``.release`` (SQLAlchemy Core,
-  SELECT ... FOR UPDATE SKIP LOCKED, conditional UPDATE checked by row
-  count, retry in a new transaction).
+- hostdev: the daemon's claim path: each operation a ``UnitOfWork``
+  (a new transaction per attempt, lost races retried) running
+  ``PciDeviceManager.claim`` as on Starting (SELECT ... FOR UPDATE SKIP
+  LOCKED, conditional UPDATE checked by row count, the PciDeviceAllocated
+  event to the outbox), then ``PciDeviceManager.release`` as on Stopped
+  (the VM's devices, the release, PciDeviceReleased to the outbox). The VM,
+  the offering's requests and the host's guid are what the daemon has in
+  hand from the deploy's first read and the placement by then.
 - raw: PyMySQL, ``SELECT id ... LIMIT 1``; ``UPDATE ... WHERE id=%s AND
   instance_id IS NULL`` checked by row count (retry in a new transaction);
   COMMIT; ``UPDATE ... SET instance_id=NULL WHERE instance_id=%s AND
@@ -39,8 +44,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import structlog
 
-from hostdev.mgmt.devices.pci_devices import PciDeviceRepository
+from hostdev.messages.values import PciRequest
 from hostdev.mgmt.persistence.database import create_database_engine, upgrade
+from hostdev.mgmt.persistence.models import VmInstance
+from hostdev.mgmt.persistence.unit_of_work import TxContext, UnitOfWork
+from hostdev.mgmt.vms.vm_lifecycle import PciDeviceManager
 
 SOCKET = "/run/mysqld/mysqld.sock"
 HOSTS = 2_000
@@ -104,13 +112,14 @@ def workload(seed: int, vms: list[int]) -> list[tuple[int, int, str]]:
 
 
 class Sides:
-    """Both clients, connected once: hostdev's repository and a raw PyMySQL connection."""
+    """Both clients, connected once: hostdev's claim path and a raw PyMySQL connection."""
 
     def __init__(self, database: str) -> None:
         structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(30))
         self.engine = create_database_engine(url(database))
-        self.repo = PciDeviceRepository(self.engine)
-        self.repo.counts(1)  # open the pooled connection outside the timing
+        self.work = UnitOfWork(self.engine)
+        self.devices = PciDeviceManager()
+        self.work.run(lambda tx: tx.session.connection())  # pool it outside the timing
         self.raw = _connect(database)
         self.cursor = self.raw.cursor()
 
@@ -124,10 +133,22 @@ class Sides:
         return time.perf_counter() - started
 
     def run_hostdev(self, ops: list[tuple[int, int, str]]) -> None:
-        """Claims and releases through PciDeviceRepository."""
-        for vm, host, name in ops:
-            self.repo.claim(vm, host, {name: 1})
-            self.repo.release(vm, host)
+        """Claims and releases through the daemon's unit of work and PciDeviceManager."""
+        for vm_id, host, name in ops:
+            vm = VmInstance(id=vm_id, uuid=f"uuid-{vm_id}", offering_id=1)
+            requests = (PciRequest(name=name, count=1),)
+
+            def claim(tx: TxContext, vm: VmInstance = vm, host: int = host,
+                      requests: tuple[PciRequest, ...] = requests) -> None:
+                tx.offering_requests[vm.offering_id] = requests
+                tx.host_guids[host] = f"guid-{host}"
+                self.devices.claim(tx, vm, host)
+
+            def release(tx: TxContext, vm: VmInstance = vm) -> None:
+                self.devices.release(tx, vm)
+
+            self.work.run(claim, what="claim")
+            self.work.run(release, what="release")
 
     def run_raw(self, ops: list[tuple[int, int, str]]) -> None:
         """Claims and releases with plain PyMySQL and a conditional UPDATE."""

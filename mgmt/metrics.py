@@ -18,14 +18,13 @@ is the number of jobs by kind and outcome (sum it across daemons).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import structlog
 from prometheus_client import Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
-from sqlalchemy import Engine, event, func, select
-from sqlalchemy.orm import Session
+from sqlalchemy import Engine, func, select
 
 from hostdev.messages.runtime.metrics import MetricsServer, serve_metrics
 from hostdev.mgmt.persistence.models import (
@@ -45,17 +44,20 @@ JOB_DURATION = Histogram(
     buckets=(0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0))
 
 
-def job_finished(session: Session, job: Job) -> None:
-    """Observes the job's duration once ``session`` commits (a rolled-back finish counts not)."""
+def job_duration(job: Job) -> Callable[[], None]:
+    """Returns what observes a finished job's duration; run it once the finish committed."""
     if job.created_at is None or job.finished_at is None:
-        return
+        return _nothing
     seconds = max(0.0, (job.finished_at - job.created_at).total_seconds())
     kind, outcome = job.kind, job.state
 
-    def observe(_session: Session) -> None:
+    def observe() -> None:
         JOB_DURATION.labels(kind, outcome).observe(seconds)
+    return observe
 
-    event.listen(session, "after_commit", observe, once=True)
+
+def _nothing() -> None:
+    """Observes nothing (a job without timestamps)."""
 
 
 class InventoryCollector:

@@ -23,7 +23,6 @@ from typing import Any
 import structlog
 from sqlalchemy import Engine, delete, select
 from sqlalchemy.exc import IntegrityError, OperationalError
-from sqlalchemy.orm import Session
 
 from hostdev.messages import api
 from hostdev.messages.base import Message
@@ -34,31 +33,38 @@ from hostdev.messages.commands import (
     MigrateAnswer,
     PingRoutingCommand,
     StartAnswer,
+    StartupAnswer,
     StartupRoutingCommand,
     StopAnswer,
     VmStateReport,
 )
 from hostdev.messages.errors import TransientError
-from hostdev.messages.runtime.logging import bound_message
+from hostdev.messages.values import DomainInfo
 from hostdev.mgmt.api.api_handlers import ApiHandlers
 from hostdev.mgmt.config import MgmtConfig
 from hostdev.mgmt.errors import MgmtError
 from hostdev.mgmt.hosts.registration import HostRegistry, check_sender, guid_of
-from hostdev.mgmt.jobs import migration_hooks
-from hostdev.mgmt.jobs.jobs import JobManager, job_of_request
+from hostdev.mgmt.jobs import engine
+from hostdev.mgmt.jobs.engine import Expiry, job_of_request
+from hostdev.mgmt.jobs.jobs import JobManager
 from hostdev.mgmt.jobs.migration import MigrationManager
+from hostdev.mgmt.jobs.migration_recovery import MigrationRecovery
+from hostdev.mgmt.jobs.payloads import (
+    ATTACH_JOB,
+    DEPLOY_JOB,
+    DESTROY_JOB,
+    MIGRATE_JOB,
+    START_JOB,
+    STOP_JOB,
+)
 from hostdev.mgmt.persistence.database import TransactionConflict
 from hostdev.mgmt.persistence.models import HandledMessage, VmInstance, utcnow
 from hostdev.mgmt.persistence.outbox import OutboxPublisher
-from hostdev.mgmt.persistence.unit_of_work import AlreadyHandled, UnitOfWork
+from hostdev.mgmt.persistence.unit_of_work import AlreadyHandled, TxContext, UnitOfWork
+from hostdev.mgmt.pipeline import Handler, Pipeline, Route, always, no_check
 from hostdev.mgmt.vms.vm_lifecycle import PciDeviceManager, VmLifecycleManager
 
 log = structlog.get_logger()
-
-#: API requests that change something (recorded in handled_messages).
-_CHANGES = (api.CreateOfferingRequest, api.DeployVmRequest, api.StartVmRequest,
-            api.StopVmRequest, api.DestroyVmRequest, api.SetPciDeviceEnabledRequest,
-            api.MigrateVmRequest, api.AttachVmDevicesRequest)
 
 
 class ManagementService:
@@ -77,7 +83,19 @@ class ManagementService:
         self.jobs = JobManager(config, self.lifecycle, self.devices)
         self.registry = HostRegistry(config, self.lifecycle)
         self.migrations = MigrationManager(config, self.lifecycle)
-        self.api = ApiHandlers(config, self.work, self.jobs, self.migrations)
+        self.recovery = MigrationRecovery(self.migrations)
+        self.api = ApiHandlers(config, self.jobs, self.migrations)
+        self.expiry = Expiry({
+            DEPLOY_JOB: self.jobs.expire, START_JOB: self.jobs.expire,
+            STOP_JOB: self.jobs.expire, DESTROY_JOB: self.jobs.expire,
+            MIGRATE_JOB: self.recovery.expire, ATTACH_JOB: self.recovery.expire,
+        })
+        #: Messages from agents: the sender must be the host it speaks for.
+        self.agent_pipeline = Pipeline(self.work, _agent_log_context, _check_agent,
+                                       _agent_error_answer)
+        #: Requests from clients: refusals become ErrorAnswers.
+        self.api_pipeline = Pipeline(self.work, _api_log_context, no_check,
+                                     self._api_error_answer)
         self._started = False
 
     # -- lifecycle ------------------------------------------------------------------
@@ -124,16 +142,16 @@ class ManagementService:
 
     def expire_jobs(self) -> None:
         """Fails and rolls back the jobs past their deadline."""
-        overdue = self.work.run(self.jobs.overdue, what="find overdue jobs")
+        overdue = self.work.run(engine.overdue, what="find overdue jobs")
         for job_id in overdue:
-            self.work.run(partial(migration_hooks.expire, self, job_id=job_id),
+            self.work.run(partial(self.expiry.expire, job_id=job_id),
                           what=f"expire job {job_id}")
 
     def purge(self, older_than_s: float = 86400.0) -> None:
         """Deletes handled message ids and published outbox rows older than a day."""
         self.outbox.purge(older_than_s)
         cutoff = utcnow() - timedelta(seconds=older_than_s)
-        self.work.run(lambda session: session.execute(
+        self.work.run(lambda tx: tx.session.execute(
             delete(HandledMessage).where(HandledMessage.handled_at < cutoff)),
             what="purge handled messages")
 
@@ -148,47 +166,58 @@ class ManagementService:
 
     # -- handlers --------------------------------------------------------------------
 
-    def agent_handlers(self) -> dict[type[Message], Callable[[Any, Incoming], Message | None]]:
+    def agent_handlers(self) -> dict[type[Message], Handler]:
         """Returns the handlers of ``hostdev.mgmt`` (messages from agents)."""
-        return {
-            StartupRoutingCommand: self._from_agent(migration_hooks.on_startup(self)),
-            PingRoutingCommand: self._from_agent(migration_hooks.on_ping(self)),
-            VmStateReport: self._from_agent(migration_hooks.on_vm_state_report(self)),
-            StartAnswer: self._from_agent(self._start_answer, record=True),
-            StopAnswer: self._from_agent(self._stop_answer, record=True),
-            MigrateAnswer: self._from_agent(migration_hooks.on_migrate_answer(self),
-                                            record=True),
-            AttachPciDevicesAnswer: self._from_agent(migration_hooks.on_attach_answer(self),
-                                                     record=True),
-            ErrorAnswer: self._agent_error,
-        }
+        handlers = self.agent_pipeline.handlers({
+            StartupRoutingCommand: Route(self._on_startup),
+            PingRoutingCommand: Route(self._on_ping),
+            VmStateReport: Route(self._on_vm_state_report),
+            StartAnswer: Route(self._on_start_answer, always),
+            StopAnswer: Route(self._on_stop_answer, always),
+            MigrateAnswer: Route(self._on_migrate_answer, always),
+            AttachPciDevicesAnswer: Route(self._on_attach_answer, always),
+        })
+        handlers[ErrorAnswer] = self._agent_error
+        return handlers
 
-    def _from_agent(self, fn: Callable[[Any, Any, Incoming], Message | None], *,
-                    record: bool = False) -> Callable[[Any, Incoming], Message | None]:
-        def handler(message: Any, incoming: Incoming) -> Message | None:
-            guid = getattr(message, "guid", None) or guid_of(incoming.routing_key) or ""
-            vm = getattr(message, "vm_uuid", None)
-            with bound_message(incoming.message_id, incoming.correlation_id, host=guid, vm=vm):
-                check_sender(incoming.user_id, guid, incoming.routing_key)
-                try:
-                    return self.work.run(lambda session: fn(session, message, incoming),
-                                         what=type(message).__name__,
-                                         message_id=incoming.message_id if record else None)
-                except AlreadyHandled as exc:
-                    log.info("message_already_handled", reason=exc.reason)
-                    return None
-                except (TransactionConflict, OperationalError, IntegrityError) as exc:
-                    # A race with another daemon (two start-ups of a new host) or a
-                    # database hiccup: the redelivery finds the winner's rows.
-                    raise TransientError(f"{type(message).__name__}: {exc}") from exc
-        return handler
+    def api_handlers(self) -> dict[type[Message], Handler]:
+        """Returns the handlers of ``hostdev.api`` (requests from clients)."""
+        return self.api_pipeline.handlers(self.api.routes())
 
-    def _start_answer(self, session: Session, answer: StartAnswer,
-                      incoming: Incoming) -> None:
-        self.jobs.on_start_answer(session, answer, incoming.correlation_id)
+    def _on_startup(self, tx: TxContext, message: StartupRoutingCommand,
+                    incoming: Incoming) -> StartupAnswer:
+        """Registers the host, then settles migrations from its full domain list."""
+        answer = self.registry.on_startup(tx, message)
+        self.recovery.on_host_report(tx, message.guid, message.domains, complete=True,
+                                     restarted=True)
+        return answer
 
-    def _stop_answer(self, session: Session, answer: StopAnswer, incoming: Incoming) -> None:
-        self.jobs.on_stop_answer(session, answer, incoming.correlation_id)
+    def _on_ping(self, tx: TxContext, message: PingRoutingCommand, incoming: Incoming) -> None:
+        """Keeps the host Up, then settles migrations from its full domain list."""
+        self.registry.on_ping(tx, message)
+        self.recovery.on_host_report(tx, message.guid, message.domains, complete=True)
+
+    def _on_vm_state_report(self, tx: TxContext, message: VmStateReport,
+                            incoming: Incoming) -> None:
+        """Follows a lifecycle report, then settles a migration the domain is part of."""
+        self.registry.on_vm_state_report(tx, message)
+        domain = DomainInfo(uuid=message.vm_uuid, name=message.vm_name or message.vm_uuid,
+                            state=message.state, hostdevs=message.hostdevs)
+        self.recovery.on_host_report(tx, message.guid, (domain,), complete=False)
+
+    def _on_start_answer(self, tx: TxContext, answer: StartAnswer, incoming: Incoming) -> None:
+        self.jobs.on_start_answer(tx, answer, incoming.correlation_id)
+
+    def _on_stop_answer(self, tx: TxContext, answer: StopAnswer, incoming: Incoming) -> None:
+        self.jobs.on_stop_answer(tx, answer, incoming.correlation_id)
+
+    def _on_migrate_answer(self, tx: TxContext, answer: MigrateAnswer,
+                           incoming: Incoming) -> None:
+        self.migrations.on_migrate_answer(tx, answer, incoming.correlation_id)
+
+    def _on_attach_answer(self, tx: TxContext, answer: AttachPciDevicesAnswer,
+                          incoming: Incoming) -> None:
+        self.migrations.on_attach_answer(tx, answer, incoming.correlation_id)
 
     def _agent_error(self, message: ErrorAnswer, incoming: Incoming) -> None:
         log.error("agent_refused_message", host=guid_of(incoming.routing_key),
@@ -196,39 +225,57 @@ class ManagementService:
                   details=message.details)
         return None
 
+    def _api_error_answer(self, message: Any, incoming: Incoming,
+                          exc: Exception) -> Message | None:
+        """Answers a refused request, a redelivered one, or asks for a redelivery."""
+        if isinstance(exc, AlreadyHandled):
+            return self._already_handled(incoming.message_id, exc)
+        if isinstance(exc, MgmtError):
+            log.info("api_request_refused", code=exc.code, reason=exc.reason)
+            return ErrorAnswer(code=exc.code, details=exc.reason)
+        if isinstance(exc, OperationalError):
+            raise TransientError(f"{type(message).__name__}: the database failed: "
+                                 f"{exc.orig}") from exc
+        raise exc
+
     def _already_handled(self, message_id: str, exc: AlreadyHandled) -> Message:
         """Answers a redelivered request: the job it created, or a duplicate error."""
-        def work(session: Session) -> Message:
-            job = job_of_request(session, message_id)
+        def work(tx: TxContext) -> Message:
+            job = job_of_request(tx.session, message_id)
             if job is None:
                 return ErrorAnswer(code=exc.code, details=exc.reason)
-            vm_uuid = session.scalar(select(VmInstance.uuid).where(VmInstance.id == job.vm_id))
+            vm_uuid = tx.session.scalar(select(VmInstance.uuid)
+                                        .where(VmInstance.id == job.vm_id))
             return api.JobAccepted(job_id=job.id, vm_uuid=vm_uuid,
                                    details="a redelivery of a request already accepted")
         log.info("api_request_redelivered", message_id=message_id)
         return self.work.run(work, what="find the job of a redelivered request")
 
-    def api_handlers(self) -> dict[type[Message], Callable[[Any, Incoming], Message | None]]:
-        """Returns the handlers of ``hostdev.api`` (requests from clients)."""
-        return {kind: self._api(kind, fn) for kind, fn in self.api.handlers().items()}
 
-    def _api(self, kind: type[Message], fn: Callable[..., Message]
-             ) -> Callable[[Any, Incoming], Message | None]:
-        changes = issubclass(kind, _CHANGES)
+def _agent_log_context(message: Any, incoming: Incoming) -> dict[str, Any]:
+    return {"host": _speaks_for(message, incoming), "vm": getattr(message, "vm_uuid", None)}
 
-        def handler(message: Any, incoming: Incoming) -> Message | None:
-            with bound_message(incoming.message_id, incoming.correlation_id,
-                               request=kind.__name__):
-                try:
-                    if changes:
-                        return fn(message, message_id=incoming.message_id)
-                    return fn(message)
-                except AlreadyHandled as exc:
-                    return self._already_handled(incoming.message_id, exc)
-                except MgmtError as exc:
-                    log.info("api_request_refused", code=exc.code, reason=exc.reason)
-                    return ErrorAnswer(code=exc.code, details=exc.reason)
-                except OperationalError as exc:
-                    raise TransientError(f"{kind.__name__}: the database failed: "
-                                         f"{exc.orig}") from exc
-        return handler
+
+def _speaks_for(message: Any, incoming: Incoming) -> str:
+    """Returns the host an agent's message speaks for: its ``guid``, else its routing key's."""
+    return getattr(message, "guid", None) or guid_of(incoming.routing_key) or ""
+
+
+def _check_agent(message: Any, incoming: Incoming) -> None:
+    check_sender(incoming.user_id, _speaks_for(message, incoming), incoming.routing_key)
+
+
+def _agent_error_answer(message: Any, incoming: Incoming, exc: Exception) -> Message | None:
+    """Drops a redelivery; asks for a redelivery after a race or a database hiccup."""
+    if isinstance(exc, AlreadyHandled):
+        log.info("message_already_handled", reason=exc.reason)
+        return None
+    if isinstance(exc, (TransactionConflict, OperationalError, IntegrityError)):
+        # A race with another daemon (two start-ups of a new host) or a
+        # database hiccup: the redelivery finds the winner's rows.
+        raise TransientError(f"{type(message).__name__}: {exc}") from exc
+    raise exc
+
+
+def _api_log_context(message: Any, incoming: Incoming) -> dict[str, Any]:
+    return {"request": type(message).__name__}

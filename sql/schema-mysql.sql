@@ -153,3 +153,15 @@ ALTER TABLE hosts ADD COLUMN migration_uri VARCHAR(1024) NOT NULL DEFAULT '';
 
 UPDATE alembic_version SET version_num='0002' WHERE alembic_version.version_num = '0001';
 
+-- Running upgrade 0002 -> 0003
+
+ALTER TABLE jobs ADD COLUMN command_id VARCHAR(64);
+
+ALTER TABLE jobs ADD COLUMN request_id VARCHAR(64);
+
+CREATE INDEX ix_jobs_command_id ON jobs (command_id);
+
+CREATE INDEX ix_jobs_request_id ON jobs (request_id);
+
+UPDATE alembic_version SET version_num='0003' WHERE alembic_version.version_num = '0002';
+

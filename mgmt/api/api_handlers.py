@@ -1,9 +1,9 @@
-"""Answers every API request of ``hostdev.messages.api`` (DESIGN section 5).
+"""Answers every API request of ``hostdev.messages.api``.
 
-Queries read in one transaction; changes run through the ``UnitOfWork`` so a
-lost race is retried and the outbox is published after commit. Each request
-returns its typed response or raises a ``MgmtError`` that the service turns
-into an ``ErrorAnswer`` with the error's ``code``.
+Each handler runs in the transaction the service's pipeline opens for the
+request (a lost race retries it whole; the outbox is published after
+commit). Each request returns its typed response or raises a ``MgmtError``
+that the pipeline turns into an ``ErrorAnswer`` with the error's ``code``.
 """
 
 from __future__ import annotations
@@ -12,10 +12,11 @@ from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import select
-from sqlalchemy.orm import Session, aliased
+from sqlalchemy.orm import aliased
 
 from hostdev.messages import api
 from hostdev.messages.base import Message
+from hostdev.messages.bus.contract import Incoming
 from hostdev.messages.pci_address import PciAddress
 from hostdev.messages.values import HostRow, OfferingRow, VmRow
 from hostdev.mgmt.api.offerings import check_names_exist, parse_pci_devices
@@ -40,7 +41,8 @@ from hostdev.mgmt.persistence.models import (
     ServiceOfferingPciRequest,
     VmInstance,
 )
-from hostdev.mgmt.persistence.unit_of_work import UnitOfWork
+from hostdev.mgmt.persistence.unit_of_work import TxContext
+from hostdev.mgmt.pipeline import Route, always, never
 from hostdev.mgmt.placement import planner
 from hostdev.mgmt.vms.vm_lifecycle import offering_requests
 
@@ -49,141 +51,139 @@ def _iso(value: Any) -> str | None:
     return value.isoformat() + "Z" if value is not None else None
 
 
+def _route(fn: Callable[[TxContext, Any], Message],
+           record: Callable[[Any], bool] = never) -> Route:
+    """Routes a request to ``fn(tx, request)``."""
+    def work(tx: TxContext, request: Any, _incoming: Incoming) -> Message:
+        return fn(tx, request)
+    return Route(work, record)
+
+
+def _not_dry_run(request: api.MigrateVmRequest) -> bool:
+    """A migration is recorded; its dry run, which changes nothing, is not."""
+    return not request.dry_run
+
 
 class ApiHandlers:
-    """One method per API request type; ``handlers()`` maps types to them."""
+    """One method per API request type; ``routes()`` maps types to them."""
 
-    def __init__(self, config: MgmtConfig, work: UnitOfWork, jobs: JobManager,
-                 migrations: MigrationManager | None = None) -> None:
+    def __init__(self, config: MgmtConfig, jobs: JobManager,
+                 migrations: MigrationManager) -> None:
         self._config = config
-        self._work = work
         self._jobs = jobs
-        self.migrations = migrations or MigrationManager(config, jobs._lifecycle)
+        self.migrations = migrations
 
-    def handlers(self) -> dict[type[Message], Callable[..., Message]]:
-        """Returns the handler of each API request type."""
+    def routes(self) -> dict[type[Message], Route]:
+        """Returns the route of each API request type; changes are recorded."""
         return {
-            api.ListHostsRequest: self.list_hosts,
-            api.ListPciDevicesRequest: self.list_devices,
-            api.ListVmsRequest: self.list_vms,
-            api.ListOfferingsRequest: self.list_offerings,
-            api.ListJobsRequest: self.list_jobs,
-            api.GetJobRequest: self.get_job,
-            api.ExplainPlacementRequest: self.explain,
-            api.CreateOfferingRequest: self.create_offering,
-            api.DeployVmRequest: self.deploy,
-            api.StartVmRequest: self.start,
-            api.StopVmRequest: self.stop,
-            api.DestroyVmRequest: self.destroy,
-            api.MigrateVmRequest: self.migrate,
-            api.AttachVmDevicesRequest: self.attach,
-            api.SetPciDeviceEnabledRequest: self.set_device_enabled,
+            api.ListHostsRequest: _route(self.list_hosts),
+            api.ListPciDevicesRequest: _route(self.list_devices),
+            api.ListVmsRequest: _route(self.list_vms),
+            api.ListOfferingsRequest: _route(self.list_offerings),
+            api.ListJobsRequest: _route(self.list_jobs),
+            api.GetJobRequest: _route(self.get_job),
+            api.ExplainPlacementRequest: _route(self.explain),
+            api.CreateOfferingRequest: _route(self.create_offering, always),
+            api.DeployVmRequest: _route(self.deploy, always),
+            api.StartVmRequest: _route(self.start, always),
+            api.StopVmRequest: _route(self.stop, always),
+            api.DestroyVmRequest: _route(self.destroy, always),
+            api.MigrateVmRequest: _route(self.migrate, _not_dry_run),
+            api.AttachVmDevicesRequest: _route(self.attach, always),
+            api.SetPciDeviceEnabledRequest: _route(self.set_device_enabled, always),
         }
 
     # -- queries ------------------------------------------------------------------
 
-    def list_hosts(self, request: api.ListHostsRequest) -> api.HostList:
+    def list_hosts(self, tx: TxContext, request: api.ListHostsRequest) -> api.HostList:
         """Lists hosts with status and free/total device counts."""
-        def work(session: Session) -> api.HostList:
-            counts: dict[int, tuple[int, int]] = {}
-            for entry in pci_devices.device_counts(session.connection()):
-                free, total = counts.get(entry.host_id, (0, 0))
-                counts[entry.host_id] = (free + entry.free, total + entry.total)
-            rows = tuple(
-                HostRow(id=h.id, guid=h.guid, name=h.name, status=h.status,
-                        cpus=h.cpus, memory_mb=h.memory_mb, last_ping=_iso(h.last_ping),
-                        free_devices=counts.get(h.id, (0, 0))[0],
-                        total_devices=counts.get(h.id, (0, 0))[1])
-                for h in session.scalars(select(Host).order_by(Host.id)))
-            return api.HostList(hosts=rows)
-        return self._work.run(work, what="list hosts")
+        counts: dict[int, tuple[int, int]] = {}
+        for entry in pci_devices.device_counts(tx.session.connection()):
+            free, total = counts.get(entry.host_id, (0, 0))
+            counts[entry.host_id] = (free + entry.free, total + entry.total)
+        rows = tuple(
+            HostRow(id=h.id, guid=h.guid, name=h.name, status=h.status,
+                    cpus=h.cpus, memory_mb=h.memory_mb, last_ping=_iso(h.last_ping),
+                    free_devices=counts.get(h.id, (0, 0))[0],
+                    total_devices=counts.get(h.id, (0, 0))[1])
+            for h in tx.session.scalars(select(Host).order_by(Host.id)))
+        return api.HostList(hosts=rows)
 
-    def list_devices(self, request: api.ListPciDevicesRequest) -> api.PciDeviceList:
+    def list_devices(self, tx: TxContext, request: api.ListPciDevicesRequest) -> api.PciDeviceList:
         """Lists devices (not the removed ones), of one host or only free ones if asked."""
-        def work(session: Session) -> api.PciDeviceList:
-            query = (select(PciDevice, Host.guid, Host.name, VmInstance.uuid)
-                     .join(Host, Host.id == PciDevice.host_id)
-                     .outerjoin(VmInstance, VmInstance.id == PciDevice.instance_id)
-                     .where(PciDevice.state != REMOVED)
-                     .order_by(Host.id, *ADDRESS_COLUMNS))
-            if request.host:
-                query = query.where(PciDevice.host_id == find_host(session, request.host).id)
-            if request.free_only:
-                # "Free" means placeable: a device of a host that is not Up is
-                # free in its own state but not offered (DESIGN section 7).
-                query = query.where(PciDevice.state == FREE, Host.status == planner.PLACEABLE)
-            rows = tuple(api_row(d, guid, name, vm_uuid)
-                         for d, guid, name, vm_uuid in session.execute(query))
-            return api.PciDeviceList(devices=rows)
-        return self._work.run(work, what="list devices")
+        query = (select(PciDevice, Host.guid, Host.name, VmInstance.uuid)
+                 .join(Host, Host.id == PciDevice.host_id)
+                 .outerjoin(VmInstance, VmInstance.id == PciDevice.instance_id)
+                 .where(PciDevice.state != REMOVED)
+                 .order_by(Host.id, *ADDRESS_COLUMNS))
+        if request.host:
+            query = query.where(PciDevice.host_id == find_host(tx.session, request.host).id)
+        if request.free_only:
+            # "Free" means placeable: a device of a host that is not Up is
+            # free in its own state but not offered (DESIGN section 7).
+            query = query.where(PciDevice.state == FREE, Host.status == planner.PLACEABLE)
+        rows = tuple(api_row(d, guid, name, vm_uuid)
+                     for d, guid, name, vm_uuid in tx.session.execute(query))
+        return api.PciDeviceList(devices=rows)
 
-    def list_vms(self, request: api.ListVmsRequest) -> api.VmList:
+    def list_vms(self, tx: TxContext, request: api.ListVmsRequest) -> api.VmList:
         """Lists live VMs with their host and the devices they hold."""
-        def work(session: Session) -> api.VmList:
-            held: dict[int, list[PciAddress]] = {}
-            for device in session.scalars(select(PciDevice)
-                                          .where(PciDevice.instance_id.is_not(None))
-                                          .order_by(PciDevice.id)):
-                held.setdefault(device.instance_id or 0, []).append(address_of(device))
-            host = aliased(Host)
-            query = (select(VmInstance, ServiceOffering.name, host.guid, host.name)
-                     .join(ServiceOffering, ServiceOffering.id == VmInstance.offering_id)
-                     .outerjoin(host, host.id == VmInstance.host_id)
-                     .where(VmInstance.state != "Destroyed").order_by(VmInstance.id))
-            rows = tuple(
-                VmRow(uuid=vm.uuid, name=vm.name, offering=offering, state=vm.state,  # type: ignore[arg-type]
-                      host_guid=guid, host_name=name, pci_devices=tuple(held.get(vm.id, ())))
-                for vm, offering, guid, name in session.execute(query))
-            return api.VmList(vms=rows)
-        return self._work.run(work, what="list VMs")
+        held: dict[int, list[PciAddress]] = {}
+        for device in tx.session.scalars(select(PciDevice)
+                                         .where(PciDevice.instance_id.is_not(None))
+                                         .order_by(PciDevice.id)):
+            held.setdefault(device.instance_id or 0, []).append(address_of(device))
+        host = aliased(Host)
+        query = (select(VmInstance, ServiceOffering.name, host.guid, host.name)
+                 .join(ServiceOffering, ServiceOffering.id == VmInstance.offering_id)
+                 .outerjoin(host, host.id == VmInstance.host_id)
+                 .where(VmInstance.state != "Destroyed").order_by(VmInstance.id))
+        rows = tuple(
+            VmRow(uuid=vm.uuid, name=vm.name, offering=offering, state=vm.state,  # type: ignore[arg-type]
+                  host_guid=guid, host_name=name, pci_devices=tuple(held.get(vm.id, ())))
+            for vm, offering, guid, name in tx.session.execute(query))
+        return api.VmList(vms=rows)
 
-    def _offering_row(self, session: Session, offering: ServiceOffering) -> OfferingRow:
+    def _offering_row(self, tx: TxContext, offering: ServiceOffering) -> OfferingRow:
         return OfferingRow(id=offering.id, name=offering.name, cpus=offering.cpus,
                            memory_mb=offering.memory_mb,
-                           pci_requests=offering_requests(session, offering.id),
+                           pci_requests=offering_requests(tx, offering.id),
                            migration_policy=offering.migration_policy)  # type: ignore[arg-type]
 
-    def list_offerings(self, request: api.ListOfferingsRequest) -> api.OfferingList:
+    def list_offerings(self, tx: TxContext, request: api.ListOfferingsRequest) -> api.OfferingList:
         """Lists service offerings."""
-        def work(session: Session) -> api.OfferingList:
-            return api.OfferingList(offerings=tuple(
-                self._offering_row(session, o)
-                for o in session.scalars(select(ServiceOffering).order_by(ServiceOffering.id))))
-        return self._work.run(work, what="list offerings")
+        return api.OfferingList(offerings=tuple(
+            self._offering_row(tx, o)
+            for o in tx.session.scalars(select(ServiceOffering).order_by(ServiceOffering.id))))
 
-    def list_jobs(self, request: api.ListJobsRequest) -> api.JobList:
+    def list_jobs(self, tx: TxContext, request: api.ListJobsRequest) -> api.JobList:
         """Lists the most recent jobs, newest first."""
-        def work(session: Session) -> api.JobList:
-            jobs = session.scalars(select(Job).order_by(Job.id.desc())
-                                   .limit(max(1, min(request.limit, 1000))))
-            return api.JobList(jobs=tuple(job_row(session, job) for job in jobs))
-        return self._work.run(work, what="list jobs")
+        jobs = tx.session.scalars(select(Job).order_by(Job.id.desc())
+                                  .limit(max(1, min(request.limit, 1000))))
+        return api.JobList(jobs=tuple(job_row(tx.session, job) for job in jobs))
 
-    def get_job(self, request: api.GetJobRequest) -> api.JobList:
+    def get_job(self, tx: TxContext, request: api.GetJobRequest) -> api.JobList:
         """Returns one job."""
-        def work(session: Session) -> api.JobList:
-            job = session.get(Job, request.job_id)
-            if job is None:
-                raise NotFound(f"job {request.job_id} does not exist; list jobs with the "
-                               "ListJobsRequest API call")
-            return api.JobList(jobs=(job_row(session, job),))
-        return self._work.run(work, what="get job")
+        job = tx.session.get(Job, request.job_id)
+        if job is None:
+            raise NotFound(f"job {request.job_id} does not exist; list jobs with the "
+                           "ListJobsRequest API call")
+        return api.JobList(jobs=(job_row(tx.session, job),))
 
-    def explain(self, request: api.ExplainPlacementRequest) -> api.PlacementExplanation:
+    def explain(self, tx: TxContext,
+                request: api.ExplainPlacementRequest) -> api.PlacementExplanation:
         """Says, per host, whether it would take the offering and why not."""
-        def work(session: Session) -> api.PlacementExplanation:
-            offering = find_offering(session, request.offering)
-            demand = planner.Demand(cpus=offering.cpus, memory_mb=offering.memory_mb,
-                                    pci=offering_requests(session, offering.id))
-            verdicts = planner.explain(session, demand, request.avoid)
-            return api.PlacementExplanation(offering=offering.name, requests=demand.pci,
-                                            verdicts=tuple(verdicts))
-        return self._work.run(work, what="explain placement")
+        offering = find_offering(tx.session, request.offering)
+        demand = planner.Demand(cpus=offering.cpus, memory_mb=offering.memory_mb,
+                                pci=offering_requests(tx, offering.id))
+        verdicts = planner.explain(tx.session, demand, request.avoid)
+        return api.PlacementExplanation(offering=offering.name, requests=demand.pci,
+                                        verdicts=tuple(verdicts))
 
     # -- changes ------------------------------------------------------------------
 
-    def create_offering(self, request: api.CreateOfferingRequest,
-                        message_id: str | None = None) -> api.OfferingList:
+    def create_offering(self, tx: TxContext,
+                        request: api.CreateOfferingRequest) -> api.OfferingList:
         """Creates an offering; device names must be ones some host reports."""
         name = request.name.strip()
         if not name:
@@ -194,102 +194,72 @@ class ApiHandlers:
         requests = parse_pci_devices(request.pci_devices)
         policy = request.migration_policy or self._config.pci_migration_policy
 
-        def work(session: Session) -> api.OfferingList:
-            known = session.scalars(select(PciDevice.name).distinct()
-                                    .where(PciDevice.state != REMOVED))
-            check_names_exist(requests, list(known))
-            if session.scalar(select(ServiceOffering.id).where(ServiceOffering.name == name)):
-                raise Conflict(f"an offering named {name!r} exists already; pick another name")
-            offering = ServiceOffering(name=name, cpus=request.cpus,
-                                       memory_mb=request.memory_mb, migration_policy=policy)
-            session.add(offering)
-            session.flush()
-            for pci in requests:
-                session.add(ServiceOfferingPciRequest(offering_id=offering.id, name=pci.name,
-                                                      count=pci.count))
-            session.flush()
-            return api.OfferingList(offerings=(self._offering_row(session, offering),))
-        return self._work.run(work, what="create offering",
-                              message_id=message_id)
+        known = tx.session.scalars(select(PciDevice.name).distinct()
+                                .where(PciDevice.state != REMOVED))
+        check_names_exist(requests, list(known))
+        if tx.session.scalar(select(ServiceOffering.id).where(ServiceOffering.name == name)):
+            raise Conflict(f"an offering named {name!r} exists already; pick another name")
+        offering = ServiceOffering(name=name, cpus=request.cpus,
+                                   memory_mb=request.memory_mb, migration_policy=policy)
+        tx.session.add(offering)
+        tx.session.flush()
+        for pci in requests:
+            tx.session.add(ServiceOfferingPciRequest(offering_id=offering.id, name=pci.name,
+                                                  count=pci.count))
+        tx.session.flush()
+        return api.OfferingList(offerings=(self._offering_row(tx, offering),))
 
-    def deploy(self, request: api.DeployVmRequest,
-               message_id: str | None = None) -> api.JobAccepted:
+    def deploy(self, tx: TxContext, request: api.DeployVmRequest) -> api.JobAccepted:
         """Creates, places and starts a VM; refused at once when no host fits."""
-        def work(session: Session) -> api.JobAccepted:
-            job, vm = self._jobs.deploy(session, request.name, request.offering, request.avoid)
-            return api.JobAccepted(job_id=job.id, vm_uuid=vm.uuid)
-        return self._work.run(work, what=f"deploy {request.name}",
-                              message_id=message_id)
+        job, vm = self._jobs.deploy(tx, request.name, request.offering, request.avoid)
+        return api.JobAccepted(job_id=job.id, vm_uuid=vm.uuid)
 
-    def start(self, request: api.StartVmRequest, message_id: str | None = None) -> api.JobAccepted:
+    def start(self, tx: TxContext, request: api.StartVmRequest) -> api.JobAccepted:
         """Places and starts a stopped VM."""
-        def work(session: Session) -> api.JobAccepted:
-            job = self._jobs.start(session, request.vm)
-            return api.JobAccepted(job_id=job.id, vm_uuid=self._uuid(session, job))
-        return self._work.run(work, what=f"start {request.vm}",
-                              message_id=message_id)
+        job = self._jobs.start(tx, request.vm)
+        return api.JobAccepted(job_id=job.id, vm_uuid=self._uuid(tx, job))
 
-    def stop(self, request: api.StopVmRequest, message_id: str | None = None) -> api.JobAccepted:
+    def stop(self, tx: TxContext, request: api.StopVmRequest) -> api.JobAccepted:
         """Stops a running VM."""
-        def work(session: Session) -> api.JobAccepted:
-            job = self._jobs.stop(session, request.vm, force=request.force)
-            return api.JobAccepted(job_id=job.id, vm_uuid=self._uuid(session, job))
-        return self._work.run(work, what=f"stop {request.vm}",
-                              message_id=message_id)
+        job = self._jobs.stop(tx, request.vm, force=request.force)
+        return api.JobAccepted(job_id=job.id, vm_uuid=self._uuid(tx, job))
 
-    def destroy(self, request: api.DestroyVmRequest,
-                message_id: str | None = None) -> api.JobAccepted:
+    def destroy(self, tx: TxContext, request: api.DestroyVmRequest) -> api.JobAccepted:
         """Destroys a VM, releasing its devices."""
-        def work(session: Session) -> api.JobAccepted:
-            job = self._jobs.destroy(session, request.vm)
-            return api.JobAccepted(job_id=job.id, vm_uuid=self._uuid(session, job))
-        return self._work.run(work, what=f"destroy {request.vm}",
-                              message_id=message_id)
+        job = self._jobs.destroy(tx, request.vm)
+        return api.JobAccepted(job_id=job.id, vm_uuid=self._uuid(tx, job))
 
-    def _uuid(self, session: Session, job: Job) -> str | None:
-        return session.scalar(select(VmInstance.uuid).where(VmInstance.id == job.vm_id))
+    def _uuid(self, tx: TxContext, job: Job) -> str | None:
+        return tx.session.scalar(select(VmInstance.uuid).where(VmInstance.id == job.vm_id))
 
-    def migrate(self, request: api.MigrateVmRequest,
-                message_id: str | None = None) -> Message:
+    def migrate(self, tx: TxContext, request: api.MigrateVmRequest) -> Message:
         """Plans (dry run) or begins a live migration; see ``hostdev.mgmt.jobs.migration``."""
         if request.dry_run:
-            return self._work.run(lambda s: self.migrations.plan(s, request.vm,
-                                                                 request.destination),
-                                  what=f"plan migration of {request.vm}")
+            return self.migrations.plan(tx, request.vm, request.destination)
+        job = self.migrations.begin(tx, request.vm, request.destination)
+        return api.JobAccepted(job_id=job.id, vm_uuid=self._uuid(tx, job))
 
-        def work(session: Session) -> api.JobAccepted:
-            job = self.migrations.begin(session, request.vm, request.destination)
-            return api.JobAccepted(job_id=job.id, vm_uuid=self._uuid(session, job))
-        return self._work.run(work, what=f"migrate {request.vm}", message_id=message_id)
-
-    def attach(self, request: api.AttachVmDevicesRequest,
-               message_id: str | None = None) -> api.JobAccepted:
+    def attach(self, tx: TxContext, request: api.AttachVmDevicesRequest) -> api.JobAccepted:
         """Re-attaches the devices a Running VM holds on its host (a job)."""
-        def work(session: Session) -> api.JobAccepted:
-            job = self.migrations.attach_devices(session, request.vm)
-            return api.JobAccepted(job_id=job.id, vm_uuid=self._uuid(session, job))
-        return self._work.run(work, what=f"attach devices of {request.vm}",
-                              message_id=message_id)
+        job = self.migrations.attach_devices(tx, request.vm)
+        return api.JobAccepted(job_id=job.id, vm_uuid=self._uuid(tx, job))
 
-    def set_device_enabled(self, request: api.SetPciDeviceEnabledRequest,
-                           message_id: str | None = None) -> api.DeviceStateChanged:
+    def set_device_enabled(self, tx: TxContext,
+                           request: api.SetPciDeviceEnabledRequest) -> api.DeviceStateChanged:
         """Disables a free device (never offered again) or enables it back."""
-        def work(session: Session) -> api.DeviceStateChanged:
-            host = find_host(session, request.host)
-            address = PciAddress(request.address)
-            device = session.scalar(select(PciDevice).where(
-                PciDevice.host_id == host.id, address_is(address)))
-            if device is None:
-                raise NotFound(f"host {host.name} has no PCI device {address}; list them with: "
-                               f"hostdev devices --host {host.name}")
-            conn = session.connection()
-            if request.enabled:
-                pci_devices.enable_device(conn, device.id)
-            else:
-                pci_devices.disable_device(conn, device.id)
-            session.refresh(device)
-            vm_uuid = session.scalar(select(VmInstance.uuid)
-                                     .where(VmInstance.id == device.instance_id))
-            return api.DeviceStateChanged(device=api_row(device, host.guid, host.name, vm_uuid))
-        return self._work.run(work, what="set device enabled",
-                              message_id=message_id)
+        host = find_host(tx.session, request.host)
+        address = PciAddress(request.address)
+        device = tx.session.scalar(select(PciDevice).where(
+            PciDevice.host_id == host.id, address_is(address)))
+        if device is None:
+            raise NotFound(f"host {host.name} has no PCI device {address}; list them with: "
+                           f"hostdev devices --host {host.name}")
+        conn = tx.session.connection()
+        if request.enabled:
+            pci_devices.enable_device(conn, device.id)
+        else:
+            pci_devices.disable_device(conn, device.id)
+        tx.session.refresh(device)
+        vm_uuid = tx.session.scalar(select(VmInstance.uuid)
+                                 .where(VmInstance.id == device.instance_id))
+        return api.DeviceStateChanged(device=api_row(device, host.guid, host.name, vm_uuid))

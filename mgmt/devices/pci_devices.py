@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import replace
-from typing import Any, Final, TypeVar
+from typing import Any, Final
 
-from sqlalchemy import BindParameter, Connection, Engine, bindparam, case, func, or_, select, update
+from sqlalchemy import BindParameter, Connection, bindparam, case, func, or_, select, update
 
-from hostdev.messages.values import DeviceState, PciDeviceInfo
+from hostdev.messages.values import DeviceState
 from hostdev.mgmt.devices.device_rows import (
     ALLOCATED,
     DEVICE_COLUMNS,
@@ -26,16 +26,13 @@ from hostdev.mgmt.devices.device_rows import (
 
 # Allocation callers take the device type from the module that hands it out.
 from hostdev.mgmt.devices.device_rows import HeldDevice as HeldDevice
-from hostdev.mgmt.devices.pci_inventory import InventoryChanges, locks_rows, reconcile_inventory
+from hostdev.mgmt.devices.pci_inventory import locks_rows
 from hostdev.mgmt.errors import Conflict, InvalidRequest, NoCapacity, NotFound
 from hostdev.mgmt.persistence.database import (
     PreparedStatement,
     RetryTransaction,
-    run_in_transaction,
 )
 from hostdev.mgmt.persistence.models import utcnow
-
-T = TypeVar("T")
 
 # What a device becomes when its VM lets go: a quarantined one was already
 # gone from the inventory, so it is removed rather than offered again.
@@ -324,75 +321,3 @@ def free_devices(conn: Connection, host_id: int) -> tuple[HeldDevice, ...]:
     """Returns every free device of one host, by id (what a migration may reserve there)."""
     query = select(*DEVICE_COLUMNS).where(C.host_id == host_id, state_is(FREE)).order_by(C.id)
     return tuple(HeldDevice.of(row) for row in conn.execute(query))
-
-
-class PciDeviceRepository:
-    """Runs each allocation operation in its own transaction, retrying lost races.
-
-    Every method is one transaction; a lost race or deadlock is retried in a
-    NEW transaction up to ``attempts`` times, then raises
-    :class:`~hostdev.mgmt.persistence.database.TransactionConflict`.
-    """
-
-    def __init__(self, engine: Engine, *, attempts: int = 30) -> None:
-        self._engine = engine
-        self._attempts = attempts
-
-    def _run(self, what: str, work: Callable[[Connection], T], *, read_only: bool = False) -> T:
-        return run_in_transaction(
-            self._engine, work, attempts=self._attempts, read_only=read_only, what=what
-        )
-
-    def reconcile(self, host_id: int, reported: Iterable[PciDeviceInfo]) -> InventoryChanges:
-        """Applies a host's reported inventory (see :func:`reconcile_inventory`)."""
-        devices = tuple(reported)
-        return self._run("reconcile_inventory",
-                         lambda conn: reconcile_inventory(conn, host_id, devices))
-
-    def claim(
-        self, vm_id: int, host_id: int, requests: Mapping[str, int]
-    ) -> tuple[HeldDevice, ...]:
-        """Allocates devices to a VM, all or nothing (see :func:`claim_devices`)."""
-        return self._run("claim_devices",
-                         lambda conn: claim_devices(conn, vm_id, host_id, requests))
-
-    def reserve(
-        self, vm_id: int, host_id: int, requests: Mapping[str, int]
-    ) -> tuple[HeldDevice, ...]:
-        """Reserves a migration's destination set (see :func:`reserve_devices`)."""
-        return self._run("reserve_devices",
-                         lambda conn: reserve_devices(conn, vm_id, host_id, requests))
-
-    def release(self, vm_id: int, host_id: int | None = None) -> int:
-        """Lets go of a VM's devices; idempotent (see :func:`release_devices`)."""
-        return self._run("release_devices", lambda conn: release_devices(conn, vm_id, host_id))
-
-    def commit_migration(self, vm_id: int, source_host_id: int, destination_host_id: int) -> int:
-        """Frees the source set and allocates the destination set; idempotent."""
-        return self._run(
-            "commit_migration",
-            lambda conn: commit_migration(conn, vm_id, source_host_id, destination_host_id),
-        )
-
-    def abort_migration(self, vm_id: int, destination_host_id: int) -> int:
-        """Frees the destination set; idempotent."""
-        return self._run("abort_migration",
-                         lambda conn: abort_migration(conn, vm_id, destination_host_id))
-
-    def disable(self, device_id: int) -> str:
-        """Takes a free device out of service (see :func:`disable_device`)."""
-        return self._run("disable_device", lambda conn: disable_device(conn, device_id))
-
-    def enable(self, device_id: int) -> str:
-        """Puts a disabled device back in service (see :func:`enable_device`)."""
-        return self._run("enable_device", lambda conn: enable_device(conn, device_id))
-
-    def counts(self, host_id: int | None = None) -> list[DeviceCounts]:
-        """Counts devices per host, name and state (see :func:`device_counts`)."""
-        return self._run("device_counts", lambda conn: device_counts(conn, host_id),
-                         read_only=True)
-
-    def devices_of(self, vm_id: int) -> tuple[HeldDevice, ...]:
-        """Lists a VM's held, reserved and quarantined devices."""
-        return self._run("devices_of_vm", lambda conn: devices_of_vm(conn, vm_id),
-                         read_only=True)

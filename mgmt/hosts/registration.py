@@ -22,7 +22,6 @@ from datetime import timedelta
 
 import structlog
 from sqlalchemy import select, update
-from sqlalchemy.orm import Session
 
 from hostdev.messages.commands import (
     PingRoutingCommand,
@@ -35,8 +34,8 @@ from hostdev.messages.values import DomainInfo
 from hostdev.mgmt.config import MgmtConfig
 from hostdev.mgmt.devices import pci_inventory
 from hostdev.mgmt.errors import Forbidden
-from hostdev.mgmt.persistence import outbox
 from hostdev.mgmt.persistence.models import Host, VmInstance, utcnow
+from hostdev.mgmt.persistence.unit_of_work import TxContext
 from hostdev.mgmt.vms.vm_lifecycle import VmLifecycleManager
 from hostdev.mgmt.vms.vm_states import VmEvent
 
@@ -83,14 +82,14 @@ class HostRegistry:
         self._config = config
         self._lifecycle = lifecycle
 
-    def on_startup(self, session: Session, command: StartupRoutingCommand) -> StartupAnswer:
+    def on_startup(self, tx: TxContext, command: StartupRoutingCommand) -> StartupAnswer:
         """Creates or updates the host, reconciles devices and VMs, answers StartupAnswer."""
         now = utcnow()
-        host = session.scalar(select(Host).where(Host.guid == command.guid).with_for_update())
+        host = tx.session.scalar(select(Host).where(Host.guid == command.guid).with_for_update())
         previous = None
         if host is None:
             host = Host(guid=command.guid, status="Up", created_at=now)
-            session.add(host)
+            tx.session.add(host)
         else:
             previous = host.status
         host.name = command.name
@@ -100,16 +99,16 @@ class HostRegistry:
         host.migration_uri = command.migration_uri
         host.last_ping = now
         host.status = "Up"
-        session.flush()
-        changes = pci_inventory.reconcile_inventory(session.connection(), host.id,
+        tx.session.flush()
+        changes = pci_inventory.reconcile_inventory(tx.session.connection(), host.id,
                                                   command.pci_devices)
         if previous != "Up":
-            self._status_event(session, host, "Up", previous)
+            self._status_event(tx, host, "Up", previous)
         # The start-up snapshot races answers like a ping does (with several
         # daemons, or a redelivered start-up, it can be handled after a
         # StartAnswer it predates), so it gets the same grace; a VM that really
         # died while the agent was away is settled by the first ping after it.
-        stopped = self._reconcile_power(session, host, command.domains)
+        stopped = self._reconcile_power(tx, host, command.domains)
         log.info("host_registered", host=host.guid, name=host.name, host_id=host.id,
                  devices=len(command.pci_devices), added=len(changes.added),
                  renamed=len(changes.renamed), removed=len(changes.removed),
@@ -118,9 +117,9 @@ class HostRegistry:
                              details=f"registered {host.name} with "
                                      f"{len(command.pci_devices)} PCI devices")
 
-    def on_ping(self, session: Session, command: PingRoutingCommand) -> None:
+    def on_ping(self, tx: TxContext, command: PingRoutingCommand) -> None:
         """Keeps the host Up and reconciles its VMs' power states."""
-        host = session.scalar(select(Host).where(Host.guid == command.guid))
+        host = tx.session.scalar(select(Host).where(Host.guid == command.guid))
         if host is None:
             log.warning("ping_from_unknown_host", host=command.guid,
                         hint="the agent re-registers after its next reconnect")
@@ -129,42 +128,42 @@ class HostRegistry:
         host.last_ping = utcnow()
         if previous != "Up" and previous != "Maintenance":
             host.status = "Up"
-            self._status_event(session, host, "Up", previous)
-        self._reconcile_power(session, host, command.domains)
+            self._status_event(tx, host, "Up", previous)
+        self._reconcile_power(tx, host, command.domains)
 
-    def on_vm_state_report(self, session: Session, report: VmStateReport) -> None:
+    def on_vm_state_report(self, tx: TxContext, report: VmStateReport) -> None:
         """Follows a pushed power change: a Running VM found stopped becomes Stopped."""
-        host = session.scalar(select(Host).where(Host.guid == report.guid))
+        host = tx.session.scalar(select(Host).where(Host.guid == report.guid))
         if host is None:
             return
         if report.state in ("stopped", "crashed"):
-            vm = session.scalar(select(VmInstance).where(VmInstance.uuid == report.vm_uuid,
-                                                         VmInstance.host_id == host.id))
+            vm = tx.session.scalar(select(VmInstance).where(VmInstance.uuid == report.vm_uuid,
+                                                            VmInstance.host_id == host.id))
             if vm is not None and vm.state == "Running" and self._settled(vm):
                 log.warning("vm_found_stopped", vm=vm.uuid, host=host.guid,
                             libvirt_event=report.event)
-                self._lifecycle.transition(session, vm, VmEvent.FOLLOW_AGENT_POWER_OFF)
+                self._lifecycle.transition(tx, vm, VmEvent.FOLLOW_AGENT_POWER_OFF)
 
     def _settled(self, vm: VmInstance) -> bool:
         return vm.updated_at <= utcnow() - timedelta(seconds=DRIFT_GRACE_S)
 
-    def _reconcile_power(self, session: Session, host: Host,
+    def _reconcile_power(self, tx: TxContext, host: Host,
                          domains: Iterable[DomainInfo]) -> int:
         reported = {d.uuid: d for d in domains if d.state in ("running", "paused")}
         running = set(reported)
-        self._adopt_running(session, host, reported)
+        self._adopt_running(tx, host, reported)
         stopped = 0
-        vms = session.scalars(select(VmInstance).where(VmInstance.host_id == host.id,
-                                                       VmInstance.state == "Running"))
+        vms = tx.session.scalars(select(VmInstance).where(VmInstance.host_id == host.id,
+                                                          VmInstance.state == "Running"))
         for vm in list(vms):
             if vm.uuid in running or not self._settled(vm):
                 continue
             log.warning("vm_found_stopped", vm=vm.uuid, host=host.guid)
-            self._lifecycle.transition(session, vm, VmEvent.FOLLOW_AGENT_POWER_OFF)
+            self._lifecycle.transition(tx, vm, VmEvent.FOLLOW_AGENT_POWER_OFF)
             stopped += 1
         return stopped
 
-    def _adopt_running(self, session: Session, host: Host,
+    def _adopt_running(self, tx: TxContext, host: Host,
                        reported: dict[str, DomainInfo]) -> None:
         """Follows a VM found running that management thought Stopped or in Error.
 
@@ -175,13 +174,13 @@ class HostRegistry:
         """
         if not reported:
             return
-        vms = session.scalars(select(VmInstance).where(
+        vms = tx.session.scalars(select(VmInstance).where(
             VmInstance.uuid.in_(list(reported)), VmInstance.state.in_(("Stopped", "Error"))))
         for vm in list(vms):
             if not self._settled(vm):
                 continue
             domain = reported[vm.uuid]
-            adoption = pci_inventory.adopt_devices(session.connection(), host.id, vm.id,
+            adoption = pci_inventory.adopt_devices(tx.session.connection(), host.id, vm.id,
                                                    domain.hostdevs)
             if adoption.conflicts:
                 log.error("vm_running_with_devices_of_others", vm=vm.uuid, vm_name=vm.name,
@@ -194,27 +193,27 @@ class HostRegistry:
                         devices=[str(address) for address, _ in adoption.adopted])
             at = utcnow().isoformat() + "Z"
             for address, name in adoption.adopted:
-                outbox.add(session, f"pci.{host.guid}.Allocated",
+                tx.outbox.add(f"pci.{host.guid}.Allocated",
                            PciDeviceAllocated(host_guid=host.guid, address=address, name=name,
                                               vm_uuid=vm.uuid, at=at))
-            self._lifecycle.transition(session, vm, VmEvent.FOLLOW_AGENT_POWER_ON,
+            self._lifecycle.transition(tx, vm, VmEvent.FOLLOW_AGENT_POWER_ON,
                                        host_id=host.id)
 
-    def _status_event(self, session: Session, host: Host, status: str,
+    def _status_event(self, tx: TxContext, host: Host, status: str,
                       previous: str | None) -> None:
-        outbox.add(session, f"host.{host.guid}.{status}",
+        tx.outbox.add(f"host.{host.guid}.{status}",
                    HostStatusChanged(host_guid=host.guid, status=status,  # type: ignore[arg-type]
                                      previous=previous,  # type: ignore[arg-type]
                                      at=utcnow().isoformat() + "Z"))
         log.info("host_status_changed", host=host.guid, status=status, previous=previous)
 
-    def sweep(self, session: Session) -> int:
+    def sweep(self, tx: TxContext) -> int:
         """Marks silent hosts Disconnected, then Down; returns how many changed."""
         now = utcnow()
         disconnected_before = now - timedelta(seconds=self._config.host_disconnected_after_s)
         down_before = now - timedelta(seconds=self._config.host_down_after_s)
         changed = 0
-        hosts = session.scalars(select(Host).where(
+        hosts = tx.session.scalars(select(Host).where(
             Host.status.in_(("Up", "Disconnected")), Host.last_ping < disconnected_before))
         for host in list(hosts):
             status = "Down" if host.last_ping and host.last_ping < down_before \
@@ -222,11 +221,11 @@ class HostRegistry:
             if status == host.status:
                 continue
             # Conditional on what we read: a ping that just arrived wins.
-            result = session.execute(
+            result = tx.session.execute(
                 update(Host).where(Host.id == host.id, Host.status == host.status,
                                    Host.last_ping == host.last_ping)
                 .values(status=status).execution_options(synchronize_session=False))
             if result.rowcount == 1:  # type: ignore[attr-defined]
-                self._status_event(session, host, status, host.status)
+                self._status_event(tx, host, status, host.status)
                 changed += 1
         return changed

@@ -2,36 +2,40 @@
 
 A job is a row (``jobs``) changed in the same transaction as the VM and its
 devices; the command to the agent goes through the outbox, so it leaves
-exactly when that transaction committed. Its message id is kept in the job's
-payload and the agent's answer carries it as ``correlation_id``: any
+exactly when that transaction committed. Its message id is the job's
+``command_id`` and the agent's answer carries it as ``correlation_id``: any
 management daemon, not only the one that began the job, can advance it. A
 job whose answer does not come before its deadline is failed and rolled back
-by the sweeper (``expire``): devices released, VM state consistent, and a
-forced stop sent so no domain lingers.
+(``expire``, dispatched by ``engine.Expiry``): devices released, VM state
+consistent, and a forced stop sent so no domain lingers.
 """
 
 from __future__ import annotations
 
-import json
 import re
 import uuid as uuid_module
 from collections.abc import Collection
 from datetime import timedelta
-from typing import Any
 
 import structlog
 from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session
 
 from hostdev.messages.commands import StartAnswer, StartCommand, StopAnswer, StopCommand
-from hostdev.messages.events import JobFinished
 from hostdev.messages.values import JobRow, PciRequest, VmSpec
-from hostdev.mgmt import metrics
 from hostdev.mgmt.config import MgmtConfig
 from hostdev.mgmt.devices import pci_devices
 from hostdev.mgmt.devices.pci_devices import ClaimRaceLost, InsufficientDevices
 from hostdev.mgmt.errors import Conflict, InvalidRequest, NoCapacity, NotFound
-from hostdev.mgmt.persistence import outbox
+from hostdev.mgmt.jobs import engine
+from hostdev.mgmt.jobs.payloads import (
+    START_JOB,
+    JobKind,
+    StartPayload,
+    StopPayload,
+    load,
+    store,
+)
 from hostdev.mgmt.persistence.database import PreparedStatement, RetryTransaction
 from hostdev.mgmt.persistence.models import (
     Host,
@@ -41,14 +45,9 @@ from hostdev.mgmt.persistence.models import (
     VmInstance,
     utcnow,
 )
-from hostdev.mgmt.persistence.unit_of_work import REQUEST_KEY
+from hostdev.mgmt.persistence.unit_of_work import TxContext
 from hostdev.mgmt.placement import planner
-from hostdev.mgmt.vms.vm_lifecycle import (
-    REQUESTS_KEY,
-    PciDeviceManager,
-    VmLifecycleManager,
-    offering_requests,
-)
+from hostdev.mgmt.vms.vm_lifecycle import PciDeviceManager, VmLifecycleManager, offering_requests
 from hostdev.mgmt.vms.vm_states import VmEvent
 
 log = structlog.get_logger()
@@ -108,13 +107,6 @@ def job_row(session: Session, job: Job) -> JobRow:
                   finished_at=job.finished_at.isoformat() + "Z" if job.finished_at else None)
 
 
-def job_of_request(session: Session, request_id: str) -> Job | None:
-    """Returns the job a (redelivered) API request created, if any."""
-    return session.scalar(select(Job).where(
-        Job.payload.contains(json.dumps({"request": request_id})[1:-1]))
-        .order_by(Job.id.desc()).limit(1))
-
-
 _OFFERING = ServiceOffering.__table__.c
 _REQUEST = ServiceOfferingPciRequest.__table__.c
 #: One round trip for a deploy: the offering, its PCI requests and a live VM of the name.
@@ -129,7 +121,7 @@ _FOR_DEPLOY = PreparedStatement(
     .order_by(_REQUEST.id))
 
 
-def _read_for_deploy(session: Session, offering_name: str,
+def _read_for_deploy(tx: TxContext, offering_name: str,
                      vm_name: str) -> tuple[int, int, int, str | None]:
     """Returns an offering's id, CPUs and memory and a live VM called ``vm_name``, if any.
 
@@ -138,21 +130,15 @@ def _read_for_deploy(session: Session, offering_name: str,
     Raises:
         NotFound: the offering does not exist; the text lists those that exist.
     """
-    rows = _FOR_DEPLOY.execute(session.connection(),
+    rows = _FOR_DEPLOY.execute(tx.session.connection(),
                                {"offering": offering_name, "vm_name": vm_name}).rows
     if not rows:
-        find_offering(session, offering_name)  # raises NotFound, listing the offerings
+        find_offering(tx.session, offering_name)  # raises NotFound, listing the offerings
     offering_id, cpus, memory_mb, _, _, taken = rows[0]
     requests = tuple(PciRequest(name=name, count=int(count))
                      for _, _, _, name, count, _ in rows if name is not None)
-    cache: dict[int, tuple[PciRequest, ...]] = session.info.setdefault(REQUESTS_KEY, {})
-    cache[offering_id] = requests
+    tx.offering_requests[offering_id] = requests
     return offering_id, cpus, memory_mb, taken
-
-
-def _payload(job: Job) -> dict[str, Any]:
-    data: dict[str, Any] = json.loads(job.payload or "{}")
-    return data
 
 
 class JobManager:
@@ -166,7 +152,7 @@ class JobManager:
 
     # -- beginning ---------------------------------------------------------------
 
-    def deploy(self, session: Session, name: str, offering_name: str,
+    def deploy(self, tx: TxContext, name: str, offering_name: str,
                avoid: Collection[str] = ()) -> tuple[Job, VmInstance]:
         """Creates a VM from an offering, places it and sends StartCommand (one transaction).
 
@@ -178,179 +164,160 @@ class JobManager:
         if not VM_NAME.match(name):
             raise InvalidRequest(f"VM name {name!r} is not valid: use 1 to 64 letters, digits, "
                                  "'_', '.' or '-', starting with a letter or digit")
-        offering_id, cpus, memory_mb, taken = _read_for_deploy(session, offering_name, name)
+        offering_id, cpus, memory_mb, taken = _read_for_deploy(tx, offering_name, name)
         if taken:
             raise Conflict(f"a VM named {name!r} exists already ({taken}); pick another name "
                            "or destroy it first")
         vm = VmInstance(uuid=str(uuid_module.uuid4()), name=name, offering_id=offering_id,
                         state="Stopped", update_count=0, cpus=cpus, memory_mb=memory_mb)
-        session.add(vm)
-        session.flush()
-        job = self._new_job(session, "deploy", vm, {"avoid": list(avoid), "tried": []})
-        self._place_and_start(session, job, vm)
-        session.flush()  # one INSERT of the job, placed; gives its id
+        tx.session.add(vm)
+        tx.session.flush()
+        job = self._new_job(tx, "deploy", vm, StartPayload(avoid=list(avoid)))
+        self._place_and_start(tx, job, vm)
+        tx.session.flush()  # one INSERT of the job, placed; gives its id
         return job, vm
 
-    def start(self, session: Session, ref: str) -> Job:
+    def start(self, tx: TxContext, ref: str) -> Job:
         """Places a stopped VM and sends StartCommand."""
-        vm = find_vm(session, ref)
+        vm = find_vm(tx.session, ref)
         if vm.state not in ("Stopped", "Error"):
             raise Conflict(f"VM {vm.name} is {vm.state}; only a Stopped VM can be started")
-        job = self._new_job(session, "start", vm, {"avoid": [], "tried": []})
-        self._place_and_start(session, job, vm)
-        session.flush()
+        job = self._new_job(tx, START_JOB, vm, StartPayload())
+        self._place_and_start(tx, job, vm)
+        tx.session.flush()
         return job
 
-    def stop(self, session: Session, ref: str, *, force: bool = False) -> Job:
+    def stop(self, tx: TxContext, ref: str, *, force: bool = False) -> Job:
         """Moves a running VM to Stopping and sends StopCommand to its host."""
-        vm = find_vm(session, ref)
+        vm = find_vm(tx.session, ref)
         if vm.state != "Running":
             raise Conflict(f"VM {vm.name} is {vm.state}; only a Running VM can be stopped")
-        job = self._new_job(session, "stop", vm, {})
-        self._send_stop(session, job, vm, force=force, undefine=False)
-        session.flush()
+        job = self._new_job(tx, "stop", vm, StopPayload())
+        self._send_stop(tx, job, vm, force=force, undefine=False)
+        tx.session.flush()
         return job
 
-    def destroy(self, session: Session, ref: str) -> Job:
+    def destroy(self, tx: TxContext, ref: str) -> Job:
         """Destroys a VM: a running one is stopped first; its devices are released."""
-        vm = find_vm(session, ref)
-        job = self._new_job(session, "destroy", vm, {})
+        vm = find_vm(tx.session, ref)
+        job = self._new_job(tx, "destroy", vm, StopPayload())
         if vm.state == "Running":
-            self._send_stop(session, job, vm, force=True, undefine=True)
+            self._send_stop(tx, job, vm, force=True, undefine=True)
         elif vm.state in ("Stopped", "Error"):
             host_id = vm.host_id or vm.last_host_id
-            self._lifecycle.transition(session, vm, VmEvent.DESTROY_REQUESTED)
+            self._lifecycle.transition(tx, vm, VmEvent.DESTROY_REQUESTED)
             if host_id is not None:  # remove the domain's definition, best effort
-                guid = session.scalar(select(Host.guid).where(Host.id == host_id))
-                outbox.add(session, f"agent.{guid}.StopCommand",
-                           StopCommand(vm_uuid=vm.uuid, force=True, undefine=True))
-            self._finish(session, job, "succeeded", "destroyed")
+                guid = tx.session.scalar(select(Host.guid).where(Host.id == host_id))
+                tx.outbox.add(f"agent.{guid}.StopCommand",
+                              StopCommand(vm_uuid=vm.uuid, force=True, undefine=True))
+            engine.finish(tx, job, "succeeded", "destroyed")
         else:
             raise Conflict(f"VM {vm.name} is {vm.state}; wait until its current job "
                            "finishes (hostdev job show), then destroy it")
-        session.flush()
+        tx.session.flush()
         return job
 
     # -- answers ---------------------------------------------------------------
 
-    def on_start_answer(self, session: Session, answer: StartAnswer,
+    def on_start_answer(self, tx: TxContext, answer: StartAnswer,
                         correlation_id: str | None) -> Job | None:
         """Advances the start of a VM; a failed start tries the next host."""
-        job, vm = self._job_for(session, answer.vm_uuid, correlation_id)
+        job, vm = engine.job_for_answer(tx, answer.vm_uuid, correlation_id)
         if job is None or vm is None or vm.state != "Starting":
             return None
+        payload = load(job, StartPayload)
         if answer.ok:
-            self._lifecycle.transition(session, vm, VmEvent.OPERATION_SUCCEEDED)
-            payload = _payload(job)
-            self._finish(session, job, "succeeded",
-                         f"running on {payload.get('host_name') or payload.get('host')}")
+            self._lifecycle.transition(tx, vm, VmEvent.OPERATION_SUCCEEDED)
+            engine.finish(tx, job, "succeeded", f"running on {payload.host_name or payload.host}")
             return job
-        payload = _payload(job)
-        log.warning("vm_start_failed", vm=vm.uuid, host=payload.get("host"),
-                    details=answer.details)
-        self._lifecycle.transition(session, vm, VmEvent.OPERATION_FAILED)
-        payload.setdefault("failures", []).append(f"{payload.get('host')}: {answer.details}")
-        job.payload = json.dumps(payload)
-        if len(payload["tried"]) >= MAX_START_ATTEMPTS:
-            self._finish(session, job, "failed", "start failed on " +
-                         "; ".join(payload["failures"]))
+        log.warning("vm_start_failed", vm=vm.uuid, host=payload.host, details=answer.details)
+        self._lifecycle.transition(tx, vm, VmEvent.OPERATION_FAILED)
+        payload.failures.append(f"{payload.host}: {answer.details}")
+        store(job, payload)
+        if len(payload.tried) >= MAX_START_ATTEMPTS:
+            engine.finish(tx, job, "failed", "start failed on " + "; ".join(payload.failures))
             return job
         try:
-            self._place_and_start(session, job, vm)
+            self._place_and_start(tx, job, vm)
         except NoCapacity as exc:
-            self._finish(session, job, "failed", "start failed on " +
-                         "; ".join(payload["failures"]) + f"; then {exc.reason}")
+            engine.finish(tx, job, "failed", "start failed on " +
+                          "; ".join(payload.failures) + f"; then {exc.reason}")
         return job
 
-    def on_stop_answer(self, session: Session, answer: StopAnswer,
+    def on_stop_answer(self, tx: TxContext, answer: StopAnswer,
                        correlation_id: str | None) -> Job | None:
         """Finishes a stop or destroy: Stopped (or Destroyed) on success, Running on failure."""
-        job, vm = self._job_for(session, answer.vm_uuid, correlation_id)
+        job, vm = engine.job_for_answer(tx, answer.vm_uuid, correlation_id)
         if job is None or vm is None or vm.state != "Stopping":
             return None
         if answer.ok:
             event = (VmEvent.DESTROY_REQUESTED if job.kind == "destroy"
                      else VmEvent.OPERATION_SUCCEEDED)
-            self._lifecycle.transition(session, vm, event)
-            self._finish(session, job, "succeeded", "destroyed" if job.kind == "destroy"
-                         else "stopped")
+            self._lifecycle.transition(tx, vm, event)
+            engine.finish(tx, job, "succeeded", "destroyed" if job.kind == "destroy"
+                          else "stopped")
         else:
-            self._lifecycle.transition(session, vm, VmEvent.OPERATION_FAILED)
-            self._finish(session, job, "failed", f"the host refused to stop it: "
-                         f"{answer.details}")
+            self._lifecycle.transition(tx, vm, VmEvent.OPERATION_FAILED)
+            engine.finish(tx, job, "failed", f"the host refused to stop it: {answer.details}")
         return job
 
     # -- deadlines ---------------------------------------------------------------
 
-    def overdue(self, session: Session, limit: int = 100) -> list[int]:
-        """Returns the ids of running jobs past their deadline."""
-        return list(session.scalars(
-            select(Job.id).where(Job.state == "running", Job.deadline < utcnow())
-            .order_by(Job.deadline).limit(limit)))
-
-    def expire(self, session: Session, job_id: int) -> bool:
-        """Fails one overdue job and rolls its VM back; False if it finished meanwhile."""
-        job = session.scalar(select(Job).where(Job.id == job_id).with_for_update())
-        if job is None or job.state != "running" or job.deadline is None \
-                or job.deadline >= utcnow():
-            return False
-        vm = session.get(VmInstance, job.vm_id) if job.vm_id is not None else None
-        payload = _payload(job)
-        host = payload.get("host", "?")
+    def expire(self, tx: TxContext, job: Job) -> bool:
+        """Fails one overdue deploy, start, stop or destroy and rolls its VM back."""
+        vm = tx.session.get(VmInstance, job.vm_id) if job.vm_id is not None else None
+        payload = (load(job, StartPayload) if job.kind in ("deploy", START_JOB)
+                   else load(job, StopPayload))
+        host = payload.host or "?"
         waited = f"no answer from host {host} to {job.step} VM {vm.name if vm else '?'}"
         if vm is not None and vm.state == "Starting":
-            guid = payload.get("host")
-            self._lifecycle.transition(session, vm, VmEvent.OPERATION_FAILED)
-            if guid:  # make sure a late start does not leave a domain holding devices
-                outbox.add(session, f"agent.{guid}.StopCommand",
-                           StopCommand(vm_uuid=vm.uuid, force=True,
-                                       undefine=job.kind == "deploy"))
-            self._finish(session, job, "failed", f"timed out: {waited}; rolled back, "
-                         "devices released")
+            self._lifecycle.transition(tx, vm, VmEvent.OPERATION_FAILED)
+            if payload.host:  # make sure a late start does not leave a domain holding devices
+                tx.outbox.add(f"agent.{payload.host}.StopCommand",
+                              StopCommand(vm_uuid=vm.uuid, force=True,
+                                          undefine=job.kind == "deploy"))
+            engine.finish(tx, job, "failed", f"timed out: {waited}; rolled back, "
+                          "devices released")
         elif vm is not None and vm.state == "Stopping":
-            self._lifecycle.transition(session, vm, VmEvent.OPERATION_FAILED)
-            self._finish(session, job, "failed", f"timed out: {waited}; the VM is "
-                         "considered Running until its host reports otherwise")
+            self._lifecycle.transition(tx, vm, VmEvent.OPERATION_FAILED)
+            engine.finish(tx, job, "failed", f"timed out: {waited}; the VM is "
+                          "considered Running until its host reports otherwise")
         else:
-            self._finish(session, job, "failed", f"timed out: {waited}")
+            engine.finish(tx, job, "failed", f"timed out: {waited}")
         log.warning("job_timed_out", job=job.id, kind=job.kind, host=host)
         return True
 
     # -- internals ---------------------------------------------------------------
 
-    def _new_job(self, session: Session, kind: str, vm: VmInstance,
-                 payload: dict[str, Any]) -> Job:
-        request_id = session.info.get(REQUEST_KEY)
-        if request_id:  # lets a redelivered request find the job it created
-            payload["request"] = request_id
-        job = Job(kind=kind, state="running", vm_id=vm.id, step="place",
-                  payload=json.dumps(payload), details="",
-                  deadline=utcnow() + timedelta(seconds=self._config.job_start_timeout_s))
-        session.add(job)
-        return job
+    def _new_job(self, tx: TxContext, kind: JobKind, vm: VmInstance,
+                 payload: StartPayload | StopPayload) -> Job:
+        deadline = utcnow() + timedelta(seconds=self._config.job_start_timeout_s)
+        return engine.new_job(tx, kind, vm, "place", payload, deadline)
 
-    def _place_and_start(self, session: Session, job: Job, vm: VmInstance) -> None:
+    def _place_and_start(self, tx: TxContext, job: Job, vm: VmInstance) -> None:
         # A new job is inserted once, with its final step and payload, by the
         # caller's flush, not early by a query's autoflush.
-        with session.no_autoflush:
-            self._place(session, job, vm)
+        with tx.session.no_autoflush:
+            self._place(tx, job, vm)
 
-    def _place(self, session: Session, job: Job, vm: VmInstance) -> None:
-        payload = _payload(job)
+    def _place(self, tx: TxContext, job: Job, vm: VmInstance) -> None:
+        session = tx.session
+        payload = load(job, StartPayload)
         demand = planner.Demand(cpus=vm.cpus, memory_mb=vm.memory_mb,
-                                pci=offering_requests(session, vm.offering_id))
-        avoid = set(payload.get("avoid", [])) | set(payload.get("tried", []))
+                                pci=offering_requests(tx, vm.offering_id))
+        avoid = set(payload.avoid) | set(payload.tried)
         candidates = planner.find_hosts(session, demand, avoid=avoid)
         if not candidates:
             hosts = planner.read_capacities(session, [r.name for r in demand.pci])
             raise NoCapacity(planner.refusal(demand, hosts, avoid))
         for candidate in candidates:
+            tx.host_guids[candidate.id] = candidate.guid  # the claim's events name it
             # The claim (a pre-transition listener) runs before the VM row
             # changes and refuses before writing anything: nothing to undo, try
             # the next host. A lost race that wrote part of a claim propagates
             # and the whole unit of work is retried in a new transaction.
             try:
-                self._lifecycle.transition(session, vm, VmEvent.START_REQUESTED,
+                self._lifecycle.transition(tx, vm, VmEvent.START_REQUESTED,
                                            host_id=candidate.id)
             except InsufficientDevices as exc:
                 log.info("placement_host_refused", vm=vm.uuid, host=candidate.guid,
@@ -364,13 +331,12 @@ class JobManager:
                 log.info("placement_race_lost", vm=vm.uuid, host=candidate.guid,
                          reason=str(exc))
                 continue
-            payload.setdefault("tried", []).append(candidate.guid)
+            payload.tried.append(candidate.guid)
             spec = VmSpec(uuid=vm.uuid, name=vm.name, cpus=vm.cpus, memory_mb=vm.memory_mb,
-                          pci_devices=self._devices.held_addresses(session, vm.id))
-            command_id = outbox.send(session, f"agent.{candidate.guid}.StartCommand",
-                                    StartCommand(vm=spec))
-            payload.update(host=candidate.guid, host_name=candidate.name, command_id=command_id)
-            job.payload = json.dumps(payload)
+                          pci_devices=self._devices.held_addresses(tx, vm.id))
+            engine.send(tx, job, f"agent.{candidate.guid}.StartCommand", StartCommand(vm=spec))
+            payload.host, payload.host_name = candidate.guid, candidate.name
+            store(job, payload)
             job.step = "start"
             job.deadline = utcnow() + timedelta(seconds=self._config.job_start_timeout_s)
             log.info("vm_placed", vm=vm.uuid, host=candidate.guid, job=job.id)
@@ -378,49 +344,14 @@ class JobManager:
         # Every candidate was taken under us: a new transaction sees the new counts.
         raise RetryTransaction(f"every host found for VM {vm.name} was taken meanwhile")
 
-    def _send_stop(self, session: Session, job: Job, vm: VmInstance, *, force: bool,
+    def _send_stop(self, tx: TxContext, job: Job, vm: VmInstance, *, force: bool,
                    undefine: bool) -> None:
-        guid = session.scalar(select(Host.guid).where(Host.id == vm.host_id))
-        self._lifecycle.transition(session, vm, VmEvent.STOP_REQUESTED)
+        guid = tx.session.scalar(select(Host.guid).where(Host.id == vm.host_id)) or ""
+        self._lifecycle.transition(tx, vm, VmEvent.STOP_REQUESTED)
         timeout = self._config.job_stop_timeout_s
-        command_id = outbox.send(session, f"agent.{guid}.StopCommand",
-                                StopCommand(vm_uuid=vm.uuid, force=force,
-                                            timeout_s=max(1.0, timeout / 2),
-                                            undefine=undefine))
-        payload = _payload(job)
-        payload.update(host=guid, command_id=command_id)
-        job.payload = json.dumps(payload)
+        engine.send(tx, job, f"agent.{guid}.StopCommand",
+                    StopCommand(vm_uuid=vm.uuid, force=force,
+                                timeout_s=max(1.0, timeout / 2), undefine=undefine))
+        store(job, StopPayload(host=guid))
         job.step = "stop"
         job.deadline = utcnow() + timedelta(seconds=timeout)
-
-    def _job_for(self, session: Session, vm_uuid: str,
-                 correlation_id: str | None) -> tuple[Job | None, VmInstance | None]:
-        vm = session.scalar(select(VmInstance).where(VmInstance.uuid == vm_uuid))
-        if vm is None:
-            log.warning("answer_for_unknown_vm", vm=vm_uuid, correlation_id=correlation_id)
-            return None, None
-        for job in session.scalars(select(Job).where(Job.vm_id == vm.id,
-                                                     Job.state == "running")
-                                   .with_for_update()):
-            if correlation_id and _payload(job).get("command_id") == correlation_id:
-                return job, vm
-        log.info("answer_without_job", vm=vm_uuid, correlation_id=correlation_id)
-        return None, vm
-
-    def _finish(self, session: Session, job: Job, state: str, details: str) -> None:
-        if job.id is None:
-            session.flush()  # the routing key names the job
-        job.state = state
-        job.details = details
-        job.step = "done"
-        job.deadline = None
-        job.finished_at = utcnow()
-        vm = session.get(VmInstance, job.vm_id) if job.vm_id is not None else None
-        vm_uuid = vm.uuid if vm is not None else None
-        outcome = "Succeeded" if state == "succeeded" else "Failed"
-        outbox.add(session, f"job.{job.id}.{outcome}",
-                   JobFinished(job_id=job.id, job_kind=job.kind, state=state,  # type: ignore[arg-type]
-                               vm_uuid=vm_uuid, step=job.step, details=details,
-                               at=utcnow().isoformat() + "Z"))
-        log.info("job_finished", job=job.id, kind=job.kind, state=state, details=details)
-        metrics.job_finished(session, job)  # hostdev_job_duration_seconds, at commit

@@ -1,6 +1,6 @@
 """Live migration of VMs holding PCI devices (detach-attach), as a persistent job.
 
-Steps of a ``migrate`` job (DESIGN 1.6 and 7):
+Steps of a ``migrate`` job:
 
 1. ``begin``: the destination (named, or the planner's first fit avoiding the
    source) gets the same device names reserved while the VM keeps its source
@@ -18,20 +18,18 @@ Steps of a ``migrate`` job (DESIGN 1.6 and 7):
 Nothing is decided on a guess. A ``migrate`` step without an answer by its
 deadline moves to ``verify``: the job stays in flight, holding both sets,
 until a host's start-up, ping or lifecycle report says where the domain runs
-(``hostdev.mgmt.jobs.migration_recovery``). Any management daemon can advance any
-job (rows locked, transitions conditional, commit and abort idempotent).
+(``hostdev.mgmt.jobs.migration_recovery``, built on this module). Any
+management daemon can advance any job (rows locked, transitions conditional,
+commit and abort idempotent).
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from datetime import timedelta
-from typing import Any
 
 import structlog
 from sqlalchemy import select, update
-from sqlalchemy.orm import Session
 
 from hostdev.messages.api import MigrationPlan
 from hostdev.messages.commands import (
@@ -40,19 +38,15 @@ from hostdev.messages.commands import (
     MigrateAnswer,
     MigrateCommand,
 )
-from hostdev.messages.events import JobFinished, PciDeviceAllocated, PciDeviceReleased
+from hostdev.messages.events import PciDeviceAllocated, PciDeviceReleased
 from hostdev.messages.pci_address import PciAddress
-from hostdev.messages.values import DomainInfo
-from hostdev.mgmt import metrics
 from hostdev.mgmt.config import MgmtConfig
 from hostdev.mgmt.devices import pci_devices
 from hostdev.mgmt.devices.pci_devices import ClaimRaceLost, HeldDevice, InsufficientDevices
 from hostdev.mgmt.errors import Conflict, InvalidRequest, NoCapacity
-from hostdev.mgmt.jobs import migration_recovery
+from hostdev.mgmt.jobs import engine
 from hostdev.mgmt.jobs.jobs import find_host, find_vm
 from hostdev.mgmt.jobs.migration_plan import (
-    ATTACH_JOB,
-    MIGRATE_JOB,
     STEP_ATTACH,
     STEP_MIGRATE,
     STEP_REATTACH,
@@ -64,7 +58,14 @@ from hostdev.mgmt.jobs.migration_plan import (
     missing_after_rollback,
     pair_devices,
 )
-from hostdev.mgmt.persistence import outbox
+from hostdev.mgmt.jobs.payloads import (
+    ATTACH_JOB,
+    MIGRATE_JOB,
+    AttachPayload,
+    MigratePayload,
+    load,
+    store,
+)
 from hostdev.mgmt.persistence.models import (
     Host,
     Job,
@@ -73,16 +74,12 @@ from hostdev.mgmt.persistence.models import (
     VmInstance,
     utcnow,
 )
-from hostdev.mgmt.persistence.unit_of_work import REQUEST_KEY
+from hostdev.mgmt.persistence.unit_of_work import TxContext
 from hostdev.mgmt.placement import planner
 from hostdev.mgmt.vms.vm_lifecycle import VmLifecycleManager, host_guid_of, offering_requests
 from hostdev.mgmt.vms.vm_states import VmEvent
 
 log = structlog.get_logger()
-
-def _payload(job: Job) -> dict[str, Any]:
-    data: dict[str, Any] = json.loads(job.payload or "{}")
-    return data
 
 
 def _named(devices: Sequence[HeldDevice]) -> list[NamedDevice]:
@@ -98,46 +95,46 @@ class MigrationManager:
 
     # -- planning ------------------------------------------------------------------
 
-    def _prepare(self, session: Session, ref: str, destination: str | None
+    def _prepare(self, tx: TxContext, ref: str, destination: str | None
                  ) -> tuple[VmInstance, Host, list[planner.Candidate], list[HeldDevice]]:
-        vm = find_vm(session, ref)
+        vm = find_vm(tx.session, ref)
         if vm.state != "Running" or vm.host_id is None:
             raise Conflict(f"VM {vm.name} is {vm.state}; only a Running VM migrates (wait for "
                            "its current job: hostdev job list)")
-        source = session.get(Host, vm.host_id)
+        source = tx.session.get(Host, vm.host_id)
         assert source is not None
-        offering = session.get(ServiceOffering, vm.offering_id)
+        offering = tx.session.get(ServiceOffering, vm.offering_id)
         assert offering is not None
-        held = [d for d in pci_devices.devices_of_vm(session.connection(), vm.id)
+        held = [d for d in pci_devices.devices_of_vm(tx.session.connection(), vm.id)
                 if d.host_id == source.id]
         check_policy(vm.name, offering.name, offering.migration_policy, _named(held))
         demand = planner.Demand(cpus=vm.cpus, memory_mb=vm.memory_mb,
-                                pci=offering_requests(session, vm.offering_id))
+                                pci=offering_requests(tx, vm.offering_id))
         names = [r.name for r in demand.pci]
         if destination is not None:
-            host = find_host(session, destination)
+            host = find_host(tx.session, destination)
             if host.id == source.id:
                 raise InvalidRequest(f"VM {vm.name} already runs on {host.name}; name another "
                                      "host with --to, or leave it out to let placement choose")
-            capacity = [h for h in planner.read_capacities(session, names) if h.id == host.id]
+            capacity = [h for h in planner.read_capacities(tx.session, names) if h.id == host.id]
             verdict = planner.verdict(capacity[0], demand) if capacity else None
             if verdict is None or not verdict.accepted:
                 reason = verdict.reason if verdict else "is not registered"
                 raise NoCapacity(f"cannot migrate VM {vm.name} to {host.name}: {reason}")
             candidates = [planner.Candidate(id=host.id, guid=host.guid, name=host.name)]
         else:
-            candidates = planner.find_hosts(session, demand, avoid={source.guid})
+            candidates = planner.find_hosts(tx.session, demand, avoid={source.guid})
             if not candidates:
-                hosts = planner.read_capacities(session, names)
+                hosts = planner.read_capacities(tx.session, names)
                 raise NoCapacity(f"cannot migrate VM {vm.name}: "
                                  + planner.refusal(demand, hosts, {source.guid}))
         return vm, source, candidates, held
 
-    def plan(self, session: Session, ref: str, destination: str | None) -> MigrationPlan:
+    def plan(self, tx: TxContext, ref: str, destination: str | None) -> MigrationPlan:
         """Says where a VM would go and which device replaces which; changes nothing."""
-        vm, source, candidates, held = self._prepare(session, ref, destination)
+        vm, source, candidates, held = self._prepare(tx, ref, destination)
         target = candidates[0]
-        free = session.execute(
+        free = tx.session.execute(
             select(PciDevice.name, PciDevice.domain, PciDevice.bus, PciDevice.slot,
                    PciDevice.function).where(PciDevice.host_id == target.id,
                                              PciDevice.state == "free")
@@ -151,14 +148,14 @@ class MigrationManager:
 
     # -- beginning -----------------------------------------------------------------
 
-    def begin(self, session: Session, ref: str, destination: str | None) -> Job:
+    def begin(self, tx: TxContext, ref: str, destination: str | None) -> Job:
         """Reserves the destination set, moves the VM to Migrating, sends MigrateCommand."""
-        with session.no_autoflush:
-            vm, source, candidates, held = self._prepare(session, ref, destination)
-            requests = {r.name: r.count for r in offering_requests(session, vm.offering_id)}
-            conn = session.connection()
+        with tx.session.no_autoflush:
+            vm, source, candidates, held = self._prepare(tx, ref, destination)
+            requests = {r.name: r.count for r in offering_requests(tx, vm.offering_id)}
+            conn = tx.session.connection()
             for candidate in candidates:
-                target = session.get(Host, candidate.id)
+                target = tx.session.get(Host, candidate.id)
                 assert target is not None
                 if not target.migration_uri:
                     log.info("migration_host_skipped", host=target.guid,
@@ -175,13 +172,13 @@ class MigrationManager:
                            for d in pci_devices.devices_of_vm(conn, vm.id)):
                         raise  # part of a reservation was written: a new transaction
                     continue
-                return self._start(session, vm, source, target, held, reserved)
+                return self._start(tx, vm, source, target, held, reserved)
         raise NoCapacity(f"cannot migrate VM {vm.name}: every possible destination was taken "
                          "meanwhile or announced no migration URI; try again")
 
-    def _start(self, session: Session, vm: VmInstance, source: Host, target: Host,
+    def _start(self, tx: TxContext, vm: VmInstance, source: Host, target: Host,
                held: list[HeldDevice], reserved: Sequence[HeldDevice]) -> Job:
-        self.lifecycle.transition(session, vm, VmEvent.MIGRATION_REQUESTED)
+        self.lifecycle.transition(tx, vm, VmEvent.MIGRATION_REQUESTED)
         detach_s = 10.0
         budget = self._config.job_migrate_timeout_s
         command = MigrateCommand(vm_uuid=vm.uuid, destination_guid=target.guid,
@@ -189,131 +186,111 @@ class MigrationManager:
                                  detach_timeout_s=detach_s,
                                  migrate_timeout_s=max(1.0, budget * 0.75
                                                        - detach_s * len(held)))
-        command_id = outbox.send(session, f"agent.{source.guid}.MigrateCommand", command)
         mapping = pair_devices(_named(held), _named(reserved))
-        payload: dict[str, Any] = {
-            "source": source.guid, "source_id": source.id, "source_name": source.name,
-            "destination": target.guid, "destination_id": target.id,
-            "destination_name": target.name, "command_id": command_id,
-            "mapping": [[m.name, str(m.source), str(m.destination)] for m in mapping]}
-        request_id = session.info.get(REQUEST_KEY)
-        if request_id:
-            payload["request"] = request_id
-        job = Job(kind=MIGRATE_JOB, state="running", vm_id=vm.id, step=STEP_MIGRATE,
-                  payload=json.dumps(payload), details="",
-                  deadline=utcnow() + timedelta(seconds=budget))
-        session.add(job)
-        session.flush()
+        payload = MigratePayload(
+            source=source.guid, source_id=source.id, source_name=source.name,
+            destination=target.guid, destination_id=target.id, destination_name=target.name,
+            mapping=[[m.name, str(m.source), str(m.destination)] for m in mapping])
+        job = engine.new_job(tx, MIGRATE_JOB, vm, STEP_MIGRATE, payload,
+                             utcnow() + timedelta(seconds=budget))
+        engine.send(tx, job, f"agent.{source.guid}.MigrateCommand", command)
+        tx.session.flush()
         log.info("migration_started", job=job.id, vm=vm.uuid, source=source.guid,
                  destination=target.guid, devices=len(held))
         return job
 
-    def attach_devices(self, session: Session, ref: str) -> Job:
+    def attach_devices(self, tx: TxContext, ref: str) -> Job:
         """Sends AttachPciDevicesCommand for every device a Running VM holds on its host."""
-        vm = find_vm(session, ref)
+        vm = find_vm(tx.session, ref)
         if vm.state != "Running" or vm.host_id is None:
             raise Conflict(f"VM {vm.name} is {vm.state}; devices are re-attached only to a "
                            "Running VM")
-        addresses = self.held_on(session, vm, vm.host_id)
+        addresses = self.held_on(tx, vm, vm.host_id)
         if not addresses:
             raise Conflict(f"VM {vm.name} holds no PCI device on its host; nothing to attach")
-        guid = host_guid_of(session, vm.host_id)
-        payload: dict[str, Any] = {"host": guid}
-        request_id = session.info.get(REQUEST_KEY)
-        if request_id:
-            payload["request"] = request_id
-        job = Job(kind=ATTACH_JOB, state="running", vm_id=vm.id, step=STEP_ATTACH,
-                  payload="{}", details="")
-        self._send_attach(session, job, payload, vm, guid, addresses)
-        session.add(job)
-        session.flush()
+        guid = host_guid_of(tx, vm.host_id)
+        payload = AttachPayload()
+        job = engine.new_job(tx, ATTACH_JOB, vm, STEP_ATTACH, payload, None)
+        self._send_attach(tx, job, payload, vm, guid, addresses)
+        tx.session.flush()
         return job
 
-    def held_on(self, session: Session, vm: VmInstance, host_id: int) -> tuple[PciAddress, ...]:
+    def held_on(self, tx: TxContext, vm: VmInstance, host_id: int) -> tuple[PciAddress, ...]:
         """Returns the addresses of the devices ``vm`` holds (not merely reserves) on a host."""
-        return tuple(sorted((d.address for d in pci_devices.devices_of_vm(session.connection(),
+        return tuple(sorted((d.address for d in pci_devices.devices_of_vm(tx.session.connection(),
                                                                           vm.id)
                              if d.host_id == host_id and d.state in ("allocated", "quarantined")),
                             key=str))
 
-    def _send_attach(self, session: Session, job: Job, payload: dict[str, Any],
+    def _send_attach(self, tx: TxContext, job: Job, payload: AttachPayload,
                      vm: VmInstance, guid: str, addresses: Sequence[PciAddress]) -> None:
         timeout = self._config.job_attach_timeout_s
         per_device = max(1.0, timeout / (2 * max(1, len(addresses))))
-        attach_id = outbox.send(session, f"agent.{guid}.AttachPciDevicesCommand",
-                                AttachPciDevicesCommand(vm_uuid=vm.uuid,
-                                                        addresses=tuple(addresses),
-                                                        timeout_s=min(10.0, per_device)))
-        payload.update(attach_id=attach_id, attach_host=guid,
-                       attach=[str(a) for a in addresses])
-        job.payload = json.dumps(payload)
+        engine.send(tx, job, f"agent.{guid}.AttachPciDevicesCommand",
+                    AttachPciDevicesCommand(vm_uuid=vm.uuid, addresses=tuple(addresses),
+                                            timeout_s=min(10.0, per_device)))
+        payload.attach_host = guid
+        payload.attach = [str(a) for a in addresses]
+        store(job, payload)
         job.deadline = utcnow() + timedelta(seconds=timeout)
 
     # -- answers -------------------------------------------------------------------
 
-    def _job_for(self, session: Session, vm_uuid: str, key: str, correlation_id: str | None
-                 ) -> tuple[Job | None, VmInstance | None]:
-        vm = session.scalar(select(VmInstance).where(VmInstance.uuid == vm_uuid))
-        if vm is None or not correlation_id:
-            return None, vm
-        for job in session.scalars(select(Job).where(Job.vm_id == vm.id,
-                                                     Job.state == "running")
-                                   .with_for_update()):
-            if _payload(job).get(key) == correlation_id:
-                return job, vm
-        log.info("migration_answer_without_job", vm=vm_uuid, correlation_id=correlation_id)
-        return None, vm
-
-    def on_migrate_answer(self, session: Session, answer: MigrateAnswer,
+    def on_migrate_answer(self, tx: TxContext, answer: MigrateAnswer,
                           correlation_id: str | None) -> Job | None:
         """Advances a migration from the source's answer; a stale answer changes nothing."""
-        job, vm = self._job_for(session, answer.vm_uuid, "command_id", correlation_id)
-        if job is None or vm is None or job.step not in (STEP_MIGRATE, STEP_VERIFY):
+        job, vm = engine.job_for_answer(tx, answer.vm_uuid, correlation_id)
+        if job is None or vm is None or job.kind != MIGRATE_JOB \
+                or job.step not in (STEP_MIGRATE, STEP_VERIFY):
             return None
         if answer.ok:
-            self.migrated(session, job, vm, "the source agent reported the migration done")
+            self.migrated(tx, job, vm, "the source agent reported the migration done")
             return job
         missing = missing_after_rollback(answer.detached, answer.reattached)
         step = answer.failed_step or STEP_MIGRATE
-        self.roll_back(session, job, vm, step, answer.details, missing)
+        self.roll_back(tx, job, vm, step, answer.details, missing)
         return job
 
-    def on_attach_answer(self, session: Session, answer: AttachPciDevicesAnswer,
+    def on_attach_answer(self, tx: TxContext, answer: AttachPciDevicesAnswer,
                          correlation_id: str | None) -> Job | None:
         """Ends a migration's attach (or re-attach) step, or an attach-devices job."""
-        job, vm = self._job_for(session, answer.vm_uuid, "attach_id", correlation_id)
+        job, vm = engine.job_for_answer(tx, answer.vm_uuid, correlation_id)
         if job is None or vm is None:
             return None
-        payload = _payload(job)
-        addresses = [PciAddress(a) for a in payload.get("attach", [])]
-        failed = failed_attaches(addresses, answer.devices, answer.ok)
-        host_name = payload.get("destination_name") or payload.get("attach_host")
-        if job.kind == MIGRATE_JOB and job.step == STEP_ATTACH:
-            self.lifecycle.transition(session, vm, VmEvent.OPERATION_SUCCEEDED)
-            done = (f"migrated VM {vm.name} from {payload['source_name']} to "
-                    f"{payload['destination_name']}")
-            if failed:
-                self.finish(session, job, "failed", STEP_ATTACH, self.missing_text(
-                    vm, done + ", but", host_name, failed))
-            else:
-                self.finish(session, job, "succeeded", "done",
-                             f"{done} with {len(addresses)} PCI device(s) attached")
-        elif job.kind == MIGRATE_JOB and job.step == STEP_REATTACH:
-            note = payload.get("failure", "the migration failed")
+        if job.kind == MIGRATE_JOB and job.step in (STEP_ATTACH, STEP_REATTACH):
+            migration = load(job, MigratePayload)
+            addresses = [PciAddress(a) for a in migration.attach]
+            failed = failed_attaches(addresses, answer.devices, answer.ok)
+            host_name = migration.destination_name
+            if job.step == STEP_ATTACH:
+                self.lifecycle.transition(tx, vm, VmEvent.OPERATION_SUCCEEDED)
+                done = (f"migrated VM {vm.name} from {migration.source_name} to "
+                        f"{migration.destination_name}")
+                if failed:
+                    engine.finish(tx, job, "failed", self.missing_text(
+                        vm, done + ", but", host_name, failed), step=STEP_ATTACH)
+                else:
+                    engine.finish(tx, job, "succeeded",
+                                  f"{done} with {len(addresses)} PCI device(s) attached")
+                return job
+            note = migration.failure or "the migration failed"
             if failed:
                 note = self.missing_text(vm, note + "; and", host_name, failed)
             else:
-                note += f"; devices re-attached on {payload['source_name']}"
-            self.finish(session, job, "failed", payload.get("failed_step", STEP_MIGRATE), note)
-        elif job.kind == ATTACH_JOB:
-            if failed:
-                self.finish(session, job, "failed", STEP_ATTACH,
-                             self.missing_text(vm, "still", host_name, failed))
-            else:
-                self.finish(session, job, "succeeded", "done",
-                             f"{len(addresses)} PCI device(s) attached to VM {vm.name}")
-        else:
+                note += f"; devices re-attached on {migration.source_name}"
+            engine.finish(tx, job, "failed", note, step=migration.failed_step or STEP_MIGRATE)
+            return job
+        if job.kind != ATTACH_JOB:
             return None
+        attach = load(job, AttachPayload)
+        addresses = [PciAddress(a) for a in attach.attach]
+        failed = failed_attaches(addresses, answer.devices, answer.ok)
+        if failed:
+            engine.finish(tx, job, "failed", self.missing_text(vm, "still", attach.attach_host,
+                                                               failed), step=STEP_ATTACH)
+        else:
+            engine.finish(tx, job, "succeeded",
+                          f"{len(addresses)} PCI device(s) attached to VM {vm.name}")
         return job
 
     @staticmethod
@@ -325,88 +302,56 @@ class MigrationManager:
 
     # -- outcomes ------------------------------------------------------------------
 
-    def migrated(self, session: Session, job: Job, vm: VmInstance, how: str) -> None:
-        payload = _payload(job)
-        source_id, target_id = int(payload["source_id"]), int(payload["destination_id"])
-        conn = session.connection()
+    def migrated(self, tx: TxContext, job: Job, vm: VmInstance, how: str) -> None:
+        payload = load(job, MigratePayload)
+        source_id, target_id = payload.source_id, payload.destination_id
+        conn = tx.session.connection()
         before = pci_devices.devices_of_vm(conn, vm.id)
         pci_devices.commit_migration(conn, vm.id, source_id, target_id)
-        session.execute(update(VmInstance).where(VmInstance.id == vm.id,
+        tx.session.execute(update(VmInstance).where(VmInstance.id == vm.id,
                                                  VmInstance.update_count == vm.update_count)
                         .values(host_id=target_id, last_host_id=source_id,
                                 update_count=vm.update_count + 1, updated_at=utcnow())
                         .execution_options(synchronize_session=False))
-        session.refresh(vm)
+        tx.session.refresh(vm)
         at = utcnow().isoformat() + "Z"
         for device in before:
-            guid = host_guid_of(session, device.host_id)
+            guid = host_guid_of(tx, device.host_id)
             event: PciDeviceReleased | PciDeviceAllocated
             if device.host_id == source_id:
                 event = PciDeviceReleased(host_guid=guid, address=device.address,
                                           name=device.name, vm_uuid=vm.uuid, at=at)
-                outbox.add(session, f"pci.{guid}.Released", event)
+                tx.outbox.add(f"pci.{guid}.Released", event)
             elif device.host_id == target_id:
                 event = PciDeviceAllocated(host_guid=guid, address=device.address,
                                            name=device.name, vm_uuid=vm.uuid, at=at)
-                outbox.add(session, f"pci.{guid}.Allocated", event)
+                tx.outbox.add(f"pci.{guid}.Allocated", event)
         log.info("migration_committed", job=job.id, vm=vm.uuid, how=how,
-                 destination=payload["destination"])
-        addresses = self.held_on(session, vm, target_id)
+                 destination=payload.destination)
+        addresses = self.held_on(tx, vm, target_id)
         job.step = STEP_ATTACH
         if not addresses:
-            job.payload = json.dumps(payload)
-            self.lifecycle.transition(session, vm, VmEvent.OPERATION_SUCCEEDED)
-            self.finish(session, job, "succeeded", "done",
-                         f"migrated VM {vm.name} from {payload['source_name']} to "
-                         f"{payload['destination_name']}")
+            self.lifecycle.transition(tx, vm, VmEvent.OPERATION_SUCCEEDED)
+            engine.finish(tx, job, "succeeded", f"migrated VM {vm.name} from "
+                          f"{payload.source_name} to {payload.destination_name}")
             return
-        self._send_attach(session, job, payload, vm, payload["destination"], addresses)
+        self._send_attach(tx, job, payload, vm, payload.destination, addresses)
 
-    def roll_back(self, session: Session, job: Job, vm: VmInstance, step: str, reason: str,
+    def roll_back(self, tx: TxContext, job: Job, vm: VmInstance, step: str, reason: str,
                    missing: Sequence[PciAddress]) -> None:
-        payload = _payload(job)
-        freed = pci_devices.abort_migration(session.connection(), vm.id,
-                                            int(payload["destination_id"]))
-        self.lifecycle.transition(session, vm, VmEvent.OPERATION_FAILED)
-        text = (f"migration of VM {vm.name} to {payload['destination_name']} failed at step "
+        payload = load(job, MigratePayload)
+        freed = pci_devices.abort_migration(tx.session.connection(), vm.id,
+                                            payload.destination_id)
+        self.lifecycle.transition(tx, vm, VmEvent.OPERATION_FAILED)
+        text = (f"migration of VM {vm.name} to {payload.destination_name} failed at step "
                 f"{step}: {reason}; {freed} reserved device(s) on "
-                f"{payload['destination_name']} freed; the VM runs on "
-                f"{payload['source_name']} with its devices")
+                f"{payload.destination_name} freed; the VM runs on "
+                f"{payload.source_name} with its devices")
         log.warning("migration_rolled_back", job=job.id, vm=vm.uuid, step=step, reason=reason,
                     missing=[str(a) for a in missing])
         if missing:
-            payload.update(failure=text, failed_step=step)
+            payload.failure, payload.failed_step = text, step
             job.step = STEP_REATTACH
-            self._send_attach(session, job, payload, vm, payload["source"], missing)
+            self._send_attach(tx, job, payload, vm, payload.source, missing)
             return
-        self.finish(session, job, "failed", step, text)
-
-    # -- host reports and deadlines (hostdev.mgmt.jobs.migration_recovery) ---------------
-
-    def on_host_report(self, session: Session, guid: str, domains: Sequence[DomainInfo], *,
-                       complete: bool, restarted: bool = False) -> None:
-        """Settles migrations from a host's report (see ``migration_recovery``)."""
-        migration_recovery.on_host_report(self, session, guid, domains, complete=complete,
-                                          restarted=restarted)
-
-    def expire(self, session: Session, job: Job) -> bool:
-        """Handles an overdue migrate or attach-devices job (see ``migration_recovery``)."""
-        return migration_recovery.expire(self, session, job)
-
-    # -- internals -------------------------------------------------------------------
-
-    def finish(self, session: Session, job: Job, state: str, step: str, details: str) -> None:
-        job.state = state
-        job.details = details
-        job.step = step
-        job.deadline = None
-        job.finished_at = utcnow()
-        vm = session.get(VmInstance, job.vm_id) if job.vm_id is not None else None
-        outcome = "Succeeded" if state == "succeeded" else "Failed"
-        outbox.add(session, f"job.{job.id}.{outcome}",
-                   JobFinished(job_id=job.id, job_kind=job.kind, state=state,  # type: ignore[arg-type]
-                               vm_uuid=vm.uuid if vm else None, step=step, details=details,
-                               at=utcnow().isoformat() + "Z"))
-        metrics.job_finished(session, job)
-        log.info("job_finished", job=job.id, kind=job.kind, state=state, step=step,
-                 details=details)
+        engine.finish(tx, job, "failed", text, step=step)

@@ -216,6 +216,8 @@ class Job(Base):
         CheckConstraint(_one_of("state", JOB_STATES), name="state"),
         Index(None, "state", "deadline"),
         Index(None, "vm_id"),
+        Index(None, "command_id"),
+        Index(None, "request_id"),
         MYSQL_OPTIONS,
     )
 
@@ -228,6 +230,10 @@ class Job(Base):
     claimed_by: Mapped[str | None] = mapped_column(String(64))
     deadline: Mapped[datetime | None] = mapped_column(Timestamp)
     payload: Mapped[str] = mapped_column(Text, default="{}")
+    #: The message id of the command whose answer the job waits for.
+    command_id: Mapped[str | None] = mapped_column(String(64))
+    #: The message id of the API request that created the job.
+    request_id: Mapped[str | None] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow, onupdate=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(Timestamp)

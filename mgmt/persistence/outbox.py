@@ -25,18 +25,13 @@ from sqlalchemy import Engine, Table, insert, select, update
 from sqlalchemy.orm import Session
 
 from hostdev.messages.base import Message
+from hostdev.messages.bus.contract import COMMANDS_EXCHANGE, EVENTS_EXCHANGE
 from hostdev.messages.codec import decode, encode
 from hostdev.mgmt.persistence.database import session_scope
 from hostdev.mgmt.persistence.models import OutboxEvent, utcnow
 
 log = structlog.get_logger()
 
-#: Key in ``Session.info`` listing the outbox rows the transaction added.
-PENDING_KEY = "hostdev_outbox_ids"
-#: Key in ``Session.info`` listing events queued for the next ``flush``.
-QUEUED_KEY = "hostdev_outbox_queued"
-COMMANDS_EXCHANGE = "hostdev.commands"
-EVENTS_EXCHANGE = "hostdev.events"
 
 
 class Publisher(Protocol):
@@ -74,51 +69,51 @@ _TABLE: Final = cast(Table, OutboxEvent.__table__)
 _INSERT_MANY = insert(_TABLE).returning(_TABLE.c.id, sort_by_parameter_order=True)
 
 
-def send(session: Session, routing_key: str, message: Message) -> str:
-    """Adds a command to the outbox at once and returns its message id (for correlation).
+class Outbox:
+    """The outbox of one transaction: events queued for one INSERT, rows awaiting publication.
 
-    The events queued so far are written in the same multi-row INSERT, before
-    the command: one round trip, and the rows keep the order of their causes.
+    ``UnitOfWork.run`` creates one per transaction, calls ``flush`` before the
+    commit and publishes ``pending`` after it.
     """
-    queued: list[tuple[str, Message]] = session.info.pop(QUEUED_KEY, [])
-    queued.append((routing_key, message))
-    return message_id_of(_write(session, queued))
 
+    def __init__(self, session: Session) -> None:
+        self._session = session
+        self._queued: list[tuple[str, Message]] = []
+        #: Rows written in this transaction, in order, for publication after commit.
+        self.pending: list[Pending] = []
 
-def add(session: Session, routing_key: str, message: Message) -> None:
-    """Queues an event for the outbox; ``flush`` writes the queued ones in one INSERT.
+    def add(self, routing_key: str, message: Message) -> None:
+        """Queues an event; ``flush`` (or the next ``send``) writes the queued ones at once."""
+        self._queued.append((routing_key, message))
 
-    The caller's unit of work MUST call ``flush(session)`` before it commits
-    (``UnitOfWork.run`` does).
-    """
-    session.info.setdefault(QUEUED_KEY, []).append((routing_key, message))
+    def send(self, routing_key: str, message: Message) -> str:
+        """Adds a command at once and returns its message id (for correlation).
 
+        The events queued so far are written in the same multi-row INSERT, before
+        the command: one round trip, and the rows keep the order of their causes.
+        """
+        queued, self._queued = self._queued, []
+        queued.append((routing_key, message))
+        return message_id_of(self._write(queued))
 
-def flush(session: Session) -> None:
-    """Writes the queued events in one multi-row INSERT, in the caller's transaction."""
-    queued: list[tuple[str, Message]] = session.info.pop(QUEUED_KEY, [])
-    if queued:
-        _write(session, queued)
+    def flush(self) -> None:
+        """Writes the queued events in one multi-row INSERT, in the transaction."""
+        queued, self._queued = self._queued, []
+        if queued:
+            self._write(queued)
 
-
-def _write(session: Session, rows: list[tuple[str, Message]]) -> int:
-    """Inserts ``rows`` in one statement, remembers them for publication; returns the last id."""
-    values = [_values(key, message) for key, message in rows]
-    if len(values) == 1:
-        ids = [session.connection().execute(
-            insert(_TABLE).values(**values[0]).returning(_TABLE.c.id)).scalar_one()]
-    else:
-        ids = list(session.connection().execute(_INSERT_MANY, values).scalars().all())
-    pending = session.info.setdefault(PENDING_KEY, [])
-    pending.extend((row_id, key, message)
-                   for row_id, (key, message) in zip(ids, rows, strict=True))
-    return int(ids[-1])
-
-
-def take_pending(session: Session) -> list[Pending]:
-    """Returns and forgets the outbox rows this session wrote (call after commit)."""
-    rows: list[Pending] = session.info.pop(PENDING_KEY, [])
-    return rows
+    def _write(self, rows: list[tuple[str, Message]]) -> int:
+        """Inserts ``rows`` in one statement and keeps them for publication; returns the last id."""
+        values = [_values(key, message) for key, message in rows]
+        connection = self._session.connection()
+        if len(values) == 1:
+            ids = [connection.execute(
+                insert(_TABLE).values(**values[0]).returning(_TABLE.c.id)).scalar_one()]
+        else:
+            ids = list(connection.execute(_INSERT_MANY, values).scalars().all())
+        self.pending.extend((row_id, key, message)
+                            for row_id, (key, message) in zip(ids, rows, strict=True))
+        return int(ids[-1])
 
 
 def exchange_for(routing_key: str) -> str:

@@ -1,7 +1,9 @@
 """Runs a unit of work in an ORM transaction, retries lost races, then publishes its outbox.
 
 Each attempt is a NEW transaction (a retry inside the same one would read the
-same snapshot under REPEATABLE READ). After the commit, the outbox rows the
+same snapshot under REPEATABLE READ) with a NEW ``TxContext``: the session,
+the id of the message being handled, the transaction's outbox and its
+caches, handed to the work explicitly. After the commit, the outbox rows the
 work wrote are published at once; if that fails they stay in the table and
 the periodic stale sweep publishes them.
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import TypeVar, cast
 
 import structlog
@@ -18,10 +21,13 @@ from sqlalchemy import Engine, Table, bindparam, insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from hostdev.messages.pci_address import PciAddress
+from hostdev.messages.values import PciRequest
 from hostdev.mgmt.errors import Conflict
 from hostdev.mgmt.persistence import outbox
 from hostdev.mgmt.persistence.database import PreparedStatement, TransactionConflict, is_retryable
 from hostdev.mgmt.persistence.models import HandledMessage, utcnow
+from hostdev.mgmt.persistence.outbox import Outbox
 
 log = structlog.get_logger()
 
@@ -32,8 +38,32 @@ T = TypeVar("T")
 _RECORD = PreparedStatement(insert(cast(Table, HandledMessage.__table__)).values(
     message_id=bindparam("message_id"), handled_at=bindparam("now")))
 
-#: Key in ``Session.info``: the message id of the request being handled.
-REQUEST_KEY = "hostdev_request_id"
+
+@dataclass
+class TxContext:
+    """What one transaction carries from the handler to listeners and jobs.
+
+    Attributes:
+        session: the ORM session of the transaction.
+        message_id: the id of the message being handled, when it is recorded
+            (lets a redelivered request find the job it created).
+        outbox: the events and commands this transaction writes.
+        offering_requests: offering id -> its PCI requests, read once per transaction.
+        claimed: VM id -> addresses of the devices claimed in this transaction.
+        host_guids: host id -> guid, read once per transaction.
+        after_commit: callables run once the transaction committed.
+    """
+
+    session: Session
+    message_id: str | None = None
+    outbox: Outbox = field(init=False)
+    offering_requests: dict[int, tuple[PciRequest, ...]] = field(default_factory=dict)
+    claimed: dict[int, tuple[PciAddress, ...]] = field(default_factory=dict)
+    host_guids: dict[int, str] = field(default_factory=dict)
+    after_commit: list[Callable[[], None]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.outbox = Outbox(self.session)
 
 
 class AlreadyHandled(Conflict):
@@ -49,9 +79,9 @@ class UnitOfWork:
         self.engine = engine
         self.publisher = publisher
 
-    def run(self, work: Callable[[Session], T], *, what: str = "transaction",
+    def run(self, work: Callable[[TxContext], T], *, what: str = "transaction",
             attempts: int = 20, message_id: str | None = None) -> T:
-        """Runs ``work(session)`` in a transaction; returns its result after commit.
+        """Runs ``work(context)`` in a new transaction; returns its result after commit.
 
         ``work`` MUST be safe to run again from the start. Lost races
         (``RetryTransaction``), deadlocks and a busy SQLite are retried in new
@@ -66,14 +96,15 @@ class UnitOfWork:
         for attempt in range(1, attempts + 1):
             try:
                 with Session(self.engine, expire_on_commit=False) as session:
+                    context = TxContext(session, message_id)
                     with session.begin():
                         if message_id is not None:
                             self._record(session, message_id, what)
-                            session.info[REQUEST_KEY] = message_id
-                        result = work(session)
-                        outbox.flush(session)
-                    pending = outbox.take_pending(session)
-                self._publish(pending)
+                        result = work(context)
+                        context.outbox.flush()
+                for callback in context.after_commit:
+                    callback()
+                self._publish(context.outbox.pending)
                 return result
             except Exception as exc:
                 if not is_retryable(exc):

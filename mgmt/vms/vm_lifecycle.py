@@ -17,7 +17,6 @@ from typing import Protocol, cast
 
 import structlog
 from sqlalchemy import Table, bindparam, select, update
-from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
 
 from hostdev.messages.events import PciDeviceAllocated, PciDeviceReleased, VmStateChanged
@@ -26,9 +25,9 @@ from hostdev.messages.values import PciRequest, VmState
 from hostdev.mgmt.devices import pci_devices
 from hostdev.mgmt.devices.pci_devices import HeldDevice
 from hostdev.mgmt.errors import Conflict
-from hostdev.mgmt.persistence import outbox
 from hostdev.mgmt.persistence.database import PreparedStatement, RetryTransaction
 from hostdev.mgmt.persistence.models import Host, ServiceOfferingPciRequest, VmInstance, utcnow
+from hostdev.mgmt.persistence.unit_of_work import TxContext
 from hostdev.mgmt.vms.vm_states import RELEASES_DEVICES, VmEvent, next_state
 
 log = structlog.get_logger()
@@ -41,15 +40,15 @@ class StaleVmState(RetryTransaction):
 class TransitionListener(Protocol):
     """Reacts to VM transitions inside the transaction that makes them.
 
-    Listeners MUST only touch the database through ``session`` (so a
+    Listeners MUST only touch the database through ``tx.session`` (so a
     rollback undoes them) and MAY raise to veto the transition.
     """
 
-    def pre_transition(self, session: Session, vm: VmInstance, event: VmEvent,
+    def pre_transition(self, tx: TxContext, vm: VmInstance, event: VmEvent,
                        old: VmState, new: VmState) -> None:
         """Runs before the UPDATE; ``vm`` still shows the old state."""
 
-    def post_transition(self, session: Session, vm: VmInstance, event: VmEvent,
+    def post_transition(self, tx: TxContext, vm: VmInstance, event: VmEvent,
                         old: VmState, new: VmState) -> None:
         """Runs after the UPDATE; ``vm`` shows the new state."""
 
@@ -84,12 +83,12 @@ class VmLifecycleManager:
         """Registers a listener; listeners run in registration order."""
         self._listeners.append(listener)
 
-    def transition(self, session: Session, vm: VmInstance, event: VmEvent, *,
+    def transition(self, tx: TxContext, vm: VmInstance, event: VmEvent, *,
                    host_id: int | object | None = _KEEP) -> VmState:
         """Applies ``event`` to ``vm`` in the session's transaction; returns the new state.
 
         Args:
-            session: the caller's transaction.
+            tx: the caller's transaction.
             vm: the VM as read in this transaction.
             event: what happened.
             host_id: the host the VM is placed on (with StartRequested).
@@ -109,7 +108,7 @@ class VmLifecycleManager:
             values["host_id"] = host_id
         try:
             for listener in self._listeners:
-                listener.pre_transition(session, vm, event, old, new)
+                listener.pre_transition(tx, vm, event, old, new)
         except BaseException:
             if host_id is not _KEEP:
                 set_committed_value(vm, "host_id", previous_host)
@@ -119,17 +118,17 @@ class VmLifecycleManager:
             values["last_host_id"] = vm.host_id
         params = {f"new_{key}": value for key, value in values.items()}
         params.update(vm_id=vm.id, old_state=old, old_count=vm.update_count)
-        result = _vm_update(tuple(values)).execute(session.connection(), params)
+        result = _vm_update(tuple(values)).execute(tx.session.connection(), params)
         if result.rowcount != 1:
             raise StaleVmState(f"VM {vm.name} changed while {event.value} was applied; "
                                "retrying")
         for key, value in values.items():
             set_committed_value(vm, key, value)
         for listener in self._listeners:
-            listener.post_transition(session, vm, event, old, new)
+            listener.post_transition(tx, vm, event, old, new)
         host_ref = vm.host_id if vm.host_id is not None else vm.last_host_id
-        host_guid = host_guid_of(session, host_ref) if host_ref is not None else None
-        outbox.add(session, f"vm.{vm.uuid}.{new}",
+        host_guid = host_guid_of(tx, host_ref) if host_ref is not None else None
+        tx.outbox.add(f"vm.{vm.uuid}.{new}",
                    VmStateChanged(vm_uuid=vm.uuid, state=new, previous=old,
                                   host_guid=host_guid, at=utcnow().isoformat() + "Z"))
         log.info("vm_state_changed", vm=vm.uuid, name=vm.name, vm_event=event.value,
@@ -137,29 +136,21 @@ class VmLifecycleManager:
         return new
 
 
-_GUIDS: dict[tuple[str, int], str] = {}
-
-
-def host_guid_of(session: Session, host_id: int) -> str:
-    """Returns a host's guid (cached: a host id never changes guid)."""
-    key = (str(session.get_bind().engine.url), host_id)
-    guid = _GUIDS.get(key)
+def host_guid_of(tx: TxContext, host_id: int) -> str:
+    """Returns a host's guid (read once per transaction: a host id never changes guid)."""
+    guid = tx.host_guids.get(host_id)
     if guid is None:
-        guid = session.scalar(select(Host.guid).where(Host.id == host_id)) or ""
+        guid = tx.session.scalar(select(Host.guid).where(Host.id == host_id)) or ""
         if guid:
-            _GUIDS[key] = guid
+            tx.host_guids[host_id] = guid
     return guid
 
 
-#: Key in ``Session.info``: offering id -> its PCI requests, read in this transaction.
-REQUESTS_KEY = "hostdev_requests"
-
-
-def offering_requests(session: Session, offering_id: int) -> tuple[PciRequest, ...]:
+def offering_requests(tx: TxContext, offering_id: int) -> tuple[PciRequest, ...]:
     """Returns the PCI requests of an offering, by name (read once per transaction)."""
-    cache: dict[int, tuple[PciRequest, ...]] = session.info.setdefault(REQUESTS_KEY, {})
+    cache = tx.offering_requests
     if offering_id not in cache:
-        rows = session.execute(
+        rows = tx.session.execute(
             select(ServiceOfferingPciRequest.name, ServiceOfferingPciRequest.count)
             .where(ServiceOfferingPciRequest.offering_id == offering_id)
             .order_by(ServiceOfferingPciRequest.id))
@@ -175,60 +166,60 @@ class PciDeviceManager:
     count, so any number of management daemons can share the database.
     """
 
-    def pre_transition(self, session: Session, vm: VmInstance, event: VmEvent,
+    def pre_transition(self, tx: TxContext, vm: VmInstance, event: VmEvent,
                        old: VmState, new: VmState) -> None:
         """Claims on Starting, before the VM row changes: a refused claim vetoes it."""
         if new == "Starting":
             if vm.host_id is None:
                 raise Conflict(f"VM {vm.name} is Starting without a host")
-            self.claim(session, vm, vm.host_id)
+            self.claim(tx, vm, vm.host_id)
 
-    def post_transition(self, session: Session, vm: VmInstance, event: VmEvent,
+    def post_transition(self, tx: TxContext, vm: VmInstance, event: VmEvent,
                         old: VmState, new: VmState) -> None:
         """Releases on Stopped, Destroyed and Error."""
         if new in RELEASES_DEVICES:
-            self.release(session, vm)
+            self.release(tx, vm)
 
-    def claim(self, session: Session, vm: VmInstance, host_id: int) -> tuple[HeldDevice, ...]:
+    def claim(self, tx: TxContext, vm: VmInstance, host_id: int) -> tuple[HeldDevice, ...]:
         """Allocates the offering's devices on ``host_id`` to ``vm``, all or nothing.
 
         Raises:
             InsufficientDevices: the host has too few free devices of a name.
             ClaimRaceLost: a device was taken between the read and the UPDATE.
         """
-        requests = {r.name: r.count for r in offering_requests(session, vm.offering_id)}
+        requests = {r.name: r.count for r in offering_requests(tx, vm.offering_id)}
         if not requests:
             return ()
-        held = pci_devices.claim_devices(session.connection(), vm.id, host_id, requests)
-        session.info.setdefault("hostdev_claimed", {})[vm.id] = held
-        host_guid = host_guid_of(session, host_id)
+        held = pci_devices.claim_devices(tx.session.connection(), vm.id, host_id, requests)
+        tx.claimed[vm.id] = tuple(sorted((d.address for d in held), key=str))
+        host_guid = host_guid_of(tx, host_id)
         at = utcnow().isoformat() + "Z"
         for device in held:
-            outbox.add(session, f"pci.{host_guid}.Allocated",
+            tx.outbox.add(f"pci.{host_guid}.Allocated",
                        PciDeviceAllocated(host_guid=host_guid, address=device.address,
                                           name=device.name, vm_uuid=vm.uuid, at=at))
         return held
 
-    def release(self, session: Session, vm: VmInstance) -> int:
+    def release(self, tx: TxContext, vm: VmInstance) -> int:
         """Frees every device ``vm`` holds or has reserved; quarantined ones become removed."""
-        conn = session.connection()
+        conn = tx.session.connection()
         held = pci_devices.devices_of_vm(conn, vm.id)
         if not held:
             return 0
         pci_devices.release_devices(conn, vm.id)
         at = utcnow().isoformat() + "Z"
         for device in held:
-            guid = host_guid_of(session, device.host_id)
-            outbox.add(session, f"pci.{guid}.Released",
+            guid = host_guid_of(tx, device.host_id)
+            tx.outbox.add(f"pci.{guid}.Released",
                        PciDeviceReleased(host_guid=guid, address=device.address,
                                          name=device.name, vm_uuid=vm.uuid, at=at))
         return len(held)
 
-    def held_addresses(self, session: Session, vm_id: int) -> tuple[PciAddress, ...]:
+    def held_addresses(self, tx: TxContext, vm_id: int) -> tuple[PciAddress, ...]:
         """Returns the addresses of the devices a VM holds, in id order."""
-        claimed = session.info.get("hostdev_claimed", {}).get(vm_id)
+        claimed = tx.claimed.get(vm_id)
         if claimed is not None:  # claimed in this transaction
-            return tuple(sorted((d.address for d in claimed), key=str))
+            return claimed
         return tuple(device.address
-                     for device in pci_devices.devices_of_vm(session.connection(), vm_id)
+                     for device in pci_devices.devices_of_vm(tx.session.connection(), vm_id)
                      if device.state == "allocated")

@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 
 import structlog
 
-from hostdev.mgmt.devices.pci_devices import InsufficientDevices, PciDeviceRepository
+from hostdev.mgmt.devices.pci_devices import InsufficientDevices
 from hostdev.mgmt.persistence.database import create_database_engine
+from tests.support.pci_device_contract import ClaimPath
 
 
 @dataclass
@@ -40,7 +41,7 @@ def run_claim_release_load(
     """Claims and releases at random for ``vm_ids`` until ``operations`` are done."""
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(30))
     engine = create_database_engine(url)
-    repo = PciDeviceRepository(engine, attempts=200)
+    repo = ClaimPath(engine, attempts=200)
     rng = random.Random(seed)
     report = LoadReport()
     open_intervals: dict[int, list[int]] = {}
@@ -49,12 +50,12 @@ def run_claim_release_load(
             vm = rng.choice(vm_ids)
             report.operations += 1
             if vm in report.holdings:
-                host, _ = report.holdings.pop(vm)
+                report.holdings.pop(vm)
                 ended = time.monotonic()
                 for index in open_intervals.pop(vm):
                     device, holder, start, _ = report.intervals[index]
                     report.intervals[index] = (device, holder, start, ended)
-                repo.release(vm, host)
+                repo.release(vm)  # as on Stopped: every device of the VM
                 report.releases += 1
                 continue
             host = rng.choice(host_ids)

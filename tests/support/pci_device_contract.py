@@ -1,32 +1,123 @@
-"""The behaviour every database back end must give ``PciDeviceRepository``.
+"""The behaviour every database back end must give the daemon's device allocation.
 
 One suite, run twice: ``tests/unit/mgmt/test_pci_devices.py`` subclasses it
 on SQLite and ``tests/integration/db/test_pci_devices.py`` on MariaDB. The
 subclass's conftest provides an ``engine`` fixture (a migrated database).
+``ClaimPath`` drives what the daemon runs: a ``UnitOfWork`` (a new
+transaction per attempt, lost races retried), ``PciDeviceManager`` for
+claims on Starting and releases, and the ``pci_devices`` functions.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import TypeVar
 
 import pytest
 from sqlalchemy import Engine
 
 from hostdev.messages.pci_address import PciAddress
-from hostdev.messages.values import PciDeviceInfo
+from hostdev.messages.values import PciDeviceInfo, PciRequest
+from hostdev.mgmt.devices import pci_devices
 from hostdev.mgmt.devices.pci_devices import (
     DeviceBusy,
+    DeviceCounts,
     DeviceNotFound,
+    HeldDevice,
     InsufficientDevices,
-    PciDeviceRepository,
     claim_devices,
     device_counts,
     devices_of_vm,
 )
+from hostdev.mgmt.devices.pci_inventory import InventoryChanges, reconcile_inventory
 from hostdev.mgmt.errors import InvalidRequest
 from hostdev.mgmt.persistence.database import transaction
+from hostdev.mgmt.persistence.models import VmInstance
+from hostdev.mgmt.persistence.unit_of_work import TxContext, UnitOfWork
+from hostdev.mgmt.vms.vm_lifecycle import PciDeviceManager
 from tests.support.databases import add_host, add_offering, add_vms
+
+T = TypeVar("T")
+
+
+class ClaimPath:
+    """Each allocation operation as the daemon runs it: one unit of work, lost races retried."""
+
+    def __init__(self, engine: Engine, *, attempts: int = 20) -> None:
+        self._work = UnitOfWork(engine)
+        self._devices = PciDeviceManager()
+        self._attempts = attempts
+
+    def _run(self, what: str, work: Callable[[TxContext], T]) -> T:
+        return self._work.run(work, what=what, attempts=self._attempts)
+
+    @staticmethod
+    def _vm(vm_id: int) -> VmInstance:
+        """The VM as the daemon has it in hand when it claims (read earlier in the transaction)."""
+        return VmInstance(id=vm_id, uuid=f"vm-{vm_id}", offering_id=0)
+
+    def claim(self, vm_id: int, host_id: int,
+              requests: Mapping[str, int]) -> tuple[HeldDevice, ...]:
+        """Claims as on Starting: ``PciDeviceManager.claim`` with ``requests`` as the offering's."""
+        vm = self._vm(vm_id)
+        wanted = tuple(PciRequest(name=name, count=count) for name, count in requests.items())
+
+        def work(tx: TxContext) -> tuple[HeldDevice, ...]:
+            # What the deploy's first read leaves in the transaction's cache.
+            tx.offering_requests[vm.offering_id] = wanted
+            return self._devices.claim(tx, vm, host_id)
+        return self._run("claim devices", work)
+
+    def release(self, vm_id: int, host_id: int | None = None) -> int:
+        """Releases as on Stopped (``PciDeviceManager.release``), or on one host only."""
+        def work(tx: TxContext) -> int:
+            if host_id is not None:
+                return pci_devices.release_devices(tx.session.connection(), vm_id, host_id)
+            return self._devices.release(tx, self._vm(vm_id))
+        return self._run("release devices", work)
+
+    def reserve(self, vm_id: int, host_id: int,
+                requests: Mapping[str, int]) -> tuple[HeldDevice, ...]:
+        """Reserves a migration's destination set."""
+        return self._run("reserve devices", lambda tx: pci_devices.reserve_devices(
+            tx.session.connection(), vm_id, host_id, requests))
+
+    def commit_migration(self, vm_id: int, source_host_id: int, destination_host_id: int) -> int:
+        """Frees the source set and allocates the destination set."""
+        return self._run("commit migration", lambda tx: pci_devices.commit_migration(
+            tx.session.connection(), vm_id, source_host_id, destination_host_id))
+
+    def abort_migration(self, vm_id: int, destination_host_id: int) -> int:
+        """Frees the destination set."""
+        return self._run("abort migration", lambda tx: pci_devices.abort_migration(
+            tx.session.connection(), vm_id, destination_host_id))
+
+    def disable(self, device_id: int) -> str:
+        """Takes a free device out of service."""
+        return self._run("disable device", lambda tx: pci_devices.disable_device(
+            tx.session.connection(), device_id))
+
+    def enable(self, device_id: int) -> str:
+        """Puts a disabled device back in service."""
+        return self._run("enable device", lambda tx: pci_devices.enable_device(
+            tx.session.connection(), device_id))
+
+    def reconcile(self, host_id: int, reported: Iterable[PciDeviceInfo]) -> InventoryChanges:
+        """Applies a host's reported inventory, as a start-up does."""
+        devices = tuple(reported)
+        return self._run("reconcile inventory", lambda tx: reconcile_inventory(
+            tx.session.connection(), host_id, devices))
+
+    def counts(self, host_id: int | None = None) -> list[DeviceCounts]:
+        """Counts devices per host, name and state."""
+        return self._run("count devices", lambda tx: pci_devices.device_counts(
+            tx.session.connection(), host_id))
+
+    def devices_of(self, vm_id: int) -> tuple[HeldDevice, ...]:
+        """Lists a VM's held, reserved and quarantined devices."""
+        return self._run("devices of VM", lambda tx: pci_devices.devices_of_vm(
+            tx.session.connection(), vm_id))
 
 
 def inventory(*specs: str) -> list[PciDeviceInfo]:
@@ -45,7 +136,7 @@ STANDARD = inventory("28:00.0|10GE", "28:00.1|10GE", "28:00.2|10GE", "41:00.0|GP
 class World:
     """Two hosts with the STANDARD inventory and four VMs, fresh for each test."""
 
-    repo: PciDeviceRepository
+    repo: ClaimPath
     engine: Engine
     host_a: int
     host_b: int
@@ -64,13 +155,13 @@ class World:
         }
 
 
-class PciDeviceRepositoryContract:
+class PciDeviceAllocationContract:
     """Claims, releases, migrations, inventory and admin changes, on one back end."""
 
     @pytest.fixture
     def world(self, engine: Engine) -> Iterator[World]:
         """Creates two hosts with devices and four VMs."""
-        repo = PciDeviceRepository(engine)
+        repo = ClaimPath(engine)
         with transaction(engine) as conn:
             host_a, host_b = add_host(conn), add_host(conn)
             vms = add_vms(conn, add_offering(conn), 4)

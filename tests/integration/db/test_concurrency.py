@@ -9,12 +9,11 @@ from collections import Counter
 import pytest
 from sqlalchemy import Engine, select
 
-from hostdev.mgmt.devices.pci_devices import PciDeviceRepository
 from hostdev.mgmt.persistence.database import transaction
 from hostdev.mgmt.persistence.models import PciDevice
 from tests.support.allocation_load import find_double_holds, run_claim_release_load
 from tests.support.databases import add_host, add_offering, add_vms
-from tests.support.pci_device_contract import inventory
+from tests.support.pci_device_contract import ClaimPath, inventory
 
 pytestmark = [pytest.mark.mariadb, pytest.mark.slow]
 
@@ -27,7 +26,7 @@ DEVICES_PER_NAME = 6
 
 def test_concurrent_claims_never_double_allocate(mariadb_url: str, engine: Engine) -> None:
     """Under 4 competing processes every claim is exclusive, kept, and the counts add up."""
-    repo = PciDeviceRepository(engine)
+    repo = ClaimPath(engine)
     with transaction(engine) as conn:
         hosts = [add_host(conn), add_host(conn)]
         vms = add_vms(conn, add_offering(conn), PROCESSES * VMS_PER_PROCESS)

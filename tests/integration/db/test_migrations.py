@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 
 import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import inspect
+from sqlalchemy import inspect, text
 
 from hostdev.mgmt.persistence.database import (
     alembic_config,
@@ -34,7 +36,7 @@ def empty_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
 def test_upgrade_head_leaves_nothing_for_autogenerate(empty_url: str) -> None:
     """After `upgrade head`, autogenerate finds no difference from the models."""
     command.upgrade(alembic_config(empty_url), "head")
-    assert current_revision(empty_url) == "0002"
+    assert current_revision(empty_url) == "0003"
     engine = create_database_engine(empty_url)
     try:
         with engine.connect() as conn:
@@ -56,4 +58,33 @@ def test_downgrade_base_drops_everything(empty_url: str) -> None:
     finally:
         engine.dispose()
     command.upgrade(config, "head")
-    assert current_revision(empty_url) == "0002"
+    assert current_revision(empty_url) == "0003"
+
+
+def test_upgrade_0003_moves_correlation_ids_out_of_payloads(empty_url: str) -> None:
+    """Jobs written before 0003 find their answer and their request by the new columns."""
+    config = alembic_config(empty_url)
+    command.upgrade(config, "0002")
+    engine = create_database_engine(empty_url)
+    payloads = {
+        1: ("start", "start", {"command_id": "outbox-7", "request": "req-1", "tried": []}),
+        2: ("migrate", "attach", {"command_id": "outbox-8", "attach_id": "outbox-9"}),
+        3: ("attach-devices", "attach", {"attach_id": "outbox-10", "request": "req-3"}),
+        4: ("stop", "done", {}),
+    }
+    try:
+        with engine.begin() as conn:
+            for job_id, (kind, step, payload) in payloads.items():
+                conn.execute(text(
+                    "INSERT INTO jobs (id, kind, state, step, details, payload, created_at, "
+                    "updated_at) VALUES (:id, :kind, 'running', :step, '', :payload, "
+                    ":now, :now)"), {"id": job_id, "kind": kind, "step": step,
+                                     "payload": json.dumps(payload), "now": datetime(2026, 1, 1)})
+        command.upgrade(config, "head")
+        with engine.connect() as conn:
+            rows = {job_id: (command_id, request_id) for job_id, command_id, request_id
+                    in conn.execute(text("SELECT id, command_id, request_id FROM jobs"))}
+        assert rows == {1: ("outbox-7", "req-1"), 2: ("outbox-9", None),
+                        3: ("outbox-10", "req-3"), 4: (None, None)}
+    finally:
+        engine.dispose()

@@ -1,25 +1,30 @@
-"""PciDeviceRepository on MariaDB: the shared contract suite, plus lock races."""
+"""The daemon's device allocation on MariaDB: the shared contract suite, plus lock races."""
 
 from __future__ import annotations
 
 import pytest
 from sqlalchemy import Engine
 
-from hostdev.mgmt.devices.pci_devices import ClaimRaceLost, PciDeviceRepository, claim_devices
-from hostdev.mgmt.persistence.database import run_in_transaction, transaction
+from hostdev.mgmt.devices.pci_devices import ClaimRaceLost, HeldDevice, claim_devices
+from hostdev.mgmt.persistence.database import transaction
+from hostdev.mgmt.persistence.unit_of_work import TxContext, UnitOfWork
 from tests.support.databases import add_host, add_offering, add_vms
-from tests.support.pci_device_contract import STANDARD, PciDeviceRepositoryContract
+from tests.support.pci_device_contract import (
+    STANDARD,
+    ClaimPath,
+    PciDeviceAllocationContract,
+)
 
 pytestmark = pytest.mark.mariadb
 
 
-class TestPciDeviceRepositoryOnMariaDb(PciDeviceRepositoryContract):
-    """Runs the repository contract against MariaDB."""
+class TestPciDeviceAllocationOnMariaDb(PciDeviceAllocationContract):
+    """Runs the allocation contract against MariaDB."""
 
 
 def test_claim_skips_rows_locked_by_another_claim(engine: Engine) -> None:
     """A claim does not wait for, nor take, devices another open transaction is claiming."""
-    repo = PciDeviceRepository(engine)
+    repo = ClaimPath(engine)
     with transaction(engine) as conn:
         host = add_host(conn)
         vm_a, vm_b = add_vms(conn, add_offering(conn), 2)
@@ -36,20 +41,20 @@ def test_claim_skips_rows_locked_by_another_claim(engine: Engine) -> None:
 
 
 def test_lost_race_is_retried_in_a_new_transaction(engine: Engine) -> None:
-    """run_in_transaction retries a ClaimRaceLost in a fresh transaction until it wins."""
+    """The daemon's unit of work retries a ClaimRaceLost in a fresh transaction until it wins."""
     with transaction(engine) as conn:
         host = add_host(conn)
         (vm,) = add_vms(conn, add_offering(conn), 1)
-    PciDeviceRepository(engine).reconcile(host, STANDARD)
+    ClaimPath(engine).reconcile(host, STANDARD)
     attempts = []
 
-    def work(conn):  # type: ignore[no-untyped-def]
-        attempts.append(conn)
+    def work(tx: TxContext) -> tuple[HeldDevice, ...]:
+        attempts.append(tx)
         if len(attempts) < 3:
             raise ClaimRaceLost("simulated")
-        return claim_devices(conn, vm, host, {"10GE": 1})
+        return claim_devices(tx.session.connection(), vm, host, {"10GE": 1})
 
-    held = run_in_transaction(engine, work)
+    held = UnitOfWork(engine).run(work)
     assert len(held) == 1 and len(attempts) == 3
 
 

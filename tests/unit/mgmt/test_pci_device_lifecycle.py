@@ -27,10 +27,11 @@ from sqlalchemy import Engine, select
 
 from hostdev.messages.pci_address import PciAddress
 from hostdev.messages.values import PciDeviceInfo
-from hostdev.mgmt.devices.pci_devices import DeviceBusy, InsufficientDevices, PciDeviceRepository
+from hostdev.mgmt.devices.pci_devices import DeviceBusy, InsufficientDevices
 from hostdev.mgmt.persistence.database import create_database_engine, transaction
 from hostdev.mgmt.persistence.models import PciDevice
 from tests.support.databases import add_host, add_offering, add_vms, sqlite_database
+from tests.support.pci_device_contract import ClaimPath
 
 # A small world (3 devices per host, 2 VMs) so random steps often meet
 # the same device twice: claim it, remove it, release it, re-add it.
@@ -70,7 +71,7 @@ class DeviceLifecycle(RuleBasedStateMachine):
 
     def __init__(self) -> None:
         super().__init__()
-        self.repo = PciDeviceRepository(self.engine)
+        self.repo = ClaimPath(self.engine)
         with transaction(self.engine) as conn:
             self.hosts = [add_host(conn), add_host(conn)]
             self.vms = add_vms(conn, add_offering(conn), 2)

@@ -1,4 +1,4 @@
-"""PciDeviceRepository on SQLite: the shared contract suite (see tests/support)."""
+"""The daemon's device allocation on SQLite: the shared contract suite (see tests/support)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from sqlalchemy import Engine
 
 from hostdev.mgmt.persistence.database import create_database_engine
 from tests.support.databases import sqlite_database
-from tests.support.pci_device_contract import PciDeviceRepositoryContract
+from tests.support.pci_device_contract import PciDeviceAllocationContract
 
 
 @pytest.fixture(scope="module")
@@ -23,5 +23,5 @@ def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engine]:
         engine.dispose()
 
 
-class TestPciDeviceRepositoryOnSqlite(PciDeviceRepositoryContract):
-    """Runs the repository contract against SQLite."""
+class TestPciDeviceAllocationOnSqlite(PciDeviceAllocationContract):
+    """Runs the allocation contract against SQLite."""

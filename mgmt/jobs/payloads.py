@@ -1,0 +1,117 @@
+"""Typed, versioned payloads of each job kind, stored as JSON in ``jobs.payload``.
+
+``load`` and ``store`` are the one place a payload is decoded and encoded.
+The command a job waits for and the request that created it are columns of
+``jobs`` (``command_id``, ``request_id``), not payload fields, so answers and
+redelivered requests find their job by index.
+"""
+
+from __future__ import annotations
+
+from typing import Final, Literal, TypeVar
+
+import msgspec
+
+from hostdev.mgmt.persistence.models import Job
+
+#: The payload layout written today; a decoder for an older one goes here when it changes.
+VERSION: Final = 1
+
+JobKind = Literal["deploy", "start", "stop", "destroy", "migrate", "attach-devices"]
+
+DEPLOY_JOB: Final = "deploy"
+START_JOB: Final = "start"
+STOP_JOB: Final = "stop"
+DESTROY_JOB: Final = "destroy"
+MIGRATE_JOB: Final = "migrate"
+ATTACH_JOB: Final = "attach-devices"
+
+
+class StartPayload(msgspec.Struct, kw_only=True):
+    """A deploy or start: where it was tried and where it runs now.
+
+    Attributes:
+        avoid: host guids the request excluded.
+        tried: host guids a StartCommand went to, in order.
+        failures: ``"<guid>: <reason>"`` of each failed start.
+        host: the guid of the host of the current attempt.
+        host_name: its name.
+    """
+
+    version: int = VERSION
+    avoid: list[str] = msgspec.field(default_factory=list)
+    tried: list[str] = msgspec.field(default_factory=list)
+    failures: list[str] = msgspec.field(default_factory=list)
+    host: str = ""
+    host_name: str = ""
+
+
+class StopPayload(msgspec.Struct, kw_only=True):
+    """A stop or destroy: the host the StopCommand went to."""
+
+    version: int = VERSION
+    host: str = ""
+
+
+class AttachPayload(msgspec.Struct, kw_only=True):
+    """An attach-devices job, or the attach step of a migration.
+
+    Attributes:
+        attach_host: the guid of the host the AttachPciDevicesCommand went to.
+        attach: the addresses it asked to attach.
+    """
+
+    version: int = VERSION
+    attach_host: str = ""
+    attach: list[str] = msgspec.field(default_factory=list)
+
+
+class MigratePayload(AttachPayload, kw_only=True):
+    """A live migration: both hosts, the device mapping and what went wrong.
+
+    Attributes:
+        mapping: ``[name, source address, destination address]`` per device.
+        absent_on: the sides (``source``, ``destination``) that listed their
+            domains without the VM while the outcome was unknown.
+        failure: why the migration was rolled back, when it was.
+        failed_step: the step it failed at.
+    """
+
+    source: str
+    source_id: int
+    source_name: str
+    destination: str
+    destination_id: int
+    destination_name: str
+    mapping: list[list[str]] = msgspec.field(default_factory=list)
+    absent_on: list[str] = msgspec.field(default_factory=list)
+    failure: str = ""
+    failed_step: str = ""
+
+
+Payload = StartPayload | StopPayload | AttachPayload | MigratePayload
+P = TypeVar("P", StartPayload, StopPayload, AttachPayload, MigratePayload)
+
+#: The payload type of each job kind.
+PAYLOAD_OF: Final[dict[str, type[Payload]]] = {
+    DEPLOY_JOB: StartPayload, START_JOB: StartPayload,
+    STOP_JOB: StopPayload, DESTROY_JOB: StopPayload,
+    MIGRATE_JOB: MigratePayload, ATTACH_JOB: AttachPayload,
+}
+
+
+def load(job: Job, kind: type[P]) -> P:
+    """Decodes a job's payload as ``kind`` (fields a payload does not know are ignored).
+
+    Raises:
+        TypeError: ``kind`` is not the payload type of the job's kind.
+    """
+    if PAYLOAD_OF.get(job.kind) is not kind:
+        raise TypeError(f"job {job.id} is a {job.kind} job, its payload is not a "
+                        f"{kind.__name__}")
+    return msgspec.json.decode(job.payload or "{}", type=kind)
+
+
+def store(job: Job, payload: Payload) -> None:
+    """Encodes ``payload`` into the job's row."""
+    job.payload = msgspec.json.encode(payload).decode()

@@ -1,4 +1,4 @@
-"""API requests (any client to management) and their responses (DESIGN 5).
+"""API requests (any client to management) and their responses.
 
 Requests are sent to ``api.<Type>`` with a ``reply_to``; long operations
 answer ``JobAccepted`` at once and finish asynchronously (``job.<id>.*``

@@ -1,4 +1,4 @@
-"""Commands between agents and management, with their typed answers (DESIGN 5)."""
+"""Commands between agents and management, with their typed answers."""
 
 from __future__ import annotations
 

@@ -120,7 +120,7 @@ class ApiHandlers:
             query = query.where(PciDevice.host_id == find_host(tx.session, request.host).id)
         if request.free_only:
             # "Free" means placeable: a device of a host that is not Up is
-            # free in its own state but not offered (DESIGN section 7).
+            # free in its own state but not offered.
             query = query.where(PciDevice.state == FREE, Host.status == planner.PLACEABLE)
         rows = tuple(api_row(d, guid, name, vm_uuid)
                      for d, guid, name, vm_uuid in tx.session.execute(query))

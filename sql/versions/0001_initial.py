@@ -33,7 +33,7 @@ def timestamp() -> sa.types.TypeEngine[object]:
 
 
 def upgrade() -> None:
-    """Creates every table and index of DESIGN section 6."""
+    """Creates every table and index of the first release."""
     op.create_table(
         "event_outbox",
         sa.Column("id", BIG_ID, nullable=False),

@@ -22,7 +22,7 @@ from hostdev.messages import api
 from hostdev.messages.base import Message
 from hostdev.messages.errors import BusError, MessageError, RemoteError, RequestTimeout
 from hostdev.messages.runtime.logging import configure_logging
-from hostdev.messages.values import JobRow
+from hostdev.messages.values import JobRow, JobState
 from hostdev.mgmt.api.offerings import format_pci_requests
 
 #: Sends one request and returns the typed answer (raises RemoteError/RequestTimeout).
@@ -44,7 +44,7 @@ def expect(answer: Message, kind: type[_T]) -> _T:
         raise BusError(f"management answered {type(answer).__name__} where {kind.__name__} "
                        "was expected; are the hostdev CLI and hostdev-mgmt the same version?")
     return answer
-_FINAL_JOB_STATES = ("succeeded", "failed")
+_FINAL_JOB_STATES: tuple[JobState, ...] = ("succeeded", "failed")
 
 
 def _common() -> argparse.ArgumentParser:

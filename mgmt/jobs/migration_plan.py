@@ -14,9 +14,6 @@ from hostdev.messages.values import DeviceMapping, DeviceOutcome, MigrationPolic
 from hostdev.mgmt.devices.device_rows import HeldDevice
 from hostdev.mgmt.errors import Forbidden
 
-#: Job kinds this module drives.
-MIGRATE_JOB = "migrate"
-ATTACH_JOB = "attach-devices"
 #: Steps of a migrate job, in order; ``verify`` and ``reattach`` only on trouble.
 STEP_MIGRATE = "migrate"
 STEP_VERIFY = "verify"

@@ -18,7 +18,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 import structlog
 
@@ -36,9 +36,6 @@ from hostdev.mgmt.config import MgmtConfig
 from hostdev.mgmt.persistence import database
 from hostdev.mgmt.service import ManagementService
 
-if TYPE_CHECKING:  # only mgmt imports SQLAlchemy (DESIGN section 2)
-    from sqlalchemy import Engine
-
 log = structlog.get_logger()
 
 #: Sends one API request and returns the typed answer (the CLI's ``Requester``).
@@ -54,7 +51,6 @@ class Cloud(Protocol):
 
     #: Whether a VM can really migrate (simulated hosts must share a process).
     can_migrate: bool
-    engine: Engine
 
     def request(self, message: Message, timeout: float) -> Message: ...
     def attach_commands(self) -> list[tuple[str, AttachPciDevicesCommand]]: ...

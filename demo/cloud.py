@@ -24,7 +24,7 @@ import structlog
 
 from hostdev.agent.config import parse_config
 from hostdev.agent.daemon import Agent
-from hostdev.agent.simulated import SimulatedHost
+from hostdev.agent.simulated import SimulatedHost, SimulatedHosts
 from hostdev.agent.startup_checks import check_host
 from hostdev.demo.hosts import DEMO_HOSTS, DemoHost
 from hostdev.messages import api
@@ -75,6 +75,8 @@ class InProcessCloud:
         self.hosts = hosts
         self.broker = InProcessBroker()
         self.agents: list[Agent] = []
+        #: The hosts migrate to each other in memory: they share this process.
+        self.simulated_hosts = SimulatedHosts()
         prepare_database(self.db_url)
         self.engine = database.create_database_engine(self.db_url)
         self.service = ManagementService(MgmtConfig(db_url=self.db_url, amqp_url="memory://"),
@@ -87,7 +89,7 @@ class InProcessCloud:
         self.service.start()
         for host in self.hosts:
             uri = host.write_spec(self.directory)
-            hypervisor = SimulatedHost(uri)
+            hypervisor = SimulatedHost(uri, hosts=self.simulated_hosts)
             hypervisor.open()
             config = parse_config(host.properties(uri), str(self.directory / f"{host.name}"
                                                                                ".properties"))

@@ -9,13 +9,14 @@ driver opens. ``parse_pci_device`` reads one ``nodeDevice.XMLDesc()`` back.
 
 from __future__ import annotations
 
-import json
 import uuid
 import xml.etree.ElementTree as ET
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import msgspec
 
 from hostdev.agent.domain_xml import hostdev_element
 from hostdev.agent.errors import ConfigError
@@ -53,54 +54,99 @@ class SimHostSpec:
     persist: bool = False
 
 
-def _device(data: Mapping[str, Any]) -> NodePciDevice:
-    """Reads a spec's device; an unnamed one is an Intel X710 function, a common 10GbE NIC."""
-    parent = data.get("parent")
-    return NodePciDevice(
-        address=PciAddress(data["address"]),
-        vendor_id=str(data.get("vendor_id", "0x8086")),
-        product_id=str(data.get("product_id", "0x1572")),
-        vendor=str(data.get("vendor", "Intel Corporation")),
-        product=str(data.get("product", "Ethernet Controller X710 for 10GbE SFP+")),
-        class_code=int(str(data.get("class", "0x020000")), 0),
-        iommu_group=None if data.get("iommu_group") is None else int(data["iommu_group"]),
-        parent=PciAddress(parent) if parent else None,
-    )
+def _pci_address(kind: type, value: Any) -> Any:
+    """Decodes the PCI addresses of a spec; msgspec names the field of a bad one."""
+    if kind is PciAddress and isinstance(value, str):
+        return PciAddress(value)  # PciAddressError is a ValueError: msgspec adds the field
+    raise TypeError(f"expected a PCI address such as 28:00.1, got {type(value).__name__}")
 
 
-def _domain(data: Mapping[str, Any]) -> SimDomain:
-    return SimDomain(
-        name=str(data["name"]),
-        uuid=str(data["uuid"]),
-        running=bool(data.get("running", True)),
-        cpus=int(data.get("cpus", 1)),
-        memory_mb=int(data.get("memory_mb", 512)),
-        hostdevs=tuple(PciAddress(a) for a in data.get("hostdevs", ())),
-    )
+class _DeviceEntry(msgspec.Struct, forbid_unknown_fields=True):
+    """A spec's device; an unnamed one is an Intel X710 function, a common 10GbE NIC."""
+
+    address: PciAddress
+    vendor_id: str = "0x8086"
+    product_id: str = "0x1572"
+    vendor: str = "Intel Corporation"
+    product: str = "Ethernet Controller X710 for 10GbE SFP+"
+    class_code: str = msgspec.field(name="class", default="0x020000")
+    iommu_group: int | None = None
+    parent: PciAddress | None = None
+
+    def __post_init__(self) -> None:
+        try:
+            int(self.class_code, 0)
+        except ValueError:
+            raise ValueError(f"class {self.class_code!r} is not a number such as "
+                             "0x020000") from None
+
+    def device(self) -> NodePciDevice:
+        """Returns the device libvirt will report."""
+        return NodePciDevice(
+            address=self.address, vendor_id=self.vendor_id, product_id=self.product_id,
+            vendor=self.vendor, product=self.product, class_code=int(self.class_code, 0),
+            iommu_group=self.iommu_group, parent=self.parent)
+
+
+class _DomainEntry(msgspec.Struct, forbid_unknown_fields=True):
+    """A spec's domain."""
+
+    name: str
+    uuid: str
+    running: bool = True
+    cpus: int = 1
+    memory_mb: int = 512
+    hostdevs: tuple[PciAddress, ...] = ()
+
+    def domain(self) -> SimDomain:
+        """Returns the domain the host starts with."""
+        return SimDomain(name=self.name, uuid=self.uuid, running=self.running, cpus=self.cpus,
+                         memory_mb=self.memory_mb, hostdevs=self.hostdevs)
+
+
+class _SpecFile(msgspec.Struct, forbid_unknown_fields=True):
+    """The JSON form of a simulated-host spec (see docs/agent.md, "Simulated hosts")."""
+
+    name: str = "sim"
+    cpus: int = 16
+    memory_mb: int = 65536
+    devices: tuple[_DeviceEntry, ...] = ()
+    domains: tuple[_DomainEntry, ...] = ()
+    refuse_detach: tuple[PciAddress, ...] = ()
+    fail_migration: str | None = None
+    persist: bool = False
+
+    def spec(self) -> SimHostSpec:
+        """Returns the spec it describes."""
+        return SimHostSpec(
+            name=self.name, cpus=self.cpus, memory_mb=self.memory_mb,
+            devices=tuple(d.device() for d in self.devices),
+            domains=tuple(d.domain() for d in self.domains),
+            refuse_detach=frozenset(self.refuse_detach), fail_migration=self.fail_migration,
+            persist=self.persist)
+
+
+_spec_decoder = msgspec.json.Decoder(_SpecFile, dec_hook=_pci_address)
 
 
 def spec_from_dict(data: Mapping[str, Any]) -> SimHostSpec:
-    """Builds a spec from its JSON form (see docs/agent.md, "Simulated hosts")."""
-    return SimHostSpec(
-        name=str(data.get("name", "sim")),
-        cpus=int(data.get("cpus", 16)),
-        memory_mb=int(data.get("memory_mb", 65536)),
-        devices=tuple(_device(d) for d in data.get("devices", ())),
-        domains=tuple(_domain(d) for d in data.get("domains", ())),
-        refuse_detach=frozenset(PciAddress(a) for a in data.get("refuse_detach", ())),
-        fail_migration=data.get("fail_migration"),
-        persist=bool(data.get("persist", False)),
-    )
+    """Builds a spec from its JSON form as Python values (see docs/agent.md, "Simulated hosts").
+
+    Raises:
+        msgspec.ValidationError: a field is unknown, missing or wrong; the
+            text names it (``$.devices[1].address``).
+    """
+    return msgspec.convert(data, _SpecFile, dec_hook=_pci_address).spec()
 
 
 def load_spec(path: str | Path) -> SimHostSpec:
-    """Reads a simulated-host spec file; a bad file is a ``ConfigError`` naming it."""
+    """Reads a simulated-host spec file; a bad file is a ``ConfigError`` naming it and the field."""
     try:
-        return spec_from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
+        return _spec_decoder.decode(Path(path).read_bytes()).spec()
     except FileNotFoundError:
         raise ConfigError(str(path), 0, str(path), "the simulated-host spec file does not exist; "
                           "use libvirt.uri=simulated:///<absolute path of a JSON spec>") from None
-    except (ValueError, KeyError, TypeError) as exc:
+    except msgspec.DecodeError as exc:
         raise ConfigError(str(path), 0, str(path), f"not a valid simulated-host spec ({exc}); "
                           "see docs/agent.md") from None
 

@@ -6,9 +6,11 @@ has no attach, detach or migration. This module adds them:
 - attach/detach rewrite the persistent definition and, for a running domain,
   restart it quietly (the restart's lifecycle events are swallowed), so the
   live XML shows the change exactly as a real hot-plug would;
-- migration moves the domain between simulated hosts of the same process
-  (a registry keyed by URI): defined and started on the destination,
-  destroyed and undefined on the source;
+- migration moves the domain between simulated hosts that share a
+  ``SimulatedHosts`` (open hosts by URI; the demo and tests give one to all
+  the hosts of a process): defined and started on the destination,
+  destroyed and undefined on the source. A destination not among them is
+  another process's host, reached through its mailbox (``simulated_store``);
 - failures on demand: a device whose detach the guest refuses (like a guest
   without ``acpiphp``: the device stays, the detach times out) and a
   migration that fails.
@@ -54,8 +56,6 @@ from hostdev.messages.pci_address import PciAddress
 log = structlog.get_logger()
 
 SIMULATED_SCHEME = "simulated://"
-_REGISTRY: dict[str, SimulatedHost] = {}
-_REGISTRY_LOCK = threading.Lock()
 _QUIET_DEFINE = [("Defined", "Updated")]
 _QUIET_REPLUG = [("Stopped", "Destroyed"), ("Started", "Booted")]
 _RUNSTATE_SHUTOFF = "5"
@@ -97,17 +97,50 @@ def _node_xml_with(node_xml: str, saved: list[dict[str, Any]]) -> str:
     return ET.tostring(node, encoding="unicode")
 
 
-def registered_host(uri: str) -> SimulatedHost | None:
-    """Returns the open simulated host of this process at ``uri``, if any."""
-    with _REGISTRY_LOCK:
-        return _REGISTRY.get(uri)
+class SimulatedHosts:
+    """The open simulated hosts one migration reaches directly, by URI.
+
+    Hosts given the same ``SimulatedHosts`` migrate to each other in memory;
+    a host opened alone gets its own, so only it is found there.
+    """
+
+    def __init__(self) -> None:
+        self._hosts: dict[str, SimulatedHost] = {}
+        self._lock = threading.Lock()  # agents open and close hosts on their own threads
+
+    def add(self, host: SimulatedHost) -> None:
+        """Makes ``host`` the one open at its URI."""
+        with self._lock:
+            self._hosts[host.uri] = host
+
+    def remove(self, host: SimulatedHost) -> None:
+        """Forgets ``host``, unless another host opened at its URI since."""
+        with self._lock:
+            if self._hosts.get(host.uri) is host:
+                del self._hosts[host.uri]
+
+    def at(self, uri: str) -> SimulatedHost | None:
+        """Returns the open host at ``uri``, if it is one of these."""
+        with self._lock:
+            return self._hosts.get(uri)
 
 
 class SimulatedHost(LibvirtHost):
     """A ``Hypervisor`` on the test driver, adding attach, detach and migration."""
 
-    def __init__(self, uri: str, spec: SimHostSpec | None = None) -> None:
+    def __init__(self, uri: str, spec: SimHostSpec | None = None, *,
+                 hosts: SimulatedHosts | None = None) -> None:
+        """Prepares the host at ``uri``; ``open()`` connects.
+
+        Args:
+            uri: ``simulated:///<spec.json>`` or ``test:///<node.xml>``.
+            spec: the spec to use instead of reading the file the URI names.
+            hosts: the hosts this one migrates to in memory (and joins when
+                opened); without them it reaches other hosts only through
+                their mailboxes.
+        """
         super().__init__(uri)
+        self.hosts = hosts if hosts is not None else SimulatedHosts()
         if spec is None and uri.startswith(SIMULATED_SCHEME):
             spec = load_spec(uri.removeprefix(SIMULATED_SCHEME))
         self.spec = spec
@@ -137,7 +170,7 @@ class SimulatedHost(LibvirtHost):
     # -- connection --------------------------------------------------------------
 
     def open(self) -> None:
-        """Writes the node XML (from the spec), opens it, and registers the host."""
+        """Writes the node XML (from the spec), opens it, and joins its ``SimulatedHosts``."""
         if self._conn is not None:
             return
         if self.spec is None:
@@ -159,18 +192,15 @@ class SimulatedHost(LibvirtHost):
                 super().open()
             finally:
                 os.unlink(path)
-        with _REGISTRY_LOCK:
-            _REGISTRY[self.uri] = self
+        self.hosts.add(self)
         self.watcher = simulated_store.watch(self)  # other processes' migrations, faults
 
     def close(self) -> None:
-        """Unregisters the host and closes its connection; idempotent."""
+        """Leaves its ``SimulatedHosts`` and closes its connection; idempotent."""
         watcher, self.watcher = self.watcher, None
         if watcher is not None:
             watcher.stop()
-        with _REGISTRY_LOCK:
-            if _REGISTRY.get(self.uri) is self:
-                del _REGISTRY[self.uri]
+        self.hosts.remove(self)
         super().close()
 
     def pci_backends(self) -> tuple[str, ...] | None:
@@ -257,10 +287,10 @@ class SimulatedHost(LibvirtHost):
     # -- migration ---------------------------------------------------------------
 
     def migrate(self, uuid: str, destination_uri: str, timeout_s: float) -> None:
-        """Moves a running domain to the simulated host registered at ``destination_uri``."""
+        """Moves a running domain to the simulated host at ``destination_uri``."""
         if self._migration_failure is not None:
             raise MigrationFailed(uuid, destination_uri, self._migration_failure)
-        destination = registered_host(destination_uri)
+        destination = self.hosts.at(destination_uri)
         if destination is None:  # another process's host, through its mailbox
             simulated_store.hand_over(self, self.watcher, uuid, destination_uri)
             return
@@ -286,8 +316,8 @@ class SimulatedHost(LibvirtHost):
         log.info("simulated_domain_migrated", vm=uuid, destination=destination_uri)
 
     def has_domain_at(self, destination_uri: str, uuid: str) -> bool:
-        """Looks the domain up on the simulated host registered at ``destination_uri``."""
-        destination = registered_host(destination_uri)
+        """Looks the domain up on the simulated host at ``destination_uri``."""
+        destination = self.hosts.at(destination_uri)
         if destination is None:
             return simulated_store.has_domain(destination_uri, uuid)
         return destination.domain(uuid) is not None

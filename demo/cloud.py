@@ -18,13 +18,13 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 import structlog
 
 from hostdev.agent.config import parse_config
 from hostdev.agent.daemon import Agent
-from hostdev.agent.simulated import SimulatedHost
+from hostdev.agent.simulated import SimulatedHost, SimulatedHosts
 from hostdev.agent.startup_checks import check_host
 from hostdev.demo.hosts import DEMO_HOSTS, DemoHost
 from hostdev.messages import api
@@ -35,9 +35,6 @@ from hostdev.messages.errors import MessageError
 from hostdev.mgmt.config import MgmtConfig
 from hostdev.mgmt.persistence import database
 from hostdev.mgmt.service import ManagementService
-
-if TYPE_CHECKING:  # only mgmt imports SQLAlchemy (DESIGN section 2)
-    from sqlalchemy import Engine
 
 log = structlog.get_logger()
 
@@ -54,7 +51,6 @@ class Cloud(Protocol):
 
     #: Whether a VM can really migrate (simulated hosts must share a process).
     can_migrate: bool
-    engine: Engine
 
     def request(self, message: Message, timeout: float) -> Message: ...
     def attach_commands(self) -> list[tuple[str, AttachPciDevicesCommand]]: ...
@@ -79,6 +75,8 @@ class InProcessCloud:
         self.hosts = hosts
         self.broker = InProcessBroker()
         self.agents: list[Agent] = []
+        #: The hosts migrate to each other in memory: they share this process.
+        self.simulated_hosts = SimulatedHosts()
         prepare_database(self.db_url)
         self.engine = database.create_database_engine(self.db_url)
         self.service = ManagementService(MgmtConfig(db_url=self.db_url, amqp_url="memory://"),
@@ -91,7 +89,7 @@ class InProcessCloud:
         self.service.start()
         for host in self.hosts:
             uri = host.write_spec(self.directory)
-            hypervisor = SimulatedHost(uri)
+            hypervisor = SimulatedHost(uri, hosts=self.simulated_hosts)
             hypervisor.open()
             config = parse_config(host.properties(uri), str(self.directory / f"{host.name}"
                                                                                ".properties"))

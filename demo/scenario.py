@@ -18,7 +18,7 @@ from typing import TextIO
 
 from hostdev.demo.cloud import Cloud
 from hostdev.messages.codec import encode
-from hostdev.mgmt.operator_cli import add_commands
+from hostdev.mgmt.cli.operator_commands import add_commands
 
 #: How many GPU VMs the demo tries before it expects a refusal.
 MAX_GPU_VMS = 10

@@ -30,6 +30,9 @@ from hostdev.messages.runtime.metrics import MetricsServer, serve_metrics
 from hostdev.mgmt.persistence.models import (
     DEVICE_STATES,
     HOST_STATUSES,
+    JOB_PENDING,
+    JOB_RUNNING,
+    VM_DESTROYED,
     Host,
     Job,
     PciDevice,
@@ -96,10 +99,10 @@ class InventoryCollector:
             by_device = conn.execute(select(PciDevice.name, PciDevice.state, func.count())
                                      .group_by(PciDevice.name, PciDevice.state)).all()
             by_vm = conn.execute(select(VmInstance.state, func.count())
-                                 .where(VmInstance.state != "Destroyed")
+                                 .where(VmInstance.state != VM_DESTROYED)
                                  .group_by(VmInstance.state)).all()
             by_job = conn.execute(select(Job.kind, Job.state, func.count())
-                                  .where(Job.state.in_(("pending", "running")))
+                                  .where(Job.state.in_((JOB_PENDING, JOB_RUNNING)))
                                   .group_by(Job.kind, Job.state)).all()
         for status in (*HOST_STATUSES, *sorted(set(by_status) - set(HOST_STATUSES))):
             hosts.add_metric([status], by_status.get(status, 0))
@@ -107,10 +110,10 @@ class InventoryCollector:
         for name in sorted({name for name, _ in counts}):
             for device_state in DEVICE_STATES:  # every state of every name, zeros included
                 devices.add_metric([name, device_state], counts.get((name, device_state), 0))
-        for state, count in by_vm:
-            vms.add_metric([state], count)
-        for kind, state, count in by_job:
-            jobs.add_metric([kind, state], count)
+        for vm_state, count in by_vm:
+            vms.add_metric([vm_state], count)
+        for kind, job_state, count in by_job:
+            jobs.add_metric([kind, job_state], count)
         return [hosts, devices, vms, jobs]
 
 

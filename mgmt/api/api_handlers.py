@@ -34,6 +34,7 @@ from hostdev.mgmt.errors import Conflict, InvalidRequest, NotFound
 from hostdev.mgmt.jobs.jobs import JobManager, find_host, find_offering, job_row
 from hostdev.mgmt.jobs.migration import MigrationManager
 from hostdev.mgmt.persistence.models import (
+    VM_DESTROYED,
     Host,
     Job,
     PciDevice,
@@ -137,9 +138,9 @@ class ApiHandlers:
         query = (select(VmInstance, ServiceOffering.name, host.guid, host.name)
                  .join(ServiceOffering, ServiceOffering.id == VmInstance.offering_id)
                  .outerjoin(host, host.id == VmInstance.host_id)
-                 .where(VmInstance.state != "Destroyed").order_by(VmInstance.id))
+                 .where(VmInstance.state != VM_DESTROYED).order_by(VmInstance.id))
         rows = tuple(
-            VmRow(uuid=vm.uuid, name=vm.name, offering=offering, state=vm.state,  # type: ignore[arg-type]
+            VmRow(uuid=vm.uuid, name=vm.name, offering=offering, state=vm.state,
                   host_guid=guid, host_name=name, pci_devices=tuple(held.get(vm.id, ())))
             for vm, offering, guid, name in tx.session.execute(query))
         return api.VmList(vms=rows)
@@ -148,7 +149,7 @@ class ApiHandlers:
         return OfferingRow(id=offering.id, name=offering.name, cpus=offering.cpus,
                            memory_mb=offering.memory_mb,
                            pci_requests=offering_requests(tx, offering.id),
-                           migration_policy=offering.migration_policy)  # type: ignore[arg-type]
+                           migration_policy=offering.migration_policy)
 
     def list_offerings(self, tx: TxContext, request: api.ListOfferingsRequest) -> api.OfferingList:
         """Lists service offerings."""

@@ -30,11 +30,21 @@ from hostdev.messages.commands import (
     VmStateReport,
 )
 from hostdev.messages.events import HostStatusChanged, PciDeviceAllocated
-from hostdev.messages.values import DomainInfo
+from hostdev.messages.values import DomainInfo, HostStatus
 from hostdev.mgmt.config import MgmtConfig
 from hostdev.mgmt.devices import pci_inventory
 from hostdev.mgmt.errors import Forbidden
-from hostdev.mgmt.persistence.models import Host, VmInstance, utcnow
+from hostdev.mgmt.persistence.models import (
+    HOST_DISCONNECTED,
+    HOST_DOWN,
+    HOST_UP,
+    VM_ERROR,
+    VM_RUNNING,
+    VM_STOPPED,
+    Host,
+    VmInstance,
+    utcnow,
+)
 from hostdev.mgmt.persistence.unit_of_work import TxContext
 from hostdev.mgmt.vms.vm_lifecycle import VmLifecycleManager
 from hostdev.mgmt.vms.vm_states import VmEvent
@@ -88,7 +98,7 @@ class HostRegistry:
         host = tx.session.scalar(select(Host).where(Host.guid == command.guid).with_for_update())
         previous = None
         if host is None:
-            host = Host(guid=command.guid, status="Up", created_at=now)
+            host = Host(guid=command.guid, status=HOST_UP, created_at=now)
             tx.session.add(host)
         else:
             previous = host.status
@@ -154,7 +164,7 @@ class HostRegistry:
         self._adopt_running(tx, host, reported)
         stopped = 0
         vms = tx.session.scalars(select(VmInstance).where(VmInstance.host_id == host.id,
-                                                          VmInstance.state == "Running"))
+                                                          VmInstance.state == VM_RUNNING))
         for vm in list(vms):
             if vm.uuid in running or not self._settled(vm):
                 continue
@@ -175,7 +185,7 @@ class HostRegistry:
         if not reported:
             return
         vms = tx.session.scalars(select(VmInstance).where(
-            VmInstance.uuid.in_(list(reported)), VmInstance.state.in_(("Stopped", "Error"))))
+            VmInstance.uuid.in_(list(reported)), VmInstance.state.in_((VM_STOPPED, VM_ERROR))))
         for vm in list(vms):
             if not self._settled(vm):
                 continue
@@ -199,11 +209,11 @@ class HostRegistry:
             self._lifecycle.transition(tx, vm, VmEvent.FOLLOW_AGENT_POWER_ON,
                                        host_id=host.id)
 
-    def _status_event(self, tx: TxContext, host: Host, status: str,
-                      previous: str | None) -> None:
+    def _status_event(self, tx: TxContext, host: Host, status: HostStatus,
+                      previous: HostStatus | None) -> None:
         tx.outbox.add(f"host.{host.guid}.{status}",
-                   HostStatusChanged(host_guid=host.guid, status=status,  # type: ignore[arg-type]
-                                     previous=previous,  # type: ignore[arg-type]
+                   HostStatusChanged(host_guid=host.guid, status=status,
+                                     previous=previous,
                                      at=utcnow().isoformat() + "Z"))
         log.info("host_status_changed", host=host.guid, status=status, previous=previous)
 
@@ -214,10 +224,10 @@ class HostRegistry:
         down_before = now - timedelta(seconds=self._config.host_down_after_s)
         changed = 0
         hosts = tx.session.scalars(select(Host).where(
-            Host.status.in_(("Up", "Disconnected")), Host.last_ping < disconnected_before))
+            Host.status.in_((HOST_UP, HOST_DISCONNECTED)), Host.last_ping < disconnected_before))
         for host in list(hosts):
-            status = "Down" if host.last_ping and host.last_ping < down_before \
-                else "Disconnected"
+            status: HostStatus = HOST_DOWN if host.last_ping and host.last_ping < down_before \
+                else HOST_DISCONNECTED
             if status == host.status:
                 continue
             # Conditional on what we read: a ping that just arrived wins.

@@ -19,9 +19,10 @@ from sqlalchemy.orm import Session
 
 from hostdev.messages.base import Message
 from hostdev.messages.events import JobFinished
+from hostdev.messages.values import JobState
 from hostdev.mgmt import metrics
 from hostdev.mgmt.jobs import payloads
-from hostdev.mgmt.persistence.models import Job, VmInstance, utcnow
+from hostdev.mgmt.persistence.models import JOB_RUNNING, Job, VmInstance, utcnow
 from hostdev.mgmt.persistence.unit_of_work import TxContext
 
 log = structlog.get_logger()
@@ -37,7 +38,7 @@ def new_job(tx: TxContext, kind: payloads.JobKind, vm: VmInstance, step: str,
     The id of the request being handled is kept, so a redelivered request
     finds the job it created (``job_of_request``).
     """
-    job = Job(kind=kind, state="running", vm_id=vm.id, step=step, details="",
+    job = Job(kind=kind, state=JOB_RUNNING, vm_id=vm.id, step=step, details="",
               deadline=deadline, request_id=tx.message_id)
     payloads.store(job, payload)
     tx.session.add(job)
@@ -65,7 +66,7 @@ def job_for_answer(tx: TxContext, vm_uuid: str, correlation_id: str | None
     job = None
     if correlation_id:
         job = tx.session.scalar(select(Job).where(
-            Job.command_id == correlation_id, Job.vm_id == vm.id, Job.state == "running")
+            Job.command_id == correlation_id, Job.vm_id == vm.id, Job.state == JOB_RUNNING)
             .with_for_update())
     if job is None:
         log.info("answer_without_job", vm=vm_uuid, correlation_id=correlation_id)
@@ -78,7 +79,7 @@ def job_of_request(session: Session, request_id: str) -> Job | None:
                           .order_by(Job.id.desc()).limit(1))
 
 
-def finish(tx: TxContext, job: Job, state: str, details: str, *, step: str = "done") -> None:
+def finish(tx: TxContext, job: Job, state: JobState, details: str, *, step: str = "done") -> None:
     """Ends a job: ``JobFinished`` to the outbox, its duration observed at commit."""
     if job.id is None:
         tx.session.flush()  # the routing key names the job
@@ -90,7 +91,7 @@ def finish(tx: TxContext, job: Job, state: str, details: str, *, step: str = "do
     vm = tx.session.get(VmInstance, job.vm_id) if job.vm_id is not None else None
     outcome = "Succeeded" if state == "succeeded" else "Failed"
     tx.outbox.add(f"job.{job.id}.{outcome}",
-                  JobFinished(job_id=job.id, job_kind=job.kind, state=state,  # type: ignore[arg-type]
+                  JobFinished(job_id=job.id, job_kind=job.kind, state=state,
                               vm_uuid=vm.uuid if vm is not None else None, step=step,
                               details=details, at=utcnow().isoformat() + "Z"))
     log.info("job_finished", job=job.id, kind=job.kind, state=state, step=step,
@@ -101,7 +102,7 @@ def finish(tx: TxContext, job: Job, state: str, details: str, *, step: str = "do
 def overdue(tx: TxContext, limit: int = 100) -> list[int]:
     """Returns the ids of running jobs past their deadline."""
     return list(tx.session.scalars(
-        select(Job.id).where(Job.state == "running", Job.deadline < utcnow())
+        select(Job.id).where(Job.state == JOB_RUNNING, Job.deadline < utcnow())
         .order_by(Job.deadline).limit(limit)))
 
 

@@ -38,6 +38,8 @@ from hostdev.mgmt.jobs.payloads import (
 )
 from hostdev.mgmt.persistence.database import PreparedStatement, RetryTransaction
 from hostdev.mgmt.persistence.models import (
+    VM_DESTROYED,
+    VM_STOPPED,
     Host,
     Job,
     ServiceOffering,
@@ -80,7 +82,7 @@ def find_vm(session: Session, ref: str) -> VmInstance:
     """
     vm = session.scalar(select(VmInstance).where(
         (VmInstance.uuid == ref) | (VmInstance.name == ref),
-        VmInstance.state != "Destroyed").order_by(VmInstance.id.desc()).limit(1))
+        VmInstance.state != VM_DESTROYED).order_by(VmInstance.id.desc()).limit(1))
     if vm is None:
         raise NotFound(f"no VM is named {ref!r} (nor has that uuid); list them with: "
                        "hostdev vm list")
@@ -101,7 +103,7 @@ def job_row(session: Session, job: Job) -> JobRow:
     """Returns a job as the API shows it."""
     vm_uuid = (session.scalar(select(VmInstance.uuid).where(VmInstance.id == job.vm_id))
                if job.vm_id is not None else None)
-    return JobRow(id=job.id, kind=job.kind, state=job.state, vm_uuid=vm_uuid,  # type: ignore[arg-type]
+    return JobRow(id=job.id, kind=job.kind, state=job.state, vm_uuid=vm_uuid,
                   step=job.step, details=job.details,
                   created_at=job.created_at.isoformat() + "Z",
                   finished_at=job.finished_at.isoformat() + "Z" if job.finished_at else None)
@@ -113,7 +115,7 @@ _REQUEST = ServiceOfferingPciRequest.__table__.c
 _FOR_DEPLOY = PreparedStatement(
     select(_OFFERING.id, _OFFERING.cpus, _OFFERING.memory_mb, _REQUEST.name, _REQUEST.count,
            select(VmInstance.uuid)
-           .where(VmInstance.name == bindparam("vm_name"), VmInstance.state != "Destroyed")
+           .where(VmInstance.name == bindparam("vm_name"), VmInstance.state != VM_DESTROYED)
            .limit(1).scalar_subquery())
     .select_from(ServiceOffering.__table__.outerjoin(
         ServiceOfferingPciRequest.__table__, _REQUEST.offering_id == _OFFERING.id))
@@ -169,7 +171,7 @@ class JobManager:
             raise Conflict(f"a VM named {name!r} exists already ({taken}); pick another name "
                            "or destroy it first")
         vm = VmInstance(uuid=str(uuid_module.uuid4()), name=name, offering_id=offering_id,
-                        state="Stopped", update_count=0, cpus=cpus, memory_mb=memory_mb)
+                        state=VM_STOPPED, update_count=0, cpus=cpus, memory_mb=memory_mb)
         tx.session.add(vm)
         tx.session.flush()
         job = self._new_job(tx, "deploy", vm, StartPayload(avoid=list(avoid)))

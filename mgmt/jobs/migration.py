@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from datetime import timedelta
 
 import structlog
-from sqlalchemy import select, update
+from sqlalchemy import update
 
 from hostdev.messages.api import MigrationPlan
 from hostdev.messages.commands import (
@@ -42,6 +42,7 @@ from hostdev.messages.events import PciDeviceAllocated, PciDeviceReleased
 from hostdev.messages.pci_address import PciAddress
 from hostdev.mgmt.config import MgmtConfig
 from hostdev.mgmt.devices import pci_devices
+from hostdev.mgmt.devices.device_rows import ALLOCATED, QUARANTINED
 from hostdev.mgmt.devices.pci_devices import ClaimRaceLost, HeldDevice, InsufficientDevices
 from hostdev.mgmt.errors import Conflict, InvalidRequest, NoCapacity
 from hostdev.mgmt.jobs import engine
@@ -51,7 +52,6 @@ from hostdev.mgmt.jobs.migration_plan import (
     STEP_MIGRATE,
     STEP_REATTACH,
     STEP_VERIFY,
-    NamedDevice,
     check_policy,
     describe_missing,
     failed_attaches,
@@ -69,7 +69,6 @@ from hostdev.mgmt.jobs.payloads import (
 from hostdev.mgmt.persistence.models import (
     Host,
     Job,
-    PciDevice,
     ServiceOffering,
     VmInstance,
     utcnow,
@@ -80,10 +79,6 @@ from hostdev.mgmt.vms.vm_lifecycle import VmLifecycleManager, host_guid_of, offe
 from hostdev.mgmt.vms.vm_states import VmEvent
 
 log = structlog.get_logger()
-
-
-def _named(devices: Sequence[HeldDevice]) -> list[NamedDevice]:
-    return [NamedDevice(d.name, d.address) for d in devices]
 
 
 class MigrationManager:
@@ -107,7 +102,7 @@ class MigrationManager:
         assert offering is not None
         held = [d for d in pci_devices.devices_of_vm(tx.session.connection(), vm.id)
                 if d.host_id == source.id]
-        check_policy(vm.name, offering.name, offering.migration_policy, _named(held))
+        check_policy(vm.name, offering.name, offering.migration_policy, held)
         demand = planner.Demand(cpus=vm.cpus, memory_mb=vm.memory_mb,
                                 pci=offering_requests(tx, vm.offering_id))
         names = [r.name for r in demand.pci]
@@ -134,16 +129,10 @@ class MigrationManager:
         """Says where a VM would go and which device replaces which; changes nothing."""
         vm, source, candidates, held = self._prepare(tx, ref, destination)
         target = candidates[0]
-        free = tx.session.execute(
-            select(PciDevice.name, PciDevice.domain, PciDevice.bus, PciDevice.slot,
-                   PciDevice.function).where(PciDevice.host_id == target.id,
-                                             PciDevice.state == "free")
-            .order_by(PciDevice.id))
-        spare = [NamedDevice(r.name, PciAddress(f"{r.domain}:{r.bus}:{r.slot}.{r.function}"))
-                 for r in free]
+        spare = pci_devices.free_devices(tx.session.connection(), target.id)
         return MigrationPlan(vm_uuid=vm.uuid, source_guid=source.guid,
                              destination_guid=target.guid,
-                             devices=pair_devices(_named(held), spare),
+                             devices=pair_devices(held, spare),
                              details=f"{vm.name}: {source.name} -> {target.name}")
 
     # -- beginning -----------------------------------------------------------------
@@ -186,7 +175,7 @@ class MigrationManager:
                                  detach_timeout_s=detach_s,
                                  migrate_timeout_s=max(1.0, budget * 0.75
                                                        - detach_s * len(held)))
-        mapping = pair_devices(_named(held), _named(reserved))
+        mapping = pair_devices(held, reserved)
         payload = MigratePayload(
             source=source.guid, source_id=source.id, source_name=source.name,
             destination=target.guid, destination_id=target.id, destination_name=target.name,
@@ -219,7 +208,7 @@ class MigrationManager:
         """Returns the addresses of the devices ``vm`` holds (not merely reserves) on a host."""
         return tuple(sorted((d.address for d in pci_devices.devices_of_vm(tx.session.connection(),
                                                                           vm.id)
-                             if d.host_id == host_id and d.state in ("allocated", "quarantined")),
+                             if d.host_id == host_id and d.state in (ALLOCATED, QUARANTINED)),
                             key=str))
 
     def _send_attach(self, tx: TxContext, job: Job, payload: AttachPayload,

@@ -8,15 +8,12 @@ in for which source device, and what an agent's answers mean for the job.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 
 from hostdev.messages.pci_address import PciAddress
 from hostdev.messages.values import DeviceMapping, DeviceOutcome, MigrationPolicy
+from hostdev.mgmt.devices.device_rows import HeldDevice
 from hostdev.mgmt.errors import Forbidden
 
-#: Job kinds this module drives.
-MIGRATE_JOB = "migrate"
-ATTACH_JOB = "attach-devices"
 #: Steps of a migrate job, in order; ``verify`` and ``reattach`` only on trouble.
 STEP_MIGRATE = "migrate"
 STEP_VERIFY = "verify"
@@ -24,16 +21,8 @@ STEP_ATTACH = "attach"
 STEP_REATTACH = "reattach"
 
 
-@dataclass(frozen=True)
-class NamedDevice:
-    """A device by name and address (what the mapping pairs)."""
-
-    name: str
-    address: PciAddress
-
-
 def check_policy(vm_name: str, offering: str, policy: MigrationPolicy | str,
-                 held: Sequence[NamedDevice]) -> None:
+                 held: Sequence[HeldDevice]) -> None:
     """Refuses to migrate a VM holding devices when its offering's policy is ``forbid``.
 
     Raises:
@@ -50,8 +39,8 @@ def check_policy(vm_name: str, offering: str, policy: MigrationPolicy | str,
         "'detach-attach' (the guest loses the devices during the move)")
 
 
-def pair_devices(source: Iterable[NamedDevice],
-                 destination: Iterable[NamedDevice]) -> tuple[DeviceMapping, ...]:
+def pair_devices(source: Iterable[HeldDevice],
+                 destination: Iterable[HeldDevice]) -> tuple[DeviceMapping, ...]:
     """Pairs each source device with a destination device of the same name, in order.
 
     Both sides are sorted by name then address, so the pairing is stable.

@@ -32,7 +32,7 @@ from hostdev.mgmt.jobs.payloads import (
     load,
     store,
 )
-from hostdev.mgmt.persistence.models import Job, VmInstance, utcnow
+from hostdev.mgmt.persistence.models import JOB_RUNNING, Job, VmInstance, utcnow
 from hostdev.mgmt.persistence.unit_of_work import TxContext
 from hostdev.mgmt.vms.vm_states import VmEvent
 
@@ -71,7 +71,7 @@ class MigrationRecovery:
         # Read without locks (this runs for every ping), then lock only the jobs
         # this host takes part in, and look at them again once locked.
         candidates = session.execute(select(Job.id, Job.payload).where(
-            Job.kind == MIGRATE_JOB, Job.state == "running",
+            Job.kind == MIGRATE_JOB, Job.state == JOB_RUNNING,
             Job.step.in_((STEP_MIGRATE, STEP_VERIFY)))).all()
         for job_id, raw in candidates:
             sides = msgspec.json.decode(raw or "{}", type=_Sides)

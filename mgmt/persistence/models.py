@@ -46,6 +46,17 @@ DEVICE_STATES: Final[tuple[DeviceState, ...]] = get_args(DeviceState)
 VM_STATES: Final[tuple[VmState, ...]] = get_args(VmState)
 MIGRATION_POLICIES: Final[tuple[MigrationPolicy, ...]] = get_args(MigrationPolicy)
 JOB_STATES: Final[tuple[JobState, ...]] = get_args(JobState)
+# The values SQL conditions compare with, by name: the type checker sees the
+# spelling of a typed attribute compared in Python, not inside an expression.
+HOST_UP: Final[HostStatus] = "Up"
+HOST_DISCONNECTED: Final[HostStatus] = "Disconnected"
+HOST_DOWN: Final[HostStatus] = "Down"
+VM_STOPPED: Final[VmState] = "Stopped"
+VM_RUNNING: Final[VmState] = "Running"
+VM_DESTROYED: Final[VmState] = "Destroyed"
+VM_ERROR: Final[VmState] = "Error"
+JOB_PENDING: Final[JobState] = "pending"
+JOB_RUNNING: Final[JobState] = "running"
 
 # MariaDB's DATETIME drops fractions unless asked; job deadlines and outbox
 # order want microseconds.
@@ -113,7 +124,7 @@ class ServiceOffering(Base):
     name: Mapped[str] = mapped_column(String(255), unique=True)
     cpus: Mapped[int] = mapped_column(Integer)
     memory_mb: Mapped[int] = mapped_column(BigInteger)
-    migration_policy: Mapped[str] = mapped_column(String(16), default="forbid")
+    migration_policy: Mapped[MigrationPolicy] = mapped_column(String(16), default="forbid")
     created_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)
 
 
@@ -151,7 +162,7 @@ class VmInstance(Base):
     offering_id: Mapped[int] = mapped_column(ForeignKey("service_offerings.id"))
     host_id: Mapped[int | None] = mapped_column(ForeignKey("hosts.id"))
     last_host_id: Mapped[int | None] = mapped_column(ForeignKey("hosts.id"))
-    state: Mapped[str] = mapped_column(String(16), default="Stopped")
+    state: Mapped[VmState] = mapped_column(String(16), default=VM_STOPPED)
     update_count: Mapped[int] = mapped_column(BigInteger, default=0)
     cpus: Mapped[int] = mapped_column(Integer)
     memory_mb: Mapped[int] = mapped_column(BigInteger)
@@ -223,7 +234,7 @@ class Job(Base):
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
     kind: Mapped[str] = mapped_column(String(32))
-    state: Mapped[str] = mapped_column(String(16), default="pending")
+    state: Mapped[JobState] = mapped_column(String(16), default=JOB_PENDING)
     vm_id: Mapped[int | None] = mapped_column(ForeignKey("vm_instances.id"))
     step: Mapped[str] = mapped_column(String(64), default="")
     details: Mapped[str] = mapped_column(Text, default="")

@@ -97,7 +97,7 @@ class VmLifecycleManager:
             InvalidTransition: the event is not allowed in the VM's state.
             StaleVmState: the row changed since it was read (retry).
         """
-        old: VmState = vm.state  # type: ignore[assignment]
+        old: VmState = vm.state
         new = next_state(old, event, vm=vm.name)
         values: dict[str, object] = {"state": new, "update_count": vm.update_count + 1,
                                      "updated_at": utcnow()}

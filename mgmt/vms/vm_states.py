@@ -1,4 +1,4 @@
-"""The VM state machine of DESIGN section 7, as pure functions over values.
+"""The VM state machine, as pure functions over values.
 
 A transition is ``(state, event) -> new state``. Anything not in the table is
 refused with an ``InvalidTransition`` that says which states allow the event.
@@ -9,6 +9,7 @@ UPDATE on ``(state, update_count)`` and runs the listeners.
 from __future__ import annotations
 
 from enum import StrEnum
+from typing import Final, get_args
 
 from hostdev.messages.values import VmState
 from hostdev.mgmt.errors import InvalidTransition
@@ -31,9 +32,7 @@ class VmEvent(StrEnum):
     ERROR_OCCURRED = "ErrorOccurred"
 
 
-STATES: tuple[VmState, ...] = (
-    "Stopped", "Starting", "Running", "Stopping", "Migrating", "Destroyed", "Error",
-)
+STATES: Final[tuple[VmState, ...]] = get_args(VmState)
 
 _E = VmEvent
 TRANSITIONS: dict[tuple[VmState, VmEvent], VmState] = {

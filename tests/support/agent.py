@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from hostdev.agent.simulated import SimulatedHost
+from hostdev.agent.simulated import SimulatedHost, SimulatedHosts
 
 #: A libvirt test-driver node file written by hand in libvirt's own format (not by
 #: ``build_node_xml``), so parsing is checked against XML the agent did not write.
@@ -75,11 +75,12 @@ HostFactory = Callable[..., SimulatedHost]
 
 
 def host_factory(directory: Path) -> Iterator[HostFactory]:
-    """Yields a factory of opened simulated hosts; closes them all afterwards."""
+    """Yields a factory of opened simulated hosts that migrate to each other; closes them after."""
     opened: list[SimulatedHost] = []
+    hosts = SimulatedHosts()
 
     def make(name: str = "sim-a", **extra: Any) -> SimulatedHost:
-        host = SimulatedHost(write_spec(directory, sample_spec(name, **extra)))
+        host = SimulatedHost(write_spec(directory, sample_spec(name, **extra)), hosts=hosts)
         host.open()
         opened.append(host)
         return host

@@ -100,5 +100,23 @@ def test_a_missing_or_broken_spec_file_is_a_config_error(tmp_path: Path) -> None
         load_spec(tmp_path / "none.json")
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"devices": [{"address": "28:00.9"}]}))
-    with pytest.raises(ConfigError, match="not a valid simulated-host spec"):
+    with pytest.raises(ConfigError, match="not a valid simulated-host spec") as refused:
         load_spec(bad)
+    assert str(bad) in str(refused.value) and "$.devices[0].address" in str(refused.value)
+
+
+@pytest.mark.parametrize(("spec", "named"), [
+    ({"devices": [{"address": "28:00.1", "iommu_grup": 3}]}, "unknown field `iommu_grup`"),
+    ({"devices": [{"address": "28:00.1", "class": "nic"}]}, "class 'nic' is not a number"),
+    ({"cpus": "4"}, "$.cpus"),
+    ({"domains": [{"name": "vm"}]}, "missing required field `uuid` - at `$.domains[0]`"),
+    ({"refuse_detach": [7]}, "$.refuse_detach[0]"),
+])
+def test_a_wrong_spec_field_is_named(tmp_path: Path, spec: dict[str, object],
+                                     named: str) -> None:
+    """A misspelt, missing or mistyped field is a ConfigError naming the file and the field."""
+    path = tmp_path / "spec.json"
+    path.write_text(json.dumps(spec))
+    with pytest.raises(ConfigError) as refused:
+        load_spec(path)
+    assert str(path) in str(refused.value) and named in str(refused.value)

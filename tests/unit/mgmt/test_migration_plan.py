@@ -6,9 +6,9 @@ import pytest
 
 from hostdev.messages.pci_address import PciAddress as P
 from hostdev.messages.values import DeviceOutcome
+from hostdev.mgmt.devices.device_rows import FREE, HeldDevice
 from hostdev.mgmt.errors import Forbidden
 from hostdev.mgmt.jobs.migration_plan import (
-    NamedDevice,
     check_policy,
     failed_attaches,
     missing_after_rollback,
@@ -16,9 +16,14 @@ from hostdev.mgmt.jobs.migration_plan import (
 )
 
 
+def device(name: str, address: str) -> HeldDevice:
+    """Returns a free device of host 1 (the rules read only its name and address)."""
+    return HeldDevice(id=0, host_id=1, name=name, address=P(address), state=FREE)
+
+
 def test_forbid_refuses_only_a_vm_holding_devices() -> None:
     """Forbid names devices, offering and policy; no devices or detach-attach pass."""
-    held = [NamedDevice("10GE", P("28:00.1")), NamedDevice("GPU", P("3b:00.0"))]
+    held = [device("10GE", "28:00.1"), device("GPU", "3b:00.0")]
     with pytest.raises(Forbidden) as refused:
         check_policy("vm1", "net", "forbid", held)
     text = str(refused.value)
@@ -30,10 +35,10 @@ def test_forbid_refuses_only_a_vm_holding_devices() -> None:
 
 def test_pairing_matches_names_in_address_order() -> None:
     """Each source device gets a destination device of its name, both sides sorted."""
-    source = [NamedDevice("10GE", P("28:00.2")), NamedDevice("GPU", P("3b:00.0")),
-              NamedDevice("10GE", P("28:00.1"))]
-    destination = [NamedDevice("10GE", P("5e:00.1")), NamedDevice("GPU", P("af:00.0")),
-                   NamedDevice("10GE", P("5e:00.0")), NamedDevice("10GE", P("5e:00.3"))]
+    source = [device("10GE", "28:00.2"), device("GPU", "3b:00.0"),
+              device("10GE", "28:00.1")]
+    destination = [device("10GE", "5e:00.1"), device("GPU", "af:00.0"),
+                   device("10GE", "5e:00.0"), device("10GE", "5e:00.3")]
     assert [(m.name, m.source, m.destination) for m in pair_devices(source, destination)] == [
         ("10GE", P("28:00.1"), P("5e:00.0")), ("10GE", P("28:00.2"), P("5e:00.1")),
         ("GPU", P("3b:00.0"), P("af:00.0"))]

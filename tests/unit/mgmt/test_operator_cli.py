@@ -15,7 +15,7 @@ from hostdev.messages.codec import decode, encode
 from hostdev.messages.commands import ErrorAnswer
 from hostdev.messages.errors import BusError, RemoteError, RequestTimeout
 from hostdev.mgmt.cli import build_parser
-from hostdev.mgmt.operator_cli import expect, render_table
+from hostdev.mgmt.cli.plumbing import expect, render_table
 from hostdev.mgmt.persistence.database import create_database_engine
 from tests.support.databases import sqlite_database
 from tests.support.mgmt_harness import Harness, devices

@@ -12,13 +12,13 @@ import argparse
 from typing import TextIO
 
 from hostdev.messages import api
+from hostdev.mgmt.cli.job_commands import accepted
+from hostdev.mgmt.cli.plumbing import Requester, command, expect, print_json, render_table
 
 
 def add_vm_commands(vm_sub: argparse._SubParsersAction[argparse.ArgumentParser],
                     common: argparse.ArgumentParser) -> None:
     """Adds ``migrate`` and ``attach-devices`` under ``hostdev vm``."""
-    from hostdev.mgmt.operator_cli import _cmd
-
     sub = vm_sub.add_parser("migrate", parents=[common],
                             help="live-migrate a VM, carrying its PCI devices over")
     sub.add_argument("vm", help="VM name or uuid")
@@ -27,25 +27,22 @@ def add_vm_commands(vm_sub: argparse._SubParsersAction[argparse.ArgumentParser],
     sub.add_argument("--dry-run", action="store_true",
                      help="show the destination and the device mapping; change nothing")
     sub.add_argument("--wait", action="store_true", help="wait until the job finishes")
-    sub.set_defaults(func=_cmd(_vm_migrate))
+    sub.set_defaults(func=command(_vm_migrate))
     sub = vm_sub.add_parser("attach-devices", parents=[common],
                             help="retry attaching the devices a VM holds but lacks")
     sub.add_argument("vm", help="VM name or uuid")
     sub.add_argument("--wait", action="store_true", help="wait until the job finishes")
-    sub.set_defaults(func=_cmd(_vm_attach_devices))
+    sub.set_defaults(func=command(_vm_attach_devices))
 
 
-def _vm_migrate(args: argparse.Namespace, request: object, out: TextIO) -> int:
-    from hostdev.mgmt.operator_cli import Requester, _accepted, _json, expect, render_table
-
-    send: Requester = request  # type: ignore[assignment]
-    answer = send(api.MigrateVmRequest(vm=args.vm, destination=args.destination,
+def _vm_migrate(args: argparse.Namespace, request: Requester, out: TextIO) -> int:
+    answer = request(api.MigrateVmRequest(vm=args.vm, destination=args.destination,
                                        dry_run=args.dry_run), args.timeout)
     if not args.dry_run:
-        return _accepted(args, send, answer, out, f"migrate {args.vm}")
+        return accepted(args, request, answer, out, f"migrate {args.vm}")
     answer = expect(answer, api.MigrationPlan)
     if args.json:
-        _json(answer, out)
+        print_json(answer, out)
         return 0
     out.write(f"dry run: {answer.details or args.vm} "
               f"(source {answer.source_guid}, destination {answer.destination_guid}); "
@@ -55,9 +52,6 @@ def _vm_migrate(args: argparse.Namespace, request: object, out: TextIO) -> int:
     return 0
 
 
-def _vm_attach_devices(args: argparse.Namespace, request: object, out: TextIO) -> int:
-    from hostdev.mgmt.operator_cli import Requester, _accepted
-
-    send: Requester = request  # type: ignore[assignment]
-    answer = send(api.AttachVmDevicesRequest(vm=args.vm), args.timeout)
-    return _accepted(args, send, answer, out, f"attach devices of {args.vm}")
+def _vm_attach_devices(args: argparse.Namespace, request: Requester, out: TextIO) -> int:
+    answer = request(api.AttachVmDevicesRequest(vm=args.vm), args.timeout)
+    return accepted(args, request, answer, out, f"attach devices of {args.vm}")

@@ -6,12 +6,14 @@ write, next to the code it drives, a function
 ``subparsers.add_parser(...)`` (nested ``add_subparsers`` for verbs such as
 ``vm deploy``) and ends with ``parser.set_defaults(func=<fn>)``, where
 ``<fn>(args: argparse.Namespace) -> int`` returns the exit status. Then append
-it to ``COMMANDS`` below (``hostdev.mgmt.operator_cli.add_commands`` follows
-this shape). This module only wires parsers together and turns
-the package root errors into a one-line message and an exit status; it holds
-no command logic (``hostdev schema`` lives in ``hostdev.messages.schema_export``).
-Commands that log configure structlog in ``main`` (CONVENTIONS 6: only the
-entry point configures logging); ``hostdev schema`` does not log.
+it to ``COMMANDS`` below (``operator_commands.add_commands`` follows this
+shape). This module only wires parsers together and turns the package root
+errors into a one-line message and an exit status; it holds no command logic:
+the operator commands live in ``operator_commands``, ``job_commands`` and
+``migration_commands``, what they share in ``plumbing``, and ``hostdev
+schema`` in ``hostdev.messages.schema_export``. Only an entry point configures
+logging: commands that talk to the broker do it as they start (``plumbing.command``);
+``hostdev schema`` does not log.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from typing import TYPE_CHECKING
 
 from hostdev.messages.errors import MessageError
 from hostdev.messages.schema_export import add_schema_command
-from hostdev.mgmt.operator_cli import add_commands as add_operator_commands
+from hostdev.mgmt.cli.operator_commands import add_commands as add_operator_commands
 
 if TYPE_CHECKING:  # argparse's action class is generic only to type checkers
     SubParsers = argparse._SubParsersAction[argparse.ArgumentParser]
@@ -55,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
         register(subparsers)
     # Commands from other parts of the distribution (``hostdev demo`` runs the
     # agent and management together) register through an entry point, so this
-    # module never imports the agent (DESIGN section 2).
+    # module never imports the agent: management and agent stay apart.
     for plugin in entry_points(group=PLUGIN_GROUP):
         plugin.load()(subparsers)
     return parser

@@ -1,0 +1,177 @@
+"""The operator commands of ``hostdev``: hosts, devices, offerings, VMs, explain.
+
+Every command is one API request over AMQP (request/response). Output is a
+table for people, or JSON with ``--json`` for scripts; errors are one line a
+person understands, with exit status 1 (2 for usage errors, as argparse does).
+``add_commands(subparsers)`` hooks them, the job commands and the migration
+commands into the ``hostdev`` parser.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from typing import Any, TextIO
+
+from hostdev.messages import api
+from hostdev.messages.base import Message
+from hostdev.mgmt.api.offerings import format_pci_requests
+from hostdev.mgmt.cli.job_commands import accepted, add_job_commands
+from hostdev.mgmt.cli.migration_commands import add_vm_commands
+from hostdev.mgmt.cli.plumbing import (
+    Requester,
+    command,
+    common_options,
+    expect,
+    print_json,
+    render_table,
+)
+
+
+def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Adds the operator commands; each sets ``func`` to a callable taking the namespace."""
+    common = common_options()
+    sub = subparsers.add_parser("hosts", parents=[common], help="list hosts")
+    sub.set_defaults(func=command(_hosts))
+
+    sub = subparsers.add_parser("devices", parents=[common], help="list PCI devices")
+    sub.add_argument("--host", help="only this host (name or guid)")
+    sub.add_argument("--free", action="store_true", help="only free devices")
+    sub.set_defaults(func=command(_devices))
+
+    sub = subparsers.add_parser("offerings", parents=[common], help="list service offerings")
+    sub.set_defaults(func=command(_offerings))
+
+    offering = subparsers.add_parser("offering", help="manage service offerings")
+    offering_sub = offering.add_subparsers(dest="offering_command", required=True)
+    sub = offering_sub.add_parser("create", parents=[common], help="create an offering")
+    sub.add_argument("name")
+    sub.add_argument("--cpus", type=int, default=1)
+    sub.add_argument("--memory", type=int, default=512, help="MiB")
+    sub.add_argument("--pci", default="", help="PCI devices by name: 10GE,10GE or 10GE:2")
+    sub.add_argument("--migration-policy", choices=("forbid", "detach-attach"), default=None)
+    sub.set_defaults(func=command(_offering_create))
+
+    vm = subparsers.add_parser("vm", help="deploy, start, stop, destroy and list VMs")
+    vm_sub = vm.add_subparsers(dest="vm_command", required=True)
+    sub = vm_sub.add_parser("deploy", parents=[common], help="create and start a VM")
+    sub.add_argument("name")
+    sub.add_argument("--offering", required=True)
+    sub.add_argument("--avoid", action="append", default=[], help="a host to avoid (repeat)")
+    sub.add_argument("--wait", action="store_true", help="wait until the job finishes")
+    sub.set_defaults(func=command(_vm_deploy))
+    for verb, help_text in (("start", "start a stopped VM"), ("stop", "stop a running VM"),
+                            ("destroy", "stop and remove a VM, releasing its devices")):
+        sub = vm_sub.add_parser(verb, parents=[common], help=help_text)
+        sub.add_argument("vm", help="VM name or uuid")
+        sub.add_argument("--wait", action="store_true", help="wait until the job finishes")
+        if verb == "stop":
+            sub.add_argument("--force", action="store_true", help="power off at once")
+        sub.set_defaults(func=command(_vm_change), verb=verb)
+    sub = vm_sub.add_parser("list", parents=[common], help="list VMs")
+    sub.set_defaults(func=command(_vm_list))
+    add_vm_commands(vm_sub, common)
+    add_job_commands(subparsers, common)
+
+    sub = subparsers.add_parser("explain", parents=[common],
+                                help="say why each host would take or refuse an offering")
+    sub.add_argument("offering")
+    sub.add_argument("--avoid", action="append", default=[])
+    sub.set_defaults(func=command(_explain))
+
+
+def _hosts(args: argparse.Namespace, request: Requester, out: TextIO) -> int:
+    answer = request(api.ListHostsRequest(), args.timeout)
+    answer = expect(answer, api.HostList)
+    if args.json:
+        print_json(answer.hosts, out)
+        return 0
+    render_table(("NAME", "GUID", "STATUS", "CPUS", "MEMORY_MB", "FREE/TOTAL PCI", "LAST PING"),
+                 [(h.name, h.guid, h.status, h.cpus, h.memory_mb,
+                   f"{h.free_devices}/{h.total_devices}", h.last_ping) for h in answer.hosts],
+                 out)
+    return 0
+
+
+def _devices(args: argparse.Namespace, request: Requester, out: TextIO) -> int:
+    answer = request(api.ListPciDevicesRequest(host=args.host, free_only=args.free),
+                     args.timeout)
+    answer = expect(answer, api.PciDeviceList)
+    if args.json:
+        print_json(answer.devices, out)
+        return 0
+    render_table(("HOST", "ADDRESS", "NAME", "STATE", "VM"),
+                 [(d.host_name, d.address, d.name, d.state, d.vm_uuid)
+                  for d in answer.devices], out)
+    return 0
+
+
+def _offering_rows(offerings: Sequence[Any], out: TextIO) -> None:
+    render_table(("NAME", "CPUS", "MEMORY_MB", "PCI", "MIGRATION"),
+                 [(o.name, o.cpus, o.memory_mb, format_pci_requests(o.pci_requests),
+                   o.migration_policy) for o in offerings], out)
+
+
+def _offerings(args: argparse.Namespace, request: Requester, out: TextIO) -> int:
+    answer = request(api.ListOfferingsRequest(), args.timeout)
+    answer = expect(answer, api.OfferingList)
+    if args.json:
+        print_json(answer.offerings, out)
+    else:
+        _offering_rows(answer.offerings, out)
+    return 0
+
+
+def _offering_create(args: argparse.Namespace, request: Requester, out: TextIO) -> int:
+    answer = request(api.CreateOfferingRequest(
+        name=args.name, cpus=args.cpus, memory_mb=args.memory, pci_devices=args.pci,
+        migration_policy=args.migration_policy), args.timeout)
+    answer = expect(answer, api.OfferingList)
+    if args.json:
+        print_json(answer.offerings, out)
+    else:
+        _offering_rows(answer.offerings, out)
+    return 0
+
+
+def _vm_deploy(args: argparse.Namespace, request: Requester, out: TextIO) -> int:
+    answer = request(api.DeployVmRequest(name=args.name, offering=args.offering,
+                                         avoid=tuple(args.avoid)), args.timeout)
+    return accepted(args, request, answer, out, f"deploy {args.name}")
+
+
+def _vm_change(args: argparse.Namespace, request: Requester, out: TextIO) -> int:
+    message: Message
+    if args.verb == "start":
+        message = api.StartVmRequest(vm=args.vm)
+    elif args.verb == "stop":
+        message = api.StopVmRequest(vm=args.vm, force=args.force)
+    else:
+        message = api.DestroyVmRequest(vm=args.vm)
+    return accepted(args, request, request(message, args.timeout), out,
+                     f"{args.verb} {args.vm}")
+
+
+def _vm_list(args: argparse.Namespace, request: Requester, out: TextIO) -> int:
+    answer = request(api.ListVmsRequest(), args.timeout)
+    answer = expect(answer, api.VmList)
+    if args.json:
+        print_json(answer.vms, out)
+        return 0
+    render_table(("NAME", "UUID", "STATE", "OFFERING", "HOST", "PCI"),
+                 [(v.name, v.uuid, v.state, v.offering, v.host_name,
+                   ",".join(v.pci_devices)) for v in answer.vms], out)
+    return 0
+
+
+def _explain(args: argparse.Namespace, request: Requester, out: TextIO) -> int:
+    answer = request(api.ExplainPlacementRequest(offering=args.offering,
+                                                 avoid=tuple(args.avoid)), args.timeout)
+    answer = expect(answer, api.PlacementExplanation)
+    if args.json:
+        print_json(answer, out)
+        return 0
+    render_table(("HOST", "GUID", "VERDICT", "REASON"),
+                 [(v.host_name, v.host_guid, "accepted" if v.accepted else "rejected",
+                   v.reason) for v in answer.verdicts], out)
+    return 0

@@ -20,7 +20,7 @@ from hostdev.mgmt.vms.vm_states import STATES, VmEvent, is_allowed, next_state
     ("Running", VmEvent.FOLLOW_AGENT_POWER_OFF, "Stopped"),
 ])
 def test_design_transitions(state: str, event: VmEvent, after: str) -> None:
-    """Every transition of DESIGN section 7 leads where the design says."""
+    """Every transition leads where the state machine says."""
     assert next_state(state, event) == after  # type: ignore[arg-type]
 
 

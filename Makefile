@@ -10,7 +10,7 @@ PACKAGE_FILES := $(VENV)/.package-files
 APT_PACKAGES := libvirt-dev pkg-config
 PYTEST_ARGS ?=
 
-.PHONY: all setup services test unit lint typecheck schema sql-schema demo bench clean FORCE
+.PHONY: all setup services test unit lint typecheck layout schema sql-schema demo bench clean FORCE
 
 all: test
 
@@ -56,12 +56,17 @@ unit: setup
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
 
 lint: setup
-	$(VENV)/bin/ruff check messages agent mgmt demo tests bench sql
+	$(VENV)/bin/ruff check messages agent mgmt demo tests bench sql tools
 	$(MAKE) typecheck
+	$(MAKE) layout
 
-# mypy checks the installed package (the editable install's link tree).
+# mypy checks the installed package (the editable install's link tree) and tools/.
 typecheck: setup
-	$(VENV)/bin/mypy -p hostdev.messages -p hostdev.mgmt -p hostdev.agent -p hostdev.demo
+	$(VENV)/bin/mypy -p hostdev.messages -p hostdev.mgmt -p hostdev.agent -p hostdev.demo -p tools
+
+# Module size, import cycles and the dependency rule between the daemons.
+layout: setup
+	$(PY) tools/check_layout.py
 
 # Regenerates the committed JSON Schemas after a message type changed.
 schema: setup

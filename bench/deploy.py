@@ -104,9 +104,8 @@ def run_agents(amqp_url: str, folder: Path, counters: Counters) -> None:
     for number in range(HOSTS):
         spec = folder / f"sim{number:02d}.json"
         spec.write_text(json.dumps(host_spec(number)), encoding="utf-8")
-        path = folder / f"sim{number:02d}.properties"
         config = parse_config(agent_properties(number, f"simulated://{spec}", amqp_url),
-                              str(path))
+                              str(folder / f"sim{number:02d}.properties"))
         if number == 0:
             configure_logging(config.log_level, stream=log_file,
                               json=config.log_format == "json")
@@ -207,7 +206,10 @@ def _hosts_up(client: Bus) -> int | None:
 
 
 def _tail(path: Path, lines: int = 10) -> str:
-    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except FileNotFoundError:
+        return f"(no {path.name} yet: see the error above)"
 
 
 def bench_placement(hosts: int, samples: int = 200) -> float:

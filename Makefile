@@ -5,15 +5,24 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
+# The files the editable install links (see $(STAMP)); a new one needs a reinstall.
+PACKAGE_FILES := $(VENV)/.package-files
 APT_PACKAGES := libvirt-dev pkg-config
 PYTEST_ARGS ?=
 
-.PHONY: all setup services test unit lint typecheck schema sql-schema demo bench clean
+.PHONY: all setup services test unit lint typecheck layout schema sql-schema demo bench clean FORCE
 
 all: test
 
+# The install is editable in setuptools' strict mode: build/__editable__.*
+# holds a tree of links named for the import names (hostdev/messages/... ->
+# messages/...), put on sys.path by a .pth file. Tools (mypy, pytest, the
+# daemons) import the installed package like any other; an edit to a linked
+# file shows at once, but a new or removed file needs a new link tree. So
+# the stamp depends on the list of package files (rewritten only when the
+# list changes, not when a file's content does) and `make` reinstalls then.
 # libvirt-python builds against libvirt-dev; install it only when missing.
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(PACKAGE_FILES)
 	@missing=""; for p in $(APT_PACKAGES); do \
 	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
 	done; \
@@ -24,8 +33,15 @@ $(STAMP): pyproject.toml
 	fi
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[agent,test]'
+	$(PY) -m pip install -q -e '.[agent,test]' --config-settings editable_mode=strict
 	touch $(STAMP)
+
+$(PACKAGE_FILES): FORCE
+	@mkdir -p $(VENV)
+	@find messages agent mgmt demo -type f -not -path '*/__pycache__/*' | LC_ALL=C sort > $@.new
+	@if cmp -s $@.new $@; then rm $@.new; else mv $@.new $@; fi
+
+FORCE:
 
 setup: $(STAMP)
 
@@ -40,15 +56,17 @@ unit: setup
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
 
 lint: setup
-	$(VENV)/bin/ruff check messages agent mgmt demo tests bench sql
+	$(VENV)/bin/ruff check messages agent mgmt demo tests bench sql tools
 	$(MAKE) typecheck
+	$(MAKE) layout
 
-# mypy cannot follow setuptools' package-dir mapping through the editable
-# install, so it checks a tree of symlinks that mirrors the import names.
+# mypy checks the installed package (the editable install's link tree) and tools/.
 typecheck: setup
-	@mkdir -p .typecheck/hostdev
-	@for p in messages agent mgmt demo; do ln -sfn ../../$$p .typecheck/hostdev/$$p; done
-	cd .typecheck && ../$(VENV)/bin/mypy --config-file ../pyproject.toml -p hostdev.messages -p hostdev.mgmt -p hostdev.agent -p hostdev.demo
+	$(VENV)/bin/mypy -p hostdev.messages -p hostdev.mgmt -p hostdev.agent -p hostdev.demo -p tools
+
+# Module size, import cycles and the dependency rule between the daemons.
+layout: setup
+	$(PY) tools/check_layout.py
 
 # Regenerates the committed JSON Schemas after a message type changed.
 schema: setup
@@ -67,4 +85,4 @@ bench: setup services
 	$(PY) bench/deploy.py
 
 clean:
-	rm -rf $(VENV) .typecheck .pytest_cache .mypy_cache .ruff_cache .hypothesis build *.egg-info
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis build *.egg-info

@@ -35,13 +35,9 @@ import secrets
 import statistics
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import pymysql
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import structlog
 
 from hostdev.messages.values import PciRequest

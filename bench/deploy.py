@@ -1,139 +1,159 @@
 """Benchmarks deploys end to end and the placement query, on the real broker and MariaDB.
 
-- ``deploys_per_s``: VMs deployed per second, from the first ``DeployVmRequest``
-  to the last ``vm.<uuid>.Running`` event, with 20 simulated hosts (scripted
-  agents answering ``StartCommand`` at once, all on one bus in a child process,
-  reading only the ``vm.*.Running`` events) and ``--daemons`` management
-  daemons (default two: a daemon is one thread, the machine has two cores) in
-  child processes; 16 client threads send the requests (16 deploys in flight).
-  Offering: one 10GE device; 16 per host. ``deploys_per_s_1_mgmt`` is the same
-  with one daemon.
+- ``deploys_per_s``: VMs deployed per second by ONE management daemon, from
+  the first ``DeployVmRequest`` to the last ``vm.<uuid>.Running`` event, as
+  shipped: ``hostdev-mgmt run`` with its defaults (quorum queues, JSON logs
+  at info, here to a file), and 20 simulated hosts, each run by the agent's
+  own ``Agent`` (command handlers on a ``SimulatedHost``, its own bus
+  connection and loop thread, like 20 ``hostdev-agent``; all in one child
+  process, which also counts the ``vm.*.Running`` events). 16 client threads
+  send the requests (16 deploys in flight). Offering: one 10GE device; 16
+  per host. ``deploys_per_s_<N>_mgmt`` is the same with ``--daemons N``
+  daemons sharing the queues and the database (default 2; the machine has
+  two cores).
 - ``placement_p50_ms_<N>_hosts``: the planner's search (``find_hosts``) on
   N hosts of 16 devices each, half of them full (first fit has to skip them).
 
 Prints a table, then ``metric=NAME value=NUMBER unit=UNIT`` lines.
-Run: ``.venv/bin/python bench/deploy.py [--vms 300]``.
+Run: ``.venv/bin/python bench/deploy.py [--vms 300] [--daemons 2]``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import multiprocessing as mp
 import statistics
+import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
+import scratch
 from sqlalchemy import insert, select
 from sqlalchemy.orm import Session
 
+from hostdev.agent.config import parse_config
+from hostdev.agent.daemon import Agent
+from hostdev.agent.simulated import SimulatedHost
+from hostdev.agent.startup_checks import check_host
 from hostdev.messages import api
 from hostdev.messages.bus import Bus, BusConfig
 from hostdev.messages.bus.contract import EVENTS_EXCHANGE
-from hostdev.messages.commands import (
-    StartAnswer,
-    StartCommand,
-    StartupAnswer,
-    StartupRoutingCommand,
-)
 from hostdev.messages.events import VmStateChanged
 from hostdev.messages.runtime.logging import configure_logging
 from hostdev.messages.values import PciRequest
-from hostdev.mgmt.config import MgmtConfig
 from hostdev.mgmt.persistence.database import create_database_engine
 from hostdev.mgmt.persistence.models import Host, PciDevice
 from hostdev.mgmt.placement import planner
-from tests.support.databases import mariadb_database
-from tests.support.mgmt_harness import devices
-from tests.support.rabbitmq import amqp_vhost
 
 HOSTS = 20
 DEVICES_PER_HOST = 16
 CLIENTS = 16
 
 
-def _run_mgmt(db_url: str, amqp_url: str) -> None:
-    from hostdev.mgmt.runner import run
-    configure_logging("warning")
-    run(MgmtConfig(db_url=db_url, amqp_url=amqp_url, amqp_queue_type="classic",
-                   log_level="warning"), name="bench")
+def start_mgmt(db_url: str, amqp_url: str, folder: Path, number: int) -> subprocess.Popen[bytes]:
+    """Starts ``hostdev-mgmt run`` with its defaults; its log goes to ``mgmt-<number>.log``."""
+    with open(folder / f"mgmt-{number}.log", "wb") as log_file:
+        return subprocess.Popen(
+            [sys.executable, "-m", "hostdev.mgmt.daemon", "run", "--db-url", db_url,
+             "--amqp-url", amqp_url, "--name", f"bench-{number}"],
+            stdout=log_file, stderr=subprocess.STDOUT)
 
 
-class Agents:
-    """20 scripted agents on one bus: register, answer StartCommand, count Running events.
+def host_spec(number: int) -> dict[str, Any]:
+    """The simulated host's JSON spec: 16 NICs, each alone in its IOMMU group."""
+    return {"name": f"sim{number:02d}", "cpus": 64, "memory_mb": 262144,
+            "devices": [{"address": f"{0x20 + d:02x}:00.0"} for d in range(DEVICES_PER_HOST)],
+            "domains": []}
 
-    Runs in a child process (``run_agents``) so the agents and the clients do
-    not share one interpreter lock; the counters are shared values.
-    """
 
-    def __init__(self, url: str, counters: Counters) -> None:
-        self.bus = Bus(BusConfig(url=url, queue_type="classic", app_id="bench-agents"))
-        self.guids = [f"bench-{n:02d}" for n in range(HOSTS)]
-        self.counters = counters
-
-    def _start(self, command: StartCommand, _: Any) -> StartAnswer:
-        return StartAnswer(vm_uuid=command.vm.uuid, hostdevs=command.vm.pci_devices)
-
-    def _registered(self, answer: StartupAnswer, _: Any) -> None:
-        with self.counters.registered.get_lock():
-            self.counters.registered.value += 1
-
-    def _event(self, event: VmStateChanged, _: Any) -> None:
-        if event.state == "Running":
-            self.counters.running.value += 1
-            self.counters.last_running.value = time.monotonic()
-
-    def run(self) -> None:
-        """Declares the queues, announces every host and answers until terminated."""
-        self.bus.connect()
-        for guid in self.guids:
-            queue = self.bus.declare_agent_queue(guid)
-            self.bus.consume(queue, {StartCommand: self._start,
-                                     StartupAnswer: self._registered})
-        self.bus.declare_queue("bench.events", ["vm.*.Running"], exchange=EVENTS_EXCHANGE)
-        self.bus.consume("bench.events", {VmStateChanged: self._event})
-        for n, guid in enumerate(self.guids):
-            self.bus.send_to_mgmt(guid, StartupRoutingCommand(
-                guid=guid, name=f"sim{n:02d}", cpus=512, memory_mb=1 << 20,
-                pci_devices=devices(DEVICES_PER_HOST)))
-        self.bus.run()
+def agent_properties(number: int, libvirt_uri: str, amqp_url: str) -> str:
+    """The host's ``agent.properties``: identity, host, broker and devices; defaults else."""
+    devices = ",".join(f"{0x20 + d:02x}:00.0|10GE" for d in range(DEVICES_PER_HOST))
+    return (f"guid=bench-{number:02d}\nname=sim{number:02d}\nlibvirt.uri={libvirt_uri}\n"
+            f"amqp.url={amqp_url}\npci.devices={devices}\n")
 
 
 class Counters:
-    """Values shared with the agents' process."""
+    """Values shared with the agents' process: Running events seen, and when the last came."""
 
     def __init__(self, context: Any) -> None:
-        self.registered = context.Value("i", 0)
         self.running = context.Value("i", 0)
         self.last_running = context.Value("d", 0.0)
 
+    def on_event(self, event: VmStateChanged, _: Any) -> None:
+        """Counts a ``vm.*.Running`` event."""
+        if event.state == "Running":
+            self.running.value += 1
+            self.last_running.value = time.monotonic()
 
-def run_agents(url: str, counters: Counters) -> None:
-    """Child process: the 20 scripted agents."""
-    configure_logging("warning")
-    Agents(url, counters).run()
+
+def run_agents(amqp_url: str, folder: Path, counters: Counters) -> None:
+    """Child process: an ``Agent`` per simulated host on a thread each, and the event counter.
+
+    Each agent is set up as ``hostdev-agent`` sets itself up: its
+    properties parsed, its host opened and checked, its own bus connection.
+    """
+    log_file = open(folder / "agents.log", "a", encoding="utf-8")  # noqa: SIM115 (process-long)
+    for number in range(HOSTS):
+        spec = folder / f"sim{number:02d}.json"
+        spec.write_text(json.dumps(host_spec(number)), encoding="utf-8")
+        config = parse_config(agent_properties(number, f"simulated://{spec}", amqp_url),
+                              str(folder / f"sim{number:02d}.properties"))
+        if number == 0:
+            configure_logging(config.log_level, stream=log_file,
+                              json=config.log_format == "json")
+        host = SimulatedHost(config.libvirt_uri)
+        host.open()
+        report = check_host(config, host.pci_devices(), host.domains(), host.pci_backends())
+        if not report.ok:
+            raise SystemExit(f"simulated host {number} fails its checks: {report.errors}")
+        bus = Bus(BusConfig(url=config.amqp_url, queue_type=config.amqp_queue_type,
+                            app_id="hostdev-agent"))
+        agent = Agent(config, host, bus, report)
+        threading.Thread(target=agent.run, name=config.name, daemon=True).start()
+    events = Bus(BusConfig(url=amqp_url, app_id="bench-events"))
+    events.connect()
+    events.declare_queue("bench.events", ["vm.*.Running"], exchange=EVENTS_EXCHANGE)
+    events.consume("bench.events", {VmStateChanged: counters.on_event})
+    events.run()
 
 
-def bench_deploys(vms: int, daemons: int = 1) -> float:
-    """Returns VMs deployed per second end to end."""
-    with amqp_vhost("bench-deploy") as vhost, mariadb_database("bench_deploy") as db_url:
-        processes = [mp.get_context("spawn").Process(target=_run_mgmt, args=(db_url, vhost.url))
-                     for _ in range(daemons)]
-        for process in processes:
-            process.start()
+def bench_deploys(vms: int, daemons: int) -> float:
+    """Returns VMs deployed per second end to end by ``daemons`` management daemons."""
+    with scratch.vhost("deploy") as amqp_url, scratch.database("deploy") as db_url, \
+            tempfile.TemporaryDirectory(prefix="hostdev-bench-") as directory:
+        folder = Path(directory)
+        mgmt = [start_mgmt(db_url, amqp_url, folder, n) for n in range(daemons)]
         context = mp.get_context("spawn")
         counters = Counters(context)
-        agents = context.Process(target=run_agents, args=(vhost.url, counters))
+        agents = context.Process(target=run_agents, args=(amqp_url, folder, counters))
+
+        def wait(condition: Callable[[], bool], timeout: float, what: str) -> None:
+            deadline = time.monotonic() + timeout
+            while not condition():
+                for process in mgmt:
+                    if process.poll() is not None:
+                        raise SystemExit(f"hostdev-mgmt exited with {process.returncode}:\n"
+                                         + _tail(folder / f"mgmt-{mgmt.index(process)}.log"))
+                if agents.exitcode is not None:
+                    raise SystemExit(f"the agents exited with {agents.exitcode}:\n"
+                                     + _tail(folder / "agents.log"))
+                if time.monotonic() > deadline:
+                    raise SystemExit(f"timed out after {timeout} s waiting for {what}")
+                time.sleep(0.05)  # polling other processes
+
         try:
-            client = Bus(BusConfig(url=vhost.url, queue_type="classic", app_id="bench"))
-            _wait(lambda: _answers(client), 30, "management daemon")
+            client = Bus(BusConfig(url=amqp_url, app_id="bench"))
+            wait(lambda: _hosts_up(client) is not None, 60, "management daemon")
             agents.start()
-            _wait(lambda: counters.registered.value == HOSTS, 30, "agents registered")
+            wait(lambda: _hosts_up(client) == HOSTS, 60, f"{HOSTS} hosts Up")
             client.request(api.CreateOfferingRequest(name="one10ge", cpus=1, memory_mb=256,
                                                      pci_devices="10GE"))
             names = iter(range(vms))
@@ -141,7 +161,7 @@ def bench_deploys(vms: int, daemons: int = 1) -> float:
             errors: list[str] = []
 
             def deploy_loop() -> None:
-                bus = Bus(BusConfig(url=vhost.url, queue_type="classic", app_id="bench"))
+                bus = Bus(BusConfig(url=amqp_url, app_id="bench"))
                 while True:
                     with lock:
                         n = next(names, None)
@@ -159,40 +179,42 @@ def bench_deploys(vms: int, daemons: int = 1) -> float:
                 thread.start()
             for thread in threads:
                 thread.join()
-            _wait(lambda: counters.running.value >= vms, 120, f"{vms} VMs Running")
-            elapsed = counters.last_running.value - start
             if errors:
                 raise SystemExit(f"deploys refused: {errors[:3]}")
+            wait(lambda: counters.running.value >= vms, 120, f"{vms} VMs Running")
+            elapsed = counters.last_running.value - start
             client.close()
             return vms / elapsed
         finally:
             agents.terminate()
             agents.join(10)
-            for process in processes:
+            for process in mgmt:
                 process.terminate()
-            for process in processes:
-                process.join(10)
+            for process in mgmt:
+                process.wait(15)
 
 
-def _answers(client: Bus) -> bool:
+def _hosts_up(client: Bus) -> int | None:
+    """Returns how many hosts are Up; None while management does not answer."""
     try:
-        client.request(api.ListHostsRequest(), timeout=1)
-        return True
+        answer = client.request(api.ListHostsRequest(), timeout=1)
     except Exception:
-        return False
+        return None
+    if not isinstance(answer, api.HostList):
+        return None
+    return sum(1 for host in answer.hosts if host.status == "Up")
 
 
-def _wait(condition: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise SystemExit(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.01)
+def _tail(path: Path, lines: int = 10) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except FileNotFoundError:
+        return f"(no {path.name} yet: see the error above)"
 
 
 def bench_placement(hosts: int, samples: int = 200) -> float:
     """Returns the p50 in ms of ``find_hosts`` over ``hosts`` hosts, the first half full."""
-    with mariadb_database("bench_placement") as url:
+    with scratch.database("placement") as url:
         engine = create_database_engine(url)
         with engine.begin() as conn:
             conn.execute(insert(Host), [
@@ -230,21 +252,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--vms", type=int, default=300)
     parser.add_argument("--daemons", type=int, default=2,
-                        help="management daemons sharing the queues and the database")
+                        help="management daemons of the second deploy figure (1: none)")
     args = parser.parse_args()
     configure_logging("warning")
     vms = min(args.vms, HOSTS * DEVICES_PER_HOST)
-    rate = bench_deploys(vms, args.daemons)
-    rate_1 = rate if args.daemons == 1 else bench_deploys(vms, 1)
+    rate = bench_deploys(vms, 1)
+    rate_n = bench_deploys(vms, args.daemons) if args.daemons > 1 else None
     p1k = bench_placement(1000)
     p10k = bench_placement(10000)
     print(f"{'figure':<38}{'value':>10}  unit")
-    print(f"{f'deploys end to end (20 hosts, {args.daemons} mgmt)':<38}{rate:>10.1f}  1/s")
-    print(f"{'deploys end to end (20 hosts, 1 mgmt)':<38}{rate_1:>10.1f}  1/s")
+    print(f"{'deploys end to end (20 hosts, 1 mgmt)':<38}{rate:>10.1f}  1/s")
+    if rate_n is not None:
+        print(f"{f'deploys end to end (20 hosts, {args.daemons} mgmt)':<38}{rate_n:>10.1f}  1/s")
     print(f"{'placement p50, 1,000 hosts':<38}{p1k:>10.2f}  ms")
     print(f"{'placement p50, 10,000 hosts':<38}{p10k:>10.2f}  ms")
     print(f"metric=deploys_per_s value={rate:.1f} unit=1/s")
-    print(f"metric=deploys_per_s_1_mgmt value={rate_1:.1f} unit=1/s")
+    if rate_n is not None:
+        print(f"metric=deploys_per_s_{args.daemons}_mgmt value={rate_n:.1f} unit=1/s")
     print(f"metric=placement_p50_ms_1000_hosts value={p1k:.2f} unit=ms")
     print(f"metric=placement_p50_ms_10000_hosts value={p10k:.2f} unit=ms")
 

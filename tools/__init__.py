@@ -1,0 +1,1 @@
+"""Project tools run by ``make``: not part of the installed package."""

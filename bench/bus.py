@@ -20,7 +20,7 @@ does: one ``multiple`` ack after 16 messages or when no more are waiting.
 
 Prints a table, then ``metric=NAME value=NUMBER unit=UNIT`` lines; ratios are
 hostdev/raw (goal >= 0.8). Run: ``.venv/bin/python bench/bus.py`` (needs a local
-RabbitMQ and rabbitmqctl; the run gets a vhost of its own, see ``vhosts.py``).
+RabbitMQ and rabbitmqctl; the run gets a vhost of its own, see ``scratch.py``).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from collections.abc import Callable
 from typing import Any
 
 import kombu
-from vhosts import throwaway_vhost
+from scratch import vhost
 
 from hostdev.messages.api import ListPciDevicesRequest, PciDeviceList
 from hostdev.messages.bus import Bus, BusConfig
@@ -257,7 +257,7 @@ def consume_raw(conn: kombu.Connection) -> float:
 def main() -> None:
     configure_logging("warning")
     began = time.perf_counter()
-    with throwaway_vhost("bench") as url:
+    with vhost("bus") as url:
         figures: dict[str, list[float]] = {k: [] for k in (
             "rpc_hostdev", "rpc_raw", "publish_hostdev", "publish_raw",
             "consume_hostdev", "consume_raw")}

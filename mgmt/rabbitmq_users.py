@@ -16,10 +16,10 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 
+from hostdev.messages.bus.contract import COMMANDS_EXCHANGE
 from hostdev.mgmt.errors import MgmtError
 
 _GUID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-COMMANDS_EXCHANGE = "hostdev.commands"
 
 
 @dataclass(frozen=True)

@@ -4,9 +4,20 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import replace
-from typing import Any, Final
+from typing import Any, Final, TypeAlias, cast
 
-from sqlalchemy import BindParameter, Connection, bindparam, case, func, or_, select, update
+from sqlalchemy import (
+    BindParameter,
+    ColumnElement,
+    Connection,
+    Table,
+    bindparam,
+    case,
+    func,
+    or_,
+    select,
+    update,
+)
 
 from hostdev.messages.values import DeviceState
 from hostdev.mgmt.devices.device_rows import (
@@ -32,7 +43,7 @@ from hostdev.mgmt.persistence.database import (
     PreparedStatement,
     RetryTransaction,
 )
-from hostdev.mgmt.persistence.models import utcnow
+from hostdev.mgmt.persistence.models import Host, utcnow
 
 # What a device becomes when its VM lets go: a quarantined one was already
 # gone from the inventory, so it is removed rather than offered again.
@@ -106,11 +117,36 @@ _LET_GO_VALUES: Final[dict[Any, Any]] = {
     C.state: _LET_GO, C.instance_id: None, C.reserved_for: None, C.updated_at: bindparam("now")
 }
 _HELD_OR_RESERVED = or_(C.instance_id == bindparam("vm_id"), C.reserved_for == bindparam("vm_id"))
-_RELEASE_EVERYWHERE = PreparedStatement(
-    update(DEVICES).where(_HELD_OR_RESERVED).values(_LET_GO_VALUES))
-_RELEASE_ON_HOST = PreparedStatement(
-    update(DEVICES).where(_HELD_OR_RESERVED, C.host_id == bindparam("on_host"))
-    .values(_LET_GO_VALUES))
+_HOSTS: Final = cast(Table, Host.__table__)
+# A scalar subquery, not a join: a locking read does not lock the rows its
+# subqueries read, so a release never locks its host's row.
+_HOST_GUID = (select(_HOSTS.c.guid).where(_HOSTS.c.id == C.host_id)
+              .scalar_subquery().label("host_guid"))
+
+
+def _held(on_host: bool, locking: bool) -> PreparedStatement:
+    where: list[ColumnElement[bool]] = [_HELD_OR_RESERVED]
+    if on_host:
+        where.append(C.host_id == bindparam("on_host"))
+    query = select(*DEVICE_COLUMNS, _HOST_GUID).where(*where).order_by(C.id)
+    return PreparedStatement(query.with_for_update() if locking else query)
+
+
+#: (on one host, locking) -> the SELECT of what a release lets go of.
+_HELD = {(on_host, locking): _held(on_host, locking)
+         for on_host in (False, True) for locking in (False, True)}
+_LET_GO_BY_ID: dict[int, PreparedStatement] = {}
+
+
+def _let_go_statement(count: int) -> PreparedStatement:
+    """Returns the UPDATE that lets go of ``count`` devices of a VM by id."""
+    statement = _LET_GO_BY_ID.get(count)
+    if statement is None:
+        ids: list[BindParameter[Any]] = [bindparam(f"id_{i}") for i in range(count)]
+        statement = PreparedStatement(
+            update(DEVICES).where(C.id.in_(ids), _HELD_OR_RESERVED).values(_LET_GO_VALUES))
+        _LET_GO_BY_ID[count] = statement
+    return statement
 
 
 def _wanted(requests: Mapping[str, int]) -> list[tuple[str, int]]:
@@ -186,15 +222,31 @@ def reserve_devices(
     return _take(conn, vm_id, host_id, requests, reserve=True)
 
 
-def release_devices(conn: Connection, vm_id: int, host_id: int | None = None) -> int:
+#: A device a release let go of, as it was before, and the guid of its host.
+Released: TypeAlias = tuple[HeldDevice, str]
+
+
+def release_devices(
+    conn: Connection, vm_id: int, host_id: int | None = None
+) -> tuple[Released, ...]:
     """Lets go of every device a VM holds or has reserved, on one host or on all.
 
     Idempotent. Held devices become free; quarantined ones become removed.
-    Returns how many devices changed.
+    The rows are locked (``FOR UPDATE``) as they are read, so the devices
+    returned, in id order, are exactly the ones let go; each comes with its
+    host's guid, read in the same statement, for the events that name it.
     """
-    params = {"vm_id": vm_id, "on_host": host_id, "now": utcnow()}
-    query = _RELEASE_EVERYWHERE if host_id is None else _RELEASE_ON_HOST
-    return int(query.execute(conn, params).rowcount)
+    params: dict[str, Any] = {"vm_id": vm_id, "on_host": host_id}
+    rows = _HELD[(host_id is not None, locks_rows(conn))].execute(conn, params).rows
+    if not rows:
+        return ()
+    params = {f"id_{i}": row[0] for i, row in enumerate(rows)}
+    params.update(vm_id=vm_id, now=utcnow())
+    changed = _let_go_statement(len(rows)).execute(conn, params).rowcount
+    if changed != len(rows):  # cannot happen while the rows are locked; never hide it
+        raise ClaimRaceLost(f"VM {vm_id}: {len(rows) - changed} of {len(rows)} devices changed "
+                            "during their release", written=changed)
+    return tuple((HeldDevice.of(row[:-1]), row[-1] or "") for row in rows)
 
 
 def commit_migration(

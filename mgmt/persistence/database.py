@@ -270,17 +270,23 @@ class PreparedStatement:
             ) from exc
         try:
             rows = cursor.fetchall() if cursor.description is not None else []
-            return PreparedResult(list(rows), cursor.rowcount)
+            return PreparedResult(list(rows), cursor.rowcount, cursor.lastrowid or 0)
         finally:
             cursor.close()
 
 
 @dataclass(frozen=True, slots=True)
 class PreparedResult:
-    """The rows (plain tuples) and row count of one :class:`PreparedStatement` run."""
+    """The rows (plain tuples), row count and inserted id of one :class:`PreparedStatement` run.
+
+    ``lastrowid`` is the id an INSERT of one row generated (the driver's
+    ``cursor.lastrowid``: it comes with the server's answer, no result set);
+    0 or meaningless for other statements.
+    """
 
     rows: list[tuple[Any, ...]]
     rowcount: int
+    lastrowid: int = 0
 
 
 @dataclass(frozen=True, slots=True)

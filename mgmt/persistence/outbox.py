@@ -21,13 +21,13 @@ from datetime import timedelta
 from typing import Final, Protocol, cast
 
 import structlog
-from sqlalchemy import Engine, Table, insert, select, update
+from sqlalchemy import Connection, Engine, Table, bindparam, insert, select, update
 from sqlalchemy.orm import Session
 
 from hostdev.messages.base import Message
 from hostdev.messages.bus.contract import COMMANDS_EXCHANGE, EVENTS_EXCHANGE
 from hostdev.messages.codec import decode, encode
-from hostdev.mgmt.persistence.database import session_scope
+from hostdev.mgmt.persistence.database import PreparedStatement, session_scope
 from hostdev.mgmt.persistence.models import OutboxEvent, utcnow
 
 log = structlog.get_logger()
@@ -67,6 +67,10 @@ def _values(routing_key: str, message: Message) -> dict[str, object]:
 _TABLE: Final = cast(Table, OutboxEvent.__table__)
 #: Inserts rows and returns their ids in parameter order.
 _INSERT_MANY = insert(_TABLE).returning(_TABLE.c.id, sort_by_parameter_order=True)
+#: Inserts one row, the common case (one event per transaction): its id
+#: comes back with the server's answer (``lastrowid``), with no result set.
+_INSERT_ONE = PreparedStatement(insert(_TABLE).values(
+    {name: bindparam(name) for name in ("routing_key", "type", "body", "created_at")}))
 
 
 class Outbox:
@@ -76,8 +80,8 @@ class Outbox:
     commit and publishes ``pending`` after it.
     """
 
-    def __init__(self, session: Session) -> None:
-        self._session = session
+    def __init__(self, connection: Connection) -> None:
+        self._connection = connection
         self._queued: list[tuple[str, Message]] = []
         #: Rows written in this transaction, in order, for publication after commit.
         self.pending: list[Pending] = []
@@ -105,10 +109,9 @@ class Outbox:
     def _write(self, rows: list[tuple[str, Message]]) -> int:
         """Inserts ``rows`` in one statement and keeps them for publication; returns the last id."""
         values = [_values(key, message) for key, message in rows]
-        connection = self._session.connection()
+        connection = self._connection
         if len(values) == 1:
-            ids = [connection.execute(
-                insert(_TABLE).values(**values[0]).returning(_TABLE.c.id)).scalar_one()]
+            ids = [_INSERT_ONE.execute(connection, values[0]).lastrowid]
         else:
             ids = list(connection.execute(_INSERT_MANY, values).scalars().all())
         self.pending.extend((row_id, key, message)

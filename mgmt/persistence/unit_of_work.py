@@ -1,11 +1,16 @@
 """Runs a unit of work in an ORM transaction, retries lost races, then publishes its outbox.
 
 Each attempt is a NEW transaction (a retry inside the same one would read the
-same snapshot under REPEATABLE READ) with a NEW ``TxContext``: the session,
-the id of the message being handled, the transaction's outbox and its
-caches, handed to the work explicitly. After the commit, the outbox rows the
-work wrote are published at once; if that fails they stay in the table and
-the periodic stale sweep publishes them.
+same snapshot under REPEATABLE READ) with a NEW ``TxContext``: the
+connection, an ORM session on it, the id of the message being handled, the
+transaction's outbox and its caches, handed to the work explicitly. After
+the commit, the outbox rows the work wrote are published at once; if that
+fails they stay in the table and the periodic stale sweep publishes them.
+
+The transaction belongs to the Core connection; the ORM session joins it
+only when the work first asks for it. Hot paths (claims, releases, the
+outbox) run Core statements on ``tx.connection`` and never pay for a
+session, whose begin and commit cost more than the COMMIT round trip itself.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import TypeVar, cast
 
 import structlog
-from sqlalchemy import Engine, Table, bindparam, insert
+from sqlalchemy import Connection, Engine, Table, bindparam, insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -44,7 +49,8 @@ class TxContext:
     """What one transaction carries from the handler to listeners and jobs.
 
     Attributes:
-        session: the ORM session of the transaction.
+        connection: the connection the transaction runs on; Core statements
+            run here directly, the ORM through ``session``.
         message_id: the id of the message being handled, when it is recorded
             (lets a redelivered request find the job it created).
         outbox: the events and commands this transaction writes.
@@ -54,16 +60,40 @@ class TxContext:
         after_commit: callables run once the transaction committed.
     """
 
-    session: Session
+    connection: Connection
     message_id: str | None = None
     outbox: Outbox = field(init=False)
     offering_requests: dict[int, tuple[PciRequest, ...]] = field(default_factory=dict)
     claimed: dict[int, tuple[PciAddress, ...]] = field(default_factory=dict)
     host_guids: dict[int, str] = field(default_factory=dict)
     after_commit: list[Callable[[], None]] = field(default_factory=list)
+    _session: Session | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
-        self.outbox = Outbox(self.session)
+        self.outbox = Outbox(self.connection)
+
+    @property
+    def session(self) -> Session:
+        """Returns the ORM session of the transaction, opened on ``connection`` at first use.
+
+        It flushes before the commit but never commits nor rolls back by
+        itself: the unit of work ends the connection's transaction.
+        """
+        if self._session is None:
+            self._session = Session(bind=self.connection, expire_on_commit=False,
+                                    join_transaction_mode="rollback_only")
+        return self._session
+
+    def flush(self) -> None:
+        """Writes what the session and the outbox hold; the last step before the commit."""
+        if self._session is not None:
+            self._session.flush()
+        self.outbox.flush()
+
+    def close(self) -> None:
+        """Closes the session, if one was opened (its objects stay loaded, detached)."""
+        if self._session is not None:
+            self._session.close()
 
 
 class AlreadyHandled(Conflict):
@@ -95,13 +125,15 @@ class UnitOfWork:
         """
         for attempt in range(1, attempts + 1):
             try:
-                with Session(self.engine, expire_on_commit=False) as session:
-                    context = TxContext(session, message_id)
-                    with session.begin():
+                with self.engine.connect() as connection, connection.begin():
+                    context = TxContext(connection, message_id)
+                    try:
                         if message_id is not None:
-                            self._record(session, message_id, what)
+                            self._record(connection, message_id, what)
                         result = work(context)
-                        context.outbox.flush()
+                        context.flush()
+                    finally:
+                        context.close()
                 for callback in context.after_commit:
                     callback()
                 self._publish(context.outbox.pending)
@@ -118,9 +150,9 @@ class UnitOfWork:
         raise AssertionError("unreachable")  # pragma: no cover
 
     @staticmethod
-    def _record(session: Session, message_id: str, what: str) -> None:
+    def _record(connection: Connection, message_id: str, what: str) -> None:
         try:
-            _RECORD.execute(session.connection(), {"message_id": message_id, "now": utcnow()})
+            _RECORD.execute(connection, {"message_id": message_id, "now": utcnow()})
         except IntegrityError:
             raise AlreadyHandled(f"{what}: message {message_id} was handled already "
                                  "(a redelivery); nothing done again") from None

@@ -40,8 +40,8 @@ class StaleVmState(RetryTransaction):
 class TransitionListener(Protocol):
     """Reacts to VM transitions inside the transaction that makes them.
 
-    Listeners MUST only touch the database through ``tx.session`` (so a
-    rollback undoes them) and MAY raise to veto the transition.
+    Listeners MUST only touch the database through ``tx`` (its connection or
+    its session, so a rollback undoes them) and MAY raise to veto the transition.
     """
 
     def pre_transition(self, tx: TxContext, vm: VmInstance, event: VmEvent,
@@ -118,7 +118,7 @@ class VmLifecycleManager:
             values["last_host_id"] = vm.host_id
         params = {f"new_{key}": value for key, value in values.items()}
         params.update(vm_id=vm.id, old_state=old, old_count=vm.update_count)
-        result = _vm_update(tuple(values)).execute(tx.session.connection(), params)
+        result = _vm_update(tuple(values)).execute(tx.connection, params)
         if result.rowcount != 1:
             raise StaleVmState(f"VM {vm.name} changed while {event.value} was applied; "
                                "retrying")
@@ -136,11 +136,19 @@ class VmLifecycleManager:
         return new
 
 
+_HOST_GUID = PreparedStatement(select(Host.guid).where(Host.id == bindparam("host_id")))
+_OFFERING_REQUESTS = PreparedStatement(
+    select(ServiceOfferingPciRequest.name, ServiceOfferingPciRequest.count)
+    .where(ServiceOfferingPciRequest.offering_id == bindparam("offering_id"))
+    .order_by(ServiceOfferingPciRequest.id))
+
+
 def host_guid_of(tx: TxContext, host_id: int) -> str:
     """Returns a host's guid (read once per transaction: a host id never changes guid)."""
     guid = tx.host_guids.get(host_id)
     if guid is None:
-        guid = tx.session.scalar(select(Host.guid).where(Host.id == host_id)) or ""
+        rows = _HOST_GUID.execute(tx.connection, {"host_id": host_id}).rows
+        guid = rows[0][0] if rows else ""
         if guid:
             tx.host_guids[host_id] = guid
     return guid
@@ -150,10 +158,8 @@ def offering_requests(tx: TxContext, offering_id: int) -> tuple[PciRequest, ...]
     """Returns the PCI requests of an offering, by name (read once per transaction)."""
     cache = tx.offering_requests
     if offering_id not in cache:
-        rows = tx.session.execute(
-            select(ServiceOfferingPciRequest.name, ServiceOfferingPciRequest.count)
-            .where(ServiceOfferingPciRequest.offering_id == offering_id)
-            .order_by(ServiceOfferingPciRequest.id))
+        rows = _OFFERING_REQUESTS.execute(tx.connection,
+                                          {"offering_id": offering_id}).rows
         cache[offering_id] = tuple(PciRequest(name=name, count=int(count))
                                    for name, count in rows)
     return cache[offering_id]
@@ -190,7 +196,7 @@ class PciDeviceManager:
         requests = {r.name: r.count for r in offering_requests(tx, vm.offering_id)}
         if not requests:
             return ()
-        held = pci_devices.claim_devices(tx.session.connection(), vm.id, host_id, requests)
+        held = pci_devices.claim_devices(tx.connection, vm.id, host_id, requests)
         tx.claimed[vm.id] = tuple(sorted((d.address for d in held), key=str))
         host_guid = host_guid_of(tx, host_id)
         at = utcnow().isoformat() + "Z"
@@ -202,18 +208,15 @@ class PciDeviceManager:
 
     def release(self, tx: TxContext, vm: VmInstance) -> int:
         """Frees every device ``vm`` holds or has reserved; quarantined ones become removed."""
-        conn = tx.session.connection()
-        held = pci_devices.devices_of_vm(conn, vm.id)
-        if not held:
-            return 0
-        pci_devices.release_devices(conn, vm.id)
+        released = pci_devices.release_devices(tx.connection, vm.id)
         at = utcnow().isoformat() + "Z"
-        for device in held:
-            guid = host_guid_of(tx, device.host_id)
+        for device, guid in released:
+            if guid:  # read by the release: the VmStateChanged event needs no query
+                tx.host_guids.setdefault(device.host_id, guid)
             tx.outbox.add(f"pci.{guid}.Released",
                        PciDeviceReleased(host_guid=guid, address=device.address,
                                          name=device.name, vm_uuid=vm.uuid, at=at))
-        return len(held)
+        return len(released)
 
     def held_addresses(self, tx: TxContext, vm_id: int) -> tuple[PciAddress, ...]:
         """Returns the addresses of the devices a VM holds, in id order."""
@@ -221,5 +224,5 @@ class PciDeviceManager:
         if claimed is not None:  # claimed in this transaction
             return claimed
         return tuple(device.address
-                     for device in pci_devices.devices_of_vm(tx.session.connection(), vm_id)
+                     for device in pci_devices.devices_of_vm(tx.connection, vm_id)
                      if device.state == "allocated")

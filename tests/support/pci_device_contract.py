@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 import pytest
-from sqlalchemy import Engine
+from sqlalchemy import Engine, func, select
 
 from hostdev.messages.pci_address import PciAddress
 from hostdev.messages.values import PciDeviceInfo, PciRequest
@@ -33,7 +33,7 @@ from hostdev.mgmt.devices.pci_devices import (
 from hostdev.mgmt.devices.pci_inventory import InventoryChanges, reconcile_inventory
 from hostdev.mgmt.errors import InvalidRequest
 from hostdev.mgmt.persistence.database import transaction
-from hostdev.mgmt.persistence.models import VmInstance
+from hostdev.mgmt.persistence.models import Host, OutboxEvent, VmInstance
 from hostdev.mgmt.persistence.unit_of_work import TxContext, UnitOfWork
 from hostdev.mgmt.vms.vm_lifecycle import PciDeviceManager
 from tests.support.databases import add_host, add_offering, add_vms
@@ -73,7 +73,7 @@ class ClaimPath:
         """Releases as on Stopped (``PciDeviceManager.release``), or on one host only."""
         def work(tx: TxContext) -> int:
             if host_id is not None:
-                return pci_devices.release_devices(tx.session.connection(), vm_id, host_id)
+                return len(pci_devices.release_devices(tx.session.connection(), vm_id, host_id))
             return self._devices.release(tx, self._vm(vm_id))
         return self._run("release devices", work)
 
@@ -264,6 +264,29 @@ class PciDeviceAllocationContract:
         """A report naming one address twice is rejected and changes nothing."""
         with pytest.raises(InvalidRequest, match="reported twice"):
             world.repo.reconcile(world.host_a, inventory("28:00.0|10GE", "0000:28:00.0|GPU"))
+
+    def test_release_returns_each_device_with_its_host_guid(self, world: World) -> None:
+        """A release returns what it let go of, as it was, and each event names its host."""
+        vm = world.vms[0]
+        held = (world.repo.claim(vm, world.host_a, {"10GE": 1})
+                + world.repo.claim(vm, world.host_b, {"GPU": 1}))
+        with world.engine.connect() as conn:
+            guids = dict(conn.execute(select(Host.id, Host.guid)).all())
+        released = UnitOfWork(world.engine).run(
+            lambda tx: pci_devices.release_devices(tx.connection, vm))
+        assert [(d.id, d.state, guid) for d, guid in released] == [
+            (d.id, "allocated", guids[d.host_id]) for d in sorted(held, key=lambda d: d.id)]
+        assert world.repo.devices_of(vm) == ()
+        world.repo.claim(vm, world.host_a, {"10GE": 1})
+        world.repo.claim(vm, world.host_b, {"GPU": 1})
+        with world.engine.connect() as conn:  # the database outlives one test
+            before = conn.execute(select(func.max(OutboxEvent.id))).scalar() or 0
+        assert world.repo.release(vm) == 2
+        with world.engine.connect() as conn:
+            keys = conn.execute(select(OutboxEvent.routing_key).where(
+                OutboxEvent.id > before, OutboxEvent.type == "PciDeviceReleased")).scalars().all()
+        assert sorted(keys) == sorted(f"pci.{guids[h]}.Released"
+                                      for h in (world.host_a, world.host_b))
 
     def test_vanished_held_device_is_quarantined_until_released(self, world: World) -> None:
         """A held device that vanishes is kept, never offered, and removed once released."""

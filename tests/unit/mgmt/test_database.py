@@ -141,9 +141,11 @@ def test_prepared_statement_binds_types_and_wraps_errors(
         hypervisor_version="", migration_uri="", created_at=bindparam("at"),
         updated_at=bindparam("at")))
     with transaction(engine) as conn:
-        assert insert_host.execute(conn, {"guid": "g-1", "at": stamp}).rowcount == 1
+        result = insert_host.execute(conn, {"guid": "g-1", "at": stamp})
+        assert result.rowcount == 1
     with engine.connect() as conn:
-        assert conn.execute(select(Host.created_at).where(Host.guid == "g-1")).scalar() == stamp
+        row = conn.execute(select(Host.id, Host.created_at).where(Host.guid == "g-1")).one()
+    assert tuple(row) == (result.lastrowid, stamp)
     with pytest.raises(DBAPIError) as caught, transaction(engine) as conn:
         insert_host.execute(conn, {"guid": "g-1", "at": stamp})  # duplicate guid
     assert isinstance(caught.value, IntegrityError)

@@ -1,0 +1,92 @@
+"""The unit of work: one transaction for Core and ORM writes, the outbox, retries."""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import Engine, func, select
+
+from hostdev.messages.base import Message
+from hostdev.messages.events import JobFinished
+from hostdev.mgmt.persistence.database import RetryTransaction
+from hostdev.mgmt.persistence.models import Host, OutboxEvent, utcnow
+from hostdev.mgmt.persistence.outbox import OutboxPublisher, message_id_of
+from hostdev.mgmt.persistence.unit_of_work import AlreadyHandled, TxContext, UnitOfWork
+
+
+def _host(guid: str) -> Host:
+    return Host(guid=guid, name=guid, status="Up", cpus=1, memory_mb=1,
+                hypervisor_version="", migration_uri="")
+
+
+def _count(engine: Engine, model: type[Host] | type[OutboxEvent]) -> int:
+    with engine.connect() as conn:
+        return int(conn.execute(select(func.count()).select_from(model)).scalar_one())
+
+
+def _event() -> JobFinished:
+    return JobFinished(job_id=1, job_kind="deploy", state="succeeded", at=utcnow().isoformat())
+
+
+class _Bus:
+    """Records the message ids the outbox publishes with."""
+
+    def __init__(self) -> None:
+        self.message_ids: list[str | None] = []
+
+    def publish(self, routing_key: str, message: Message, *, exchange: str = "",
+                correlation_id: str | None = None, message_id: str | None = None,
+                reply_to: str | None = None, expiration_s: float | None = None,
+                headers: dict[str, object] | None = None) -> str:
+        self.message_ids.append(message_id)
+        return message_id or ""
+
+    def wait_for_confirms(self, timeout: float = 30.0) -> None:
+        """Confirms at once."""
+
+
+def test_orm_and_outbox_writes_commit_together(engine: Engine) -> None:
+    """What the session adds is flushed and committed with the outbox rows, ids as stored."""
+    bus = _Bus()
+    work = UnitOfWork(engine, OutboxPublisher(engine, bus))
+
+    def write(tx: TxContext) -> int:
+        tx.session.add(_host("g-1"))
+        tx.outbox.add("job.1.Succeeded", _event())
+        tx.outbox.add("job.2.Succeeded", _event())
+        tx.outbox.flush()
+        tx.outbox.add("job.3.Succeeded", _event())
+        return tx.connection.execute(select(func.count()).select_from(Host)).scalar_one()
+
+    assert work.run(write) == 0  # the session flushes at the end, not on a Core read
+    assert _count(engine, Host) == 1
+    with engine.connect() as conn:
+        stored = conn.execute(select(OutboxEvent.id, OutboxEvent.routing_key)
+                              .order_by(OutboxEvent.id)).all()
+    assert [key for _, key in stored] == [f"job.{n}.Succeeded" for n in (1, 2, 3)]
+    assert bus.message_ids == [message_id_of(row_id) for row_id, _ in stored]
+
+
+def test_a_failed_attempt_undoes_orm_and_core_writes(engine: Engine) -> None:
+    """A lost race rolls back everything the attempt wrote; the retry starts clean."""
+    attempts: list[int] = []
+
+    def write(tx: TxContext) -> None:
+        tx.session.add(_host(f"g-{len(attempts)}"))
+        tx.session.flush()
+        tx.outbox.send("agent.x.Ping", _event())
+        attempts.append(1)
+        if len(attempts) == 1:
+            raise RetryTransaction("lost")
+
+    UnitOfWork(engine).run(write)
+    assert len(attempts) == 2
+    assert (_count(engine, Host), _count(engine, OutboxEvent)) == (1, 1)
+
+
+def test_a_message_is_handled_once(engine: Engine) -> None:
+    """The message id is recorded in the transaction; a redelivery raises AlreadyHandled."""
+    work = UnitOfWork(engine)
+    work.run(lambda tx: tx.outbox.add("job.1.Succeeded", _event()), message_id="m-1")
+    with pytest.raises(AlreadyHandled):
+        work.run(lambda tx: tx.outbox.add("job.1.Succeeded", _event()), message_id="m-1")
+    assert _count(engine, OutboxEvent) == 1

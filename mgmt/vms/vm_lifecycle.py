@@ -23,6 +23,7 @@ from hostdev.messages.events import PciDeviceAllocated, PciDeviceReleased, VmSta
 from hostdev.messages.pci_address import PciAddress
 from hostdev.messages.values import PciRequest, VmState
 from hostdev.mgmt.devices import pci_devices
+from hostdev.mgmt.devices.device_rows import ALLOCATED
 from hostdev.mgmt.devices.pci_devices import HeldDevice
 from hostdev.mgmt.errors import Conflict
 from hostdev.mgmt.persistence.database import PreparedStatement, RetryTransaction
@@ -225,4 +226,4 @@ class PciDeviceManager:
             return claimed
         return tuple(device.address
                      for device in pci_devices.devices_of_vm(tx.connection, vm_id)
-                     if device.state == "allocated")
+                     if device.state == ALLOCATED)

@@ -93,7 +93,8 @@ class Delivery:
     Attributes:
         body: the raw body.
         properties: the AMQP properties by name (missing ones are absent).
-        headers: the AMQP headers (``x-delivery-count`` where the broker counts).
+        headers: the AMQP headers (``x-delivery-count`` where the broker counts); a
+            dict of the delivery's own, handed to the handler as ``Incoming.headers``.
         routing_key: the key it was published with.
         redelivered: the broker delivered it before.
         queue: the queue it was consumed from.

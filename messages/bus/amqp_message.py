@@ -17,6 +17,7 @@ from typing import Any
 
 import amqp
 import amqp.exceptions
+from amqp.exceptions import UnexpectedFrame
 from amqp.transport import TCPTransport
 from kombu.connection import Connection as KombuConnection
 
@@ -41,8 +42,10 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 # A frame is a 7-octet header (type, channel, payload size), the payload and an end octet.
-_FRAME_OVERHEAD = 8
-_FRAME_SIZE = struct.Struct(">I")  # the payload size, at offset 3 of the header
+_FRAME_HEADER = 7
+_FRAME_START = struct.Struct(">BH")  # type, channel
+_FRAME_SIZE = struct.Struct(">I")  # the payload size, at offset 3
+_FRAME_END = 0xCE
 # Bytes read per recv(): a few dozen small deliveries. py-amqp copies what is
 # left of its buffer after each frame it parses, so much more costs more.
 _RECV_CHUNK = 8192
@@ -191,7 +194,7 @@ def wait_readable(conn: amqp.Connection, wake_fd: int | None, timeout: float) ->
 
     Uses poll(), not select(), so file descriptors above 1023 work.
     """
-    if _holds_frame(getattr(conn.transport, "_read_buffer", b"")):
+    if _whole_frame_end(getattr(conn.transport, "_read_buffer", b"")):
         return True  # read by drain_ready() already, not parsed yet (it stopped at its limit)
     sock = conn.sock
     pending = getattr(sock, "pending", None)
@@ -212,18 +215,26 @@ def drain_ready(conn: amqp.Connection, limit: int = 1000) -> int:
     py-amqp reads each frame with three ``recv()`` calls and sets the socket's
     timeout twice around each (about twenty system calls per delivered
     message). On a plain TCP connection the bytes waiting are read in chunks
-    into py-amqp's own read buffer instead, and py-amqp parses only whole frames
-    from there, so it never touches the socket. TLS connections, and sockets
-    with a timeout of their own, take py-amqp's usual path.
+    into py-amqp's own read buffer instead, and each whole frame is cut from
+    it and handed to py-amqp's frame handler, as ``blocking_read`` would. The
+    rest stays in that buffer before the frame is handled, so a read py-amqp
+    makes itself meanwhile continues from the next frame. TLS connections, and
+    sockets with a timeout of their own, take py-amqp's usual path.
+
+    Raises:
+        ConnectionError: the broker closed the connection.
+        amqp.exceptions.UnexpectedFrame: a frame does not end as AMQP requires.
     """
     transport = conn.transport
     sock = transport.sock
     if not isinstance(transport, TCPTransport) or sock.gettimeout() is not None:
         return _drain_each(conn, limit)
+    on_frame = conn.on_inbound_frame
     done = 0
     while done < limit:
         buffered = transport._read_buffer
-        if not _holds_frame(buffered):
+        end = _whole_frame_end(buffered)
+        if not end:
             try:
                 chunk = sock.recv(_RECV_CHUNK, socket.MSG_DONTWAIT)
             except (BlockingIOError, InterruptedError):
@@ -232,15 +243,21 @@ def drain_ready(conn: amqp.Connection, limit: int = 1000) -> int:
                 raise ConnectionError("the broker closed the connection")
             transport._read_buffer = buffered + chunk
             continue
-        if conn.blocking_read(None):  # a whole frame: parsed from the buffer alone
-            done += 1
+        if buffered[end - 1] != _FRAME_END:
+            raise UnexpectedFrame(f"frame end {buffered[end - 1]:#04x}, expected 0xce")
+        kind, channel = _FRAME_START.unpack_from(buffered)
+        transport._read_buffer = buffered[end:]
+        if on_frame((kind, channel, buffered[_FRAME_HEADER:end - 1])):
+            done += 1  # a method is complete (content methods take three frames)
     return done
 
 
-def _holds_frame(buffered: bytes) -> bool:
-    """Tells whether ``buffered`` starts with a whole frame (header, payload, end octet)."""
-    return len(buffered) >= _FRAME_OVERHEAD and (
-        len(buffered) >= _FRAME_OVERHEAD + _FRAME_SIZE.unpack_from(buffered, 3)[0])
+def _whole_frame_end(buffered: bytes) -> int:
+    """Returns where the first frame of ``buffered`` ends, or 0 if it is not all there."""
+    if len(buffered) < _FRAME_HEADER + 1:
+        return 0
+    end = _FRAME_HEADER + _FRAME_SIZE.unpack_from(buffered, 3)[0] + 1
+    return end if len(buffered) >= end else 0
 
 
 def _drain_each(conn: amqp.Connection, limit: int) -> int:

@@ -12,9 +12,10 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from amqp.exceptions import UnexpectedFrame
 from amqp.transport import TCPTransport
 
-from hostdev.messages.bus.amqp_message import drain_ready, wait_readable
+from hostdev.messages.bus.amqp_message import CONNECTION_ERRORS, drain_ready, wait_readable
 
 
 def frame(payload: bytes, *, kind: int = 1, channel: int = 1) -> bytes:
@@ -23,7 +24,11 @@ def frame(payload: bytes, *, kind: int = 1, channel: int = 1) -> bytes:
 
 
 class FrameConnection:
-    """The part of ``amqp.Connection`` the reader uses; each frame counts as a method."""
+    """The part of ``amqp.Connection`` the reader uses; each frame counts as a method.
+
+    A frame whose payload is ``read-next`` makes the handler read the next frame
+    itself, as py-amqp does when a callback publishes (it drains pending events).
+    """
 
     def __init__(self, transport: TCPTransport) -> None:
         self.transport = transport
@@ -33,10 +38,11 @@ class FrameConnection:
     def sock(self) -> socket.socket:
         return self.transport.sock
 
-    def blocking_read(self, timeout: float | None) -> bool:
-        with self.transport.having_timeout(timeout):
-            _kind, _channel, payload = self.transport.read_frame()
-        self.payloads.append(bytes(payload))
+    def on_inbound_frame(self, frame: tuple[int, int, bytes]) -> bool:
+        payload = bytes(frame[2])
+        self.payloads.append(payload)
+        if payload == b"read-next":
+            self.payloads.append(b"inner:" + bytes(self.transport.read_frame()[2]))
         return True
 
 
@@ -98,3 +104,24 @@ def test_a_closed_connection_is_a_connection_error(pair: tuple[Any, socket.socke
     with pytest.raises(ConnectionError):
         drain_ready(conn)
     assert conn.payloads == [b"last"]
+
+
+def test_a_read_made_while_a_frame_is_handled_continues_with_the_next_frame(
+        pair: tuple[Any, socket.socket]) -> None:
+    """The frames after the one being handled stay in py-amqp's buffer, in order."""
+    conn, broker = pair
+    broker.sendall(frame(b"read-next") + frame(b"2") + frame(b"3"))
+    assert wait_readable(conn, None, 5.0)
+    drain_ready(conn)
+    assert conn.payloads == [b"read-next", b"inner:2", b"3"]
+
+
+def test_a_frame_without_its_end_octet_is_refused(pair: tuple[Any, socket.socket]) -> None:
+    """A corrupt frame raises UnexpectedFrame, which the bus treats as a lost connection."""
+    conn, broker = pair
+    broker.sendall(frame(b"ok") + frame(b"bad")[:-1] + b"\x00")
+    assert wait_readable(conn, None, 5.0)
+    with pytest.raises(UnexpectedFrame):
+        drain_ready(conn)
+    assert conn.payloads == [b"ok"]
+    assert issubclass(UnexpectedFrame, CONNECTION_ERRORS)

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import structlog
 
@@ -27,9 +26,8 @@ log = structlog.get_logger()
 Action = Literal["ack", "requeue", "dead"]
 
 
-@dataclass(frozen=True)
-class Outcome:
-    """The verdict on one delivery.
+class Outcome(NamedTuple):
+    """The verdict on one delivery (a named tuple: one is made per delivery, cheaply).
 
     Attributes:
         action: ``ack`` (handled), ``requeue`` (transient failure, deliver again)

@@ -42,8 +42,11 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 class _Outcome(Protocol):
-    action: str
-    message_type: str | None
+    @property
+    def action(self) -> str: ...
+
+    @property
+    def message_type(self) -> str | None: ...
 
 
 def count_outcome(handle: F) -> F:

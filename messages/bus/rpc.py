@@ -25,6 +25,7 @@ from hostdev.messages.bus.amqp_message import (
     drain_ready,
     new_channel,
     open_connection,
+    publish,
     raw,
     to_amqp,
     wait_readable,
@@ -80,8 +81,8 @@ class RpcClient:
                         self._open()
                     assert self._conn is not None and self._channel is not None
                     if not sent:
-                        self._channel.basic_publish(amqp_message, COMMANDS_EXCHANGE, key,
-                                                    mandatory=True)
+                        publish(self._channel, amqp_message, COMMANDS_EXCHANGE, key,
+                                mandatory=True)
                         sent = True
                     conn = raw(self._conn)
                     if wait_readable(conn, None, min(remaining, 1.0)):

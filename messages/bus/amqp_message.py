@@ -47,9 +47,12 @@ _FRAME_HEADER = 7
 _FRAME_START = struct.Struct(">BH")  # type, channel
 _FRAME_SIZE = struct.Struct(">I")  # the payload size, at offset 3
 _FRAME_END = 0xCE
-# Bytes read per recv(): a few dozen small deliveries. py-amqp copies what is
-# left of its buffer after each frame it parses, so much more costs more.
+# Bytes read per recv(): a few dozen small deliveries. What is left of the buffer
+# is copied after each frame cut from it, so much more costs more.
 _RECV_CHUNK = 8192
+# The most read at once, whatever size a frame header claims (frames are at most
+# the negotiated frame_max, 128 kB by default).
+_RECV_MOST = 1 << 18
 
 
 def open_connection(url: str, config: BusConfig, *, heartbeat: float | None = None
@@ -211,7 +214,8 @@ def wait_readable(conn: amqp.Connection, wake_fd: int | None, timeout: float) ->
 
     Uses poll(), not select(), so file descriptors above 1023 work.
     """
-    if _whole_frame_end(getattr(conn.transport, "_read_buffer", b"")):
+    buffered = getattr(conn.transport, "_read_buffer", b"")
+    if len(buffered) >= _frame_length(buffered) > 0:
         return True  # read by drain_ready() already, not parsed yet (it stopped at its limit)
     sock = conn.sock
     pending = getattr(sock, "pending", None)
@@ -250,10 +254,13 @@ def drain_ready(conn: amqp.Connection, limit: int = 1000) -> int:
     done = 0
     while done < limit:
         buffered = transport._read_buffer
-        end = _whole_frame_end(buffered)
-        if not end:
+        end = _frame_length(buffered)
+        if not end or len(buffered) < end:
+            # The rest of a large frame at once: appending chunk after chunk to
+            # the buffer would copy it over and over.
+            want = min(max(_RECV_CHUNK, end - len(buffered)), _RECV_MOST)
             try:
-                chunk = sock.recv(_RECV_CHUNK, socket.MSG_DONTWAIT)
+                chunk = sock.recv(want, socket.MSG_DONTWAIT)
             except (BlockingIOError, InterruptedError):
                 break
             if not chunk:
@@ -269,12 +276,12 @@ def drain_ready(conn: amqp.Connection, limit: int = 1000) -> int:
     return done
 
 
-def _whole_frame_end(buffered: bytes) -> int:
-    """Returns where the first frame of ``buffered`` ends, or 0 if it is not all there."""
-    if len(buffered) < _FRAME_HEADER + 1:
+def _frame_length(buffered: bytes) -> int:
+    """Returns the length of the frame ``buffered`` starts with, or 0 before its header is in."""
+    if len(buffered) < _FRAME_HEADER:
         return 0
-    end = _FRAME_HEADER + _FRAME_SIZE.unpack_from(buffered, 3)[0] + 1
-    return end if len(buffered) >= end else 0
+    size: int = _FRAME_SIZE.unpack_from(buffered, 3)[0]
+    return _FRAME_HEADER + size + 1
 
 
 def _drain_each(conn: amqp.Connection, limit: int) -> int:

@@ -56,8 +56,8 @@ def count_outcome(handle: F) -> F:
     ``labels()`` takes a lock and checks its arguments, on every delivery
     otherwise.
     """
-    handled: dict[tuple[str, str], Any] = {}
-    dead: dict[str, Any] = {}
+    handled: dict[tuple[str, str], Counter] = {}
+    dead: dict[str, Counter] = {}
 
     @functools.wraps(handle)
     def counted(*args: Any, **kwargs: Any) -> Any:

@@ -32,6 +32,7 @@ from hostdev.messages.bus.amqp_message import (
     drain_ready,
     new_channel,
     open_connection,
+    publish,
     raw,
     wait_readable,
 )
@@ -148,8 +149,8 @@ class AmqpConnection:
             if item.nacks > _MAX_REPUBLISH:
                 self._abandon(item, "lost with several connections")
                 continue
-            pub.basic_publish(item.message, item.exchange, item.routing_key,
-                              mandatory=item.mandatory)
+            publish(pub, item.message, item.exchange, item.routing_key,
+                    mandatory=item.mandatory)
             self.window.published(item)
         self._opened_at = time.monotonic()
         log.info("bus_connected", url=self.url(), epoch=self.epoch,
@@ -263,8 +264,8 @@ class AmqpConnection:
                 while len(self.window) >= self.config.confirm_window:
                     self.pump(self.config.heartbeat or 5.0)
                 assert self.pub is not None
-                self.pub.basic_publish(item.message, item.exchange, item.routing_key,
-                                       mandatory=item.mandatory)
+                publish(self.pub, item.message, item.exchange, item.routing_key,
+                        mandatory=item.mandatory)
                 self.window.published(item)
                 return
             except RECOVERABLE as exc:
@@ -325,8 +326,8 @@ class AmqpConnection:
                 continue
             log.warning("bus_publish_nacked", message_id=item.message_id, nacks=item.nacks)
             assert self.pub is not None
-            self.pub.basic_publish(item.message, item.exchange, item.routing_key,
-                                   mandatory=item.mandatory)
+            publish(self.pub, item.message, item.exchange, item.routing_key,
+                    mandatory=item.mandatory)
             self.window.published(item)
         self.window.hold_back_deferred()
 

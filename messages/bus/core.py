@@ -207,7 +207,7 @@ class LinkBus(BusShortcuts):
             message_id=mid, correlation_id=props.get("correlation_id"),
             reply_to=props.get("reply_to"), user_id=props.get("user_id"),
             routing_key=delivery.routing_key, redelivered=delivery.redelivered,
-            headers=dict(delivery.headers), queue=delivery.queue)
+            headers=delivery.headers, queue=delivery.queue)  # the delivery's own copy
         count = delivery.headers.get("x-delivery-count")
         local = self._remember(mid, self._attempts.get(mid, 1) + 1) if delivery.redelivered else 1
         attempts = max(int(count) + 1 if isinstance(count, int) else 1, local)

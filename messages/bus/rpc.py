@@ -11,7 +11,6 @@ same ``message_id`` until the deadline (API handlers are idempotent by it).
 
 from __future__ import annotations
 
-import contextlib
 import time
 
 import amqp
@@ -23,10 +22,13 @@ from hostdev.messages.base import Message
 from hostdev.messages.bus.amqp_message import (
     CONNECTION_ERRORS,
     close_quietly,
+    drain_ready,
     new_channel,
     open_connection,
+    publish,
     raw,
     to_amqp,
+    wait_readable,
 )
 from hostdev.messages.bus.contract import COMMANDS_EXCHANGE, DIRECT_REPLY_TO, BusConfig
 from hostdev.messages.bus.wire import decode_answer, new_outgoing
@@ -79,11 +81,12 @@ class RpcClient:
                         self._open()
                     assert self._conn is not None and self._channel is not None
                     if not sent:
-                        self._channel.basic_publish(amqp_message, COMMANDS_EXCHANGE, key,
-                                                    mandatory=True)
+                        publish(self._channel, amqp_message, COMMANDS_EXCHANGE, key,
+                                mandatory=True)
                         sent = True
-                    with contextlib.suppress(TimeoutError):
-                        raw(self._conn).drain_events(timeout=min(remaining, 1.0))
+                    conn = raw(self._conn)
+                    if wait_readable(conn, None, min(remaining, 1.0)):
+                        drain_ready(conn)
                 except (amqp.exceptions.NotFound, amqp.exceptions.AccessRefused) as exc:
                     self.close()
                     raise BusError(

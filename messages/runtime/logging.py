@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Mapping
+from contextvars import Token
 from typing import Any, TextIO
 
 import structlog
@@ -85,12 +85,42 @@ def configure_logging(level: str | int = "info", *, stream: TextIO | None = None
     root.setLevel(numeric if numeric <= logging.DEBUG else max(numeric, logging.WARNING))
 
 
-@contextmanager
+class BoundMessage:
+    """Binds a message's ids to every log line while entered; see :func:`bound_message`.
+
+    A plain context manager rather than a generator one: the bus enters one
+    per delivery, and this saves about a microsecond each over
+    ``contextlib.contextmanager``.
+    """
+
+    __slots__ = ("_context", "_tokens")
+
+    def __init__(self, context: dict[str, Any]) -> None:
+        self._context = context
+        self._tokens: Mapping[str, Token[Any]] = {}
+
+    def __enter__(self) -> None:
+        self._tokens = bind_contextvars(**self._context)
+
+    def __exit__(self, *exc_info: object) -> None:
+        # Resetting with the tokens restores what was bound before (nested bindings).
+        reset_contextvars(**self._tokens)
+
+
 def bound_message(message_id: str | None, correlation_id: str | None,
-                  **extra: Any) -> Iterator[None]:
+                  **extra: Any) -> BoundMessage:
     """Binds ``message_id``, ``correlation_id`` (and ``extra``) to every log line inside."""
-    tokens = bind_contextvars(message_id=message_id, correlation_id=correlation_id, **extra)
-    try:
-        yield
-    finally:
-        reset_contextvars(**tokens)
+    return BoundMessage({"message_id": message_id, "correlation_id": correlation_id, **extra})
+
+
+def debug_enabled() -> bool:
+    """Tells whether debug lines are written now, for a debug line costly to build.
+
+    Asking the configured wrapper class costs a fraction of a debug call that is
+    then dropped: every call on a module's lazy logger assembles a bound logger
+    first (loggers are not cached, so a later ``configure_logging`` applies).
+    """
+    wrapper = structlog.get_config()["wrapper_class"]
+    is_enabled_for = getattr(wrapper, "is_enabled_for", None)
+    # structlog's filtering loggers answer from the class (the method ignores self).
+    return is_enabled_for is None or bool(is_enabled_for(wrapper, logging.DEBUG))

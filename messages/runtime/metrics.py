@@ -42,19 +42,39 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 class _Outcome(Protocol):
-    action: str
-    message_type: str | None
+    @property
+    def action(self) -> str: ...
+
+    @property
+    def message_type(self) -> str | None: ...
 
 
 def count_outcome(handle: F) -> F:
-    """Wraps ``bus_dispatch.handle_delivery`` to count each delivery's outcome by type."""
+    """Wraps ``dispatch.handle_delivery`` to count each delivery's outcome by type.
+
+    The labelled counters are looked up once per (type, outcome) and kept:
+    ``labels()`` takes a lock and checks its arguments, on every delivery
+    otherwise.
+    """
+    handled: dict[tuple[str, str], Counter] = {}
+    dead: dict[str, Counter] = {}
+
     @functools.wraps(handle)
     def counted(*args: Any, **kwargs: Any) -> Any:
         outcome: _Outcome = handle(*args, **kwargs)
         kind = outcome.message_type or UNDECODABLE
-        MESSAGES_HANDLED.labels(kind, outcome.action).inc()
-        if outcome.action == "dead":
-            MESSAGES_DEAD_LETTERED.labels(kind).inc()
+        action = outcome.action
+        try:
+            child = handled[kind, action]
+        except KeyError:
+            child = handled[kind, action] = MESSAGES_HANDLED.labels(kind, action)
+        child.inc()
+        if action == "dead":
+            try:
+                dead_child = dead[kind]
+            except KeyError:
+                dead_child = dead[kind] = MESSAGES_DEAD_LETTERED.labels(kind)
+            dead_child.inc()
         return outcome
     return counted  # type: ignore[return-value]
 

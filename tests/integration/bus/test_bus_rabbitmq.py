@@ -83,6 +83,23 @@ def test_command_sent_by_hostdev_arrives_typed_with_every_property(
     assert got[0][1].message_id == mid2 and got[0][1].user_id == "guest"
 
 
+def test_large_and_small_commands_arrive_whole_and_in_order(runner: BusRunner) -> None:
+    """Bodies far larger than one socket read and a burst of small ones are all handled intact."""
+    mgmt, agent = runner.bus(), runner.bus()
+    guid = _guid()
+    queue = agent.declare_agent_queue(guid)
+    sent = [f"vm-{n}" for n in range(200)]
+    sent[10] = "L" * 300_000  # over RabbitMQ's frame size too: several body frames
+    sent[150] = "M" * 50_000
+    for vm in sent:
+        mgmt.send_to_agent(guid, StopCommand(vm_uuid=vm))
+    mgmt.wait_for_confirms()
+    got: list[str] = []
+    agent.consume(queue, {StopCommand: lambda m, i: got.append(m.vm_uuid)})
+    agent.run(until=lambda: len(got) >= len(sent), timeout=30)
+    assert got == sent
+
+
 def _get(conn: pika.BlockingConnection, queue: str) -> tuple[Any, Any, bytes] | None:
     method, props, body = conn.channel().basic_get(queue, auto_ack=True)
     return (method, props, body) if method else None

@@ -9,7 +9,12 @@ import logging
 import pytest
 import structlog
 
-from hostdev.messages.runtime.logging import bound_message, configure_logging, parse_level
+from hostdev.messages.runtime.logging import (
+    bound_message,
+    configure_logging,
+    debug_enabled,
+    parse_level,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -34,6 +39,34 @@ def test_json_lines_carry_the_bound_message_ids() -> None:
     assert first["correlation_id"] == "c-1" and first["queue"] == "hostdev.mgmt"
     assert first["level"] == "info" and "timestamp" in first
     assert "message_id" not in second
+
+
+def test_a_nested_binding_restores_the_outer_one_on_exit() -> None:
+    """Leaving an inner bound_message brings back the ids bound around it."""
+    out = io.StringIO()
+    configure_logging("info", stream=out)
+    log = structlog.get_logger()
+    with bound_message("outer", None, host="h1"):
+        with bound_message("inner", "c-2"):
+            log.info("in")
+        log.info("out")
+    first, second = (json.loads(line) for line in out.getvalue().splitlines())
+    assert (first["message_id"], first["correlation_id"], first["host"]) == ("inner", "c-2", "h1")
+    assert (second["message_id"], second["correlation_id"]) == ("outer", None)
+
+
+@pytest.mark.parametrize(("level", "enabled"), [("debug", True), ("info", False),
+                                                 ("error", False)])
+def test_debug_enabled_follows_the_configured_level(level: str, enabled: bool) -> None:
+    """debug_enabled() says whether a debug line would be written, after each configure."""
+    configure_logging(level, stream=io.StringIO())
+    assert debug_enabled() is enabled
+
+
+def test_debug_is_enabled_before_any_configuration() -> None:
+    """structlog's defaults write every level, so debug lines are built then too."""
+    structlog.reset_defaults()
+    assert debug_enabled() is True
 
 
 def test_level_filters_lower_levels() -> None:

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import io
+import json
+import logging
 import threading
+from typing import Any
 
 import pytest
+import structlog
 
 from hostdev.messages.api import HostList, ListHostsRequest, ListVmsRequest
 from hostdev.messages.bus.contract import REASON_HEADER, Incoming
@@ -12,6 +17,7 @@ from hostdev.messages.bus.in_process import FakeClock, InProcessBroker, InProces
 from hostdev.messages.commands import ErrorAnswer, StopAnswer, StopCommand
 from hostdev.messages.errors import BusError, RemoteError, RequestTimeout, TransientError
 from hostdev.messages.events import HostStatusChanged
+from hostdev.messages.runtime.logging import configure_logging
 
 
 @pytest.fixture
@@ -267,18 +273,14 @@ def test_publish_before_connect_is_refused() -> None:
         InProcessBus().publish("agent.g.StopCommand", StopCommand(vm_uuid="x"))
 
 
-def test_handler_log_lines_carry_message_and_correlation_ids(broker: InProcessBroker) -> None:
-    """While a handler runs, its log lines carry message_id, correlation_id and queue."""
-    import io
-    import json
-    import logging
+def _logged_while_handling(broker: InProcessBroker, level: str) -> tuple[list[dict[str, Any]],
+                                                                         str, str]:
+    """Handles one StopCommand (its handler logs "stopping") with logging at ``level``.
 
-    import structlog
-
-    from hostdev.messages.runtime.logging import configure_logging
-
+    Returns the JSON lines written, the message_id and the queue.
+    """
     out = io.StringIO()
-    configure_logging("info", stream=out)
+    configure_logging(level, stream=out)
     try:
         bus = _bus(broker)
         queue = bus.declare_agent_queue("g1")
@@ -290,7 +292,21 @@ def test_handler_log_lines_carry_message_and_correlation_ids(broker: InProcessBr
         root = logging.getLogger()
         for handler in [h for h in root.handlers if getattr(h, "_hostdev", False)]:
             root.removeHandler(handler)
-    line = next(json.loads(raw) for raw in out.getvalue().splitlines()
-                if json.loads(raw)["event"] == "stopping")
+    return [json.loads(raw) for raw in out.getvalue().splitlines()], mid, queue
+
+
+def test_handler_log_lines_carry_message_and_correlation_ids(broker: InProcessBroker) -> None:
+    """While a handler runs, its log lines carry message_id, correlation_id and queue."""
+    lines, mid, queue = _logged_while_handling(broker, "info")
+    line = next(line for line in lines if line["event"] == "stopping")
     assert (line["message_id"], line["correlation_id"], line["queue"]) == (mid, "job-1", queue)
     assert line["message_type"] == "StopCommand"
+    assert not [line for line in lines if line["event"] == "message_handled"]
+
+
+def test_message_handled_is_logged_at_debug_with_its_duration(broker: InProcessBroker) -> None:
+    """At debug level each handled message logs message_handled, bound to its ids."""
+    lines, mid, _queue = _logged_while_handling(broker, "debug")
+    handled = next(line for line in lines if line["event"] == "message_handled")
+    assert handled["level"] == "debug" and handled["message_id"] == mid
+    assert handled["duration_ms"] >= 0

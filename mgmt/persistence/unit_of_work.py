@@ -15,8 +15,6 @@ session, whose begin and commit cost more than the COMMIT round trip itself.
 
 from __future__ import annotations
 
-import random
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TypeVar, cast
@@ -30,7 +28,7 @@ from hostdev.messages.pci_address import PciAddress
 from hostdev.messages.values import PciRequest
 from hostdev.mgmt.errors import Conflict
 from hostdev.mgmt.persistence import outbox
-from hostdev.mgmt.persistence.database import PreparedStatement, TransactionConflict, is_retryable
+from hostdev.mgmt.persistence.database import PreparedStatement, run_in_transaction
 from hostdev.mgmt.persistence.models import HandledMessage, utcnow
 from hostdev.mgmt.persistence.outbox import Outbox
 
@@ -123,31 +121,22 @@ class UnitOfWork:
             AlreadyHandled: ``message_id`` was handled (committed) before.
             TransactionConflict: every attempt lost.
         """
-        for attempt in range(1, attempts + 1):
+        def attempt(connection: Connection) -> tuple[T, TxContext]:
+            context = TxContext(connection, message_id)
             try:
-                with self.engine.connect() as connection, connection.begin():
-                    context = TxContext(connection, message_id)
-                    try:
-                        if message_id is not None:
-                            self._record(connection, message_id, what)
-                        result = work(context)
-                        context.flush()
-                    finally:
-                        context.close()
-                for callback in context.after_commit:
-                    callback()
-                self._publish(context.outbox.pending)
-                return result
-            except Exception as exc:
-                if not is_retryable(exc):
-                    raise
-                if attempt == attempts:
-                    raise TransactionConflict(
-                        f"{what}: lost {attempts} attempts in a row to concurrent "
-                        f"transactions (last: {exc}); try again later") from exc
-                log.debug("unit_of_work_retried", what=what, attempt=attempt, error=str(exc))
-                time.sleep(random.uniform(0, min(0.05, 0.0005 * 2**attempt)))
-        raise AssertionError("unreachable")  # pragma: no cover
+                if message_id is not None:
+                    self._record(connection, message_id, what)
+                result = work(context)
+                context.flush()
+            finally:
+                context.close()
+            return result, context
+
+        result, context = run_in_transaction(self.engine, attempt, attempts=attempts, what=what)
+        for callback in context.after_commit:
+            callback()
+        self._publish(context.outbox.pending)
+        return result
 
     @staticmethod
     def _record(connection: Connection, message_id: str, what: str) -> None:

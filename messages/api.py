@@ -7,9 +7,27 @@ events, ``GetJobRequest``).
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Annotated, ClassVar
+
+import msgspec
 
 from hostdev.messages.base import Answer, Message
+from hostdev.messages.limits import (
+    MAX_DEVICES,
+    MAX_ROWS,
+    Cpus,
+    Guid,
+    HostRefs,
+    Id,
+    JobLimit,
+    Label,
+    MemoryMb,
+    OfferingName,
+    PciDeviceText,
+    Ref,
+    Uuid,
+    VmName,
+)
 from hostdev.messages.pci_address import PciAddress
 from hostdev.messages.values import (
     DeviceMapping,
@@ -19,7 +37,7 @@ from hostdev.messages.values import (
     MigrationPolicy,
     OfferingRow,
     PciDeviceRow,
-    PciRequest,
+    PciRequests,
     VmRow,
 )
 
@@ -40,7 +58,7 @@ class ListHostsRequest(ApiRequest, frozen=True, kw_only=True):
 class ListPciDevicesRequest(ApiRequest, frozen=True, kw_only=True):
     """List passthrough devices, optionally of one host or only free ones."""
 
-    host: str | None = None
+    host: Ref | None = None
     free_only: bool = False
 
 
@@ -55,20 +73,20 @@ class ListOfferingsRequest(ApiRequest, frozen=True, kw_only=True):
 class ListJobsRequest(ApiRequest, frozen=True, kw_only=True):
     """List recent jobs."""
 
-    limit: int = 50
+    limit: JobLimit = 50
 
 
 class GetJobRequest(ApiRequest, frozen=True, kw_only=True):
     """One job by id."""
 
-    job_id: int
+    job_id: Id
 
 
 class ExplainPlacementRequest(ApiRequest, frozen=True, kw_only=True):
     """Why each host would be accepted or rejected for an offering."""
 
-    offering: str
-    avoid: tuple[str, ...] = ()
+    offering: Ref
+    avoid: HostRefs = ()
 
 
 # -- changes ------------------------------------------------------------------
@@ -77,58 +95,58 @@ class ExplainPlacementRequest(ApiRequest, frozen=True, kw_only=True):
 class CreateOfferingRequest(ApiRequest, frozen=True, kw_only=True):
     """Create a service offering; ``pci_devices`` as in the original: ``10GE,10GE``."""
 
-    name: str
-    cpus: int = 1
-    memory_mb: int = 512
-    pci_devices: str = ""
+    name: OfferingName
+    cpus: Cpus = 1
+    memory_mb: MemoryMb = 512
+    pci_devices: PciDeviceText = ""
     migration_policy: MigrationPolicy | None = None
 
 
 class DeployVmRequest(ApiRequest, frozen=True, kw_only=True):
     """Create a VM from an offering, place it and start it (a job)."""
 
-    name: str
-    offering: str
-    avoid: tuple[str, ...] = ()
+    name: VmName
+    offering: Ref
+    avoid: HostRefs = ()
 
 
 class StartVmRequest(ApiRequest, frozen=True, kw_only=True):
     """Start a stopped VM (a job)."""
 
-    vm: str
+    vm: Ref
 
 
 class StopVmRequest(ApiRequest, frozen=True, kw_only=True):
     """Stop a running VM (a job)."""
 
-    vm: str
+    vm: Ref
     force: bool = False
 
 
 class DestroyVmRequest(ApiRequest, frozen=True, kw_only=True):
     """Stop if needed and remove a VM, releasing its devices (a job)."""
 
-    vm: str
+    vm: Ref
 
 
 class MigrateVmRequest(ApiRequest, frozen=True, kw_only=True):
     """Live-migrate a VM (a job), to ``destination`` or wherever placement finds."""
 
-    vm: str
-    destination: str | None = None
+    vm: Ref
+    destination: Ref | None = None
     dry_run: bool = False
 
 
 class AttachVmDevicesRequest(ApiRequest, frozen=True, kw_only=True):
     """Retry attaching the devices a VM holds but does not have (a job)."""
 
-    vm: str
+    vm: Ref
 
 
 class SetPciDeviceEnabledRequest(ApiRequest, frozen=True, kw_only=True):
     """Disable a device (never offered again) or enable it back."""
 
-    host: str
+    host: Ref
     address: PciAddress
     enabled: bool
 
@@ -143,55 +161,55 @@ class ApiResponse(Answer, frozen=True, kw_only=True):
 class HostList(ApiResponse, frozen=True, kw_only=True):
     """Response to ``ListHostsRequest``."""
 
-    hosts: tuple[HostRow, ...] = ()
+    hosts: Annotated[tuple[HostRow, ...], msgspec.Meta(max_length=MAX_ROWS)] = ()
 
 
 class PciDeviceList(ApiResponse, frozen=True, kw_only=True):
     """Response to ``ListPciDevicesRequest``."""
 
-    devices: tuple[PciDeviceRow, ...] = ()
+    devices: Annotated[tuple[PciDeviceRow, ...], msgspec.Meta(max_length=MAX_ROWS)] = ()
 
 
 class VmList(ApiResponse, frozen=True, kw_only=True):
     """Response to ``ListVmsRequest``."""
 
-    vms: tuple[VmRow, ...] = ()
+    vms: Annotated[tuple[VmRow, ...], msgspec.Meta(max_length=MAX_ROWS)] = ()
 
 
 class OfferingList(ApiResponse, frozen=True, kw_only=True):
     """Response to ``ListOfferingsRequest`` and ``CreateOfferingRequest``."""
 
-    offerings: tuple[OfferingRow, ...] = ()
+    offerings: Annotated[tuple[OfferingRow, ...], msgspec.Meta(max_length=MAX_ROWS)] = ()
 
 
 class JobList(ApiResponse, frozen=True, kw_only=True):
     """Response to ``ListJobsRequest`` and ``GetJobRequest``."""
 
-    jobs: tuple[JobRow, ...] = ()
+    jobs: Annotated[tuple[JobRow, ...], msgspec.Meta(max_length=MAX_ROWS)] = ()
 
 
 class JobAccepted(ApiResponse, frozen=True, kw_only=True):
     """A long operation was accepted; follow it with ``GetJobRequest``."""
 
-    job_id: int
-    vm_uuid: str | None = None
+    job_id: Id
+    vm_uuid: Uuid | None = None
 
 
 class PlacementExplanation(ApiResponse, frozen=True, kw_only=True):
     """Response to ``ExplainPlacementRequest``: a verdict per host."""
 
-    offering: str
-    requests: tuple[PciRequest, ...] = ()
-    verdicts: tuple[HostVerdict, ...] = ()
+    offering: Label
+    requests: PciRequests = ()
+    verdicts: Annotated[tuple[HostVerdict, ...], msgspec.Meta(max_length=MAX_ROWS)] = ()
 
 
 class MigrationPlan(ApiResponse, frozen=True, kw_only=True):
     """Response to a dry-run ``MigrateVmRequest``: where and which devices."""
 
-    vm_uuid: str
-    source_guid: str
-    destination_guid: str
-    devices: tuple[DeviceMapping, ...] = ()
+    vm_uuid: Uuid
+    source_guid: Guid
+    destination_guid: Guid
+    devices: Annotated[tuple[DeviceMapping, ...], msgspec.Meta(max_length=MAX_DEVICES)] = ()
 
 
 class DeviceStateChanged(ApiResponse, frozen=True, kw_only=True):

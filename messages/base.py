@@ -6,6 +6,8 @@ from typing import ClassVar, Literal
 
 import msgspec
 
+from hostdev.messages.limits import Details
+
 #: The protocol's major version; a body with another ``v`` is refused.
 PROTOCOL_VERSION = 1
 
@@ -49,7 +51,7 @@ class Answer(Message, frozen=True, kw_only=True):
     kind: ClassVar[str] = "answer"
 
     result: Result = "ok"
-    details: str = ""
+    details: Details = ""
 
     @property
     def ok(self) -> bool:

@@ -56,12 +56,19 @@ def _enc_hook(obj: Any) -> Any:
     raise NotImplementedError(f"cannot encode {type(obj).__name__}")
 
 
+#: The longest text taken for a PCI address: the full form with room for spaces.
+_MAX_PCI_ADDRESS = 32
+
+
 def _dec_hook(kind: type, obj: Any) -> Any:
     if kind is PciAddress:
         if not isinstance(obj, str):
             raise ValueError(
                 f"a PCI address must be a string such as 0000:28:00.1, got {type(obj).__name__}"
             )
+        if len(obj) > _MAX_PCI_ADDRESS:  # keeps a huge value out of the reason
+            raise ValueError(f"a PCI address is at most {_MAX_PCI_ADDRESS} characters, such as "
+                             f"0000:28:00.1; got {len(obj)}")
         try:
             return PciAddress(obj)
         except PciAddressError as exc:
@@ -176,10 +183,11 @@ def _explain(body: bytes | bytearray | memoryview | str, exc: Exception) -> Deco
             )
         if version != PROTOCOL_VERSION:
             return _version_error(name, version)
-    return _field_error(name, str(exc))
+    return _field_error(name, str(exc), body)
 
 
-def _field_error(name: str, text: str) -> InvalidFieldError:
+def _field_error(name: str, text: str,
+                 body: bytes | bytearray | memoryview | str = b"") -> InvalidFieldError:
     """Builds the error for one bad field out of msgspec's ``<problem> - at `<path>```."""
     path = "$"
     match = _PATH.search(text)
@@ -202,10 +210,49 @@ def _field_error(name: str, text: str) -> InvalidFieldError:
         path = path + "." + field
     else:
         where = _type_at(cls, path)
-        problem = text
-        if where is not None and "expected" not in text.lower():
-            problem = f"{text} (expected {_describe(where)})"
+        problem = _over_limit(path, text, body) or text
+        if where is not None and (problem is not text or "expected" not in text.lower()):
+            problem = f"{problem} (expected {_describe(where)})"
     return InvalidFieldError(f"{name} at {path}: {problem}", message_type=name, field=path)
+
+
+_LIMIT = re.compile(r"^Expected `(?P<kind>\w+)` (?P<rule>of length |matching regex )?"
+                    r"(?P<op>[<>]=?)? ?(?P<bound>.*)$")
+_WORDS = {"<=": "at most", ">=": "at least", "<": "less than", ">": "more than"}
+
+
+def _over_limit(path: str, text: str, body: bytes | bytearray | memoryview | str) -> str | None:
+    """Says which limit a value broke: ``name`` is 300 characters long; at most 64."""
+    match = _LIMIT.match(text)
+    if match is None or (match["rule"] is None and match["op"] is None):
+        return None
+    field = path.rsplit(".", 1)[-1]
+    value = _value_at(body, path)
+    if match["rule"] == "matching regex ":
+        return f"`{field}` {_shown(value)} has a character or form the field does not allow"
+    if match["rule"] == "of length ":
+        size = f"{len(value)} characters long" if isinstance(value, str) else (
+            f"has {len(value)} items" if isinstance(value, list) else "")
+        size = size if size.startswith("has") else f"is {size}"
+        return f"`{field}` {size}; {_WORDS[match['op']]} {match['bound']}"
+    return f"`{field}` is {_shown(value)}; {_WORDS[match['op']]} {match['bound']}"
+
+
+def _value_at(body: bytes | bytearray | memoryview | str, path: str) -> Any:
+    """Returns the JSON value at a msgspec path of the body, or None."""
+    try:
+        value = msgspec.json.decode(body)
+        for segment in _SEGMENT.finditer(path.removeprefix("$")):
+            value = value[segment["name"]] if segment["name"] else value[int(segment["index"])]
+    except (msgspec.DecodeError, LookupError, TypeError, ValueError, RecursionError):
+        return None
+    return value
+
+
+def _shown(value: Any) -> str:
+    """Shows a value as JSON, cut to 40 characters so a huge field stays out of the reason."""
+    text = _json(value) if not isinstance(value, int) or abs(value) < 10**40 else "a huge number"
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 @functools.cache
@@ -224,6 +271,8 @@ def _type_at(cls: type[Message], path: str) -> mi.Type | None:
 
 
 def _step(current: mi.Type | None, name: str | None, index: str | None) -> mi.Type | None:
+    if isinstance(current, mi.Metadata):
+        current = current.type
     if isinstance(current, mi.UnionType):  # e.g. ``Struct | None``: follow the struct
         structs = [t for t in current.types if isinstance(t, mi.StructType)]
         current = structs[0] if len(structs) == 1 else None
@@ -248,6 +297,10 @@ def _field_names(owner: mi.Type) -> list[str]:
 
 def _describe(kind: mi.Type) -> str:
     """Says in words what a JSON value of this type looks like."""
+    if isinstance(kind, mi.Metadata):
+        rule = (kind.extra_json_schema or {}).get("description", "")
+        words = _describe(kind.type)
+        return f"{words}, {rule[:1].lower()}{rule[1:].rstrip('.')}" if rule else words
     simple = {
         mi.StrType: "a string",
         mi.IntType: "an integer",

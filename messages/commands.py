@@ -2,11 +2,36 @@
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import Annotated, ClassVar, Literal
+
+import msgspec
 
 from hostdev.messages.base import Answer, Message, PowerState
+from hostdev.messages.limits import (
+    MAX_DEVICES,
+    MAX_DOMAINS,
+    Cpus,
+    DomainName,
+    Guid,
+    HostName,
+    Id,
+    MemoryMb,
+    PciAddresses,
+    Seconds,
+    Uri,
+    Uuid,
+    Version,
+    Word,
+)
 from hostdev.messages.pci_address import PciAddress
 from hostdev.messages.values import DeviceOutcome, DomainInfo, PciDeviceInfo, VmSpec
+
+#: The domains one report lists.
+Domains = Annotated[tuple[DomainInfo, ...], msgspec.Meta(max_length=MAX_DOMAINS)]
+#: The passthrough devices one host reports.
+PciDeviceInfos = Annotated[tuple[PciDeviceInfo, ...], msgspec.Meta(max_length=MAX_DEVICES)]
+#: One outcome per device of an attach or detach.
+DeviceOutcomes = Annotated[tuple[DeviceOutcome, ...], msgspec.Meta(max_length=MAX_DEVICES)]
 
 # -- agent to management -------------------------------------------------------
 
@@ -18,36 +43,36 @@ class StartupRoutingCommand(Message, frozen=True, kw_only=True):
     the inventory and VM list from it and answers ``StartupAnswer``.
     """
 
-    guid: str
-    name: str
-    hypervisor: str = "kvm"
-    hypervisor_version: str = ""
-    cpus: int
-    memory_mb: int
-    pci_devices: tuple[PciDeviceInfo, ...] = ()
-    domains: tuple[DomainInfo, ...] = ()
-    agent_version: str = ""
+    guid: Guid
+    name: HostName
+    hypervisor: Word = "kvm"
+    hypervisor_version: Version = ""
+    cpus: Cpus
+    memory_mb: MemoryMb
+    pci_devices: PciDeviceInfos = ()
+    domains: Domains = ()
+    agent_version: Version = ""
     #: The libvirt URI other hosts migrate domains to this host with
     #: (``MigrateCommand.destination_uri``), e.g. ``qemu+tcp://kvm-01/system``.
-    migration_uri: str = ""
+    migration_uri: Uri = ""
 
 
 class PingRoutingCommand(Message, frozen=True, kw_only=True):
     """Periodic heartbeat with every domain's power state and hostdevs."""
 
-    guid: str
-    domains: tuple[DomainInfo, ...] = ()
+    guid: Guid
+    domains: Domains = ()
 
 
 class VmStateReport(Message, frozen=True, kw_only=True):
     """Pushed on a libvirt lifecycle event for one domain."""
 
-    guid: str
-    vm_uuid: str
-    vm_name: str = ""
+    guid: Guid
+    vm_uuid: Uuid
+    vm_name: DomainName = ""
     state: PowerState
-    event: str = ""
-    hostdevs: tuple[PciAddress, ...] = ()
+    event: Word = ""
+    hostdevs: PciAddresses = ()
 
 
 # -- management to agent --------------------------------------------------------
@@ -56,8 +81,8 @@ class VmStateReport(Message, frozen=True, kw_only=True):
 class StartupAnswer(Answer, frozen=True, kw_only=True):
     """Management accepted (or refused) an agent's start-up."""
 
-    host_id: int = 0
-    ping_interval_s: float = 60.0
+    host_id: Id = 0
+    ping_interval_s: Seconds = 60.0
 
 
 class StartCommand(Message, frozen=True, kw_only=True):
@@ -69,23 +94,23 @@ class StartCommand(Message, frozen=True, kw_only=True):
 class StartAnswer(Answer, frozen=True, kw_only=True):
     """Outcome of ``StartCommand``; ``hostdevs`` are those the domain holds."""
 
-    vm_uuid: str
-    hostdevs: tuple[PciAddress, ...] = ()
+    vm_uuid: Uuid
+    hostdevs: PciAddresses = ()
 
 
 class StopCommand(Message, frozen=True, kw_only=True):
     """Stop a VM: gracefully within ``timeout_s``, or at once when ``force``."""
 
-    vm_uuid: str
+    vm_uuid: Uuid
     force: bool = False
-    timeout_s: float = 60.0
+    timeout_s: Seconds = 60.0
     undefine: bool = False
 
 
 class StopAnswer(Answer, frozen=True, kw_only=True):
     """Outcome of ``StopCommand``; ``state`` is the domain's power state after."""
 
-    vm_uuid: str
+    vm_uuid: Uuid
     state: PowerState = "unknown"
 
 
@@ -97,11 +122,11 @@ class MigrateCommand(Message, frozen=True, kw_only=True):
     migration re-attaches all of them on the source.
     """
 
-    vm_uuid: str
-    destination_guid: str
-    destination_uri: str
-    detach_timeout_s: float = 10.0
-    migrate_timeout_s: float = 300.0
+    vm_uuid: Uuid
+    destination_guid: Guid
+    destination_uri: Uri
+    detach_timeout_s: Seconds = 10.0
+    migrate_timeout_s: Seconds = 300.0
 
 
 MigrateStep = Literal["detach", "migrate", ""]
@@ -110,41 +135,41 @@ MigrateStep = Literal["detach", "migrate", ""]
 class MigrateAnswer(Answer, frozen=True, kw_only=True):
     """Outcome of ``MigrateCommand``: what was detached, what was put back."""
 
-    vm_uuid: str
+    vm_uuid: Uuid
     failed_step: MigrateStep = ""
     refused_device: PciAddress | None = None
-    detached: tuple[PciAddress, ...] = ()
-    reattached: tuple[PciAddress, ...] = ()
+    detached: PciAddresses = ()
+    reattached: PciAddresses = ()
 
 
 class AttachPciDevicesCommand(Message, frozen=True, kw_only=True):
     """Attach host PCI devices to a running VM (live and persistent config)."""
 
-    vm_uuid: str
-    addresses: tuple[PciAddress, ...]
-    timeout_s: float = 10.0
+    vm_uuid: Uuid
+    addresses: PciAddresses
+    timeout_s: Seconds = 10.0
 
 
 class AttachPciDevicesAnswer(Answer, frozen=True, kw_only=True):
     """One outcome per device; a device already attached counts as success."""
 
-    vm_uuid: str
-    devices: tuple[DeviceOutcome, ...] = ()
+    vm_uuid: Uuid
+    devices: DeviceOutcomes = ()
 
 
 class DetachPciDevicesCommand(Message, frozen=True, kw_only=True):
     """Detach host PCI devices from a VM, waiting for the guest to release each."""
 
-    vm_uuid: str
-    addresses: tuple[PciAddress, ...]
-    timeout_s: float = 10.0
+    vm_uuid: Uuid
+    addresses: PciAddresses
+    timeout_s: Seconds = 10.0
 
 
 class DetachPciDevicesAnswer(Answer, frozen=True, kw_only=True):
     """One outcome per device; a device already detached counts as success."""
 
-    vm_uuid: str
-    devices: tuple[DeviceOutcome, ...] = ()
+    vm_uuid: Uuid
+    devices: DeviceOutcomes = ()
 
 
 class ErrorAnswer(Answer, frozen=True, kw_only=True):
@@ -157,4 +182,4 @@ class ErrorAnswer(Answer, frozen=True, kw_only=True):
     kind: ClassVar[str] = "answer"
 
     result: Literal["ok", "error"] = "error"
-    code: str = "error"
+    code: Word = "error"

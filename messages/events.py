@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import ClassVar
 
 from hostdev.messages.base import Message
+from hostdev.messages.limits import DeviceName, Guid, Id, LongDetails, Timestamp, Uuid, Word
 from hostdev.messages.pci_address import PciAddress
 from hostdev.messages.values import HostStatus, JobState, VmState
 
@@ -14,22 +15,22 @@ class Event(Message, frozen=True, kw_only=True):
 
     kind: ClassVar[str] = "event"
 
-    at: str = ""
+    at: Timestamp = ""
 
 
 class VmStateChanged(Event, frozen=True, kw_only=True):
     """Routing key ``vm.<uuid>.<State>``."""
 
-    vm_uuid: str
+    vm_uuid: Uuid
     state: VmState
     previous: VmState | None = None
-    host_guid: str | None = None
+    host_guid: Guid | None = None
 
 
 class HostStatusChanged(Event, frozen=True, kw_only=True):
     """Routing key ``host.<guid>.<Status>``."""
 
-    host_guid: str
+    host_guid: Guid
     status: HostStatus
     previous: HostStatus | None = None
 
@@ -37,27 +38,27 @@ class HostStatusChanged(Event, frozen=True, kw_only=True):
 class PciDeviceAllocated(Event, frozen=True, kw_only=True):
     """Routing key ``pci.<guid>.Allocated``."""
 
-    host_guid: str
+    host_guid: Guid
     address: PciAddress
-    name: str
-    vm_uuid: str
+    name: DeviceName
+    vm_uuid: Uuid
 
 
 class PciDeviceReleased(Event, frozen=True, kw_only=True):
     """Routing key ``pci.<guid>.Released``."""
 
-    host_guid: str
+    host_guid: Guid
     address: PciAddress
-    name: str
-    vm_uuid: str
+    name: DeviceName
+    vm_uuid: Uuid
 
 
 class JobFinished(Event, frozen=True, kw_only=True):
     """Routing key ``job.<id>.<Outcome>`` (``Succeeded`` or ``Failed``)."""
 
-    job_id: int
-    job_kind: str
+    job_id: Id
+    job_kind: Word
     state: JobState
-    vm_uuid: str | None = None
-    step: str = ""
-    details: str = ""
+    vm_uuid: Uuid | None = None
+    step: Word = ""
+    details: LongDetails = ""

@@ -2,9 +2,33 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
+
+import msgspec
 
 from hostdev.messages.base import PowerState, Value
+from hostdev.messages.limits import (
+    MAX_PCI_REQUESTS,
+    Amount,
+    BigAmount,
+    Count,
+    Cpus,
+    Details,
+    DeviceName,
+    DomainName,
+    Guid,
+    HexId,
+    Id,
+    IommuGroup,
+    Label,
+    LongDetails,
+    MemoryMb,
+    PciAddresses,
+    Timestamp,
+    Uuid,
+    VmName,
+    Word,
+)
 from hostdev.messages.pci_address import PciAddress
 
 DeviceState = Literal["free", "allocated", "reserved", "quarantined", "disabled", "removed"]
@@ -20,29 +44,29 @@ class PciDeviceInfo(Value, frozen=True, kw_only=True):
     """One passthrough device as an agent reports it."""
 
     address: PciAddress
-    name: str
-    vendor_id: str = ""
-    product_id: str = ""
-    iommu_group: int | None = None
+    name: DeviceName
+    vendor_id: HexId = ""
+    product_id: HexId = ""
+    iommu_group: IommuGroup | None = None
 
 
 class DomainInfo(Value, frozen=True, kw_only=True):
     """One libvirt domain on a host: identity, power state, PCI hostdevs."""
 
-    uuid: str
-    name: str
+    uuid: Uuid
+    name: DomainName
     state: PowerState
-    hostdevs: tuple[PciAddress, ...] = ()
+    hostdevs: PciAddresses = ()
 
 
 class VmSpec(Value, frozen=True, kw_only=True):
     """What an agent needs to define and start a VM."""
 
-    uuid: str
-    name: str
-    cpus: int
-    memory_mb: int
-    pci_devices: tuple[PciAddress, ...] = ()
+    uuid: Uuid
+    name: VmName
+    cpus: Cpus
+    memory_mb: MemoryMb
+    pci_devices: PciAddresses = ()
 
 
 class DeviceOutcome(Value, frozen=True, kw_only=True):
@@ -50,93 +74,97 @@ class DeviceOutcome(Value, frozen=True, kw_only=True):
 
     address: PciAddress
     result: Literal["ok", "error"]
-    details: str = ""
+    details: Details = ""
 
 
 class PciRequest(Value, frozen=True, kw_only=True):
     """N devices of one name, as an offering asks for them."""
 
-    name: str
-    count: int = 1
+    name: DeviceName
+    count: Count = 1
+
+
+#: The device requests of one offering, at most one per device name.
+PciRequests = Annotated[tuple[PciRequest, ...], msgspec.Meta(max_length=MAX_PCI_REQUESTS)]
 
 
 class HostRow(Value, frozen=True, kw_only=True):
     """A host as the API lists it."""
 
-    id: int
-    guid: str
-    name: str
+    id: Id
+    guid: Guid
+    name: Label
     status: HostStatus
-    cpus: int
-    memory_mb: int
-    last_ping: str | None = None
-    free_devices: int = 0
-    total_devices: int = 0
+    cpus: Amount
+    memory_mb: BigAmount
+    last_ping: Timestamp | None = None
+    free_devices: Amount = 0
+    total_devices: Amount = 0
 
 
 class PciDeviceRow(Value, frozen=True, kw_only=True):
     """A passthrough device as the API lists it."""
 
-    id: int
-    host_guid: str
-    host_name: str
+    id: Id
+    host_guid: Guid
+    host_name: Label
     address: PciAddress
-    name: str
+    name: Label
     state: DeviceState
-    vm_uuid: str | None = None
-    vendor_id: str = ""
-    product_id: str = ""
-    iommu_group: int | None = None
+    vm_uuid: Uuid | None = None
+    vendor_id: HexId = ""
+    product_id: HexId = ""
+    iommu_group: IommuGroup | None = None
 
 
 class OfferingRow(Value, frozen=True, kw_only=True):
     """A service offering as the API lists it."""
 
-    id: int
-    name: str
-    cpus: int
-    memory_mb: int
-    pci_requests: tuple[PciRequest, ...] = ()
+    id: Id
+    name: Label
+    cpus: Amount
+    memory_mb: BigAmount
+    pci_requests: PciRequests = ()
     migration_policy: MigrationPolicy = "forbid"
 
 
 class VmRow(Value, frozen=True, kw_only=True):
     """A VM as the API lists it."""
 
-    uuid: str
-    name: str
-    offering: str
+    uuid: Uuid
+    name: Label
+    offering: Label
     state: VmState
-    host_guid: str | None = None
-    host_name: str | None = None
-    pci_devices: tuple[PciAddress, ...] = ()
+    host_guid: Guid | None = None
+    host_name: Label | None = None
+    pci_devices: PciAddresses = ()
 
 
 class JobRow(Value, frozen=True, kw_only=True):
     """A job as the API reports it."""
 
-    id: int
-    kind: str
+    id: Id
+    kind: Word
     state: JobState
-    vm_uuid: str | None = None
-    step: str = ""
-    details: str = ""
-    created_at: str = ""
-    finished_at: str | None = None
+    vm_uuid: Uuid | None = None
+    step: Word = ""
+    details: LongDetails = ""
+    created_at: Timestamp = ""
+    finished_at: Timestamp | None = None
 
 
 class HostVerdict(Value, frozen=True, kw_only=True):
     """Why one host was accepted or rejected for a placement."""
 
-    host_guid: str
-    host_name: str
+    host_guid: Guid
+    host_name: Label
     accepted: bool
-    reason: str = ""
+    reason: Details = ""
 
 
 class DeviceMapping(Value, frozen=True, kw_only=True):
     """One device moved by a migration: source address to destination address."""
 
-    name: str
+    name: Label
     source: PciAddress
     destination: PciAddress

@@ -14,6 +14,7 @@ and every job is in the database, so any of them can advance any job.
 from __future__ import annotations
 
 import os
+import re
 import socket
 from collections.abc import Callable
 from datetime import timedelta
@@ -22,7 +23,7 @@ from typing import Any
 
 import structlog
 from sqlalchemy import Engine, delete, select
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
 from hostdev.messages import api
 from hostdev.messages.base import Message
@@ -39,10 +40,11 @@ from hostdev.messages.commands import (
     VmStateReport,
 )
 from hostdev.messages.errors import TransientError
+from hostdev.messages.limits import clip
 from hostdev.messages.values import DomainInfo
 from hostdev.mgmt.api.api_handlers import ApiHandlers
 from hostdev.mgmt.config import MgmtConfig
-from hostdev.mgmt.errors import MgmtError
+from hostdev.mgmt.errors import InvalidRequest, MgmtError
 from hostdev.mgmt.hosts.registration import HostRegistry, check_sender, guid_of
 from hostdev.mgmt.jobs import engine
 from hostdev.mgmt.jobs.engine import Expiry, job_of_request
@@ -232,10 +234,12 @@ class ManagementService:
             return self._already_handled(incoming.message_id, exc)
         if isinstance(exc, MgmtError):
             log.info("api_request_refused", code=exc.code, reason=exc.reason)
-            return ErrorAnswer(code=exc.code, details=exc.reason)
+            return ErrorAnswer(code=exc.code, details=clip(exc.reason))
         if isinstance(exc, OperationalError):
-            raise TransientError(f"{type(message).__name__}: the database failed: "
-                                 f"{exc.orig}") from exc
+            raise TransientError(_database_failed(message, exc)) from exc
+        if isinstance(exc, DBAPIError):  # a value the request carries does not fit a row
+            code = "conflict" if isinstance(exc, IntegrityError) else "invalid"
+            return ErrorAnswer(code=code, details=_database_refused(message, exc))
         raise exc
 
     def _already_handled(self, message_id: str, exc: AlreadyHandled) -> Message:
@@ -270,11 +274,42 @@ def _agent_error_answer(message: Any, incoming: Incoming, exc: Exception) -> Mes
     if isinstance(exc, AlreadyHandled):
         log.info("message_already_handled", reason=exc.reason)
         return None
-    if isinstance(exc, (TransactionConflict, OperationalError, IntegrityError)):
+    if isinstance(exc, TransactionConflict):
+        raise TransientError(f"{type(message).__name__}: {exc}") from exc
+    if isinstance(exc, (OperationalError, IntegrityError)):
         # A race with another daemon (two start-ups of a new host) or a
         # database hiccup: the redelivery finds the winner's rows.
-        raise TransientError(f"{type(message).__name__}: {exc}") from exc
+        raise TransientError(_database_failed(message, exc)) from exc
+    if isinstance(exc, DBAPIError):
+        raise InvalidRequest(_database_refused(message, exc)) from exc
     raise exc
+
+
+#: Where MariaDB and SQLite name the column or key a refused value was for.
+_COLUMN = re.compile(r"(?:for column|for key|failed:) '?(?P<name>[\w.]+)")
+
+
+def _database_refused(message: Any, exc: DBAPIError) -> str:
+    """Says which message the database refused and for which column; logs the SQL error.
+
+    The SQL text and the driver's message stay in the log: they show the
+    schema and the values of other rows, and mean nothing to an operator.
+    """
+    name = type(message).__name__
+    found = _COLUMN.search(str(exc.orig))
+    where = f" (column or key {found['name']})" if found else ""
+    log.error("database_refused", message_type=name, error=str(exc.orig),
+              statement=exc.statement)
+    return (f"the database refused {name}: a value does not fit or conflicts with a stored "
+            f"row{where}; nothing was changed")
+
+
+def _database_failed(message: Any, exc: DBAPIError) -> str:
+    """Says that the database failed a message (retried); logs the SQL error."""
+    name = type(message).__name__
+    log.warning("database_failed", message_type=name, error=str(exc.orig),
+                statement=exc.statement)
+    return f"{name}: the database failed ({type(exc.orig).__name__}); retrying"
 
 
 def _api_log_context(message: Any, incoming: Incoming) -> dict[str, Any]:

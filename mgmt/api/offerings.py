@@ -6,15 +6,11 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable
 
+from hostdev.messages.limits import DEVICE_NAME_PATTERN, MAX_COUNT
 from hostdev.messages.values import PciRequest
 from hostdev.mgmt.errors import InvalidRequest
-
-#: A device name as agents may report it (no separators of the config syntax).
-DEVICE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
-MAX_COUNT = 64
 
 
 def parse_pci_devices(text: str) -> tuple[PciRequest, ...]:
@@ -36,9 +32,9 @@ def parse_pci_devices(text: str) -> tuple[PciRequest, ...]:
                                  "write names separated by commas, e.g. 10GE,10GE or 10GE:2")
         name, sep, count_text = part.partition(":")
         name = name.strip()
-        if not DEVICE_NAME.match(name):
+        if not DEVICE_NAME_PATTERN.search(name):
             raise InvalidRequest(f"PCI device list {text!r}: {part!r} is not a device name; "
-                                 "use letters, digits, '_', '.' or '-' (e.g. 10GE)")
+                                 "use 1 to 64 letters, digits, '_', '.' or '-' (e.g. 10GE)")
         count = 1
         if sep:
             count_text = count_text.strip()

@@ -12,7 +12,6 @@ consistent, and a forced stop sent so no domain lingers.
 
 from __future__ import annotations
 
-import re
 import uuid as uuid_module
 from collections.abc import Collection
 from datetime import timedelta
@@ -22,6 +21,7 @@ from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session
 
 from hostdev.messages.commands import StartAnswer, StartCommand, StopAnswer, StopCommand
+from hostdev.messages.limits import NAME_PATTERN, NAME_RULE
 from hostdev.messages.values import JobRow, PciRequest, VmSpec
 from hostdev.mgmt.config import MgmtConfig
 from hostdev.mgmt.devices import pci_devices
@@ -54,8 +54,6 @@ from hostdev.mgmt.vms.vm_states import VmEvent
 
 log = structlog.get_logger()
 
-#: A VM name as libvirt and people both take it.
-VM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
 #: How many hosts a deploy or start tries after failed starts before giving up.
 MAX_START_ATTEMPTS = 3
 
@@ -163,9 +161,8 @@ class JobManager:
             Conflict: a live VM already has that name.
             NoCapacity: no host fits; nothing is created and the text says why.
         """
-        if not VM_NAME.match(name):
-            raise InvalidRequest(f"VM name {name!r} is not valid: use 1 to 64 letters, digits, "
-                                 "'_', '.' or '-', starting with a letter or digit")
+        if not NAME_PATTERN.search(name):
+            raise InvalidRequest(f"VM name {name!r} is not valid: use {NAME_RULE}")
         offering_id, cpus, memory_mb, taken = _read_for_deploy(tx, offering_name, name)
         if taken:
             raise Conflict(f"a VM named {name!r} exists already ({taken}); pick another name "

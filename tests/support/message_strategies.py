@@ -9,6 +9,7 @@ differs from its default, so a round trip exercises each field.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import msgspec
@@ -33,17 +34,34 @@ def pci_addresses() -> st.SearchStrategy[PciAddress]:
     )
 
 
+def strings(kind: mi.StrType) -> st.SearchStrategy[str]:
+    """Every string within the type's limits: its length and its pattern."""
+    low = kind.min_length or 0
+    high = kind.max_length if kind.max_length is not None else 12
+    if kind.pattern is None:
+        return st.text(min_size=low, max_size=min(high, max(low, 12)))
+    # The protocol's patterns end in a lookahead Hypothesis cannot generate from;
+    # generate from the rest, then keep what the whole pattern accepts.
+    body = kind.pattern.removesuffix("(?!\\n)")
+    pattern = re.compile(kind.pattern)
+    return st.from_regex(body, fullmatch=True).filter(
+        lambda text: low <= len(text) <= high and pattern.search(text) is not None)
+
+
 def strategy_for(kind: mi.Type) -> st.SearchStrategy[Any]:
     """Returns a strategy for values of one msgspec type."""
+    if isinstance(kind, mi.Metadata):
+        return strategy_for(kind.type)
     if isinstance(kind, mi.StrType):
-        return st.text(max_size=12)
+        return strings(kind)
     if isinstance(kind, mi.IntType):
         low = kind.ge if kind.ge is not None else _INT64[0]
         high = kind.le if kind.le is not None else _INT64[1]
         return st.integers(low, high)
     if isinstance(kind, mi.FloatType):
         # JSON has no NaN or infinity; msgspec would send them as null.
-        return st.floats(allow_nan=False, allow_infinity=False)
+        return st.floats(min_value=kind.ge, max_value=kind.le,
+                         allow_nan=False, allow_infinity=False)
     if isinstance(kind, mi.BoolType):
         return st.booleans()
     if isinstance(kind, mi.NoneType):
@@ -53,7 +71,8 @@ def strategy_for(kind: mi.Type) -> st.SearchStrategy[Any]:
     if isinstance(kind, mi.CustomType) and kind.cls is PciAddress:
         return pci_addresses()
     if isinstance(kind, (mi.VarTupleType, mi.ListType)):
-        items = st.lists(strategy_for(kind.item_type), max_size=3)
+        size = min(3, kind.max_length) if kind.max_length is not None else 3
+        items = st.lists(strategy_for(kind.item_type), max_size=size)
         return items.map(tuple) if isinstance(kind, mi.VarTupleType) else items
     if isinstance(kind, mi.UnionType):
         return st.one_of([strategy_for(member) for member in kind.types])
@@ -89,8 +108,11 @@ def any_message() -> st.SearchStrategy[Message]:
 
 def example_value(kind: mi.Type, default: Any = msgspec.NODEFAULT) -> Any:
     """Returns one deterministic value of ``kind`` that differs from ``default``."""
+    if isinstance(kind, mi.Metadata):
+        return example_value(kind.type, default)
     if isinstance(kind, mi.StrType):
-        return "example"
+        pattern = re.compile(kind.pattern or "")
+        return next(text for text in ("example", "0x8086") if pattern.search(text))
     if isinstance(kind, mi.IntType):
         return 7 if default != 7 else 8
     if isinstance(kind, mi.FloatType):

@@ -78,7 +78,8 @@ _INSERT_MANY = insert(_TABLE).returning(_TABLE.c.id, sort_by_parameter_order=Tru
 #: Inserts one row, the common case (one event per transaction): its id
 #: comes back with the server's answer (``lastrowid``), with no result set.
 _INSERT_ONE = PreparedStatement(insert(_TABLE).values(
-    {name: bindparam(name) for name in ("routing_key", "type", "body", "created_at", "message_id")}))
+    {name: bindparam(name)
+     for name in ("routing_key", "type", "body", "created_at", "message_id")}))
 
 
 class Outbox:

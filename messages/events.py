@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from hostdev.messages.base import Message
+from hostdev.messages.base import Message, PowerState
 from hostdev.messages.pci_address import PciAddress
 from hostdev.messages.values import HostStatus, JobState, VmState
 
@@ -61,3 +61,16 @@ class JobFinished(Event, frozen=True, kw_only=True):
     vm_uuid: str | None = None
     step: str = ""
     details: str = ""
+
+
+class ForeignDomainFound(Event, frozen=True, kw_only=True):
+    """Routing key ``host.<guid>.ForeignDomain``: a host runs a domain management did not place.
+
+    Management records it on the host and never adopts it; ``state`` is the
+    domain's libvirt state as the host reported it.
+    """
+
+    host_guid: str
+    vm_uuid: str
+    name: str
+    state: PowerState

@@ -72,6 +72,8 @@ class HostRow(Value, frozen=True, kw_only=True):
     last_ping: str | None = None
     free_devices: int = 0
     total_devices: int = 0
+    #: Domains its last complete report listed that management did not place there.
+    foreign_domains: int = 0
 
 
 class PciDeviceRow(Value, frozen=True, kw_only=True):

@@ -84,7 +84,7 @@ class BackgroundCommands:
             return None
         return start
 
-    def _work(self, run: Callable[[Any], Message], message: Any, message_id: str,
+    def _work(self, run: Callable[[Any], Message], message: Any, message_id: str | None,
               correlation_id: str | None, name: str) -> None:
         try:
             with bound_message(message_id, correlation_id, host=self._guid, vm=name):

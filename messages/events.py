@@ -4,8 +4,17 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from hostdev.messages.base import Message
-from hostdev.messages.limits import DeviceName, Guid, Id, LongDetails, Timestamp, Uuid, Word
+from hostdev.messages.base import Message, PowerState
+from hostdev.messages.limits import (
+    DeviceName,
+    DomainName,
+    Guid,
+    Id,
+    LongDetails,
+    Timestamp,
+    Uuid,
+    Word,
+)
 from hostdev.messages.pci_address import PciAddress
 from hostdev.messages.values import HostStatus, JobState, VmState
 
@@ -62,3 +71,16 @@ class JobFinished(Event, frozen=True, kw_only=True):
     vm_uuid: Uuid | None = None
     step: Word = ""
     details: LongDetails = ""
+
+
+class ForeignDomainFound(Event, frozen=True, kw_only=True):
+    """Routing key ``host.<guid>.ForeignDomain``: a host runs a domain management did not place.
+
+    Management records it on the host and never adopts it; ``state`` is the
+    domain's libvirt state as the host reported it.
+    """
+
+    host_guid: Guid
+    vm_uuid: Uuid
+    name: DomainName
+    state: PowerState

@@ -100,6 +100,8 @@ class HostRow(Value, frozen=True, kw_only=True):
     last_ping: Timestamp | None = None
     free_devices: Amount = 0
     total_devices: Amount = 0
+    #: Domains its last complete report listed that management did not place there.
+    foreign_domains: Amount = 0
 
 
 class PciDeviceRow(Value, frozen=True, kw_only=True):

@@ -57,6 +57,10 @@ class Forbidden(MgmtError):
     code = "forbidden"
 
 
+class ForgedAnswer(Forbidden):
+    """An answer names no command awaiting it, or comes from a host its command did not go to."""
+
+
 class NotImplementedYet(MgmtError):
     """The request names a feature a later release adds."""
 

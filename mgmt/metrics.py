@@ -8,6 +8,8 @@ aggregate them with ``max``, not ``sum``):
 - ``hostdev_pci_devices{name, state}``: passthrough devices by name and state;
 - ``hostdev_vms{state}``: VMs by state (Destroyed ones are not counted);
 - ``hostdev_jobs_unfinished{kind, state}``: jobs pending or running;
+- ``hostdev_foreign_domains{host}``: domains a host's last complete report
+  listed that management did not place there (hosts with none are omitted);
 - ``hostdev_inventory_up``: 1 when the counts above were read, 0 when the
   database failed (the counts are then missing).
 
@@ -93,6 +95,9 @@ class InventoryCollector:
                                 labels=["state"])
         jobs = GaugeMetricFamily("hostdev_jobs_unfinished", "Jobs pending or running, by kind.",
                                  labels=["kind", "state"])
+        foreign = GaugeMetricFamily("hostdev_foreign_domains",
+                                    "Domains a host runs that management did not place there.",
+                                    labels=["host"])
         with self.engine.connect() as conn:
             by_status = dict(conn.execute(
                 select(Host.status, func.count()).group_by(Host.status)).all())
@@ -104,6 +109,8 @@ class InventoryCollector:
             by_job = conn.execute(select(Job.kind, Job.state, func.count())
                                   .where(Job.state.in_((JOB_PENDING, JOB_RUNNING)))
                                   .group_by(Job.kind, Job.state)).all()
+            by_host = conn.execute(select(Host.guid, Host.foreign_domains)
+                                   .where(Host.foreign_domains > 0)).all()
         for status in (*HOST_STATUSES, *sorted(set(by_status) - set(HOST_STATUSES))):
             hosts.add_metric([status], by_status.get(status, 0))
         counts = {(name, state): count for name, state, count in by_device}
@@ -114,7 +121,9 @@ class InventoryCollector:
             vms.add_metric([vm_state], count)
         for kind, job_state, count in by_job:
             jobs.add_metric([kind, job_state], count)
-        return [hosts, devices, vms, jobs]
+        for guid, count in by_host:
+            foreign.add_metric([guid], count)
+        return [hosts, devices, vms, jobs, foreign]
 
 
 def serve_mgmt_metrics(port: int | None, engine: Engine) -> MetricsServer | None:

@@ -76,6 +76,7 @@ class Pipeline:
                                **self.log_context(message, incoming)):
                 try:
                     self.check_sender(message, incoming)
+                    # Without an id there is nothing to de-duplicate by: handled each time.
                     message_id = incoming.message_id if route.record(message) else None
                     return self.work.run(lambda tx: route.work(tx, message, incoming),
                                          what=what, message_id=message_id)

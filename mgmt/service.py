@@ -208,18 +208,22 @@ class ManagementService:
         self.recovery.on_host_report(tx, message.guid, (domain,), complete=False)
 
     def _on_start_answer(self, tx: TxContext, answer: StartAnswer, incoming: Incoming) -> None:
-        self.jobs.on_start_answer(tx, answer, incoming.correlation_id)
+        self.jobs.on_start_answer(tx, answer, incoming.correlation_id,
+                                  guid_of(incoming.routing_key))
 
     def _on_stop_answer(self, tx: TxContext, answer: StopAnswer, incoming: Incoming) -> None:
-        self.jobs.on_stop_answer(tx, answer, incoming.correlation_id)
+        self.jobs.on_stop_answer(tx, answer, incoming.correlation_id,
+                                 guid_of(incoming.routing_key))
 
     def _on_migrate_answer(self, tx: TxContext, answer: MigrateAnswer,
                            incoming: Incoming) -> None:
-        self.migrations.on_migrate_answer(tx, answer, incoming.correlation_id)
+        self.migrations.on_migrate_answer(tx, answer, incoming.correlation_id,
+                                          guid_of(incoming.routing_key))
 
     def _on_attach_answer(self, tx: TxContext, answer: AttachPciDevicesAnswer,
                           incoming: Incoming) -> None:
-        self.migrations.on_attach_answer(tx, answer, incoming.correlation_id)
+        self.migrations.on_attach_answer(tx, answer, incoming.correlation_id,
+                                         guid_of(incoming.routing_key))
 
     def _agent_error(self, message: ErrorAnswer, incoming: Incoming) -> None:
         log.error("agent_refused_message", host=guid_of(incoming.routing_key),
@@ -230,7 +234,7 @@ class ManagementService:
     def _api_error_answer(self, message: Any, incoming: Incoming,
                           exc: Exception) -> Message | None:
         """Answers a refused request, a redelivered one, or asks for a redelivery."""
-        if isinstance(exc, AlreadyHandled):
+        if isinstance(exc, AlreadyHandled) and incoming.message_id is not None:
             return self._already_handled(incoming.message_id, exc)
         if isinstance(exc, MgmtError):
             log.info("api_request_refused", code=exc.code, reason=exc.reason)

@@ -165,3 +165,17 @@ CREATE INDEX ix_jobs_request_id ON jobs (request_id);
 
 UPDATE alembic_version SET version_num='0003' WHERE alembic_version.version_num = '0002';
 
+-- Running upgrade 0003 -> 0004
+
+ALTER TABLE event_outbox ADD COLUMN message_id VARCHAR(32);
+
+CREATE UNIQUE INDEX ix_event_outbox_message_id ON event_outbox (message_id);
+
+ALTER TABLE jobs ADD COLUMN command_host VARCHAR(64);
+
+ALTER TABLE hosts ADD COLUMN foreign_domains INTEGER NOT NULL DEFAULT '0';
+
+ALTER TABLE hosts ADD COLUMN foreign_domain_names TEXT;
+
+UPDATE alembic_version SET version_num='0004' WHERE alembic_version.version_num = '0003';
+

@@ -104,8 +104,9 @@ class Incoming:
     """What a handler gets besides the typed message: the delivery's AMQP facts.
 
     Attributes:
-        message_id: the sender's id; handlers MUST be idempotent by it, since
-            delivery is at-least-once (a redelivery repeats the id).
+        message_id: the sender's id, None when it set none; handlers MUST be
+            idempotent by it, since delivery is at-least-once (a redelivery
+            repeats the id). A message without an id is handled at each delivery.
         correlation_id: on an answer, the ``message_id`` of its command.
         reply_to: where an answer goes (direct reply-to for API calls).
         user_id: the broker-validated login of the sender (None if unset).
@@ -115,7 +116,7 @@ class Incoming:
         queue: the queue it was consumed from.
     """
 
-    message_id: str
+    message_id: str | None
     correlation_id: str | None
     reply_to: str | None
     user_id: str | None
@@ -165,9 +166,10 @@ def answer_route(incoming: Incoming, answer_type: str) -> tuple[str, str] | None
 
 
 def body_id(body: bytes) -> str:
-    """Derives a stable ``message_id`` for a message whose sender gave none.
+    """Derives a stable key for a delivery whose sender gave no ``message_id``.
 
-    Redeliveries of the same body get the same id, so idempotent handlers still work.
+    The bus counts redeliveries and names dead letters by it; it is never a
+    handler's ``message_id`` (identical messages without an id are distinct).
     """
     return "sha1-" + hashlib.sha1(body).hexdigest()
 

@@ -202,9 +202,11 @@ class LinkBus(BusShortcuts):
 
     def _handle(self, delivery: Delivery) -> None:
         props = delivery.properties
+        # The body hash only counts this bus's own deliveries; handlers see the
+        # sender's id or none, so identical messages without one are not merged.
         mid = props.get("message_id") or body_id(delivery.body)
         incoming = Incoming(
-            message_id=mid, correlation_id=props.get("correlation_id"),
+            message_id=props.get("message_id") or None, correlation_id=props.get("correlation_id"),
             reply_to=props.get("reply_to"), user_id=props.get("user_id"),
             routing_key=delivery.routing_key, redelivered=delivery.redelivered,
             headers=delivery.headers, queue=delivery.queue)  # the delivery's own copy

@@ -97,7 +97,7 @@ class ApiHandlers:
     # -- queries ------------------------------------------------------------------
 
     def list_hosts(self, tx: TxContext, request: api.ListHostsRequest) -> api.HostList:
-        """Lists hosts with status and free/total device counts."""
+        """Lists hosts with status, free/total device counts and foreign domains."""
         counts: dict[int, tuple[int, int]] = {}
         for entry in pci_devices.device_counts(tx.session.connection()):
             free, total = counts.get(entry.host_id, (0, 0))
@@ -106,7 +106,8 @@ class ApiHandlers:
             HostRow(id=h.id, guid=h.guid, name=h.name, status=h.status,
                     cpus=h.cpus, memory_mb=h.memory_mb, last_ping=_iso(h.last_ping),
                     free_devices=counts.get(h.id, (0, 0))[0],
-                    total_devices=counts.get(h.id, (0, 0))[1])
+                    total_devices=counts.get(h.id, (0, 0))[1],
+                    foreign_domains=h.foreign_domains)
             for h in tx.session.scalars(select(Host).order_by(Host.id)))
         return api.HostList(hosts=rows)
 

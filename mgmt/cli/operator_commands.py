@@ -86,9 +86,11 @@ def _hosts(args: argparse.Namespace, request: Requester, out: TextIO) -> int:
     if args.json:
         print_json(answer.hosts, out)
         return 0
-    render_table(("NAME", "GUID", "STATUS", "CPUS", "MEMORY_MB", "FREE/TOTAL PCI", "LAST PING"),
+    render_table(("NAME", "GUID", "STATUS", "CPUS", "MEMORY_MB", "FREE/TOTAL PCI", "FOREIGN",
+                  "LAST PING"),
                  [(h.name, h.guid, h.status, h.cpus, h.memory_mb,
-                   f"{h.free_devices}/{h.total_devices}", h.last_ping) for h in answer.hosts],
+                   f"{h.free_devices}/{h.total_devices}", h.foreign_domains, h.last_ping)
+                  for h in answer.hosts],
                  out)
     return 0
 

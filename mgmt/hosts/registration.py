@@ -6,7 +6,9 @@ is answered with ``StartupAnswer``. Pings keep a host Up and reconcile power
 drift: a VM management thinks Running that the host reports stopped (or does
 not report) becomes Stopped and its devices are released; a VM management
 thinks Stopped that the host reports running becomes Running there and gets
-the devices its domain holds (unless another VM holds them). The sweeper marks
+the devices its domain holds (unless another VM holds them). A report changes
+only the VMs management placed on that host (``foreign_domains.placed_on``);
+any other domain it lists is recorded as foreign, never adopted. The sweeper marks
 a silent host Disconnected, then Down; placement only offers devices of Up
 hosts.
 
@@ -17,7 +19,7 @@ and speaks for another host is refused (``Forbidden``): the bus dead-letters it.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Sequence
 from datetime import timedelta
 
 import structlog
@@ -34,6 +36,7 @@ from hostdev.messages.values import DomainInfo, HostStatus
 from hostdev.mgmt.config import MgmtConfig
 from hostdev.mgmt.devices import pci_inventory
 from hostdev.mgmt.errors import Forbidden
+from hostdev.mgmt.hosts import foreign_domains
 from hostdev.mgmt.persistence.models import (
     HOST_DISCONNECTED,
     HOST_DOWN,
@@ -158,8 +161,11 @@ class HostRegistry:
         return vm.updated_at <= utcnow() - timedelta(seconds=DRIFT_GRACE_S)
 
     def _reconcile_power(self, tx: TxContext, host: Host,
-                         domains: Iterable[DomainInfo]) -> int:
-        reported = {d.uuid: d for d in domains if d.state in ("running", "paused")}
+                         domains: Sequence[DomainInfo]) -> int:
+        placed = foreign_domains.placed_on(tx, host)
+        foreign_domains.record(tx, host, domains, placed)
+        reported = {d.uuid: d for d in domains
+                    if d.state in ("running", "paused") and d.uuid in placed}
         running = set(reported)
         self._adopt_running(tx, host, reported)
         stopped = 0
@@ -177,8 +183,9 @@ class HostRegistry:
                        reported: dict[str, DomainInfo]) -> None:
         """Follows a VM found running that management thought Stopped or in Error.
 
-        Its domain holds real devices: they are allocated to it (never left
-        on offer) and the VM becomes Running on this host. When one of them is
+        Only a VM placed on this host (``reported`` holds no other): its
+        domain holds real devices: they are allocated to it (never left on
+        offer) and the VM becomes Running on this host. When one of them is
         held by another VM, nothing changes and the conflict is logged for the
         operator to settle (destroy the stray domain, or the other VM).
         """

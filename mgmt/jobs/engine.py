@@ -2,8 +2,9 @@
 
 Every job kind goes through these functions: ``new_job`` records the request
 that created it, ``send`` writes a command to the outbox and remembers its
-message id as the one the job waits for, ``job_for_answer`` finds the job an
-answer correlates to by that id (an indexed column), ``finish`` ends a job
+(random) message id and the host it goes to as what the job waits for,
+``job_for_answer`` finds the job an answer correlates to by that id (an
+indexed column) and refuses an answer from any other host, ``finish`` ends a job
 with one ``JobFinished`` event, and ``Expiry`` hands an overdue job to the
 handler of its kind.
 """
@@ -21,8 +22,9 @@ from hostdev.messages.base import Message
 from hostdev.messages.events import JobFinished
 from hostdev.messages.values import JobState
 from hostdev.mgmt import metrics
+from hostdev.mgmt.errors import ForgedAnswer
 from hostdev.mgmt.jobs import payloads
-from hostdev.mgmt.persistence.models import JOB_RUNNING, Job, VmInstance, utcnow
+from hostdev.mgmt.persistence.models import JOB_RUNNING, Job, OutboxEvent, VmInstance, utcnow
 from hostdev.mgmt.persistence.unit_of_work import TxContext
 
 log = structlog.get_logger()
@@ -45,32 +47,76 @@ def new_job(tx: TxContext, kind: payloads.JobKind, vm: VmInstance, step: str,
     return job
 
 
-def send(tx: TxContext, job: Job, routing_key: str, command: Message) -> str:
-    """Writes ``command`` to the outbox; its answer will find ``job``. Returns its id."""
-    command_id = tx.outbox.send(routing_key, command)
+def send(tx: TxContext, job: Job, guid: str, command: Message) -> str:
+    """Writes ``command`` for host ``guid`` to the outbox; its answer will find ``job``.
+
+    Only host ``guid`` may answer it (``job_for_answer``). Returns the command's id.
+    """
+    command_id = tx.outbox.send(f"agent.{guid}.{type(command).__name__}", command)
     job.command_id = command_id
+    job.command_host = guid
     return command_id
 
 
-def job_for_answer(tx: TxContext, vm_uuid: str, correlation_id: str | None
+def job_for_answer(tx: TxContext, vm_uuid: str, correlation_id: str | None, sender: str | None
                    ) -> tuple[Job | None, VmInstance | None]:
     """Returns the running job (locked) waiting for the answer and the VM it names.
 
-    An answer correlates to the command the job sent last; one for an earlier
-    command, another VM or a finished job finds none.
+    An answer must correlate to a command management sent (its exact,
+    random id, as the outbox recorded it) and come from the host that command
+    went to. It advances the job whose last command that is; a late or
+    repeated answer (the job moved on) finds no job and changes nothing.
+
+    Args:
+        tx: the transaction of the answer's handler.
+        vm_uuid: the VM the answer names.
+        correlation_id: the id of the command it answers.
+        sender: the guid of the host it comes from (its routing key's, which
+            the broker ties to the agent's user).
+
+    Raises:
+        ForgedAnswer: management sent no command with that id, the command
+            went to another host, or its job concerns another VM; the answer
+            changes nothing and is dead-lettered with this reason.
     """
-    vm = tx.session.scalar(select(VmInstance).where(VmInstance.uuid == vm_uuid))
-    if vm is None:
-        log.warning("answer_for_unknown_vm", vm=vm_uuid, correlation_id=correlation_id)
-        return None, None
-    job = None
-    if correlation_id:
-        job = tx.session.scalar(select(Job).where(
-            Job.command_id == correlation_id, Job.vm_id == vm.id, Job.state == JOB_RUNNING)
-            .with_for_update())
-    if job is None:
+    claimed = f"{_sender_text(sender)} for VM {vm_uuid}"
+    if not correlation_id:
+        raise ForgedAnswer(f"an answer from {claimed} carries no correlation_id, so it answers "
+                           "no command; nothing changed")
+    sent_to = tx.session.scalar(select(OutboxEvent.routing_key)
+                                .where(OutboxEvent.message_id == correlation_id))
+    target = _command_host(sent_to)
+    if target is None:
+        raise ForgedAnswer(
+            f"an answer from {claimed} correlates to {correlation_id}, which is no command "
+            "management sent (a guessed id, or one purged long ago); nothing changed")
+    if target != sender:
+        raise ForgedAnswer(
+            f"an answer from {claimed} correlates to command {correlation_id}, which went to "
+            f"host {target}: only that host may answer it; nothing changed")
+    job = tx.session.scalar(select(Job).where(
+        Job.command_id == correlation_id, Job.command_host == sender).with_for_update())
+    vm = tx.session.get(VmInstance, job.vm_id) if job is not None and job.vm_id else None
+    if job is not None and (vm is None or vm.uuid != vm_uuid):
+        raise ForgedAnswer(
+            f"an answer from {claimed} correlates to command {correlation_id} of job {job.id}, "
+            f"which concerns VM {vm.uuid if vm is not None else '(none)'}; nothing changed")
+    if job is None or job.state != JOB_RUNNING:
+        # The job moved on (a later command, a deadline): a late or repeated answer.
         log.info("answer_without_job", vm=vm_uuid, correlation_id=correlation_id)
+        return None, None
     return job, vm
+
+
+def _command_host(routing_key: str | None) -> str | None:
+    """Returns the guid of an ``agent.<guid>.<Type>`` routing key (a command's host)."""
+    words = (routing_key or "").split(".")
+    return words[1] if len(words) >= 3 and words[0] == "agent" else None
+
+
+def _sender_text(sender: str | None) -> str:
+    """Names the sending host in a refusal."""
+    return f"host {sender}" if sender else "a sender naming no host"
 
 
 def job_of_request(session: Session, request_id: str) -> Job | None:

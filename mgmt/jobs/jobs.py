@@ -219,9 +219,9 @@ class JobManager:
     # -- answers ---------------------------------------------------------------
 
     def on_start_answer(self, tx: TxContext, answer: StartAnswer,
-                        correlation_id: str | None) -> Job | None:
+                        correlation_id: str | None, sender: str | None) -> Job | None:
         """Advances the start of a VM; a failed start tries the next host."""
-        job, vm = engine.job_for_answer(tx, answer.vm_uuid, correlation_id)
+        job, vm = engine.job_for_answer(tx, answer.vm_uuid, correlation_id, sender)
         if job is None or vm is None or vm.state != "Starting":
             return None
         payload = load(job, StartPayload)
@@ -244,9 +244,9 @@ class JobManager:
         return job
 
     def on_stop_answer(self, tx: TxContext, answer: StopAnswer,
-                       correlation_id: str | None) -> Job | None:
+                       correlation_id: str | None, sender: str | None) -> Job | None:
         """Finishes a stop or destroy: Stopped (or Destroyed) on success, Running on failure."""
-        job, vm = engine.job_for_answer(tx, answer.vm_uuid, correlation_id)
+        job, vm = engine.job_for_answer(tx, answer.vm_uuid, correlation_id, sender)
         if job is None or vm is None or vm.state != "Stopping":
             return None
         if answer.ok:
@@ -333,7 +333,7 @@ class JobManager:
             payload.tried.append(candidate.guid)
             spec = VmSpec(uuid=vm.uuid, name=vm.name, cpus=vm.cpus, memory_mb=vm.memory_mb,
                           pci_devices=self._devices.held_addresses(tx, vm.id))
-            engine.send(tx, job, f"agent.{candidate.guid}.StartCommand", StartCommand(vm=spec))
+            engine.send(tx, job, candidate.guid, StartCommand(vm=spec))
             payload.host, payload.host_name = candidate.guid, candidate.name
             store(job, payload)
             job.step = "start"
@@ -348,7 +348,7 @@ class JobManager:
         guid = tx.session.scalar(select(Host.guid).where(Host.id == vm.host_id)) or ""
         self._lifecycle.transition(tx, vm, VmEvent.STOP_REQUESTED)
         timeout = self._config.job_stop_timeout_s
-        engine.send(tx, job, f"agent.{guid}.StopCommand",
+        engine.send(tx, job, guid,
                     StopCommand(vm_uuid=vm.uuid, force=force,
                                 timeout_s=max(1.0, timeout / 2), undefine=undefine))
         store(job, StopPayload(host=guid))

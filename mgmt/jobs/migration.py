@@ -182,7 +182,7 @@ class MigrationManager:
             mapping=[[m.name, str(m.source), str(m.destination)] for m in mapping])
         job = engine.new_job(tx, MIGRATE_JOB, vm, STEP_MIGRATE, payload,
                              utcnow() + timedelta(seconds=budget))
-        engine.send(tx, job, f"agent.{source.guid}.MigrateCommand", command)
+        engine.send(tx, job, source.guid, command)
         tx.session.flush()
         log.info("migration_started", job=job.id, vm=vm.uuid, source=source.guid,
                  destination=target.guid, devices=len(held))
@@ -215,7 +215,7 @@ class MigrationManager:
                      vm: VmInstance, guid: str, addresses: Sequence[PciAddress]) -> None:
         timeout = self._config.job_attach_timeout_s
         per_device = max(1.0, timeout / (2 * max(1, len(addresses))))
-        engine.send(tx, job, f"agent.{guid}.AttachPciDevicesCommand",
+        engine.send(tx, job, guid,
                     AttachPciDevicesCommand(vm_uuid=vm.uuid, addresses=tuple(addresses),
                                             timeout_s=min(10.0, per_device)))
         payload.attach_host = guid
@@ -226,9 +226,9 @@ class MigrationManager:
     # -- answers -------------------------------------------------------------------
 
     def on_migrate_answer(self, tx: TxContext, answer: MigrateAnswer,
-                          correlation_id: str | None) -> Job | None:
+                          correlation_id: str | None, sender: str | None) -> Job | None:
         """Advances a migration from the source's answer; a stale answer changes nothing."""
-        job, vm = engine.job_for_answer(tx, answer.vm_uuid, correlation_id)
+        job, vm = engine.job_for_answer(tx, answer.vm_uuid, correlation_id, sender)
         if job is None or vm is None or job.kind != MIGRATE_JOB \
                 or job.step not in (STEP_MIGRATE, STEP_VERIFY):
             return None
@@ -241,9 +241,9 @@ class MigrationManager:
         return job
 
     def on_attach_answer(self, tx: TxContext, answer: AttachPciDevicesAnswer,
-                         correlation_id: str | None) -> Job | None:
+                         correlation_id: str | None, sender: str | None) -> Job | None:
         """Ends a migration's attach (or re-attach) step, or an attach-devices job."""
-        job, vm = engine.job_for_answer(tx, answer.vm_uuid, correlation_id)
+        job, vm = engine.job_for_answer(tx, answer.vm_uuid, correlation_id, sender)
         if job is None or vm is None:
             return None
         if job.kind == MIGRATE_JOB and job.step in (STEP_ATTACH, STEP_REATTACH):

@@ -107,6 +107,10 @@ class Host(Base):
     hypervisor_version: Mapped[str] = mapped_column(String(64), default="")
     #: The libvirt URI peers migrate to this host with (as its agent announces it).
     migration_uri: Mapped[str] = mapped_column(String(1024), default="", server_default="")
+    #: How many domains its last complete report listed that management did not place there.
+    foreign_domains: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    #: Those domains, ``name (uuid)`` separated by ``, `` (capped), for the operator.
+    foreign_domain_names: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow, onupdate=utcnow)
 
@@ -243,6 +247,8 @@ class Job(Base):
     payload: Mapped[str] = mapped_column(Text, default="{}")
     #: The message id of the command whose answer the job waits for.
     command_id: Mapped[str | None] = mapped_column(String(64))
+    #: The guid of the host that command went to: the only host that may answer it.
+    command_host: Mapped[str | None] = mapped_column(String(64))
     #: The message id of the API request that created the job.
     request_id: Mapped[str | None] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)
@@ -264,9 +270,12 @@ class OutboxEvent(Base):
     """An event written in the transaction that caused it, published after commit."""
 
     __tablename__ = "event_outbox"
-    __table_args__ = (Index(None, "published_at", "id"), MYSQL_OPTIONS)
+    __table_args__ = (Index(None, "published_at", "id"), Index(None, "message_id", unique=True),
+                      MYSQL_OPTIONS)
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    #: The AMQP message id, random (unguessable) and kept so a republication repeats it.
+    message_id: Mapped[str | None] = mapped_column(String(32))
     routing_key: Mapped[str] = mapped_column(String(255))
     type: Mapped[str] = mapped_column(String(64))
     body: Mapped[bytes] = mapped_column(LargeBinary)

@@ -6,9 +6,10 @@ the ones a handler just wrote (``publish_now``, straight from memory, no
 read back), and periodically anything a crashed daemon left behind
 (``publish_stale``). Rows published from memory are marked published in
 batches (``mark_published``, after the broker confirmed them), so a handler
-costs no second transaction. Delivery is at-least-once;
-the message id is derived from the row id (``outbox-<id>``) so a second
-publication of the same row carries the same id and receivers drop it.
+costs no second transaction. Delivery is at-least-once: each row gets a
+random message id when it is written (kept in the row), so a second
+publication of the same row carries the same id and receivers drop it, and
+nobody can guess the id of a command (an answer must name it).
 
 Routing keys starting with ``agent.`` go to ``hostdev.commands`` (commands
 for one agent); all others go to ``hostdev.events``.
@@ -16,6 +17,7 @@ for one agent); all others go to ``hostdev.events``.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Sequence
 from datetime import timedelta
 from typing import Final, Protocol, cast
@@ -49,18 +51,24 @@ class Publisher(Protocol):
         ...
 
 
-def message_id_of(row_id: int) -> str:
-    """Returns the AMQP message id an outbox row is published with."""
-    return f"outbox-{row_id}"
+def new_message_id() -> str:
+    """Returns a fresh message id for a row: random, so an agent cannot guess another's."""
+    return uuid.uuid4().hex
 
 
-#: One row written by this process: id, routing key, message.
-Pending = tuple[int, str, Message]
+def message_id_of(row_id: int, message_id: str | None) -> str:
+    """Returns the AMQP message id a row is published with (rows older than the id column
+    have none and keep the id they were first published with)."""
+    return message_id or f"outbox-{row_id}"
+
+
+#: One row written by this process: id, message id, routing key, message.
+Pending = tuple[int, str, str, Message]
 
 
 def _values(routing_key: str, message: Message) -> dict[str, object]:
     return {"routing_key": routing_key, "type": type(message).__name__,
-            "body": encode(message), "created_at": utcnow()}
+            "body": encode(message), "created_at": utcnow(), "message_id": new_message_id()}
 
 
 #: The table, for Core statements: cheaper than ORM-enabled ones on the hot path.
@@ -70,7 +78,8 @@ _INSERT_MANY = insert(_TABLE).returning(_TABLE.c.id, sort_by_parameter_order=Tru
 #: Inserts one row, the common case (one event per transaction): its id
 #: comes back with the server's answer (``lastrowid``), with no result set.
 _INSERT_ONE = PreparedStatement(insert(_TABLE).values(
-    {name: bindparam(name) for name in ("routing_key", "type", "body", "created_at")}))
+    {name: bindparam(name)
+     for name in ("routing_key", "type", "body", "created_at", "message_id")}))
 
 
 class Outbox:
@@ -98,7 +107,7 @@ class Outbox:
         """
         queued, self._queued = self._queued, []
         queued.append((routing_key, message))
-        return message_id_of(self._write(queued))
+        return self._write(queued)
 
     def flush(self) -> None:
         """Writes the queued events in one multi-row INSERT, in the transaction."""
@@ -106,17 +115,22 @@ class Outbox:
         if queued:
             self._write(queued)
 
-    def _write(self, rows: list[tuple[str, Message]]) -> int:
-        """Inserts ``rows`` in one statement and keeps them for publication; returns the last id."""
+    def _write(self, rows: list[tuple[str, Message]]) -> str:
+        """Inserts ``rows`` in one statement and keeps them for publication.
+
+        Returns:
+            The message id of the last row.
+        """
         values = [_values(key, message) for key, message in rows]
         connection = self._connection
         if len(values) == 1:
             ids = [_INSERT_ONE.execute(connection, values[0]).lastrowid]
         else:
             ids = list(connection.execute(_INSERT_MANY, values).scalars().all())
-        self.pending.extend((row_id, key, message)
-                            for row_id, (key, message) in zip(ids, rows, strict=True))
-        return int(ids[-1])
+        self.pending.extend(
+            (row_id, str(value["message_id"]), key, message)
+            for row_id, value, (key, message) in zip(ids, values, rows, strict=True))
+        return str(values[-1]["message_id"])
 
 
 def exchange_for(routing_key: str) -> str:
@@ -137,9 +151,9 @@ class OutboxPublisher:
 
     def publish_now(self, rows: Sequence[Pending]) -> int:
         """Publishes rows just committed by this process; marks them later in a batch."""
-        for row_id, routing_key, message in rows:
+        for row_id, message_id, routing_key, message in rows:
             self._bus.publish(routing_key, message, exchange=exchange_for(routing_key),
-                              message_id=message_id_of(row_id))
+                              message_id=message_id)
             self._unmarked.append(row_id)
         return len(rows)
 
@@ -177,7 +191,7 @@ class OutboxPublisher:
         for row in rows:
             self._bus.publish(row.routing_key, decode(row.body),
                               exchange=exchange_for(row.routing_key),
-                              message_id=message_id_of(row.id))
+                              message_id=message_id_of(row.id, row.message_id))
         if rows:
             # Marked published only once the broker has them: a crash before
             # this line publishes them again (same message ids) later.

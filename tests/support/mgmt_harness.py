@@ -111,9 +111,9 @@ class Harness:
 
     def incoming(self, routing_key: str, *, user_id: str | None = "guest",
                  correlation_id: str | None = None, message_id: str | None = None,
-                 reply_to: str | None = None) -> Incoming:
-        """Builds the delivery facts a bus would pass."""
-        return Incoming(message_id=message_id or f"m-{next(_COUNTER)}",
+                 reply_to: str | None = None, without_id: bool = False) -> Incoming:
+        """Builds the delivery facts a bus would pass (``without_id``: the sender set none)."""
+        return Incoming(message_id=None if without_id else message_id or f"m-{next(_COUNTER)}",
                         correlation_id=correlation_id, reply_to=reply_to, user_id=user_id,
                         routing_key=routing_key, redelivered=False)
 
@@ -127,13 +127,14 @@ class Harness:
         result: Message | None = handler(decode(encode(message)), incoming)
         return result
 
-    def api(self, request: Message, *, message_id: str | None = None) -> Message:
+    def api(self, request: Message, *, message_id: str | None = None,
+            without_id: bool = False) -> Message:
         """Sends an API request and returns the answer."""
         handler = self.bus.consumers["hostdev.api"][type(request)]
         answer: Message = handler(decode(encode(request)),
                                   self.incoming(f"api.{type(request).__name__}",
                                                 reply_to="amq.rabbitmq.reply-to",
-                                                message_id=message_id))
+                                                message_id=message_id, without_id=without_id))
         return answer
 
     def register(self, guid: str, name: str | None = None,

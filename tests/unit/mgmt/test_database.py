@@ -138,7 +138,7 @@ def test_prepared_statement_binds_types_and_wraps_errors(
     stamp = datetime(2026, 1, 2, 3, 4, 5, 678901)
     insert_host = PreparedStatement(insert(Host).values(
         guid=bindparam("guid"), name="h", status="Up", cpus=1, memory_mb=1,
-        hypervisor_version="", migration_uri="", created_at=bindparam("at"),
+        hypervisor_version="", migration_uri="", foreign_domains=0, created_at=bindparam("at"),
         updated_at=bindparam("at")))
     with transaction(engine) as conn:
         result = insert_host.execute(conn, {"guid": "g-1", "at": stamp})

@@ -7,7 +7,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import Engine, update
+from sqlalchemy import Engine, select, update
 from sqlalchemy.orm import Session
 
 from hostdev.agent.config import parse_config
@@ -15,9 +15,10 @@ from hostdev.agent.daemon import Agent
 from hostdev.agent.startup_checks import check_host
 from hostdev.messages import api
 from hostdev.messages.bus.in_process import FakeClock, InProcessBroker, InProcessBus
+from hostdev.messages.commands import StopAnswer
 from hostdev.messages.errors import RemoteError
 from hostdev.mgmt.config import MgmtConfig
-from hostdev.mgmt.persistence.models import VmInstance, utcnow
+from hostdev.mgmt.persistence.models import Job, VmInstance, utcnow
 from hostdev.mgmt.service import ManagementService
 from tests.support.agent import SAMPLE_DEVICES, HostFactory, host_factory
 
@@ -98,3 +99,26 @@ def test_agent_power_report_releases_devices(engine: Engine, make_host: HostFact
     devices = cloud.client.request(api.ListPciDevicesRequest(free_only=True))
     assert isinstance(devices, api.PciDeviceList)
     assert len([d for d in devices.devices if d.name == "10GE"]) == 4
+
+
+def test_an_answer_from_another_host_is_dead_lettered(engine: Engine,
+                                                      make_host: HostFactory) -> None:
+    """sim-b answering the command sent to sim-a, or a guessed id: dead letters, VM unchanged."""
+    cloud = Cloud(engine, make_host)
+    cloud.client.request(api.CreateOfferingRequest(name="net2", pci_devices="10GE:2"))
+    accepted = cloud.client.request(api.DeployVmRequest(name="vm1", offering="net2"))
+    assert isinstance(accepted, api.JobAccepted) and cloud.job(accepted.job_id) == "succeeded"
+    with Session(engine) as session:
+        observed = session.scalar(select(Job.command_id).where(Job.id == accepted.job_id))
+    forger = InProcessBus(broker=cloud.broker)
+    forger.connect()
+    forged = StopAnswer(vm_uuid=accepted.vm_uuid or "", state="stopped")
+    forger.send_to_mgmt("guid-sim-b", forged, correlation_id=observed)
+    forger.send_to_mgmt("guid-sim-b", forged, correlation_id="outbox-1")
+    cloud.broker.drain()
+    reasons = [d.reason for d in cloud.broker.dead_letters()]
+    assert len(reasons) == 2, reasons
+    assert "from host guid-sim-b" in reasons[0] and "went to host guid-sim-a" in reasons[0]
+    assert "no command management sent" in reasons[1]
+    vms = cloud.client.request(api.ListVmsRequest())
+    assert isinstance(vms, api.VmList) and [v.state for v in vms.vms] == ["Running"]

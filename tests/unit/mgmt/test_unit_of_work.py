@@ -60,10 +60,12 @@ def test_orm_and_outbox_writes_commit_together(engine: Engine) -> None:
     assert work.run(write) == 0  # the session flushes at the end, not on a Core read
     assert _count(engine, Host) == 1
     with engine.connect() as conn:
-        stored = conn.execute(select(OutboxEvent.id, OutboxEvent.routing_key)
+        stored = conn.execute(select(OutboxEvent.id, OutboxEvent.message_id,
+                                     OutboxEvent.routing_key)
                               .order_by(OutboxEvent.id)).all()
-    assert [key for _, key in stored] == [f"job.{n}.Succeeded" for n in (1, 2, 3)]
-    assert bus.message_ids == [message_id_of(row_id) for row_id, _ in stored]
+    assert [key for _, _, key in stored] == [f"job.{n}.Succeeded" for n in (1, 2, 3)]
+    assert bus.message_ids == [message_id_of(row_id, mid) for row_id, mid, _ in stored]
+    assert all(len(mid) == 32 for _, mid, _ in stored)  # random, not the row's number
 
 
 def test_a_failed_attempt_undoes_orm_and_core_writes(engine: Engine) -> None:

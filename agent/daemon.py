@@ -14,8 +14,8 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
-from dataclasses import dataclass
 from collections.abc import Sequence
+from dataclasses import dataclass
 from importlib import metadata
 
 import structlog
@@ -23,7 +23,7 @@ import structlog
 from hostdev.agent.background import BackgroundCommands
 from hostdev.agent.config import DEFAULT_PATH, AgentConfig, ensure_guid, load_config
 from hostdev.agent.errors import AgentError, ConfigError, HypervisorError
-from hostdev.agent.handlers import CommandHandlers, Timeouts
+from hostdev.agent.handlers import CommandHandlers, Timeouts, failure_answer
 from hostdev.agent.hypervisor import Hypervisor, LifecycleEvent
 from hostdev.agent.libvirt_host import LibvirtHost
 from hostdev.agent.metrics import serve_agent_metrics
@@ -103,7 +103,7 @@ class Agent:
         self._announcing = _Announcing()
         recent = RecentCommands()  # answers repeats of a command (outbox re-publication)
         self.background = BackgroundCommands(bus, self.guid, recent)
-        self.pipeline = CommandPipeline(self.guid, recent, self.background)
+        self.pipeline = CommandPipeline(self.guid, recent, self.background, failure_answer)
 
     # -- outgoing ------------------------------------------------------------------
 

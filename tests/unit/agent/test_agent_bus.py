@@ -187,3 +187,18 @@ def test_an_error_answer_is_logged_once_and_acked(make_host: HostFactory) -> Non
     (record,) = [r for r in logs if r["event"] == "error_answer_received"]
     assert (record["code"], record["details"], record["log_level"]) == (
         "forbidden", "not your VM", "warning")
+
+
+def test_a_start_with_an_invalid_uuid_is_answered_once_not_retried(
+        make_host: HostFactory) -> None:
+    """libvirt's "invalid UUID" is permanent: one error answer, no redelivery, no dead letter."""
+    broker, _clock, mgmt = setup(make_host())
+    command_id = mgmt.bus.send_to_agent(GUID, StartCommand(vm=VmSpec(
+        uuid="not-a-uuid", name="v", cpus=1, memory_mb=128)))
+    with capture_logs() as logs:
+        broker.drain()
+    ((answer, incoming),) = mgmt.of(StartAnswer)
+    assert incoming.correlation_id == command_id
+    assert answer.result == "error" and "libvirt code 8" in answer.details
+    assert broker.dead_letters() == []
+    assert [r for r in logs if r["event"] == "message_requeued"] == []

@@ -45,7 +45,8 @@ from hostdev.messages.commands import (
     StopCommand,
     VmStateReport,
 )
-from hostdev.messages.runtime.backoff import Backoff
+from hostdev.messages.errors import BusError
+from hostdev.messages.runtime.backoff import Backoff, retry
 from hostdev.messages.runtime.logging import configure_logging
 from hostdev.messages.runtime.sd_notify import SystemdNotifier
 
@@ -338,7 +339,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not report.ok:
         host.close()
         return 1
-    from hostdev.messages.bus import Bus, BusConfig  # kombu is only needed from here on
+    return _run(config, host, report)
+
+
+def _run(config: AgentConfig, host: Hypervisor, report: CheckReport) -> int:
+    """Connects the bus (a few tries if the broker is starting) and runs the agent."""
+    # kombu is only needed from here on
+    from hostdev.messages.bus import Bus, BusConfig
+    from hostdev.messages.bus.failures import is_transient
 
     bus = Bus(BusConfig(url=config.amqp_url, queue_type=config.amqp_queue_type,
                         app_id="hostdev-agent"))
@@ -346,9 +354,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda _sig, _frame: agent.stop())
     log.info("agent_starting", host=config.guid, name=config.name, uri=config.libvirt_uri,
-             amqp=config.amqp_url.split("@")[-1])
-    serve_agent_metrics(config.metrics_port)  # off unless metrics.port is set
-    agent.run()
+             amqp=bus.config.safe_url())
+    try:
+        retry(bus.connect, transient=is_transient, what="broker")
+        serve_agent_metrics(config.metrics_port)  # off unless metrics.port is set
+        agent.run()
+    except BusError as exc:  # one line naming the URL and the cause; systemd restarts us
+        print(f"hostdev-agent: {exc}", file=sys.stderr)
+        host.close()
+        return 1
     return 0
 
 

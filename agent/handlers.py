@@ -12,7 +12,7 @@ one (the operator decides the longest a host waits).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -20,7 +20,7 @@ import structlog
 
 from hostdev.agent.errors import DetachRefused, DomainNotFound, HypervisorError, MigrationFailed
 from hostdev.agent.hypervisor import Hypervisor
-from hostdev.messages.base import Answer, Message
+from hostdev.messages.base import Message
 from hostdev.messages.commands import (
     AttachPciDevicesAnswer,
     AttachPciDevicesCommand,
@@ -39,7 +39,7 @@ from hostdev.messages.values import DeviceOutcome, DomainInfo
 log = structlog.get_logger()
 
 #: The answer type of each command, for an error answered without running it.
-_ANSWERS: dict[type[Message], type[Answer]] = {
+_ANSWERS: dict[type[Message], Callable[..., Message]] = {
     StartCommand: StartAnswer, StopCommand: StopAnswer, MigrateCommand: MigrateAnswer,
     AttachPciDevicesCommand: AttachPciDevicesAnswer,
     DetachPciDevicesCommand: DetachPciDevicesAnswer,

@@ -8,8 +8,16 @@ The jitter keeps a fleet of agents restarted together from retrying in step.
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
+
+import structlog
+
+log = structlog.get_logger()
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -34,10 +42,43 @@ class Backoff:
 
     def ceiling(self, retry: int) -> float:
         """Returns the delay before retry number ``retry`` (0-based) without jitter."""
-        return min(self.max_s, self.first_s * 2 ** min(retry, 62))
+        return min(self.max_s, self.first_s * 2.0 ** min(retry, 62))
 
     def delay(self, retry: int, draw: Callable[[float, float], float] = random.uniform
               ) -> float:
         """Returns the delay before retry number ``retry`` (0-based), jitter applied."""
         top = self.ceiling(retry)
-        return draw(top * (1 - self.jitter), top)
+        return float(draw(top * (1 - self.jitter), top))
+
+
+def retry(fn: Callable[[], T], *, transient: Callable[[Exception], bool], what: str,
+          attempts: int = 4, backoff: Backoff | None = None,
+          wait: Callable[[float], None] = time.sleep) -> T:
+    """Returns ``fn()``, calling it again after a transient failure, ``attempts`` times at most.
+
+    A daemon starting before its broker or database is reachable waits for it
+    a little (1, 2, 4 s by default), then gives up so its supervisor decides.
+
+    Args:
+        fn: the attempt.
+        transient: tells whether a failure may go away by itself.
+        what: what is being reached, for the log line of each retry.
+        attempts: calls at most, the first included.
+        backoff: the delays between calls (default 1 s doubling, at most 8 s).
+        wait: sleeps; tests pass a recorder.
+
+    Raises:
+        Exception: what the last call raised, or a permanent failure at once.
+    """
+    backoff = backoff or Backoff(first_s=1.0, max_s=8.0)
+    for attempt in range(1, attempts):
+        try:
+            return fn()
+        except Exception as exc:
+            if not transient(exc):
+                raise
+            delay = backoff.delay(attempt - 1)
+            log.warning("start_retrying", what=what, error=str(exc), attempt=attempt,
+                        attempts=attempts, retry_in_s=round(delay, 2))
+            wait(delay)
+    return fn()

@@ -60,8 +60,8 @@ def setup(host: SimulatedHost) -> tuple[InProcessBroker, FakeClock, Mgmt]:
     clock = FakeClock()
     broker = InProcessBroker(clock=clock)
     mgmt = Mgmt(broker)
-    config = parse_config(f"guid={GUID}\nping.interval=30s\npci.devices={SAMPLE_DEVICES}\n",
-                          "a.properties")
+    config = parse_config(f"guid={GUID}\nping.interval=30s\npci.devices={SAMPLE_DEVICES}\n"
+                          f"libvirt.uri={host.uri}\n", "a.properties")
     agent = Agent(config, host, InProcessBus(broker=broker),
                   check_host(config, host.pci_devices(), host.domains()))
     agent.start()

@@ -10,6 +10,7 @@ import structlog
 from prometheus_client import REGISTRY
 
 from hostdev.agent.background import BackgroundCommands
+from hostdev.agent.boot_sequence import BootSequence
 from hostdev.agent.config import parse_config
 from hostdev.agent.daemon import Agent
 from hostdev.agent.errors import HypervisorError, SenderRefused
@@ -71,7 +72,8 @@ class LoopBus:
 
 def pipeline(bus: LoopBus | None = None) -> CommandPipeline:
     recent = RecentCommands()
-    return CommandPipeline(GUID, recent, BackgroundCommands(bus or LoopBus(), GUID, recent))
+    return CommandPipeline(GUID, recent, BackgroundCommands(bus or LoopBus(), GUID, recent),
+                           BootSequence())
 
 
 def stopper(runs: list[str]) -> Callable[[StopCommand], StopAnswer]:
@@ -222,8 +224,8 @@ def test_a_start_repeated_after_a_stop_leaves_the_vm_stopped(make_host: HostFact
         StartupRoutingCommand: lambda m, i: StartupAnswer(host_id=1),
         StartAnswer: lambda m, i: got.append((m, i)),
         StopAnswer: lambda m, i: got.append((m, i))})
-    config = parse_config(f"guid={GUID}\nping.interval=30s\npci.devices={SAMPLE_DEVICES}\n",
-                          "a.properties")
+    config = parse_config(f"guid={GUID}\nping.interval=30s\npci.devices={SAMPLE_DEVICES}\n"
+                          f"libvirt.uri={host.uri}\n", "a.properties")
     Agent(config, host, InProcessBus(broker=broker),
           check_host(config, host.pci_devices(), host.domains())).start()
     start = StartCommand(vm=VmSpec(uuid=VM, name="v", cpus=1, memory_mb=128,

@@ -54,6 +54,5 @@ class BootSequence:
     def stamp(self, message: _M) -> _M:
         """Returns an answer numbered now (after its work); any other message as it is."""
         if isinstance(message, StampedAnswer):
-            return msgspec.structs.replace(message, boot_id=self.boot_id,  # type: ignore[return-value]
-                                           seq=self.take())
+            return msgspec.structs.replace(message, boot_id=self.boot_id, seq=self.take())
         return message

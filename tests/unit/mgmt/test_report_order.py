@@ -18,8 +18,8 @@ from hostdev.messages import api
 from hostdev.messages.base import Message
 from hostdev.messages.bus.in_process import FakeClock, InProcessBroker, InProcessBus
 from hostdev.messages.commands import PingRoutingCommand
-from hostdev.mgmt.hosts.report_order import STALE_REPORTS
 from hostdev.mgmt.config import MgmtConfig
+from hostdev.mgmt.hosts.report_order import STALE_REPORTS
 from hostdev.mgmt.persistence.models import Host, VmInstance, utcnow
 from hostdev.mgmt.service import ManagementService
 from tests.support.agent import SAMPLE_DEVICES, HostFactory, host_factory

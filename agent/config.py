@@ -35,6 +35,8 @@ from hostdev.messages.runtime.properties import (
 log = structlog.get_logger()
 
 DEFAULT_PATH = "/etc/hostdev/agent.properties"
+#: Where the agent keeps what must survive its restart (systemd's StateDirectory).
+DEFAULT_STATE_DIR = "/var/lib/hostdev-agent"
 
 LogFormat = Literal["json", "console"]
 LogLevel = Literal["debug", "info", "warning", "error"]
@@ -73,6 +75,8 @@ class AgentConfig:
     log_format: LogFormat = "json"
     log_level: LogLevel = "info"
     metrics_port: int | None = None
+    #: The directory of the agent's state files (``state.dir``); see ``default_state_dir``.
+    state_dir: str = DEFAULT_STATE_DIR
     warnings: tuple[str, ...] = ()
 
     @property
@@ -137,6 +141,16 @@ _LIBVIRT_URI = url((), "a libvirt URI such as qemu:///system, test:///abs/node.x
                    "simulated:///abs/spec.json")
 
 
+def absolute_path(prop: Property) -> str:
+    """Parses an absolute directory path (``state.dir``)."""
+    value = prop.value.strip()
+    if not value.startswith("/") or any(ord(c) < 32 for c in value):
+        raise prop.error(f"{prop.key} must be an absolute directory path, such as "
+                         f"{DEFAULT_STATE_DIR}")
+    return value
+
+
+
 #: key -> (AgentConfig field, parser)
 _KEYS: dict[str, tuple[str, Callable[[Property], object]]] = {
     "guid": ("guid", matching(_GUID, f"{_NAME_RULE} (delete the line to have one "
@@ -156,6 +170,7 @@ _KEYS: dict[str, tuple[str, Callable[[Property], object]]] = {
     "log.format": ("log_format", choice("json", "console")),
     "log.level": ("log_level", choice("debug", "info", "warning", "error")),
     "metrics.port": ("metrics_port", port_or_off),
+    "state.dir": ("state_dir", absolute_path),
 }
 
 KNOWN_KEYS = tuple(_KEYS)
@@ -190,7 +205,24 @@ def config_from_properties(props: Sequence[Property], path: str,
     config = AgentConfig(path=path, warnings=tuple(warnings), **values)
     if not config.migration_uri:
         config = replace(config, migration_uri=default_migration_uri(config.libvirt_uri))
+    if "state_dir" not in values:
+        config = replace(config, state_dir=default_state_dir(config.libvirt_uri))
     return config
+
+
+def default_state_dir(libvirt_uri: str) -> str:
+    """Returns the state directory when ``state.dir`` is unset.
+
+    A real host keeps its state in ``/var/lib/hostdev-agent``. A simulated
+    host keeps it beside its spec (``<dir>/<spec name>.agent/``), as it keeps
+    its domains: several simulated hosts share one machine and must not
+    share their state.
+    """
+    scheme, _, rest = libvirt_uri.partition("://")
+    if scheme in ("simulated", "test") and rest.startswith("/") and len(rest) > 1:
+        spec = Path(rest)
+        return str(spec.with_name(f"{spec.stem}.agent"))
+    return DEFAULT_STATE_DIR
 
 
 def default_migration_uri(libvirt_uri: str, hostname: str | None = None) -> str:

@@ -17,10 +17,12 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import metadata
+from pathlib import Path
 
 import structlog
 
 from hostdev.agent.background import BackgroundCommands
+from hostdev.agent.boot_sequence import BootSequence
 from hostdev.agent.config import DEFAULT_PATH, AgentConfig, ensure_guid, load_config
 from hostdev.agent.errors import AgentError, ConfigError, HypervisorError
 from hostdev.agent.handlers import CommandHandlers, Timeouts, failure_answer
@@ -28,7 +30,7 @@ from hostdev.agent.hypervisor import Hypervisor, LifecycleEvent
 from hostdev.agent.libvirt_host import LibvirtHost
 from hostdev.agent.metrics import serve_agent_metrics
 from hostdev.agent.pipeline import CommandPipeline
-from hostdev.agent.recent_commands import RecentCommands
+from hostdev.agent.recent_commands import FILE_NAME, RecentCommands
 from hostdev.agent.simulated import SimulatedHost, is_simulated_uri
 from hostdev.agent.startup_checks import CheckReport, check_host
 from hostdev.messages.base import Message
@@ -102,21 +104,26 @@ class Agent:
         # may start after the agent, and an unroutable announcement is lost.
         self.announce_backoff = announce_backoff or Backoff(first_s=1.0, max_s=30.0)
         self._announcing = _Announcing()
-        recent = RecentCommands()  # answers repeats of a command (outbox re-publication)
+        #: Numbers every report and answer of this process (management orders them).
+        self.sequence = BootSequence()
+        # Answers repeats of a command (outbox re-publication), also across a restart.
+        recent = RecentCommands(path=Path(config.state_dir) / FILE_NAME)
         self.background = BackgroundCommands(bus, self.guid, recent)
-        self.pipeline = CommandPipeline(self.guid, recent, self.background, failure_answer)
+        self.pipeline = CommandPipeline(self.guid, recent, self.background, failure_answer,
+                                        self.sequence)
 
     # -- outgoing ------------------------------------------------------------------
 
     def startup_message(self) -> StartupRoutingCommand:
         """Builds the announcement: host facts, the checked inventory, the domains."""
+        seq = self.sequence.take()  # before libvirt is read (hostdev.agent.boot_sequence)
         facts = self.hypervisor.facts()
         return StartupRoutingCommand(
             guid=self.guid, name=self.config.name, hypervisor=facts.hypervisor,
             hypervisor_version=facts.hypervisor_version, cpus=facts.cpus,
             memory_mb=facts.memory_mb, pci_devices=self.report.inventory,
             domains=self.hypervisor.domains(), agent_version=_agent_version(),
-            migration_uri=self.config.migration_uri)
+            migration_uri=self.config.migration_uri, boot_id=self.sequence.boot_id, seq=seq)
 
     @property
     def registered(self) -> bool:
@@ -160,18 +167,21 @@ class Agent:
 
     def ping(self) -> None:
         """Sends ``PingRoutingCommand`` with every domain's state and hostdevs."""
+        seq = self.sequence.take()  # before libvirt is read (hostdev.agent.boot_sequence)
         try:
             domains = self.hypervisor.domains()
         except HypervisorError as exc:
             log.error("ping_skipped", host=self.guid, error=str(exc))
             return
-        self.bus.send_to_mgmt(self.guid, PingRoutingCommand(guid=self.guid, domains=domains))
+        self.bus.send_to_mgmt(self.guid, PingRoutingCommand(
+            guid=self.guid, domains=domains, boot_id=self.sequence.boot_id, seq=seq))
 
     def on_lifecycle(self, event: LifecycleEvent) -> None:
         """Hands a libvirt event (event thread) to the bus loop thread."""
         self.bus.call_soon_threadsafe(lambda: self._report(event))
 
     def _report(self, event: LifecycleEvent) -> None:
+        seq = self.sequence.take()  # before libvirt is read (hostdev.agent.boot_sequence)
         try:
             domain = self.hypervisor.domain(event.uuid)
         except HypervisorError as exc:
@@ -181,7 +191,7 @@ class Agent:
             guid=self.guid, vm_uuid=event.uuid, vm_name=event.name,
             state=domain.state if domain else "stopped",
             event=f"{event.event}/{event.detail}",
-            hostdevs=domain.hostdevs if domain else ())
+            hostdevs=domain.hostdevs if domain else (), boot_id=self.sequence.boot_id, seq=seq)
         self.bus.send_to_mgmt(self.guid, report)
         log.info("vm_state_reported", host=self.guid, vm=event.uuid, state=report.state,
                  libvirt_event=report.event)

@@ -11,7 +11,8 @@ Declared once, in the order management's pipeline uses:
    (``hostdev.agent.recent_commands``);
 4. run the handler, on the loop thread or, for long commands, on a worker
    (``hostdev.agent.background``), timed in
-   ``hostdev_agent_command_duration_seconds``;
+   ``hostdev_agent_command_duration_seconds``; its answer is numbered in the
+   agent's sequence as soon as the work is done (``hostdev.agent.boot_sequence``);
 5. map errors to answers: a handler answers its outcomes itself
    (``result="error"`` with details); libvirt failing under it becomes
    ``TransientError``, which the bus redelivers and, past the delivery limit,
@@ -29,6 +30,7 @@ from typing import Any
 import structlog
 
 from hostdev.agent.background import BackgroundCommands
+from hostdev.agent.boot_sequence import BootSequence
 from hostdev.agent.errors import HypervisorError, SenderRefused
 from hostdev.agent.metrics import timed
 from hostdev.agent.recent_commands import RecentCommands
@@ -75,20 +77,25 @@ class CommandPipeline:
     """Builds the bus handlers of one agent, each taking the steps above."""
 
     def __init__(self, guid: str, recent: RecentCommands, background: BackgroundCommands,
-                 failure_answer: FailureAnswer) -> None:
+                 failure_answer: FailureAnswer, sequence: BootSequence) -> None:
         self.guid = guid
         self.recent = recent
         self.background = background
         self.failure_answer = failure_answer
+        self.sequence = sequence
 
     def command(self, run: Callable[[Any], Message]) -> Handler:
         """Returns the handler of a command answered on the loop thread."""
         observed = timed(run)
-        return self._handler(lambda message, _incoming: observed(message))
+        # Numbered once the work is done (hostdev.agent.boot_sequence).
+        return self._handler(lambda message, _incoming: self.sequence.stamp(observed(message)))
 
     def long_command(self, run: Callable[[Any], Message], key: Callable[[Any], str]) -> Handler:
         """Returns the handler of a command run on a worker thread, one per ``key``."""
-        return self._handler(self.background.runner(timed(run), key))
+        observed = timed(run)
+        # Numbered on the worker, as soon as the work is done.
+        return self._handler(self.background.runner(
+            lambda message: self.sequence.stamp(observed(message)), key))
 
     def answer(self, run: Callable[[Any], None]) -> Handler:
         """Returns the handler of an answer from management (nothing to answer back)."""
@@ -113,7 +120,8 @@ class CommandPipeline:
                         raise TransientError(f"{kind}: {exc}") from exc
                     # Retrying would fail the same way: say so now, once.
                     log.warning("command_failed_permanently", type=kind, error=str(exc))
-                    answer = self.failure_answer(message, _vm_of(message) or "", str(exc))
+                    answer = self.sequence.stamp(
+                        self.failure_answer(message, _vm_of(message) or "", str(exc)))
                 if answer is not None:
                     log.info("command_answered", type=type(answer).__name__,
                              result=getattr(answer, "result", ""))

@@ -3,34 +3,78 @@
 Management publishes commands through an outbox at least once: a daemon
 killed after publishing a command but before marking it published leaves
 the row to another daemon, which publishes it again seconds later with the
-same message id (``outbox-<row id>``). Running such a repeat is not
-harmless: a ``StartCommand`` repeated after the VM was stopped would start
-it again behind management's back, holding devices management has freed.
-The agent therefore answers a repeated message id with the answer it gave
-the first time, without running the command again.
+same message id. Running such a repeat is not harmless: a ``StartCommand``
+repeated after the VM was stopped would start it again behind management's
+back, holding devices management has freed. The agent therefore answers a
+repeated message id with the answer it gave the first time, without running
+the command again.
 
-The memory is bounded and lives in the process: a repeat that arrives after
-an agent restart runs again (the handlers still check libvirt's state first).
+The memory survives a restart of the agent: with a ``path`` (the file
+``recent-commands.json`` in the agent's ``state.dir``), the most recent
+``persisted`` answers are written there after each new one (to a temporary
+file, then renamed over the old one, so a crash leaves the old file or the
+new one, never half of one) and read back at start. A repeat that arrives
+right after a restart is answered as the first time. A file that cannot be
+read or written is logged with its path and the memory goes on in the
+process: it never stops the agent.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import tempfile
 from collections import OrderedDict
+from pathlib import Path
+
+import msgspec
+import structlog
 
 from hostdev.messages.base import Message
+from hostdev.messages.codec import decode, encode
+from hostdev.messages.errors import MessageError
+
+log = structlog.get_logger()
 
 #: How many answers are kept; far more than the commands of a stale-outbox window.
 DEFAULT_SIZE = 4096
+#: How many of them are written to the state file (the file stays well under a few MB).
+DEFAULT_PERSISTED = 512
+#: The file's format; a file of another version is ignored.
+FILE_VERSION = 1
+FILE_NAME = "recent-commands.json"
+
+
+class _Entry(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    id: str
+    answer: msgspec.Raw
+
+
+class _File(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    version: int
+    answers: list[_Entry]
 
 
 class RecentCommands:
     """Remembers the answer to each of the last ``size`` commands by message id."""
 
-    def __init__(self, size: int = DEFAULT_SIZE) -> None:
+    def __init__(self, size: int = DEFAULT_SIZE, *, path: str | Path | None = None,
+                 persisted: int = DEFAULT_PERSISTED) -> None:
+        """Prepares the memory; with ``path``, loads the answers a previous run wrote there.
+
+        Args:
+            size: how many answers are kept in memory.
+            path: the state file, or None to keep the memory in the process only.
+            persisted: how many of the most recent answers the file keeps.
+        """
         if size < 1:
             raise ValueError(f"RecentCommands needs room for at least one answer, not {size}")
         self._size = size
+        self._persisted = max(1, min(persisted, size))
+        self._path = Path(path) if path is not None else None
         self._answers: OrderedDict[str, Message] = OrderedDict()
+        if self._path is not None:
+            self._load(self._path)
 
     def answer_of(self, message_id: str | None) -> Message | None:
         """Returns the answer already given to ``message_id``, or None if it is new."""
@@ -39,13 +83,66 @@ class RecentCommands:
         return self._answers.get(message_id)
 
     def remember(self, message_id: str | None, answer: Message) -> None:
-        """Records the answer to ``message_id``, forgetting the oldest beyond the size."""
+        """Records the answer to ``message_id``, forgetting the oldest beyond the size.
+
+        With a path, the most recent answers are written to it before this returns,
+        so the answer is on disk before it is published.
+        """
         if not message_id:
             return
         self._answers[message_id] = answer
         self._answers.move_to_end(message_id)
         while len(self._answers) > self._size:
             self._answers.popitem(last=False)
+        if self._path is not None:
+            self._save(self._path)
 
     def __len__(self) -> int:
         return len(self._answers)
+
+    # -- the state file -------------------------------------------------------------
+
+    def _load(self, path: Path) -> None:
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            log.error("recent_commands_unreadable", path=str(path), error=str(exc),
+                      hint="repeats of commands answered before this start run again")
+            return
+        try:
+            stored = msgspec.json.decode(raw, type=_File)
+            if stored.version != FILE_VERSION:
+                raise ValueError(f"version {stored.version}, expected {FILE_VERSION}")
+            answers = [(entry.id, decode(bytes(entry.answer))) for entry in stored.answers]
+        except (msgspec.DecodeError, MessageError, ValueError) as exc:
+            log.error("recent_commands_corrupt", path=str(path), error=str(exc)[:200],
+                      hint="the file is ignored and replaced by the next answer; repeats of "
+                           "commands answered before this start run again")
+            return
+        for message_id, answer in answers[-self._size:]:
+            self._answers[message_id] = answer
+        log.info("recent_commands_loaded", path=str(path), answers=len(self._answers))
+
+    def _save(self, path: Path) -> None:
+        kept = list(self._answers.items())[-self._persisted:]
+        body = msgspec.json.encode(_File(version=FILE_VERSION, answers=[
+            _Entry(id=message_id, answer=msgspec.Raw(encode(answer)))
+            for message_id, answer in kept]))
+        try:
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+            try:
+                with os.fdopen(handle, "wb") as out:
+                    out.write(body)
+                    out.flush()
+                    os.fsync(out.fileno())
+                os.replace(temporary, path)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(temporary)
+                raise
+        except OSError as exc:
+            log.error("recent_commands_not_saved", path=str(path), error=str(exc),
+                      hint="the answers are kept in memory; a restart forgets them")

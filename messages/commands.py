@@ -10,6 +10,7 @@ from hostdev.messages.base import Answer, Message, PowerState
 from hostdev.messages.limits import (
     MAX_DEVICES,
     MAX_DOMAINS,
+    BootId,
     Cpus,
     DomainName,
     Guid,
@@ -18,6 +19,7 @@ from hostdev.messages.limits import (
     MemoryMb,
     PciAddresses,
     Seconds,
+    Seq,
     Uri,
     Uuid,
     Version,
@@ -55,6 +57,12 @@ class StartupRoutingCommand(Message, frozen=True, kw_only=True):
     #: The libvirt URI other hosts migrate domains to this host with
     #: (``MigrateCommand.destination_uri``), e.g. ``qemu+tcp://kvm-01/system``.
     migration_uri: Uri = ""
+    #: The agent process's boot id and this report's place in its sequence
+    #: (shared with its answers): management applies a report only when it is
+    #: newer than the last it applied for the host and than the last answer it
+    #: accepted for each VM. Empty and 0 from an agent that predates them.
+    boot_id: BootId = ""
+    seq: Seq = 0
 
 
 class PingRoutingCommand(Message, frozen=True, kw_only=True):
@@ -62,6 +70,12 @@ class PingRoutingCommand(Message, frozen=True, kw_only=True):
 
     guid: Guid
     domains: Domains = ()
+    #: The agent process's boot id and this report's place in its sequence
+    #: (shared with its answers): management applies a report only when it is
+    #: newer than the last it applied for the host and than the last answer it
+    #: accepted for each VM. Empty and 0 from an agent that predates them.
+    boot_id: BootId = ""
+    seq: Seq = 0
 
 
 class VmStateReport(Message, frozen=True, kw_only=True):
@@ -73,6 +87,12 @@ class VmStateReport(Message, frozen=True, kw_only=True):
     state: PowerState
     event: Word = ""
     hostdevs: PciAddresses = ()
+    #: The agent process's boot id and this report's place in its sequence
+    #: (shared with its answers): management applies a report only when it is
+    #: newer than the last it applied for the host and than the last answer it
+    #: accepted for each VM. Empty and 0 from an agent that predates them.
+    boot_id: BootId = ""
+    seq: Seq = 0
 
 
 # -- management to agent --------------------------------------------------------
@@ -96,6 +116,10 @@ class StartAnswer(Answer, frozen=True, kw_only=True):
 
     vm_uuid: Uuid
     hostdevs: PciAddresses = ()
+    #: The agent's boot id and the answer's place in its sequence of reports
+    #: and answers, so management can tell a report taken before this answer.
+    boot_id: BootId = ""
+    seq: Seq = 0
 
 
 class StopCommand(Message, frozen=True, kw_only=True):
@@ -112,6 +136,10 @@ class StopAnswer(Answer, frozen=True, kw_only=True):
 
     vm_uuid: Uuid
     state: PowerState = "unknown"
+    #: The agent's boot id and the answer's place in its sequence of reports
+    #: and answers, so management can tell a report taken before this answer.
+    boot_id: BootId = ""
+    seq: Seq = 0
 
 
 class MigrateCommand(Message, frozen=True, kw_only=True):
@@ -140,6 +168,10 @@ class MigrateAnswer(Answer, frozen=True, kw_only=True):
     refused_device: PciAddress | None = None
     detached: PciAddresses = ()
     reattached: PciAddresses = ()
+    #: The agent's boot id and the answer's place in its sequence of reports
+    #: and answers, so management can tell a report taken before this answer.
+    boot_id: BootId = ""
+    seq: Seq = 0
 
 
 class AttachPciDevicesCommand(Message, frozen=True, kw_only=True):
@@ -155,6 +187,10 @@ class AttachPciDevicesAnswer(Answer, frozen=True, kw_only=True):
 
     vm_uuid: Uuid
     devices: DeviceOutcomes = ()
+    #: The agent's boot id and the answer's place in its sequence of reports
+    #: and answers, so management can tell a report taken before this answer.
+    boot_id: BootId = ""
+    seq: Seq = 0
 
 
 class DetachPciDevicesCommand(Message, frozen=True, kw_only=True):
@@ -170,6 +206,10 @@ class DetachPciDevicesAnswer(Answer, frozen=True, kw_only=True):
 
     vm_uuid: Uuid
     devices: DeviceOutcomes = ()
+    #: The agent's boot id and the answer's place in its sequence of reports
+    #: and answers, so management can tell a report taken before this answer.
+    boot_id: BootId = ""
+    seq: Seq = 0
 
 
 class ErrorAnswer(Answer, frozen=True, kw_only=True):

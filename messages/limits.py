@@ -139,3 +139,12 @@ def clip(text: str, limit: int = MAX_DETAILS) -> str:
         return text
     mark = " [cut]"
     return text[: limit - len(mark)] + mark
+
+#: An agent process's boot id: random per start (a uuid4 in hex), so reports order per boot.
+BootId = Annotated[str, _text(MAX_NAME, _whole(r"[A-Za-z0-9\-]*"),
+                              "An agent's boot id: at most 64 letters, digits or '-' (empty "
+                              "from an agent that does not order its reports).")]
+#: A position in a boot's sequence of reports and answers.
+Seq = Annotated[int, msgspec.Meta(ge=0, le=MAX_INT64,
+                                  description="A sequence number within one boot: 0 to "
+                                              "2^63-1 (0: not ordered).")]

@@ -189,20 +189,23 @@ class ManagementService:
     def _on_startup(self, tx: TxContext, message: StartupRoutingCommand,
                     incoming: Incoming) -> StartupAnswer:
         """Registers the host, then settles migrations from its full domain list."""
-        answer = self.registry.on_startup(tx, message)
-        self.recovery.on_host_report(tx, message.guid, message.domains, complete=True,
-                                     restarted=True)
-        return answer
+        registration = self.registry.on_startup(tx, message)
+        if registration.applied:  # a stale report settles nothing
+            self.recovery.on_host_report(tx, message.guid, message.domains, complete=True,
+                                         restarted=True)
+        return registration.answer
 
     def _on_ping(self, tx: TxContext, message: PingRoutingCommand, incoming: Incoming) -> None:
         """Keeps the host Up, then settles migrations from its full domain list."""
-        self.registry.on_ping(tx, message)
+        if not self.registry.on_ping(tx, message):
+            return  # stale: it settles nothing
         self.recovery.on_host_report(tx, message.guid, message.domains, complete=True)
 
     def _on_vm_state_report(self, tx: TxContext, message: VmStateReport,
                             incoming: Incoming) -> None:
         """Follows a lifecycle report, then settles a migration the domain is part of."""
-        self.registry.on_vm_state_report(tx, message)
+        if not self.registry.on_vm_state_report(tx, message):
+            return  # stale: it settles nothing
         domain = DomainInfo(uuid=message.vm_uuid, name=message.vm_name or message.vm_uuid,
                             state=message.state, hostdevs=message.hostdevs)
         self.recovery.on_host_report(tx, message.guid, (domain,), complete=False)

@@ -179,3 +179,17 @@ ALTER TABLE hosts ADD COLUMN foreign_domain_names TEXT;
 
 UPDATE alembic_version SET version_num='0004' WHERE alembic_version.version_num = '0003';
 
+-- Running upgrade 0004 -> 0005
+
+ALTER TABLE hosts ADD COLUMN report_boot_id VARCHAR(64);
+
+ALTER TABLE hosts ADD COLUMN report_seq BIGINT;
+
+ALTER TABLE hosts ADD COLUMN retired_boot_id VARCHAR(64);
+
+ALTER TABLE vm_instances ADD COLUMN answer_boot_id VARCHAR(64);
+
+ALTER TABLE vm_instances ADD COLUMN answer_seq BIGINT;
+
+UPDATE alembic_version SET version_num='0005' WHERE alembic_version.version_num = '0004';
+

@@ -8,9 +8,11 @@ not report) becomes Stopped and its devices are released; a VM management
 thinks Stopped that the host reports running becomes Running there and gets
 the devices its domain holds (unless another VM holds them). A report changes
 only the VMs management placed on that host (``foreign_domains.placed_on``);
-any other domain it lists is recorded as foreign, never adopted. The sweeper marks
-a silent host Disconnected, then Down; placement only offers devices of Up
-hosts.
+any other domain it lists is recorded as foreign, never adopted. Reports are
+applied in the order the agent took them (``report_order``): a stale one
+changes nothing, and one taken before the last answer accepted for a VM does
+not change that VM. The sweeper marks a silent host Disconnected, then Down;
+placement only offers devices of Up hosts.
 
 A message whose broker-validated ``user_id`` is an agent's (``agent-<guid>``)
 and speaks for another host is refused (``Forbidden``): the bus dead-letters it.
@@ -21,6 +23,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from datetime import timedelta
+from typing import NamedTuple
 
 import structlog
 from sqlalchemy import select, update
@@ -36,7 +39,8 @@ from hostdev.messages.values import DomainInfo, HostStatus
 from hostdev.mgmt.config import MgmtConfig
 from hostdev.mgmt.devices import pci_inventory
 from hostdev.mgmt.errors import Forbidden
-from hostdev.mgmt.hosts import foreign_domains
+from hostdev.mgmt.hosts import foreign_domains, report_order
+from hostdev.mgmt.hosts.report_order import Stamp
 from hostdev.mgmt.persistence.models import (
     HOST_DISCONNECTED,
     HOST_DOWN,
@@ -55,9 +59,13 @@ from hostdev.mgmt.vms.vm_states import VmEvent
 log = structlog.get_logger()
 
 _AGENT_USER = re.compile(r"^agent-(?P<guid>.+)$")
-#: A transition younger than this is not overridden by a power report, which
-#: may have been taken before the transition (reports and answers race).
-DRIFT_GRACE_S = 5.0
+
+
+class Registration(NamedTuple):
+    """The answer to a start-up, and whether its report was applied (not stale)."""
+
+    answer: StartupAnswer
+    applied: bool
 
 
 def check_sender(user_id: str | None, guid: str, routing_key: str = "") -> None:
@@ -95,8 +103,13 @@ class HostRegistry:
         self._config = config
         self._lifecycle = lifecycle
 
-    def on_startup(self, tx: TxContext, command: StartupRoutingCommand) -> StartupAnswer:
-        """Creates or updates the host, reconciles devices and VMs, answers StartupAnswer."""
+    def on_startup(self, tx: TxContext, command: StartupRoutingCommand) -> Registration:
+        """Creates or updates the host, reconciles devices and VMs, answers StartupAnswer.
+
+        A stale start-up (an announcement redelivered after a newer report of
+        the same boot) still registers the host and is answered, but its
+        domains change nothing.
+        """
         now = utcnow()
         host = tx.session.scalar(select(Host).where(Host.guid == command.guid).with_for_update())
         previous = None
@@ -119,68 +132,81 @@ class HostRegistry:
             self._status_event(tx, host, "Up", previous)
         # The start-up snapshot races answers like a ping does (with several
         # daemons, or a redelivered start-up, it can be handled after a
-        # StartAnswer it predates), so it gets the same grace; a VM that really
-        # died while the agent was away is settled by the first ping after it.
-        stopped = self._reconcile_power(tx, host, command.domains)
+        # StartAnswer it predates), so it is ordered the same way.
+        stamp = Stamp.of(command)
+        applied = report_order.admit(tx, host, stamp)
+        stopped = self._reconcile_power(tx, host, command.domains, stamp) if applied else 0
         log.info("host_registered", host=host.guid, name=host.name, host_id=host.id,
                  devices=len(command.pci_devices), added=len(changes.added),
                  renamed=len(changes.renamed), removed=len(changes.removed),
                  quarantined=len(changes.quarantined), vms_found_stopped=stopped)
-        return StartupAnswer(host_id=host.id, ping_interval_s=self._config.ping_interval_s,
-                             details=f"registered {host.name} with "
-                                     f"{len(command.pci_devices)} PCI devices")
+        answer = StartupAnswer(host_id=host.id, ping_interval_s=self._config.ping_interval_s,
+                               details=f"registered {host.name} with "
+                                       f"{len(command.pci_devices)} PCI devices")
+        return Registration(answer, applied)
 
-    def on_ping(self, tx: TxContext, command: PingRoutingCommand) -> None:
-        """Keeps the host Up and reconciles its VMs' power states."""
-        host = tx.session.scalar(select(Host).where(Host.guid == command.guid))
+    def on_ping(self, tx: TxContext, command: PingRoutingCommand) -> bool:
+        """Keeps the host Up and reconciles its VMs' power states; False if it was stale."""
+        # Locked: reports of one host are admitted one after the other.
+        host = tx.session.scalar(select(Host).where(Host.guid == command.guid)
+                                 .with_for_update())
         if host is None:
             log.warning("ping_from_unknown_host", host=command.guid,
                         hint="the agent re-registers after its next reconnect")
-            return
+            return False
+        stamp = Stamp.of(command)
+        if not report_order.admit(tx, host, stamp):
+            return False
         previous = host.status
         host.last_ping = utcnow()
         if previous != "Up" and previous != "Maintenance":
             host.status = "Up"
             self._status_event(tx, host, "Up", previous)
-        self._reconcile_power(tx, host, command.domains)
+        self._reconcile_power(tx, host, command.domains, stamp)
+        return True
 
-    def on_vm_state_report(self, tx: TxContext, report: VmStateReport) -> None:
-        """Follows a pushed power change: a Running VM found stopped becomes Stopped."""
-        host = tx.session.scalar(select(Host).where(Host.guid == report.guid))
+    def on_vm_state_report(self, tx: TxContext, report: VmStateReport) -> bool:
+        """Follows a pushed power change: a Running VM found stopped becomes Stopped.
+
+        Returns False when the report was stale (or its host unknown).
+        """
+        host = tx.session.scalar(select(Host).where(Host.guid == report.guid).with_for_update())
         if host is None:
-            return
+            return False
+        stamp = Stamp.of(report)
+        if not report_order.admit(tx, host, stamp):
+            return False
         if report.state in ("stopped", "crashed"):
             vm = tx.session.scalar(select(VmInstance).where(VmInstance.uuid == report.vm_uuid,
                                                             VmInstance.host_id == host.id))
-            if vm is not None and vm.state == "Running" and self._settled(vm):
+            if vm is not None and vm.state == "Running" \
+                    and report_order.may_change(tx, vm, stamp):
                 log.warning("vm_found_stopped", vm=vm.uuid, host=host.guid,
                             libvirt_event=report.event)
                 self._lifecycle.transition(tx, vm, VmEvent.FOLLOW_AGENT_POWER_OFF)
+        return True
 
-    def _settled(self, vm: VmInstance) -> bool:
-        return vm.updated_at <= utcnow() - timedelta(seconds=DRIFT_GRACE_S)
-
-    def _reconcile_power(self, tx: TxContext, host: Host,
-                         domains: Sequence[DomainInfo]) -> int:
+    def _reconcile_power(self, tx: TxContext, host: Host, domains: Sequence[DomainInfo],
+                         stamp: Stamp) -> int:
         placed = foreign_domains.placed_on(tx, host)
         foreign_domains.record(tx, host, domains, placed)
         reported = {d.uuid: d for d in domains
                     if d.state in ("running", "paused") and d.uuid in placed}
         running = set(reported)
-        self._adopt_running(tx, host, reported)
+        self._adopt_running(tx, host, reported, stamp)
         stopped = 0
         vms = tx.session.scalars(select(VmInstance).where(VmInstance.host_id == host.id,
                                                           VmInstance.state == VM_RUNNING))
         for vm in list(vms):
-            if vm.uuid in running or not self._settled(vm):
+            if vm.uuid in running or not report_order.may_change(tx, vm, stamp):
                 continue
             log.warning("vm_found_stopped", vm=vm.uuid, host=host.guid)
             self._lifecycle.transition(tx, vm, VmEvent.FOLLOW_AGENT_POWER_OFF)
             stopped += 1
         return stopped
 
-    def _adopt_running(self, tx: TxContext, host: Host,
-                       reported: dict[str, DomainInfo]) -> None:
+    def _adopt_running(self, tx: TxContext, host: Host, reported: dict[str, DomainInfo],
+                       stamp: Stamp) -> None:
         """Follows a VM found running that management thought Stopped or in Error.
 
         Only a VM placed on this host (``reported`` holds no other): its
@@ -194,7 +220,7 @@ class HostRegistry:
         vms = tx.session.scalars(select(VmInstance).where(
             VmInstance.uuid.in_(list(reported)), VmInstance.state.in_((VM_STOPPED, VM_ERROR))))
         for vm in list(vms):
-            if not self._settled(vm):
+            if not report_order.may_change(tx, vm, stamp):
                 continue
             domain = reported[vm.uuid]
             adoption = pci_inventory.adopt_devices(tx.session.connection(), host.id, vm.id,

@@ -4,7 +4,10 @@ Every job kind goes through these functions: ``new_job`` records the request
 that created it, ``send`` writes a command to the outbox and remembers its
 (random) message id and the host it goes to as what the job waits for,
 ``job_for_answer`` finds the job an answer correlates to by that id (an
-indexed column) and refuses an answer from any other host, ``finish`` ends a job
+indexed column), refuses an answer from any other host and records where the
+accepted answer stands in its agent's sequence on the VM (reports the agent
+took before it do not change the VM: ``hostdev.mgmt.hosts.report_order``),
+``finish`` ends a job
 with one ``JobFinished`` event, and ``Expiry`` hands an overdue job to the
 handler of its kind.
 """
@@ -15,10 +18,17 @@ from collections.abc import Callable, Mapping
 from datetime import datetime
 
 import structlog
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from hostdev.messages.base import Message
+from hostdev.messages.commands import (
+    AttachPciDevicesAnswer,
+    DetachPciDevicesAnswer,
+    MigrateAnswer,
+    StartAnswer,
+    StopAnswer,
+)
 from hostdev.messages.events import JobFinished
 from hostdev.messages.values import JobState
 from hostdev.mgmt import metrics
@@ -31,6 +41,9 @@ log = structlog.get_logger()
 
 #: Handles one overdue job of a kind (locked, still running, past its deadline).
 ExpiryHandler = Callable[[TxContext, Job], bool]
+#: The answers that advance a job: each names its VM and its place in the agent's sequence.
+VmAnswer = (StartAnswer | StopAnswer | MigrateAnswer | AttachPciDevicesAnswer
+            | DetachPciDevicesAnswer)
 
 
 def new_job(tx: TxContext, kind: payloads.JobKind, vm: VmInstance, step: str,
@@ -58,18 +71,19 @@ def send(tx: TxContext, job: Job, guid: str, command: Message) -> str:
     return command_id
 
 
-def job_for_answer(tx: TxContext, vm_uuid: str, correlation_id: str | None, sender: str | None
-                   ) -> tuple[Job | None, VmInstance | None]:
+def job_for_answer(tx: TxContext, answer: VmAnswer, correlation_id: str | None,
+                   sender: str | None) -> tuple[Job | None, VmInstance | None]:
     """Returns the running job (locked) waiting for the answer and the VM it names.
 
     An answer must correlate to a command management sent (its exact,
     random id, as the outbox recorded it) and come from the host that command
     went to. It advances the job whose last command that is; a late or
-    repeated answer (the job moved on) finds no job and changes nothing.
+    repeated answer (the job moved on) finds no job and changes nothing. An
+    accepted answer's boot id and number are recorded on the VM.
 
     Args:
         tx: the transaction of the answer's handler.
-        vm_uuid: the VM the answer names.
+        answer: the answer (it names the VM).
         correlation_id: the id of the command it answers.
         sender: the guid of the host it comes from (its routing key's, which
             the broker ties to the agent's user).
@@ -79,6 +93,7 @@ def job_for_answer(tx: TxContext, vm_uuid: str, correlation_id: str | None, send
             went to another host, or its job concerns another VM; the answer
             changes nothing and is dead-lettered with this reason.
     """
+    vm_uuid = answer.vm_uuid
     claimed = f"{_sender_text(sender)} for VM {vm_uuid}"
     if not correlation_id:
         raise ForgedAnswer(f"an answer from {claimed} carries no correlation_id, so it answers "
@@ -105,6 +120,12 @@ def job_for_answer(tx: TxContext, vm_uuid: str, correlation_id: str | None, send
         # The job moved on (a later command, a deadline): a late or repeated answer.
         log.info("answer_without_job", vm=vm_uuid, correlation_id=correlation_id)
         return None, None
+    assert vm is not None  # a job found above names this VM
+    if answer.boot_id:
+        # Its own UPDATE, outside the VM's conditional transitions (update_count).
+        tx.session.execute(update(VmInstance).where(VmInstance.id == vm.id)
+                           .values(answer_boot_id=answer.boot_id, answer_seq=answer.seq)
+                           .execution_options(synchronize_session=False))
     return job, vm
 
 

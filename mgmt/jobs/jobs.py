@@ -221,7 +221,7 @@ class JobManager:
     def on_start_answer(self, tx: TxContext, answer: StartAnswer,
                         correlation_id: str | None, sender: str | None) -> Job | None:
         """Advances the start of a VM; a failed start tries the next host."""
-        job, vm = engine.job_for_answer(tx, answer.vm_uuid, correlation_id, sender)
+        job, vm = engine.job_for_answer(tx, answer, correlation_id, sender)
         if job is None or vm is None or vm.state != "Starting":
             return None
         payload = load(job, StartPayload)
@@ -246,7 +246,7 @@ class JobManager:
     def on_stop_answer(self, tx: TxContext, answer: StopAnswer,
                        correlation_id: str | None, sender: str | None) -> Job | None:
         """Finishes a stop or destroy: Stopped (or Destroyed) on success, Running on failure."""
-        job, vm = engine.job_for_answer(tx, answer.vm_uuid, correlation_id, sender)
+        job, vm = engine.job_for_answer(tx, answer, correlation_id, sender)
         if job is None or vm is None or vm.state != "Stopping":
             return None
         if answer.ok:

@@ -228,7 +228,7 @@ class MigrationManager:
     def on_migrate_answer(self, tx: TxContext, answer: MigrateAnswer,
                           correlation_id: str | None, sender: str | None) -> Job | None:
         """Advances a migration from the source's answer; a stale answer changes nothing."""
-        job, vm = engine.job_for_answer(tx, answer.vm_uuid, correlation_id, sender)
+        job, vm = engine.job_for_answer(tx, answer, correlation_id, sender)
         if job is None or vm is None or job.kind != MIGRATE_JOB \
                 or job.step not in (STEP_MIGRATE, STEP_VERIFY):
             return None
@@ -243,7 +243,7 @@ class MigrationManager:
     def on_attach_answer(self, tx: TxContext, answer: AttachPciDevicesAnswer,
                          correlation_id: str | None, sender: str | None) -> Job | None:
         """Ends a migration's attach (or re-attach) step, or an attach-devices job."""
-        job, vm = engine.job_for_answer(tx, answer.vm_uuid, correlation_id, sender)
+        job, vm = engine.job_for_answer(tx, answer, correlation_id, sender)
         if job is None or vm is None:
             return None
         if job.kind == MIGRATE_JOB and job.step in (STEP_ATTACH, STEP_REATTACH):

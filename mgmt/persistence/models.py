@@ -111,6 +111,12 @@ class Host(Base):
     foreign_domains: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     #: Those domains, ``name (uuid)`` separated by ``, `` (capped), for the operator.
     foreign_domain_names: Mapped[str | None] = mapped_column(Text)
+    #: The boot id and sequence number of the host's last applied report
+    #: (``hostdev.mgmt.hosts.report_order``); NULL until an agent that numbers them reports.
+    report_boot_id: Mapped[str | None] = mapped_column(String(64))
+    report_seq: Mapped[int | None] = mapped_column(BigInteger)
+    #: The boot id the host's agent had before its last restart: its late reports are stale.
+    retired_boot_id: Mapped[str | None] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow, onupdate=utcnow)
 
@@ -170,6 +176,10 @@ class VmInstance(Base):
     update_count: Mapped[int] = mapped_column(BigInteger, default=0)
     cpus: Mapped[int] = mapped_column(Integer)
     memory_mb: Mapped[int] = mapped_column(BigInteger)
+    #: The boot id and sequence number of the last answer accepted for the VM:
+    #: a report of that boot numbered below it does not change the VM.
+    answer_boot_id: Mapped[str | None] = mapped_column(String(64))
+    answer_seq: Mapped[int | None] = mapped_column(BigInteger)
     created_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow, onupdate=utcnow)
 

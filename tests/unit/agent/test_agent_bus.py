@@ -67,8 +67,8 @@ class Mgmt:
 
 
 def start_agent(host: SimulatedHost, broker: InProcessBroker) -> Agent:
-    config = parse_config(f"guid={GUID}\nping.interval=30s\npci.devices={SAMPLE_DEVICES}\n",
-                          "a.properties")
+    config = parse_config(f"guid={GUID}\nping.interval=30s\npci.devices={SAMPLE_DEVICES}\n"
+                          f"libvirt.uri={host.uri}\n", "a.properties")
     agent = Agent(config, host, InProcessBus(broker=broker),
                   check_host(config, host.pci_devices(), host.domains()),
                   announce_backoff=Backoff(first_s=1.0, max_s=8.0))

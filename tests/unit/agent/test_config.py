@@ -199,3 +199,17 @@ def test_an_explicit_migration_uri_wins() -> None:
     config = parse_config("migration.uri=qemu+tls://h/system\n", "a.properties")
     assert config.migration_uri == "qemu+tls://h/system"
     assert parse_config("", "a").migration_uri.startswith("qemu+tcp://")
+
+
+def test_state_dir_defaults_to_var_lib_or_beside_a_simulated_spec() -> None:
+    """A real host keeps its state in /var/lib/hostdev-agent; a simulated one beside its spec."""
+    assert parse_config("", "a").state_dir == "/var/lib/hostdev-agent"
+    assert parse_config("libvirt.uri=simulated:///srv/sim/kvm-1.json\n", "a").state_dir == \
+        "/srv/sim/kvm-1.agent"
+    assert parse_config("state.dir=/srv/agent\n", "a").state_dir == "/srv/agent"
+
+
+def test_a_relative_state_dir_is_refused_with_its_line() -> None:
+    """state.dir must be absolute: the error names the file and line."""
+    with pytest.raises(ConfigError, match=r"a.properties:2.*absolute directory path"):
+        parse_config("name=x\nstate.dir=var/lib\n", "a.properties")

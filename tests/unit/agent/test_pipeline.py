@@ -10,6 +10,7 @@ import structlog
 from prometheus_client import REGISTRY
 
 from hostdev.agent.background import BackgroundCommands
+from hostdev.agent.boot_sequence import BootSequence
 from hostdev.agent.config import parse_config
 from hostdev.agent.daemon import Agent
 from hostdev.agent.errors import HypervisorError, SenderRefused
@@ -73,7 +74,7 @@ class LoopBus:
 def pipeline(bus: LoopBus | None = None) -> CommandPipeline:
     recent = RecentCommands()
     return CommandPipeline(GUID, recent, BackgroundCommands(bus or LoopBus(), GUID, recent),
-                           failure_answer)
+                           failure_answer, BootSequence())
 
 
 def stopper(runs: list[str]) -> Callable[[StopCommand], StopAnswer]:
@@ -244,8 +245,8 @@ def test_a_start_repeated_after_a_stop_leaves_the_vm_stopped(make_host: HostFact
         StartupRoutingCommand: lambda m, i: StartupAnswer(host_id=1),
         StartAnswer: lambda m, i: got.append((m, i)),
         StopAnswer: lambda m, i: got.append((m, i))})
-    config = parse_config(f"guid={GUID}\nping.interval=30s\npci.devices={SAMPLE_DEVICES}\n",
-                          "a.properties")
+    config = parse_config(f"guid={GUID}\nping.interval=30s\npci.devices={SAMPLE_DEVICES}\n"
+                          f"libvirt.uri={host.uri}\n", "a.properties")
     Agent(config, host, InProcessBus(broker=broker),
           check_host(config, host.pci_devices(), host.domains())).start()
     start = StartCommand(vm=VmSpec(uuid=VM, name="v", cpus=1, memory_mb=128,
@@ -260,3 +261,45 @@ def test_a_start_repeated_after_a_stop_leaves_the_vm_stopped(make_host: HostFact
     answers = [(type(m).__name__, i.correlation_id, m.result) for m, i in got]
     assert answers == [("StartAnswer", "outbox-7", "ok"), ("StopAnswer", "outbox-8", "ok"),
                        ("StartAnswer", "outbox-7", "ok")]
+
+
+@pytest.mark.libvirt
+def test_a_start_repeated_after_an_agent_restart_is_answered_not_run(
+        make_host: HostFactory) -> None:
+    """The memory of answers is on disk: a new Agent on the same state.dir answers the repeat."""
+    host: SimulatedHost = make_host()
+    broker = InProcessBroker(clock=FakeClock())
+    mgmt = InProcessBus(broker=broker)
+    mgmt.connect()
+    mgmt.declare_mgmt_queues()
+    got: list[tuple[Any, Incoming]] = []
+    mgmt.consume(MGMT_QUEUE, {
+        StartupRoutingCommand: lambda m, i: StartupAnswer(host_id=1),
+        StartAnswer: lambda m, i: got.append((m, i)),
+        StopAnswer: lambda m, i: got.append((m, i))})
+    config = parse_config(f"guid={GUID}\nping.interval=30s\npci.devices={SAMPLE_DEVICES}\n"
+                          f"libvirt.uri={host.uri}\n", "a.properties")
+
+    def agent() -> Agent:
+        started = Agent(config, host, InProcessBus(broker=broker),
+                        check_host(config, host.pci_devices(), host.domains()))
+        started.start()
+        return started
+
+    first = agent()
+    start = StartCommand(vm=VmSpec(uuid=VM, name="v", cpus=1, memory_mb=128,
+                                   pci_devices=(P("28:00.1"),)))
+    mgmt.send_to_agent(GUID, start, message_id="c-start")
+    broker.drain()
+    mgmt.send_to_agent(GUID, StopCommand(vm_uuid=VM, force=True), message_id="c-stop")
+    broker.drain()
+    first.bus.close()
+    second = agent()  # the restarted agent: a new boot, the same state.dir
+    assert second.sequence.boot_id != first.sequence.boot_id
+    assert second.pipeline.recent.answer_of("c-start") is not None  # read from state.dir
+    mgmt.send_to_agent(GUID, start, message_id="c-start")
+    broker.drain()
+    assert host.domain(VM).state == "stopped"  # type: ignore[union-attr]
+    answers = [(type(m).__name__, i.correlation_id, m.boot_id, m.seq) for m, i in got]
+    assert answers[-1] == answers[0]  # the first answer, as the first boot numbered it
+    assert [a[0] for a in answers] == ["StartAnswer", "StopAnswer", "StartAnswer"]

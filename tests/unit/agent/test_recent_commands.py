@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from hostdev.agent.recent_commands import RecentCommands
@@ -24,3 +26,51 @@ def test_a_size_below_one_is_refused() -> None:
     """A memory of no answers would silently drop nothing: refused with the reason."""
     with pytest.raises(ValueError, match="at least one"):
         RecentCommands(size=0)
+
+
+def test_the_answers_survive_a_restart_on_the_same_file(tmp_path: Path) -> None:
+    """A second memory on the same path (the restarted agent) knows the first one's answers."""
+    path = tmp_path / "state" / "recent-commands.json"
+    first = RecentCommands(path=path)
+    answer = StopAnswer(vm_uuid="vm1", state="stopped", boot_id="b0", seq=7)
+    first.remember("c1", answer)
+    assert RecentCommands(path=path).answer_of("c1") == answer
+    assert not list(path.parent.glob(".recent-commands.json.*"))  # no temporary file left
+
+
+def test_the_file_keeps_only_the_most_recent_answers(tmp_path: Path) -> None:
+    """The file is bounded: ``persisted`` answers, the newest ones."""
+    path = tmp_path / "recent-commands.json"
+    recent = RecentCommands(path=path, persisted=2)
+    for n in range(5):
+        recent.remember(f"c{n}", StopAnswer(vm_uuid=f"vm{n}"))
+    reloaded = RecentCommands(path=path)
+    assert (len(reloaded), reloaded.answer_of("c2"), reloaded.answer_of("c4")) == (
+        2, None, StopAnswer(vm_uuid="vm4"))
+
+
+@pytest.mark.parametrize("content", [b"{not json", b'{"version": 9, "answers": []}',
+                                     b'{"version": 1, "answers": [{"id": "c", "answer": {}}]}'])
+def test_a_corrupt_file_is_reported_with_its_path_and_ignored(
+        tmp_path: Path, content: bytes, capsys: pytest.CaptureFixture[str]) -> None:
+    """The agent starts with an empty memory and says which file it ignored."""
+    path = tmp_path / "recent-commands.json"
+    path.write_bytes(content)
+    recent = RecentCommands(path=path)
+    assert len(recent) == 0
+    out = capsys.readouterr().out
+    assert "recent_commands_corrupt" in out and str(path) in out
+    recent.remember("c1", StopAnswer(vm_uuid="vm1"))  # and the next answer replaces the file
+    assert RecentCommands(path=path).answer_of("c1") == StopAnswer(vm_uuid="vm1")
+
+
+def test_a_file_that_cannot_be_written_keeps_the_memory_in_the_process(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A state directory that is a file: the answer is still remembered, the error logged."""
+    blocker = tmp_path / "state"
+    blocker.write_text("not a directory")
+    recent = RecentCommands(path=blocker / "recent-commands.json")
+    recent.remember("c1", StopAnswer(vm_uuid="vm1"))
+    assert recent.answer_of("c1") == StopAnswer(vm_uuid="vm1")
+    out = capsys.readouterr().out
+    assert "recent_commands_not_saved" in out and str(blocker) in out

@@ -44,6 +44,7 @@ class Cloud:
         for name in ("sim-a", "sim-b"):
             host = make_host(name)
             config = parse_config(f"guid=guid-{name}\nname={name}\nping.interval=30s\n"
+                                  f"libvirt.uri={host.uri}\n"
                                   f"pci.devices={SAMPLE_DEVICES}\n", f"{name}.properties")
             agent = Agent(config, host, InProcessBus(broker=self.broker),
                           check_host(config, host.pci_devices(), host.domains()))

@@ -1,0 +1,114 @@
+"""Reports are applied in the order the agent took them, not in the order they arrive.
+
+Every agent process has a random boot id and numbers its reports
+(``StartupRoutingCommand``, ``PingRoutingCommand``, ``VmStateReport``) and its
+answers in one sequence (``seq``). A report takes its number before it reads
+libvirt and an answer after its work, so a report numbered below an answer
+may have looked at libvirt before that answer's work was done.
+
+- The host row keeps the boot id and number of its last applied report. A
+  report of the same boot numbered no higher is stale: it is not applied at
+  all (a broker backlog, a redelivery).
+- A report of another boot means the agent restarted: its sequence starts
+  over, the report is applied, and the boot it replaces is retired, so a late
+  report of the retired boot is stale too.
+- The VM row keeps the boot id and number of the last answer accepted for it
+  (``hostdev.mgmt.jobs.engine``). A report of that boot numbered below it does
+  not change the VM; the rest of the report still applies.
+- A report without a boot id comes from an agent that numbers nothing: it is
+  applied, and a VM whose last transition is younger than ``DRIFT_GRACE_S``
+  is left alone, as those agents always were.
+
+``hostdev_stale_reports_total{type, scope}`` counts what was not applied
+(``scope`` ``host``: the whole report; ``vm``: one VM of it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import timedelta
+
+import structlog
+from prometheus_client import Counter
+
+from hostdev.messages.commands import PingRoutingCommand, StartupRoutingCommand, VmStateReport
+from hostdev.mgmt.persistence.models import Host, VmInstance, utcnow
+from hostdev.mgmt.persistence.unit_of_work import TxContext
+
+log = structlog.get_logger()
+
+#: For agents that send no boot id only: a VM transition younger than this is
+#: not overridden by their reports, which may have been taken before it.
+DRIFT_GRACE_S = 5.0
+
+STALE_REPORTS = Counter(
+    "hostdev_stale_reports_total", "Reports not applied because the agent took them before "
+    "what management already applied: the whole report (scope host) or one VM of it "
+    "(scope vm).", ["type", "scope"])
+
+Report = StartupRoutingCommand | PingRoutingCommand | VmStateReport
+
+
+@dataclass(frozen=True)
+class Stamp:
+    """Where a report stands in its agent's sequence."""
+
+    kind: str
+    boot_id: str
+    seq: int
+
+    @classmethod
+    def of(cls, report: Report) -> Stamp:
+        """Returns the stamp a report carries."""
+        return cls(type(report).__name__, report.boot_id, report.seq)
+
+    @property
+    def numbered(self) -> bool:
+        """True when the agent numbers its reports (it sends a boot id)."""
+        return bool(self.boot_id)
+
+
+def admit(tx: TxContext, host: Host, stamp: Stamp) -> bool:
+    """Returns whether a report of ``host`` is newer than the last one applied.
+
+    A newer report becomes the host's last applied one. The caller holds the
+    host row locked, so two daemons never both admit reports of one host
+    against the same last one.
+    """
+    if not stamp.numbered:
+        return True
+    if stamp.boot_id == host.report_boot_id:
+        if host.report_seq is not None and stamp.seq <= host.report_seq:
+            _stale(tx, stamp, "host", host=host.guid, last_seq=host.report_seq)
+            return False
+        host.report_seq = stamp.seq
+        return True
+    if stamp.boot_id == host.retired_boot_id:
+        _stale(tx, stamp, "host", host=host.guid, why="a boot before the agent's last restart")
+        return False
+    if host.report_boot_id is not None:
+        log.info("agent_boot_changed", host=host.guid, boot_id=stamp.boot_id,
+                 previous=host.report_boot_id, report=stamp.kind,
+                 hint="the agent restarted: its reports are numbered from 1 again")
+    host.retired_boot_id = host.report_boot_id
+    host.report_boot_id, host.report_seq = stamp.boot_id, stamp.seq
+    return True
+
+
+def may_change(tx: TxContext, vm: VmInstance, stamp: Stamp) -> bool:
+    """Returns whether a report may change ``vm``: it is newer than the VM's last answer."""
+    if not stamp.numbered:
+        return vm.updated_at <= utcnow() - timedelta(seconds=DRIFT_GRACE_S)
+    if vm.answer_boot_id == stamp.boot_id and vm.answer_seq is not None \
+            and stamp.seq < vm.answer_seq:
+        _stale(tx, stamp, "vm", vm=vm.uuid, answer_seq=vm.answer_seq)
+        return False
+    return True
+
+
+def _stale(tx: TxContext, stamp: Stamp, scope: str, **why: object) -> None:
+    log.info("report_not_applied", report=stamp.kind, scope=scope, boot_id=stamp.boot_id,
+             seq=stamp.seq, hint="taken before what management already applied; a later "
+                                 "report says how things are now", **why)
+    kind = stamp.kind
+    tx.after_commit.append(lambda: STALE_REPORTS.labels(kind, scope).inc())

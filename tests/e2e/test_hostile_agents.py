@@ -343,15 +343,15 @@ def _stop_answer(w: World) -> StopAnswer:
 FORGERIES: dict[str, tuple[Forgery, list[str]]] = {
     "a ping whose body names the victim": (
         lambda w: [(PingRoutingCommand(guid=w.victim.guid), None)],
-        ["speaks for host {victim}", "mgmt.{attacker}."]),
+        ["host {victim}", "{attacker}"]),
     "a start-up whose body names the victim (no devices)": (
         lambda w: [(StartupRoutingCommand(guid=w.victim.guid, name="victim", cpus=1,
                                           memory_mb=1), None)],
-        ["speaks for host {victim}", "mgmt.{attacker}."]),
+        ["host {victim}", "{attacker}"]),
     "a state report whose body names the victim": (
         lambda w: [(VmStateReport(guid=w.victim.guid, vm_uuid=w.vms["victim-vm"],
                                   state="stopped"), None)],
-        ["speaks for host {victim}", "mgmt.{attacker}."]),
+        ["host {victim}", "{attacker}"]),
     "answers with guessed ids": (
         lambda w: [(_stop_answer(w), guess) for guess in
                    ("outbox-1", "outbox-7", secrets.token_hex(16), str(uuid_module.uuid4()))],

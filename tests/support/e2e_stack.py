@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import subprocess
 import uuid as uuid_module
 from collections.abc import Iterator, Mapping
@@ -31,6 +33,7 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import pymysql
 from sqlalchemy import make_url
@@ -44,7 +47,7 @@ from hostdev.messages.pci_address import PciAddress
 from hostdev.messages.values import HostRow
 from tests.support.databases import MARIADB_SOCKET, mariadb_database
 from tests.support.processes import BIN, Daemon
-from tests.support.rabbitmq import Vhost, amqp_vhost
+from tests.support.rabbitmq import HOST, PORT, Vhost, amqp_vhost, rabbitmqctl
 from tests.support.waiting import wait_for
 
 #: mgmt.properties values that make a killed agent Down within seconds.
@@ -97,6 +100,16 @@ class SimHost:
     def kill(self) -> None:
         """SIGKILLs the agent (the simulated domains stay in the state file)."""
         self.daemon.kill()
+
+    def pause(self) -> None:
+        """SIGSTOPs the agent: its connection stays open, what it receives waits."""
+        assert self.daemon.process is not None
+        os.killpg(self.daemon.process.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """SIGCONTs an agent ``pause`` stopped."""
+        assert self.daemon.process is not None
+        os.killpg(self.daemon.process.pid, signal.SIGCONT)
 
     def restart(self) -> Daemon:
         """Starts the agent again (after ``kill`` or ``stop``) with a new log file."""
@@ -170,6 +183,7 @@ class Stack:
         self._bus: Bus | None = None
         self._started = 0
         self._taps: list[EventTap] = []
+        self._users: list[str] = []
 
     # -- processes ---------------------------------------------------------------
 
@@ -188,13 +202,17 @@ class Stack:
                    memory_mb: int = 65536, ping: str = "500ms",
                    env: Mapping[str, str] | None = None,
                    spec_extra: Mapping[str, Any] | None = None,
-                   agent_properties: Mapping[str, str] | None = None) -> SimHost:
+                   agent_properties: Mapping[str, str] | None = None,
+                   own_user: bool = False) -> SimHost:
         """Writes a persistent simulated host with ``devices`` and starts its agent.
 
         ``spec_extra`` adds keys to the simulated-host spec (``refuse_detach``...),
         ``agent_properties`` lines to agent.properties (``migration.uri``...).
+        With ``own_user`` the agent connects as its own broker user
+        (``add_agent_user``) instead of guest.
         """
         guid = str(uuid_module.uuid5(uuid_module.NAMESPACE_URL, f"{self.work}/{name}"))
+        amqp_url = self.add_agent_user(guid) if own_user else self.vhost.url
         addresses = device_addresses(devices)
         spec = {"name": name, "cpus": cpus, "memory_mb": memory_mb, "persist": True,
                 "devices": [{"address": str(a)} for a in addresses], **(spec_extra or {})}
@@ -203,7 +221,7 @@ class Stack:
         pci = ",".join(f"{a}|{n}" for a, n in addresses.items())
         config_path = self.work / f"agent-{name}.properties"
         config_path.write_text(
-            f"guid={guid}\nname={name}\namqp.url={self.vhost.url}\n"
+            f"guid={guid}\nname={name}\namqp.url={amqp_url}\n"
             f"amqp.queue.type={self.queue_type}\nlibvirt.uri=simulated://{spec_path}\n"
             f"pci.devices={pci}\nping.interval={ping}\nlog.format=json\nlog.level=info\n"
             + "".join(f"{k}={v}\n" for k, v in (agent_properties or {}).items()),
@@ -225,6 +243,24 @@ class Stack:
             return list(rows.values()) if ok else None
         return wait_for(up, timeout=timeout, what=f"hosts {sorted(wanted)} Up")
 
+    def add_agent_user(self, guid: str) -> str:
+        """Creates broker user ``agent-<guid>`` as an operator would; returns its AMQP URL.
+
+        Runs ``hostdev-mgmt rabbitmq-user add GUID --vhost V --apply`` and reads
+        the password from what it prints; ``close`` deletes the user.
+        """
+        done = subprocess.run(
+            [str(BIN / "hostdev-mgmt"), "rabbitmq-user", "add", guid, "--vhost",
+             self.vhost.name, "--apply"], capture_output=True, text=True, timeout=120,
+            check=False)
+        assert done.returncode == 0, f"rabbitmq-user add {guid} failed: {done.stderr}"
+        self._users.append(f"agent-{guid}")
+        found = re.search(r"^amqp\.url=amqp://([^:]+):(\S+)@<broker>", done.stdout, re.M)
+        assert found, f"no amqp.url in: {done.stdout}"
+        user, password = found.groups()
+        return (f"amqp://{quote(user, safe='')}:{quote(password, safe='')}@{HOST}:{PORT}/"
+                f"{quote(self.vhost.name, safe='')}")
+
     def tap_events(self) -> EventTap:
         """Starts recording ``hostdev.events`` (needs a management daemon started first)."""
         tap = EventTap(self.vhost.url, f"e2e-events-{len(self._taps)}")
@@ -242,6 +278,8 @@ class Stack:
         if self._bus is not None:
             self._bus.close()
             self._bus = None
+        while self._users:  # broker users outlive the vhost: delete them here
+            rabbitmqctl("delete_user", self._users.pop())
 
     # -- driving it from outside --------------------------------------------------
 

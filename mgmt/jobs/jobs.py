@@ -59,17 +59,28 @@ MAX_START_ATTEMPTS = 3
 
 
 def find_host(session: Session, ref: str) -> Host:
-    """Returns the host named or identified (guid) by ``ref``.
+    """Returns the host identified (guid) or, failing that, named by ``ref``.
+
+    A guid wins over a name: an agent chooses its own name, so another host
+    could announce itself under a name already taken, and a name that two
+    hosts carry is refused rather than resolved to either.
 
     Raises:
-        NotFound: no host has that name or guid; the text lists the hosts.
+        NotFound: no host has that guid or name; the text lists the hosts.
+        Conflict: several hosts carry that name; the text lists their guids.
     """
-    host = session.scalar(select(Host).where((Host.guid == ref) | (Host.name == ref))
-                          .order_by(Host.id).limit(1))
-    if host is None:
-        names = ", ".join(session.scalars(select(Host.name).order_by(Host.id))) or "none"
-        raise NotFound(f"no host is named {ref!r} (nor has that guid); hosts: {names}")
-    return host
+    host = session.scalar(select(Host).where(Host.guid == ref))
+    if host is not None:
+        return host
+    named = session.scalars(select(Host).where(Host.name == ref).order_by(Host.id)).all()
+    if len(named) == 1:
+        return named[0]
+    if named:
+        guids = ", ".join(h.guid for h in named)
+        raise Conflict(f"{len(named)} hosts are named {ref!r} (guids {guids}); "
+                       "name the host by its guid")
+    names = ", ".join(session.scalars(select(Host.name).order_by(Host.id))) or "none"
+    raise NotFound(f"no host is named {ref!r} (nor has that guid); hosts: {names}")
 
 
 def find_vm(session: Session, ref: str) -> VmInstance:

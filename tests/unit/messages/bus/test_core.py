@@ -13,10 +13,9 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-
-from hostdev.messages.base import Message
 from structlog.testing import capture_logs
 
+from hostdev.messages.base import Message
 from hostdev.messages.bus.contract import (
     COMMANDS_EXCHANGE,
     DEAD_EXCHANGE,

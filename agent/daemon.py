@@ -15,6 +15,7 @@ import argparse
 import signal
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from importlib import metadata
 
 import structlog
@@ -22,7 +23,7 @@ import structlog
 from hostdev.agent.background import BackgroundCommands
 from hostdev.agent.config import DEFAULT_PATH, AgentConfig, ensure_guid, load_config
 from hostdev.agent.errors import AgentError, ConfigError, HypervisorError
-from hostdev.agent.handlers import CommandHandlers, Timeouts
+from hostdev.agent.handlers import CommandHandlers, Timeouts, failure_answer
 from hostdev.agent.hypervisor import Hypervisor, LifecycleEvent
 from hostdev.agent.libvirt_host import LibvirtHost
 from hostdev.agent.metrics import serve_agent_metrics
@@ -35,6 +36,7 @@ from hostdev.messages.bus.contract import BusLike, Handler
 from hostdev.messages.commands import (
     AttachPciDevicesCommand,
     DetachPciDevicesCommand,
+    ErrorAnswer,
     MigrateCommand,
     PingRoutingCommand,
     StartCommand,
@@ -43,11 +45,24 @@ from hostdev.messages.commands import (
     StopCommand,
     VmStateReport,
 )
+from hostdev.messages.errors import BusError
+from hostdev.messages.runtime.backoff import Backoff, retry
 from hostdev.messages.runtime.logging import configure_logging
 from hostdev.messages.runtime.sd_notify import SystemdNotifier
 
 log = structlog.get_logger()
 
+#: How often the agent checks whether to announce itself again, at most.
+_ANNOUNCE_TICK_S = 0.5
+
+
+@dataclass
+class _Announcing:
+    """Where the agent is in announcing itself: answered yet, and when to try again."""
+
+    answered: bool = False
+    retries: int = 0
+    remaining_s: float = 0.0
 
 
 def open_hypervisor(uri: str) -> Hypervisor:
@@ -68,7 +83,8 @@ class Agent:
     """Ties a ``Hypervisor`` to the bus: announces, pings, reports, handles commands."""
 
     def __init__(self, config: AgentConfig, hypervisor: Hypervisor, bus: BusLike,
-                 report: CheckReport, *, notifier: SystemdNotifier | None = None) -> None:
+                 report: CheckReport, *, notifier: SystemdNotifier | None = None,
+                 announce_backoff: Backoff | None = None) -> None:
         if config.guid is None:
             raise AgentError("the agent needs a guid; call ensure_guid(config) first")
         self.guid: str = config.guid
@@ -82,9 +98,13 @@ class Agent:
             Timeouts(attach_s=config.attach_timeout_s, detach_s=config.detach_timeout_s,
                      migration_s=config.migration_timeout_s))
         self.announcements = 0
+        # Until a StartupAnswer arrives the announcement is repeated: management
+        # may start after the agent, and an unroutable announcement is lost.
+        self.announce_backoff = announce_backoff or Backoff(first_s=1.0, max_s=30.0)
+        self._announcing = _Announcing()
         recent = RecentCommands()  # answers repeats of a command (outbox re-publication)
         self.background = BackgroundCommands(bus, self.guid, recent)
-        self.pipeline = CommandPipeline(self.guid, recent, self.background)
+        self.pipeline = CommandPipeline(self.guid, recent, self.background, failure_answer)
 
     # -- outgoing ------------------------------------------------------------------
 
@@ -98,18 +118,45 @@ class Agent:
             domains=self.hypervisor.domains(), agent_version=_agent_version(),
             migration_uri=self.config.migration_uri)
 
+    @property
+    def registered(self) -> bool:
+        """True once management answered the latest round of announcements."""
+        return self._announcing.answered
+
     def announce(self) -> None:
-        """Sends ``StartupRoutingCommand`` (at start and after every reconnect)."""
+        """Starts a round of announcements (at start and after every reconnect).
+
+        ``StartupRoutingCommand`` is sent now and again, with growing delays
+        (``announce_backoff``), until a ``StartupAnswer`` arrives.
+        """
+        self._announcing = _Announcing()
+        self._send_announcement()
+
+    def _send_announcement(self) -> None:
+        state = self._announcing
+        state.remaining_s = self.announce_backoff.delay(state.retries)
         try:
             message = self.startup_message()
         except HypervisorError as exc:
-            # The next reconnect or a restart announces again; pings keep the host known.
-            log.error("announce_failed", host=self.guid, error=str(exc))
+            log.error("announce_failed", host=self.guid, error=str(exc),
+                      retry_in_s=round(state.remaining_s, 2))
             return
         self.bus.send_to_mgmt(self.guid, message)
         self.announcements += 1
         log.info("agent_announced", host=self.guid, devices=len(message.pci_devices),
-                 domains=len(message.domains))
+                 domains=len(message.domains), attempt=state.retries + 1)
+
+    def _announce_tick(self) -> None:
+        state = self._announcing
+        if state.answered:
+            return
+        state.remaining_s -= _ANNOUNCE_TICK_S
+        if state.remaining_s > 0:
+            return
+        state.retries += 1
+        log.warning("startup_unanswered", host=self.guid, attempts=state.retries,
+                    hint="no StartupAnswer yet: is hostdev-mgmt running on this broker?")
+        self._send_announcement()
 
     def ping(self) -> None:
         """Sends ``PingRoutingCommand`` with every domain's state and hostdevs."""
@@ -142,12 +189,20 @@ class Agent:
     # -- incoming ------------------------------------------------------------------
 
     def _startup_answer(self, message: StartupAnswer) -> None:
+        # A refusal ends the round too: the same announcement would be refused again.
+        self._announcing.answered = True
         if message.ok:
             log.info("startup_accepted", host=self.guid, host_id=message.host_id,
                      ping_interval_s=message.ping_interval_s)
         else:
             log.error("startup_refused", host=self.guid, details=message.details)
         return None
+
+    def _error_answer(self, message: ErrorAnswer) -> None:
+        # Management refused something the agent sent and dead-lettered it
+        # already; logging it (once) and acking is all that is left to do.
+        log.warning("error_answer_received", host=self.guid, code=message.code,
+                    details=message.details)
 
     def handlers(self) -> dict[type[Message], Handler]:
         """Returns the bus handlers by message type, each through the pipeline."""
@@ -161,6 +216,7 @@ class Agent:
             AttachPciDevicesCommand: pipeline.command(self.commands.attach),
             DetachPciDevicesCommand: pipeline.command(self.commands.detach),
             StartupAnswer: pipeline.answer(self._startup_answer),
+            ErrorAnswer: pipeline.answer(self._error_answer),
         }
 
     # -- lifecycle -----------------------------------------------------------------
@@ -173,6 +229,7 @@ class Agent:
         self.bus.on_reconnect(self.announce)
         self.hypervisor.set_lifecycle_listener(self.on_lifecycle)
         self.announce()
+        self.bus.call_every(_ANNOUNCE_TICK_S, self._announce_tick)
         self.bus.call_every(self.config.ping_interval_s, self.ping)
         watchdog = self.notifier.watchdog_interval_s()
         if watchdog:
@@ -282,7 +339,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not report.ok:
         host.close()
         return 1
-    from hostdev.messages.bus import Bus, BusConfig  # kombu is only needed from here on
+    return _run(config, host, report)
+
+
+def _run(config: AgentConfig, host: Hypervisor, report: CheckReport) -> int:
+    """Connects the bus (a few tries if the broker is starting) and runs the agent."""
+    # kombu is only needed from here on
+    from hostdev.messages.bus import Bus, BusConfig
+    from hostdev.messages.bus.failures import is_transient
 
     bus = Bus(BusConfig(url=config.amqp_url, queue_type=config.amqp_queue_type,
                         app_id="hostdev-agent"))
@@ -290,9 +354,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda _sig, _frame: agent.stop())
     log.info("agent_starting", host=config.guid, name=config.name, uri=config.libvirt_uri,
-             amqp=config.amqp_url.split("@")[-1])
-    serve_agent_metrics(config.metrics_port)  # off unless metrics.port is set
-    agent.run()
+             amqp=bus.config.safe_url())
+    try:
+        retry(bus.connect, transient=is_transient, what="broker")
+        serve_agent_metrics(config.metrics_port)  # off unless metrics.port is set
+        agent.run()
+    except BusError as exc:  # one line naming the URL and the cause; systemd restarts us
+        print(f"hostdev-agent: {exc}", file=sys.stderr)
+        host.close()
+        return 1
     return 0
 
 

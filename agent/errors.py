@@ -22,21 +22,33 @@ class ConfigError(AgentError, PropertiesError):
 
 
 class HypervisorError(AgentError):
-    """A hypervisor operation failed; carries the operation and libvirt's code."""
+    """A hypervisor operation failed; carries the operation and libvirt's code.
 
-    def __init__(self, operation: str, reason: str, *, code: int | None = None) -> None:
+    Attributes:
+        operation: what was attempted (``lookup``, ``define``, ``start``...).
+        reason: libvirt's message.
+        code: libvirt's error code, when libvirt raised it.
+        transient: True when trying again later may succeed (libvirt's
+            connection or the host's resources failed); False when the same
+            command would fail the same way (an invalid argument, no such
+            domain), so it is answered as an error at once.
+    """
+
+    def __init__(self, operation: str, reason: str, *, code: int | None = None,
+                 transient: bool = True) -> None:
         super().__init__(f"{operation} failed: {reason}" + (f" (libvirt code {code})"
                                                               if code is not None else ""))
         self.operation = operation
         self.reason = reason
         self.code = code
+        self.transient = transient
 
 
 class DomainNotFound(HypervisorError):
     """No domain with that UUID is defined on this host."""
 
     def __init__(self, uuid: str) -> None:
-        super().__init__("lookup", f"no domain with UUID {uuid} on this host")
+        super().__init__("lookup", f"no domain with UUID {uuid} on this host", transient=False)
         self.uuid = uuid
 
 

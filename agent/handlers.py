@@ -12,7 +12,7 @@ one (the operator decides the longest a host waits).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -20,6 +20,7 @@ import structlog
 
 from hostdev.agent.errors import DetachRefused, DomainNotFound, HypervisorError, MigrationFailed
 from hostdev.agent.hypervisor import Hypervisor
+from hostdev.messages.base import Message
 from hostdev.messages.commands import (
     AttachPciDevicesAnswer,
     AttachPciDevicesCommand,
@@ -36,6 +37,18 @@ from hostdev.messages.pci_address import PciAddress
 from hostdev.messages.values import DeviceOutcome, DomainInfo
 
 log = structlog.get_logger()
+
+#: The answer type of each command, for an error answered without running it.
+_ANSWERS: dict[type[Message], Callable[..., Message]] = {
+    StartCommand: StartAnswer, StopCommand: StopAnswer, MigrateCommand: MigrateAnswer,
+    AttachPciDevicesCommand: AttachPciDevicesAnswer,
+    DetachPciDevicesCommand: DetachPciDevicesAnswer,
+}
+
+
+def failure_answer(command: Message, vm_uuid: str, details: str) -> Message:
+    """Returns the ``result="error"`` answer to ``command`` saying what failed."""
+    return _ANSWERS[type(command)](result="error", vm_uuid=vm_uuid, details=details)
 
 
 @dataclass(frozen=True)

@@ -75,8 +75,21 @@ def _ensure_event_loop() -> None:
         _loop_started = True
 
 
+#: libvirt codes worth retrying; any other (invalid UUID, no domain...) fails again the same way.
+TRANSIENT_CODES = frozenset(getattr(libvirt, f"VIR_ERR_{name}") for name in (
+    "SYSTEM_ERROR", "NO_CONNECT", "INVALID_CONN", "RPC", "OPERATION_TIMEOUT",
+    "AGENT_UNRESPONSIVE", "RESOURCE_BUSY", "INTERNAL_ERROR"))
+
+
 def _reason(exc: libvirt.libvirtError) -> str:
     return exc.get_error_message() or str(exc)
+
+
+def hypervisor_error(op: str, exc: libvirt.libvirtError, reason: str = "") -> HypervisorError:
+    """Returns the ``HypervisorError`` for a libvirt failure, classified transient or not."""
+    code = exc.get_error_code()
+    return HypervisorError(op, reason or _reason(exc), code=code,
+                           transient=code in TRANSIENT_CODES)
 
 
 def _version(number: int) -> str:
@@ -107,8 +120,8 @@ class LibvirtHost:
         try:
             self._conn = libvirt.open(self.libvirt_uri)
         except libvirt.libvirtError as exc:
-            raise HypervisorError("connect", f"cannot open libvirt at {self.libvirt_uri}: "
-                                  f"{_reason(exc)}", code=exc.get_error_code()) from None
+            raise hypervisor_error("connect", exc, f"cannot open libvirt at "
+                                   f"{self.libvirt_uri}: {_reason(exc)}") from None
         self._callbacks = [
             self._conn.domainEventRegisterAny(
                 None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._on_lifecycle, None),
@@ -202,7 +215,7 @@ class LibvirtHost:
         except libvirt.libvirtError as exc:
             if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
                 raise DomainNotFound(uuid) from None
-            raise HypervisorError("lookup", _reason(exc), code=exc.get_error_code()) from None
+            raise hypervisor_error("lookup", exc) from None
 
     def domain_xml(self, uuid: str, *, inactive: bool = False) -> str:
         """Returns a domain's live (or, with ``inactive``, persistent) XML."""
@@ -218,7 +231,7 @@ class LibvirtHost:
         try:
             self.conn.defineXML(xml)
         except libvirt.libvirtError as exc:
-            raise HypervisorError("define", _reason(exc), code=exc.get_error_code()) from None
+            raise hypervisor_error("define", exc) from None
 
     def facts(self) -> HostFacts:
         """Returns host name, CPUs, memory and hypervisor version."""
@@ -282,7 +295,7 @@ class LibvirtHost:
         try:
             fn()
         except libvirt.libvirtError as exc:
-            raise HypervisorError(operation, _reason(exc), code=exc.get_error_code()) from None
+            raise hypervisor_error(operation, exc) from None
 
     def start(self, uuid: str) -> None:
         """Starts a defined domain; a running domain is left alone."""

@@ -43,6 +43,8 @@ _AGENT_USER = re.compile(r"agent-(?P<guid>.+)")
 
 #: The step that does the work: the typed message and its delivery, to an answer or None.
 Step = Callable[[Any, Incoming], "Message | None"]
+#: Builds the error answer to a command: the command, its VM and what failed.
+FailureAnswer = Callable[[Any, str, str], Message]
 
 
 def check_sender(guid: str, incoming: Incoming) -> None:
@@ -72,11 +74,12 @@ def _vm_of(message: Any) -> str | None:
 class CommandPipeline:
     """Builds the bus handlers of one agent, each taking the steps above."""
 
-    def __init__(self, guid: str, recent: RecentCommands,
-                 background: BackgroundCommands) -> None:
+    def __init__(self, guid: str, recent: RecentCommands, background: BackgroundCommands,
+                 failure_answer: FailureAnswer) -> None:
         self.guid = guid
         self.recent = recent
         self.background = background
+        self.failure_answer = failure_answer
 
     def command(self, run: Callable[[Any], Message]) -> Handler:
         """Returns the handler of a command answered on the loop thread."""
@@ -106,8 +109,11 @@ class CommandPipeline:
                 try:
                     answer = step(message, incoming)
                 except HypervisorError as exc:
-                    # libvirt itself failed (connection lost...): try again later.
-                    raise TransientError(f"{kind}: {exc}") from exc
+                    if exc.transient:  # libvirt itself failed (connection lost...): later
+                        raise TransientError(f"{kind}: {exc}") from exc
+                    # Retrying would fail the same way: say so now, once.
+                    log.warning("command_failed_permanently", type=kind, error=str(exc))
+                    answer = self.failure_answer(message, _vm_of(message) or "", str(exc))
                 if answer is not None:
                     log.info("command_answered", type=type(answer).__name__,
                              result=getattr(answer, "result", ""))

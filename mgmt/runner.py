@@ -19,24 +19,34 @@ from typing import Any
 import structlog
 from sqlalchemy import make_url
 
+from hostdev.messages.bus.failures import is_transient
 from hostdev.messages.errors import MessageError
+from hostdev.messages.runtime.backoff import retry
 from hostdev.messages.runtime.logging import configure_logging
 from hostdev.messages.runtime.sd_notify import SystemdNotifier
 from hostdev.mgmt.config import MgmtConfig, load_config
-from hostdev.mgmt.errors import ConfigError, MgmtError
+from hostdev.mgmt.errors import MgmtError
 from hostdev.mgmt.metrics import serve_mgmt_metrics
 from hostdev.mgmt.persistence import database
 
 log = structlog.get_logger()
 
 
+def _db_transient(exc: Exception) -> bool:
+    return isinstance(exc, database.DatabaseUnreachable) and not exc.permanent
+
+
 def check_schema(config: MgmtConfig) -> None:
     """Makes sure the database has the schema; migrates a brand-new SQLite file.
 
+    A database server that does not answer is tried a few times with backoff.
+
     Raises:
         MgmtError: MariaDB/MySQL without the schema; says which command to run.
+        DatabaseUnreachable: the database cannot be opened; one line, URL and cause.
     """
-    revision = database.current_revision(config.db_url)
+    revision = retry(lambda: database.current_revision(config.db_url),
+                     transient=_db_transient, what="database")
     if revision is not None:
         return
     if make_url(config.db_url).get_backend_name() == "sqlite":
@@ -59,6 +69,11 @@ def run(config: MgmtConfig, *, name: str | None = None) -> int:
     engine = database.create_database_engine(config.db_url)
     bus = Bus(BusConfig(url=config.amqp_url, app_id="hostdev-mgmt",
                         queue_type=config.amqp_queue_type))
+    try:  # a broker still starting is waited for a little; a wrong URL is not
+        retry(bus.connect, transient=is_transient, what="broker")
+    except BaseException:
+        engine.dispose()
+        raise
     service = ManagementService(config, bus, engine, name=name)
     notifier = SystemdNotifier()
 
@@ -99,14 +114,9 @@ def _run_command(args: argparse.Namespace) -> int:
     configure_logging(config.log_level, json=config.log_format == "json")
     try:
         return run(config, name=args.name)
-    except ConfigError:
-        raise
-    except MgmtError as exc:
-        log.error("mgmt_failed", error=str(exc))
-        raise
     except MessageError as exc:  # the bus: broker unreachable, queue mismatch...
-        log.error("mgmt_failed", error=str(exc))
-        raise MgmtError(str(exc)) from exc
+        # One line on stderr (hostdev-mgmt's main prints it), no traceback.
+        raise MgmtError(str(exc)) from None
 
 
 def add_run_command(subparsers: Any) -> None:

@@ -38,6 +38,7 @@ from hostdev.messages.bus.amqp_message import (
 )
 from hostdev.messages.bus.confirms import ConfirmWindow, Unconfirmed
 from hostdev.messages.bus.contract import AGENT_USER_PREFIX, DEAD_EXCHANGE, BusConfig
+from hostdev.messages.bus.failures import BrokerUnreachable, broker_failure
 from hostdev.messages.bus.link import Stopped
 from hostdev.messages.bus.loop import WakePipe
 from hostdev.messages.errors import BusError
@@ -109,7 +110,7 @@ class AmqpConnection:
         """Tries each failover URL once, unless already connected.
 
         Raises:
-            BusError: none answered; the text names each URL and its error.
+            BrokerUnreachable: none answered; one line naming each URL and its cause.
         """
         if self.usable:
             return
@@ -121,11 +122,14 @@ class AmqpConnection:
                 self.open()
                 return
             except CONNECTION_ERRORS as exc:
-                errors.append(f"{self.url()}: {exc!r}")
+                errors.append(broker_failure(self.url(), exc))
                 self.teardown()
                 self.url_index += 1
-        raise BusError(f"cannot connect to RabbitMQ ({'; '.join(errors)}); check that the broker "
-                       "runs, and the URL, user, password and vhost in the configuration")
+        if len(errors) == 1:
+            raise errors[0]
+        raise BrokerUnreachable(self.config.safe_url(),
+                                "; ".join(f"{e.url}: {e.cause}" for e in errors),
+                                permanent=all(e.permanent for e in errors))
 
     def open(self) -> None:
         """Connects, declares everything, consumes every queue, republishes unconfirmed."""

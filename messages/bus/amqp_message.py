@@ -34,6 +34,7 @@ from hostdev.messages.bus.contract import (
     BusConfig,
     capped,
 )
+from hostdev.messages.bus.failures import check_scheme
 from hostdev.messages.bus.wire import Outgoing
 from hostdev.messages.errors import BusError
 
@@ -72,7 +73,9 @@ def open_connection(url: str, config: BusConfig, *, heartbeat: float | None = No
 
     Raises:
         OSError, amqp.exceptions.AMQPError: the broker refused or did not answer.
+        BrokerUnreachable: the URL is not an AMQP URL.
     """
+    check_scheme(url)  # kombu would fail on another scheme with a bare KeyError
     conn = KombuConnection(  # type: ignore[no-untyped-call]
 
         url,

@@ -31,10 +31,15 @@ from hostdev.messages.bus.amqp_message import (
     wait_readable,
 )
 from hostdev.messages.bus.contract import COMMANDS_EXCHANGE, DIRECT_REPLY_TO, BusConfig
+from hostdev.messages.bus.failures import BrokerUnreachable, broker_failure
 from hostdev.messages.bus.wire import decode_answer, new_outgoing
 from hostdev.messages.errors import BusError, RequestTimeout
+from hostdev.messages.runtime.backoff import Backoff
 
 log = structlog.get_logger()
+
+#: Spacing of attempts to connect while a request's deadline lasts.
+_RETRY = Backoff(first_s=0.2, max_s=2.0)
 
 
 class RpcClient:
@@ -67,9 +72,15 @@ class RpcClient:
         amqp_message, mid = to_amqp(outgoing), outgoing.message_id
         self._waiting, self._reply, self._returned = mid, None, None
         sent = False
+        failure: BrokerUnreachable | None = None  # the last failed connection attempt
+        failures = 0
+        published = False  # at least once: a lost connection clears ``sent``, not this
         try:
             while self._reply is None:
                 remaining = deadline - time.monotonic()
+                if remaining <= 0 and failure is not None and not published:
+                    raise BrokerUnreachable(failure.url, f"{failure.cause}; {name} was not "
+                                            "published", permanent=failure.permanent)
                 if remaining <= 0:
                     raise RequestTimeout(
                         f"no answer to {name} (message_id {mid}) within {timeout:g} s: it was "
@@ -78,12 +89,21 @@ class RpcClient:
                         "queue 'hostdev.api'?")
                 try:
                     if self._channel is None:
-                        self._open()
+                        try:
+                            self._open()
+                        except CONNECTION_ERRORS as exc:
+                            failure = broker_failure(self._safe_url(), exc)
+                            if failure.permanent:  # retrying cannot help: say so at once
+                                raise BrokerUnreachable(
+                                    failure.url, f"{failure.cause}; {name} was not published",
+                                    permanent=True) from None
+                            raise
+                        failure = None
                     assert self._conn is not None and self._channel is not None
                     if not sent:
                         publish(self._channel, amqp_message, COMMANDS_EXCHANGE, key,
                                 mandatory=True)
-                        sent = True
+                        sent = published = True
                     conn = raw(self._conn)
                     if wait_readable(conn, None, min(remaining, 1.0)):
                         drain_ready(conn)
@@ -94,10 +114,15 @@ class RpcClient:
                         f"{self.config.safe_url()}: {exc.reply_text}; the exchange must exist "
                         "(start hostdev-mgmt once) and the user may write to it") from exc
                 except CONNECTION_ERRORS as exc:
-                    log.warning("request_connection_lost", error=repr(exc), message_id=mid)
                     self.close()
                     self._url_index += 1
                     sent = False  # direct reply-to is bound to the lost channel: re-send
+                    if failure is None:
+                        log.warning("request_connection_lost", error=repr(exc), message_id=mid)
+                    else:  # not even connected: back off, within the deadline
+                        failures += 1
+                        time.sleep(min(max(0.0, deadline - time.monotonic()),
+                                       _RETRY.delay(failures - 1)))
                 if self._returned is not None:
                     raise BusError(
                         f"{name} (message_id {mid}) cannot be delivered: no queue is bound to "
@@ -107,6 +132,9 @@ class RpcClient:
         finally:
             self._waiting = None
         return decode_answer(self._reply.body, name, mid)
+
+    def _safe_url(self) -> str:
+        return BusConfig(url=self._urls[self._url_index % len(self._urls)]).safe_url()
 
     def _open(self) -> None:
         url = self._urls[self._url_index % len(self._urls)]

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Mapping
+import threading
+import time
+from collections.abc import Callable, Mapping, MutableMapping
 from contextvars import Token
 from typing import Any, TextIO
 
@@ -37,6 +39,59 @@ def parse_level(level: str | int) -> int:
                          "debug, info, warning, error, critical") from None
 
 
+#: Fields that differ between repeats of the same warning and so do not tell them apart.
+VOLATILE_FIELDS = frozenset({"timestamp", "message_id", "correlation_id", "attempt",
+                             "attempts", "retry_in_s"})
+
+
+class RepeatLimiter:
+    """A structlog processor that lets the same warning through once per interval.
+
+    Two lines are the same when they have the same level, event and fields
+    (bar :data:`VOLATILE_FIELDS`). A line at warning level or above that
+    was emitted less than ``interval_s`` ago is dropped and counted; the next
+    one emitted carries ``suppressed`` (how many were dropped meanwhile), so
+    a storm of identical warnings costs one line per interval, not one each.
+    Lines below warning always pass.
+    """
+
+    def __init__(self, interval_s: float = 60.0, *, max_keys: int = 10_000,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.interval_s = interval_s
+        self.max_keys = max_keys
+        self._clock = clock
+        self._lock = threading.Lock()
+        #: last emission time and repeats dropped since, per line key
+        self._seen: dict[tuple[object, ...], tuple[float, int]] = {}
+
+    def __call__(self, _logger: Any, method_name: str,
+                 event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+        level = logging.ERROR if method_name == "exception" else _LEVELS.get(method_name, 0)
+        if level < logging.WARNING:
+            return event_dict
+        key = (method_name, *sorted((k, repr(v)) for k, v in event_dict.items()
+                                    if k not in VOLATILE_FIELDS))
+        now = self._clock()
+        with self._lock:
+            emitted, dropped = self._seen.get(key, (None, 0))
+            if emitted is not None and now - emitted < self.interval_s:
+                self._seen[key] = (emitted, dropped + 1)
+                raise structlog.DropEvent
+            if len(self._seen) >= self.max_keys:
+                self._forget_older_than(now - self.interval_s)
+            self._seen[key] = (now, 0)
+        if dropped:
+            event_dict["suppressed"] = dropped
+        return event_dict
+
+    def _forget_older_than(self, cutoff: float) -> None:
+        # Keys whose interval has passed hold nothing worth keeping but a count,
+        # which is given up rather than letting the table grow without bound.
+        self._seen = {k: v for k, v in self._seen.items() if v[0] >= cutoff}
+        if len(self._seen) >= self.max_keys:
+            self._seen.clear()
+
+
 def configure_logging(level: str | int = "info", *, stream: TextIO | None = None,
                       json: bool | None = None) -> None:
     """Configures structlog (and the stdlib loggers of kombu/amqp) to write to ``stream``.
@@ -46,6 +101,9 @@ def configure_logging(level: str | int = "info", *, stream: TextIO | None = None
         stream: where lines go; stderr by default.
         json: JSON lines when True, coloured console lines when False; None picks
             JSON unless ``stream`` is a terminal (journald and log files get JSON).
+
+    Identical warnings (and worse) are written at most once a minute
+    (:class:`RepeatLimiter`).
     """
     out = stream if stream is not None else sys.stderr
     numeric = parse_level(level)
@@ -64,7 +122,8 @@ def configure_logging(level: str | int = "info", *, stream: TextIO | None = None
         renderer = structlog.dev.ConsoleRenderer(colors=hasattr(out, "isatty") and out.isatty())
         tail = []
     structlog.configure(
-        processors=[*shared, structlog.processors.StackInfoRenderer(), *tail, renderer],
+        processors=[*shared, RepeatLimiter(), structlog.processors.StackInfoRenderer(), *tail,
+                    renderer],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
         logger_factory=structlog.PrintLoggerFactory(file=out),
         cache_logger_on_first_use=False,

@@ -18,6 +18,7 @@ from typing import Any, TextIO, TypeVar
 import msgspec
 
 from hostdev.messages.base import Message
+from hostdev.messages.bus.failures import BrokerUnreachable
 from hostdev.messages.errors import BusError, MessageError, RemoteError, RequestTimeout
 from hostdev.messages.runtime.logging import configure_logging
 
@@ -95,6 +96,9 @@ def command(run_command: Command) -> Callable[..., int]:
             # The bus prefixes the request's type and id; a person needs the reason.
             reason = exc.reason.split("]: ", 1)[1] if "]: " in exc.reason else exc.reason
             print(f"error: {reason}", file=sys.stderr)
+            return 1
+        except BrokerUnreachable as exc:  # names the URL, the cause, and "not published"
+            print(f"error: {exc}", file=sys.stderr)
             return 1
         except RequestTimeout as exc:
             print(f"error: {exc} -- is hostdev-mgmt running and connected to the same "

@@ -339,12 +339,46 @@ def upgrade(url: str, revision: str = "head") -> None:
     log.info("database_upgraded", url=make_url(url).render_as_string(), revision=revision)
 
 
+class DatabaseUnreachable(MgmtError):
+    """The database cannot be opened; the text is one line: the URL (password hidden), the cause.
+
+    Attributes:
+        permanent: False when the server did not answer (it may be starting);
+            True when it answered no (unknown database, access denied) or
+            the SQLite file cannot be opened.
+    """
+
+    def __init__(self, url: str, cause: str, *, permanent: bool) -> None:
+        super().__init__(f"cannot open database {make_url(url).render_as_string()}: {cause}")
+        self.permanent = permanent
+
+
+#: MariaDB/MySQL client errors where the server did not answer (it may be starting).
+_UNANSWERED = {2002, 2003, 2005, 2006, 2013}
+
+
+def database_failure(url: str, exc: OperationalError) -> DatabaseUnreachable:
+    """Returns the one-line failure for an error raised while connecting to ``url``."""
+    args = exc.orig.args if exc.orig is not None else ()
+    if args and isinstance(args[0], int):  # MariaDB/MySQL: (code, text)
+        code, text = args[0], str(args[1]) if len(args) > 1 else ""
+        return DatabaseUnreachable(url, f"{text} (error {code})",
+                                   permanent=code not in _UNANSWERED)
+    return DatabaseUnreachable(url, str(exc.orig), permanent=True)
+
+
 def current_revision(url: str) -> str | None:
-    """Returns the revision the database is at, None when it has no schema yet."""
+    """Returns the revision the database is at, None when it has no schema yet.
+
+    Raises:
+        DatabaseUnreachable: the database cannot be opened.
+    """
     engine = create_database_engine(url)
     try:
         with engine.connect() as conn:
             return MigrationContext.configure(conn).get_current_revision()
+    except OperationalError as exc:
+        raise database_failure(url, exc) from None
     finally:
         engine.dispose()
 

@@ -13,9 +13,12 @@ import pika
 import pytest
 
 from hostdev.messages.api import HostList, ListHostsRequest, ListVmsRequest
+from hostdev.messages.base import Message
 from hostdev.messages.bus.contract import REASON_HEADER, Incoming
-from hostdev.messages.commands import StopAnswer, StopCommand
+from hostdev.messages.codec import encode
+from hostdev.messages.commands import PingRoutingCommand, StopAnswer, StopCommand
 from hostdev.messages.errors import BusError, RemoteError, RequestTimeout, TransientError
+from hostdev.messages.values import DomainInfo
 from tests.integration.bus.conftest import BusRunner
 from tests.support.rabbitmq import Vhost
 from tests.support.waiting import wait_for
@@ -83,19 +86,28 @@ def test_command_sent_by_hostdev_arrives_typed_with_every_property(
     assert got[0][1].message_id == mid2 and got[0][1].user_id == "guest"
 
 
+def _big_ping(guid: str, letter: str, domains: int) -> PingRoutingCommand:
+    """A ping as large as the field limits allow it to be: long domain names."""
+    return PingRoutingCommand(guid=guid, domains=tuple(
+        DomainInfo(uuid=f"{n:08d}-0000-0000-0000-000000000000", name=letter * 255,
+                   state="running") for n in range(domains)))
+
+
 def test_large_and_small_commands_arrive_whole_and_in_order(runner: BusRunner) -> None:
     """Bodies far larger than one socket read and a burst of small ones are all handled intact."""
     mgmt, agent = runner.bus(), runner.bus()
     guid = _guid()
     queue = agent.declare_agent_queue(guid)
-    sent = [f"vm-{n}" for n in range(200)]
-    sent[10] = "L" * 300_000  # over RabbitMQ's frame size too: several body frames
-    sent[150] = "M" * 50_000
-    for vm in sent:
-        mgmt.send_to_agent(guid, StopCommand(vm_uuid=vm))
+    sent: list[Message] = [StopCommand(vm_uuid=f"vm-{n}") for n in range(200)]
+    sent[10] = _big_ping(guid, "L", 1000)  # ~300 kB: over RabbitMQ's frame size too
+    sent[150] = _big_ping(guid, "M", 170)  # ~50 kB
+    assert len(encode(sent[10])) > 256_000
+    for message in sent:
+        mgmt.send_to_agent(guid, message)
     mgmt.wait_for_confirms()
-    got: list[str] = []
-    agent.consume(queue, {StopCommand: lambda m, i: got.append(m.vm_uuid)})
+    got: list[Message] = []
+    agent.consume(queue, {StopCommand: lambda m, i: got.append(m),
+                          PingRoutingCommand: lambda m, i: got.append(m)})
     agent.run(until=lambda: len(got) >= len(sent), timeout=30)
     assert got == sent
 

@@ -6,8 +6,8 @@ import libvirt
 import pytest
 
 from hostdev.agent.domain_xml import read_hostdevs, with_hostdev, without_hostdev
-from hostdev.agent.errors import DetachRefused
-from hostdev.agent.libvirt_host import LibvirtHost
+from hostdev.agent.errors import DetachRefused, HypervisorError
+from hostdev.agent.libvirt_host import LibvirtHost, hypervisor_error
 from hostdev.messages.pci_address import PciAddress as P
 
 pytestmark = pytest.mark.libvirt
@@ -114,3 +114,29 @@ def test_a_device_removed_event_wakes_the_waiting_detach(
     assert time.monotonic() - started < 5
     timer.join()
     assert read_hostdevs(dom.config) == ()
+
+
+@pytest.mark.parametrize(("name", "transient"), [
+    ("VIR_ERR_SYSTEM_ERROR", True), ("VIR_ERR_OPERATION_TIMEOUT", True),
+    ("VIR_ERR_NO_CONNECT", True), ("VIR_ERR_INVALID_ARG", False),
+    ("VIR_ERR_NO_DOMAIN", False), ("VIR_ERR_XML_ERROR", False)])
+def test_libvirt_error_codes_are_classified_transient_or_permanent(
+        name: str, transient: bool) -> None:
+    """Only failures of libvirtd, the host or a guest agent are worth a retry."""
+    exc = libvirt.libvirtError("failed")
+    exc.err = (getattr(libvirt, name), 0, "the reason", 2, "", None, None, 0, 0)
+    error = hypervisor_error("start", exc)
+    assert (error.transient, error.code, error.reason) == (
+        transient, getattr(libvirt, name), "the reason")
+
+
+def test_an_invalid_uuid_from_real_libvirt_is_permanent() -> None:
+    """libvirt's test driver refuses a malformed UUID with a permanent error."""
+    host = LibvirtHost("test:///default")
+    host.open()
+    try:
+        with pytest.raises(HypervisorError) as info:
+            host.lookup("not-a-uuid")
+    finally:
+        host.close()
+    assert info.value.transient is False and info.value.code == libvirt.VIR_ERR_INVALID_ARG

@@ -13,6 +13,7 @@ from hostdev.agent.background import BackgroundCommands
 from hostdev.agent.config import parse_config
 from hostdev.agent.daemon import Agent
 from hostdev.agent.errors import HypervisorError, SenderRefused
+from hostdev.agent.handlers import failure_answer
 from hostdev.agent.pipeline import CommandPipeline, check_sender
 from hostdev.agent.recent_commands import RecentCommands
 from hostdev.agent.simulated import SimulatedHost
@@ -71,7 +72,8 @@ class LoopBus:
 
 def pipeline(bus: LoopBus | None = None) -> CommandPipeline:
     recent = RecentCommands()
-    return CommandPipeline(GUID, recent, BackgroundCommands(bus or LoopBus(), GUID, recent))
+    return CommandPipeline(GUID, recent, BackgroundCommands(bus or LoopBus(), GUID, recent),
+                           failure_answer)
 
 
 def stopper(runs: list[str]) -> Callable[[StopCommand], StopAnswer]:
@@ -153,6 +155,26 @@ def test_a_libvirt_failure_is_transient_and_not_remembered() -> None:
     with pytest.raises(TransientError, match="StopCommand: lookup failed: connection"):
         handle(STOP, delivery("m-1"))
     assert isinstance(handle(STOP, delivery("m-1")), StopAnswer) and len(calls) == 2
+
+
+def test_a_permanent_libvirt_failure_is_answered_as_an_error_at_once() -> None:
+    """A permanent HypervisorError is not redelivered: the answer says what failed, once."""
+    calls: list[int] = []
+
+    def stop(command: StopCommand) -> StopAnswer:
+        calls.append(1)
+        raise HypervisorError("lookup", "Invalid UUID", code=8, transient=False)
+
+    handle = pipeline().command(stop)
+    outcome = handle_delivery(
+        encode(STOP), content_type=None, type_property="StopCommand",
+        incoming=delivery("m-perm"), handlers={StopCommand: handle}, attempts=1,
+        delivery_limit=5)
+    assert outcome.action == "ack"
+    answer = outcome.answer
+    assert isinstance(answer, StopAnswer) and answer.result == "error"
+    assert answer.vm_uuid == VM and "Invalid UUID (libvirt code 8)" in answer.details
+    assert handle(STOP, delivery("m-perm")) == answer and calls == [1]
 
 
 def test_a_refused_sender_becomes_a_forbidden_error_answer_on_the_bus() -> None:

@@ -6,17 +6,26 @@ and read only its own queue, and its topic permissions on
 broker also checks the AMQP ``user_id`` property against the login, and
 management refuses a message whose ``user_id`` does not match the host it
 speaks for: a compromised host cannot impersonate another.
+
+It may not write to ``hostdev.dead``, so it cannot add a dead letter claiming
+any origin. The broker still dead-letters its queue's messages (delivery
+limit, rejection) there, as the broker, with ``x-death`` naming the queue.
+Declaring a queue with a dead-letter exchange takes write permission on that
+exchange, though, so the recipe creates the agent's queue itself (through
+``rabbitmqctl import_definitions``); the agent re-declaring an existing queue
+with the same arguments needs no such permission.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import secrets
 import shutil
 import subprocess
 from dataclasses import dataclass
 
-from hostdev.messages.bus.contract import COMMANDS_EXCHANGE
+from hostdev.messages.bus.contract import COMMANDS_EXCHANGE, DEAD_EXCHANGE, BusConfig
 from hostdev.mgmt.errors import MgmtError
 
 _GUID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -35,29 +44,65 @@ class AgentUserRecipe:
         """The broker user name, ``agent-<guid>``."""
         return f"agent-{self.guid}"
 
+    @property
+    def queue(self) -> str:
+        """The agent's queue, ``hostdev.agent.<guid>``."""
+        return f"hostdev.agent.{self.guid}"
+
     def commands(self) -> list[list[str]]:
-        """The ``rabbitmqctl`` calls that create the user and its permissions, in order."""
+        """The ``rabbitmqctl`` calls that create the user, its permissions and its queue.
+
+        ``import_definitions`` reads :meth:`definitions` on its standard input.
+        """
         guid = re.escape(self.guid)
-        queue = re.escape(f"hostdev.agent.{self.guid}")
+        queue = re.escape(self.queue)
         own = f"^{queue}$"
-        write = f"^({queue}|hostdev\\.commands|hostdev\\.dead)$"
+        write = f"^({queue}|hostdev\\.commands)$"
         read = f"^({queue}|hostdev\\.commands)$"
         return [
             ["add_user", self.user, self.password],
-            # configure: only its own queue; write: bind it (queue), publish
-            # (exchange) and name hostdev.dead as its dead-letter exchange;
+            # configure: only its own queue; write: bind it (queue) and publish
+            # (exchange), not hostdev.dead: no dead letter can be forged;
             # read: consume its queue and bind from the exchange.
             ["set_permissions", "-p", self.vhost, self.user, own, write, read],
             # Topic permissions: publish only as itself, bind only its own keys.
             ["set_topic_permissions", "-p", self.vhost, self.user, COMMANDS_EXCHANGE,
              f"^mgmt\\.{guid}\\.", f"^agent\\.{guid}\\."],
+            # Its queue, dead-lettering to hostdev.dead: the agent may not declare
+            # that itself (naming a dead-letter exchange takes write on it).
+            ["import_definitions"],
         ]
+
+    def definitions(self) -> str:
+        """The agent's queue and binding (and the exchanges they need) as definitions JSON.
+
+        The arguments are those of an agent with the default ``BusConfig``
+        (a quorum queue, dead-lettering to hostdev.dead after 5 deliveries).
+        """
+        defaults = BusConfig()
+        exchanges = [{"name": name, "vhost": self.vhost, "type": kind, "durable": True,
+                      "auto_delete": False, "internal": False, "arguments": {}}
+                     for name, kind in ((COMMANDS_EXCHANGE, "topic"), (DEAD_EXCHANGE, "fanout"))]
+        return json.dumps({
+            "exchanges": exchanges,
+            "queues": [{"name": self.queue, "vhost": self.vhost, "durable": True,
+                        "auto_delete": False, "arguments": {
+                            "x-queue-type": defaults.queue_type,
+                            "x-dead-letter-exchange": DEAD_EXCHANGE,
+                            "x-delivery-limit": defaults.delivery_limit}}],
+            "bindings": [{"source": COMMANDS_EXCHANGE, "vhost": self.vhost,
+                          "destination": self.queue, "destination_type": "queue",
+                          "routing_key": f"agent.{self.guid}.#", "arguments": {}}],
+        })
 
     def shell(self) -> str:
         """The recipe as shell lines an operator can read and run."""
         lines = []
         for argv in self.commands():
-            lines.append("rabbitmqctl " + " ".join(_quote(arg) for arg in argv))
+            line = "rabbitmqctl " + " ".join(_quote(arg) for arg in argv)
+            if argv[0] == "import_definitions":
+                line += f" <<'EOF'\n{self.definitions()}\nEOF"
+            lines.append(line)
         return "\n".join(lines)
 
 
@@ -92,8 +137,9 @@ def apply_recipe(recipe: AgentUserRecipe, rabbitmqctl: str = "rabbitmqctl") -> N
         raise MgmtError(f"{rabbitmqctl} not found: run `hostdev-mgmt rabbitmq-user add GUID` "
                         "without --apply and run the printed commands on a broker node")
     for argv in recipe.commands():
+        stdin = recipe.definitions() if argv[0] == "import_definitions" else None
         result = subprocess.run([binary, "-q", *argv], capture_output=True, text=True,
-                                check=False)
+                                input=stdin, check=False)
         if result.returncode != 0:
             raise MgmtError(f"rabbitmqctl {argv[0]} failed for {recipe.user}: "
                             f"{(result.stderr or result.stdout).strip()}")

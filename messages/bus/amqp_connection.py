@@ -37,7 +37,7 @@ from hostdev.messages.bus.amqp_message import (
     wait_readable,
 )
 from hostdev.messages.bus.confirms import ConfirmWindow, Unconfirmed
-from hostdev.messages.bus.contract import DEAD_EXCHANGE, BusConfig
+from hostdev.messages.bus.contract import AGENT_USER_PREFIX, DEAD_EXCHANGE, BusConfig
 from hostdev.messages.bus.failures import BrokerUnreachable, broker_failure
 from hostdev.messages.bus.link import Stopped
 from hostdev.messages.bus.loop import WakePipe
@@ -86,6 +86,16 @@ class AmqpConnection:
     def connected(self) -> bool:
         """True once connected (even if the connection broke since and awaits recovery)."""
         return self.conn is not None
+
+    @property
+    def publishes_dead_letters(self) -> bool:
+        """False for an agent's user (``agent-<guid>``): it may not write to hostdev.dead.
+
+        Its broker permissions (``hostdev-mgmt rabbitmq-user add``) refuse it,
+        so no dead letter can claim to come from elsewhere; the broker
+        dead-letters what it rejects instead.
+        """
+        return not self.user_id.startswith(AGENT_USER_PREFIX)
 
     @property
     def usable(self) -> bool:
@@ -313,6 +323,8 @@ class AmqpConnection:
             for message, reason in returned:
                 log.error("message_unroutable", reason=reason,
                           message_id=message.properties.get("message_id"))
+                if not self.publishes_dead_letters:
+                    continue  # the log line is all an agent's user may leave
                 copy = dead_letter_copy(message, queue="", reason=reason, user_id=self.user_id)
                 self.send_item(Unconfirmed(DEAD_EXCHANGE, "", copy, False,
                                       str(message.properties.get("message_id"))))

@@ -124,6 +124,15 @@ class AmqpLink(AmqpConnection):
         self.send_item(Unconfirmed(DEAD_EXCHANGE, delivery.queue, dead_letter_copy(
             message, queue=delivery.queue, reason=reason, user_id=self.user_id), False, mid))
 
+    def reject(self, delivery: Delivery, reason: str) -> None:
+        """Rejects ``delivery`` without requeue: the broker dead-letters it (``x-death``)."""
+        epoch, message = delivery.token
+        if epoch == self.epoch and self.sub is not None:
+            self.sub.basic_reject(message.delivery_info["delivery_tag"], requeue=False)
+        log.info("message_rejected", message_id=delivery.properties.get("message_id"),
+                 queue=delivery.queue)  # the reason was logged with message_dead_lettered
+        self._settled()
+
     def flush(self) -> None:
         """Sends the acks that are ready; a dead connection's acks are moot."""
         if self.usable:

@@ -19,16 +19,20 @@ import amqp
 import amqp.exceptions
 from amqp import spec
 from amqp.exceptions import UnexpectedFrame
+from amqp.serialization import dumps
 from amqp.transport import TCPTransport
 from kombu.connection import Connection as KombuConnection
 
 from hostdev.messages.bus.contract import (
     COMMANDS_EXCHANGE,
     DEAD_EXCHANGE,
+    DEAD_LETTERED_BY_HEADER,
     DEAD_QUEUE,
     EVENTS_EXCHANGE,
+    HOSTDEV_HEADER_PREFIX,
     REASON_HEADER,
     BusConfig,
+    capped,
 )
 from hostdev.messages.bus.failures import check_scheme
 from hostdev.messages.bus.wire import Outgoing
@@ -54,6 +58,13 @@ _RECV_CHUNK = 8192
 # The most read at once, whatever size a frame header claims (frames are at most
 # the negotiated frame_max, 128 kB by default).
 _RECV_MOST = 1 << 18
+# The most bytes of a sender's own headers a dead letter keeps: with hostdev's
+# (a capped reason and a few names) they stay well inside one content-header
+# frame (RabbitMQ's frame_max is 128 kB by default).
+_KEPT_HEADERS = 64 * 1024
+# Headers only the broker should write (it dead-letters with them): a sender's
+# copies would pass for the broker's in a dead letter hostdev publishes.
+_BROKER_HEADERS = ("x-death", "x-first-death-", "x-last-death-")
 
 
 def open_connection(url: str, config: BusConfig, *, heartbeat: float | None = None
@@ -193,15 +204,24 @@ def dead_letter_copy(raw_message: amqp.Message, *, queue: str, reason: str,
     """Returns a copy of a consumed message for hostdev.dead, with the reason in its headers.
 
     The sender's ``user_id`` moves to a header (the broker only accepts our own
-    login in the property) and ``expiration`` is dropped so the copy stays.
+    login in the property), ``user_id`` and ``x-hostdev-dead-lettered-by`` name
+    our own login, and ``expiration`` is dropped so the copy stays. The
+    sender's own ``x-hostdev-*`` and ``x-death`` headers are dropped (they
+    would pass for ours or the broker's), its other headers kept up to 64 kB,
+    and the reason is capped: the copy always fits in the broker's frame.
     """
     props = dict(raw_message.properties)
-    headers = dict(props.pop("application_headers", None) or {})
+    headers = {key: value for key, value
+               in (props.pop("application_headers", None) or {}).items()
+               if not key.startswith((HOSTDEV_HEADER_PREFIX, *_BROKER_HEADERS))}
+    if headers and len(dumps("F", [headers])) > _KEPT_HEADERS:
+        headers = {"x-hostdev-headers-dropped": f"over {_KEPT_HEADERS} bytes"}
     info = getattr(raw_message, "delivery_info", None) or {}
-    headers[REASON_HEADER] = reason
+    headers[REASON_HEADER] = capped(reason)
     headers["x-hostdev-queue"] = queue
     headers["x-hostdev-exchange"] = info.get("exchange", "")
     headers["x-hostdev-routing-key"] = info.get("routing_key", "")
+    headers[DEAD_LETTERED_BY_HEADER] = user_id
     sender = props.pop("user_id", None)
     if sender:
         headers["x-hostdev-user-id"] = sender

@@ -28,6 +28,15 @@ API_QUEUE = "hostdev.api"
 DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
 #: Header naming why a message was dead-lettered by hostdev.
 REASON_HEADER = "x-hostdev-reason"
+#: Header naming the broker user of the daemon that dead-lettered a message; it
+#: equals the copy's ``user_id`` property, which the broker validates.
+DEAD_LETTERED_BY_HEADER = "x-hostdev-dead-lettered-by"
+#: The prefix of the headers hostdev writes; a sender's own are dropped from a dead letter.
+HOSTDEV_HEADER_PREFIX = "x-hostdev-"
+#: The most bytes (UTF-8) of message content the bus puts in one header.
+HEADER_LIMIT = 4096
+#: Broker users of agents are ``agent-<guid>``; they may not publish to hostdev.dead.
+AGENT_USER_PREFIX = "agent-"
 CONTENT_TYPE = "application/json"
 #: Exchanges hostdev publishes to ("" is the default exchange, for ``reply_to``).
 KNOWN_EXCHANGES = frozenset({"", COMMANDS_EXCHANGE, EVENTS_EXCHANGE, DEAD_EXCHANGE})
@@ -82,6 +91,21 @@ class BusConfig:
     def safe_url(self) -> str:
         """Returns the URL(s) with passwords masked, for logs and error texts."""
         return ";".join(_mask(url) for url in self.url.split(";"))
+
+
+def capped(text: str, limit: int = HEADER_LIMIT) -> str:
+    """Returns ``text`` cut to at most ``limit`` bytes of UTF-8, marked as cut when it is.
+
+    Every header the bus builds from message content (a dead letter's reason
+    quotes fields and exception texts) goes through here: a header larger than
+    the broker's frame limit would cost the connection, and with it every
+    message delivered on it.
+    """
+    data = text.encode("utf-8", "replace")
+    if len(data) <= limit:
+        return text
+    mark = f" ...[cut: {len(data)} bytes in all]"
+    return data[:limit - len(mark)].decode("utf-8", "ignore") + mark
 
 
 def user_from_url(url: str) -> str:

@@ -32,6 +32,7 @@ from hostdev.messages.bus.contract import (
     Handler,
     Incoming,
     body_id,
+    capped,
 )
 from hostdev.messages.bus.dispatch import Outcome, handle_delivery
 from hostdev.messages.bus.link import Link, Stopped
@@ -217,11 +218,12 @@ class LinkBus(BusShortcuts):
         if attempts > limit:
             # Delivered again and again without ever being settled: the connection
             # died each time (e.g. the broker kills it for a forged reply_to). No
-            # answer is attempted, it could be what kills the connection.
-            outcome = Outcome("dead", reason=(
+            # answer is attempted and no copy published, either could be what
+            # kills the connection: the broker dead-letters it itself.
+            outcome = Outcome("dead", reason=capped(
                 f"delivered {attempts} times without being settled, over the delivery limit "
                 f"{limit} (the connection was lost each time; a reply_to the broker rejects?) "
-                f"(queue {delivery.queue!r}, message_id {mid})"))
+                f"(queue {delivery.queue!r}, message_id {mid})"), copy=False)
             log.error("message_dead_lettered", reason=outcome.reason, message_id=mid)
         else:
             outcome = handle_delivery(
@@ -250,6 +252,13 @@ class LinkBus(BusShortcuts):
             if outcome.action == "ack":
                 self._answer(outcome, incoming)
             log.info("delivery_left_for_redelivery", message_id=incoming.message_id)
+        elif outcome.action == "dead" and not (outcome.copy and link.publishes_dead_letters):
+            # Rejected without requeue: the broker dead-letters it through the
+            # queue's dead-letter exchange (x-death names the queue), as this
+            # login may not or must not publish a copy itself.
+            link.reject(delivery, outcome.reason)
+            self._answer(outcome, incoming)
+            return
         else:
             if outcome.action == "dead":
                 link.dead_letter(delivery, outcome.reason)

@@ -14,7 +14,7 @@ from typing import Literal, NamedTuple
 import structlog
 
 from hostdev.messages.base import Answer, Message
-from hostdev.messages.bus.contract import CONTENT_TYPE, Handler, Incoming, answer_route
+from hostdev.messages.bus.contract import CONTENT_TYPE, Handler, Incoming, answer_route, capped
 from hostdev.messages.codec import decode
 from hostdev.messages.commands import ErrorAnswer
 from hostdev.messages.errors import DecodeError, TransientError
@@ -37,6 +37,8 @@ class Outcome(NamedTuple):
             an ErrorAnswer for a dead-lettered message), or None.
         route: (exchange, routing key) for ``answer``.
         message_type: the decoded type name, when decoding got that far.
+        copy: for ``dead``, False when no copy may be published: the delivery
+            is rejected without requeue and the broker dead-letters it itself.
     """
 
     action: Action
@@ -44,6 +46,7 @@ class Outcome(NamedTuple):
     answer: Message | None = None
     route: tuple[str, str] | None = None
     message_type: str | None = None
+    copy: bool = True
 
 
 @count_outcome  # hostdev_messages_handled_total / _dead_lettered_total
@@ -99,13 +102,18 @@ def handle_delivery(
                 return _dead(incoming, message, "unavailable",
                              f"{name} handler failed transiently on each of {attempts} "
                              f"deliveries, the delivery limit ({_where(incoming)}): {exc}")
-            log.warning("message_requeued", error=str(exc), attempts=attempts,
+            reason = capped(str(exc))
+            log.warning("message_requeued", error=reason, attempts=attempts,
                         delivery_limit=delivery_limit)
-            return Outcome("requeue", reason=str(exc), message_type=name)
+            return Outcome("requeue", reason=reason, message_type=name)
         except Exception as exc:
-            log.exception("handler_failed", handler=getattr(handler, "__qualname__", "?"))
             code = getattr(exc, "code", None)
-            return _dead(incoming, message, code if isinstance(code, str) else "internal",
+            if not isinstance(code, str) or code == "internal":
+                log.exception("handler_failed", handler=getattr(handler, "__qualname__", "?"))
+                code = "internal"
+            # An error with a code is a refusal the handler meant (forbidden,
+            # invalid ...): its reason is logged once by _dead, without a traceback.
+            return _dead(incoming, message, code,
                          f"{name} handler raised {type(exc).__name__}: {exc} ({_where(incoming)})")
         if timed:
             log.debug("message_handled",
@@ -145,8 +153,10 @@ def _dead(incoming: Incoming, message: Message | None, code: str, reason: str) -
 
     An error answer goes to ``reply_to``, or back along the agent/mgmt route of a
     decoded command; never in answer to an answer, so two peers cannot bounce
-    errors at each other forever.
+    errors at each other forever. The reason is capped (``contract.capped``):
+    it quotes the message and the handler's error, and becomes a header.
     """
+    reason = capped(reason)
     log.error("message_dead_lettered", reason=reason, code=code, message_id=incoming.message_id,
               routing_key=incoming.routing_key, queue=incoming.queue)
     route: tuple[str, str] | None = None

@@ -21,9 +21,12 @@ from hostdev.messages.base import Message
 from hostdev.messages.bus.contract import (
     COMMANDS_EXCHANGE,
     DEAD_EXCHANGE,
+    DEAD_LETTERED_BY_HEADER,
     DEAD_QUEUE,
     EVENTS_EXCHANGE,
+    HOSTDEV_HEADER_PREFIX,
     REASON_HEADER,
+    capped,
     topic_matches,
 )
 from hostdev.messages.codec import decode
@@ -149,14 +152,43 @@ class InProcessBroker:
                     f"exchange {envelope.exchange!r}; is the receiver's queue declared?"))
             self.cond.notify_all()
 
-    def dead_letter(self, envelope: Envelope, *, queue: str, reason: str) -> None:
-        """Puts a copy of ``envelope`` in hostdev.dead with ``x-hostdev-reason``."""
+    def dead_letter(self, envelope: Envelope, *, queue: str, reason: str,
+                    by: str | None = None) -> None:
+        """Puts a copy of ``envelope`` in hostdev.dead with ``x-hostdev-reason`` (capped).
+
+        Args:
+            envelope: the message.
+            queue: the queue it was consumed from ("" for an unroutable one).
+            reason: why, for an operator.
+            by: the user of the bus that dead-letters it: the copy's ``user_id``
+                and ``x-hostdev-dead-lettered-by``, as on RabbitMQ (None: the
+                broker itself, e.g. an expired message).
+        """
         props = dict(envelope.properties)
-        headers = dict(props.get("headers") or {})
-        headers.update({REASON_HEADER: reason, "x-hostdev-queue": queue,
+        headers = {key: value for key, value in (props.get("headers") or {}).items()
+                   if not key.startswith((HOSTDEV_HEADER_PREFIX, "x-death"))}
+        headers.update({REASON_HEADER: capped(reason), "x-hostdev-queue": queue,
                         "x-hostdev-exchange": envelope.exchange,
                         "x-hostdev-routing-key": envelope.routing_key})
+        if by is not None:
+            sender = props.get("user_id")
+            if sender:
+                headers["x-hostdev-user-id"] = sender
+            headers[DEAD_LETTERED_BY_HEADER] = by
+            props["user_id"] = by
         props["headers"] = headers
+        props.pop("expiration", None)
+        with self.cond:
+            self.queues[DEAD_QUEUE].append(Envelope(DEAD_EXCHANGE, envelope.routing_key,
+                                                    envelope.body, props))
+            self.cond.notify_all()
+
+    def reject(self, queue: str, envelope: Envelope) -> None:
+        """Dead-letters a rejected message as RabbitMQ does: ``x-death``, no hostdev headers."""
+        props = dict(envelope.properties)
+        props["headers"] = {**(props.get("headers") or {}), "x-death": [
+            {"count": 1, "reason": "rejected", "queue": queue,
+             "exchange": envelope.exchange, "routing-keys": [envelope.routing_key]}]}
         props.pop("expiration", None)
         with self.cond:
             self.queues[DEAD_QUEUE].append(Envelope(DEAD_EXCHANGE, envelope.routing_key,

@@ -14,7 +14,13 @@ import uuid
 from collections.abc import Callable
 
 from hostdev.messages.base import Message
-from hostdev.messages.bus.contract import COMMANDS_EXCHANGE, DEAD_QUEUE, DIRECT_REPLY_TO, BusConfig
+from hostdev.messages.bus.contract import (
+    AGENT_USER_PREFIX,
+    COMMANDS_EXCHANGE,
+    DEAD_QUEUE,
+    DIRECT_REPLY_TO,
+    BusConfig,
+)
 from hostdev.messages.bus.in_process_broker import Consumer, Envelope, InProcessBroker
 from hostdev.messages.bus.wire import Delivery, Outgoing, decode_answer, new_outgoing
 from hostdev.messages.errors import BusError, RequestTimeout
@@ -179,6 +185,11 @@ class InProcessLink:
             self._woken = True
             self.broker.cond.notify_all()
 
+    @property
+    def publishes_dead_letters(self) -> bool:
+        """False for an agent's user (``agent-<guid>``), as on RabbitMQ with its permissions."""
+        return not self.user_id.startswith(AGENT_USER_PREFIX)
+
     def is_current(self, delivery: Delivery) -> bool:
         """Always True: an in-process connection is never lost."""
         return True
@@ -191,8 +202,13 @@ class InProcessLink:
         self.broker.requeue(delivery.queue, delivery.token)
 
     def dead_letter(self, delivery: Delivery, reason: str) -> None:
-        """Puts a copy in hostdev.dead with the reason."""
-        self.broker.dead_letter(delivery.token, queue=delivery.queue, reason=reason)
+        """Puts a copy in hostdev.dead with the reason, marked as dead-lettered by this user."""
+        self.broker.dead_letter(delivery.token, queue=delivery.queue, reason=reason,
+                                by=self.user_id)
+
+    def reject(self, delivery: Delivery, reason: str) -> None:
+        """Dead-letters it as the broker would: ``x-death``, the reason only in the log."""
+        self.broker.reject(delivery.queue, delivery.token)
 
     def flush(self) -> None:
         """Nothing to do: acks are not batched here."""

@@ -24,8 +24,13 @@ What MUST hold for any link:
   gone (:meth:`Link.is_current` False) is redelivered by the broker; settling it
   changes nothing.
 - Dead letters. :meth:`Link.dead_letter` puts a copy in ``hostdev.dead`` with
-  ``x-hostdev-reason`` and the queue, exchange and routing key it came from,
-  before the ack that follows it takes effect.
+  ``x-hostdev-reason`` (capped, see ``contract.capped``), the queue, exchange
+  and routing key it came from, and ``x-hostdev-dead-lettered-by`` equal to
+  the copy's ``user_id`` (its own login), before the ack that follows it takes
+  effect. A copy never carries the sender's own ``x-hostdev-*`` headers. A
+  link whose login may not publish to ``hostdev.dead``
+  (:attr:`Link.publishes_dead_letters` False) settles with
+  :meth:`Link.reject` instead: the broker dead-letters the message itself.
 - Waiting. :meth:`Link.wait` returns when a delivery may be ready, when
   :meth:`Link.wake` was called (from any thread, even before the wait began),
   or after ``timeout`` seconds, whichever is first.
@@ -58,6 +63,11 @@ class Link(Protocol):
     user_id: str
     #: Errors meaning the connection is lost; the bus answers them with recover().
     recoverable: tuple[type[BaseException], ...]
+
+    @property
+    def publishes_dead_letters(self) -> bool:
+        """False when the login may not publish to hostdev.dead (an agent's user)."""
+        ...
 
     @property
     def connected(self) -> bool:
@@ -140,6 +150,14 @@ class Link(Protocol):
 
     def dead_letter(self, delivery: Delivery, reason: str) -> None:
         """Puts a copy of a delivery in ``hostdev.dead`` with ``reason`` (then ack it)."""
+        ...
+
+    def reject(self, delivery: Delivery, reason: str) -> None:
+        """Settles a delivery by rejecting it without requeue; nothing is published.
+
+        The broker dead-letters it through its queue's dead-letter exchange
+        (``x-death`` names the queue and ``rejected``); ``reason`` is logged.
+        """
         ...
 
     def is_current(self, delivery: Delivery) -> bool:

@@ -8,6 +8,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 
 import pika
@@ -174,11 +175,127 @@ def test_agent_user_cannot_read_the_management_queue(vhost: Vhost,
             connection.close()
 
 
+def test_agent_user_cannot_add_a_dead_letter(vhost: Vhost, agent_user: tuple[str, str]) -> None:
+    """A dead letter claiming another origin is refused: the agent may not write hostdev.dead."""
+    guid, password = agent_user
+    user = f"agent-{guid}"
+    connection = _agent_connection(vhost, user, password)
+    try:
+        channel = connection.channel()
+        channel.confirm_delivery()
+        forged = pika.BasicProperties(user_id=user, headers={
+            "x-hostdev-reason": "forged", "x-hostdev-dead-lettered-by": "hostdev-mgmt",
+            "x-hostdev-queue": "hostdev.mgmt"})
+        with pytest.raises(pika.exceptions.ChannelClosedByBroker) as refused:
+            channel.basic_publish("hostdev.dead", "", b"{}", forged)
+        assert refused.value.reply_code == 403
+        channel = connection.channel()
+        channel.confirm_delivery()
+        with pytest.raises(pika.exceptions.ChannelClosedByBroker) as refused:
+            channel.basic_publish("hostdev.dead", "", b"{}", pika.BasicProperties())
+        assert refused.value.reply_code == 403
+    finally:
+        if connection.is_open:
+            connection.close()
+    assert vhost.queue_depth("hostdev.dead") == 0
+
+
+def _dead_letters(vhost: Vhost, count: int) -> list[tuple[bytes, Any]]:
+    guest = pika.BlockingConnection(pika.URLParameters(vhost.url))
+    found: list[tuple[bytes, Any]] = []
+    try:
+        channel = guest.channel()
+
+        def take() -> bool:
+            method, properties, body = channel.basic_get("hostdev.dead", auto_ack=True)
+            if method is not None:
+                found.append((body, properties))
+            return len(found) >= count
+
+        wait_for(take, timeout=15, what=f"{count} dead letter(s) in hostdev.dead")
+    finally:
+        guest.close()
+    return found
+
+
+def test_agent_queue_still_dead_letters_at_its_delivery_limit(
+        vhost: Vhost, agent_user: tuple[str, str]) -> None:
+    """The broker dead-letters the agent's own queue (delivery limit), as the broker."""
+    guid, password = agent_user
+    queue = f"hostdev.agent.{guid}"
+    guest = pika.BlockingConnection(pika.URLParameters(vhost.url))
+    try:
+        guest.channel().basic_publish("hostdev.commands", f"agent.{guid}.StopCommand", b"{}",
+                                      pika.BasicProperties(message_id="poison"))
+    finally:
+        guest.close()
+    connection = _agent_connection(vhost, f"agent-{guid}", password)
+    try:
+        channel = connection.channel()
+        for _ in range(6):  # the recipe's delivery limit is 5
+            method, _properties, _body = channel.basic_get(queue)
+            if method is None:
+                break
+            channel.basic_nack(method.delivery_tag, requeue=True)
+    finally:
+        connection.close()
+    ((body, properties),) = _dead_letters(vhost, 1)
+    assert body == b"{}"
+    death = properties.headers["x-death"][0]
+    assert (death["queue"], death["reason"]) == (queue, "delivery_limit")
+
+
+def test_agent_bus_rejects_what_it_cannot_handle_without_reconnecting(
+        vhost: Vhost, agent_user: tuple[str, str]) -> None:
+    """The agent's bus, on its own user, leaves dead-lettering to the broker and goes on."""
+    from hostdev.messages.bus import Bus, BusConfig, Incoming
+    from hostdev.messages.commands import StopCommand
+    from hostdev.messages.runtime.metrics import BUS_RECONNECTS
+
+    guid, password = agent_user
+    url = (f"amqp://agent-{guid}:{quote(password, safe='')}@127.0.0.1:5672/"
+           f"{quote(vhost.name, safe='')}")
+    bus = Bus(BusConfig(url=url, heartbeat=10))
+    bus.connect()
+    handled: list[str] = []
+    reconnects = BUS_RECONNECTS._value.get()
+    try:
+        queue = bus.declare_agent_queue(guid)  # exists: re-declared with the same arguments
+
+        def stop(message: StopCommand, _incoming: Incoming) -> None:
+            handled.append(message.vm_uuid)
+
+        bus.consume(queue, {StopCommand: stop})
+        guest = pika.BlockingConnection(pika.URLParameters(vhost.url))
+        try:
+            channel = guest.channel()
+            channel.basic_publish("hostdev.commands", f"agent.{guid}.StopCommand",
+                                  b"not json", pika.BasicProperties(message_id="bad"))
+            channel.basic_publish("hostdev.commands", f"agent.{guid}.StopCommand",
+                                  json.dumps({"type": "StopCommand", "v": 1,
+                                              "vm_uuid": "vm-after"}).encode(),
+                                  pika.BasicProperties(message_id="good"))
+        finally:
+            guest.close()
+        bus.run(until=lambda: bool(handled), timeout=15)
+    finally:
+        bus.close()
+    assert handled == ["vm-after"]
+    ((body, properties),) = _dead_letters(vhost, 1)
+    assert body == b"not json"
+    death = properties.headers["x-death"][0]
+    assert (death["queue"], death["reason"]) == (queue, "rejected")
+    assert BUS_RECONNECTS._value.get() == reconnects
+
+
 def test_recipe_prints_rabbitmqctl_lines() -> None:
     """The recipe reads as the rabbitmqctl commands an operator would run."""
     text = agent_user_recipe("h1", password="pw").shell()
     assert "rabbitmqctl add_user agent-h1 pw" in text
     assert "set_topic_permissions -p / agent-h1 hostdev.commands '^mgmt\\.h1\\.'" in text
+    assert "hostdev\\.dead" not in text.split("set_permissions")[1].split("\n")[0]
+    assert "rabbitmqctl import_definitions <<'EOF'" in text
+    assert '"x-dead-letter-exchange": "hostdev.dead"' in text
 
 
 @pytest.mark.libvirt

@@ -125,3 +125,49 @@ def test_a_frame_without_its_end_octet_is_refused(pair: tuple[Any, socket.socket
         drain_ready(conn)
     assert conn.payloads == [b"ok"]
     assert issubclass(UnexpectedFrame, CONNECTION_ERRORS)
+
+
+def test_a_dead_letter_copy_is_marked_as_ours_and_fits_in_a_frame() -> None:
+    """The copy names our login twice, drops the sender's hostdev and x-death headers, caps all."""
+    import amqp
+
+    from hostdev.messages.bus.amqp_message import dead_letter_copy
+    from hostdev.messages.bus.contract import DEAD_LETTERED_BY_HEADER, HEADER_LIMIT, REASON_HEADER
+
+    original = amqp.Message(b"{}", user_id="agent-a", expiration="1000", application_headers={
+        DEAD_LETTERED_BY_HEADER: "hostdev-mgmt", "x-hostdev-user-id": "agent-b",
+        "x-death": [{"queue": "hostdev.mgmt"}], "x-first-death-queue": "hostdev.mgmt",
+        "trace": "t-1"})
+    original.delivery_info = {"exchange": "hostdev.commands", "routing_key": "mgmt.a.Ping"}
+    copy = dead_letter_copy(original, queue="hostdev.mgmt", reason="r" * 1_000_000,
+                            user_id="hostdev-mgmt")
+    headers = copy.properties["application_headers"]
+    assert copy.properties["user_id"] == headers[DEAD_LETTERED_BY_HEADER] == "hostdev-mgmt"
+    assert headers["x-hostdev-user-id"] == "agent-a"
+    assert "x-death" not in headers and "x-first-death-queue" not in headers
+    assert headers["trace"] == "t-1"
+    assert len(headers[REASON_HEADER].encode()) <= HEADER_LIMIT
+    assert "expiration" not in copy.properties
+
+
+def test_a_sender_without_user_id_cannot_name_one_in_a_dead_letter() -> None:
+    """A forged x-hostdev-user-id header is dropped, not passed on as the sender."""
+    import amqp
+
+    from hostdev.messages.bus.amqp_message import dead_letter_copy
+
+    original = amqp.Message(b"{}", application_headers={"x-hostdev-user-id": "agent-b"})
+    copy = dead_letter_copy(original, queue="q", reason="why", user_id="hostdev-mgmt")
+    assert "x-hostdev-user-id" not in copy.properties["application_headers"]
+
+
+def test_huge_sender_headers_are_dropped_from_a_dead_letter() -> None:
+    """Headers over 64 kB are replaced by a note, so the copy still fits in one frame."""
+    import amqp
+
+    from hostdev.messages.bus.amqp_message import dead_letter_copy
+
+    original = amqp.Message(b"{}", application_headers={"big": "b" * 100_000})
+    copy = dead_letter_copy(original, queue="q", reason="why", user_id="hostdev-mgmt")
+    headers = copy.properties["application_headers"]
+    assert "big" not in headers and "x-hostdev-headers-dropped" in headers

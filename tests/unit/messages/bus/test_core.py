@@ -13,9 +13,15 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from structlog.testing import capture_logs
 
 from hostdev.messages.base import Message
-from hostdev.messages.bus.contract import COMMANDS_EXCHANGE, DEAD_EXCHANGE, BusConfig
+from hostdev.messages.bus.contract import (
+    COMMANDS_EXCHANGE,
+    DEAD_EXCHANGE,
+    HEADER_LIMIT,
+    BusConfig,
+)
 from hostdev.messages.bus.core import LinkBus
 from hostdev.messages.bus.link import Link, Stopped
 from hostdev.messages.bus.wire import Delivery, Outgoing
@@ -42,6 +48,7 @@ class RecordingLink:
         self.recover_raises: BaseException | None = None
         self.now = 0.0
         self._reconnected: list[Callable[[], None]] = []
+        self.publishes_dead_letters = True
 
     @property
     def connected(self) -> bool:
@@ -93,6 +100,9 @@ class RecordingLink:
 
     def dead_letter(self, delivery: Delivery, reason: str) -> None:
         self.calls.append(("dead_letter", reason))
+
+    def reject(self, delivery: Delivery, reason: str) -> None:
+        self.calls.append(("reject", reason))
 
     def is_current(self, delivery: Delivery) -> bool:
         return self.current
@@ -191,15 +201,77 @@ def test_transient_failures_are_requeued_until_the_delivery_limit(link: Recordin
 
 def test_a_broker_delivery_count_over_the_limit_is_dead_lettered_unanswered(
         link: RecordingLink) -> None:
-    """x-delivery-count beyond the limit: dead-lettered without running the handler."""
+    """x-delivery-count beyond the limit: rejected for the broker to dead-letter, unhandled.
+
+    No copy is published and no answer sent: either could be what killed the
+    connection each time the message was delivered.
+    """
     ran: list[Any] = []
     bus = _bus(link, lambda m, i: ran.append(m))
     link.inbox.append(_delivery(StopCommand(vm_uuid="vm-1"), redelivered=True,
                                 headers={"x-delivery-count": 7}))
     bus.step()
     assert ran == []
-    assert link.kinds() == ["dead_letter", "ack"]
+    assert link.kinds() == ["reject"]
     assert "without being settled" in link.calls[0][1]
+
+
+def test_a_huge_handler_error_gives_a_capped_reason_and_answer(link: RecordingLink) -> None:
+    """A 1 MB exception text becomes a reason of at most 4 KB, marked as cut."""
+    def boom(message: Any, incoming: Any) -> None:
+        raise RuntimeError("x" * 1_000_000)
+
+    bus = _bus(link, boom)
+    link.inbox.append(_delivery(StopCommand(vm_uuid="vm-1")))
+    bus.step()
+    assert link.kinds() == ["dead_letter", "send", "ack"]
+    reason = link.calls[0][1]
+    assert len(reason.encode()) <= HEADER_LIMIT
+    assert reason.endswith("bytes in all]") and "[cut:" in reason
+    error = decode(link.sent()[0].body)
+    assert isinstance(error, ErrorAnswer) and error.details == reason
+
+
+def test_a_login_without_dead_letter_rights_rejects_instead(link: RecordingLink) -> None:
+    """An agent's user settles a dead letter by rejecting it; the ErrorAnswer still goes."""
+    def boom(message: Any, incoming: Any) -> None:
+        raise RuntimeError("no")
+
+    link.publishes_dead_letters = False
+    bus = _bus(link, boom)
+    link.inbox.append(_delivery(StopCommand(vm_uuid="vm-1")))
+    bus.step()
+    assert link.kinds() == ["reject", "send"]
+    assert "RuntimeError: no" in link.calls[0][1]
+
+
+def test_an_expected_refusal_logs_one_line_without_traceback(link: RecordingLink) -> None:
+    """An error carrying a code is a refusal: no handler_failed traceback, one dead-letter line."""
+    class Refused(Exception):
+        code = "forbidden"
+
+    def refuse(message: Any, incoming: Any) -> None:
+        raise Refused("not your host")
+
+    bus = _bus(link, refuse)
+    link.inbox.append(_delivery(StopCommand(vm_uuid="vm-1")))
+    with capture_logs() as logs:
+        bus.step()
+    assert [entry["event"] for entry in logs] == ["message_dead_lettered"]
+    assert logs[0]["code"] == "forbidden" and "exc_info" not in logs[0]
+
+
+def test_an_unexpected_error_logs_its_traceback(link: RecordingLink) -> None:
+    """A bug (no code) still logs handler_failed with the traceback."""
+    def boom(message: Any, incoming: Any) -> None:
+        raise KeyError("bug")
+
+    bus = _bus(link, boom)
+    link.inbox.append(_delivery(StopCommand(vm_uuid="vm-1")))
+    with capture_logs() as logs:
+        bus.step()
+    assert [entry["event"] for entry in logs] == ["handler_failed", "message_dead_lettered"]
+    assert logs[0]["exc_info"] is True
 
 
 def test_a_stale_delivery_is_answered_but_not_dead_lettered(link: RecordingLink) -> None:

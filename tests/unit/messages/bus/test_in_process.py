@@ -310,3 +310,39 @@ def test_message_handled_is_logged_at_debug_with_its_duration(broker: InProcessB
     handled = next(line for line in lines if line["event"] == "message_handled")
     assert handled["level"] == "debug" and handled["message_id"] == mid
     assert handled["duration_ms"] >= 0
+
+
+def test_a_dead_letter_is_marked_with_the_user_that_added_it(broker: InProcessBroker) -> None:
+    """user_id and x-hostdev-dead-lettered-by name the dead-lettering bus; a forged one is gone."""
+    from hostdev.messages.bus.contract import DEAD_LETTERED_BY_HEADER, BusConfig
+
+    mgmt = InProcessBus(BusConfig(url="amqp://hostdev-mgmt:pw@h//"), broker=broker)
+    mgmt.connect()
+    mgmt.declare_mgmt_queues()
+    mgmt.consume("hostdev.mgmt", {})
+    mgmt.publish("mgmt.g1.StopCommand", StopCommand(vm_uuid="vm-1"),
+                 headers={DEAD_LETTERED_BY_HEADER: "someone-else", REASON_HEADER: "forged"})
+    broker.drain()
+    (dead,) = [d for d in broker.dead_letters() if d.queue == "hostdev.mgmt"]
+    assert dead.envelope.properties["user_id"] == "hostdev-mgmt"
+    assert dead.envelope.headers[DEAD_LETTERED_BY_HEADER] == "hostdev-mgmt"
+    assert "no handler" in dead.reason
+
+
+def test_an_agent_user_rejects_instead_of_publishing_a_dead_letter(
+        broker: InProcessBroker) -> None:
+    """An agent's login leaves dead-lettering to the broker: x-death names its queue."""
+    from hostdev.messages.bus.contract import BusConfig
+
+    mgmt = _bus(broker)
+    mgmt.declare_mgmt_queues()
+    agent = InProcessBus(BusConfig(url="amqp://agent-g1:pw@h//"), broker=broker)
+    agent.connect()
+    queue = agent.declare_agent_queue("g1")
+    agent.consume(queue, {})
+    mgmt.send_to_agent("g1", StopCommand(vm_uuid="vm-1"))
+    broker.drain()
+    (dead,) = broker.dead_letters()
+    assert dead.reason == ""
+    assert dead.envelope.headers["x-death"][0]["queue"] == queue
+    assert dead.envelope.headers["x-death"][0]["reason"] == "rejected"

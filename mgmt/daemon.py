@@ -98,7 +98,8 @@ def add_db_commands(subparsers: Any) -> None:
 
 
 def _rabbitmq_user_add(args: argparse.Namespace) -> int:
-    recipe = agent_user_recipe(args.guid, vhost=args.vhost, password=args.password)
+    recipe = agent_user_recipe(args.guid, vhost=args.vhost, password=args.password,
+                               queue_type=args.queue_type)
     if args.apply:
         apply_recipe(recipe)
         print(f"created broker user {recipe.user} in vhost {recipe.vhost}; in the agent's "
@@ -120,6 +121,9 @@ def add_rabbitmq_user_commands(subparsers: Any) -> None:
     add.add_argument("guid", help="the agent's guid (its agent.properties `guid=`)")
     add.add_argument("--vhost", default="/", help="the broker vhost (default: /)")
     add.add_argument("--password", default=None, help="default: a generated one")
+    add.add_argument("--queue-type", choices=("quorum", "classic"), default="quorum",
+                     help="the agent's amqp.queue.type: its queue is created to match "
+                          "(default: quorum)")
     add.add_argument("--apply", action="store_true",
                      help="run the rabbitmqctl calls here instead of printing them")
     add.set_defaults(handler=_rabbitmq_user_add)

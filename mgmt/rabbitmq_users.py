@@ -25,7 +25,12 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 
-from hostdev.messages.bus.contract import COMMANDS_EXCHANGE, DEAD_EXCHANGE, BusConfig
+from hostdev.messages.bus.contract import (
+    COMMANDS_EXCHANGE,
+    DEAD_EXCHANGE,
+    BusConfig,
+    queue_arguments,
+)
 from hostdev.mgmt.errors import MgmtError
 
 _GUID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -38,6 +43,8 @@ class AgentUserRecipe:
     guid: str
     vhost: str
     password: str
+    #: The agent's ``amqp.queue.type``: its queue is declared with the same arguments.
+    queue_type: str = "quorum"
 
     @property
     def user(self) -> str:
@@ -76,20 +83,17 @@ class AgentUserRecipe:
     def definitions(self) -> str:
         """The agent's queue and binding (and the exchanges they need) as definitions JSON.
 
-        The arguments are those of an agent with the default ``BusConfig``
-        (a quorum queue, dead-lettering to hostdev.dead after 5 deliveries).
+        The arguments are those the agent's bus declares for its queue type
+        (quorum by default: dead-lettering to hostdev.dead after 5 deliveries).
         """
-        defaults = BusConfig()
+        arguments = queue_arguments(BusConfig(queue_type=self.queue_type))
         exchanges = [{"name": name, "vhost": self.vhost, "type": kind, "durable": True,
                       "auto_delete": False, "internal": False, "arguments": {}}
                      for name, kind in ((COMMANDS_EXCHANGE, "topic"), (DEAD_EXCHANGE, "fanout"))]
         return json.dumps({
             "exchanges": exchanges,
             "queues": [{"name": self.queue, "vhost": self.vhost, "durable": True,
-                        "auto_delete": False, "arguments": {
-                            "x-queue-type": defaults.queue_type,
-                            "x-dead-letter-exchange": DEAD_EXCHANGE,
-                            "x-delivery-limit": defaults.delivery_limit}}],
+                        "auto_delete": False, "arguments": arguments}],
             "bindings": [{"source": COMMANDS_EXCHANGE, "vhost": self.vhost,
                           "destination": self.queue, "destination_type": "queue",
                           "routing_key": f"agent.{self.guid}.#", "arguments": {}}],
@@ -112,8 +116,8 @@ def _quote(arg: str) -> str:
     return "'" + arg.replace("'", "'\\''") + "'"
 
 
-def agent_user_recipe(guid: str, *, vhost: str = "/", password: str | None = None
-                      ) -> AgentUserRecipe:
+def agent_user_recipe(guid: str, *, vhost: str = "/", password: str | None = None,
+                      queue_type: str = "quorum") -> AgentUserRecipe:
     """Builds the recipe for one agent; a password is generated when none is given.
 
     Raises:
@@ -122,8 +126,12 @@ def agent_user_recipe(guid: str, *, vhost: str = "/", password: str | None = Non
     if not _GUID.match(guid):
         raise MgmtError(f"agent guid {guid!r} is not valid: expected 1-64 characters of "
                         "letters, digits, '_', '.' and '-', starting with a letter or digit")
+    if queue_type not in ("quorum", "classic"):
+        raise MgmtError(f"queue type {queue_type!r} is not valid: expected 'quorum' or "
+                        "'classic', as the agent's amqp.queue.type")
     return AgentUserRecipe(guid=guid, vhost=vhost,
-                           password=password or secrets.token_urlsafe(24))
+                           password=password or secrets.token_urlsafe(24),
+                           queue_type=queue_type)
 
 
 def apply_recipe(recipe: AgentUserRecipe, rabbitmqctl: str = "rabbitmqctl") -> None:

@@ -13,7 +13,6 @@ import select
 import socket
 import struct
 from collections.abc import Sequence
-from typing import Any
 
 import amqp
 import amqp.exceptions
@@ -33,6 +32,7 @@ from hostdev.messages.bus.contract import (
     REASON_HEADER,
     BusConfig,
     capped,
+    queue_arguments,
 )
 from hostdev.messages.bus.failures import check_scheme
 from hostdev.messages.bus.wire import Outgoing
@@ -110,16 +110,6 @@ def raw(conn: KombuConnection) -> amqp.Connection:
 def new_channel(conn: KombuConnection) -> amqp.Channel:
     """Opens a channel: kombu's py-amqp channel, used directly for windowed confirms."""
     return conn.channel()  # type: ignore[no-untyped-call]
-
-
-def queue_arguments(config: BusConfig, *, dead_letter: bool = True) -> dict[str, Any]:
-    """Returns the x-arguments of a hostdev queue for the configured queue type."""
-    args: dict[str, Any] = {"x-queue-type": config.queue_type}
-    if dead_letter:
-        args["x-dead-letter-exchange"] = DEAD_EXCHANGE
-        if config.queue_type == "quorum":
-            args["x-delivery-limit"] = config.delivery_limit
-    return args
 
 
 def declare_topology(conn: KombuConnection, channel: amqp.Channel, config: BusConfig) -> None:

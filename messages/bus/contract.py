@@ -273,3 +273,13 @@ class BusShortcuts:
                       message_id: str | None = None) -> str:
         """Publishes an event on ``hostdev.events``."""
         return self.publish(routing_key, event, exchange=EVENTS_EXCHANGE, message_id=message_id)
+
+
+def queue_arguments(config: BusConfig, *, dead_letter: bool = True) -> dict[str, Any]:
+    """Returns the x-arguments of a hostdev queue for the configured queue type."""
+    args: dict[str, Any] = {"x-queue-type": config.queue_type}
+    if dead_letter:
+        args["x-dead-letter-exchange"] = DEAD_EXCHANGE
+        if config.queue_type == "quorum":
+            args["x-delivery-limit"] = config.delivery_limit
+    return args

@@ -74,10 +74,9 @@ class Attacker:
         self.queue = f"hostdev.agent.{guid}"
         self.connection = pika.BlockingConnection(pika.URLParameters(url))
         self.own = self.connection.channel()
-        # Its own queue, as its agent declares it (the rights allow just this one).
-        self.own.queue_declare(self.queue, durable=True, arguments={
-            "x-queue-type": "classic", "x-dead-letter-exchange": DEAD_EXCHANGE})
-        self.own.queue_bind(self.queue, COMMANDS_EXCHANGE, f"agent.{guid}.#")
+        # Its own queue, made and bound by the agent-user recipe (the user cannot
+        # create a queue that dead-letters to hostdev.dead itself).
+        self.own.queue_declare(self.queue, passive=True)
         self.own.confirm_delivery()
 
     def channel(self) -> Any:

@@ -251,7 +251,8 @@ class Stack:
         """
         done = subprocess.run(
             [str(BIN / "hostdev-mgmt"), "rabbitmq-user", "add", guid, "--vhost",
-             self.vhost.name, "--apply"], capture_output=True, text=True, timeout=120,
+             self.vhost.name, "--queue-type", self.queue_type, "--apply"],
+            capture_output=True, text=True, timeout=120,
             check=False)
         assert done.returncode == 0, f"rabbitmq-user add {guid} failed: {done.stderr}"
         self._users.append(f"agent-{guid}")

@@ -15,6 +15,8 @@ import pika
 import pika.exceptions
 import pytest
 
+from hostdev.messages.bus.contract import BusConfig, queue_arguments
+from hostdev.mgmt.errors import MgmtError
 from hostdev.mgmt.rabbitmq_users import agent_user_recipe, apply_recipe
 from tests.support.rabbitmq import Vhost, amqp_vhost, rabbitmqctl
 from tests.support.waiting import wait_for
@@ -296,6 +298,16 @@ def test_recipe_prints_rabbitmqctl_lines() -> None:
     assert "hostdev\\.dead" not in text.split("set_permissions")[1].split("\n")[0]
     assert "rabbitmqctl import_definitions <<'EOF'" in text
     assert '"x-dead-letter-exchange": "hostdev.dead"' in text
+
+
+def test_recipe_creates_the_queue_the_agent_declares_for_its_queue_type() -> None:
+    """The queue the recipe creates has the arguments the agent's bus declares, either type."""
+    for queue_type in ("quorum", "classic"):
+        recipe = agent_user_recipe("h1", password="pw", queue_type=queue_type)
+        (queue,) = json.loads(recipe.definitions())["queues"]
+        assert queue["arguments"] == queue_arguments(BusConfig(queue_type=queue_type))
+    with pytest.raises(MgmtError, match="queue type 'stream'"):
+        agent_user_recipe("h1", queue_type="stream")
 
 
 @pytest.mark.libvirt

@@ -1,6 +1,6 @@
 """The behaviour every database back end must give the daemon's device allocation.
 
-One suite, run twice: ``tests/unit/mgmt/test_pci_devices.py`` subclasses it
+One suite, run twice: ``tests/unit/mgmt/devices/test_pci_devices.py`` subclasses it
 on SQLite and ``tests/integration/db/test_pci_devices.py`` on MariaDB. The
 subclass's conftest provides an ``engine`` fixture (a migrated database).
 ``ClaimPath`` drives what the daemon runs: a ``UnitOfWork`` (a new

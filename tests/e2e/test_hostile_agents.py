@@ -31,6 +31,8 @@ import pytest
 
 from hostdev.messages import api
 from hostdev.messages.base import Message
+from hostdev.messages.bus import BusConfig
+from hostdev.messages.bus.amqp_message import queue_arguments
 from hostdev.messages.bus.contract import (
     COMMANDS_EXCHANGE,
     DEAD_EXCHANGE,
@@ -74,9 +76,10 @@ class Attacker:
         self.queue = f"hostdev.agent.{guid}"
         self.connection = pika.BlockingConnection(pika.URLParameters(url))
         self.own = self.connection.channel()
-        # Its own queue, as its agent declares it (the rights allow just this one).
-        self.own.queue_declare(self.queue, durable=True, arguments={
-            "x-queue-type": "classic", "x-dead-letter-exchange": DEAD_EXCHANGE})
+        # Its own queue, as its agent declares it (the rights allow just this one);
+        # the user's recipe created it with the default bus's arguments.
+        self.own.queue_declare(self.queue, durable=True,
+                               arguments=queue_arguments(BusConfig()))
         self.own.queue_bind(self.queue, COMMANDS_EXCHANGE, f"agent.{guid}.#")
         self.own.confirm_delivery()
 

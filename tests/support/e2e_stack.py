@@ -209,10 +209,12 @@ class Stack:
         ``spec_extra`` adds keys to the simulated-host spec (``refuse_detach``...),
         ``agent_properties`` lines to agent.properties (``migration.uri``...).
         With ``own_user`` the agent connects as its own broker user
-        (``add_agent_user``) instead of guest.
+        (``add_agent_user``) instead of guest, on the queue its recipe created.
         """
         guid = str(uuid_module.uuid5(uuid_module.NAMESPACE_URL, f"{self.work}/{name}"))
         amqp_url = self.add_agent_user(guid) if own_user else self.vhost.url
+        # The user's recipe created the agent's queue as the default bus declares it.
+        queue_type = BusConfig().queue_type if own_user else self.queue_type
         addresses = device_addresses(devices)
         spec = {"name": name, "cpus": cpus, "memory_mb": memory_mb, "persist": True,
                 "devices": [{"address": str(a)} for a in addresses], **(spec_extra or {})}
@@ -222,7 +224,7 @@ class Stack:
         config_path = self.work / f"agent-{name}.properties"
         config_path.write_text(
             f"guid={guid}\nname={name}\namqp.url={amqp_url}\n"
-            f"amqp.queue.type={self.queue_type}\nlibvirt.uri=simulated://{spec_path}\n"
+            f"amqp.queue.type={queue_type}\nlibvirt.uri=simulated://{spec_path}\n"
             f"pci.devices={pci}\nping.interval={ping}\nlog.format=json\nlog.level=info\n"
             + "".join(f"{k}={v}\n" for k, v in (agent_properties or {}).items()),
             encoding="utf-8")

@@ -67,7 +67,9 @@ class AgentUserRecipe:
         write = f"^({queue}|hostdev\\.commands)$"
         read = f"^({queue}|hostdev\\.commands)$"
         return [
-            ["add_user", self.user, self.password],
+            # "--": a password may start with "-" (token_urlsafe makes one in 64),
+            # which rabbitmqctl would otherwise read as an option and refuse.
+            ["add_user", self.user, "--", self.password],
             # configure: only its own queue; write: bind it (queue) and publish
             # (exchange), not hostdev.dead: no dead letter can be forged;
             # read: consume its queue and bind from the exchange.

@@ -209,7 +209,8 @@ class Stack:
         ``spec_extra`` adds keys to the simulated-host spec (``refuse_detach``...),
         ``agent_properties`` lines to agent.properties (``migration.uri``...).
         With ``own_user`` the agent connects as its own broker user
-        (``add_agent_user``) instead of guest.
+        (``add_agent_user``) instead of guest, on the queue its recipe created
+        (of the stack's queue type).
         """
         guid = str(uuid_module.uuid5(uuid_module.NAMESPACE_URL, f"{self.work}/{name}"))
         amqp_url = self.add_agent_user(guid) if own_user else self.vhost.url

@@ -293,7 +293,7 @@ def test_agent_bus_rejects_what_it_cannot_handle_without_reconnecting(
 def test_recipe_prints_rabbitmqctl_lines() -> None:
     """The recipe reads as the rabbitmqctl commands an operator would run."""
     text = agent_user_recipe("h1", password="pw").shell()
-    assert "rabbitmqctl add_user agent-h1 pw" in text
+    assert "rabbitmqctl add_user agent-h1 -- pw" in text
     assert "set_topic_permissions -p / agent-h1 hostdev.commands '^mgmt\\.h1\\.'" in text
     assert "hostdev\\.dead" not in text.split("set_permissions")[1].split("\n")[0]
     assert "rabbitmqctl import_definitions <<'EOF'" in text
@@ -311,6 +311,18 @@ def test_recipe_creates_the_queue_the_agent_declares_for_its_queue_type() -> Non
 
 
 @pytest.mark.libvirt
+def test_recipe_applies_a_password_that_starts_with_a_dash(vhost: Vhost, topology: None
+                                                           ) -> None:
+    """A password starting with "-" (one generated password in 64) is set, not refused."""
+    recipe = agent_user_recipe(f"h{secrets.token_hex(4)}", vhost=vhost.name,
+                               password=f"-{secrets.token_urlsafe(12)}")
+    apply_recipe(recipe)
+    try:
+        _agent_connection(vhost, recipe.user, recipe.password).close()
+    finally:
+        rabbitmqctl("delete_user", recipe.user)
+
+
 def test_agent_process_runs_as_its_own_broker_user(vhost: Vhost, topology: None,
                                                    tmp_path: Path) -> None:
     """hostdev-agent starts, declares its queue and announces with only its own user's rights."""

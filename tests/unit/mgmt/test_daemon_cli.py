@@ -13,7 +13,7 @@ def test_rabbitmq_user_add_prints_the_recipe(capsys: pytest.CaptureFixture[str])
     """rabbitmq-user add prints the rabbitmqctl lines for agent-<guid>, changing nothing."""
     assert main(["rabbitmq-user", "add", "h7", "--password", "pw", "--vhost", "cloud"]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[0] == "rabbitmqctl add_user agent-h7 pw"
+    assert out[0] == "rabbitmqctl add_user agent-h7 -- pw"
     assert out[2].startswith("rabbitmqctl set_topic_permissions -p cloud agent-h7 "
                              "hostdev.commands '^mgmt\\.h7\\.'")
 

@@ -115,12 +115,15 @@ def _offering_rows(offerings: Sequence[Any], out: TextIO) -> None:
 
 
 def _offerings(args: argparse.Namespace, request: Requester, out: TextIO) -> int:
-    answer = request(api.ListOfferingsRequest(), args.timeout)
-    answer = expect(answer, api.OfferingList)
+    return _show_offerings(args, request(api.ListOfferingsRequest(), args.timeout), out)
+
+
+def _show_offerings(args: argparse.Namespace, answer: Message, out: TextIO) -> int:
+    offerings = expect(answer, api.OfferingList).offerings
     if args.json:
-        print_json(answer.offerings, out)
+        print_json(offerings, out)
     else:
-        _offering_rows(answer.offerings, out)
+        _offering_rows(offerings, out)
     return 0
 
 
@@ -128,12 +131,7 @@ def _offering_create(args: argparse.Namespace, request: Requester, out: TextIO) 
     answer = request(api.CreateOfferingRequest(
         name=args.name, cpus=args.cpus, memory_mb=args.memory, pci_devices=args.pci,
         migration_policy=args.migration_policy), args.timeout)
-    answer = expect(answer, api.OfferingList)
-    if args.json:
-        print_json(answer.offerings, out)
-    else:
-        _offering_rows(answer.offerings, out)
-    return 0
+    return _show_offerings(args, answer, out)
 
 
 def _vm_deploy(args: argparse.Namespace, request: Requester, out: TextIO) -> int:

@@ -88,3 +88,34 @@ def test_upgrade_0003_moves_correlation_ids_out_of_payloads(empty_url: str) -> N
                         3: ("outbox-10", "req-3"), 4: (None, None)}
     finally:
         engine.dispose()
+
+
+def test_upgrade_0004_keeps_answers_to_earlier_commands_acceptable(empty_url: str) -> None:
+    """A command sent before 0004 keeps its id, and its job waits on the host it went to."""
+    config = alembic_config(empty_url)
+    command.upgrade(config, "0003")
+    engine = create_database_engine(empty_url)
+    now = datetime(2026, 1, 1)
+    try:
+        with engine.begin() as conn:
+            for row_id, key in ((7, "agent.host-a.StartCommand"), (8, "vm.v1.Starting")):
+                conn.execute(text(
+                    "INSERT INTO event_outbox (id, routing_key, type, body, created_at) "
+                    "VALUES (:id, :key, 'T', :body, :now)"),
+                    {"id": row_id, "key": key, "body": b"{}", "now": now})
+            for job_id, state, command_id in ((1, "running", "outbox-7"),
+                                              (2, "running", "outbox-99"),
+                                              (3, "succeeded", "outbox-7")):
+                conn.execute(text(
+                    "INSERT INTO jobs (id, kind, state, step, details, payload, command_id, "
+                    "created_at, updated_at) VALUES (:id, 'start', :state, 'start', '', '{}', "
+                    ":command_id, :now, :now)"),
+                    {"id": job_id, "state": state, "command_id": command_id, "now": now})
+        command.upgrade(config, "head")
+        with engine.connect() as conn:
+            ids = dict(conn.execute(text("SELECT id, message_id FROM event_outbox")).all())
+            hosts = dict(conn.execute(text("SELECT id, command_host FROM jobs")).all())
+        assert ids == {7: "outbox-7", 8: None}  # a command's id is stored, an event's needs none
+        assert hosts == {1: "host-a", 2: None, 3: None}  # unknown command; finished job
+    finally:
+        engine.dispose()

@@ -72,6 +72,11 @@ class _DeviceEntry(msgspec.Struct, forbid_unknown_fields=True):
     class_code: str = msgspec.field(name="class", default="0x020000")
     iommu_group: int | None = None
     parent: PciAddress | None = None
+    numa_node: int | None = None
+    #: Makes this device an SR-IOV virtual function of that physical function;
+    #: the physical function lists it among its virtual functions.
+    physical_function: PciAddress | None = None
+    driver: str = ""
 
     def __post_init__(self) -> None:
         try:
@@ -80,12 +85,14 @@ class _DeviceEntry(msgspec.Struct, forbid_unknown_fields=True):
             raise ValueError(f"class {self.class_code!r} is not a number such as "
                              "0x020000") from None
 
-    def device(self) -> NodePciDevice:
-        """Returns the device libvirt will report."""
+    def device(self, virtual_functions: tuple[PciAddress, ...]) -> NodePciDevice:
+        """Returns the device libvirt will report, with the virtual functions naming it."""
         return NodePciDevice(
             address=self.address, vendor_id=self.vendor_id, product_id=self.product_id,
             vendor=self.vendor, product=self.product, class_code=int(self.class_code, 0),
-            iommu_group=self.iommu_group, parent=self.parent)
+            iommu_group=self.iommu_group, parent=self.parent, numa_node=self.numa_node,
+            physical_function=self.physical_function, virtual_functions=virtual_functions,
+            driver=self.driver)
 
 
 class _DomainEntry(msgspec.Struct, forbid_unknown_fields=True):
@@ -120,7 +127,9 @@ class _SpecFile(msgspec.Struct, forbid_unknown_fields=True):
         """Returns the spec it describes."""
         return SimHostSpec(
             name=self.name, cpus=self.cpus, memory_mb=self.memory_mb,
-            devices=tuple(d.device() for d in self.devices),
+            devices=tuple(d.device(tuple(v.address for v in self.devices
+                                         if v.physical_function == d.address))
+                          for d in self.devices),
             domains=tuple(d.domain() for d in self.domains),
             refuse_detach=frozenset(self.refuse_detach), fail_migration=self.fail_migration,
             persist=self.persist)
@@ -186,19 +195,36 @@ def build_node_xml(spec: SimHostSpec) -> str:
         ET.SubElement(element, "name").text = device.address.libvirt_name
         ET.SubElement(element, "parent").text = (
             device.parent.libvirt_name if device.parent else "computer")
-        cap = ET.SubElement(element, "capability", {"type": "pci"})
-        ET.SubElement(cap, "class").text = f"0x{device.class_code:06x}"
-        for tag in ("domain", "bus", "slot", "function"):
-            ET.SubElement(cap, tag).text = str(getattr(device.address, tag))
-        ET.SubElement(cap, "product", {"id": device.product_id}).text = device.product
-        ET.SubElement(cap, "vendor", {"id": device.vendor_id}).text = device.vendor
-        group_element = ET.SubElement(cap, "iommuGroup",
-                                      {"number": str(assigned[device.address])})
-        for member in groups[assigned[device.address]]:
-            ET.SubElement(group_element, "address", _hex_attrs(member))
+        if device.driver:
+            ET.SubElement(ET.SubElement(element, "driver"), "name").text = device.driver
+        _pci_capability(ET.SubElement(element, "capability", {"type": "pci"}), device,
+                        assigned[device.address], groups[assigned[device.address]])
     for domain in spec.domains:
         node.append(_domain_element(domain))
     return ET.tostring(node, encoding="unicode")
+
+
+def _pci_capability(cap: ET.Element, device: NodePciDevice, group: int,
+                    members: list[PciAddress]) -> None:
+    """Fills a ``<capability type='pci'>`` in the order of libvirt's node device schema."""
+    ET.SubElement(cap, "class").text = f"0x{device.class_code:06x}"
+    for tag in ("domain", "bus", "slot", "function"):
+        ET.SubElement(cap, tag).text = str(getattr(device.address, tag))
+    ET.SubElement(cap, "product", {"id": device.product_id}).text = device.product
+    ET.SubElement(cap, "vendor", {"id": device.vendor_id}).text = device.vendor
+    if device.physical_function is not None:
+        pf = ET.SubElement(cap, "capability", {"type": "phys_function"})
+        ET.SubElement(pf, "address", _hex_attrs(device.physical_function))
+    if device.virtual_functions:
+        vfs = ET.SubElement(cap, "capability", {
+            "type": "virt_functions", "maxCount": str(len(device.virtual_functions))})
+        for vf in device.virtual_functions:
+            ET.SubElement(vfs, "address", _hex_attrs(vf))
+    group_element = ET.SubElement(cap, "iommuGroup", {"number": str(group)})
+    for member in members:
+        ET.SubElement(group_element, "address", _hex_attrs(member))
+    if device.numa_node is not None:
+        ET.SubElement(cap, "numa", {"node": str(device.numa_node)})
 
 
 def _domain_element(domain: SimDomain) -> ET.Element:
@@ -233,12 +259,10 @@ def parse_pci_device(xml: str) -> NodePciDevice | None:
     product = cap.find("product")
     group = cap.find("iommuGroup")
     parent = (root.findtext("parent") or "").strip()
-    members: tuple[PciAddress, ...] = ()
-    if group is not None:
-        members = tuple(
-            PciAddress.from_parts(*(int(a.get(p, "0"), 0)
-                                    for p in ("domain", "bus", "slot", "function")))
-            for a in group.findall("address"))
+    numa = cap.find("numa")
+    # libvirt writes node -1 when the kernel does not know the device's node.
+    numa_node = _int(numa.get("node")) if numa is not None and numa.get("node") else -1
+    pf = _addresses(cap.find("./capability[@type='phys_function']"))
     return NodePciDevice(
         address=address,
         vendor_id=vendor.get("id", "") if vendor is not None else "",
@@ -247,7 +271,20 @@ def parse_pci_device(xml: str) -> NodePciDevice | None:
         product=(product.text or "").strip() if product is not None else "",
         class_code=_int(cap.findtext("class"), 16) if cap.findtext("class") else 0,
         iommu_group=int(group.get("number", "0")) if group is not None else None,
-        iommu_members=members,
+        iommu_members=_addresses(group),
         driver=(root.findtext("./driver/name") or "").strip(),
         parent=PciAddress.from_libvirt_name(parent) if parent.startswith("pci_") else None,
+        numa_node=numa_node if numa_node >= 0 else None,
+        physical_function=pf[0] if pf else None,
+        virtual_functions=_addresses(cap.find("./capability[@type='virt_functions']")),
     )
+
+
+def _addresses(element: ET.Element | None) -> tuple[PciAddress, ...]:
+    """Returns the ``<address domain= bus= slot= function=>`` children of ``element``."""
+    if element is None:
+        return ()
+    return tuple(
+        PciAddress.from_parts(*(int(a.get(p, "0"), 0)
+                                for p in ("domain", "bus", "slot", "function")))
+        for a in element.findall("address"))

@@ -31,6 +31,9 @@ class NodePciDevice:
         iommu_members: every device of that group, this one included.
         driver: the kernel driver bound to it (``vfio-pci``), "" when none.
         parent: the bridge it sits behind, None when it hangs off the root.
+        numa_node: the NUMA node it is attached to, None when the host does not say.
+        physical_function: for an SR-IOV virtual function, its physical function.
+        virtual_functions: for an SR-IOV physical function, its virtual functions.
     """
 
     address: PciAddress
@@ -43,6 +46,9 @@ class NodePciDevice:
     iommu_members: tuple[PciAddress, ...] = ()
     driver: str = ""
     parent: PciAddress | None = None
+    numa_node: int | None = None
+    physical_function: PciAddress | None = None
+    virtual_functions: tuple[PciAddress, ...] = ()
 
     @property
     def is_bridge(self) -> bool:
@@ -51,5 +57,9 @@ class NodePciDevice:
 
     def report(self, name: str) -> PciDeviceInfo:
         """Returns what the agent tells management of this device, listed under ``name``."""
-        return PciDeviceInfo(address=self.address, name=name, vendor_id=self.vendor_id,
-                             product_id=self.product_id, iommu_group=self.iommu_group)
+        return PciDeviceInfo(
+            address=self.address, name=name, vendor_id=self.vendor_id,
+            product_id=self.product_id, iommu_group=self.iommu_group, vendor=self.vendor,
+            product=self.product, class_code=self.class_code, numa_node=self.numa_node,
+            iommu_members=self.iommu_members, physical_function=self.physical_function,
+            virtual_functions=self.virtual_functions, driver=self.driver)

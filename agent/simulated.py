@@ -50,6 +50,7 @@ from hostdev.agent.errors import ConfigError, DetachRefused, MigrationFailed
 from hostdev.agent.hypervisor import LifecycleEvent
 from hostdev.agent.libvirt_host import LibvirtHost
 from hostdev.agent.nodedev_xml import TEST_NS, SimHostSpec, build_node_xml, load_spec
+from hostdev.agent.pci_device import NodePciDevice
 from hostdev.messages.base import PowerState
 from hostdev.messages.pci_address import PciAddress
 
@@ -202,6 +203,16 @@ class SimulatedHost(LibvirtHost):
             watcher.stop()
         self.hosts.remove(self)
         super().close()
+
+    def pci_devices(self) -> tuple[NodePciDevice, ...]:
+        """Returns the PCI node devices, with the host drivers of the spec.
+
+        The test driver drops ``<driver>`` from the node devices it reads, so
+        the spec's drivers are put back here.
+        """
+        drivers = {d.address: d.driver for d in self.spec.devices} if self.spec else {}
+        return tuple(replace(d, driver=drivers.get(d.address, d.driver))
+                     for d in super().pci_devices())
 
     def pci_backends(self) -> tuple[str, ...] | None:
         """A simulated host passes devices through as if it had VFIO."""

@@ -14,14 +14,18 @@ from pathlib import Path
 from typing import Any
 
 _BRIDGE = {"class": "0x060400", "vendor_id": "0x1022", "product_id": "0x1483",
-           "vendor": "AMD", "product": "GPP Bridge"}
+           "vendor": "AMD", "product": "GPP Bridge", "driver": "pcieport", "numa_node": 0}
 _GPU = {"class": "0x030000", "vendor_id": "0x10de", "product_id": "0x2204",
-        "vendor": "NVIDIA Corporation", "product": "GA102 [GeForce RTX 3090]"}
+        "vendor": "NVIDIA Corporation", "product": "GA102 [GeForce RTX 3090]",
+        "driver": "vfio-pci", "numa_node": 1}
 
 
 @dataclass(frozen=True)
 class DemoHost:
-    """One simulated host: its name, dual-port 10GE NICs and GPUs, each in its own group."""
+    """One simulated host: its name, dual-port 10GE NICs and GPUs, each in its own group.
+
+    The NICs sit on NUMA node 0 and the GPUs on node 1, all bound to vfio-pci.
+    """
 
     name: str
     #: bus of each dual-port NIC (functions 0 and 1 share an IOMMU group)
@@ -50,7 +54,8 @@ class DemoHost:
             bridge = f"00:{3 + index:02x}.1"
             devices.append({"address": bridge, "iommu_group": group, **_BRIDGE})
             devices += [{"address": f"{bus:02x}:00.{fn}", "iommu_group": group,
-                         "parent": bridge} for fn in (0, 1)]
+                         "parent": bridge, "driver": "vfio-pci", "numa_node": 0}
+                        for fn in (0, 1)]
         for index, bus in enumerate(self.gpu_buses):
             devices.append({"address": f"{bus:02x}:00.0", "iommu_group": 40 + index, **_GPU})
         return {"name": self.name, "cpus": self.cpus, "memory_mb": self.memory_mb,

@@ -24,6 +24,7 @@ from hostdev.messages.limits import (
     MemoryMb,
     OfferingName,
     PciDeviceText,
+    Reason,
     Ref,
     Uuid,
     VmName,
@@ -149,6 +150,8 @@ class SetPciDeviceEnabledRequest(ApiRequest, frozen=True, kw_only=True):
     host: Ref
     address: PciAddress
     enabled: bool
+    #: Why the device is disabled, kept with it and listed; ignored when enabling.
+    reason: Reason = ""
 
 
 # -- responses ----------------------------------------------------------------

@@ -41,6 +41,8 @@ MAX_CPUS: Final = 65536
 MAX_MEMORY_MB: Final = 2**40
 MAX_INT32: Final = 2**31 - 1
 MAX_INT64: Final = 2**63 - 1
+#: The largest PCI class code: 8 bits each of base class, subclass and interface.
+MAX_PCI_CLASS: Final = 0xFFFFFF
 MAX_SECONDS: Final = 86400.0
 #: Devices of one name an offering (and so a VM) may ask for.
 MAX_COUNT: Final = 64
@@ -92,6 +94,12 @@ DomainName = Annotated[str, _text(MAX_LABEL, _LINE,
                                   "characters.")]
 HexId = Annotated[str, _text(8, _whole(r"(0x)?[0-9A-Fa-f]{0,6}"),
                              "A PCI vendor or product id such as 0x8086 (or empty).")]
+HardwareName = Annotated[str, _text(MAX_LABEL, _LINE,
+                                    "A vendor's or product's name as the host reports it: at "
+                                    "most 255 characters, no control characters.")]
+Reason = Annotated[str, _text(MAX_LABEL, _LINE,
+                              "An operator's reason: at most 255 characters, no control "
+                              "characters.")]
 Word = Annotated[str, _text(MAX_NAME, _whole(r"[A-Za-z0-9_.:/\-]*"),
                             "A code, kind or step: at most 64 letters, digits, '_', '.', ':', "
                             "'/' or '-'.")]
@@ -120,6 +128,11 @@ Count = Annotated[int, msgspec.Meta(ge=1, le=MAX_COUNT,
 Id = Annotated[int, msgspec.Meta(ge=0, le=MAX_INT64, description="A row id: 0 to 2^63-1.")]
 IommuGroup = Annotated[int, msgspec.Meta(ge=0, le=MAX_INT32,
                                          description="An IOMMU group: 0 to 2^31-1.")]
+NumaNode = Annotated[int, msgspec.Meta(ge=0, le=MAX_INT32,
+                                       description="A NUMA node: 0 to 2^31-1.")]
+PciClass = Annotated[int, msgspec.Meta(ge=0, le=MAX_PCI_CLASS,
+                                       description="A 24-bit PCI class code (0x020000 an "
+                                                   "Ethernet controller): 0 to 0xffffff.")]
 Amount = Annotated[int, msgspec.Meta(ge=0, le=MAX_INT32,
                                      description="A count or size as stored: 0 to 2^31-1.")]
 BigAmount = Annotated[int, msgspec.Meta(ge=0, le=MAX_INT64,

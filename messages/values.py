@@ -17,13 +17,17 @@ from hostdev.messages.limits import (
     DeviceName,
     DomainName,
     Guid,
+    HardwareName,
     HexId,
     Id,
     IommuGroup,
     Label,
     LongDetails,
     MemoryMb,
+    NumaNode,
     PciAddresses,
+    PciClass,
+    Reason,
     Timestamp,
     Uuid,
     VmName,
@@ -48,6 +52,18 @@ class PciDeviceInfo(Value, frozen=True, kw_only=True):
     vendor_id: HexId = ""
     product_id: HexId = ""
     iommu_group: IommuGroup | None = None
+    vendor: HardwareName = ""
+    product: HardwareName = ""
+    class_code: PciClass = 0
+    numa_node: NumaNode | None = None
+    #: Every device of the IOMMU group, this one included, listed in pci.devices or not.
+    iommu_members: PciAddresses = ()
+    #: The physical function of a virtual function (SR-IOV); None for any other device.
+    physical_function: PciAddress | None = None
+    #: The virtual functions of a physical function (SR-IOV); empty for any other device.
+    virtual_functions: PciAddresses = ()
+    #: The host driver bound to the device (``vfio-pci``), "" when none.
+    driver: Word = ""
 
 
 class DomainInfo(Value, frozen=True, kw_only=True):
@@ -117,6 +133,16 @@ class PciDeviceRow(Value, frozen=True, kw_only=True):
     vendor_id: HexId = ""
     product_id: HexId = ""
     iommu_group: IommuGroup | None = None
+    vendor: HardwareName = ""
+    product: HardwareName = ""
+    class_code: PciClass = 0
+    numa_node: NumaNode | None = None
+    iommu_members: PciAddresses = ()
+    physical_function: PciAddress | None = None
+    virtual_functions: PciAddresses = ()
+    driver: Word = ""
+    #: Why an operator disabled the device, "" when nobody said.
+    disabled_reason: Reason = ""
 
 
 class OfferingRow(Value, frozen=True, kw_only=True):

@@ -193,3 +193,25 @@ ALTER TABLE vm_instances ADD COLUMN answer_seq BIGINT;
 
 UPDATE alembic_version SET version_num='0005' WHERE alembic_version.version_num = '0004';
 
+-- Running upgrade 0005 -> 0006
+
+ALTER TABLE op_host_pci_devices ADD COLUMN vendor VARCHAR(255) NOT NULL DEFAULT '';
+
+ALTER TABLE op_host_pci_devices ADD COLUMN product VARCHAR(255) NOT NULL DEFAULT '';
+
+ALTER TABLE op_host_pci_devices ADD COLUMN class_code INTEGER NOT NULL DEFAULT '0';
+
+ALTER TABLE op_host_pci_devices ADD COLUMN numa_node INTEGER;
+
+ALTER TABLE op_host_pci_devices ADD COLUMN iommu_members VARCHAR(3328) NOT NULL DEFAULT '';
+
+ALTER TABLE op_host_pci_devices ADD COLUMN physical_function VARCHAR(12);
+
+ALTER TABLE op_host_pci_devices ADD COLUMN virtual_functions VARCHAR(3328) NOT NULL DEFAULT '';
+
+ALTER TABLE op_host_pci_devices ADD COLUMN driver VARCHAR(64) NOT NULL DEFAULT '';
+
+ALTER TABLE op_host_pci_devices ADD COLUMN disabled_reason VARCHAR(255) NOT NULL DEFAULT '';
+
+UPDATE alembic_version SET version_num='0006' WHERE alembic_version.version_num = '0005';
+

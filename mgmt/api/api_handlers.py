@@ -260,7 +260,7 @@ class ApiHandlers:
         if request.enabled:
             pci_devices.enable_device(conn, device.id)
         else:
-            pci_devices.disable_device(conn, device.id)
+            pci_devices.disable_device(conn, device.id, request.reason)
         tx.session.refresh(device)
         vm_uuid = tx.session.scalar(select(VmInstance.uuid)
                                  .where(VmInstance.id == device.instance_id))

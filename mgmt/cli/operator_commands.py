@@ -15,6 +15,8 @@ from typing import Any, TextIO
 
 from hostdev.messages import api
 from hostdev.messages.base import Message
+from hostdev.messages.pci_address import PciAddress
+from hostdev.messages.values import PciDeviceRow
 from hostdev.mgmt.api.offerings import format_pci_requests
 from hostdev.mgmt.cli.job_commands import accepted, add_job_commands
 from hostdev.mgmt.cli.migration_commands import add_vm_commands
@@ -38,6 +40,17 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     sub.add_argument("--host", help="only this host (name or guid)")
     sub.add_argument("--free", action="store_true", help="only free devices")
     sub.set_defaults(func=command(_devices))
+
+    device = subparsers.add_parser("device", help="take a PCI device out of service or back")
+    device_sub = device.add_subparsers(dest="device_command", required=True)
+    for verb, help_text in (("disable", "never offer a free device again (refused while held)"),
+                            ("enable", "offer a disabled device again")):
+        sub = device_sub.add_parser(verb, parents=[common], help=help_text)
+        sub.add_argument("host", help="host name or guid")
+        sub.add_argument("address", help="PCI address, e.g. 0000:28:00.1 or 28:00.1")
+        if verb == "disable":
+            sub.add_argument("--reason", default="", help="why, shown by 'hostdev devices'")
+        sub.set_defaults(func=command(_device_change), enabled=verb == "enable")
 
     sub = subparsers.add_parser("offerings", parents=[common], help="list service offerings")
     sub.set_defaults(func=command(_offerings))
@@ -102,9 +115,41 @@ def _devices(args: argparse.Namespace, request: Requester, out: TextIO) -> int:
     if args.json:
         print_json(answer.devices, out)
         return 0
-    render_table(("HOST", "ADDRESS", "NAME", "STATE", "VM"),
-                 [(d.host_name, d.address, d.name, d.state, d.vm_uuid)
-                  for d in answer.devices], out)
+    _device_rows(answer.devices, out)
+    return 0
+
+
+def _device_rows(devices: Sequence[PciDeviceRow], out: TextIO) -> None:
+    render_table(("HOST", "ADDRESS", "NAME", "STATE", "VM", "NUMA", "GROUP", "PF/VF", "REASON"),
+                 [(d.host_name, d.address, d.name, d.state, d.vm_uuid, d.numa_node,
+                   _group(d), _sriov(d), d.disabled_reason) for d in devices], out)
+
+
+def _group(device: PciDeviceRow) -> str:
+    """Returns the IOMMU group and, in brackets, how many devices it has."""
+    if device.iommu_group is None:
+        return ""
+    return f"{device.iommu_group} ({max(len(device.iommu_members), 1)})"
+
+
+def _sriov(device: PciDeviceRow) -> str:
+    """Returns the SR-IOV relation: the PF of a VF, or how many VFs a PF has."""
+    if device.physical_function is not None:
+        return f"VF of {device.physical_function}"
+    if device.virtual_functions:
+        return f"PF, {len(device.virtual_functions)} VFs"
+    return ""
+
+
+def _device_change(args: argparse.Namespace, request: Requester, out: TextIO) -> int:
+    message = api.SetPciDeviceEnabledRequest(
+        host=args.host, address=PciAddress(args.address), enabled=args.enabled,
+        reason="" if args.enabled else args.reason)
+    answer = expect(request(message, args.timeout), api.DeviceStateChanged)
+    if args.json:
+        print_json(answer.device, out)
+    else:
+        _device_rows((answer.device,), out)
     return 0
 
 

@@ -9,7 +9,7 @@ from typing import Any, Final, cast
 from sqlalchemy import ColumnElement, Table, and_
 
 from hostdev.messages.pci_address import PciAddress
-from hostdev.messages.values import DeviceState, PciDeviceRow
+from hostdev.messages.values import DeviceState, PciDeviceInfo, PciDeviceRow
 from hostdev.mgmt.persistence.models import DEVICE_STATES, PciDevice
 
 DEVICES: Final = cast(Table, PciDevice.__table__)
@@ -85,6 +85,29 @@ def address_columns(address: PciAddress) -> dict[str, str]:
     }
 
 
+def join_addresses(addresses: Sequence[str]) -> str:
+    """Returns addresses as a list column stores them: canonical, comma-separated."""
+    return ",".join(str(PciAddress(a)) for a in addresses)
+
+
+def split_addresses(text: str) -> tuple[PciAddress, ...]:
+    """Returns the addresses a list column stores."""
+    return tuple(PciAddress(a) for a in text.split(",") if a)
+
+
+def fact_columns(info: PciDeviceInfo) -> dict[str, Any]:
+    """Returns the column values that store what an agent reports of a device, name aside."""
+    pf = info.physical_function
+    return {
+        "vendor_id": info.vendor_id, "product_id": info.product_id,
+        "iommu_group": info.iommu_group, "vendor": info.vendor, "product": info.product,
+        "class_code": info.class_code, "numa_node": info.numa_node,
+        "iommu_members": join_addresses(info.iommu_members),
+        "physical_function": str(PciAddress(pf)) if pf is not None else None,
+        "virtual_functions": join_addresses(info.virtual_functions), "driver": info.driver,
+    }
+
+
 def address_is(address: PciAddress) -> ColumnElement[bool]:
     """Returns the condition that selects the device row at ``address``."""
     return and_(*(C[name] == value for name, value in address_columns(address).items()))
@@ -106,4 +129,10 @@ def api_row(device: PciDevice, host_guid: str, host_name: str,
     return PciDeviceRow(
         id=device.id, host_guid=host_guid, host_name=host_name, address=address_of(device),
         name=device.name, state=device.state, vm_uuid=vm_uuid, vendor_id=device.vendor_id,
-        product_id=device.product_id, iommu_group=device.iommu_group)
+        product_id=device.product_id, iommu_group=device.iommu_group, vendor=device.vendor,
+        product=device.product, class_code=device.class_code, numa_node=device.numa_node,
+        iommu_members=split_addresses(device.iommu_members),
+        physical_function=(PciAddress(device.physical_function)
+                           if device.physical_function else None),
+        virtual_functions=split_addresses(device.virtual_functions), driver=device.driver,
+        disabled_reason=device.disabled_reason)

@@ -43,7 +43,7 @@ from hostdev.mgmt.persistence.database import (
     PreparedStatement,
     RetryTransaction,
 )
-from hostdev.mgmt.persistence.models import Host, utcnow
+from hostdev.mgmt.persistence.models import Host, VmInstance, utcnow
 
 # What a device becomes when its VM lets go: a quarantined one was already
 # gone from the inventory, so it is removed rather than offered again.
@@ -295,17 +295,18 @@ def abort_migration(conn: Connection, vm_id: int, destination_host_id: int) -> i
     return int(result.rowcount)
 
 
-def disable_device(conn: Connection, device_id: int) -> DeviceState:
-    """Takes a free device out of service; idempotent. Returns its state.
+def disable_device(conn: Connection, device_id: int, reason: str = "") -> DeviceState:
+    """Takes a free device out of service, keeping ``reason``; idempotent. Returns its state.
 
     Raises:
         DeviceNotFound: no device has this id.
-        DeviceBusy: the device is held, reserved, quarantined or removed.
+        DeviceBusy: the device is held, reserved, quarantined or removed; the
+            text names the VM that holds it.
     """
     result = conn.execute(
         update(DEVICES)
         .where(C.id == device_id, state_is(FREE))
-        .values(state=DISABLED, updated_at=utcnow())
+        .values(state=DISABLED, disabled_reason=reason, updated_at=utcnow())
     )
     if result.rowcount == 1:
         return DISABLED
@@ -316,9 +317,11 @@ def disable_device(conn: Connection, device_id: int) -> DeviceState:
     if row.state == REMOVED:
         what = "no longer in its host's inventory (pci.devices); nothing to disable"
     else:
-        by = f" by VM {holder}" if holder is not None else ""
+        vm = conn.execute(select(VmInstance.name, VmInstance.uuid)
+                          .where(VmInstance.id == holder)).first()
+        by = f" by VM {vm.name} ({vm.uuid})" if vm is not None else ""
         what = f"{row.state}{by}; only a free device can be disabled: stop or migrate its VM first"
-    raise DeviceBusy(f"device {device_id} ({address_of(row)} on host {row.host_id}) is {what}")
+    raise DeviceBusy(f"device {address_of(row)} ({row.name}) is {what}")
 
 
 def enable_device(conn: Connection, device_id: int) -> DeviceState:
@@ -330,7 +333,7 @@ def enable_device(conn: Connection, device_id: int) -> DeviceState:
     result = conn.execute(
         update(DEVICES)
         .where(C.id == device_id, state_is(DISABLED))
-        .values(state=FREE, updated_at=utcnow())
+        .values(state=FREE, disabled_reason="", updated_at=utcnow())
     )
     if result.rowcount == 1:
         return FREE

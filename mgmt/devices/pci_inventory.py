@@ -17,6 +17,7 @@ from hostdev.mgmt.devices.device_rows import (
     C,
     address_columns,
     address_of,
+    fact_columns,
     state_is,
     state_is_not,
 )
@@ -63,7 +64,8 @@ def reconcile_inventory(
 ) -> InventoryChanges:
     """Makes a host's device rows match what its agent reports, in the caller's transaction.
 
-    New addresses are inserted free; a changed name or identity is updated
+    New addresses are inserted free; a changed name or fact (ids, names, class,
+    NUMA node, IOMMU group and members, PF/VF relation, driver) is updated
     (a held device keeps its VM); a device missing from the report becomes
     removed when free or disabled, quarantined when held or reserved (never
     deleted, never offered); a removed device that is reported again is free
@@ -92,8 +94,7 @@ def reconcile_inventory(
     new_rows = [
         {
             "host_id": host_id, "name": info.name, **address_columns(address),
-            "vendor_id": info.vendor_id, "product_id": info.product_id,
-            "iommu_group": info.iommu_group, "state": FREE,
+            **fact_columns(info), "state": FREE,
             "created_at": now, "updated_at": now,
         }
         for address, info in sorted(by_address.items())
@@ -142,10 +143,7 @@ def _back(row: Any) -> dict[str, DeviceState]:
 
 
 def _changed_values(row: Any, info: PciDeviceInfo) -> dict[str, Any]:
-    reported = {
-        "name": info.name, "vendor_id": info.vendor_id,
-        "product_id": info.product_id, "iommu_group": info.iommu_group,
-    }
+    reported = {"name": info.name, **fact_columns(info)}
     return {key: value for key, value in reported.items() if getattr(row, key) != value}
 
 

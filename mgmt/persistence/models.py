@@ -21,6 +21,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects import mysql
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from hostdev.messages.limits import MAX_DEVICES
 from hostdev.messages.values import (
     DeviceState,
     HostStatus,
@@ -65,6 +66,10 @@ Timestamp = DateTime().with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb")
 BigId = BigInteger().with_variant(Integer(), "sqlite")
 # InnoDB for row locks; binary collation so names compare exactly as on SQLite
 # (``10GE`` and ``10ge`` are two names).
+#: The length of a canonical PCI address (``0000:28:00.1``).
+ADDRESS_LENGTH: Final = 12
+#: Room for a comma-separated list of as many addresses as a host may report.
+ADDRESS_LIST_LENGTH: Final = (ADDRESS_LENGTH + 1) * MAX_DEVICES
 MYSQL_OPTIONS: Final = {
     "mysql_engine": "InnoDB",
     "mysql_charset": "utf8mb4",
@@ -229,6 +234,19 @@ class PciDevice(Base):
     product_id: Mapped[str] = mapped_column(String(8), default="")
     iommu_group: Mapped[int | None] = mapped_column(Integer)
     state: Mapped[DeviceState] = mapped_column(String(16), default="free")
+    vendor: Mapped[str] = mapped_column(String(255), default="", server_default="")
+    product: Mapped[str] = mapped_column(String(255), default="", server_default="")
+    class_code: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    numa_node: Mapped[int | None] = mapped_column(Integer)
+    # Canonical addresses, comma-separated; every member of the IOMMU group,
+    # listed in pci.devices or not, so a group's foreign members stay known.
+    iommu_members: Mapped[str] = mapped_column(String(ADDRESS_LIST_LENGTH), default="",
+                                               server_default="")
+    physical_function: Mapped[str | None] = mapped_column(String(ADDRESS_LENGTH))
+    virtual_functions: Mapped[str] = mapped_column(String(ADDRESS_LIST_LENGTH), default="",
+                                                   server_default="")
+    driver: Mapped[str] = mapped_column(String(64), default="", server_default="")
+    disabled_reason: Mapped[str] = mapped_column(String(255), default="", server_default="")
     created_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow, onupdate=utcnow)
 

@@ -330,12 +330,14 @@ class PciDeviceAllocationContract:
                 "SELECT id FROM op_host_pci_devices WHERE host_id = "
                 f"{world.host_a} AND name = 'GPU' ORDER BY id"
             ).scalars().all()
+            name, vm_uuid = conn.exec_driver_sql(
+                f"SELECT name, uuid FROM vm_instances WHERE id = {vm}").one()
         assert world.repo.disable(ids[0]) == "disabled"
         assert world.repo.disable(ids[0]) == "disabled"
         with pytest.raises(InsufficientDevices):
             world.repo.claim(vm, world.host_a, {"GPU": 2})
         held = world.repo.claim(vm, world.host_a, {"GPU": 1})
-        with pytest.raises(DeviceBusy, match=f"allocated by VM {vm}"):
+        with pytest.raises(DeviceBusy, match=f"allocated by VM {name} \\({vm_uuid}\\)"):
             world.repo.disable(held[0].id)
         assert world.repo.enable(ids[0]) == "free"
         assert world.repo.enable(ids[0]) == "free"

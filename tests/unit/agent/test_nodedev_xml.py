@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -120,3 +121,124 @@ def test_a_wrong_spec_field_is_named(tmp_path: Path, spec: dict[str, object],
     with pytest.raises(ConfigError) as refused:
         load_spec(path)
     assert str(path) in str(refused.value) and named in str(refused.value)
+
+
+SRIOV_PF_XML = """
+<device>
+  <name>pci_0000_3b_00_0</name>
+  <parent>pci_0000_00_03_1</parent>
+  <driver><name>mlx5_core</name></driver>
+  <capability type='pci'>
+    <class>0x020000</class>
+    <domain>0</domain><bus>59</bus><slot>0</slot><function>0</function>
+    <product id='0x101d'>MT2892 Family [ConnectX-6 Dx]</product>
+    <vendor id='0x15b3'>Mellanox Technologies</vendor>
+    <capability type='virt_functions' maxCount='8'>
+      <address domain='0x0000' bus='0x3b' slot='0x00' function='0x2'/>
+      <address domain='0x0000' bus='0x3b' slot='0x00' function='0x3'/>
+    </capability>
+    <iommuGroup number='52'>
+      <address domain='0x0000' bus='0x3b' slot='0x00' function='0x0'/>
+    </iommuGroup>
+    <numa node='1'/>
+  </capability>
+</device>
+"""
+
+SRIOV_VF_XML = """
+<device>
+  <name>pci_0000_3b_00_2</name>
+  <parent>pci_0000_00_03_1</parent>
+  <driver><name>vfio-pci</name></driver>
+  <capability type='pci'>
+    <class>0x020000</class>
+    <domain>0</domain><bus>59</bus><slot>0</slot><function>2</function>
+    <product id='0x101e'>ConnectX Family mlx5Gen Virtual Function</product>
+    <vendor id='0x15b3'>Mellanox Technologies</vendor>
+    <capability type='phys_function'>
+      <address domain='0x0000' bus='0x3b' slot='0x00' function='0x0'/>
+    </capability>
+    <iommuGroup number='54'>
+      <address domain='0x0000' bus='0x3b' slot='0x00' function='0x2'/>
+    </iommuGroup>
+    <numa node='1'/>
+  </capability>
+</device>
+"""
+
+
+def test_the_numa_node_is_parsed() -> None:
+    """``<numa node='1'/>`` gives the device's NUMA node."""
+    device = parse_pci_device(SRIOV_PF_XML)
+    assert device is not None and device.numa_node == 1
+
+
+def test_an_unknown_or_missing_numa_node_is_none() -> None:
+    """libvirt writes node -1 when the kernel does not know; no element says nothing either."""
+    unknown = parse_pci_device(SRIOV_PF_XML.replace("node='1'", "node='-1'"))
+    assert unknown is not None and unknown.numa_node is None
+    gpu = devices_of(NODE_XML.read_text())[P("28:00.0")]
+    assert gpu.numa_node is None
+
+
+def test_the_virtual_functions_of_a_physical_function_are_parsed() -> None:
+    """``<capability type='virt_functions'>`` lists a PF's VFs; a PF has no PF of its own."""
+    device = parse_pci_device(SRIOV_PF_XML)
+    assert device is not None
+    assert device.virtual_functions == (P("3b:00.2"), P("3b:00.3"))
+    assert device.physical_function is None
+
+
+def test_the_physical_function_of_a_virtual_function_is_parsed() -> None:
+    """``<capability type='phys_function'>`` names a VF's PF; a VF has no VFs."""
+    device = parse_pci_device(SRIOV_VF_XML)
+    assert device is not None
+    assert device.physical_function == P("3b:00.0")
+    assert device.virtual_functions == ()
+
+
+def test_class_vendor_product_and_driver_are_parsed() -> None:
+    """Class, vendor and product names and the host driver come from the node XML."""
+    device = parse_pci_device(SRIOV_PF_XML)
+    assert device is not None
+    assert (device.class_code, device.vendor, device.product, device.driver) == (
+        0x020000, "Mellanox Technologies", "MT2892 Family [ConnectX-6 Dx]", "mlx5_core")
+
+
+def test_the_iommu_group_members_are_parsed() -> None:
+    """Every ``<address>`` of ``<iommuGroup>`` is a member, this device included."""
+    device = parse_pci_device(SRIOV_VF_XML)
+    assert device is not None
+    assert (device.iommu_group, device.iommu_members) == (54, (P("3b:00.2"),))
+
+
+def sriov_spec() -> dict[str, object]:
+    """A PF on NUMA node 1 with two VFs, one VF in the PF's group."""
+    return {"devices": [
+        {"address": "5e:00.0", "iommu_group": 60, "numa_node": 1, "driver": "i40e"},
+        {"address": "5e:02.0", "iommu_group": 61, "numa_node": 1, "driver": "vfio-pci",
+         "physical_function": "5e:00.0", "product_id": "0x154c"},
+        {"address": "5e:02.1", "iommu_group": 60, "numa_node": 1,
+         "physical_function": "5e:00.0", "product_id": "0x154c"},
+    ]}
+
+
+def test_a_spec_expresses_numa_sriov_and_driver_through_node_xml() -> None:
+    """NUMA node, PF/VF relation, driver and group members survive the spec's node XML."""
+    devices = devices_of(build_node_xml(spec_from_dict(sriov_spec())))
+    pf, vf0, vf1 = devices[P("5e:00.0")], devices[P("5e:02.0")], devices[P("5e:02.1")]
+    assert pf.virtual_functions == (P("5e:02.0"), P("5e:02.1"))
+    assert pf.physical_function is None
+    assert (vf0.physical_function, vf1.physical_function) == (P("5e:00.0"), P("5e:00.0"))
+    assert {d.numa_node for d in devices.values()} == {1}
+    assert (pf.driver, vf0.driver, vf1.driver) == ("i40e", "vfio-pci", "")
+    assert pf.iommu_members == (P("5e:00.0"), P("5e:02.1"))
+
+
+def test_the_spec_device_equals_the_parsed_device() -> None:
+    """What the spec says of a device is exactly what the node XML gives back."""
+    spec = spec_from_dict(sriov_spec())
+    parsed = devices_of(build_node_xml(spec))
+    for device in spec.devices:
+        got = parsed[device.address]
+        assert got == dataclasses.replace(device, iommu_members=got.iommu_members)

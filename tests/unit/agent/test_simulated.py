@@ -175,3 +175,17 @@ def test_a_migration_reports_migrated_events_like_libvirt(make_host: HostFactory
     destination_events = {(e.event, e.detail) for e in on_destination}
     assert ("Started", "Migrated") in destination_events
     assert ("Started", "Booted") not in destination_events
+
+
+def test_the_test_driver_keeps_numa_sriov_and_driver_facts(make_host: HostFactory) -> None:
+    """libvirt's test driver gives back the NUMA node, PF/VF relation and driver of a spec."""
+    host = make_host(devices=[
+        {"address": "5e:00.0", "iommu_group": 60, "numa_node": 1, "driver": "i40e"},
+        {"address": "5e:02.0", "iommu_group": 61, "numa_node": 0, "driver": "vfio-pci",
+         "physical_function": "5e:00.0"},
+    ], domains=[])
+    devices = {d.address: d for d in host.pci_devices()}
+    pf, vf = devices[P("5e:00.0")], devices[P("5e:02.0")]
+    assert (pf.numa_node, pf.driver, pf.virtual_functions) == (1, "i40e", (P("5e:02.0"),))
+    assert (vf.numa_node, vf.driver, vf.physical_function) == (0, "vfio-pci", P("5e:00.0"))
+    assert (vf.iommu_group, vf.iommu_members) == (61, (P("5e:02.0"),))

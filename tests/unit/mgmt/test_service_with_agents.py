@@ -20,7 +20,7 @@ from hostdev.messages.errors import RemoteError
 from hostdev.mgmt.config import MgmtConfig
 from hostdev.mgmt.persistence.models import Job, VmInstance, utcnow
 from hostdev.mgmt.service import ManagementService
-from tests.support.agent import SAMPLE_DEVICES, HostFactory, host_factory
+from tests.support.agent import SAMPLE_DEVICES, HostFactory, host_factory, sample_spec
 
 pytestmark = pytest.mark.libvirt
 
@@ -123,3 +123,28 @@ def test_an_answer_from_another_host_is_dead_lettered(engine: Engine,
     assert "no command management sent" in reasons[1]
     vms = cloud.client.request(api.ListVmsRequest())
     assert isinstance(vms, api.VmList) and [v.state for v in vms.vms] == ["Running"]
+
+
+def test_agents_report_device_facts_that_management_stores_and_lists(
+        engine: Engine, make_host: HostFactory) -> None:
+    """NUMA node, group members, PF/VF, names, class and driver go from spec to the API."""
+    devices = sample_spec()["devices"]
+    facts = {"28:00.1": {"numa_node": 0, "driver": "i40e"},
+             "28:00.2": {"numa_node": 0, "driver": "vfio-pci", "physical_function": "28:00.1"},
+             "3b:00.0": {"numa_node": 1, "driver": "vfio-pci"}}
+    for device in devices:
+        device.update(facts.get(device["address"], {}))
+    cloud = Cloud(engine, lambda name, **extra: make_host(name, devices=devices, **extra))
+    listed = cloud.client.request(api.ListPciDevicesRequest(host="sim-a"))
+    assert isinstance(listed, api.PciDeviceList)
+    rows = {str(d.address): d for d in listed.devices}
+    pf, vf, gpu = rows["0000:28:00.1"], rows["0000:28:00.2"], rows["0000:3b:00.0"]
+    assert (pf.numa_node, pf.driver, pf.virtual_functions, pf.physical_function) == (
+        0, "i40e", ("0000:28:00.2",), None)
+    assert (vf.physical_function, vf.virtual_functions, vf.driver) == (
+        "0000:28:00.1", (), "vfio-pci")
+    assert pf.iommu_members == ("0000:00:03.1", "0000:28:00.1", "0000:28:00.2")
+    assert (gpu.numa_node, gpu.iommu_group, gpu.iommu_members) == (
+        1, 40, ("0000:3b:00.0", "0000:3b:00.1"))
+    assert (gpu.vendor, gpu.product, gpu.class_code, gpu.vendor_id) == (
+        "NVIDIA", "GA102", 0x030000, "0x10de")

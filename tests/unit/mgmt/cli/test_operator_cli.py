@@ -14,6 +14,8 @@ from hostdev.messages.base import Message
 from hostdev.messages.codec import decode, encode
 from hostdev.messages.commands import ErrorAnswer
 from hostdev.messages.errors import BusError, RemoteError, RequestTimeout
+from hostdev.messages.pci_address import PciAddress
+from hostdev.messages.values import PciDeviceInfo
 from hostdev.mgmt.cli import build_parser
 from hostdev.mgmt.cli.plumbing import expect, render_table
 from hostdev.mgmt.persistence.database import create_database_engine
@@ -124,3 +126,72 @@ def test_an_answer_of_another_type_is_a_clear_error() -> None:
     with pytest.raises(BusError, match="answered VmList where HostList was expected; are "
                                        "the hostdev CLI and hostdev-mgmt the same version"):
         expect(api.VmList(), api.HostList)
+
+
+def _facts_host(h: Harness) -> None:
+    """Registers h3: a PF on NUMA node 1 with one VF, in group 7 with an unlisted function."""
+    h.register("g3", "h3", (
+        PciDeviceInfo(address=PciAddress("5e:00.0"), name="pf", iommu_group=7, numa_node=1,
+                      iommu_members=(PciAddress("5e:00.0"), PciAddress("5e:00.1")),
+                      virtual_functions=(PciAddress("5e:02.0"),), driver="i40e",
+                      vendor="Intel Corporation", product="X710", class_code=0x020000),
+        PciDeviceInfo(address=PciAddress("5e:02.0"), name="vf", iommu_group=8, numa_node=1,
+                      iommu_members=(PciAddress("5e:02.0"),),
+                      physical_function=PciAddress("5e:00.0"), driver="vfio-pci"),
+    ))
+
+
+def test_devices_show_numa_group_and_sriov_columns(h: Harness) -> None:
+    """`devices` shows the NUMA node, the group with its size, and the PF/VF relation."""
+    _facts_host(h)
+    status, text = _cli(h, "devices", "--host", "h3")
+    assert status == 0
+    lines = text.splitlines()
+    assert lines[0].split() == ["HOST", "ADDRESS", "NAME", "STATE", "VM", "NUMA", "GROUP",
+                                "PF/VF", "REASON"]
+    assert lines[1].split() == ["h3", "0000:5e:00.0", "pf", "free", "-", "1", "7", "(2)",
+                                "PF,", "1", "VFs", "-"]
+    assert lines[2].split() == ["h3", "0000:5e:02.0", "vf", "free", "-", "1", "8", "(1)",
+                                "VF", "of", "0000:5e:00.0", "-"]
+
+
+def test_devices_json_carries_every_fact(h: Harness) -> None:
+    """`devices --json` lists the reported facts of each device."""
+    _facts_host(h)
+    status, text = _cli(h, "devices", "--host", "h3", "--json")
+    assert status == 0
+    pf, vf = json.loads(text)
+    assert {k: pf[k] for k in ("numa_node", "iommu_group", "iommu_members", "driver",
+                               "virtual_functions", "physical_function", "vendor",
+                               "product", "class_code")} == {
+        "numa_node": 1, "iommu_group": 7, "iommu_members": ["0000:5e:00.0", "0000:5e:00.1"],
+        "driver": "i40e", "virtual_functions": ["0000:5e:02.0"], "physical_function": None,
+        "vendor": "Intel Corporation", "product": "X710", "class_code": 0x020000}
+    assert (vf["physical_function"], vf["virtual_functions"]) == ("0000:5e:00.0", [])
+
+
+def test_device_disable_keeps_the_reason_and_enable_clears_it(h: Harness) -> None:
+    """`device disable --reason` takes a device off offer with the reason; enable undoes it."""
+    status, text = _cli(h, "device", "disable", "h2", "28:00.0", "--reason", "fan noise")
+    assert status == 0
+    assert "disabled" in text and "fan noise" in text
+    status, text = _cli(h, "devices", "--host", "h2", "--json")
+    assert [(r["state"], r["disabled_reason"]) for r in json.loads(text)] == [
+        ("disabled", "fan noise")]
+    status, text = _cli(h, "device", "enable", "h2", "0000:28:00.0", "--json")
+    assert status == 0
+    assert (json.loads(text)["state"], json.loads(text)["disabled_reason"]) == ("free", "")
+
+
+def test_device_disable_is_refused_while_held_naming_the_vm(
+        h: Harness, capsys: pytest.CaptureFixture[str]) -> None:
+    """A device a VM holds cannot be disabled; the error names the VM."""
+    status, _ = _cli(h, "vm", "deploy", "web1", "--offering", "net2", "--wait",
+                     answer_jobs=True)
+    assert status == 0
+    status, _ = _cli(h, "device", "disable", "h1", "28:00.0")
+    assert status == 1
+    err = capsys.readouterr().err
+    assert "0000:28:00.0" in err and "allocated by VM web1 (" in err
+    status, text = _cli(h, "devices", "--host", "h1", "--json")
+    assert {r["state"] for r in json.loads(text)} == {"allocated"}

@@ -11,7 +11,7 @@ from prometheus_client import REGISTRY
 
 from hostdev.agent.background import BackgroundCommands
 from hostdev.agent.boot_sequence import BootSequence
-from hostdev.agent.config import parse_config
+from hostdev.agent.config import AgentConfig, parse_config
 from hostdev.agent.daemon import Agent
 from hostdev.agent.errors import HypervisorError, SenderRefused
 from hostdev.agent.handlers import failure_answer
@@ -232,11 +232,8 @@ def test_an_answer_from_management_runs_without_answering_back() -> None:
     assert [a.host_id for a in got] == [1]
 
 
-@pytest.mark.libvirt
-def test_a_start_repeated_after_a_stop_leaves_the_vm_stopped(make_host: HostFactory) -> None:
-    """The outbox re-publishes a StartCommand (same id) after the stop: the VM stays off."""
-    host: SimulatedHost = make_host()
-    broker = InProcessBroker(clock=FakeClock())
+def _management(broker: InProcessBroker) -> tuple[InProcessBus, list[tuple[Any, Incoming]]]:
+    """A stand-in management on ``broker`` that registers agents and records their answers."""
     mgmt = InProcessBus(broker=broker)
     mgmt.connect()
     mgmt.declare_mgmt_queues()
@@ -245,8 +242,21 @@ def test_a_start_repeated_after_a_stop_leaves_the_vm_stopped(make_host: HostFact
         StartupRoutingCommand: lambda m, i: StartupAnswer(host_id=1),
         StartAnswer: lambda m, i: got.append((m, i)),
         StopAnswer: lambda m, i: got.append((m, i))})
-    config = parse_config(f"guid={GUID}\nping.interval=30s\npci.devices={SAMPLE_DEVICES}\n"
-                          f"libvirt.uri={host.uri}\n", "a.properties")
+    return mgmt, got
+
+
+def _config(host: SimulatedHost) -> AgentConfig:
+    return parse_config(f"guid={GUID}\nping.interval=30s\npci.devices={SAMPLE_DEVICES}\n"
+                        f"libvirt.uri={host.uri}\n", "a.properties")
+
+
+@pytest.mark.libvirt
+def test_a_start_repeated_after_a_stop_leaves_the_vm_stopped(make_host: HostFactory) -> None:
+    """The outbox re-publishes a StartCommand (same id) after the stop: the VM stays off."""
+    host: SimulatedHost = make_host()
+    broker = InProcessBroker(clock=FakeClock())
+    mgmt, got = _management(broker)
+    config = _config(host)
     Agent(config, host, InProcessBus(broker=broker),
           check_host(config, host.pci_devices(), host.domains())).start()
     start = StartCommand(vm=VmSpec(uuid=VM, name="v", cpus=1, memory_mb=128,
@@ -269,16 +279,8 @@ def test_a_start_repeated_after_an_agent_restart_is_answered_not_run(
     """The memory of answers is on disk: a new Agent on the same state.dir answers the repeat."""
     host: SimulatedHost = make_host()
     broker = InProcessBroker(clock=FakeClock())
-    mgmt = InProcessBus(broker=broker)
-    mgmt.connect()
-    mgmt.declare_mgmt_queues()
-    got: list[tuple[Any, Incoming]] = []
-    mgmt.consume(MGMT_QUEUE, {
-        StartupRoutingCommand: lambda m, i: StartupAnswer(host_id=1),
-        StartAnswer: lambda m, i: got.append((m, i)),
-        StopAnswer: lambda m, i: got.append((m, i))})
-    config = parse_config(f"guid={GUID}\nping.interval=30s\npci.devices={SAMPLE_DEVICES}\n"
-                          f"libvirt.uri={host.uri}\n", "a.properties")
+    mgmt, got = _management(broker)
+    config = _config(host)
 
     def agent() -> Agent:
         started = Agent(config, host, InProcessBus(broker=broker),

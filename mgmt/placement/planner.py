@@ -22,7 +22,7 @@ from hostdev.messages.values import HostStatus, HostVerdict, PciRequest
 from hostdev.mgmt.api.offerings import describe_pci_requests
 from hostdev.mgmt.devices.device_rows import FREE
 from hostdev.mgmt.persistence.database import PreparedStatement
-from hostdev.mgmt.persistence.models import Host, PciDevice, VmInstance
+from hostdev.mgmt.persistence.models import HOST_UP, Host, PciDevice, VmInstance
 from hostdev.mgmt.vms.vm_states import HOLDS_DEVICES
 
 
@@ -58,7 +58,7 @@ class Candidate:
 
 
 #: The one host status placement offers; a host in any other is refused.
-PLACEABLE: Final[HostStatus] = "Up"
+PLACEABLE: Final[HostStatus] = HOST_UP
 #: Hosts with enough free devices of the first requested name read per page.
 PAGE = 64
 

@@ -12,7 +12,6 @@ builds the link contract on it; everything runs on the loop thread.
 
 from __future__ import annotations
 
-import random
 import threading
 import time
 from collections import deque
@@ -42,6 +41,7 @@ from hostdev.messages.bus.failures import BrokerUnreachable, broker_failure
 from hostdev.messages.bus.link import Stopped
 from hostdev.messages.bus.loop import WakePipe
 from hostdev.messages.errors import BusError
+from hostdev.messages.runtime.backoff import Backoff
 from hostdev.messages.runtime.metrics import bus_reconnected
 
 log = structlog.get_logger()
@@ -70,6 +70,9 @@ class AmqpConnection:
         self.epoch = 0
         self.user_id = config.login_user()
         self.window = ConfirmWindow()
+        # Full jitter: each wait is uniform in [0, min(max, 0.2 s * 2**n)].
+        self._backoff = Backoff(first_s=min(0.2, config.reconnect_max_s),
+                                max_s=config.reconnect_max_s, jitter=1.0)
         self.abandoned: list[str] = []
         self.queues: dict[str, tuple[str, tuple[str, ...]]] = {}
         self.consumed: list[str] = []
@@ -190,8 +193,7 @@ class AmqpConnection:
         # A connection that dies right after opening is flapping: back off too.
         self._flaps = self._flaps + 1 if time.monotonic() - self._opened_at < 5.0 else 0
         if self._flaps:
-            stopping.wait(random.uniform(
-                0, min(self.config.reconnect_max_s, 0.2 * 2 ** self._flaps)))
+            stopping.wait(self._backoff.delay(self._flaps))
         attempt = 0
         while True:
             if stopping.is_set():
@@ -203,7 +205,7 @@ class AmqpConnection:
                 attempt += 1
                 self.teardown()
                 self.url_index += 1
-                delay = random.uniform(0, min(self.config.reconnect_max_s, 0.2 * 2 ** attempt))
+                delay = self._backoff.delay(attempt)
                 log.warning("bus_reconnect_failed", error=repr(exc), attempt=attempt,
                             retry_in_s=round(delay, 2))
                 stopping.wait(delay)

@@ -81,6 +81,9 @@ class BusConfig:
             raise ValueError(
                 "BusConfig.delivery_limit, prefetch and confirm_window must be >= 1 "
                 f"(got {self.delivery_limit}, {self.prefetch}, {self.confirm_window})")
+        if self.reconnect_max_s <= 0:
+            raise ValueError(
+                f"BusConfig.reconnect_max_s is {self.reconnect_max_s}; expected seconds > 0")
 
     def login_user(self) -> str:
         """Returns the ``user_id`` to stamp: the configured one or the first URL's login."""

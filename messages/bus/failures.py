@@ -85,8 +85,6 @@ def broker_failure(url: str, exc: BaseException) -> BrokerUnreachable:
     if isinstance(exc, (TimeoutError, socket.timeout)):
         return BrokerUnreachable(url, "no answer in time (a firewall, or not a broker?)",
                                  permanent=False)
-    if isinstance(exc, amqp.exceptions.AMQPError):
-        return BrokerUnreachable(url, f"{type(exc).__name__}: {exc}", permanent=False)
     return BrokerUnreachable(url, f"{type(exc).__name__}: {exc}", permanent=False)
 
 

@@ -23,8 +23,8 @@ from sqlalchemy import and_, or_, select
 
 from hostdev.messages.events import ForeignDomainFound
 from hostdev.messages.values import DomainInfo
-from hostdev.mgmt.jobs.payloads import MIGRATE_JOB, MigratePayload, load
-from hostdev.mgmt.persistence.models import JOB_RUNNING, VM_DESTROYED, Host, Job, VmInstance, utcnow
+from hostdev.mgmt.jobs.payloads import migrations_of
+from hostdev.mgmt.persistence.models import VM_DESTROYED, Host, VmInstance, utcnow
 from hostdev.mgmt.persistence.unit_of_work import TxContext
 
 log = structlog.get_logger()
@@ -45,19 +45,11 @@ def placed_on(tx: TxContext, host: Host) -> set[str]:
         VmInstance.state != VM_DESTROYED,
         or_(VmInstance.host_id == host.id,
             and_(VmInstance.host_id.is_(None), VmInstance.last_host_id == host.id)))))
-    migrations = tx.session.scalars(select(Job).where(Job.kind == MIGRATE_JOB,
-                                                      Job.state == JOB_RUNNING))
-    vm_ids = [job.vm_id for job in migrations if job.vm_id is not None
-              and host.guid in _sides(job)]
+    vm_ids = [m.vm_id for m in migrations_of(tx.session, host.guid) if m.vm_id is not None]
     if vm_ids:
         placed.update(tx.session.scalars(select(VmInstance.uuid)
                                          .where(VmInstance.id.in_(vm_ids))))
     return placed
-
-
-def _sides(job: Job) -> tuple[str, str]:
-    payload = load(job, MigratePayload)
-    return payload.source, payload.destination
 
 
 def record(tx: TxContext, host: Host, domains: Sequence[DomainInfo],

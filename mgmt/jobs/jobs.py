@@ -49,7 +49,12 @@ from hostdev.mgmt.persistence.models import (
 )
 from hostdev.mgmt.persistence.unit_of_work import TxContext
 from hostdev.mgmt.placement import planner
-from hostdev.mgmt.vms.vm_lifecycle import PciDeviceManager, VmLifecycleManager, offering_requests
+from hostdev.mgmt.vms.vm_lifecycle import (
+    PciDeviceManager,
+    VmLifecycleManager,
+    host_guid_of,
+    offering_requests,
+)
 from hostdev.mgmt.vms.vm_states import VmEvent
 
 log = structlog.get_logger()
@@ -217,7 +222,7 @@ class JobManager:
             host_id = vm.host_id or vm.last_host_id
             self._lifecycle.transition(tx, vm, VmEvent.DESTROY_REQUESTED)
             if host_id is not None:  # remove the domain's definition, best effort
-                guid = tx.session.scalar(select(Host.guid).where(Host.id == host_id))
+                guid = host_guid_of(tx, host_id)
                 tx.outbox.add(f"agent.{guid}.StopCommand",
                               StopCommand(vm_uuid=vm.uuid, force=True, undefine=True))
             engine.finish(tx, job, "succeeded", "destroyed")
@@ -356,7 +361,7 @@ class JobManager:
 
     def _send_stop(self, tx: TxContext, job: Job, vm: VmInstance, *, force: bool,
                    undefine: bool) -> None:
-        guid = tx.session.scalar(select(Host.guid).where(Host.id == vm.host_id)) or ""
+        guid = host_guid_of(tx, vm.host_id) if vm.host_id is not None else ""
         self._lifecycle.transition(tx, vm, VmEvent.STOP_REQUESTED)
         timeout = self._config.job_stop_timeout_s
         engine.send(tx, job, guid,

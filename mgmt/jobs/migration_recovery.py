@@ -15,7 +15,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import timedelta
 
-import msgspec
 import structlog
 from sqlalchemy import select
 
@@ -26,13 +25,13 @@ from hostdev.mgmt.jobs.migration import MigrationManager
 from hostdev.mgmt.jobs.migration_plan import STEP_ATTACH, STEP_MIGRATE, STEP_REATTACH, STEP_VERIFY
 from hostdev.mgmt.jobs.payloads import (
     ATTACH_JOB,
-    MIGRATE_JOB,
     AttachPayload,
     MigratePayload,
     load,
+    migrations_of,
     store,
 )
-from hostdev.mgmt.persistence.models import JOB_RUNNING, Job, VmInstance, utcnow
+from hostdev.mgmt.persistence.models import Job, VmInstance, utcnow
 from hostdev.mgmt.persistence.unit_of_work import TxContext
 from hostdev.mgmt.vms.vm_states import VmEvent
 
@@ -40,13 +39,6 @@ log = structlog.get_logger()
 
 #: How long a job in ``verify`` waits before it says so again (it stays in flight).
 VERIFY_WINDOW_S = 30.0
-
-
-class _Sides(msgspec.Struct):
-    """The two hosts of a migration, all a report needs to know whether it concerns it."""
-
-    source: str = ""
-    destination: str = ""
 
 
 class MigrationRecovery:
@@ -70,12 +62,8 @@ class MigrationRecovery:
         session = tx.session
         # Read without locks (this runs for every ping), then lock only the jobs
         # this host takes part in, and look at them again once locked.
-        candidates = session.execute(select(Job.id, Job.payload).where(
-            Job.kind == MIGRATE_JOB, Job.state == JOB_RUNNING,
-            Job.step.in_((STEP_MIGRATE, STEP_VERIFY)))).all()
-        for job_id, raw in candidates:
-            sides = msgspec.json.decode(raw or "{}", type=_Sides)
-            if guid not in (sides.source, sides.destination):
+        for job_id, _, step in migrations_of(session, guid):
+            if step not in (STEP_MIGRATE, STEP_VERIFY):
                 continue
             job = session.scalar(select(Job).where(Job.id == job_id).with_for_update())
             if job is None or job.state != "running" \

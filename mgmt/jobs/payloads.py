@@ -8,11 +8,13 @@ redelivered requests find their job by index.
 
 from __future__ import annotations
 
-from typing import Final, Literal, TypeVar
+from typing import Final, Literal, NamedTuple, TypeVar
 
 import msgspec
+from sqlalchemy import select
+from sqlalchemy.orm import Session
 
-from hostdev.mgmt.persistence.models import Job
+from hostdev.mgmt.persistence.models import JOB_RUNNING, Job
 
 #: The payload layout written today; a decoder for an older one goes here when it changes.
 VERSION: Final = 1
@@ -115,3 +117,34 @@ def load(job: Job, kind: type[P]) -> P:
 def store(job: Job, payload: Payload) -> None:
     """Encodes ``payload`` into the job's row."""
     job.payload = msgspec.json.encode(payload).decode()
+
+
+class _Sides(msgspec.Struct):
+    """The two hosts of a migration payload: all a host's report needs to read of it."""
+
+    source: str = ""
+    destination: str = ""
+
+
+class RunningMigration(NamedTuple):
+    """A running migrate job that a host takes part in, read without locks."""
+
+    job_id: int
+    vm_id: int | None
+    step: str
+
+
+def migrations_of(session: Session, guid: str) -> list[RunningMigration]:
+    """Returns the running migrations from or to host ``guid`` (every host report asks).
+
+    Only the columns and the two hosts of each payload are read, without
+    locks: a caller that changes a job locks it and looks at it again.
+    """
+    rows = session.execute(select(Job.id, Job.vm_id, Job.step, Job.payload).where(
+        Job.kind == MIGRATE_JOB, Job.state == JOB_RUNNING))
+    found = []
+    for job_id, vm_id, step, raw in rows:
+        sides = msgspec.json.decode(raw or "{}", type=_Sides)
+        if guid in (sides.source, sides.destination):
+            found.append(RunningMigration(job_id, vm_id, step))
+    return found

@@ -54,3 +54,10 @@ def test_a_permanent_failure_is_raised_at_once_and_success_returns() -> None:
 
     assert retry(once_flaky, transient=lambda e: True, what="x", wait=waits.append) == "ok"
     assert len(waits) == 1
+
+
+def test_a_retry_count_past_the_float_range_waits_the_ceiling() -> None:
+    """Hours of reconnect attempts (thousands of retries) never overflow the delay."""
+    backoff = Backoff(first_s=0.2, max_s=30.0, jitter=1.0)
+    assert backoff.ceiling(5000) == 30.0
+    assert 0.0 <= backoff.delay(5000) <= 30.0

@@ -30,7 +30,7 @@ from hostdev.mgmt.devices.device_rows import (
     address_of,
     api_row,
 )
-from hostdev.mgmt.errors import Conflict, InvalidRequest, NotFound
+from hostdev.mgmt.errors import Conflict, NotFound
 from hostdev.mgmt.jobs.jobs import JobManager, find_host, find_offering, job_row
 from hostdev.mgmt.jobs.migration import MigrationManager
 from hostdev.mgmt.persistence.models import (
@@ -161,7 +161,7 @@ class ApiHandlers:
     def list_jobs(self, tx: TxContext, request: api.ListJobsRequest) -> api.JobList:
         """Lists the most recent jobs, newest first."""
         jobs = tx.session.scalars(select(Job).order_by(Job.id.desc())
-                                  .limit(max(1, min(request.limit, 1000))))
+                                  .limit(request.limit))  # 1..MAX_JOBS_LISTED since decode
         return api.JobList(jobs=tuple(job_row(tx.session, job) for job in jobs))
 
     def get_job(self, tx: TxContext, request: api.GetJobRequest) -> api.JobList:
@@ -187,12 +187,7 @@ class ApiHandlers:
     def create_offering(self, tx: TxContext,
                         request: api.CreateOfferingRequest) -> api.OfferingList:
         """Creates an offering; device names must be ones some host reports."""
-        name = request.name.strip()
-        if not name:
-            raise InvalidRequest("an offering needs a name")
-        if request.cpus < 1 or request.memory_mb < 1:
-            raise InvalidRequest(f"offering {name}: cpus ({request.cpus}) and memory_mb "
-                                 f"({request.memory_mb}) must be at least 1")
+        name = request.name  # its rule and the CPU and memory ranges hold since decode
         requests = parse_pci_devices(request.pci_devices)
         policy = request.migration_policy or self._config.pci_migration_policy
 

@@ -21,12 +21,11 @@ from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session
 
 from hostdev.messages.commands import StartAnswer, StartCommand, StopAnswer, StopCommand
-from hostdev.messages.limits import NAME_PATTERN, NAME_RULE
 from hostdev.messages.values import JobRow, PciRequest, VmSpec
 from hostdev.mgmt.config import MgmtConfig
 from hostdev.mgmt.devices import pci_devices
 from hostdev.mgmt.devices.pci_devices import ClaimRaceLost, InsufficientDevices
-from hostdev.mgmt.errors import Conflict, InvalidRequest, NoCapacity, NotFound
+from hostdev.mgmt.errors import Conflict, NoCapacity, NotFound
 from hostdev.mgmt.jobs import engine
 from hostdev.mgmt.jobs.payloads import (
     START_JOB,
@@ -177,8 +176,6 @@ class JobManager:
             Conflict: a live VM already has that name.
             NoCapacity: no host fits; nothing is created and the text says why.
         """
-        if not NAME_PATTERN.search(name):
-            raise InvalidRequest(f"VM name {name!r} is not valid: use {NAME_RULE}")
         offering_id, cpus, memory_mb, taken = _read_for_deploy(tx, offering_name, name)
         if taken:
             raise Conflict(f"a VM named {name!r} exists already ({taken}); pick another name "

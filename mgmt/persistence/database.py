@@ -334,7 +334,12 @@ def alembic_config(
 
 
 def upgrade(url: str, revision: str = "head") -> None:
-    """Applies the migrations up to ``revision`` (the latest by default)."""
+    """Applies the migrations up to ``revision`` (the latest by default).
+
+    Raises:
+        DatabaseUnreachable: the database cannot be opened (one line, not a traceback).
+    """
+    current_revision(url)  # says in one line why the database cannot be opened
     command.upgrade(alembic_config(url), revision)
     log.info("database_upgraded", url=make_url(url).render_as_string(), revision=revision)
 

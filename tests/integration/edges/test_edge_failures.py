@@ -100,3 +100,11 @@ def test_mgmt_run_says_why_the_database_cannot_be_opened(case: str, db_url: str,
     done = run(["hostdev-mgmt", "run", "--db-url", db_url, "--amqp-url", GOOD])
     line = one_line_failure(done, "hostdev-mgmt: cannot open database", cause)
     assert db_url.split("@")[-1].split("?")[0] in line
+
+
+def test_db_upgrade_says_why_the_database_cannot_be_opened() -> None:
+    """``hostdev-mgmt db upgrade`` on a database that does not answer: one line, exit 1."""
+    db_url = "mysql+pymysql://root:secret@127.0.0.1:1/hostdev"
+    done = run(["hostdev-mgmt", "db", "upgrade", "--db-url", db_url])
+    line = one_line_failure(done, "hostdev-mgmt: cannot open database", "Connection refused")
+    assert "secret" not in line

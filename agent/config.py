@@ -19,6 +19,7 @@ import structlog
 
 from hostdev.agent.errors import ConfigError
 from hostdev.messages.errors import PciAddressError
+from hostdev.messages.limits import GUID_PATTERN, GUID_RULE
 from hostdev.messages.pci_address import PciAddress
 from hostdev.messages.runtime.properties import (
     PropertiesError,
@@ -44,7 +45,6 @@ LogLevel = Literal["debug", "info", "warning", "error"]
 _NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _NAME_EXPECTED = "a device name of 1 to 64 characters from A-Z a-z 0-9 _ . -"
 _ENTRY_EXPECTED = "[domain:]bus:slot.function|name, e.g. 28:00.1|10GE"
-_GUID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
 @dataclass(frozen=True)
@@ -153,8 +153,8 @@ def absolute_path(prop: Property) -> str:
 
 #: key -> (AgentConfig field, parser)
 _KEYS: dict[str, tuple[str, Callable[[Property], object]]] = {
-    "guid": ("guid", matching(_GUID, f"{_NAME_RULE} (delete the line to have one "
-                                      "generated)")),
+    "guid": ("guid", matching(GUID_PATTERN, f"{GUID_RULE} (delete the line to have one "
+                                            "generated)")),
     "name": ("name", matching(_NAME, f"{_NAME_RULE} (delete the line to use the host name)")),
     "amqp.url": ("amqp_url", url(("amqp", "amqps"), "amqp://user:pass@host:port/vhost or "
                                  "amqps://..., several separated by ';' for failover",

@@ -62,6 +62,12 @@ MAX_ROWS: Final = 1_000_000
 NAME_RULE: Final = "1 to 64 letters, digits, '_', '.' or '-', starting with a letter or digit"
 #: The same rule as a compiled pattern, for code that checks names outside a decode.
 NAME_PATTERN: Final = re.compile(_whole(_NAME_BODY))
+#: A host's guid: a name without '.', since it is one word of the routing keys
+#: (``agent.<guid>.<Type>``) and of the broker user ``agent-<guid>``.
+_GUID_BODY = r"[A-Za-z0-9][A-Za-z0-9_\-]{0,63}"
+GUID_RULE: Final = "1 to 64 characters from A-Z a-z 0-9 _ -, starting with a letter or digit"
+#: The guid rule as a compiled pattern, for the properties file and the broker-user recipe.
+GUID_PATTERN: Final = re.compile(_whole(_GUID_BODY))
 _DEVICE_NAME = _whole(r"[A-Za-z0-9_.\-]{1,64}")
 #: A PCI device name, for code that checks names outside a decode (offerings' lists).
 DEVICE_NAME_PATTERN: Final = re.compile(_DEVICE_NAME)
@@ -72,7 +78,7 @@ def _text(limit: int, pattern: str, description: str, min_length: int = 0) -> ms
                         description=description)
 
 
-Guid = Annotated[str, _text(MAX_NAME, _whole(_NAME_BODY), f"A host's guid: {NAME_RULE}.", 1)]
+Guid = Annotated[str, _text(MAX_NAME, _whole(_GUID_BODY), f"A host's guid: {GUID_RULE}.", 1)]
 HostName = Annotated[str, _text(
     MAX_LABEL, _whole(r"[A-Za-z0-9_.\-]+"),
     "A host's name: 1 to 255 letters, digits, '_', '.' or '-'.", 1)]

@@ -31,9 +31,8 @@ from hostdev.messages.bus.contract import (
     BusConfig,
     queue_arguments,
 )
+from hostdev.messages.limits import GUID_PATTERN
 from hostdev.mgmt.errors import MgmtError
-
-_GUID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
 @dataclass(frozen=True)
@@ -125,9 +124,10 @@ def agent_user_recipe(guid: str, *, vhost: str = "/", password: str | None = Non
     Raises:
         MgmtError: the guid is not a plain identifier (it becomes part of names and regexes).
     """
-    if not _GUID.match(guid):
+    if not GUID_PATTERN.search(guid):
         raise MgmtError(f"agent guid {guid!r} is not valid: expected 1-64 characters of "
-                        "letters, digits, '_', '.' and '-', starting with a letter or digit")
+                        "letters, digits, '_' and '-', starting with a letter or digit "
+                        "(a guid is one word of routing keys and broker user names)")
     if queue_type not in ("quorum", "classic"):
         raise MgmtError(f"queue type {queue_type!r} is not valid: expected 'quorum' or "
                         "'classic', as the agent's amqp.queue.type")

@@ -213,3 +213,9 @@ def test_a_relative_state_dir_is_refused_with_its_line() -> None:
     """state.dir must be absolute: the error names the file and line."""
     with pytest.raises(ConfigError, match=r"a.properties:2.*absolute directory path"):
         parse_config("name=x\nstate.dir=var/lib\n", "a.properties")
+
+
+def test_a_guid_with_a_dot_is_refused_at_start_up() -> None:
+    """A guid is one word of the routing keys: a dot would make every command look foreign."""
+    with pytest.raises(ConfigError, match="guid must be 1 to 64 characters"):
+        parse_config("guid=kvm.01\n", "/etc/hostdev/agent.properties")

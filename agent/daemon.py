@@ -25,7 +25,7 @@ from hostdev.agent.background import BackgroundCommands
 from hostdev.agent.boot_sequence import BootSequence
 from hostdev.agent.config import DEFAULT_PATH, AgentConfig, ensure_guid, load_config
 from hostdev.agent.errors import AgentError, ConfigError, HypervisorError
-from hostdev.agent.handlers import CommandHandlers, Timeouts, failure_answer
+from hostdev.agent.handlers import CommandHandlers, Timeouts
 from hostdev.agent.hypervisor import Hypervisor, LifecycleEvent
 from hostdev.agent.libvirt_host import LibvirtHost
 from hostdev.agent.metrics import serve_agent_metrics
@@ -109,7 +109,7 @@ class Agent:
         # Answers repeats of a command (outbox re-publication), also across a restart.
         recent = RecentCommands(path=Path(config.state_dir) / FILE_NAME)
         self.background = BackgroundCommands(bus, self.guid, recent)
-        self.pipeline = CommandPipeline(self.guid, recent, self.background, failure_answer,
+        self.pipeline = CommandPipeline(self.guid, recent, self.background,
                                         self.sequence)
 
     # -- outgoing ------------------------------------------------------------------

@@ -32,6 +32,7 @@ import structlog
 from hostdev.agent.background import BackgroundCommands
 from hostdev.agent.boot_sequence import BootSequence
 from hostdev.agent.errors import HypervisorError, SenderRefused
+from hostdev.agent.handlers import failure_answer
 from hostdev.agent.metrics import timed
 from hostdev.agent.recent_commands import RecentCommands
 from hostdev.messages.base import Message
@@ -45,8 +46,6 @@ _AGENT_USER = re.compile(r"agent-(?P<guid>.+)")
 
 #: The step that does the work: the typed message and its delivery, to an answer or None.
 Step = Callable[[Any, Incoming], "Message | None"]
-#: Builds the error answer to a command: the command, its VM and what failed.
-FailureAnswer = Callable[[Any, str, str], Message]
 
 
 def check_sender(guid: str, incoming: Incoming) -> None:
@@ -77,11 +76,10 @@ class CommandPipeline:
     """Builds the bus handlers of one agent, each taking the steps above."""
 
     def __init__(self, guid: str, recent: RecentCommands, background: BackgroundCommands,
-                 failure_answer: FailureAnswer, sequence: BootSequence) -> None:
+                 sequence: BootSequence) -> None:
         self.guid = guid
         self.recent = recent
         self.background = background
-        self.failure_answer = failure_answer
         self.sequence = sequence
 
     def command(self, run: Callable[[Any], Message]) -> Handler:
@@ -121,7 +119,7 @@ class CommandPipeline:
                     # Retrying would fail the same way: say so now, once.
                     log.warning("command_failed_permanently", type=kind, error=str(exc))
                     answer = self.sequence.stamp(
-                        self.failure_answer(message, _vm_of(message) or "", str(exc)))
+                        failure_answer(message, _vm_of(message) or "", str(exc)))
                 if answer is not None:
                     log.info("command_answered", type=type(answer).__name__,
                              result=getattr(answer, "result", ""))

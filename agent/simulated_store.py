@@ -77,15 +77,21 @@ def faults_file(uri: str) -> Path | None:
 
 
 def write_faults(uri: str, **faults: Any) -> None:
-    """Writes a host's faults file atomically (for tests); the watcher applies it."""
+    """Writes a host's faults file atomically (for tests); the watcher applies it.
+
+    Raises:
+        msgspec.ValidationError: a fault is misspelt or of the wrong type (the
+            watcher would otherwise read the file as "no faults").
+    """
     path = faults_file(uri)
     assert path is not None, f"{uri} is not a simulated:// URI"
+    msgspec.convert(faults, Faults, dec_hook=_address)
     temporary = path.with_name(path.name + ".tmp")
     temporary.write_text(json.dumps(faults), encoding="utf-8")
     os.replace(temporary, path)
 
 
-class Faults(msgspec.Struct, frozen=True):
+class Faults(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """The faults file: what a simulated host fails at, switched at run time."""
 
     version: int | None = None

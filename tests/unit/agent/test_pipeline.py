@@ -14,7 +14,6 @@ from hostdev.agent.boot_sequence import BootSequence
 from hostdev.agent.config import AgentConfig, parse_config
 from hostdev.agent.daemon import Agent
 from hostdev.agent.errors import HypervisorError, SenderRefused
-from hostdev.agent.handlers import failure_answer
 from hostdev.agent.pipeline import CommandPipeline, check_sender
 from hostdev.agent.recent_commands import RecentCommands
 from hostdev.agent.simulated import SimulatedHost
@@ -74,7 +73,7 @@ class LoopBus:
 def pipeline(bus: LoopBus | None = None) -> CommandPipeline:
     recent = RecentCommands()
     return CommandPipeline(GUID, recent, BackgroundCommands(bus or LoopBus(), GUID, recent),
-                           failure_answer, BootSequence())
+                           BootSequence())
 
 
 def stopper(runs: list[str]) -> Callable[[StopCommand], StopAnswer]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 from hostdev.messages.runtime.properties import (
     PropertiesError,
@@ -73,7 +73,7 @@ _KEYS: dict[str, tuple[str, Callable[[Property], Any]]] = {
     "host.disconnected.timeout": ("host_disconnected_after_s", duration),
     "host.down.timeout": ("host_down_after_s", duration),
     "host.sweep.interval": ("host_sweep_interval_s", duration),
-    "pci.migration.policy": ("pci_migration_policy", choice("forbid", "detach-attach")),
+    "pci.migration.policy": ("pci_migration_policy", choice(*get_args(MigrationPolicy))),
     "job.start.timeout": ("job_start_timeout_s", duration),
     "job.stop.timeout": ("job_stop_timeout_s", duration),
     "job.migrate.timeout": ("job_migrate_timeout_s", duration),

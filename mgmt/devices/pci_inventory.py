@@ -14,6 +14,9 @@ from hostdev.mgmt.devices.device_rows import (
     ALLOCATED,
     DEVICES,
     FREE,
+    QUARANTINED,
+    REMOVED,
+    RESERVED,
     C,
     address_columns,
     address_of,
@@ -135,10 +138,10 @@ def reconcile_inventory(
 
 def _back(row: Any) -> dict[str, DeviceState]:
     """Returns the state a device that is reported again takes back, if it changes."""
-    if row.state == "removed":
-        return {"state": "free"}
-    if row.state == "quarantined":
-        return {"state": "allocated" if row.instance_id is not None else "reserved"}
+    if row.state == REMOVED:
+        return {"state": FREE}
+    if row.state == QUARANTINED:
+        return {"state": ALLOCATED if row.instance_id is not None else RESERVED}
     return {}
 
 
@@ -169,7 +172,7 @@ def adopt_devices(conn: Connection, host_id: int, vm_id: int,
         RetryTransaction: a device was taken between the read and the UPDATE.
     """
     wanted = {PciAddress(a) for a in addresses}
-    query = select(DEVICES).where(C.host_id == host_id, state_is_not("removed"))
+    query = select(DEVICES).where(C.host_id == host_id, state_is_not(REMOVED))
     if locks_rows(conn):
         query = query.with_for_update()
     rows = [row for row in conn.execute(query) if address_of(row) in wanted]
@@ -178,14 +181,14 @@ def adopt_devices(conn: Connection, host_id: int, vm_id: int,
         + (f" for VM id {row.instance_id or row.reserved_for}"
            if (row.instance_id or row.reserved_for) else "")
         for row in rows
-        if not (row.state == "free" or (row.state == "allocated" and row.instance_id == vm_id))
+        if not (row.state == FREE or (row.state == ALLOCATED and row.instance_id == vm_id))
     )
     if conflicts:
         return Adoption(conflicts=conflicts)
-    free = [row for row in rows if row.state == "free"]
+    free = [row for row in rows if row.state == FREE]
     if free:
         result = conn.execute(
-            update(DEVICES).where(C.id.in_([row.id for row in free]), state_is("free"))
+            update(DEVICES).where(C.id.in_([row.id for row in free]), state_is(FREE))
             .values(state=ALLOCATED, instance_id=vm_id, updated_at=utcnow()))
         if result.rowcount != len(free):
             raise RetryTransaction(f"a device of VM id {vm_id} was taken while it was adopted")

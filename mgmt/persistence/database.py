@@ -176,7 +176,6 @@ def run_in_transaction(
     work: Callable[[Connection], T],
     *,
     attempts: int = 30,
-    read_only: bool = False,
     what: str = "transaction",
 ) -> T:
     """Runs ``work(conn)`` in a transaction, retrying lost races in NEW transactions.
@@ -192,7 +191,7 @@ def run_in_transaction(
     """
     for attempt in range(1, attempts + 1):
         try:
-            with transaction(engine, read_only=read_only) as conn:
+            with transaction(engine) as conn:
                 return work(conn)
         except Exception as exc:
             if not is_retryable(exc):

@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 from sqlalchemy import Engine, func, select
 
-from hostdev.messages.base import Message
 from hostdev.messages.events import JobFinished
 from hostdev.mgmt.persistence.database import RetryTransaction
 from hostdev.mgmt.persistence.models import Host, OutboxEvent, utcnow
 from hostdev.mgmt.persistence.outbox import OutboxPublisher, message_id_of
 from hostdev.mgmt.persistence.unit_of_work import AlreadyHandled, TxContext, UnitOfWork
+from tests.support.mgmt_harness import RecordingBus
 
 
 def _host(guid: str) -> Host:
@@ -27,26 +27,9 @@ def _event() -> JobFinished:
     return JobFinished(job_id=1, job_kind="deploy", state="succeeded", at=utcnow().isoformat())
 
 
-class _Bus:
-    """Records the message ids the outbox publishes with."""
-
-    def __init__(self) -> None:
-        self.message_ids: list[str | None] = []
-
-    def publish(self, routing_key: str, message: Message, *, exchange: str = "",
-                correlation_id: str | None = None, message_id: str | None = None,
-                reply_to: str | None = None, expiration_s: float | None = None,
-                headers: dict[str, object] | None = None) -> str:
-        self.message_ids.append(message_id)
-        return message_id or ""
-
-    def wait_for_confirms(self, timeout: float = 30.0) -> None:
-        """Confirms at once."""
-
-
 def test_orm_and_outbox_writes_commit_together(engine: Engine) -> None:
     """What the session adds is flushed and committed with the outbox rows, ids as stored."""
-    bus = _Bus()
+    bus = RecordingBus()
     work = UnitOfWork(engine, OutboxPublisher(engine, bus))
 
     def write(tx: TxContext) -> int:
@@ -64,7 +47,8 @@ def test_orm_and_outbox_writes_commit_together(engine: Engine) -> None:
                                      OutboxEvent.routing_key)
                               .order_by(OutboxEvent.id)).all()
     assert [key for _, _, key in stored] == [f"job.{n}.Succeeded" for n in (1, 2, 3)]
-    assert bus.message_ids == [message_id_of(row_id, mid) for row_id, mid, _ in stored]
+    assert [p.message_id for p in bus.published] == [
+        message_id_of(row_id, mid) for row_id, mid, _ in stored]
     assert all(len(mid) == 32 for _, mid, _ in stored)  # random, not the row's number
 
 

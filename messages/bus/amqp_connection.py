@@ -36,7 +36,12 @@ from hostdev.messages.bus.amqp_message import (
     wait_readable,
 )
 from hostdev.messages.bus.confirms import ConfirmWindow, Unconfirmed
-from hostdev.messages.bus.contract import AGENT_USER_PREFIX, DEAD_EXCHANGE, BusConfig
+from hostdev.messages.bus.contract import (
+    DEAD_EXCHANGE,
+    BusConfig,
+    publishes_dead_letters,
+    safe_url,
+)
 from hostdev.messages.bus.failures import BrokerUnreachable, broker_failure
 from hostdev.messages.bus.link import Stopped
 from hostdev.messages.bus.loop import WakePipe
@@ -98,7 +103,7 @@ class AmqpConnection:
         so no dead letter can claim to come from elsewhere; the broker
         dead-letters what it rejects instead.
         """
-        return not self.user_id.startswith(AGENT_USER_PREFIX)
+        return publishes_dead_letters(self.user_id)
 
     @property
     def usable(self) -> bool:
@@ -107,7 +112,7 @@ class AmqpConnection:
 
     def url(self) -> str:
         """Returns the URL in use (or to try next), password masked."""
-        return BusConfig(url=self.urls[self.url_index % len(self.urls)]).safe_url()
+        return safe_url(self.urls[self.url_index % len(self.urls)])
 
     def connect(self) -> None:
         """Tries each failover URL once, unless already connected.

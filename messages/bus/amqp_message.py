@@ -27,8 +27,8 @@ from hostdev.messages.bus.contract import (
     DEAD_EXCHANGE,
     DEAD_LETTERED_BY_HEADER,
     DEAD_QUEUE,
+    DROPPED_DEAD_LETTER_HEADERS,
     EVENTS_EXCHANGE,
-    HOSTDEV_HEADER_PREFIX,
     REASON_HEADER,
     BusConfig,
     capped,
@@ -62,9 +62,6 @@ _RECV_MOST = 1 << 18
 # (a capped reason and a few names) they stay well inside one content-header
 # frame (RabbitMQ's frame_max is 128 kB by default).
 _KEPT_HEADERS = 64 * 1024
-# Headers only the broker should write (it dead-letters with them): a sender's
-# copies would pass for the broker's in a dead letter hostdev publishes.
-_BROKER_HEADERS = ("x-death", "x-first-death-", "x-last-death-")
 
 
 def open_connection(url: str, config: BusConfig, *, heartbeat: float | None = None
@@ -203,7 +200,7 @@ def dead_letter_copy(raw_message: amqp.Message, *, queue: str, reason: str,
     props = dict(raw_message.properties)
     headers = {key: value for key, value
                in (props.pop("application_headers", None) or {}).items()
-               if not key.startswith((HOSTDEV_HEADER_PREFIX, *_BROKER_HEADERS))}
+               if not key.startswith(DROPPED_DEAD_LETTER_HEADERS)}
     if headers and len(dumps("F", [headers])) > _KEPT_HEADERS:
         headers = {"x-hostdev-headers-dropped": f"over {_KEPT_HEADERS} bytes"}
     info = getattr(raw_message, "delivery_info", None) or {}

@@ -37,6 +37,10 @@ HOSTDEV_HEADER_PREFIX = "x-hostdev-"
 HEADER_LIMIT = 4096
 #: Broker users of agents are ``agent-<guid>``; they may not publish to hostdev.dead.
 AGENT_USER_PREFIX = "agent-"
+#: The sender's headers a dead-letter copy drops: hostdev's own (the copy's
+#: origin must not be forged) and the broker's death records.
+DROPPED_DEAD_LETTER_HEADERS = (HOSTDEV_HEADER_PREFIX, "x-death", "x-first-death-",
+                               "x-last-death-")
 CONTENT_TYPE = "application/json"
 #: Exchanges hostdev publishes to ("" is the default exchange, for ``reply_to``).
 KNOWN_EXCHANGES = frozenset({"", COMMANDS_EXCHANGE, EVENTS_EXCHANGE, DEAD_EXCHANGE})
@@ -93,7 +97,7 @@ class BusConfig:
 
     def safe_url(self) -> str:
         """Returns the URL(s) with passwords masked, for logs and error texts."""
-        return ";".join(_mask(url) for url in self.url.split(";"))
+        return ";".join(safe_url(url) for url in self.url.split(";"))
 
 
 def capped(text: str, limit: int = HEADER_LIMIT) -> str:
@@ -118,12 +122,22 @@ def user_from_url(url: str) -> str:
     return unquote(user) if user else "guest"
 
 
-def _mask(url: str) -> str:
+def safe_url(url: str) -> str:
+    """Returns one URL with its password masked, for logs and error texts."""
     parts = urlsplit(url.strip())
     if parts.password is None:
         return url.strip()
     netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
     return parts._replace(netloc=netloc).geturl()
+
+
+def publishes_dead_letters(user_id: str) -> bool:
+    """Tells whether a bus logged in as ``user_id`` may publish to hostdev.dead.
+
+    An agent's user (``agent-<guid>``) may not: its broker permissions refuse
+    it, so its bus rejects and the broker dead-letters instead.
+    """
+    return not user_id.startswith(AGENT_USER_PREFIX)
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 
 import amqp.exceptions
 
-from hostdev.messages.bus.contract import BusConfig
+from hostdev.messages.bus.contract import safe_url
 from hostdev.messages.errors import BusError
 
 #: URL schemes the bus speaks.
@@ -51,7 +51,7 @@ def check_scheme(url: str) -> None:
     scheme = urlsplit(url.strip()).scheme
     if scheme not in AMQP_SCHEMES:
         raise BrokerUnreachable(
-            BusConfig(url=url).safe_url(),
+            safe_url(url),
             f"scheme {scheme + '://' if scheme else '(none)'} is not AMQP; use "
             "amqp://user:password@host:5672/vhost or amqps://...", permanent=True)
 

@@ -23,8 +23,8 @@ from hostdev.messages.bus.contract import (
     DEAD_EXCHANGE,
     DEAD_LETTERED_BY_HEADER,
     DEAD_QUEUE,
+    DROPPED_DEAD_LETTER_HEADERS,
     EVENTS_EXCHANGE,
-    HOSTDEV_HEADER_PREFIX,
     REASON_HEADER,
     capped,
     topic_matches,
@@ -166,7 +166,7 @@ class InProcessBroker:
         """
         props = dict(envelope.properties)
         headers = {key: value for key, value in (props.get("headers") or {}).items()
-                   if not key.startswith((HOSTDEV_HEADER_PREFIX, "x-death"))}
+                   if not key.startswith(DROPPED_DEAD_LETTER_HEADERS)}
         headers.update({REASON_HEADER: capped(reason), "x-hostdev-queue": queue,
                         "x-hostdev-exchange": envelope.exchange,
                         "x-hostdev-routing-key": envelope.routing_key})

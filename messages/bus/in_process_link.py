@@ -15,11 +15,11 @@ from collections.abc import Callable
 
 from hostdev.messages.base import Message
 from hostdev.messages.bus.contract import (
-    AGENT_USER_PREFIX,
     COMMANDS_EXCHANGE,
     DEAD_QUEUE,
     DIRECT_REPLY_TO,
     BusConfig,
+    publishes_dead_letters,
 )
 from hostdev.messages.bus.in_process_broker import Consumer, Envelope, InProcessBroker
 from hostdev.messages.bus.wire import Delivery, Outgoing, decode_answer, new_outgoing
@@ -188,7 +188,7 @@ class InProcessLink:
     @property
     def publishes_dead_letters(self) -> bool:
         """False for an agent's user (``agent-<guid>``), as on RabbitMQ with its permissions."""
-        return not self.user_id.startswith(AGENT_USER_PREFIX)
+        return publishes_dead_letters(self.user_id)
 
     def is_current(self, delivery: Delivery) -> bool:
         """Always True: an in-process connection is never lost."""

@@ -30,7 +30,7 @@ from hostdev.messages.bus.amqp_message import (
     to_amqp,
     wait_readable,
 )
-from hostdev.messages.bus.contract import COMMANDS_EXCHANGE, DIRECT_REPLY_TO, BusConfig
+from hostdev.messages.bus.contract import COMMANDS_EXCHANGE, DIRECT_REPLY_TO, BusConfig, safe_url
 from hostdev.messages.bus.failures import BrokerUnreachable, broker_failure
 from hostdev.messages.bus.wire import decode_answer, new_outgoing
 from hostdev.messages.errors import BusError, RequestTimeout
@@ -134,7 +134,7 @@ class RpcClient:
         return decode_answer(self._reply.body, name, mid)
 
     def _safe_url(self) -> str:
-        return BusConfig(url=self._urls[self._url_index % len(self._urls)]).safe_url()
+        return safe_url(self._urls[self._url_index % len(self._urls)])
 
     def _open(self) -> None:
         url = self._urls[self._url_index % len(self._urls)]

@@ -98,9 +98,17 @@ def job_for_answer(tx: TxContext, answer: VmAnswer, correlation_id: str | None,
     if not correlation_id:
         raise ForgedAnswer(f"an answer from {claimed} carries no correlation_id, so it answers "
                            "no command; nothing changed")
-    sent_to = tx.session.scalar(select(OutboxEvent.routing_key)
-                                .where(OutboxEvent.message_id == correlation_id))
-    target = _command_host(sent_to)
+    # The job waiting for this command knows its host: no outbox read on the
+    # usual path. Only an answer no job waits for (late, or forged) is looked
+    # up among the commands management sent.
+    job = tx.session.scalar(select(Job).where(Job.command_id == correlation_id)
+                            .with_for_update())
+    if job is not None and job.command_host is not None:
+        target: str | None = job.command_host
+    else:
+        job = None
+        target = _command_host(tx.session.scalar(
+            select(OutboxEvent.routing_key).where(OutboxEvent.message_id == correlation_id)))
     if target is None:
         raise ForgedAnswer(
             f"an answer from {claimed} correlates to {correlation_id}, which is no command "
@@ -109,8 +117,6 @@ def job_for_answer(tx: TxContext, answer: VmAnswer, correlation_id: str | None,
         raise ForgedAnswer(
             f"an answer from {claimed} correlates to command {correlation_id}, which went to "
             f"host {target}: only that host may answer it; nothing changed")
-    job = tx.session.scalar(select(Job).where(
-        Job.command_id == correlation_id, Job.command_host == sender).with_for_update())
     vm = tx.session.get(VmInstance, job.vm_id) if job is not None and job.vm_id else None
     if job is not None and (vm is None or vm.uuid != vm_uuid):
         raise ForgedAnswer(

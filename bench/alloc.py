@@ -47,25 +47,25 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import random
-import secrets
 import statistics
 import sys
 import time
 from typing import Any
 
 import pymysql
+import scratch
 import structlog
+from sqlalchemy import make_url
 
 from hostdev.messages.codec import encode
 from hostdev.messages.events import PciDeviceAllocated, PciDeviceReleased
 from hostdev.messages.pci_address import PciAddress
 from hostdev.messages.values import PciRequest
-from hostdev.mgmt.persistence.database import create_database_engine, upgrade
+from hostdev.mgmt.persistence.database import create_database_engine
 from hostdev.mgmt.persistence.models import VmInstance, utcnow
 from hostdev.mgmt.persistence.unit_of_work import TxContext, UnitOfWork
 from hostdev.mgmt.vms.vm_lifecycle import PciDeviceManager
 
-SOCKET = "/run/mysqld/mysqld.sock"
 HOSTS = 2_000
 NAMES = ["10GE", "25GE", "GPU", "NVME", "FPGA"]
 PER_NAME = 10
@@ -76,12 +76,12 @@ ROUNDS = 3
 
 
 def _connect(database: str | None = None) -> pymysql.connections.Connection[Any]:
-    return pymysql.connect(unix_socket=SOCKET, user="root", database=database, autocommit=False)
+    return pymysql.connect(unix_socket=scratch.MARIADB_SOCKET, user="root", database=database,
+                           autocommit=False)
 
 
 def populate(database: str) -> None:
-    """Creates the schema with Alembic, then fills hosts, devices and VMs in bulk."""
-    upgrade(url(database))
+    """Fills the (migrated) database with hosts, devices and VMs in bulk."""
     now = "2026-01-01 00:00:00"
     conn = _connect(database)
     with conn.cursor() as cur:
@@ -115,11 +115,6 @@ def populate(database: str) -> None:
     conn.close()
 
 
-def url(database: str) -> str:
-    """Returns the SQLAlchemy URL of the bench database."""
-    return f"mysql+pymysql://root@localhost/{database}?unix_socket={SOCKET}"
-
-
 def workload(seed: int, vms: list[int]) -> list[tuple[int, int, str]]:
     """Returns the (vm, host, name) sequence one process runs."""
     rng = random.Random(seed)
@@ -140,7 +135,7 @@ class Sides:
 
     def __init__(self, database: str) -> None:
         structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(30))
-        self.engine = create_database_engine(url(database))
+        self.engine = create_database_engine(scratch.mariadb_url(database))
         self.work = UnitOfWork(self.engine)
         self.devices = PciDeviceManager()
         self.work.run(lambda tx: tx.session.connection())  # pool it outside the timing
@@ -288,10 +283,9 @@ def measure(database: str, processes: int, round_no: int) -> dict[str, float]:
 def main() -> int:
     """Creates the bench database, runs every round, prints the figures, drops it."""
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(30))
-    database = f"hostdev_bench_{secrets.token_hex(4)}"
-    admin = _connect()
-    admin.cursor().execute(f"CREATE DATABASE `{database}`")
-    try:
+    with scratch.database("alloc") as db_url:
+        database = make_url(db_url).database
+        assert database is not None
         started = time.perf_counter()
         populate(database)
         print(f"populated {HOSTS} hosts, {HOSTS * len(NAMES) * PER_NAME} devices, {VMS} VMs "
@@ -304,9 +298,6 @@ def main() -> int:
                     results.setdefault((kind, processes), []).append(rate)
                     print(f"round {round_no + 1}: {kind} x{processes}: {rate:,.0f} ops/s",
                           file=sys.stderr)
-    finally:
-        admin.cursor().execute(f"DROP DATABASE IF EXISTS `{database}`")
-        admin.close()
 
     medians = {key: statistics.median(rates) for key, rates in results.items()}
     lines = []

@@ -22,6 +22,7 @@ process: it never stops the agent.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import tempfile
 from collections import OrderedDict
@@ -72,7 +73,9 @@ class RecentCommands:
         self._size = size
         self._persisted = max(1, min(persisted, size))
         self._path = Path(path) if path is not None else None
-        self._answers: OrderedDict[str, Message] = OrderedDict()
+        # Each answer with its encoding: the state file is rewritten after every
+        # new answer, and re-encoding hundreds of answers each time is waste.
+        self._answers: OrderedDict[str, tuple[Message, bytes]] = OrderedDict()
         if self._path is not None:
             self._load(self._path)
 
@@ -80,7 +83,8 @@ class RecentCommands:
         """Returns the answer already given to ``message_id``, or None if it is new."""
         if not message_id:
             return None
-        return self._answers.get(message_id)
+        kept = self._answers.get(message_id)
+        return kept[0] if kept is not None else None
 
     def remember(self, message_id: str | None, answer: Message) -> None:
         """Records the answer to ``message_id``, forgetting the oldest beyond the size.
@@ -90,7 +94,7 @@ class RecentCommands:
         """
         if not message_id:
             return
-        self._answers[message_id] = answer
+        self._answers[message_id] = (answer, encode(answer) if self._path is not None else b"")
         self._answers.move_to_end(message_id)
         while len(self._answers) > self._size:
             self._answers.popitem(last=False)
@@ -115,21 +119,22 @@ class RecentCommands:
             stored = msgspec.json.decode(raw, type=_File)
             if stored.version != FILE_VERSION:
                 raise ValueError(f"version {stored.version}, expected {FILE_VERSION}")
-            answers = [(entry.id, decode(bytes(entry.answer))) for entry in stored.answers]
+            answers = [(entry.id, (decode(body), body))
+                       for entry in stored.answers for body in (bytes(entry.answer),)]
         except (msgspec.DecodeError, MessageError, ValueError) as exc:
             log.error("recent_commands_corrupt", path=str(path), error=str(exc)[:200],
                       hint="the file is ignored and replaced by the next answer; repeats of "
                            "commands answered before this start run again")
             return
-        for message_id, answer in answers[-self._size:]:
-            self._answers[message_id] = answer
+        for message_id, kept in answers[-self._size:]:
+            self._answers[message_id] = kept
         log.info("recent_commands_loaded", path=str(path), answers=len(self._answers))
 
     def _save(self, path: Path) -> None:
-        kept = list(self._answers.items())[-self._persisted:]
+        newest = list(itertools.islice(reversed(self._answers.items()), self._persisted))
         body = msgspec.json.encode(_File(version=FILE_VERSION, answers=[
-            _Entry(id=message_id, answer=msgspec.Raw(encode(answer)))
-            for message_id, answer in kept]))
+            _Entry(id=message_id, answer=msgspec.Raw(encoded))
+            for message_id, (_, encoded) in reversed(newest)]))
         try:
             path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")

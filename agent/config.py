@@ -18,6 +18,7 @@ from typing import Any, Literal
 import structlog
 
 from hostdev.agent.errors import ConfigError
+from hostdev.messages.bus.contract import QUEUE_TYPES
 from hostdev.messages.errors import PciAddressError
 from hostdev.messages.limits import GUID_PATTERN, GUID_RULE
 from hostdev.messages.pci_address import PciAddress
@@ -159,7 +160,7 @@ _KEYS: dict[str, tuple[str, Callable[[Property], object]]] = {
     "amqp.url": ("amqp_url", url(("amqp", "amqps"), "amqp://user:pass@host:port/vhost or "
                                  "amqps://..., several separated by ';' for failover",
                                  separator=";")),
-    "amqp.queue.type": ("amqp_queue_type", choice("quorum", "classic")),
+    "amqp.queue.type": ("amqp_queue_type", choice(*QUEUE_TYPES)),
     "libvirt.uri": ("libvirt_uri", _LIBVIRT_URI),
     "migration.uri": ("migration_uri", _LIBVIRT_URI),
     "pci.devices": ("pci_devices", parse_pci_devices),

@@ -12,6 +12,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, get_args
 
+from hostdev.messages.bus.contract import QUEUE_TYPES
 from hostdev.messages.runtime.properties import (
     PropertiesError,
     Property,
@@ -68,7 +69,7 @@ _AMQP_URL = url(("amqp", "amqps", "memory"),
 _KEYS: dict[str, tuple[str, Callable[[Property], Any]]] = {
     "db.url": ("db_url", _DB_URL),
     "amqp.url": ("amqp_url", _AMQP_URL),
-    "amqp.queue.type": ("amqp_queue_type", choice("quorum", "classic")),
+    "amqp.queue.type": ("amqp_queue_type", choice(*QUEUE_TYPES)),
     "ping.interval": ("ping_interval_s", duration),
     "host.disconnected.timeout": ("host_disconnected_after_s", duration),
     "host.down.timeout": ("host_down_after_s", duration),

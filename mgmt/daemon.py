@@ -24,6 +24,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any, Final
 
+from hostdev.messages.bus.contract import QUEUE_TYPES
 from hostdev.mgmt.config import load_config
 from hostdev.mgmt.errors import MgmtError
 from hostdev.mgmt.persistence import database
@@ -121,7 +122,7 @@ def add_rabbitmq_user_commands(subparsers: Any) -> None:
     add.add_argument("guid", help="the agent's guid (its agent.properties `guid=`)")
     add.add_argument("--vhost", default="/", help="the broker vhost (default: /)")
     add.add_argument("--password", default=None, help="default: a generated one")
-    add.add_argument("--queue-type", choices=("quorum", "classic"), default="quorum",
+    add.add_argument("--queue-type", choices=QUEUE_TYPES, default="quorum",
                      help="the agent's amqp.queue.type: its queue is created to match "
                           "(default: quorum)")
     add.add_argument("--apply", action="store_true",

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from hostdev.messages.bus.contract import (
     COMMANDS_EXCHANGE,
     DEAD_EXCHANGE,
+    QUEUE_TYPES,
     BusConfig,
     queue_arguments,
 )
@@ -128,7 +129,7 @@ def agent_user_recipe(guid: str, *, vhost: str = "/", password: str | None = Non
         raise MgmtError(f"agent guid {guid!r} is not valid: expected 1-64 characters of "
                         "letters, digits, '_' and '-', starting with a letter or digit "
                         "(a guid is one word of routing keys and broker user names)")
-    if queue_type not in ("quorum", "classic"):
+    if queue_type not in QUEUE_TYPES:
         raise MgmtError(f"queue type {queue_type!r} is not valid: expected 'quorum' or "
                         "'classic', as the agent's amqp.queue.type")
     return AgentUserRecipe(guid=guid, vhost=vhost,

@@ -42,6 +42,8 @@ AGENT_USER_PREFIX = "agent-"
 DROPPED_DEAD_LETTER_HEADERS = (HOSTDEV_HEADER_PREFIX, "x-death", "x-first-death-",
                                "x-last-death-")
 CONTENT_TYPE = "application/json"
+#: The queue types hostdev declares its queues with (``amqp.queue.type``).
+QUEUE_TYPES = ("quorum", "classic")
 #: Exchanges hostdev publishes to ("" is the default exchange, for ``reply_to``).
 KNOWN_EXCHANGES = frozenset({"", COMMANDS_EXCHANGE, EVENTS_EXCHANGE, DEAD_EXCHANGE})
 
@@ -78,7 +80,7 @@ class BusConfig:
     reconnect_max_s: float = 30.0
 
     def __post_init__(self) -> None:
-        if self.queue_type not in ("quorum", "classic"):
+        if self.queue_type not in QUEUE_TYPES:
             raise ValueError(
                 f"BusConfig.queue_type is {self.queue_type!r}; expected 'quorum' or 'classic'")
         if self.delivery_limit < 1 or self.prefetch < 1 or self.confirm_window < 1:

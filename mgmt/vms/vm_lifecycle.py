@@ -80,10 +80,6 @@ class VmLifecycleManager:
     def __init__(self, listeners: Sequence[TransitionListener] = ()) -> None:
         self._listeners = list(listeners)
 
-    def add_listener(self, listener: TransitionListener) -> None:
-        """Registers a listener; listeners run in registration order."""
-        self._listeners.append(listener)
-
     def transition(self, tx: TxContext, vm: VmInstance, event: VmEvent, *,
                    host_id: int | object | None = _KEEP) -> VmState:
         """Applies ``event`` to ``vm`` in the session's transaction; returns the new state.

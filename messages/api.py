@@ -36,6 +36,7 @@ from hostdev.messages.values import (
     HostVerdict,
     JobRow,
     MigrationPolicy,
+    NumaPolicy,
     OfferingRow,
     PciDeviceRow,
     PciRequests,
@@ -101,6 +102,7 @@ class CreateOfferingRequest(ApiRequest, frozen=True, kw_only=True):
     memory_mb: MemoryMb = 512
     pci_devices: PciDeviceText = ""
     migration_policy: MigrationPolicy | None = None
+    numa_policy: NumaPolicy | None = None
 
 
 class DeployVmRequest(ApiRequest, frozen=True, kw_only=True):

@@ -35,12 +35,20 @@ from hostdev.messages.limits import (
 )
 from hostdev.messages.pci_address import PciAddress
 
-DeviceState = Literal["free", "allocated", "reserved", "quarantined", "disabled", "removed"]
+#: ``unavailable``: free, but not offered (a rule of docs/devices.md keeps it back; its
+#: reason says which); ``cleaning``: released, waiting for its host's reset.
+DeviceState = Literal[
+    "free", "allocated", "reserved", "quarantined", "disabled", "removed", "unavailable",
+    "cleaning",
+]
 HostStatus = Literal["Up", "Disconnected", "Down", "Maintenance"]
 VmState = Literal[
     "Stopped", "Starting", "Running", "Stopping", "Migrating", "Destroyed", "Error"
 ]
 MigrationPolicy = Literal["forbid", "detach-attach"]
+#: Where an offering wants its VM's devices: all on one NUMA node (``required``), on one
+#: when a host can (``preferred``), or anywhere (``none``).
+NumaPolicy = Literal["required", "preferred", "none"]
 JobState = Literal["pending", "running", "succeeded", "failed"]
 
 
@@ -64,6 +72,9 @@ class PciDeviceInfo(Value, frozen=True, kw_only=True):
     virtual_functions: PciAddresses = ()
     #: The host driver bound to the device (``vfio-pci``), "" when none.
     driver: Word = ""
+    #: Why the agent keeps the device from being offered ("" when it may be):
+    #: e.g. its IOMMU group has a member that is not in pci.devices.
+    withheld: Reason = ""
 
 
 class DomainInfo(Value, frozen=True, kw_only=True):
@@ -83,6 +94,8 @@ class VmSpec(Value, frozen=True, kw_only=True):
     cpus: Cpus
     memory_mb: MemoryMb
     pci_devices: PciAddresses = ()
+    #: The host NUMA node the guest's memory is kept on (offering policy ``required``).
+    numa_node: NumaNode | None = None
 
 
 class DeviceOutcome(Value, frozen=True, kw_only=True):
@@ -141,8 +154,11 @@ class PciDeviceRow(Value, frozen=True, kw_only=True):
     physical_function: PciAddress | None = None
     virtual_functions: PciAddresses = ()
     driver: Word = ""
-    #: Why an operator disabled the device, "" when nobody said.
-    disabled_reason: Reason = ""
+    #: Why the device is in its state: who disabled it and why, which rule keeps it
+    #: unavailable, why it was quarantined; "" when nothing needs saying.
+    reason: Reason = ""
+    #: Why the agent withholds the device from offer, "" when it does not.
+    withheld: Reason = ""
 
 
 class OfferingRow(Value, frozen=True, kw_only=True):
@@ -154,6 +170,7 @@ class OfferingRow(Value, frozen=True, kw_only=True):
     memory_mb: BigAmount
     pci_requests: PciRequests = ()
     migration_policy: MigrationPolicy = "forbid"
+    numa_policy: NumaPolicy = "none"
 
 
 class VmRow(Value, frozen=True, kw_only=True):
@@ -166,6 +183,8 @@ class VmRow(Value, frozen=True, kw_only=True):
     host_guid: Guid | None = None
     host_name: Label | None = None
     pci_devices: PciAddresses = ()
+    #: The NUMA node its devices were placed on, None when its offering has no policy.
+    numa_node: NumaNode | None = None
 
 
 class JobRow(Value, frozen=True, kw_only=True):

@@ -215,3 +215,21 @@ ALTER TABLE op_host_pci_devices ADD COLUMN disabled_reason VARCHAR(255) NOT NULL
 
 UPDATE alembic_version SET version_num='0006' WHERE alembic_version.version_num = '0005';
 
+-- Running upgrade 0006 -> 0007
+
+ALTER TABLE op_host_pci_devices DROP CHECK ck_op_host_pci_devices_state;
+
+ALTER TABLE op_host_pci_devices ADD CONSTRAINT ck_op_host_pci_devices_state CHECK (state IN ('free', 'allocated', 'reserved', 'quarantined', 'disabled', 'removed', 'unavailable', 'cleaning'));
+
+ALTER TABLE op_host_pci_devices CHANGE disabled_reason reason VARCHAR(255) NOT NULL DEFAULT '';
+
+ALTER TABLE op_host_pci_devices ADD COLUMN withheld VARCHAR(255) NOT NULL DEFAULT '';
+
+ALTER TABLE service_offerings ADD COLUMN numa_policy VARCHAR(16) NOT NULL DEFAULT 'none';
+
+ALTER TABLE service_offerings ADD CONSTRAINT ck_service_offerings_numa_policy CHECK (numa_policy IN ('required', 'preferred', 'none'));
+
+ALTER TABLE vm_instances ADD COLUMN numa_node INTEGER;
+
+UPDATE alembic_version SET version_num='0007' WHERE alembic_version.version_num = '0006';
+

@@ -122,7 +122,7 @@ def _devices(args: argparse.Namespace, request: Requester, out: TextIO) -> int:
 def _device_rows(devices: Sequence[PciDeviceRow], out: TextIO) -> None:
     render_table(("HOST", "ADDRESS", "NAME", "STATE", "VM", "NUMA", "GROUP", "PF/VF", "REASON"),
                  [(d.host_name, d.address, d.name, d.state, d.vm_uuid, d.numa_node,
-                   _group(d), _sriov(d), d.disabled_reason) for d in devices], out)
+                   _group(d), _sriov(d), d.reason) for d in devices], out)
 
 
 def _group(device: PciDeviceRow) -> str:

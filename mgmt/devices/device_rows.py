@@ -22,6 +22,8 @@ RESERVED: Final[DeviceState] = "reserved"
 QUARANTINED: Final[DeviceState] = "quarantined"
 DISABLED: Final[DeviceState] = "disabled"
 REMOVED: Final[DeviceState] = "removed"
+UNAVAILABLE: Final[DeviceState] = "unavailable"
+CLEANING: Final[DeviceState] = "cleaning"
 #: The columns that store an address, most significant first: ordering by
 #: them orders devices by address.
 ADDRESS_COLUMNS: Final = (C.domain, C.bus, C.slot, C.function)
@@ -58,6 +60,8 @@ class DeviceCounts:
     quarantined: int = 0
     disabled: int = 0
     removed: int = 0
+    unavailable: int = 0
+    cleaning: int = 0
 
     @property
     def total(self) -> int:
@@ -105,6 +109,7 @@ def fact_columns(info: PciDeviceInfo) -> dict[str, Any]:
         "iommu_members": join_addresses(info.iommu_members),
         "physical_function": str(PciAddress(pf)) if pf is not None else None,
         "virtual_functions": join_addresses(info.virtual_functions), "driver": info.driver,
+        "withheld": info.withheld,
     }
 
 
@@ -135,4 +140,4 @@ def api_row(device: PciDevice, host_guid: str, host_name: str,
         physical_function=(PciAddress(device.physical_function)
                            if device.physical_function else None),
         virtual_functions=split_addresses(device.virtual_functions), driver=device.driver,
-        disabled_reason=device.disabled_reason)
+        reason=device.reason, withheld=device.withheld)

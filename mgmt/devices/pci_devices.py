@@ -306,7 +306,7 @@ def disable_device(conn: Connection, device_id: int, reason: str = "") -> Device
     result = conn.execute(
         update(DEVICES)
         .where(C.id == device_id, state_is(FREE))
-        .values(state=DISABLED, disabled_reason=reason, updated_at=utcnow())
+        .values(state=DISABLED, reason=reason, updated_at=utcnow())
     )
     if result.rowcount == 1:
         return DISABLED
@@ -333,7 +333,7 @@ def enable_device(conn: Connection, device_id: int) -> DeviceState:
     result = conn.execute(
         update(DEVICES)
         .where(C.id == device_id, state_is(DISABLED))
-        .values(state=FREE, disabled_reason="", updated_at=utcnow())
+        .values(state=FREE, reason="", updated_at=utcnow())
     )
     if result.rowcount == 1:
         return FREE

@@ -27,6 +27,7 @@ from hostdev.messages.values import (
     HostStatus,
     JobState,
     MigrationPolicy,
+    NumaPolicy,
     VmState,
 )
 
@@ -46,6 +47,7 @@ HOST_STATUSES: Final[tuple[HostStatus, ...]] = get_args(HostStatus)
 DEVICE_STATES: Final[tuple[DeviceState, ...]] = get_args(DeviceState)
 VM_STATES: Final[tuple[VmState, ...]] = get_args(VmState)
 MIGRATION_POLICIES: Final[tuple[MigrationPolicy, ...]] = get_args(MigrationPolicy)
+NUMA_POLICIES: Final[tuple[NumaPolicy, ...]] = get_args(NumaPolicy)
 JOB_STATES: Final[tuple[JobState, ...]] = get_args(JobState)
 # The values SQL conditions compare with, by name: the type checker sees the
 # spelling of a typed attribute compared in Python, not inside an expression.
@@ -132,6 +134,7 @@ class ServiceOffering(Base):
     __tablename__ = "service_offerings"
     __table_args__ = (
         CheckConstraint(_one_of("migration_policy", MIGRATION_POLICIES), name="migration_policy"),
+        CheckConstraint(_one_of("numa_policy", NUMA_POLICIES), name="numa_policy"),
         MYSQL_OPTIONS,
     )
 
@@ -140,6 +143,8 @@ class ServiceOffering(Base):
     cpus: Mapped[int] = mapped_column(Integer)
     memory_mb: Mapped[int] = mapped_column(BigInteger)
     migration_policy: Mapped[MigrationPolicy] = mapped_column(String(16), default="forbid")
+    numa_policy: Mapped[NumaPolicy] = mapped_column(String(16), default="none",
+                                                    server_default="none")
     created_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)
 
 
@@ -185,6 +190,8 @@ class VmInstance(Base):
     #: a report of that boot numbered below it does not change the VM.
     answer_boot_id: Mapped[str | None] = mapped_column(String(64))
     answer_seq: Mapped[int | None] = mapped_column(BigInteger)
+    #: The NUMA node its devices were placed on; NULL when its offering has no NUMA policy.
+    numa_node: Mapped[int | None] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow, onupdate=utcnow)
 
@@ -200,6 +207,9 @@ class PciDevice(Base):
     - ``quarantined``: gone from the agent's inventory while held or reserved;
       ``instance_id`` or ``reserved_for`` still names the VM; never offered.
     - ``disabled``: taken out of service by an operator while free.
+    - ``unavailable``: free, but a hardware rule keeps it from offer (its IOMMU
+      group, its PF or VFs, what its agent withholds); ``reason`` says which.
+    - ``cleaning``: let go by its VM, waiting for its host to reset it.
     - ``removed``: gone from the inventory and held by nobody; kept (never
       deleted) so a device that comes back keeps its id and history.
 
@@ -246,7 +256,10 @@ class PciDevice(Base):
     virtual_functions: Mapped[str] = mapped_column(String(ADDRESS_LIST_LENGTH), default="",
                                                    server_default="")
     driver: Mapped[str] = mapped_column(String(64), default="", server_default="")
-    disabled_reason: Mapped[str] = mapped_column(String(255), default="", server_default="")
+    #: Why the device is in its state (who disabled it, which rule keeps it unavailable).
+    reason: Mapped[str] = mapped_column(String(255), default="", server_default="")
+    #: Why its agent withholds it from offer, "" when it does not.
+    withheld: Mapped[str] = mapped_column(String(255), default="", server_default="")
     created_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow, onupdate=utcnow)
 

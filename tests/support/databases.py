@@ -20,12 +20,20 @@ from pathlib import Path
 from typing import Any, Final
 
 import pymysql
+from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, insert, make_url
 
-from hostdev.mgmt.persistence.database import upgrade
+from hostdev.mgmt.persistence.database import alembic_config, upgrade
 from hostdev.mgmt.persistence.models import Host, ServiceOffering, VmInstance
 
 MARIADB_SOCKET: Final = os.environ.get("HOSTDEV_TEST_MARIADB_SOCKET", "/run/mysqld/mysqld.sock")
+
+
+def head_revision(url: str) -> str:
+    """Returns the newest revision the migrations hold."""
+    head = ScriptDirectory.from_config(alembic_config(url)).get_current_head()
+    assert head is not None
+    return head
 
 
 def mariadb_url(database: str) -> str:

@@ -26,7 +26,7 @@ def test_the_fact_columns_hold_what_the_agent_reports(engine: Engine) -> None:
     with engine.connect() as conn:
         rows = conn.exec_driver_sql(
             "SELECT name, vendor, product, class_code, numa_node, iommu_members, "
-            "physical_function, virtual_functions, driver, disabled_reason "
+            "physical_function, virtual_functions, driver, reason "
             f"FROM op_host_pci_devices WHERE host_id = {host_id} ORDER BY name").all()
     assert [tuple(r) for r in rows] == [
         ("pf", "", "", 0, 0, "", None, ",".join(f"0000:5e:02.{n}" for n in range(8)), "", ""),

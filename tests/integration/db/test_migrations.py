@@ -19,7 +19,7 @@ from hostdev.mgmt.persistence.database import (
     current_revision,
 )
 from hostdev.mgmt.persistence.models import Base
-from tests.support.databases import mariadb_database, sqlite_database
+from tests.support.databases import head_revision, mariadb_database, sqlite_database
 
 
 @pytest.fixture(params=["sqlite", pytest.param("mariadb", marks=pytest.mark.mariadb)])
@@ -36,7 +36,7 @@ def empty_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
 def test_upgrade_head_leaves_nothing_for_autogenerate(empty_url: str) -> None:
     """After `upgrade head`, autogenerate finds no difference from the models."""
     command.upgrade(alembic_config(empty_url), "head")
-    assert current_revision(empty_url) == "0006"
+    assert current_revision(empty_url) == head_revision(empty_url)
     engine = create_database_engine(empty_url)
     try:
         with engine.connect() as conn:
@@ -58,7 +58,7 @@ def test_downgrade_base_drops_everything(empty_url: str) -> None:
     finally:
         engine.dispose()
     command.upgrade(config, "head")
-    assert current_revision(empty_url) == "0006"
+    assert current_revision(empty_url) == head_revision(empty_url)
 
 
 def test_upgrade_0003_moves_correlation_ids_out_of_payloads(empty_url: str) -> None:
@@ -117,5 +117,37 @@ def test_upgrade_0004_keeps_answers_to_earlier_commands_acceptable(empty_url: st
             hosts = dict(conn.execute(text("SELECT id, command_host FROM jobs")).all())
         assert ids == {7: "outbox-7", 8: None}  # a command's id is stored, an event's needs none
         assert hosts == {1: "host-a", 2: None, 3: None}  # unknown command; finished job
+    finally:
+        engine.dispose()
+
+
+def test_upgrade_0007_keeps_reasons_and_admits_the_new_states(empty_url: str) -> None:
+    """A disabled device keeps its reason after 0007, and the new states pass the CHECK."""
+    config = alembic_config(empty_url)
+    command.upgrade(config, "0006")
+    engine = create_database_engine(empty_url)
+    now = datetime(2026, 1, 1)
+    try:
+        with engine.begin() as conn:
+            conn.execute(text(
+                "INSERT INTO hosts (id, guid, name, status, cpus, memory_mb, hypervisor_version,"
+                " created_at, updated_at) VALUES (1, 'g1', 'h1', 'Up', 4, 4096, '', :now, :now)"),
+                {"now": now})
+            for device_id, function, state, reason in ((1, "0", "disabled", "fan noise"),
+                                                       (2, "1", "free", "")):
+                conn.execute(text(
+                    "INSERT INTO op_host_pci_devices (id, host_id, name, domain, bus, slot, "
+                    "function, vendor_id, product_id, state, disabled_reason, created_at, "
+                    "updated_at) VALUES (:id, 1, '10GE', '0000', '28', '00', :function, '', '',"
+                    " :state, :reason, :now, :now)"),
+                    {"id": device_id, "function": function, "state": state, "reason": reason,
+                     "now": now})
+        command.upgrade(config, "head")
+        with engine.begin() as conn:
+            conn.execute(text("UPDATE op_host_pci_devices SET state = 'unavailable' WHERE id = 2"))
+            rows = conn.execute(text(
+                "SELECT id, state, reason, withheld FROM op_host_pci_devices ORDER BY id")).all()
+        assert [tuple(row) for row in rows] == [(1, "disabled", "fan noise", ""),
+                                                (2, "unavailable", "", "")]
     finally:
         engine.dispose()

@@ -176,11 +176,11 @@ def test_device_disable_keeps_the_reason_and_enable_clears_it(h: Harness) -> Non
     assert status == 0
     assert "disabled" in text and "fan noise" in text
     status, text = _cli(h, "devices", "--host", "h2", "--json")
-    assert [(r["state"], r["disabled_reason"]) for r in json.loads(text)] == [
+    assert [(r["state"], r["reason"]) for r in json.loads(text)] == [
         ("disabled", "fan noise")]
     status, text = _cli(h, "device", "enable", "h2", "0000:28:00.0", "--json")
     assert status == 0
-    assert (json.loads(text)["state"], json.loads(text)["disabled_reason"]) == ("free", "")
+    assert (json.loads(text)["state"], json.loads(text)["reason"]) == ("free", "")
 
 
 def test_device_disable_is_refused_while_held_naming_the_vm(

@@ -1,32 +1,19 @@
-"""Domain XML: building domains with PCI hostdevs and reading hostdevs back.
+"""Domain XML on the agent: hostdevs read back and changed, a host's domain type.
 
-Pure functions over strings; no libvirt import. A hostdev is always
-``<hostdev mode='subsystem' type='pci' managed='yes'>`` so libvirt unbinds the
-device from its host driver on start and gives it back on stop.
+Pure functions over strings; no libvirt import. What management fills in a
+domain, and the managed ``<hostdev>`` element, are in
+``hostdev.messages.domain_template``.
 """
 
 from __future__ import annotations
 
 import xml.etree.ElementTree as ET
-from collections.abc import Iterable
 
+from hostdev.messages.domain_template import hostdev_element, minimal_template, render_domain
 from hostdev.messages.pci_address import PciAddress
 from hostdev.messages.values import VmSpec
 
 _HOSTDEV_PATH = "./devices/hostdev[@type='pci']"
-
-
-def hostdev_element(address: PciAddress) -> ET.Element:
-    """Builds one managed PCI ``<hostdev>`` element for ``address``."""
-    hostdev = ET.Element("hostdev", {"mode": "subsystem", "type": "pci", "managed": "yes"})
-    source = ET.SubElement(hostdev, "source")
-    ET.SubElement(source, "address", {
-        "domain": f"0x{address.domain:04x}",
-        "bus": f"0x{address.bus:02x}",
-        "slot": f"0x{address.slot:02x}",
-        "function": f"0x{address.function:x}",
-    })
-    return hostdev
 
 
 def hostdev_xml(address: PciAddress) -> str:
@@ -35,31 +22,14 @@ def hostdev_xml(address: PciAddress) -> str:
 
 
 def build_domain_xml(spec: VmSpec, *, domain_type: str = "kvm") -> str:
-    """Builds the XML of a domain with the spec's PCI devices passed through.
+    """Builds the minimal domain (no template) with the spec's PCI devices passed through.
 
     Args:
         spec: identity, size and PCI addresses of the VM.
         domain_type: libvirt's domain type, ``kvm`` (or ``qemu``) for real
             hosts, ``test`` for the test driver.
     """
-    root = ET.Element("domain", {"type": domain_type})
-    ET.SubElement(root, "name").text = spec.name
-    ET.SubElement(root, "uuid").text = spec.uuid
-    ET.SubElement(root, "memory", {"unit": "MiB"}).text = str(spec.memory_mb)
-    ET.SubElement(root, "vcpu").text = str(spec.cpus)
-    os_element = ET.SubElement(root, "os")
-    type_attrs = {"arch": "x86_64"} if domain_type in ("kvm", "qemu") else {}
-    ET.SubElement(os_element, "type", type_attrs).text = "hvm"
-    devices = ET.SubElement(root, "devices")
-    for address in _unique(spec.pci_devices):
-        devices.append(hostdev_element(address))
-    return ET.tostring(root, encoding="unicode")
-
-
-def _unique(addresses: Iterable[PciAddress]) -> list[PciAddress]:
-    # libvirt refuses the same hostdev twice (code 27); a repeated address in
-    # a spec means "this device", once.
-    return list(dict.fromkeys(PciAddress(a) for a in addresses))
+    return render_domain(minimal_template(domain_type), spec)
 
 
 def _address_of(hostdev: ET.Element) -> PciAddress | None:

@@ -18,9 +18,9 @@ from typing import Any
 
 import msgspec
 
-from hostdev.agent.domain_xml import hostdev_element
 from hostdev.agent.errors import ConfigError
 from hostdev.agent.pci_device import NodePciDevice
+from hostdev.messages.domain_template import hostdev_element
 from hostdev.messages.pci_address import PciAddress
 
 TEST_NS = "http://libvirt.org/schemas/domain/test/1.0"

@@ -36,7 +36,7 @@ def empty_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
 def test_upgrade_head_leaves_nothing_for_autogenerate(empty_url: str) -> None:
     """After `upgrade head`, autogenerate finds no difference from the models."""
     command.upgrade(alembic_config(empty_url), "head")
-    assert current_revision(empty_url) == "0006"
+    assert current_revision(empty_url) == "0011"
     engine = create_database_engine(empty_url)
     try:
         with engine.connect() as conn:
@@ -58,7 +58,7 @@ def test_downgrade_base_drops_everything(empty_url: str) -> None:
     finally:
         engine.dispose()
     command.upgrade(config, "head")
-    assert current_revision(empty_url) == "0006"
+    assert current_revision(empty_url) == "0011"
 
 
 def test_upgrade_0003_moves_correlation_ids_out_of_payloads(empty_url: str) -> None:

@@ -16,7 +16,7 @@ def test_db_upgrade_then_current(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert "none" in capsys.readouterr().out
     assert main(["db", "upgrade", "--db-url", url]) == 0
     assert main(["db", "current", "--db-url", url]) == 0
-    assert capsys.readouterr().out.strip().endswith("0006")
+    assert capsys.readouterr().out.strip().endswith("0011")
 
 
 def test_db_upgrade_without_url_explains(

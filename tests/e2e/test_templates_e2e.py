@@ -17,13 +17,13 @@ from typing import Any
 import pytest
 
 from tests.e2e.conftest import StackFactory
+from tests.support.agent import TEMPLATE_RESOURCES, TEMPLATES
 from tests.support.e2e_stack import Stack
 
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.mariadb, pytest.mark.libvirt]
 
-TEMPLATE = Path(__file__).parents[2] / "etc" / "templates" / "debian-bond.xml"
-RESOURCES = {"networks": ["default"], "bridges": ["br0"],
-             "pools": {"images": ["debian-12.qcow2"]}}
+TEMPLATE = TEMPLATES / "debian-bond.xml"
+RESOURCES = TEMPLATE_RESOURCES
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import xml.etree.ElementTree as ET
-from pathlib import Path
 
 import pytest
 
@@ -14,20 +13,18 @@ from hostdev.messages.commands import MigrateCommand, StartCommand, StopCommand
 from hostdev.messages.domain_template import console_path_for, render_domain
 from hostdev.messages.pci_address import PciAddress as P
 from hostdev.messages.values import VmSpec
-from tests.support.agent import HostFactory
+from tests.support.agent import TEMPLATE_RESOURCES, HostFactory, example_template
 
 pytestmark = pytest.mark.libvirt
 
-TEMPLATES = Path(__file__).parents[3] / "etc" / "templates"
-BOND = (TEMPLATES / "debian-bond.xml").read_text(encoding="utf-8")
-KERNEL = (TEMPLATES / "kernel-boot.xml").read_text(encoding="utf-8")
+BOND = example_template("debian-bond.xml")
+KERNEL = example_template("kernel-boot.xml")
 UUID = "55555555-aaaa-bbbb-cccc-000000000001"
 OWN = f"{UUID}-vda.qcow2"
 NIC1, NIC2 = P("28:00.1"), P("28:00.2")
 SPEC = VmSpec(uuid=UUID, name="web1", cpus=2, memory_mb=512, pci_devices=(NIC1,))
 #: What the example templates need from a host.
-RESOURCES = {"networks": ["default"], "bridges": ["br0"],
-             "pools": {"images": ["debian-12.qcow2"]}}
+RESOURCES = TEMPLATE_RESOURCES
 
 
 def handlers_for(host: SimulatedHost) -> CommandHandlers:

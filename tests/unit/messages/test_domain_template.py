@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import xml.etree.ElementTree as ET
-from pathlib import Path
 
 from hostdev.messages.domain_template import (
     DEFAULT_CONSOLE_DIR,
@@ -15,10 +14,10 @@ from hostdev.messages.domain_template import (
 )
 from hostdev.messages.pci_address import PciAddress as P
 from hostdev.messages.values import VmSpec
+from tests.support.agent import example_template
 
-TEMPLATES = Path(__file__).parents[3] / "etc" / "templates"
-BOND = (TEMPLATES / "debian-bond.xml").read_text(encoding="utf-8")
-KERNEL = (TEMPLATES / "kernel-boot.xml").read_text(encoding="utf-8")
+BOND = example_template("debian-bond.xml")
+KERNEL = example_template("kernel-boot.xml")
 UUID = "44444444-0000-0000-0000-000000000001"
 SPEC = VmSpec(uuid=UUID, name="web1", cpus=4, memory_mb=2048,
               pci_devices=(P("28:00.1"), P("28:00.2"), P("28:00.1")))

@@ -7,10 +7,11 @@ from pathlib import Path
 import pytest
 from sqlalchemy import Engine
 
+from tests.support.agent import TEMPLATES
 from tests.support.mgmt_harness import Harness, devices
 from tests.unit.mgmt.cli.test_operator_cli import _cli
 
-TEMPLATE = Path(__file__).parents[4] / "etc" / "templates" / "debian-bond.xml"
+TEMPLATE = TEMPLATES / "debian-bond.xml"
 
 
 @pytest.fixture

@@ -8,8 +8,8 @@ import pytest
 
 from hostdev.mgmt.errors import InvalidRequest
 from hostdev.mgmt.vms.template_checks import LIBVIRT_DOMAIN_SCHEMA, check_template
+from tests.support.agent import example_template
 
-TEMPLATES = Path(__file__).parents[4] / "etc" / "templates"
 BASE = """<domain type='kvm'>
   <os><type arch='x86_64'>hvm</type></os>
   <devices>
@@ -28,7 +28,7 @@ def _devices(*lines: str) -> str:
 @pytest.mark.parametrize("name", ["debian-bond.xml", "kernel-boot.xml"])
 def test_the_shipped_examples_pass(name: str) -> None:
     """The example templates of etc/templates are accepted as they are."""
-    check_template(name, (TEMPLATES / name).read_text(encoding="utf-8"))
+    check_template(name, example_template(name))
 
 
 def test_a_test_domain_for_simulated_hosts_passes() -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import xml.etree.ElementTree as ET
-from pathlib import Path
 
 import pytest
 from sqlalchemy import Engine, select
@@ -11,12 +10,13 @@ from sqlalchemy.orm import Session
 
 from hostdev.messages import api
 from hostdev.messages.commands import ErrorAnswer, StartCommand
+from hostdev.messages.values import TemplateRow
 from hostdev.mgmt.persistence.models import VmInstance
+from tests.support.agent import example_template
 from tests.support.mgmt_harness import Harness, devices
 
-TEMPLATES = Path(__file__).parents[4] / "etc" / "templates"
-BOND = (TEMPLATES / "debian-bond.xml").read_text(encoding="utf-8")
-KERNEL = (TEMPLATES / "kernel-boot.xml").read_text(encoding="utf-8")
+BOND = example_template("debian-bond.xml")
+KERNEL = example_template("kernel-boot.xml")
 
 
 @pytest.fixture
@@ -26,7 +26,7 @@ def harness(engine: Engine) -> Harness:
     return harness
 
 
-def _templates(answer: object) -> tuple[api.TemplateRow, ...]:
+def _templates(answer: object) -> tuple[TemplateRow, ...]:
     assert isinstance(answer, api.TemplateList), answer
     return answer.templates
 

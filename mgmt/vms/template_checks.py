@@ -52,6 +52,10 @@ def check_template(name: str, xml: str, schema: Path | None = LIBVIRT_DOMAIN_SCH
         InvalidRequest: the first problem found, as ``template NAME line N: ...``.
     """
     root = _parse(name, xml)
+    if getattr(root.getroottree().docinfo, "doctype", ""):  # lxml-stubs lack doctype
+        # Entities would be expanded by every later parse (rendering, the agent).
+        raise InvalidRequest(f"template {name} line 1: a <!DOCTYPE> is not allowed in a "
+                             "template; remove it")
     problem = _structure_problem(root) or _schema_problem(root, schema)
     if problem is not None:
         line, text = problem

@@ -40,6 +40,8 @@ REFUSALS = [
     ("not well-formed", "<domain type='kvm'>\n  <os>\n</domain>",
      "template t line 3: not well-formed XML"),
     ("root", "<network/>", "template t line 1: the root element is <network>"),
+    ("doctype", '<!DOCTYPE domain [<!ENTITY a "aaaa">]>\n' + BASE,
+     "template t line 1: a <!DOCTYPE> is not allowed in a template"),
     ("type", BASE.replace("'kvm'", "'xen'"),
      "template t line 1: domain type 'xen' is not allowed; use one of kvm, qemu, test"),
     ("name", BASE.replace("  <os>", "  <name>fixed</name>\n  <os>"),

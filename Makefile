@@ -21,7 +21,9 @@ all: test
 # file shows at once, but a new or removed file needs a new link tree. So
 # the stamp depends on the list of package files (rewritten only when the
 # list changes, not when a file's content does) and `make` reinstalls then.
-# libvirt-python builds against libvirt-dev; install it only when missing.
+# libvirt-python builds against libvirt-dev; install it only when missing. It pulls
+# in libvirt0, which ships the RELAX NG schemas management checks domain templates
+# against (/usr/share/libvirt/schemas/domain.rng).
 $(STAMP): pyproject.toml $(PACKAGE_FILES)
 	@missing=""; for p in $(APT_PACKAGES); do \
 	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \

@@ -16,14 +16,15 @@ from typing import Any
 import libvirt
 import structlog
 
-from hostdev.agent.domain_xml import build_domain_xml, hostdev_xml, pci_backends, read_hostdevs
+from hostdev.agent.domain_xml import hostdev_xml, pci_backends, read_hostdevs, with_domain_type
 from hostdev.agent.errors import DetachRefused, DomainNotFound, HypervisorError, MigrationFailed
 from hostdev.agent.hypervisor import HostFacts, LifecycleEvent, LifecycleListener
+from hostdev.agent.libvirt_resources import HostResources, has_domain_at
 from hostdev.agent.nodedev_xml import parse_pci_device
 from hostdev.agent.pci_device import NodePciDevice
 from hostdev.messages.base import PowerState
 from hostdev.messages.pci_address import PciAddress
-from hostdev.messages.values import DomainInfo, VmSpec
+from hostdev.messages.values import DomainInfo
 
 log = structlog.get_logger()
 
@@ -96,7 +97,7 @@ def _version(number: int) -> str:
     return f"{number // 1_000_000}.{number // 1000 % 1000}.{number % 1000}"
 
 
-class LibvirtHost:
+class LibvirtHost(HostResources):
     """The ``Hypervisor`` protocol over one libvirt connection."""
 
     def __init__(self, uri: str) -> None:
@@ -287,9 +288,9 @@ class LibvirtHost:
         except libvirt.libvirtError:
             return "qemu"  # no KVM on this host: libvirt would refuse type='kvm'
 
-    def define(self, spec: VmSpec) -> None:
-        """Defines (or redefines) a domain with the spec's hostdevs."""
-        self.define_xml(build_domain_xml(spec, domain_type=self.domain_type()))
+    def define(self, xml: str) -> None:
+        """Defines (or redefines) a domain, of the type this host runs (``with_domain_type``)."""
+        self.define_xml(with_domain_type(xml, self.domain_type()))
 
     def _call(self, operation: str, fn: Callable[[], object]) -> None:
         try:
@@ -365,11 +366,18 @@ class LibvirtHost:
 
     # -- migration ---------------------------------------------------------------
 
-    def migrate(self, uuid: str, destination_uri: str, timeout_s: float) -> None:
-        """Live peer-to-peer migration with ``migrateToURI3``; aborted after ``timeout_s``."""
+    def migrate(self, uuid: str, destination_uri: str, timeout_s: float, *,
+                copy_storage: bool = False) -> None:
+        """Live peer-to-peer migration, copying the VM's own volumes when asked.
+
+        ``copy_storage`` adds ``VIR_MIGRATE_NON_SHARED_INC``: the overlays'
+        data is copied into overlays on the same base on the destination
+        (``prepare_volume_at``). Aborted after ``timeout_s``.
+        """
         dom = self.lookup(uuid)
         flags = (libvirt.VIR_MIGRATE_LIVE | libvirt.VIR_MIGRATE_PEER2PEER
-                 | libvirt.VIR_MIGRATE_PERSIST_DEST | libvirt.VIR_MIGRATE_UNDEFINE_SOURCE)
+                 | libvirt.VIR_MIGRATE_PERSIST_DEST | libvirt.VIR_MIGRATE_UNDEFINE_SOURCE
+                 | (libvirt.VIR_MIGRATE_NON_SHARED_INC if copy_storage else 0))
 
         def abort() -> None:
             with contextlib.suppress(libvirt.libvirtError):
@@ -386,15 +394,5 @@ class LibvirtHost:
             timer.cancel()
 
     def has_domain_at(self, destination_uri: str, uuid: str) -> bool:
-        """Opens the destination read-only and looks the domain up; unreachable is False."""
-        try:
-            conn = libvirt.openReadOnly(destination_uri)
-        except libvirt.libvirtError:
-            return False
-        try:
-            conn.lookupByUUIDString(uuid)
-            return True
-        except libvirt.libvirtError:
-            return False
-        finally:
-            conn.close()
+        """Tells whether the host at ``destination_uri`` has the domain (read-only)."""
+        return has_domain_at(destination_uri, uuid)

@@ -39,7 +39,7 @@ from typing import Any, Protocol
 import msgspec
 import structlog
 
-from hostdev.agent.domain_xml import read_identity, without_runtime_id
+from hostdev.agent.domain_xml import read_identity, read_own_volumes, without_runtime_id
 from hostdev.agent.errors import HypervisorError, MigrationFailed
 from hostdev.agent.hypervisor import LifecycleEvent
 from hostdev.messages.pci_address import PciAddress
@@ -125,6 +125,8 @@ class MailboxHost(Protocol):
     def destroy(self, uuid: str) -> None: ...
     def undefine(self, uuid: str) -> None: ...
     def emit(self, event: LifecycleEvent) -> None: ...
+    def volumes(self, pool: str) -> tuple[str, ...] | None: ...
+    def create_volume(self, pool: str, name: str, base: str) -> None: ...
 
 
 class Watcher:
@@ -201,6 +203,9 @@ class Watcher:
         xml = handed.xml
         uuid, name = read_identity(xml)
         host = self.host
+        for volume in read_own_volumes(xml):  # what libvirt's storage migration copies into
+            if volume.volume not in (host.volumes(volume.pool) or ()):
+                host.create_volume(volume.pool, volume.volume, volume.base)
         if host.domain(uuid) is None:
             host.define_xml(xml)
         if not host.is_active(uuid):
@@ -272,6 +277,11 @@ def hand_over(host: MailboxHost, watcher: Watcher | None, uuid: str,
              delay_s=delay)
     if delay:
         time.sleep(delay)  # the window a test kills the agent in
+
+
+def spec_path(uri: str) -> Path | None:
+    """Returns the spec file of a simulated:// host (of any process)."""
+    return _spec_path(uri)
 
 
 def has_domain(destination_uri: str, uuid: str) -> bool:

@@ -13,6 +13,7 @@ from hostdev.messages.limits import (
     BootId,
     Cpus,
     DomainName,
+    DomainXml,
     Guid,
     HostName,
     Id,
@@ -109,6 +110,9 @@ class StartCommand(Message, frozen=True, kw_only=True):
     """Define and start a VM with the given PCI devices passed through."""
 
     vm: VmSpec
+    #: The domain management rendered from the offering's template
+    #: (``hostdev.messages.domain_template``); "" for the minimal domain.
+    domain_xml: DomainXml = ""
 
 
 class StartAnswer(Answer, frozen=True, kw_only=True):

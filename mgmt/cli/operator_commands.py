@@ -28,6 +28,7 @@ from hostdev.mgmt.cli.plumbing import (
     print_json,
     render_table,
 )
+from hostdev.mgmt.cli.template_commands import add_template_commands, add_vm_show_command
 
 
 def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -63,6 +64,8 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     sub.add_argument("--memory", type=int, default=512, help="MiB")
     sub.add_argument("--pci", default="", help="PCI devices by name: 10GE,10GE or 10GE:2")
     sub.add_argument("--migration-policy", choices=("forbid", "detach-attach"), default=None)
+    sub.add_argument("--template", default=None,
+                     help="the domain template its VMs are built from (default: minimal)")
     sub.set_defaults(func=command(_offering_create))
 
     vm = subparsers.add_parser("vm", help="deploy, start, stop, destroy and list VMs")
@@ -84,7 +87,9 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     sub = vm_sub.add_parser("list", parents=[common], help="list VMs")
     sub.set_defaults(func=command(_vm_list))
     add_vm_commands(vm_sub, common)
+    add_vm_show_command(vm_sub, common)
     add_job_commands(subparsers, common)
+    add_template_commands(subparsers, common)
 
     sub = subparsers.add_parser("explain", parents=[common],
                                 help="say why each host would take or refuse an offering")
@@ -154,9 +159,9 @@ def _device_change(args: argparse.Namespace, request: Requester, out: TextIO) ->
 
 
 def _offering_rows(offerings: Sequence[Any], out: TextIO) -> None:
-    render_table(("NAME", "CPUS", "MEMORY_MB", "PCI", "MIGRATION"),
+    render_table(("NAME", "CPUS", "MEMORY_MB", "PCI", "MIGRATION", "TEMPLATE"),
                  [(o.name, o.cpus, o.memory_mb, format_pci_requests(o.pci_requests),
-                   o.migration_policy) for o in offerings], out)
+                   o.migration_policy, o.template) for o in offerings], out)
 
 
 def _offerings(args: argparse.Namespace, request: Requester, out: TextIO) -> int:
@@ -175,7 +180,7 @@ def _show_offerings(args: argparse.Namespace, answer: Message, out: TextIO) -> i
 def _offering_create(args: argparse.Namespace, request: Requester, out: TextIO) -> int:
     answer = request(api.CreateOfferingRequest(
         name=args.name, cpus=args.cpus, memory_mb=args.memory, pci_devices=args.pci,
-        migration_policy=args.migration_policy), args.timeout)
+        migration_policy=args.migration_policy, template=args.template), args.timeout)
     return _show_offerings(args, answer, out)
 
 

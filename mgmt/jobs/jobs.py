@@ -48,6 +48,7 @@ from hostdev.mgmt.persistence.models import (
 )
 from hostdev.mgmt.persistence.unit_of_work import TxContext
 from hostdev.mgmt.placement import planner
+from hostdev.mgmt.vms import templates
 from hostdev.mgmt.vms.vm_lifecycle import (
     PciDeviceManager,
     VmLifecycleManager,
@@ -346,7 +347,8 @@ class JobManager:
             payload.tried.append(candidate.guid)
             spec = VmSpec(uuid=vm.uuid, name=vm.name, cpus=vm.cpus, memory_mb=vm.memory_mb,
                           pci_devices=self._devices.held_addresses(tx, vm.id))
-            engine.send(tx, job, candidate.guid, StartCommand(vm=spec))
+            engine.send(tx, job, candidate.guid,
+                        StartCommand(vm=spec, domain_xml=templates.domain_for(tx, vm, spec)))
             payload.host, payload.host_name = candidate.guid, candidate.name
             store(job, payload)
             job.step = "start"

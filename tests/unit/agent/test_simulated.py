@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from hostdev.agent.domain_xml import read_hostdevs
+from hostdev.agent.domain_xml import build_domain_xml, read_hostdevs
 from hostdev.agent.errors import DetachRefused, DomainNotFound, HypervisorError, MigrationFailed
 from hostdev.agent.hypervisor import LifecycleEvent
 from hostdev.agent.libvirt_host import LibvirtHost
@@ -21,7 +21,8 @@ NIC1, NIC2 = P("28:00.1"), P("28:00.2")
 
 
 def running_vm(host: SimulatedHost, *devices: P) -> str:
-    host.define(VmSpec(uuid=UUID, name="vm1", cpus=1, memory_mb=256, pci_devices=devices))
+    host.define(build_domain_xml(VmSpec(uuid=UUID, name="vm1", cpus=1, memory_mb=256,
+                                        pci_devices=devices)))
     host.start(UUID)
     return UUID
 

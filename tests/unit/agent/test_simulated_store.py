@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from hostdev.agent import simulated_store
+from hostdev.agent.domain_xml import build_domain_xml
 from hostdev.agent.errors import DetachRefused, HypervisorError
 from hostdev.agent.simulated import SimulatedHost
 from hostdev.messages.pci_address import PciAddress as P
@@ -20,7 +21,8 @@ VM = "77777777-aaaa-bbbb-cccc-000000000001"
 
 
 def _running(host: SimulatedHost, devices: tuple[P, ...] = (P("28:00.1"),)) -> None:
-    host.define(VmSpec(uuid=VM, name="mover", cpus=1, memory_mb=128, pci_devices=devices))
+    host.define(build_domain_xml(VmSpec(uuid=VM, name="mover", cpus=1, memory_mb=128,
+                                        pci_devices=devices)))
     host.start(VM)
 
 

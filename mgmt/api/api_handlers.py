@@ -45,7 +45,7 @@ from hostdev.mgmt.persistence.models import (
 from hostdev.mgmt.persistence.unit_of_work import TxContext
 from hostdev.mgmt.pipeline import Route, always, never
 from hostdev.mgmt.placement import planner
-from hostdev.mgmt.vms.vm_lifecycle import offering_requests
+from hostdev.mgmt.vms.vm_lifecycle import offering_numa_policy, offering_requests
 
 
 def _iso(value: Any) -> str | None:
@@ -142,7 +142,8 @@ class ApiHandlers:
                  .where(VmInstance.state != VM_DESTROYED).order_by(VmInstance.id))
         rows = tuple(
             VmRow(uuid=vm.uuid, name=vm.name, offering=offering, state=vm.state,
-                  host_guid=guid, host_name=name, pci_devices=tuple(held.get(vm.id, ())))
+                  host_guid=guid, host_name=name, pci_devices=tuple(held.get(vm.id, ())),
+                  numa_node=vm.numa_node)
             for vm, offering, guid, name in tx.session.execute(query))
         return api.VmList(vms=rows)
 
@@ -150,7 +151,8 @@ class ApiHandlers:
         return OfferingRow(id=offering.id, name=offering.name, cpus=offering.cpus,
                            memory_mb=offering.memory_mb,
                            pci_requests=offering_requests(tx, offering.id),
-                           migration_policy=offering.migration_policy)
+                           migration_policy=offering.migration_policy,
+                           numa_policy=offering.numa_policy)
 
     def list_offerings(self, tx: TxContext, request: api.ListOfferingsRequest) -> api.OfferingList:
         """Lists service offerings."""
@@ -177,7 +179,8 @@ class ApiHandlers:
         """Says, per host, whether it would take the offering and why not."""
         offering = find_offering(tx.session, request.offering)
         demand = planner.Demand(cpus=offering.cpus, memory_mb=offering.memory_mb,
-                                pci=offering_requests(tx, offering.id))
+                                pci=offering_requests(tx, offering.id),
+                                numa=offering_numa_policy(tx, offering.id))
         verdicts = planner.explain(tx.session, demand, request.avoid)
         return api.PlacementExplanation(offering=offering.name, requests=demand.pci,
                                         verdicts=tuple(verdicts))
@@ -197,7 +200,8 @@ class ApiHandlers:
         if tx.session.scalar(select(ServiceOffering.id).where(ServiceOffering.name == name)):
             raise Conflict(f"an offering named {name!r} exists already; pick another name")
         offering = ServiceOffering(name=name, cpus=request.cpus,
-                                   memory_mb=request.memory_mb, migration_policy=policy)
+                                   memory_mb=request.memory_mb, migration_policy=policy,
+                                   numa_policy=request.numa_policy or "none")
         tx.session.add(offering)
         tx.session.flush()
         for pci in requests:

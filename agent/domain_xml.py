@@ -34,11 +34,22 @@ def hostdev_xml(address: PciAddress) -> str:
     return ET.tostring(hostdev_element(address), encoding="unicode")
 
 
+def numatune_element(node: int) -> ET.Element:
+    """Builds ``<numatune><memory mode='strict' nodeset='N'/></numatune>``.
+
+    The guest's memory is allocated on host NUMA node ``node`` only, the node
+    of its passed-through devices (the offering's NUMA policy ``required``).
+    """
+    numatune = ET.Element("numatune")
+    ET.SubElement(numatune, "memory", {"mode": "strict", "nodeset": str(node)})
+    return numatune
+
+
 def build_domain_xml(spec: VmSpec, *, domain_type: str = "kvm") -> str:
     """Builds the XML of a domain with the spec's PCI devices passed through.
 
     Args:
-        spec: identity, size and PCI addresses of the VM.
+        spec: identity, size, PCI addresses and NUMA node (if any) of the VM.
         domain_type: libvirt's domain type, ``kvm`` (or ``qemu``) for real
             hosts, ``test`` for the test driver.
     """
@@ -47,6 +58,8 @@ def build_domain_xml(spec: VmSpec, *, domain_type: str = "kvm") -> str:
     ET.SubElement(root, "uuid").text = spec.uuid
     ET.SubElement(root, "memory", {"unit": "MiB"}).text = str(spec.memory_mb)
     ET.SubElement(root, "vcpu").text = str(spec.cpus)
+    if spec.numa_node is not None:
+        root.append(numatune_element(spec.numa_node))
     os_element = ET.SubElement(root, "os")
     type_attrs = {"arch": "x86_64"} if domain_type in ("kvm", "qemu") else {}
     ET.SubElement(os_element, "type", type_attrs).text = "hvm"

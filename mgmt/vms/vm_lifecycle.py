@@ -170,23 +170,26 @@ def host_guid_of(tx: TxContext, host_id: int) -> str:
     return guid
 
 
+def _read_offering(tx: TxContext, offering_id: int) -> None:
+    """Reads an offering's PCI requests and NUMA policy into the transaction's caches."""
+    rows = _OFFERING_REQUESTS.execute(tx.connection, {"offering_id": offering_id}).rows
+    tx.offering_requests[offering_id] = tuple(PciRequest(name=name, count=int(count))
+                                              for _, name, count in rows if name is not None)
+    tx.offering_numa[offering_id] = rows[0][0] if rows else "none"
+
+
 def offering_requests(tx: TxContext, offering_id: int) -> tuple[PciRequest, ...]:
     """Returns the PCI requests of an offering, by name (read once per transaction)."""
-    cache = tx.offering_requests
-    if offering_id not in cache:
-        rows = _OFFERING_REQUESTS.execute(tx.connection,
-                                          {"offering_id": offering_id}).rows
-        cache[offering_id] = tuple(PciRequest(name=name, count=int(count))
-                                   for _, name, count in rows if name is not None)
-        tx.offering_numa[offering_id] = rows[0][0] if rows else "none"
-    return cache[offering_id]
+    if offering_id not in tx.offering_requests:
+        _read_offering(tx, offering_id)
+    return tx.offering_requests[offering_id]
 
 
 def offering_numa_policy(tx: TxContext, offering_id: int) -> NumaPolicy:
     """Returns the NUMA policy of an offering (read with its PCI requests, once)."""
     if offering_id not in tx.offering_numa:
-        offering_requests(tx, offering_id)
-    return tx.offering_numa.get(offering_id, "none")
+        _read_offering(tx, offering_id)
+    return tx.offering_numa[offering_id]
 
 
 class PciDeviceManager:

@@ -45,6 +45,17 @@ def numatune_element(node: int) -> ET.Element:
     return numatune
 
 
+def with_numatune(xml: str, node: int) -> str:
+    """Returns the domain XML with its memory bound to ``node`` (any other binding replaced)."""
+    root = ET.fromstring(xml)
+    for old in root.findall("numatune"):
+        root.remove(old)
+    vcpu = root.find("vcpu")
+    root.insert(list(root).index(vcpu) + 1 if vcpu is not None else len(root),
+                numatune_element(node))
+    return ET.tostring(root, encoding="unicode")
+
+
 def build_domain_xml(spec: VmSpec, *, domain_type: str = "kvm") -> str:
     """Builds the XML of a domain with the spec's PCI devices passed through.
 

@@ -198,7 +198,8 @@ class CommandHandlers:
             detached.append(address)
         migrate_s = min(command.migrate_timeout_s, self.timeouts.migration_s)
         try:
-            self.hypervisor.migrate(uuid, command.destination_uri, migrate_s)
+            self.hypervisor.migrate(uuid, command.destination_uri, migrate_s,
+                                    numa_node=command.numa_node)
         except (MigrationFailed, HypervisorError) as exc:
             reattached, failures = self._reattach(uuid, detached)
             log.warning("migration_failed", vm=uuid, error=str(exc), reattached=reattached)

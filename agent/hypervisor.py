@@ -103,8 +103,13 @@ class Hypervisor(Protocol):
         MUST still be attached, live and in the config.
         """
 
-    def migrate(self, uuid: str, destination_uri: str, timeout_s: float) -> None:
-        """Live-migrates a running domain; raises ``MigrationFailed`` leaving it on the source."""
+    def migrate(self, uuid: str, destination_uri: str, timeout_s: float, *,
+                numa_node: int | None = None) -> None:
+        """Live-migrates a running domain; raises ``MigrationFailed`` leaving it on the source.
+
+        With ``numa_node`` the domain's memory is bound to that node on the
+        destination (``<numatune>`` of the destination's definition).
+        """
 
     def has_domain_at(self, destination_uri: str, uuid: str) -> bool:
         """Tells whether the host at ``destination_uri`` has the domain (a finished migration)."""

@@ -16,6 +16,7 @@ from typing import Any
 import libvirt
 import structlog
 
+from hostdev.agent import domain_xml as dom_xml
 from hostdev.agent.domain_xml import build_domain_xml, hostdev_xml, pci_backends, read_hostdevs
 from hostdev.agent.errors import DetachRefused, DomainNotFound, HypervisorError, MigrationFailed
 from hostdev.agent.hypervisor import HostFacts, LifecycleEvent, LifecycleListener
@@ -40,14 +41,10 @@ _DETAILS: dict[str, tuple[str, ...]] = {
     "Shutdown": ("Finished", "Guest", "Host"),
 }
 _STATES: dict[int, PowerState] = {
-    libvirt.VIR_DOMAIN_NOSTATE: "unknown",
-    libvirt.VIR_DOMAIN_RUNNING: "running",
-    libvirt.VIR_DOMAIN_BLOCKED: "running",
-    libvirt.VIR_DOMAIN_PAUSED: "paused",
-    libvirt.VIR_DOMAIN_SHUTDOWN: "running",
-    libvirt.VIR_DOMAIN_SHUTOFF: "stopped",
-    libvirt.VIR_DOMAIN_CRASHED: "crashed",
-    libvirt.VIR_DOMAIN_PMSUSPENDED: "paused",
+    libvirt.VIR_DOMAIN_NOSTATE: "unknown", libvirt.VIR_DOMAIN_RUNNING: "running",
+    libvirt.VIR_DOMAIN_BLOCKED: "running", libvirt.VIR_DOMAIN_PAUSED: "paused",
+    libvirt.VIR_DOMAIN_SHUTDOWN: "running", libvirt.VIR_DOMAIN_SHUTOFF: "stopped",
+    libvirt.VIR_DOMAIN_CRASHED: "crashed", libvirt.VIR_DOMAIN_PMSUSPENDED: "paused",
 }
 _EVENT_STATES: dict[str, PowerState] = {
     "Started": "running", "Resumed": "running", "Suspended": "paused", "PMSuspended": "paused",
@@ -365,9 +362,12 @@ class LibvirtHost:
 
     # -- migration ---------------------------------------------------------------
 
-    def migrate(self, uuid: str, destination_uri: str, timeout_s: float) -> None:
-        """Live peer-to-peer migration with ``migrateToURI3``; aborted after ``timeout_s``."""
+    def migrate(self, uuid: str, destination_uri: str, timeout_s: float, *,
+                numa_node: int | None = None) -> None:
+        """Live P2P ``migrateToURI3``, aborted after ``timeout_s``; memory kept on ``numa_node``."""
         dom = self.lookup(uuid)
+        params = {} if numa_node is None else {libvirt.VIR_MIGRATE_PARAM_DEST_XML: (
+            dom_xml.with_numatune(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_MIGRATABLE), numa_node))}
         flags = (libvirt.VIR_MIGRATE_LIVE | libvirt.VIR_MIGRATE_PEER2PEER
                  | libvirt.VIR_MIGRATE_PERSIST_DEST | libvirt.VIR_MIGRATE_UNDEFINE_SOURCE)
 
@@ -379,7 +379,7 @@ class LibvirtHost:
         timer.daemon = True
         timer.start()
         try:
-            dom.migrateToURI3(destination_uri, {}, flags)
+            dom.migrateToURI3(destination_uri, params, flags)
         except libvirt.libvirtError as exc:
             raise MigrationFailed(uuid, destination_uri, _reason(exc)) from None
         finally:

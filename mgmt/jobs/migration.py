@@ -170,19 +170,21 @@ class MigrationManager:
                            for d in pci_devices.devices_of_vm(conn, vm.id)):
                         raise  # part of a reservation was written: a new transaction
                     continue
-                return self._start(tx, vm, source, target, held, reserved, node)
+                # Only ``required`` binds the guest's memory, on the destination too.
+                return self._start(tx, vm, source, target, held, reserved, node,
+                                   node if policy == "required" else None)
         raise NoCapacity(f"cannot migrate VM {vm.name}: every possible destination was taken "
                          "meanwhile or announced no migration URI; try again")
 
     def _start(self, tx: TxContext, vm: VmInstance, source: Host, target: Host,
                held: list[HeldDevice], reserved: Sequence[HeldDevice],
-               numa_node: int | None) -> Job:
+               numa_node: int | None, bind_to: int | None) -> Job:
         self.lifecycle.transition(tx, vm, VmEvent.MIGRATION_REQUESTED)
         detach_s = 10.0
         budget = self._config.job_migrate_timeout_s
         command = MigrateCommand(vm_uuid=vm.uuid, destination_guid=target.guid,
                                  destination_uri=target.migration_uri,
-                                 detach_timeout_s=detach_s,
+                                 detach_timeout_s=detach_s, numa_node=bind_to,
                                  migrate_timeout_s=max(1.0, budget * 0.75
                                                        - detach_s * len(held)))
         mapping = pair_devices(held, reserved)

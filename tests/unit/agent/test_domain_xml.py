@@ -13,6 +13,7 @@ from hostdev.agent.domain_xml import (
     read_hostdevs,
     read_identity,
     with_hostdev,
+    with_numatune,
     without_hostdev,
     without_runtime_id,
 )
@@ -51,6 +52,16 @@ def test_a_numa_node_binds_the_memory_strictly_and_only_when_set() -> None:
     assert [m.attrib for m in bound.findall("./numatune/memory")] == [
         {"mode": "strict", "nodeset": "1"}]
     assert ET.fromstring(build_domain_xml(SPEC)).find("numatune") is None
+
+
+def test_with_numatune_replaces_the_binding_and_keeps_the_rest() -> None:
+    """Rebinding a bound domain leaves one numatune, on the new node; hostdevs stay."""
+    bound = build_domain_xml(msgspec.structs.replace(SPEC, numa_node=0))
+    rebound = ET.fromstring(with_numatune(bound, 3))
+    assert [m.get("nodeset") for m in rebound.findall("./numatune/memory")] == ["3"]
+    assert read_hostdevs(ET.tostring(rebound, encoding="unicode")) == read_hostdevs(bound)
+    unbound = ET.fromstring(with_numatune(build_domain_xml(SPEC), 2))
+    assert [m.get("nodeset") for m in unbound.findall("./numatune/memory")] == ["2"]
 
 
 def test_a_kvm_domain_names_its_architecture() -> None:

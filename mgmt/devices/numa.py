@@ -11,6 +11,7 @@ guest's memory binding, which travels with it, stays right).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import BindParameter, Connection, bindparam, case, func, select
@@ -57,6 +58,30 @@ def pick_node(by_node: Mapping[int, Sequence[int]], counts: Sequence[int],
     return fitting[0] if fitting else None
 
 
+@dataclass(frozen=True)
+class _Choice:
+    """The requested (name, count) pairs by name, each node's free devices of them, the node."""
+
+    wanted: list[tuple[str, int]]
+    by_node: dict[int, tuple[int, ...]]
+    node: int | None
+
+
+def _choose(conn: Connection, host_id: int, requests: Mapping[str, int],
+            prefer: int | None) -> _Choice:
+    wanted = sorted((name, count) for name, count in requests.items() if count)
+    by_node = free_by_node(conn, host_id, [name for name, _ in wanted])
+    return _Choice(wanted, by_node, pick_node(by_node, [c for _, c in wanted], prefer))
+
+
+def node_for(conn: Connection, host_id: int, requests: Mapping[str, int], policy: NumaPolicy,
+             prefer: int | None = None) -> int | None:
+    """Returns the node :func:`take_on_node` would take on (None: anywhere), taking nothing."""
+    if policy == "none" or not any(requests.values()):
+        return None
+    return _choose(conn, host_id, requests, prefer).node
+
+
 def take_on_node(conn: Connection, vm_id: int, host_id: int, requests: Mapping[str, int],
                  policy: NumaPolicy, *, reserve: bool = False, prefer: int | None = None,
                  ) -> tuple[tuple[HeldDevice, ...], int | None]:
@@ -67,26 +92,23 @@ def take_on_node(conn: Connection, vm_id: int, host_id: int, requests: Mapping[s
 
     Raises:
         InsufficientDevices: too few free devices, or, under ``required``, no
-            node has them all (the text says what the best node has).
+            node has them all (the text says what each node has).
         ClaimRaceLost: as :func:`~hostdev.mgmt.devices.pci_devices.claim_devices`.
     """
     take = reserve_devices if reserve else claim_devices
-    wanted = sorted((name, count) for name, count in requests.items() if count)
-    if policy == "none" or not wanted:
+    if policy == "none" or not any(requests.values()):
         return take(conn, vm_id, host_id, requests), None
-    names, counts = [n for n, _ in wanted], [c for _, c in wanted]
-    by_node = free_by_node(conn, host_id, names)
-    node = pick_node(by_node, counts, prefer)
-    if node is not None:
+    choice = _choose(conn, host_id, requests, prefer)
+    if choice.node is not None:
         try:
-            held = take(conn, vm_id, host_id, requests, numa_node=node)
+            held = take(conn, vm_id, host_id, requests, numa_node=choice.node)
         except InsufficientDevices:
             if policy == "required":
                 raise
         else:  # devices of a host without NUMA are not on a node the guest can be bound to
-            return held, (node if node != NO_NODE else None)
+            return held, (choice.node if choice.node != NO_NODE else None)
     if policy == "required":
-        raise _no_node(host_id, wanted, by_node)
+        raise _no_node(host_id, choice.wanted, choice.by_node)
     return take(conn, vm_id, host_id, requests), None
 
 

@@ -387,7 +387,10 @@ def devices_of_vm(conn: Connection, vm_id: int) -> tuple[HeldDevice, ...]:
     return tuple(HeldDevice.of(row) for row in conn.execute(query))
 
 
-def free_devices(conn: Connection, host_id: int) -> tuple[HeldDevice, ...]:
-    """Returns every free device of one host, by id (what a migration may reserve there)."""
+def free_devices(conn: Connection, host_id: int,
+                 numa_node: int | None = None) -> tuple[HeldDevice, ...]:
+    """Returns the free devices of a host (on ``numa_node`` only), by id: what a move may take."""
     query = select(*DEVICE_COLUMNS).where(C.host_id == host_id, state_is(FREE)).order_by(C.id)
+    if numa_node is not None:
+        query = query.where(NUMA_NODE == numa_node)  # noqa: SIM300 (SQL, not a constant)
     return tuple(HeldDevice.of(row) for row in conn.execute(query))

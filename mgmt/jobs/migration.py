@@ -135,7 +135,11 @@ class MigrationManager:
         """Says where a VM would go and which device replaces which; changes nothing."""
         vm, source, candidates, held = self._prepare(tx, ref, destination)
         target = candidates[0]
-        spare = pci_devices.free_devices(tx.session.connection(), target.id)
+        conn = tx.session.connection()
+        requests = {r.name: r.count for r in offering_requests(tx, vm.offering_id)}
+        node = numa.node_for(conn, target.id, requests,
+                             offering_numa_policy(tx, vm.offering_id), prefer=vm.numa_node)
+        spare = pci_devices.free_devices(conn, target.id, node)  # where begin() would reserve
         return MigrationPlan(vm_uuid=vm.uuid, source_guid=source.guid,
                              destination_guid=target.guid,
                              devices=pair_devices(held, spare),

@@ -172,6 +172,9 @@ class NumaCloudContract:
         vm = cloud.deploy("vm1", "pair")
         assert (vm.host_name, vm.numa_node, cloud.nodes(vm), cloud.nodesets(vm)) == (
             "sim-a", 0, [0, 0], ["0"])
+        plan = cloud.request(api.MigrateVmRequest(vm="vm1", dry_run=True))
+        assert sorted(str(m.destination) for m in plan.devices) == [
+            "0000:86:00.0", "0000:d8:00.0"]  # sim-b's node 1, where the move reserves
         job = cloud.wait_job(cloud.request(api.MigrateVmRequest(vm="vm1")))
         assert job.state == "succeeded", job.details
         moved = cloud.vm("vm1")

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from hostdev.messages.domain_template import (
     TEMPLATE_NS,
     BaseImage,
+    bind_memory,
     hostdev_element,
     minimal_template,
     render_domain,
@@ -41,11 +42,18 @@ def hostdev_xml(address: PciAddress) -> str:
     return ET.tostring(hostdev_element(address), encoding="unicode")
 
 
+def with_numatune(xml: str, node: int) -> str:
+    """Returns the domain XML with its memory bound to ``node`` (any other binding replaced)."""
+    root = ET.fromstring(xml)
+    bind_memory(root, node)
+    return ET.tostring(root, encoding="unicode")
+
+
 def build_domain_xml(spec: VmSpec, *, domain_type: str = "kvm") -> str:
     """Builds the minimal domain (no template) with the spec's PCI devices passed through.
 
     Args:
-        spec: identity, size and PCI addresses of the VM.
+        spec: identity, size, PCI addresses and NUMA node (if any) of the VM.
         domain_type: libvirt's domain type, ``kvm`` (or ``qemu``) for real
             hosts, ``test`` for the test driver.
     """

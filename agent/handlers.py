@@ -262,7 +262,7 @@ class CommandHandlers:
         migrate_s = min(command.migrate_timeout_s, self.timeouts.migration_s)
         try:
             self.hypervisor.migrate(uuid, command.destination_uri, migrate_s,
-                                    copy_storage=bool(copied))
+                                    copy_storage=bool(copied), numa_node=command.numa_node)
         except (MigrationFailed, HypervisorError) as exc:
             reattached, failures = self._reattach(uuid, detached)
             log.warning("migration_failed", vm=uuid, error=str(exc), reattached=reattached)

@@ -108,11 +108,13 @@ class Hypervisor(Protocol):
         """
 
     def migrate(self, uuid: str, destination_uri: str, timeout_s: float, *,
-                copy_storage: bool = False) -> None:
+                copy_storage: bool = False, numa_node: int | None = None) -> None:
         """Live-migrates a running domain; raises ``MigrationFailed`` leaving it on the source.
 
         With ``copy_storage`` the VM's own volumes are copied to the
-        destination's volumes of the same names (``prepare_volume_at``).
+        destination's volumes of the same names (``prepare_volume_at``). With
+        ``numa_node`` the domain's memory is bound to that node on the
+        destination (``<numatune>`` of the destination's definition).
         """
 
     def has_domain_at(self, destination_uri: str, uuid: str) -> bool:

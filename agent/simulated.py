@@ -44,7 +44,6 @@ from hostdev.agent.domain_xml import (
     read_identity,
     with_hostdev,
     without_hostdev,
-    without_runtime_id,
 )
 from hostdev.agent.errors import ConfigError, DetachRefused, HypervisorError, MigrationFailed
 from hostdev.agent.hypervisor import LifecycleEvent
@@ -348,24 +347,26 @@ class SimulatedHost(LibvirtHost):
     # -- migration ---------------------------------------------------------------
 
     def migrate(self, uuid: str, destination_uri: str, timeout_s: float, *,
-                copy_storage: bool = False) -> None:
+                copy_storage: bool = False, numa_node: int | None = None) -> None:
         """Moves a running domain to the simulated host at ``destination_uri``.
 
         Its own volumes wait there already (``prepare_volume_at``); the
         caller deletes them here afterwards, as after a real storage copy.
+        With ``numa_node`` the destination's definition binds the memory to that node.
         """
         if self._migration_failure is not None:
             raise MigrationFailed(uuid, destination_uri, self._migration_failure)
         destination = self.hosts.at(destination_uri)
         if destination is None:  # another process's host, through its mailbox
-            simulated_store.hand_over(self, self.watcher, uuid, destination_uri)
+            simulated_store.hand_over(self, self.watcher, uuid, destination_uri,
+                                      numa_node=numa_node)
             return
         if destination is self:
             raise MigrationFailed(uuid, destination_uri, "Attempt to migrate guest to the "
                                   "same host")
         if not self.is_active(uuid):
             raise MigrationFailed(uuid, destination_uri, "the domain is not running")
-        xml = without_runtime_id(self.domain_xml(uuid))
+        xml = simulated_store.migrated_xml(self.domain_xml(uuid), numa_node)
         name = read_identity(xml)[1]
         # Report what real libvirt reports (Started/Migrated, Stopped/Migrated),
         # not the boot and destroy that emulate it.

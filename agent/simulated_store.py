@@ -39,7 +39,12 @@ from typing import Any, Protocol
 import msgspec
 import structlog
 
-from hostdev.agent.domain_xml import read_identity, read_own_volumes, without_runtime_id
+from hostdev.agent.domain_xml import (
+    read_identity,
+    read_own_volumes,
+    with_numatune,
+    without_runtime_id,
+)
 from hostdev.agent.errors import HypervisorError, MigrationFailed
 from hostdev.agent.hypervisor import LifecycleEvent
 from hostdev.messages.pci_address import PciAddress
@@ -236,8 +241,14 @@ def check_attach(watcher: Watcher | None, uuid: str, address: PciAddress) -> Non
                               "(fail_attach in the faults file)")
 
 
+def migrated_xml(live_xml: str, numa_node: int | None) -> str:
+    """Returns the definition a migration gives the destination (memory bound to ``numa_node``)."""
+    xml = without_runtime_id(live_xml)
+    return xml if numa_node is None else with_numatune(xml, numa_node)
+
+
 def hand_over(host: MailboxHost, watcher: Watcher | None, uuid: str,
-              destination_uri: str) -> None:
+              destination_uri: str, *, numa_node: int | None = None) -> None:
     """Migrates a running domain to a simulated host of another process, through its mailbox.
 
     Raises:
@@ -255,7 +266,7 @@ def hand_over(host: MailboxHost, watcher: Watcher | None, uuid: str,
     if watcher is not None and watcher.migrate_hold_s:
         log.info("simulated_migration_holding", vm=uuid, hold_s=watcher.migrate_hold_s)
         time.sleep(watcher.migrate_hold_s)  # before the hand-over: the domain stays here
-    xml = without_runtime_id(host.domain_xml(uuid))
+    xml = migrated_xml(host.domain_xml(uuid), numa_node)
     name = read_identity(xml)[1]
     temporary = box / f".{uuid}.tmp"
     temporary.write_bytes(msgspec.json.encode(HandedOver(xml=xml, source=host.uri)))

@@ -18,6 +18,7 @@ from hostdev.messages.limits import (
     HostName,
     Id,
     MemoryMb,
+    NumaNode,
     PciAddresses,
     Seconds,
     Seq,
@@ -159,6 +160,9 @@ class MigrateCommand(Message, frozen=True, kw_only=True):
     destination_uri: Uri
     detach_timeout_s: Seconds = 10.0
     migrate_timeout_s: Seconds = 300.0
+    #: The host NUMA node the guest's memory is bound to on the destination (offering
+    #: policy ``required``); None keeps the domain's binding as it is.
+    numa_node: NumaNode | None = None
 
 
 MigrateStep = Literal["detach", "migrate", ""]

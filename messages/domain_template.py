@@ -37,7 +37,7 @@ _SETTINGS = f"./metadata/{{{TEMPLATE_NS}}}template"
 
 #: The top-level elements management owns: a template may not set them.
 MANAGED_ELEMENTS: Final = ("name", "uuid", "memory", "currentMemory", "maxMemory", "vcpu",
-                           "vcpus")
+                           "vcpus", "numatune")
 #: Where a file console goes when the template names no directory for it.
 DEFAULT_CONSOLE_DIR: Final = "/var/log/libvirt/qemu"
 #: The consoles whose output can go to a file management names per VM.
@@ -61,6 +61,27 @@ def hostdev_element(address: PciAddress) -> ET.Element:
     return hostdev
 
 
+def numatune_element(node: int) -> ET.Element:
+    """Builds ``<numatune><memory mode='strict' nodeset='N'/></numatune>``.
+
+    The guest's memory is allocated on host NUMA node ``node`` only, the node
+    of its passed-through devices (the offering's NUMA policy ``required``).
+    """
+    numatune = ET.Element("numatune")
+    ET.SubElement(numatune, "memory", {"mode": "strict", "nodeset": str(node)})
+    return numatune
+
+
+def bind_memory(root: ET.Element, node: int | None) -> None:
+    """Binds the domain's memory to ``node`` (any other binding replaced; None: unbound)."""
+    for old in root.findall("numatune"):
+        root.remove(old)
+    if node is not None:
+        vcpu = root.find("vcpu")
+        root.insert(list(root).index(vcpu) + 1 if vcpu is not None else len(root),
+                    numatune_element(node))
+
+
 def minimal_template(domain_type: str = "kvm") -> str:
     """Returns the domain of a VM whose offering names no template: no disk, no NIC."""
     arch = " arch='x86_64'" if domain_type in ("kvm", "qemu") else ""
@@ -77,14 +98,16 @@ def render_domain(template: str, spec: VmSpec, *, console_path: str = "") -> str
     """Returns ``template`` with every element management owns filled from ``spec``.
 
     The one place that writes them: name, uuid, memory (MiB), vCPUs, one
-    managed ``<hostdev>`` per assigned address, and ``console_path`` as the
-    source of every file console (``console_path_for`` chooses it).
+    managed ``<hostdev>`` per assigned address, the NUMA node the memory is
+    bound to (when the spec names one), and ``console_path`` as the source of
+    every file console (``console_path_for`` chooses it).
     """
     root = ET.fromstring(template)
     _set_top(root, 0, "name", spec.name)
     _set_top(root, 1, "uuid", spec.uuid)
     _set_top(root, 2, "memory", str(spec.memory_mb), unit="MiB")
     _set_top(root, 3, "vcpu", str(spec.cpus))
+    bind_memory(root, spec.numa_node)
     devices = root.find("devices")
     if devices is None:
         devices = ET.SubElement(root, "devices")

@@ -47,7 +47,7 @@ from hostdev.mgmt.persistence.unit_of_work import TxContext
 from hostdev.mgmt.pipeline import Route, always, never
 from hostdev.mgmt.placement import planner
 from hostdev.mgmt.vms.templates import find_template
-from hostdev.mgmt.vms.vm_lifecycle import offering_requests
+from hostdev.mgmt.vms.vm_lifecycle import offering_numa_policy, offering_requests
 
 
 def _iso(value: Any) -> str | None:
@@ -148,7 +148,7 @@ class ApiHandlers:
             VmRow(uuid=vm.uuid, name=vm.name, offering=offering, state=vm.state,
                   host_guid=guid, host_name=name, pci_devices=tuple(held.get(vm.id, ())),
                   template=template or "", template_version=vm.template_version,
-                  console_path=vm.console_path or "")
+                  console_path=vm.console_path or "", numa_node=vm.numa_node)
             for vm, offering, template, guid, name in tx.session.execute(query))
         return api.VmList(vms=rows)
 
@@ -157,7 +157,8 @@ class ApiHandlers:
                            memory_mb=offering.memory_mb,
                            pci_requests=offering_requests(tx, offering.id),
                            migration_policy=offering.migration_policy,
-                           template=offering.template_name or "")
+                           template=offering.template_name or "",
+                           numa_policy=offering.numa_policy)
 
     def list_offerings(self, tx: TxContext, request: api.ListOfferingsRequest) -> api.OfferingList:
         """Lists service offerings."""
@@ -184,7 +185,8 @@ class ApiHandlers:
         """Says, per host, whether it would take the offering and why not."""
         offering = find_offering(tx.session, request.offering)
         demand = planner.Demand(cpus=offering.cpus, memory_mb=offering.memory_mb,
-                                pci=offering_requests(tx, offering.id))
+                                pci=offering_requests(tx, offering.id),
+                                numa=offering_numa_policy(tx, offering.id))
         verdicts = planner.explain(tx.session, demand, request.avoid)
         return api.PlacementExplanation(offering=offering.name, requests=demand.pci,
                                         verdicts=tuple(verdicts))
@@ -207,7 +209,8 @@ class ApiHandlers:
             find_template(tx.session, request.template)  # NotFound lists the templates
         offering = ServiceOffering(name=name, cpus=request.cpus,
                                    memory_mb=request.memory_mb, migration_policy=policy,
-                                   template_name=request.template)
+                                   template_name=request.template,
+                                   numa_policy=request.numa_policy or "none")
         tx.session.add(offering)
         tx.session.flush()
         for pci in requests:

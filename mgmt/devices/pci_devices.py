@@ -26,6 +26,7 @@ from hostdev.mgmt.devices.device_rows import (
     DEVICES,
     DISABLED,
     FREE,
+    NUMA_NODE,
     QUARANTINED,
     REMOVED,
     RESERVED,
@@ -90,10 +91,16 @@ class DeviceBusy(Conflict):
 # cursor: per call, Core's statement building and execution cost about as
 # much as the round trip itself (bench/alloc.py measures it).
 _OF_NAME = (C.host_id == bindparam("host_id"), C.name == bindparam("name"), state_is(FREE))
-_FREE_OF_NAME = select(*DEVICE_COLUMNS).where(*_OF_NAME).order_by(C.id).limit(bindparam("count"))
-_PICK = PreparedStatement(_FREE_OF_NAME)
-_PICK_SKIP_LOCKED = PreparedStatement(_FREE_OF_NAME.with_for_update(skip_locked=True))
-_FREE_COUNT = select(func.count()).where(*_OF_NAME)
+#: on one NUMA node (``numa_node``, NO_NODE for devices without one) -> the conditions.
+_WHERE = {False: _OF_NAME,
+          True: (*_OF_NAME, NUMA_NODE == bindparam("numa_node"))}  # noqa: SIM300 (SQL, not a constant)
+_FREE_OF_NAME = {on_node: select(*DEVICE_COLUMNS).where(*where).order_by(C.id)
+                 .limit(bindparam("count")) for on_node, where in _WHERE.items()}
+#: (on one node, locking with SKIP LOCKED) -> the SELECT a claim picks its devices with.
+_PICK = {(on_node, locking): PreparedStatement(
+    query.with_for_update(skip_locked=True) if locking else query)
+    for on_node, query in _FREE_OF_NAME.items() for locking in (False, True)}
+_FREE_COUNT = {on_node: select(func.count()).where(*where) for on_node, where in _WHERE.items()}
 _TAKE: dict[tuple[bool, int], PreparedStatement] = {}
 
 
@@ -161,21 +168,25 @@ def _wanted(requests: Mapping[str, int]) -> list[tuple[str, int]]:
 
 
 def _take(
-    conn: Connection, vm_id: int, host_id: int, requests: Mapping[str, int], *, reserve: bool
+    conn: Connection, vm_id: int, host_id: int, requests: Mapping[str, int], *, reserve: bool,
+    numa_node: int | None = None,
 ) -> tuple[HeldDevice, ...]:
     picked: list[HeldDevice] = []
     locking = locks_rows(conn)
-    pick = _PICK_SKIP_LOCKED if locking else _PICK
+    on_node = numa_node is not None
+    pick = _PICK[(on_node, locking)]
+    where = f" on NUMA node {numa_node}" if on_node else ""
     state = RESERVED if reserve else ALLOCATED
     for name, count in _wanted(requests):
-        rows = pick.execute(conn, {"host_id": host_id, "name": name, "count": count}).rows
+        of_name = {"host_id": host_id, "name": name, "count": count, "numa_node": numa_node}
+        rows = pick.execute(conn, of_name).rows
         if len(rows) < count:
-            free = conn.execute(_FREE_COUNT, {"host_id": host_id, "name": name}).scalar_one()
+            free = conn.execute(_FREE_COUNT[on_node], of_name).scalar_one()
             if locking and free >= count:
                 # Enough exist, but other transactions hold locks on them.
                 raise ClaimRaceLost(f"host {host_id}: {name} devices are locked by others")
             raise InsufficientDevices(
-                f"host {host_id}: needs {count}x{name}, {free} free; pick another host "
+                f"host {host_id}: needs {count}x{name}{where}, {free} free; pick another host "
                 "or free devices",
                 host_id=host_id, name=name, wanted=count, free=int(free),
             )
@@ -196,9 +207,12 @@ def _take(
 
 
 def claim_devices(
-    conn: Connection, vm_id: int, host_id: int, requests: Mapping[str, int]
+    conn: Connection, vm_id: int, host_id: int, requests: Mapping[str, int], *,
+    numa_node: int | None = None,
 ) -> tuple[HeldDevice, ...]:
     """Allocates ``count`` free devices of each requested name on one host to a VM.
+
+    With ``numa_node``, only devices on that NUMA node (``hostdev.mgmt.devices.numa``).
 
     All or nothing: either every request is met or the caller's transaction
     must be rolled back. Not idempotent by itself: calling it twice claims
@@ -208,18 +222,19 @@ def claim_devices(
         InsufficientDevices: the host has too few free devices of a name.
         ClaimRaceLost: a concurrent transaction won; retry in a NEW transaction.
     """
-    return _take(conn, vm_id, host_id, requests, reserve=False)
+    return _take(conn, vm_id, host_id, requests, reserve=False, numa_node=numa_node)
 
 
 def reserve_devices(
-    conn: Connection, vm_id: int, host_id: int, requests: Mapping[str, int]
+    conn: Connection, vm_id: int, host_id: int, requests: Mapping[str, int], *,
+    numa_node: int | None = None,
 ) -> tuple[HeldDevice, ...]:
     """Reserves a migration's destination set on ``host_id`` while the VM keeps its source set.
 
     Same guarantees and errors as :func:`claim_devices`; reserved devices are
     neither offered nor held until :func:`commit_migration`.
     """
-    return _take(conn, vm_id, host_id, requests, reserve=True)
+    return _take(conn, vm_id, host_id, requests, reserve=True, numa_node=numa_node)
 
 
 #: A device a release let go of, as it was before, and the guid of its host.
@@ -372,7 +387,10 @@ def devices_of_vm(conn: Connection, vm_id: int) -> tuple[HeldDevice, ...]:
     return tuple(HeldDevice.of(row) for row in conn.execute(query))
 
 
-def free_devices(conn: Connection, host_id: int) -> tuple[HeldDevice, ...]:
-    """Returns every free device of one host, by id (what a migration may reserve there)."""
+def free_devices(conn: Connection, host_id: int,
+                 numa_node: int | None = None) -> tuple[HeldDevice, ...]:
+    """Returns the free devices of a host (on ``numa_node`` only), by id: what a move may take."""
     query = select(*DEVICE_COLUMNS).where(C.host_id == host_id, state_is(FREE)).order_by(C.id)
+    if numa_node is not None:
+        query = query.where(NUMA_NODE == numa_node)  # noqa: SIM300 (SQL, not a constant)
     return tuple(HeldDevice.of(row) for row in conn.execute(query))

@@ -8,10 +8,11 @@ from hypothesis import strategies as st
 from sqlalchemy import Engine, delete, insert
 from sqlalchemy.orm import Session
 
-from hostdev.messages.values import PciRequest
+from hostdev.messages.values import NumaPolicy, PciRequest
 from hostdev.mgmt.persistence.models import (
     DEVICE_STATES,
     HOST_STATUSES,
+    NUMA_POLICIES,
     VM_STATES,
     Host,
     PciDevice,
@@ -26,12 +27,12 @@ NAMES = ("10GE", "GPU", "FPGA")
 
 @dataclass(frozen=True)
 class HostSpec:
-    """One host to insert: its resources, its devices (name, state) and its VMs."""
+    """One host to insert: its resources, its devices (name, state, NUMA node) and its VMs."""
 
     status: str
     cpus: int
     memory_mb: int
-    devices: tuple[tuple[str, str], ...]
+    devices: tuple[tuple[str, str, int | None], ...]
     vms: tuple[tuple[int, int, str], ...]
 
 
@@ -46,28 +47,41 @@ class World:
 
 _hosts = st.builds(
     HostSpec,
-    status=st.sampled_from(HOST_STATUSES),
+    status=st.one_of(st.just("Up"), st.sampled_from(HOST_STATUSES)),
     cpus=st.integers(0, 8),
     memory_mb=st.integers(0, 4).map(lambda n: n * 1024),
-    devices=st.lists(st.tuples(st.sampled_from(NAMES), st.sampled_from(DEVICE_STATES)),
-                     max_size=8).map(tuple),
+    # Free half the time, so hosts often have enough devices and the NUMA
+    # criterion, not the count, decides.
+    devices=st.lists(st.tuples(st.sampled_from(NAMES),
+                               st.one_of(st.just("free"), st.sampled_from(DEVICE_STATES)),
+                               st.sampled_from((None, 0, 1, 2))),
+                     max_size=10).map(tuple),
     vms=st.lists(st.tuples(st.integers(0, 4), st.integers(0, 2).map(lambda n: n * 1024),
                            st.sampled_from(VM_STATES)), max_size=3).map(tuple),
 )
 _requests = st.lists(st.sampled_from(NAMES), unique=True, max_size=3).flatmap(
     lambda names: st.tuples(*(st.builds(PciRequest, name=st.just(name),
                                         count=st.integers(1, 3)) for name in names)))
-_demands = st.builds(Demand, cpus=st.integers(0, 6),
-                     memory_mb=st.integers(0, 3).map(lambda n: n * 1024), pci=_requests)
+def _demands(numa: st.SearchStrategy[NumaPolicy], most: int) -> st.SearchStrategy[Demand]:
+    return st.builds(Demand, cpus=st.integers(0, most * 2),
+                     memory_mb=st.integers(0, most).map(lambda n: n * 1024), pci=_requests,
+                     numa=numa)
 
 
 @st.composite
-def worlds(draw: st.DrawFn, max_hosts: int = 8) -> World:
-    """Draws hosts, a demand, and an avoid set of some of their names and guids."""
+def worlds(draw: st.DrawFn, max_hosts: int = 8, numa: NumaPolicy | None = None) -> World:
+    """Draws hosts, a demand (with the NUMA policy ``numa``, or any), and an avoid set.
+
+    The avoid set holds some of the hosts' names and guids.
+    """
     hosts = tuple(draw(st.lists(_hosts, max_size=max_hosts)))
     refs = [f"h{i}" for i in range(len(hosts))] + [f"guid-{i}" for i in range(len(hosts))]
     avoid = draw(st.frozensets(st.sampled_from([*refs, "h-unknown"]), max_size=3))
-    return World(hosts=hosts, demand=draw(_demands), avoid=avoid)
+    if numa is None:
+        demand = draw(_demands(st.sampled_from(NUMA_POLICIES), most=3))
+    else:  # small demands, so that the devices, and their nodes, decide
+        demand = draw(_demands(st.just(numa), most=1))
+    return World(hosts=hosts, demand=demand, avoid=avoid)
 
 
 def load(engine: Engine, world: World) -> None:
@@ -81,10 +95,10 @@ def load(engine: Engine, world: World) -> None:
             host_id = conn.execute(insert(Host).values(
                 guid=f"guid-{index}", name=f"h{index}", status=spec.status, cpus=spec.cpus,
                 memory_mb=spec.memory_mb, hypervisor_version="")).inserted_primary_key[0]
-            for number, (name, state) in enumerate(spec.devices):
+            for number, (name, state, node) in enumerate(spec.devices):
                 conn.execute(insert(PciDevice).values(
                     host_id=host_id, name=name, domain="0000", bus="28",
-                    slot=f"{number:02x}", function="0", state=state))
+                    slot=f"{number:02x}", function="0", state=state, numa_node=node))
             for number, (cpus, memory_mb, state) in enumerate(spec.vms):
                 conn.execute(insert(VmInstance).values(
                     uuid=f"{index}-{number}", name=f"vm-{index}-{number}",

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import xml.etree.ElementTree as ET
 
+import msgspec
+
 from hostdev.agent.domain_xml import (
     OwnVolume,
     build_domain_xml,
@@ -15,6 +17,7 @@ from hostdev.agent.domain_xml import (
     read_own_volumes,
     with_domain_type,
     with_hostdev,
+    with_numatune,
     with_own_volumes,
     without_hostdev,
     without_runtime_id,
@@ -47,6 +50,24 @@ def test_a_built_domain_carries_identity_size_and_each_device_once() -> None:
     assert root.findtext("memory") == "512" and root.find("memory").get("unit") == "MiB"  # type: ignore[union-attr]
     assert root.findtext("vcpu") == "2"
     assert read_hostdevs(xml) == (P("28:00.1"), P("1:3b:1f.7"))
+
+
+def test_a_numa_node_binds_the_memory_strictly_and_only_when_set() -> None:
+    """A spec with a NUMA node gets numatune strict on that node; without, no numatune."""
+    bound = ET.fromstring(build_domain_xml(msgspec.structs.replace(SPEC, numa_node=1)))
+    assert [m.attrib for m in bound.findall("./numatune/memory")] == [
+        {"mode": "strict", "nodeset": "1"}]
+    assert ET.fromstring(build_domain_xml(SPEC)).find("numatune") is None
+
+
+def test_with_numatune_replaces_the_binding_and_keeps_the_rest() -> None:
+    """Rebinding a bound domain leaves one numatune, on the new node; hostdevs stay."""
+    bound = build_domain_xml(msgspec.structs.replace(SPEC, numa_node=0))
+    rebound = ET.fromstring(with_numatune(bound, 3))
+    assert [m.get("nodeset") for m in rebound.findall("./numatune/memory")] == ["3"]
+    assert read_hostdevs(ET.tostring(rebound, encoding="unicode")) == read_hostdevs(bound)
+    unbound = ET.fromstring(with_numatune(build_domain_xml(SPEC), 2))
+    assert [m.get("nodeset") for m in unbound.findall("./numatune/memory")] == ["2"]
 
 
 def test_a_kvm_domain_names_its_architecture() -> None:

@@ -10,7 +10,7 @@ PACKAGE_FILES := $(VENV)/.package-files
 APT_PACKAGES := libvirt-dev pkg-config
 PYTEST_ARGS ?=
 
-.PHONY: all setup services test unit lint typecheck layout schema sql-schema demo bench clean FORCE
+.PHONY: all setup services test unit lint typecheck layout schema sql-schema demo bench dist smoke clean FORCE
 
 all: test
 
@@ -79,10 +79,22 @@ sql-schema: setup
 demo: setup
 	$(VENV)/bin/hostdev demo
 
+# The wheel and the sdist, as a release ships them.
+DIST ?= dist
+dist: setup
+	rm -rf $(DIST)
+	$(PY) -m build --outdir $(DIST) . >$(VENV)/build.log 2>&1 || { tail -n 30 $(VENV)/build.log; exit 1; }
+	@ls $(DIST)
+
+# The wheel installed in a fresh virtualenv: migrations shipped, schema on
+# SQLite and MariaDB, `hostdev demo` runs; the sdist carries etc/, sql/, units.
+smoke: dist services
+	tools/smoke_install.sh $(DIST)
+
 bench: setup services
 	$(PY) bench/bus.py
 	$(PY) bench/alloc.py
 	$(PY) bench/deploy.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis build *.egg-info
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis build *.egg-info $(DIST)

@@ -7,7 +7,10 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 # The files the editable install links (see $(STAMP)); a new one needs a reinstall.
 PACKAGE_FILES := $(VENV)/.package-files
-APT_PACKAGES := libvirt-dev pkg-config
+# libvirt-dev, pkg-config: libvirt-python builds against them. prometheus:
+# promtool checks and unit-tests etc/prometheus. amqp-tools: the plain-client
+# example of docs/protocol.md runs in the tests.
+APT_PACKAGES := libvirt-dev pkg-config prometheus amqp-tools
 PYTEST_ARGS ?=
 
 .PHONY: all setup services test unit lint typecheck layout schema sql-schema demo bench dist smoke clean FORCE
@@ -21,7 +24,7 @@ all: test
 # file shows at once, but a new or removed file needs a new link tree. So
 # the stamp depends on the list of package files (rewritten only when the
 # list changes, not when a file's content does) and `make` reinstalls then.
-# libvirt-python builds against libvirt-dev; install it only when missing.
+# The Debian packages are installed only when missing.
 $(STAMP): pyproject.toml $(PACKAGE_FILES)
 	@missing=""; for p in $(APT_PACKAGES); do \
 	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \

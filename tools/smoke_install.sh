@@ -40,6 +40,7 @@ started=$(date +%s)
 listing=$(tar tzf "$sdist")
 for file in sql/schema-mysql.sql sql/alembic.ini etc/mgmt.properties etc/agent.properties \
         etc/rabbitmq/definitions.json \
+        etc/prometheus/hostdev-rules.yml etc/grafana/hostdev.json \
         systemd/hostdev-mgmt.service systemd/hostdev-agent.service docs/install.md \
         mgmt/persistence/migrations/env.py; do
     grep -q "^hostdev-[^/]*/$file\$" <<<"$listing" || fail "$file is missing from $sdist"

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import secrets
+import subprocess
 from collections.abc import Iterator
 
 import pytest
 from sqlalchemy import make_url, text
 
-from hostdev.mgmt.cli import main
 from hostdev.mgmt.errors import MgmtError
 from hostdev.mgmt.persistence.database import create_database_engine
 from hostdev.mgmt.persistence.database_creation import create_database
@@ -18,6 +18,7 @@ from tests.support.databases import (
     drop_mariadb_database,
     mariadb_url,
 )
+from tests.support.processes import BIN
 
 pytestmark = pytest.mark.mariadb
 
@@ -78,14 +79,16 @@ def test_a_user_who_may_not_create_gets_the_statement_to_run(
 
 
 def test_hostdev_demo_on_a_database_it_cannot_create_says_so_in_one_line(
-    missing_url: str, unprivileged: tuple[str, str], capsys: pytest.CaptureFixture[str]
+    missing_url: str, unprivileged: tuple[str, str]
 ) -> None:
     """``hostdev demo --db-url`` on a forbidden database exits 1 with one line, no traceback."""
     user, password = unprivileged
-    name = str(make_url(missing_url).database)
+    name = make_url(missing_url).database
     url = f"mysql+pymysql://{user}:{password}@localhost/{name}?unix_socket={MARIADB_SOCKET}"
-    assert main(["demo", "--db-url", url]) == 1
-    err = capsys.readouterr().err.strip()
+    done = subprocess.run([str(BIN / "hostdev"), "demo", "--db-url", url], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 1
+    err = done.stderr.strip()
     assert err.startswith("hostdev demo: database ") and "CREATE DATABASE" in err
     assert len(err.splitlines()) == 1
     assert password not in err

@@ -1,5 +1,9 @@
 """What to do with one delivery: decode, dispatch by type, classify the outcome.
 
+A consumer may handle some message types in batches (``contract.Batching``):
+:func:`handle_delivery` puts such a delivery aside (``Batched``) and
+:func:`handle_batch` later judges each message of the run the same way.
+
 Called by ``core.LinkBus`` for every delivery on every transport, so each is
 treated the same way. The bus then acks, requeues or dead-letters through its
 link; this module does no I/O besides calling the handler.
@@ -8,18 +12,26 @@ link; this module does no I/O besides calling the handler.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
+from functools import partial
 from typing import Literal, NamedTuple
 
 import structlog
 
 from hostdev.messages.base import Answer, Message
-from hostdev.messages.bus.contract import CONTENT_TYPE, Handler, Incoming, answer_route, capped
+from hostdev.messages.bus.contract import (
+    CONTENT_TYPE,
+    BatchHandler,
+    Handler,
+    Incoming,
+    answer_route,
+    capped,
+)
 from hostdev.messages.codec import decode
 from hostdev.messages.commands import ErrorAnswer
 from hostdev.messages.errors import DecodeError, TransientError
 from hostdev.messages.runtime.logging import bound_message, debug_enabled
-from hostdev.messages.runtime.metrics import count_outcome
+from hostdev.messages.runtime.metrics import count, count_outcome
 
 log = structlog.get_logger()
 
@@ -49,6 +61,20 @@ class Outcome(NamedTuple):
     copy: bool = True
 
 
+class Batched(NamedTuple):
+    """A decoded delivery of a type handled in batches: the bus handles it with its run."""
+
+    message: Message
+
+
+class BatchItem(NamedTuple):
+    """One delivery of a batch: the decoded message, its facts, its delivery count."""
+
+    message: Message
+    incoming: Incoming
+    attempts: int
+
+
 @count_outcome  # hostdev_messages_handled_total / _dead_lettered_total
 def handle_delivery(
     body: bytes,
@@ -59,7 +85,8 @@ def handle_delivery(
     handlers: Mapping[type[Message], Handler],
     attempts: int,
     delivery_limit: int,
-) -> Outcome:
+    batched: Collection[type[Message]] = (),
+) -> Outcome | Batched:
     """Decodes ``body``, runs its handler and says what to do with the delivery.
 
     Never raises for anything the message or handler did (only BaseException
@@ -73,6 +100,8 @@ def handle_delivery(
         handlers: handler per message class (a handler of a base class serves subclasses).
         attempts: how many times this message has been delivered, this one included.
         delivery_limit: after this many transient failures the message is dead-lettered.
+        batched: message classes handled in batches: a delivery decoded to one
+            of them is returned as :class:`Batched`, for :func:`handle_batch`.
     """
     if content_type not in (None, "", CONTENT_TYPE):
         return _dead(incoming, None, "decode",
@@ -86,17 +115,59 @@ def handle_delivery(
         return _dead(incoming, message, "invalid",
                      f"AMQP property type={type_property!r} but the body is a {name} "
                      f"({_where(incoming)}); the sender must set both to the same type")
+    if type(message) in batched:
+        return Batched(message)
     handler = _find_handler(type(message), handlers)
     if handler is None:
         known = ", ".join(sorted(cls.__name__ for cls in handlers)) or "none"
         return _dead(incoming, message, "invalid",
                      f"no handler for {name} on {_where(incoming)} (handled here: {known})")
+    return _verdict(message, incoming, lambda: handler(message, incoming), attempts,
+                    delivery_limit, getattr(handler, "__qualname__", "?"))
+
+
+def handle_batch(items: Sequence[BatchItem], handler: BatchHandler,
+                 delivery_limit: int) -> list[Outcome]:
+    """Runs a batch handler on a run of decoded deliveries; returns each one's verdict.
+
+    The handler returns one result per item: its answer (or None), or the
+    exception handling that item raised. Each is judged as if a handler of
+    that one message had returned or raised it: a refused item is
+    dead-lettered with its reason, a transient failure requeued, and no
+    other item pays for it. A batch handler that raises (or miscounts)
+    fails every item of the batch with that error.
+    """
+    name = getattr(handler, "__qualname__", "?")
+    try:
+        results: list[Message | Exception | None] = list(
+            handler([(item.message, item.incoming) for item in items]))
+        if len(results) != len(items):
+            raise RuntimeError(f"batch handler {name} returned {len(results)} results "
+                               f"for {len(items)} messages")
+    except Exception as exc:
+        log.exception("batch_handler_failed", handler=name, size=len(items))
+        results = [exc] * len(items)
+    return [count(_verdict(item.message, item.incoming, partial(_result, result),
+                           item.attempts, delivery_limit, name))
+            for item, result in zip(items, results, strict=True)]
+
+
+def _result(result: Message | Exception | None) -> Message | None:
+    if isinstance(result, Exception):
+        raise result
+    return result
+
+
+def _verdict(message: Message, incoming: Incoming, call: Callable[[], object], attempts: int,
+             delivery_limit: int, handler_name: str) -> Outcome:
+    """Runs ``call`` (the message's handler) and classifies what it returned or raised."""
+    name = type(message).__name__
     timed = debug_enabled()  # message_handled costs nothing at the daemons' default level
     started = time.perf_counter() if timed else 0.0
     with bound_message(incoming.message_id, incoming.correlation_id,
                        message_type=name, queue=incoming.queue):
         try:
-            result = handler(message, incoming)
+            result = call()
         except TransientError as exc:
             if attempts >= delivery_limit:
                 return _dead(incoming, message, "unavailable",
@@ -109,7 +180,7 @@ def handle_delivery(
         except Exception as exc:
             code = getattr(exc, "code", None)
             if not isinstance(code, str) or code == "internal":
-                log.exception("handler_failed", handler=getattr(handler, "__qualname__", "?"))
+                log.exception("handler_failed", handler=handler_name)
                 code = "internal"
             # An error with a code is a refusal the handler meant (forbidden,
             # invalid ...): its reason is logged once by _dead, without a traceback.

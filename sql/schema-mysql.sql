@@ -253,3 +253,9 @@ ALTER TABLE vm_instances ADD COLUMN console_path VARCHAR(1024);
 
 UPDATE alembic_version SET version_num='0008' WHERE alembic_version.version_num = '0007';
 
+-- Running upgrade 0008 -> 0012
+
+ALTER TABLE hosts ADD COLUMN reconciled_digest VARCHAR(64);
+
+UPDATE alembic_version SET version_num='0012' WHERE alembic_version.version_num = '0008';
+

@@ -27,12 +27,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Protocol
 
 import structlog
 from prometheus_client import Counter
 
 from hostdev.messages.commands import PingRoutingCommand, StartupRoutingCommand, VmStateReport
-from hostdev.mgmt.persistence.models import Host, VmInstance, utcnow
+from hostdev.mgmt.persistence.models import VmInstance, utcnow
 from hostdev.mgmt.persistence.unit_of_work import TxContext
 
 log = structlog.get_logger()
@@ -68,7 +69,16 @@ class Stamp:
         return bool(self.boot_id)
 
 
-def admit(tx: TxContext, host: Host, stamp: Stamp) -> bool:
+class ReportedHost(Protocol):
+    """What :func:`admit` reads and writes of a host: a ``Host`` row, or its columns alone."""
+
+    guid: str
+    report_boot_id: str | None
+    report_seq: int | None
+    retired_boot_id: str | None
+
+
+def admit(tx: TxContext, host: ReportedHost, stamp: Stamp) -> bool:
     """Returns whether a report of ``host`` is newer than the last one applied.
 
     A newer report becomes the host's last applied one. The caller holds the

@@ -126,6 +126,9 @@ class Host(Base):
     report_seq: Mapped[int | None] = mapped_column(BigInteger)
     #: The boot id the host's agent had before its last restart: its late reports are stale.
     retired_boot_id: Mapped[str | None] = mapped_column(String(64))
+    #: What the host's last reconciled ping reported and held (``hostdev.mgmt.hosts.pings``):
+    #: a ping that finds the same skips reconciling; NULL reconciles the next one.
+    reconciled_digest: Mapped[str | None] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow, onupdate=utcnow)
 

@@ -2,10 +2,11 @@
 
 :class:`LinkBus` implements ``BusLike`` on a ``link.Link``. It builds every
 publish, turns each delivery into an ``Incoming``, counts deliveries against
-``BusConfig.delivery_limit``, asks ``dispatch.handle_delivery`` for the
-verdict, publishes the answer on its route, dead-letters with the reason or
-requeues, and runs the loop: timers and queued calls (``loop.LoopScheduler``),
-deliveries, stop, and recovery when the link reports a lost connection.
+``BusConfig.delivery_limit``, decodes it and asks ``dispatch`` for the
+verdict (for a run of a batched type, ``dispatch.handle_batch``), publishes
+the answer on its route, dead-letters with the reason or requeues, and runs
+the loop: timers and queued calls (``loop.LoopScheduler``), deliveries,
+stop, and recovery when the link reports a lost connection.
 ``amqp.Bus`` and ``in_process.InProcessBus`` only choose the link.
 
 One thread owns the link: the one in :meth:`LinkBus.run` (or the caller before
@@ -37,16 +38,17 @@ from hostdev.messages.bus.contract import (
     capped,
 )
 from hostdev.messages.bus.dispatch import (
-    Batched,
     BatchItem,
     Outcome,
+    decode_delivery,
     handle_batch,
-    handle_delivery,
+    handle_message,
 )
 from hostdev.messages.bus.link import Link, Stopped
 from hostdev.messages.bus.loop import LoopScheduler
 from hostdev.messages.bus.wire import Delivery, new_outgoing
 from hostdev.messages.errors import BusError
+from hostdev.messages.runtime import metrics
 
 log = structlog.get_logger()
 
@@ -276,19 +278,21 @@ class LinkBus(BusShortcuts):
                 f"(queue {delivery.queue!r}, message_id {mid})"), copy=False)
             log.error("message_dead_lettered", reason=outcome.reason, message_id=mid)
         else:
-            batches = self._batches.get(delivery.queue, {})
-            verdict = handle_delivery(
-                delivery.body, content_type=props.get("content_type"),
-                type_property=props.get("type"), incoming=incoming,
-                handlers=self._handlers.get(delivery.queue, {}), attempts=attempts,
-                delivery_limit=limit, batched=batches)
-            if isinstance(verdict, Batched):
-                self._collect(batches[type(verdict.message)], delivery,
-                              BatchItem(verdict.message, incoming, attempts))
+            decoded = decode_delivery(delivery.body, content_type=props.get("content_type"),
+                                      type_property=props.get("type"), incoming=incoming)
+            batching = None if isinstance(decoded, Outcome) \
+                else self._batches.get(delivery.queue, {}).get(type(decoded))
+            if batching is not None:
+                assert not isinstance(decoded, Outcome)
+                self._collect(batching, delivery, BatchItem(decoded, incoming, attempts))
                 return
-            outcome = verdict
+            if self._run is not None:
+                self._handle_run()  # the run before this delivery: the queue's order holds
+            outcome = metrics.count(decoded if isinstance(decoded, Outcome) else handle_message(
+                decoded, incoming=incoming, handlers=self._handlers.get(delivery.queue, {}),
+                attempts=attempts, delivery_limit=limit))
         if self._run is not None:
-            self._handle_run()  # the run before this delivery, so the queue's order holds
+            self._handle_run()
         self._settled(delivery, incoming, outcome, attempts)
 
     def _collect(self, batching: Batching, delivery: Delivery, item: BatchItem) -> None:

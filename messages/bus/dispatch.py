@@ -1,8 +1,9 @@
 """What to do with one delivery: decode, dispatch by type, classify the outcome.
 
 A consumer may handle some message types in batches (``contract.Batching``):
-:func:`handle_delivery` puts such a delivery aside (``Batched``) and
-:func:`handle_batch` later judges each message of the run the same way.
+the bus decodes each delivery (:func:`decode_delivery`), puts those of such a
+type aside, and :func:`handle_batch` later judges each message of the run as
+:func:`handle_message` judges one.
 
 Called by ``core.LinkBus`` for every delivery on every transport, so each is
 treated the same way. The bus then acks, requeues or dead-letters through its
@@ -12,7 +13,7 @@ link; this module does no I/O besides calling the handler.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from typing import Literal, NamedTuple
 
@@ -61,12 +62,6 @@ class Outcome(NamedTuple):
     copy: bool = True
 
 
-class Batched(NamedTuple):
-    """A decoded delivery of a type handled in batches: the bus handles it with its run."""
-
-    message: Message
-
-
 class BatchItem(NamedTuple):
     """One delivery of a batch: the decoded message, its facts, its delivery count."""
 
@@ -85,8 +80,7 @@ def handle_delivery(
     handlers: Mapping[type[Message], Handler],
     attempts: int,
     delivery_limit: int,
-    batched: Collection[type[Message]] = (),
-) -> Outcome | Batched:
+) -> Outcome:
     """Decodes ``body``, runs its handler and says what to do with the delivery.
 
     Never raises for anything the message or handler did (only BaseException
@@ -100,9 +94,18 @@ def handle_delivery(
         handlers: handler per message class (a handler of a base class serves subclasses).
         attempts: how many times this message has been delivered, this one included.
         delivery_limit: after this many transient failures the message is dead-lettered.
-        batched: message classes handled in batches: a delivery decoded to one
-            of them is returned as :class:`Batched`, for :func:`handle_batch`.
     """
+    decoded = decode_delivery(body, content_type=content_type, type_property=type_property,
+                              incoming=incoming)
+    if isinstance(decoded, Outcome):
+        return decoded
+    return handle_message(decoded, incoming=incoming, handlers=handlers, attempts=attempts,
+                          delivery_limit=delivery_limit)
+
+
+def decode_delivery(body: bytes, *, content_type: str | None, type_property: str | None,
+                    incoming: Incoming) -> Message | Outcome:
+    """Returns the typed message of a delivery, or the verdict dead-lettering it (not counted)."""
     if content_type not in (None, "", CONTENT_TYPE):
         return _dead(incoming, None, "decode",
                      f"content_type {content_type!r} is not {CONTENT_TYPE} ({_where(incoming)})")
@@ -115,13 +118,19 @@ def handle_delivery(
         return _dead(incoming, message, "invalid",
                      f"AMQP property type={type_property!r} but the body is a {name} "
                      f"({_where(incoming)}); the sender must set both to the same type")
-    if type(message) in batched:
-        return Batched(message)
+    return message
+
+
+def handle_message(message: Message, *, incoming: Incoming,
+                   handlers: Mapping[type[Message], Handler], attempts: int,
+                   delivery_limit: int) -> Outcome:
+    """Runs the handler of a decoded message and says what to do with it (not counted)."""
     handler = _find_handler(type(message), handlers)
     if handler is None:
         known = ", ".join(sorted(cls.__name__ for cls in handlers)) or "none"
         return _dead(incoming, message, "invalid",
-                     f"no handler for {name} on {_where(incoming)} (handled here: {known})")
+                     f"no handler for {type(message).__name__} on {_where(incoming)} "
+                     f"(handled here: {known})")
     return _verdict(message, incoming, lambda: handler(message, incoming), attempts,
                     delivery_limit, getattr(handler, "__qualname__", "?"))
 
@@ -142,11 +151,13 @@ def handle_batch(items: Sequence[BatchItem], handler: BatchHandler,
         results: list[Message | Exception | None] = list(
             handler([(item.message, item.incoming) for item in items]))
         if len(results) != len(items):
-            raise RuntimeError(f"batch handler {name} returned {len(results)} results "
-                               f"for {len(items)} messages")
+            raise RuntimeError(f"it returned {len(results)} results for {len(items)} messages")
     except Exception as exc:
         log.exception("batch_handler_failed", handler=name, size=len(items))
-        results = [exc] * len(items)
+        return [count(_dead(item.incoming, item.message, "internal",
+                            f"{type(item.message).__name__} batch handler {name} failed: "
+                            f"{type(exc).__name__}: {exc} ({_where(item.incoming)})"))
+                for item in items]
     return [count(_verdict(item.message, item.incoming, partial(_result, result),
                            item.attempts, delivery_limit, name))
             for item, result in zip(items, results, strict=True)]

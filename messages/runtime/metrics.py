@@ -80,18 +80,11 @@ def count(outcome: OutcomeT) -> OutcomeT:
 
 
 def count_outcome(handle: F) -> F:
-    """Wraps a function returning a delivery's outcome to :func:`count` each one it returns.
-
-    A result that is not an outcome (a delivery put aside for a batch) is not
-    counted: the batch counts it when it is handled.
-    """
+    """Wraps a function returning a delivery's outcome to :func:`count` each one it returns."""
 
     @functools.wraps(handle)
     def counted(*args: Any, **kwargs: Any) -> Any:
-        outcome = handle(*args, **kwargs)
-        if hasattr(outcome, "action"):
-            count(outcome)
-        return outcome
+        return count(handle(*args, **kwargs))
     return counted  # type: ignore[return-value]
 
 

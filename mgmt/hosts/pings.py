@@ -129,6 +129,8 @@ def _touch(size: int) -> ClauseElement:
 
 _TOUCH_HOSTS = _BySize(_touch)
 
+_FORGET = PreparedStatement(update(_HOSTS).where(_HOSTS.c.guid == bindparam("guid")).values(
+    reconciled_digest=None, updated_at=bindparam("now")))
 _HOST_ID = PreparedStatement(select(_HOSTS.c.id).where(_HOSTS.c.guid == bindparam("guid")))
 _REMEMBER = PreparedStatement(update(_HOSTS).where(_HOSTS.c.id == bindparam("id")).values(
     reconciled_digest=bindparam("digest"), updated_at=bindparam("now")))
@@ -162,6 +164,11 @@ class PingManager:
         _REMEMBER.execute(tx.connection, {
             "id": host_id, "now": utcnow(),
             "digest": reconciled_digest(ping.domains_digest, placed.uuids)})
+
+    @staticmethod
+    def forget(tx: TxContext, guid: str) -> None:
+        """Makes the host's next ping reconciled: its start-up reconciled another report."""
+        _FORGET.execute(tx.connection, {"guid": guid, "now": utcnow()})
 
     def on_pings(self, tx: TxContext,
                  pings: Sequence[tuple[PingRoutingCommand, Incoming]]) -> list[bool]:

@@ -10,7 +10,8 @@ Each run gets a throw-away vhost and database (``scratch``).
   (``StartupRoutingCommand`` with 16 devices each), all at once; seconds until
   the N hosts are in the database.
 - ``ping_cpu_pct_<N>_agents_30s``: then each agent pings every 30 s (pings
-  spread evenly; one cycle to warm up, ``--cycles`` measured); the daemon
+  spread evenly; one cycle and until any backlog is drained to warm up,
+  ``--cycles`` measured); the daemon
   process's CPU (utime + stime from ``/proc/<pid>/stat``) over the measured
   cycles, in % of one core. The backlog of ``hostdev.mgmt`` is sampled each
   second; its largest value is printed (a daemon at its limit lets it grow).
@@ -163,9 +164,18 @@ def _database_name(db_url: str) -> str:
 
 
 def measure_pings(generator: Generator, pid: int, queue: str, cycles: int) -> tuple[float, int]:
-    """Warms up one cycle, then returns (% of one core over ``cycles``, largest backlog)."""
-    backlog = [0]
+    """Warms up (one cycle, then until the backlog is drained), then measures ``cycles``.
+
+    Returns (% of one core over the measured cycles, largest backlog meanwhile).
+    """
     generator.pings(generator.interval_s, lambda: None)
+    deadline = time.monotonic() + 600
+    while generator.backlog(queue) > generator.agents // 100:
+        if time.monotonic() > deadline:
+            raise SystemExit(f"{queue} still holds {generator.backlog(queue)} pings after "
+                             "10 minutes of pinging: the consumer cannot keep up")
+        generator.pings(5.0, lambda: None)
+    backlog = [0]
     before, started = cpu_seconds(pid), time.monotonic()
     generator.pings(generator.interval_s * cycles,
                     lambda: backlog.append(generator.backlog(queue)))

@@ -19,8 +19,10 @@ of the host's last reconciled ping (``hosts.reconciled_digest``), and agree
 (no VM Running here that the report lacks, none Stopped or in Error that it
 shows running). Every other ping is handed back and handled alone by
 :meth:`PingManager.on_ping`, in its own transaction, as before batching: full
-reconciliation, then the digest is remembered for the next ping. A stale
-ping (``report_order``) changes nothing either way.
+reconciliation, then the digest is remembered for the next ping (a start-up
+remembers the digest of the domains it reconciled, so a host's first ping
+after it is taken in a batch too). A stale ping (``report_order``) changes
+nothing either way.
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ from typing import cast
 from sqlalchemy import ClauseElement, Table, and_, bindparam, case, or_, select, update
 
 from hostdev.messages.bus.contract import Incoming
-from hostdev.messages.commands import PingRoutingCommand
+from hostdev.messages.codec import domains_digest
+from hostdev.messages.commands import PingRoutingCommand, StartupRoutingCommand
 from hostdev.messages.values import HostStatus
 from hostdev.mgmt.hosts import report_order
 from hostdev.mgmt.hosts.registration import HostRegistry
@@ -129,8 +132,6 @@ def _touch(size: int) -> ClauseElement:
 
 _TOUCH_HOSTS = _BySize(_touch)
 
-_FORGET = PreparedStatement(update(_HOSTS).where(_HOSTS.c.guid == bindparam("guid")).values(
-    reconciled_digest=None, updated_at=bindparam("now")))
 _HOST_ID = PreparedStatement(select(_HOSTS.c.id).where(_HOSTS.c.guid == bindparam("guid")))
 _REMEMBER = PreparedStatement(update(_HOSTS).where(_HOSTS.c.id == bindparam("id")).values(
     reconciled_digest=bindparam("digest"), updated_at=bindparam("now")))
@@ -160,15 +161,17 @@ class PingManager:
             return  # stale, or an unknown host: it settles nothing
         self._recovery.on_host_report(tx, ping.guid, ping.domains, complete=True)
         host_id = _HOST_ID.execute(tx.connection, {"guid": ping.guid}).rows[0][0]
-        placed = _placed(tx, [host_id]).get(host_id, _Placed())
-        _REMEMBER.execute(tx.connection, {
-            "id": host_id, "now": utcnow(),
-            "digest": reconciled_digest(ping.domains_digest, placed.uuids)})
+        _remember(tx, host_id, ping.domains_digest)
 
     @staticmethod
-    def forget(tx: TxContext, guid: str) -> None:
-        """Makes the host's next ping reconciled: its start-up reconciled another report."""
-        _FORGET.execute(tx.connection, {"guid": guid, "now": utcnow()})
+    def on_startup(tx: TxContext, startup: StartupRoutingCommand, host_id: int,
+                   applied: bool) -> None:
+        """Remembers the domains a start-up reconciled (none if stale): the same ping is not.
+
+        The digest is the one an agent sends (``codec.domains_digest``), of the
+        start-up's domains as decoded.
+        """
+        _remember(tx, host_id, domains_digest(startup.domains) if applied else "")
 
     def on_pings(self, tx: TxContext,
                  pings: Sequence[tuple[PingRoutingCommand, Incoming]]) -> list[bool]:
@@ -203,6 +206,12 @@ class PingManager:
                 params[f"i{k}"], params[f"s{k}"] = host_id, seq
             _TOUCH_HOSTS(len(touched)).execute(tx.connection, params)
         return taken
+
+
+def _remember(tx: TxContext, host_id: int, digest: str) -> None:
+    placed = _placed(tx, [host_id])[host_id]
+    _REMEMBER.execute(tx.connection, {"id": host_id, "now": utcnow(),
+                                      "digest": reconciled_digest(digest, placed.uuids)})
 
 
 def _placed(tx: TxContext, host_ids: Sequence[int]) -> dict[int, _Placed]:

@@ -112,7 +112,7 @@ def _ids(size: int, prefix: str = "i") -> list[ClauseElement]:
 _LOCK_HOSTS = _BySize(lambda size: select(
     _HOSTS.c.id, _HOSTS.c.guid, _HOSTS.c.status, _HOSTS.c.report_boot_id,
     _HOSTS.c.report_seq, _HOSTS.c.retired_boot_id, _HOSTS.c.reconciled_digest,
-).where(_HOSTS.c.guid.in_(_ids(size, "g"))).order_by(_HOSTS.c.id).with_for_update())
+).where(_HOSTS.c.guid.in_(_ids(size, "g"))).with_for_update())
 
 _PLACED_VMS = _BySize(lambda size: select(
     _VMS.c.host_id, _VMS.c.last_host_id, _VMS.c.uuid, _VMS.c.state,

@@ -233,3 +233,17 @@ ALTER TABLE vm_instances ADD COLUMN numa_node INTEGER;
 
 UPDATE alembic_version SET version_num='0007' WHERE alembic_version.version_num = '0006';
 
+-- Running upgrade 0007 -> 0010
+
+ALTER TABLE hosts DROP CHECK ck_hosts_status;
+
+ALTER TABLE hosts MODIFY status VARCHAR(32) NOT NULL;
+
+ALTER TABLE hosts ADD CONSTRAINT ck_hosts_status CHECK (status IN ('Up', 'Disconnected', 'Down', 'PrepareForMaintenance', 'Maintenance'));
+
+ALTER TABLE hosts ADD COLUMN status_reason VARCHAR(1024) NOT NULL DEFAULT '';
+
+ALTER TABLE hosts ADD COLUMN reset_on_release BOOL NOT NULL DEFAULT false;
+
+UPDATE alembic_version SET version_num='0010' WHERE alembic_version.version_num = '0007';
+

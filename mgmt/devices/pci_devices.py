@@ -11,6 +11,7 @@ from sqlalchemy import (
     ColumnElement,
     Connection,
     Table,
+    and_,
     bindparam,
     case,
     func,
@@ -22,6 +23,7 @@ from sqlalchemy import (
 from hostdev.messages.values import DeviceState
 from hostdev.mgmt.devices.device_rows import (
     ALLOCATED,
+    CLEANING,
     DEVICE_COLUMNS,
     DEVICES,
     DISABLED,
@@ -45,9 +47,16 @@ from hostdev.mgmt.persistence.database import (
 )
 from hostdev.mgmt.persistence.models import Host, VmInstance, utcnow
 
+_HOSTS: Final = cast(Table, Host.__table__)
 # What a device becomes when its VM lets go: a quarantined one was already
-# gone from the inventory, so it is removed rather than offered again.
-_LET_GO: Final = case((state_is(QUARANTINED), REMOVED), else_=FREE)
+# gone from the inventory, so it is removed rather than offered again; one a
+# guest had, on a host that resets released devices, waits in cleaning for
+# the reset (hostdev.mgmt.devices.cleaning); the others are free.
+_RESETS_ON_RELEASE = (select(_HOSTS.c.reset_on_release).where(_HOSTS.c.id == C.host_id)
+                      .scalar_subquery())
+_LET_GO: Final = case((state_is(QUARANTINED), REMOVED),
+                      (and_(state_is(ALLOCATED), _RESETS_ON_RELEASE.is_(True)), CLEANING),
+                      else_=FREE)
 
 
 class ClaimRaceLost(RetryTransaction):
@@ -117,7 +126,6 @@ _LET_GO_VALUES: Final[dict[Any, Any]] = {
     C.state: _LET_GO, C.instance_id: None, C.reserved_for: None, C.updated_at: bindparam("now")
 }
 _HELD_OR_RESERVED = or_(C.instance_id == bindparam("vm_id"), C.reserved_for == bindparam("vm_id"))
-_HOSTS: Final = cast(Table, Host.__table__)
 # A scalar subquery, not a join: a locking read does not lock the rows its
 # subqueries read, so a release never locks its host's row.
 _HOST_GUID = (select(_HOSTS.c.guid).where(_HOSTS.c.id == C.host_id)
@@ -231,7 +239,8 @@ def release_devices(
 ) -> tuple[Released, ...]:
     """Lets go of every device a VM holds or has reserved, on one host or on all.
 
-    Idempotent. Held devices become free; quarantined ones become removed.
+    Idempotent. Held devices become free (cleaning, on a host that resets
+    released devices); reserved ones free; quarantined ones removed.
     The rows are locked (``FOR UPDATE``) as they are read, so the devices
     returned, in id order, are exactly the ones let go; each comes with its
     host's guid, read in the same statement, for the events that name it.
@@ -253,6 +262,8 @@ def commit_migration(
     conn: Connection, vm_id: int, source_host_id: int, destination_host_id: int
 ) -> int:
     """Ends a successful migration: frees the source set, allocates the reserved set.
+
+    The source set becomes free, or cleaning on a host that resets released devices.
 
     Idempotent: a second call finds nothing left to change. A reserved device
     that was quarantined meanwhile stays quarantined, now held by the VM.

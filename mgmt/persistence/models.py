@@ -58,6 +58,9 @@ HOST_DISCONNECTED: Final[HostStatus] = "Disconnected"
 HOST_DOWN: Final[HostStatus] = "Down"
 HOST_PREPARING: Final[HostStatus] = "PrepareForMaintenance"
 HOST_MAINTENANCE: Final[HostStatus] = "Maintenance"
+#: The statuses only an operator changes (``hostdev host maintenance|activate``):
+#: an agent's start-up or ping never turns them back to Up.
+OPERATOR_STATUSES: Final[tuple[HostStatus, ...]] = (HOST_PREPARING, HOST_MAINTENANCE)
 VM_STOPPED: Final[VmState] = "Stopped"
 VM_RUNNING: Final[VmState] = "Running"
 VM_DESTROYED: Final[VmState] = "Destroyed"
@@ -115,11 +118,9 @@ class Host(Base):
     name: Mapped[str] = mapped_column(String(255))
     status: Mapped[HostStatus] = mapped_column(String(32), default="Up")
     #: Why the host is in its status (what keeps it preparing for maintenance), "" if nothing.
-    status_reason: Mapped[str] = mapped_column(String(STATUS_REASON_LENGTH), default="",
-                                               server_default="")
+    status_reason: Mapped[str] = mapped_column(String(STATUS_REASON_LENGTH), server_default="")
     #: Its agent resets every device a VM lets go of (``pci.reset.on.release``).
-    reset_on_release: Mapped[bool] = mapped_column(Boolean, default=False,
-                                                   server_default=false())
+    reset_on_release: Mapped[bool] = mapped_column(Boolean, server_default=false())
     last_ping: Mapped[datetime | None] = mapped_column(Timestamp)
     cpus: Mapped[int] = mapped_column(Integer, default=0)
     memory_mb: Mapped[int] = mapped_column(BigInteger, default=0)

@@ -40,19 +40,14 @@ _DETAILS: dict[str, tuple[str, ...]] = {
     "Shutdown": ("Finished", "Guest", "Host"),
 }
 _STATES: dict[int, PowerState] = {
-    libvirt.VIR_DOMAIN_NOSTATE: "unknown",
-    libvirt.VIR_DOMAIN_RUNNING: "running",
-    libvirt.VIR_DOMAIN_BLOCKED: "running",
-    libvirt.VIR_DOMAIN_PAUSED: "paused",
-    libvirt.VIR_DOMAIN_SHUTDOWN: "running",
-    libvirt.VIR_DOMAIN_SHUTOFF: "stopped",
-    libvirt.VIR_DOMAIN_CRASHED: "crashed",
-    libvirt.VIR_DOMAIN_PMSUSPENDED: "paused",
+    libvirt.VIR_DOMAIN_NOSTATE: "unknown", libvirt.VIR_DOMAIN_RUNNING: "running",
+    libvirt.VIR_DOMAIN_BLOCKED: "running", libvirt.VIR_DOMAIN_PAUSED: "paused",
+    libvirt.VIR_DOMAIN_SHUTDOWN: "running", libvirt.VIR_DOMAIN_SHUTOFF: "stopped",
+    libvirt.VIR_DOMAIN_CRASHED: "crashed", libvirt.VIR_DOMAIN_PMSUSPENDED: "paused",
 }
 _EVENT_STATES: dict[str, PowerState] = {
     "Started": "running", "Resumed": "running", "Suspended": "paused", "PMSuspended": "paused",
-    "Stopped": "stopped", "Undefined": "stopped", "Crashed": "crashed",
-}
+    "Stopped": "stopped", "Undefined": "stopped", "Crashed": "crashed"}
 _POLL_S = 0.25  # upper bound between re-checks while waiting for a condition
 
 _loop_lock = threading.Lock()
@@ -362,6 +357,11 @@ class LibvirtHost:
             self._call("attach", lambda: dom.attachDeviceFlags(
                 hostdev_xml(address), libvirt.VIR_DOMAIN_AFFECT_CONFIG))
         raise DetachRefused(uuid, address, timeout_s)
+
+    def reset_pci_device(self, address: PciAddress) -> None:
+        """Resets a host PCI device (``virNodeDeviceReset``: FLR, or a slot or bus reset)."""
+        lookup = self.conn.nodeDeviceLookupByName  # a missing device fails the reset too
+        self._call("reset", lambda: lookup(PciAddress(address).libvirt_name).reset())
 
     # -- migration ---------------------------------------------------------------
 

@@ -32,6 +32,7 @@ import os
 import tempfile
 import threading
 import xml.etree.ElementTree as ET
+from collections.abc import Iterable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -46,7 +47,7 @@ from hostdev.agent.domain_xml import (
     without_hostdev,
     without_runtime_id,
 )
-from hostdev.agent.errors import ConfigError, DetachRefused, MigrationFailed
+from hostdev.agent.errors import ConfigError, DetachRefused, HypervisorError, MigrationFailed
 from hostdev.agent.hypervisor import LifecycleEvent
 from hostdev.agent.libvirt_host import LibvirtHost
 from hostdev.agent.nodedev_xml import TEST_NS, SimHostSpec, build_node_xml, load_spec
@@ -147,6 +148,9 @@ class SimulatedHost(LibvirtHost):
         self.spec = spec
         self._refused: set[PciAddress] = set(spec.refuse_detach) if spec else set()
         self._migration_failure: str | None = spec.fail_migration if spec else None
+        self._reset_failures: set[PciAddress] = set()
+        #: How many times each device was reset (the simulated hardware's record).
+        self.resets: dict[PciAddress, int] = {}
         self._released = threading.Event()  # never set: a refusing guest never releases
         self.state_file: Path | None = None
         if spec is not None and spec.persist and uri.startswith(SIMULATED_SCHEME):
@@ -167,6 +171,10 @@ class SimulatedHost(LibvirtHost):
     def fail_migrations(self, reason: str | None) -> None:
         """Makes every migration from this host fail with ``reason`` (None: succeed)."""
         self._migration_failure = reason
+
+    def fail_resets(self, addresses: Iterable[PciAddress]) -> None:
+        """Makes the reset of these devices fail (none: every reset succeeds)."""
+        self._reset_failures = {PciAddress(a) for a in addresses}
 
     # -- connection --------------------------------------------------------------
 
@@ -294,6 +302,23 @@ class SimulatedHost(LibvirtHost):
             return
         self._redefine(uuid, without_hostdev(config_xml, address), replug=live)
         log.info("simulated_hostdev_detached", vm=uuid, address=address)
+
+    def reset_pci_device(self, address: PciAddress) -> None:
+        """Resets a device of the simulated hardware: counted in ``resets``, or failed on demand.
+
+        libvirt's test driver cannot reset node devices (``virNodeDeviceReset``
+        answers code 3, not supported), and a simulated host stands for real
+        hardware, so the reset happens here.
+        """
+        address = PciAddress(address)
+        if address not in {device.address for device in self.pci_devices()}:
+            raise HypervisorError("reset", f"the host has no PCI device {address}",
+                                  transient=False)
+        if address in self._reset_failures:
+            raise HypervisorError("reset", f"simulated failure resetting {address} "
+                                  "(fail_reset)", transient=False)
+        self.resets[address] = self.resets.get(address, 0) + 1
+        log.info("simulated_device_reset", address=str(address), resets=self.resets[address])
 
     # -- migration ---------------------------------------------------------------
 

@@ -18,7 +18,8 @@ Faults for tests, switched without restarting the agent: a JSON file
 ``<dir>/<name>.faults.json`` read by the same watcher whenever it changes::
 
     {"version": 3, "refuse_detach": ["28:00.2"], "fail_migration": "reason or null",
-     "fail_attach": ["28:00.1"], "migrate_hold_s": 5, "migrate_delay_s": 5}
+     "fail_attach": ["28:00.1"], "fail_reset": ["28:00.3"], "migrate_hold_s": 5,
+     "migrate_delay_s": 5}
 
 ``migrate_hold_s`` holds the source's migration before the hand-over (the
 devices detached, the domain still here), ``migrate_delay_s`` after it
@@ -98,6 +99,7 @@ class Faults(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     refuse_detach: tuple[PciAddress, ...] = ()
     fail_migration: str | None = None
     fail_attach: tuple[PciAddress, ...] = ()
+    fail_reset: tuple[PciAddress, ...] = ()
     migrate_hold_s: float = 0.0
     migrate_delay_s: float = 0.0
 
@@ -116,6 +118,7 @@ class MailboxHost(Protocol):
     def uri(self) -> str: ...
     def refuse_detach(self, address: PciAddress, refuse: bool = True) -> None: ...
     def fail_migrations(self, reason: str | None) -> None: ...
+    def fail_resets(self, addresses: Iterable[PciAddress]) -> None: ...
     def domain(self, uuid: str) -> DomainInfo | None: ...
     def domain_xml(self, uuid: str, *, inactive: bool = False) -> str: ...
     def define_xml(self, xml: str) -> None: ...
@@ -190,6 +193,7 @@ class Watcher:
         for address in self._refused_by_file:
             self.host.refuse_detach(address, True)
         self.host.fail_migrations(faults.fail_migration)
+        self.host.fail_resets(faults.fail_reset)
         self.fail_attach = set(faults.fail_attach)
         self.migrate_delay_s = faults.migrate_delay_s
         self.migrate_hold_s = faults.migrate_hold_s

@@ -75,7 +75,9 @@ def finish_cleaning(conn: Connection, host_id: int,
     now = utcnow()
     for address, failure in sorted(results.items()):
         target: DeviceState = FREE if failure is None else QUARANTINED
-        reason = "" if failure is None else clip(f"{RESET_FAILED}: {failure}", MAX_LABEL)
+        reason = "" if failure is None else clip(
+            failure if failure.startswith(RESET_FAILED) else f"{RESET_FAILED}: {failure}",
+            MAX_LABEL)
         changed = conn.execute(
             update(DEVICES)
             .where(C.host_id == host_id, address_is(address), state_is(CLEANING))

@@ -108,7 +108,7 @@ class MaintenanceManager:
                 except Forbidden:
                     holds.append(self._hold(tx, vm, offering, request, payload))
                 except NoCapacity as exc:
-                    problems.append(f"VM {vm.name}: {exc.reason}")
+                    problems.append(exc.reason)  # it names the VM
         job = None
         if not request.dry_run:
             job = engine.new_job(tx, MAINTENANCE_JOB, None, "migrate", payload, None)

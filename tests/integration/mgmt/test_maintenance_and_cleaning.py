@@ -1,4 +1,4 @@
-"""Host maintenance over the real broker: real agents on simulated hosts, MariaDB and SQLite."""
+"""Host maintenance and device cleaning over the broker: real agents on simulated hosts."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import pytest
 
 from hostdev.messages import api
 from hostdev.messages.errors import RemoteError
+from hostdev.messages.pci_address import PciAddress
 from tests.support.broker_cloud import BrokerCloud, broker_cloud
 from tests.support.databases import mariadb_database, sqlite_database
 from tests.support.waiting import wait_for
@@ -139,3 +140,63 @@ def test_failed_migration_leaves_the_host_preparing_with_the_reason(cloud: Broke
     assert cloud.wait_job(again.job_id).state == "succeeded"
     assert cloud.host("sim-b").status == "Maintenance"
     assert _running_on(cloud, "m1") in ("sim-a", "sim-c")
+
+
+@pytest.fixture
+def resetting(cloud: BrokerCloud) -> BrokerCloud:
+    """The cloud with sim-r, whose agent resets every device a VM lets go of."""
+    cloud.add_host("sim-r", **{"pci.reset.on.release": "true"})
+    assert cloud.host("sim-r").reset_on_release
+    return cloud
+
+
+def _device_of(cloud: BrokerCloud, vm: str) -> str:
+    (address,) = cloud.vm(vm).pci_devices
+    return str(address)
+
+
+def test_a_released_device_is_reset_by_its_agent_then_offered(resetting: BrokerCloud) -> None:
+    """Stopped or migrated away, a device is reset by the agent once, then free again."""
+    cloud = resetting
+    sim_r = cloud.agents["sim-r"].host
+    cloud.deploy("v1", "mig", on="sim-r")
+    address = _device_of(cloud, "v1")
+    stop = cloud.request(api.StopVmRequest(vm="v1"))
+    assert isinstance(stop, api.JobAccepted)
+    assert cloud.wait_job(stop.job_id).state == "succeeded"
+    wait_for(lambda: cloud.devices("sim-r")[address] == ("free", "", None), timeout=10,
+             what=f"{address} reset and free")
+    assert {str(a): n for a, n in sim_r.resets.items()} == {address: 1}
+    cloud.deploy("v2", "mig", on="sim-r")
+    moved_from = _device_of(cloud, "v2")
+    migrate = cloud.request(api.MigrateVmRequest(vm="v2", destination="sim-a"))
+    assert isinstance(migrate, api.JobAccepted)
+    assert cloud.wait_job(migrate.job_id).state == "succeeded"
+    wait_for(lambda: cloud.devices("sim-r")[moved_from] == ("free", "", None), timeout=10,
+             what=f"{moved_from} reset after the migration")
+    assert sum(sim_r.resets.values()) == 2
+
+
+def test_a_failed_reset_quarantines_the_device_until_enabled(resetting: BrokerCloud) -> None:
+    """A reset that fails leaves the device quarantined with the agent's reason; enable retries."""
+    cloud = resetting
+    sim_r = cloud.agents["sim-r"].host
+    cloud.deploy("v1", "mig", on="sim-r")
+    address = _device_of(cloud, "v1")
+    sim_r.fail_resets([PciAddress(address)])
+    stop = cloud.request(api.StopVmRequest(vm="v1"))
+    assert isinstance(stop, api.JobAccepted)
+    assert cloud.wait_job(stop.job_id).state == "succeeded"
+    _, reason, holder = wait_for(
+        lambda: (row if (row := cloud.devices("sim-r")[address])[0] == "quarantined" else None),
+        timeout=10, what=f"{address} quarantined")
+    assert reason == f"reset failed: simulated failure resetting {address} (fail_reset)"
+    assert holder is None and sim_r.resets == {}
+    cloud.deploy("v2", "mig", on="sim-r")
+    assert _device_of(cloud, "v2") != address  # never offered while quarantined
+    sim_r.fail_resets([])
+    status, text = cloud.cli("device", "enable", "sim-r", address)
+    assert status == 0 and "cleaning" in text
+    wait_for(lambda: cloud.devices("sim-r")[address] == ("free", "", None), timeout=10,
+             what=f"{address} reset on enable")
+    assert {str(a): n for a, n in sim_r.resets.items()} == {address: 1}

@@ -269,7 +269,8 @@ def _reasons(tx: TxContext, host: Host, left: Sequence[tuple[VmInstance, Service
     for vm, offering in left:
         if vm.state != "Running":
             reasons.append(f"VM {vm.name} is {vm.state}")
-        elif offering.migration_policy == "forbid":
+        elif offering.migration_policy == "forbid" and any(
+                d.host_id == host.id for d in pci_devices.devices_of_vm(tx.connection, vm.id)):
             reasons.append(f"VM {vm.name} runs with offering {offering.name!r}, which forbids "
                            f"migration: stop it, or run hostdev host maintenance {host.name} "
                            "--stop")

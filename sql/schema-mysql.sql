@@ -233,3 +233,11 @@ ALTER TABLE vm_instances ADD COLUMN numa_node INTEGER;
 
 UPDATE alembic_version SET version_num='0007' WHERE alembic_version.version_num = '0006';
 
+-- Running upgrade 0007 -> 0008
+
+ALTER TABLE hosts ADD COLUMN device_epoch BIGINT NOT NULL DEFAULT '0';
+
+ALTER TABLE hosts ADD COLUMN device_rules BOOL NOT NULL DEFAULT false;
+
+UPDATE alembic_version SET version_num='0008' WHERE alembic_version.version_num = '0007';
+

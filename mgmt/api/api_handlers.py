@@ -21,7 +21,7 @@ from hostdev.messages.pci_address import PciAddress
 from hostdev.messages.values import HostRow, OfferingRow, VmRow
 from hostdev.mgmt.api.offerings import check_names_exist, parse_pci_devices
 from hostdev.mgmt.config import MgmtConfig
-from hostdev.mgmt.devices import pci_devices
+from hostdev.mgmt.devices import device_admin, pci_devices
 from hostdev.mgmt.devices.device_rows import (
     ADDRESS_COLUMNS,
     FREE,
@@ -253,9 +253,9 @@ class ApiHandlers:
                            f"hostdev devices --host {host.name}")
         conn = tx.session.connection()
         if request.enabled:
-            pci_devices.enable_device(conn, device.id)
+            device_admin.enable_device(conn, device.id)
         else:
-            pci_devices.disable_device(conn, device.id, request.reason)
+            device_admin.disable_device(conn, device.id, request.reason)
         tx.session.refresh(device)
         vm_uuid = tx.session.scalar(select(VmInstance.uuid)
                                  .where(VmInstance.id == device.instance_id))

@@ -20,48 +20,32 @@ from sqlalchemy import (
 )
 
 from hostdev.messages.values import DeviceState
+from hostdev.mgmt.devices import host_rules
+from hostdev.mgmt.devices.availability import choose
 from hostdev.mgmt.devices.device_rows import (
     ALLOCATED,
     DEVICE_COLUMNS,
     DEVICES,
-    DISABLED,
     FREE,
     QUARANTINED,
     REMOVED,
     RESERVED,
     C,
     DeviceCounts,
-    address_of,
     state_is,
 )
 
-# Allocation callers take the device type from the module that hands it out.
+# Allocation callers take these from the module that hands devices out.
+from hostdev.mgmt.devices.device_rows import ClaimRaceLost as ClaimRaceLost
 from hostdev.mgmt.devices.device_rows import HeldDevice as HeldDevice
 from hostdev.mgmt.devices.pci_inventory import locks_rows
-from hostdev.mgmt.errors import Conflict, InvalidRequest, NoCapacity, NotFound
-from hostdev.mgmt.persistence.database import (
-    PreparedStatement,
-    RetryTransaction,
-)
-from hostdev.mgmt.persistence.models import Host, VmInstance, utcnow
+from hostdev.mgmt.errors import InvalidRequest, NoCapacity
+from hostdev.mgmt.persistence.database import PreparedStatement
+from hostdev.mgmt.persistence.models import Host, utcnow
 
 # What a device becomes when its VM lets go: a quarantined one was already
 # gone from the inventory, so it is removed rather than offered again.
 _LET_GO: Final = case((state_is(QUARANTINED), REMOVED), else_=FREE)
-
-
-class ClaimRaceLost(RetryTransaction):
-    """Another transaction took or locked a device between our read and our update.
-
-    Attributes:
-        written: rows this claim already changed in the caller's transaction
-            (0 when it lost before writing, so the caller may try another host
-            in the same transaction; otherwise it MUST roll back).
-    """
-
-    def __init__(self, reason: str, *, written: int = 0) -> None:
-        super().__init__(reason)
-        self.written = written
 
 
 class InsufficientDevices(NoCapacity):
@@ -73,14 +57,6 @@ class InsufficientDevices(NoCapacity):
         self.name = name
         self.wanted = wanted
         self.free = free
-
-
-class DeviceNotFound(NotFound):
-    """No device has the id a request names."""
-
-
-class DeviceBusy(Conflict):
-    """An admin change needs a free device, and this one is held or gone."""
 
 
 # Every state change is a conditional UPDATE checked by its row count, and
@@ -118,17 +94,19 @@ _LET_GO_VALUES: Final[dict[Any, Any]] = {
 }
 _HELD_OR_RESERVED = or_(C.instance_id == bindparam("vm_id"), C.reserved_for == bindparam("vm_id"))
 _HOSTS: Final = cast(Table, Host.__table__)
-# A scalar subquery, not a join: a locking read does not lock the rows its
-# subqueries read, so a release never locks its host's row.
+# Scalar subqueries, not a join: a locking read does not lock the rows its
+# subqueries read, so a release locks its host's row only where rules need it.
 _HOST_GUID = (select(_HOSTS.c.guid).where(_HOSTS.c.id == C.host_id)
               .scalar_subquery().label("host_guid"))
+_HOST_RULES = (select(_HOSTS.c.device_rules).where(_HOSTS.c.id == C.host_id)
+               .scalar_subquery().label("host_rules"))
 
 
 def _held(on_host: bool, locking: bool) -> PreparedStatement:
     where: list[ColumnElement[bool]] = [_HELD_OR_RESERVED]
     if on_host:
         where.append(C.host_id == bindparam("on_host"))
-    query = select(*DEVICE_COLUMNS, _HOST_GUID).where(*where).order_by(C.id)
+    query = select(*DEVICE_COLUMNS, _HOST_GUID, _HOST_RULES).where(*where).order_by(C.id)
     return PreparedStatement(query.with_for_update() if locking else query)
 
 
@@ -160,29 +138,48 @@ def _wanted(requests: Mapping[str, int]) -> list[tuple[str, int]]:
     return sorted((name, count) for name, count in requests.items() if count)
 
 
-def _take(
-    conn: Connection, vm_id: int, host_id: int, requests: Mapping[str, int], *, reserve: bool
-) -> tuple[HeldDevice, ...]:
+def _pick(conn: Connection, host_id: int, wanted: list[tuple[str, int]],
+          state: DeviceState) -> list[HeldDevice]:
+    """Picks free rows of each name on a host without device rules (SKIP LOCKED on MariaDB)."""
     picked: list[HeldDevice] = []
     locking = locks_rows(conn)
     pick = _PICK_SKIP_LOCKED if locking else _PICK
-    state = RESERVED if reserve else ALLOCATED
-    for name, count in _wanted(requests):
+    for name, count in wanted:
         rows = pick.execute(conn, {"host_id": host_id, "name": name, "count": count}).rows
         if len(rows) < count:
             free = conn.execute(_FREE_COUNT, {"host_id": host_id, "name": name}).scalar_one()
             if locking and free >= count:
                 # Enough exist, but other transactions hold locks on them.
                 raise ClaimRaceLost(f"host {host_id}: {name} devices are locked by others")
-            raise InsufficientDevices(
-                f"host {host_id}: needs {count}x{name}, {free} free; pick another host "
-                "or free devices",
-                host_id=host_id, name=name, wanted=count, free=int(free),
-            )
-        # Picked rows are still free; the UPDATE below gives them their new state.
+            raise _insufficient(host_id, name, count, int(free))
+        # Picked rows are still free; the UPDATE in _take gives them their new state.
         picked.extend(replace(HeldDevice.of(row), state=state) for row in rows)
-    if not picked:
+    return picked
+
+
+def _insufficient(host_id: int, name: str, wanted: int, free: int) -> InsufficientDevices:
+    return InsufficientDevices(
+        f"host {host_id}: needs {wanted}x{name}, {free} free; pick another host "
+        "or free devices", host_id=host_id, name=name, wanted=wanted, free=free)
+
+
+def _take(
+    conn: Connection, vm_id: int, host_id: int, requests: Mapping[str, int], *, reserve: bool
+) -> tuple[HeldDevice, ...]:
+    wanted = _wanted(requests)
+    if not wanted:
         return ()
+    state = RESERVED if reserve else ALLOCATED
+    ruled = host_rules.serialize(conn, host_id)
+    if ruled:
+        # The host's claims run one at a time: choose over all its rows, whole groups.
+        facts = host_rules.read_facts(conn, host_id)
+        choice = choose(facts, dict(wanted))
+        if choice.short is not None:
+            raise _insufficient(host_id, *choice.short)
+        picked = [HeldDevice(d.id, host_id, d.name, d.address, state) for d in choice.taken]
+    else:
+        picked = _pick(conn, host_id, wanted, state)
     params: dict[str, Any] = {f"id_{i}": device.id for i, device in enumerate(picked)}
     params.update(vm_id=vm_id, now=utcnow())
     taken = _take_statement(reserve, len(picked)).execute(conn, params).rowcount
@@ -192,6 +189,8 @@ def _take(
             "were taken concurrently",
             written=taken,
         )
+    if ruled:
+        host_rules.apply_rules(conn, host_id)  # read again: reasons name the new holder
     return tuple(picked)
 
 
@@ -235,18 +234,28 @@ def release_devices(
     The rows are locked (``FOR UPDATE``) as they are read, so the devices
     returned, in id order, are exactly the ones let go; each comes with its
     host's guid, read in the same statement, for the events that name it.
+    On a host with device rules the release then serializes on the host row
+    and applies the rules. That host row is locked after the VM's device
+    rows, against the usual order: what serialized transactions write on
+    the host is free or unavailable rows (never this VM's), or rows their
+    locking reads take whole (an inventory change), which InnoDB reports as
+    a deadlock and the unit of work retries.
     """
     params: dict[str, Any] = {"vm_id": vm_id, "on_host": host_id}
     rows = _HELD[(host_id is not None, locks_rows(conn))].execute(conn, params).rows
     if not rows:
         return ()
+    ruled = [h for h in sorted({row[1] for row in rows if row[-1]})
+             if host_rules.serialize(conn, h)]
     params = {f"id_{i}": row[0] for i, row in enumerate(rows)}
     params.update(vm_id=vm_id, now=utcnow())
     changed = _let_go_statement(len(rows)).execute(conn, params).rowcount
     if changed != len(rows):  # cannot happen while the rows are locked; never hide it
         raise ClaimRaceLost(f"VM {vm_id}: {len(rows) - changed} of {len(rows)} devices changed "
                             "during their release", written=changed)
-    return tuple((HeldDevice.of(row[:-1]), row[-1] or "") for row in rows)
+    for ruled_host in ruled:
+        host_rules.apply_rules(conn, ruled_host)
+    return tuple((HeldDevice.of(row[:-2]), row[-2] or "") for row in rows)
 
 
 def commit_migration(
@@ -263,6 +272,8 @@ def commit_migration(
             f"VM {vm_id}: a migration's source and destination are both host "
             f"{source_host_id}; they must differ"
         )
+    ruled = [h for h in sorted((source_host_id, destination_host_id))
+             if host_rules.serialize(conn, h)]
     now = utcnow()
     conn.execute(
         update(DEVICES)
@@ -279,6 +290,8 @@ def commit_migration(
             C.updated_at: now,
         })
     )
+    for host_id in ruled:
+        host_rules.apply_rules(conn, host_id)
     return int(result.rowcount)
 
 
@@ -287,65 +300,15 @@ def abort_migration(conn: Connection, vm_id: int, destination_host_id: int) -> i
 
     Idempotent. Returns how many reserved devices were let go.
     """
+    ruled = host_rules.serialize(conn, destination_host_id)
     result = conn.execute(
         update(DEVICES)
         .where(C.host_id == destination_host_id, C.reserved_for == vm_id)
         .values({C.state: _LET_GO, C.reserved_for: None, C.updated_at: utcnow()})
     )
+    if ruled:
+        host_rules.apply_rules(conn, destination_host_id)
     return int(result.rowcount)
-
-
-def disable_device(conn: Connection, device_id: int, reason: str = "") -> DeviceState:
-    """Takes a free device out of service, keeping ``reason``; idempotent. Returns its state.
-
-    Raises:
-        DeviceNotFound: no device has this id.
-        DeviceBusy: the device is held, reserved, quarantined or removed; the
-            text names the VM that holds it.
-    """
-    result = conn.execute(
-        update(DEVICES)
-        .where(C.id == device_id, state_is(FREE))
-        .values(state=DISABLED, reason=reason, updated_at=utcnow())
-    )
-    if result.rowcount == 1:
-        return DISABLED
-    row = _device_row(conn, device_id)
-    if row.state == DISABLED:
-        return DISABLED
-    holder = row.instance_id if row.instance_id is not None else row.reserved_for
-    if row.state == REMOVED:
-        what = "no longer in its host's inventory (pci.devices); nothing to disable"
-    else:
-        vm = conn.execute(select(VmInstance.name, VmInstance.uuid)
-                          .where(VmInstance.id == holder)).first()
-        by = f" by VM {vm.name} ({vm.uuid})" if vm is not None else ""
-        what = f"{row.state}{by}; only a free device can be disabled: stop or migrate its VM first"
-    raise DeviceBusy(f"device {address_of(row)} ({row.name}) is {what}")
-
-
-def enable_device(conn: Connection, device_id: int) -> DeviceState:
-    """Puts a disabled device back in service; a no-op in any other state. Returns its state.
-
-    Raises:
-        DeviceNotFound: no device has this id.
-    """
-    result = conn.execute(
-        update(DEVICES)
-        .where(C.id == device_id, state_is(DISABLED))
-        .values(state=FREE, reason="", updated_at=utcnow())
-    )
-    if result.rowcount == 1:
-        return FREE
-    state: DeviceState = _device_row(conn, device_id).state
-    return state
-
-
-def _device_row(conn: Connection, device_id: int) -> Any:
-    row = conn.execute(select(DEVICES).where(C.id == device_id)).first()
-    if row is None:
-        raise DeviceNotFound(f"no PCI device has id {device_id}; list devices to find its id")
-    return row
 
 
 def device_counts(conn: Connection, host_id: int | None = None) -> list[DeviceCounts]:

@@ -116,7 +116,7 @@ class DeviceRulesContract:
             world.repo.claim(world.vms[0], world.host, {"FPGA": 1})
 
     def test_a_claim_takes_the_whole_iommu_group(self, world: RuledWorld) -> None:
-        """1x10GE gives the VM both functions of the dual-function NIC; the next gets the lone NIC."""
+        """1x10GE gives a VM both functions of the dual-function NIC; the next, the lone NIC."""
         held = world.repo.claim(world.vms[0], world.host, {"10GE": 1})
         assert sorted(str(d.address) for d in held) == ["0000:28:00.0", "0000:28:00.1"]
         other = world.repo.claim(world.vms[1], world.host, {"10GE": 1})

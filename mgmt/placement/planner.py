@@ -20,7 +20,7 @@ from sqlalchemy.orm import InstrumentedAttribute, Session
 
 from hostdev.messages.values import HostStatus, HostVerdict, PciRequest
 from hostdev.mgmt.api.offerings import describe_pci_requests
-from hostdev.mgmt.devices.device_rows import FREE
+from hostdev.mgmt.devices.device_rows import FREE, UNAVAILABLE
 from hostdev.mgmt.persistence.database import PreparedStatement
 from hostdev.mgmt.persistence.models import HOST_UP, Host, PciDevice, VmInstance
 from hostdev.mgmt.vms.vm_states import HOLDS_DEVICES
@@ -36,6 +36,19 @@ class Demand:
 
 
 @dataclass(frozen=True)
+class Unavailable:
+    """The devices of one name a hardware rule keeps from offer on a host, and why."""
+
+    count: int
+    #: Their distinct reasons, most common first.
+    reasons: tuple[str, ...] = ()
+
+    def __str__(self) -> str:
+        shown = "; ".join(self.reasons[:2]) + ("; ..." if len(self.reasons) > 2 else "")
+        return f"{self.count} unavailable: {shown}" if shown else f"{self.count} unavailable"
+
+
+@dataclass(frozen=True)
 class HostCapacity:
     """One host's free resources, as ``explain`` reads them."""
 
@@ -46,6 +59,8 @@ class HostCapacity:
     free_cpus: int
     free_memory_mb: int
     free_devices: dict[str, int] = field(default_factory=dict)
+    #: Per requested name, the devices the hardware rules keep (state ``unavailable``).
+    unavailable: dict[str, Unavailable] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -70,6 +85,9 @@ PAGE = 64
 #   5. it has at least ``count`` FREE devices of every requested name.
 # ``_fit_conditions`` says it in SQL for the search, ``shortfalls`` in Python
 # for verdicts and refusals; a property test holds the two to the same answers.
+# The hardware rules (IOMMU groups, PF/VF, withheld devices) need no criterion
+# of their own: a device they keep from offer is ``unavailable``, never FREE
+# (``hostdev.mgmt.devices.availability``); verdicts say how many and why.
 
 
 def find_hosts(session: Session, demand: Demand, *, avoid: Collection[str] = (),
@@ -202,10 +220,28 @@ def read_capacities(session: Session, names: Sequence[str]) -> list[HostCapacity
             .group_by(PciDevice.host_id))
         for row in grouped:
             counts[row[0]] = {name: int(row[i + 1] or 0) for i, name in enumerate(names)}
+    kept = _read_unavailable(session, names)
     return [HostCapacity(id=r.id, guid=r.guid, name=r.name, status=r.status,
                          free_cpus=int(r.free_cpus), free_memory_mb=int(r.free_memory),
-                         free_devices=counts.get(r.id, {}))
+                         free_devices=counts.get(r.id, {}), unavailable=kept.get(r.id, {}))
             for r in rows]
+
+
+def _read_unavailable(session: Session,
+                      names: Sequence[str]) -> dict[int, dict[str, Unavailable]]:
+    """Reads, per host and requested name, the unavailable devices and their reasons."""
+    if not names:
+        return {}
+    found: dict[int, dict[str, list[tuple[int, str]]]] = {}
+    for host_id, name, reason, number in session.execute(
+            select(PciDevice.host_id, PciDevice.name, PciDevice.reason, func.count())
+            .where(PciDevice.state == UNAVAILABLE, PciDevice.name.in_(list(names)))
+            .group_by(PciDevice.host_id, PciDevice.name, PciDevice.reason)):
+        found.setdefault(host_id, {}).setdefault(name, []).append((int(number), reason))
+    return {host_id: {name: Unavailable(sum(n for n, _ in why), tuple(
+                r for _, r in sorted(why, key=lambda item: (-item[0], item[1])) if r))
+                      for name, why in by_name.items()}
+            for host_id, by_name in found.items()}
 
 
 @dataclass(frozen=True)
@@ -216,6 +252,13 @@ class Shortfall:
     wanted: int = 0
     free: int = 0
     name: str = ""
+    #: For ``devices``: those of the name the hardware rules keep from offer, if any.
+    unavailable: Unavailable | None = None
+
+    @property
+    def kept(self) -> str:
+        """`` (2 unavailable: why)`` when rules keep devices of the name, else ""."""
+        return f" ({self.unavailable})" if self.unavailable else ""
 
 
 def shortfalls(host: HostCapacity, demand: Demand,
@@ -233,7 +276,8 @@ def shortfalls(host: HostCapacity, demand: Demand,
     for request in demand.pci:
         free = host.free_devices.get(request.name, 0)
         if free < request.count:
-            missed.append(Shortfall("devices", request.count, free, request.name))
+            missed.append(Shortfall("devices", request.count, free, request.name,
+                                    host.unavailable.get(request.name)))
     return missed
 
 
@@ -248,7 +292,7 @@ def _reason(host: HostCapacity, missed: Shortfall) -> str:
         case "memory":
             return f"needs {missed.wanted} MiB, {missed.free} MiB free"
         case "devices":
-            return f"needs {missed.wanted}x{missed.name}, {missed.free} free"
+            return f"needs {missed.wanted}x{missed.name}, {missed.free} free{missed.kept}"
 
 
 def verdict(host: HostCapacity, demand: Demand, avoid: Collection[str] = ()) -> HostVerdict:
@@ -280,7 +324,7 @@ def refusal(demand: Demand, hosts: Sequence[HostCapacity],
         elif "status" in kinds:
             parts.append(f"{host.name} is {host.status}")
         else:
-            detail = [f"has {m.free}" + ("" if len(demand.pci) == 1 else f" {m.name}")
+            detail = [f"has {m.free}" + ("" if len(demand.pci) == 1 else f" {m.name}") + m.kept
                       for m in missed if m.criterion == "devices"]
             detail += [f"has {m.free} CPUs free of {m.wanted} needed"
                        for m in missed if m.criterion == "cpus"]

@@ -13,12 +13,15 @@ from dataclasses import dataclass
 
 import pytest
 from sqlalchemy import Engine, select
+from sqlalchemy.orm import Session
 
 from hostdev.messages.pci_address import PciAddress
-from hostdev.messages.values import PciDeviceInfo
+from hostdev.messages.values import PciDeviceInfo, PciRequest
 from hostdev.mgmt.devices.pci_devices import InsufficientDevices
 from hostdev.mgmt.persistence.database import transaction
 from hostdev.mgmt.persistence.models import Host, PciDevice, VmInstance
+from hostdev.mgmt.placement import planner
+from hostdev.mgmt.placement.planner import Demand
 from tests.support.databases import add_host, add_offering, add_vms
 from tests.support.pci_device_contract import ClaimPath
 
@@ -206,6 +209,18 @@ class DeviceRulesContract:
             == (1, 2, 1)
         for count in counts.values():
             assert count.free + count.unavailable + count.allocated == count.total
+
+    def test_explain_and_refusal_say_which_rule_keeps_devices(self, world: RuledWorld) -> None:
+        """A rejected host's verdict names the rule keeping its devices, and the VM holding."""
+        world.repo.claim(world.vms[0], world.host, {"PF": 1})
+        demand = Demand(cpus=1, memory_mb=1, pci=(PciRequest(name="VF", count=1),))
+        with Session(world.engine) as session:
+            (host,) = [h for h in planner.read_capacities(session, ["VF"]) if h.id == world.host]
+            (verdict,) = [v for v in planner.explain(session, demand) if v.host_guid == host.guid]
+        why = f"its PF 0000:5e:00.0 is held by VM {world.vm_name(world.vms[0])}"
+        assert verdict.reason == f"needs 1xVF, 0 free (2 unavailable: {why})"
+        assert planner.refusal(demand, [host]) == (
+            f"no host has 1 x VF free: {host.name} has 0 (2 unavailable: {why})")
 
     def test_only_hosts_with_related_devices_serialize(self, world: RuledWorld) -> None:
         """A claim bumps device_epoch on a host with rules and leaves a plain host's row alone."""

@@ -147,8 +147,8 @@ def _own_reasons(present: Sequence[DeviceFacts]) -> dict[int, str]:
             own[device.id] = f"its VF {held_vfs[0].address} is {describe(held_vfs[0])}"
             continue
         mates = groups.get(device.iommu_group, ()) if device.iommu_group is not None else ()
-        kin = [m for m in mates if m.address == device.physical_function
-               or m.physical_function == device.address]
+        kin = sorted((m for m in mates if m.address == device.physical_function
+                      or m.physical_function == device.address), key=lambda m: m.address)
         if kin:
             own[device.id] = (f"IOMMU group {device.iommu_group} holds both a PF and its VF "
                               f"({kin[0].address}); they can never be given to one VM")

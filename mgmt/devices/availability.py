@@ -59,6 +59,7 @@ class DeviceFacts:
     withheld: str = ""
     holder: str = ""
     reason: str = ""
+    numa_node: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

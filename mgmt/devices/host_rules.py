@@ -54,7 +54,7 @@ _SERIALIZE = PreparedStatement(
     .values(_BUMP))
 _FACTS = (
     select(C.id, C.domain, C.bus, C.slot, C.function, C.name, C.state, C.iommu_group,
-           C.physical_function, C.withheld, C.reason, _VMS.c.name)
+           C.physical_function, C.withheld, C.reason, _VMS.c.name, C.numa_node)
     .select_from(DEVICES.outerjoin(_VMS, _VMS.c.id == func.coalesce(C.instance_id,
                                                                     C.reserved_for)))
     .where(C.host_id == bindparam("host_id"), state_is_not(REMOVED))
@@ -82,7 +82,7 @@ def read_facts(conn: Connection, host_id: int) -> list[DeviceFacts]:
         DeviceFacts(id=row[0], address=address_from(*row[1:5]), name=row[5], state=row[6],
                     iommu_group=row[7],
                     physical_function=PciAddress(row[8]) if row[8] else None,
-                    withheld=row[9], reason=row[10], holder=row[11] or "")
+                    withheld=row[9], reason=row[10], holder=row[11] or "", numa_node=row[12])
         for row in conn.execute(_FACTS, {"host_id": host_id})
     ]
 

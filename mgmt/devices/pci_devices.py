@@ -4,15 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import replace
-from typing import Any, Final, TypeAlias, cast
+from typing import Any, Final, TypeAlias
 
 from sqlalchemy import (
     BindParameter,
     ColumnElement,
     Connection,
-    Table,
     bindparam,
     case,
+    false,
     func,
     or_,
     select,
@@ -41,7 +41,7 @@ from hostdev.mgmt.devices.device_rows import HeldDevice as HeldDevice
 from hostdev.mgmt.devices.pci_inventory import locks_rows
 from hostdev.mgmt.errors import InvalidRequest, NoCapacity
 from hostdev.mgmt.persistence.database import PreparedStatement
-from hostdev.mgmt.persistence.models import Host, utcnow
+from hostdev.mgmt.persistence.models import utcnow
 
 # What a device becomes when its VM lets go: a quarantined one was already
 # gone from the inventory, so it is removed rather than offered again.
@@ -65,11 +65,21 @@ class InsufficientDevices(NoCapacity):
 # The hot statements are built and compiled once, and run on the DBAPI
 # cursor: per call, Core's statement building and execution cost about as
 # much as the round trip itself (bench/alloc.py measures it).
+# A host with device rules is claimed from otherwise (``_take``): the pick reads
+# its flag in the same statement (a locking read does not lock the rows its
+# subqueries read) and then matches and locks nothing, so a plain host's
+# claim costs no extra round trip and a ruled one's locks its host row first.
+_HOSTS: Final = host_rules.HOSTS
+_RULES_OF_HOST = (select(_HOSTS.c.device_rules).where(_HOSTS.c.id == bindparam("host_id"))
+                  .scalar_subquery())
 _OF_NAME = (C.host_id == bindparam("host_id"), C.name == bindparam("name"), state_is(FREE))
-_FREE_OF_NAME = select(*DEVICE_COLUMNS).where(*_OF_NAME).order_by(C.id).limit(bindparam("count"))
+_FREE_OF_NAME = (select(*DEVICE_COLUMNS).where(*_OF_NAME, false() == _RULES_OF_HOST)
+                 .order_by(C.id).limit(bindparam("count")))
 _PICK = PreparedStatement(_FREE_OF_NAME)
 _PICK_SKIP_LOCKED = PreparedStatement(_FREE_OF_NAME.with_for_update(skip_locked=True))
-_FREE_COUNT = select(func.count()).where(*_OF_NAME)
+#: (device_rules, free devices of the name) of one host.
+_FREE_COUNT = select(_HOSTS.c.device_rules, select(func.count()).where(*_OF_NAME)
+                     .scalar_subquery()).where(_HOSTS.c.id == bindparam("host_id"))
 _TAKE: dict[tuple[bool, int], PreparedStatement] = {}
 
 
@@ -93,7 +103,6 @@ _LET_GO_VALUES: Final[dict[Any, Any]] = {
     C.state: _LET_GO, C.instance_id: None, C.reserved_for: None, C.updated_at: bindparam("now")
 }
 _HELD_OR_RESERVED = or_(C.instance_id == bindparam("vm_id"), C.reserved_for == bindparam("vm_id"))
-_HOSTS: Final = cast(Table, Host.__table__)
 # Scalar subqueries, not a join: a locking read does not lock the rows its
 # subqueries read, so a release locks its host's row only where rules need it.
 _HOST_GUID = (select(_HOSTS.c.guid).where(_HOSTS.c.id == C.host_id)
@@ -139,15 +148,20 @@ def _wanted(requests: Mapping[str, int]) -> list[tuple[str, int]]:
 
 
 def _pick(conn: Connection, host_id: int, wanted: list[tuple[str, int]],
-          state: DeviceState) -> list[HeldDevice]:
-    """Picks free rows of each name on a host without device rules (SKIP LOCKED on MariaDB)."""
+          state: DeviceState) -> list[HeldDevice] | None:
+    """Picks free rows of each name on a host without device rules (SKIP LOCKED on MariaDB).
+
+    Returns None, having picked nothing, when the host has device rules.
+    """
     picked: list[HeldDevice] = []
     locking = locks_rows(conn)
     pick = _PICK_SKIP_LOCKED if locking else _PICK
     for name, count in wanted:
         rows = pick.execute(conn, {"host_id": host_id, "name": name, "count": count}).rows
         if len(rows) < count:
-            free = conn.execute(_FREE_COUNT, {"host_id": host_id, "name": name}).scalar_one()
+            ruled, free = conn.execute(_FREE_COUNT, {"host_id": host_id, "name": name}).one()
+            if ruled and not picked:
+                return None
             if locking and free >= count:
                 # Enough exist, but other transactions hold locks on them.
                 raise ClaimRaceLost(f"host {host_id}: {name} devices are locked by others")
@@ -170,16 +184,18 @@ def _take(
     if not wanted:
         return ()
     state = RESERVED if reserve else ALLOCATED
-    ruled = host_rules.serialize(conn, host_id)
-    if ruled:
+    plain = _pick(conn, host_id, wanted, state)
+    ruled = plain is None
+    if plain is None:
         # The host's claims run one at a time: choose over all its rows, whole groups.
+        host_rules.serialize(conn, host_id)
         facts = host_rules.read_facts(conn, host_id)
         choice = choose(facts, dict(wanted))
         if choice.short is not None:
             raise _insufficient(host_id, *choice.short)
         picked = [HeldDevice(d.id, host_id, d.name, d.address, state) for d in choice.taken]
     else:
-        picked = _pick(conn, host_id, wanted, state)
+        picked = plain
     params: dict[str, Any] = {f"id_{i}": device.id for i, device in enumerate(picked)}
     params.update(vm_id=vm_id, now=utcnow())
     taken = _take_statement(reserve, len(picked)).execute(conn, params).rowcount

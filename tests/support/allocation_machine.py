@@ -86,7 +86,7 @@ class Snapshot:
         """Returns a host's rows as the hardware rules read them."""
         return [DeviceFacts(id=r.id, address=r.address, name=r.name, state=r.state,
                             iommu_group=r.iommu_group, physical_function=r.physical_function,
-                            withheld=r.withheld, reason=r.reason,
+                            withheld=r.withheld, reason=r.reason, numa_node=r.numa_node,
                             holder=self.vms.get(r.holder or 0, ("", None))[0])
                 for r in self.on(host_id)]
 

@@ -7,10 +7,13 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 # The files the editable install links (see $(STAMP)); a new one needs a reinstall.
 PACKAGE_FILES := $(VENV)/.package-files
-APT_PACKAGES := libvirt-dev pkg-config
+# libvirt-dev, pkg-config: libvirt-python builds against them. prometheus:
+# promtool checks and unit-tests etc/prometheus. amqp-tools: the plain-client
+# example of docs/protocol.md runs in the tests.
+APT_PACKAGES := libvirt-dev pkg-config prometheus amqp-tools
 PYTEST_ARGS ?=
 
-.PHONY: all setup services test unit lint typecheck layout schema sql-schema demo bench clean FORCE
+.PHONY: all setup services test unit lint typecheck layout schema sql-schema demo bench dist smoke clean FORCE
 
 all: test
 
@@ -21,7 +24,10 @@ all: test
 # file shows at once, but a new or removed file needs a new link tree. So
 # the stamp depends on the list of package files (rewritten only when the
 # list changes, not when a file's content does) and `make` reinstalls then.
-# libvirt-python builds against libvirt-dev; install it only when missing.
+# The Debian packages are installed only when missing. libvirt-dev (which
+# libvirt-python builds against) pulls in libvirt0, which ships the RELAX NG
+# schemas management checks domain templates against
+# (/usr/share/libvirt/schemas/domain.rng).
 $(STAMP): pyproject.toml $(PACKAGE_FILES)
 	@missing=""; for p in $(APT_PACKAGES); do \
 	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
@@ -79,10 +85,22 @@ sql-schema: setup
 demo: setup
 	$(VENV)/bin/hostdev demo
 
+# The wheel and the sdist, as a release ships them.
+DIST ?= dist
+dist: setup
+	rm -rf $(DIST)
+	$(PY) -m build --outdir $(DIST) . >$(VENV)/build.log 2>&1 || { tail -n 30 $(VENV)/build.log; exit 1; }
+	@ls $(DIST)
+
+# The wheel installed in a fresh virtualenv: migrations shipped, schema on
+# SQLite and MariaDB, `hostdev demo` runs; the sdist carries etc/, sql/, units.
+smoke: dist services
+	tools/smoke_install.sh $(DIST)
+
 bench: setup services
 	$(PY) bench/bus.py
 	$(PY) bench/alloc.py
 	$(PY) bench/deploy.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis build *.egg-info
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis build *.egg-info $(DIST)

@@ -1,32 +1,40 @@
-"""Domain XML: building domains with PCI hostdevs and reading hostdevs back.
+"""Domain XML on the agent: hostdevs, the checks of a received domain, its own volumes.
 
-Pure functions over strings; no libvirt import. A hostdev is always
-``<hostdev mode='subsystem' type='pci' managed='yes'>`` so libvirt unbinds the
-device from its host driver on start and gives it back on stop.
+Pure functions over strings; no libvirt import. What management fills in a
+domain, and the managed ``<hostdev>`` element, are in
+``hostdev.messages.domain_template``.
 """
 
 from __future__ import annotations
 
 import xml.etree.ElementTree as ET
 from collections.abc import Iterable
+from dataclasses import dataclass
 
+from hostdev.messages.domain_template import (
+    TEMPLATE_NS,
+    BaseImage,
+    bind_memory,
+    hostdev_element,
+    minimal_template,
+    render_domain,
+)
 from hostdev.messages.pci_address import PciAddress
 from hostdev.messages.values import VmSpec
 
 _HOSTDEV_PATH = "./devices/hostdev[@type='pci']"
+_SETTINGS = f"{{{TEMPLATE_NS}}}template"
+_VOLUME = f"{{{TEMPLATE_NS}}}volume"
 
 
-def hostdev_element(address: PciAddress) -> ET.Element:
-    """Builds one managed PCI ``<hostdev>`` element for ``address``."""
-    hostdev = ET.Element("hostdev", {"mode": "subsystem", "type": "pci", "managed": "yes"})
-    source = ET.SubElement(hostdev, "source")
-    ET.SubElement(source, "address", {
-        "domain": f"0x{address.domain:04x}",
-        "bus": f"0x{address.bus:02x}",
-        "slot": f"0x{address.slot:02x}",
-        "function": f"0x{address.function:x}",
-    })
-    return hostdev
+@dataclass(frozen=True)
+class OwnVolume:
+    """A VM's own copy-on-write volume, as its domain's metadata records it."""
+
+    pool: str
+    volume: str
+    #: The base image (a volume of the same pool) it is a copy of.
+    base: str
 
 
 def hostdev_xml(address: PciAddress) -> str:
@@ -34,32 +42,22 @@ def hostdev_xml(address: PciAddress) -> str:
     return ET.tostring(hostdev_element(address), encoding="unicode")
 
 
-def build_domain_xml(spec: VmSpec, *, domain_type: str = "kvm") -> str:
-    """Builds the XML of a domain with the spec's PCI devices passed through.
-
-    Args:
-        spec: identity, size and PCI addresses of the VM.
-        domain_type: libvirt's domain type, ``kvm`` (or ``qemu``) for real
-            hosts, ``test`` for the test driver.
-    """
-    root = ET.Element("domain", {"type": domain_type})
-    ET.SubElement(root, "name").text = spec.name
-    ET.SubElement(root, "uuid").text = spec.uuid
-    ET.SubElement(root, "memory", {"unit": "MiB"}).text = str(spec.memory_mb)
-    ET.SubElement(root, "vcpu").text = str(spec.cpus)
-    os_element = ET.SubElement(root, "os")
-    type_attrs = {"arch": "x86_64"} if domain_type in ("kvm", "qemu") else {}
-    ET.SubElement(os_element, "type", type_attrs).text = "hvm"
-    devices = ET.SubElement(root, "devices")
-    for address in _unique(spec.pci_devices):
-        devices.append(hostdev_element(address))
+def with_numatune(xml: str, node: int) -> str:
+    """Returns the domain XML with its memory bound to ``node`` (any other binding replaced)."""
+    root = ET.fromstring(xml)
+    bind_memory(root, node)
     return ET.tostring(root, encoding="unicode")
 
 
-def _unique(addresses: Iterable[PciAddress]) -> list[PciAddress]:
-    # libvirt refuses the same hostdev twice (code 27); a repeated address in
-    # a spec means "this device", once.
-    return list(dict.fromkeys(PciAddress(a) for a in addresses))
+def build_domain_xml(spec: VmSpec, *, domain_type: str = "kvm") -> str:
+    """Builds the minimal domain (no template) with the spec's PCI devices passed through.
+
+    Args:
+        spec: identity, size, PCI addresses and NUMA node (if any) of the VM.
+        domain_type: libvirt's domain type, ``kvm`` (or ``qemu``) for real
+            hosts, ``test`` for the test driver.
+    """
+    return render_domain(minimal_template(domain_type), spec)
 
 
 def _address_of(hostdev: ET.Element) -> PciAddress | None:
@@ -126,3 +124,97 @@ def pci_backends(domain_capabilities_xml: str) -> tuple[str, ...]:
     root = ET.fromstring(domain_capabilities_xml)
     return tuple((value.text or "").strip()
                  for value in root.findall("./devices/hostdev/enum[@name='pciBackend']/value"))
+
+
+def domain_refusal(xml: str, spec: VmSpec) -> str | None:
+    """Says why the agent will not define a domain management sent, or None.
+
+    The domain must parse, carry the spec's uuid and name, and pass through
+    exactly the devices management assigned: a hostdev of any other kind or
+    address is refused, whatever else the XML says.
+    """
+    try:
+        root = ET.fromstring(xml)
+    except ET.ParseError as exc:
+        return f"the domain XML does not parse ({exc})"
+    if read_identity(xml) != (spec.uuid, spec.name):
+        return (f"the domain XML is for {read_identity(xml)[1]!r} "
+                f"({read_identity(xml)[0]}), not {spec.name!r} ({spec.uuid})")
+    assigned = set(spec.pci_devices)
+    foreign = [h for h in root.iter("hostdev")
+               if h.get("type") != "pci" or _address_of(h) not in assigned]
+    foreign += [i for i in root.iter("interface") if i.get("type") == "hostdev"]
+    if foreign:
+        shown = ", ".join(str(_address_of(h) or h.get("type")) for h in foreign)
+        return (f"the domain XML passes through {shown}, which management did not assign; "
+                "only assigned devices are passed through")
+    missing = assigned - set(read_hostdevs(xml))
+    if missing:
+        return (f"the domain XML lacks the assigned device(s) "
+                f"{', '.join(sorted(str(a) for a in missing))}")
+    return None
+
+
+def with_domain_type(xml: str, host_type: str) -> str:
+    """Returns the domain with the type this host runs.
+
+    ``test`` on a simulated host (which then drops ``<emulator>``, a path the
+    test driver does not have); ``qemu`` (TCG) where a template asks for
+    ``kvm`` on a host without KVM; otherwise the template's own type.
+    """
+    root = ET.fromstring(xml)
+    wanted = root.get("type", host_type)
+    if host_type == "test":
+        wanted = "test"
+        devices = root.find("devices")
+        for emulator in devices.findall("emulator") if devices is not None else ():
+            devices.remove(emulator)  # type: ignore[union-attr]
+    elif host_type == "qemu" and wanted == "kvm":
+        wanted = "qemu"
+    if root.get("type") == wanted:
+        return xml
+    root.set("type", wanted)
+    return ET.tostring(root, encoding="unicode")
+
+
+def with_own_volumes(xml: str, vm_uuid: str, images: Iterable[BaseImage]) -> str:
+    """Points each base-image disk at the VM's own volume and records the base in metadata.
+
+    The record (``<hostdev:volume pool= volume= base= target=/>``) is what
+    destroy deletes and what migration checks on the destination.
+    """
+    by_target = {image.target: image for image in images}
+    if not by_target:
+        return xml
+    root = ET.fromstring(xml)
+    for disk in root.findall("./devices/disk[@type='volume']"):
+        target, source = disk.find("target"), disk.find("source")
+        image = by_target.get(target.get("dev", "") if target is not None else "")
+        if image is None or source is None:
+            continue
+        source.set("volume", image.own_volume(vm_uuid))
+        driver = disk.find("driver")
+        if driver is None:
+            driver = ET.SubElement(disk, "driver", {"name": "qemu"})
+        driver.set("type", "qcow2")  # the own volume is a qcow2 overlay, whatever the base
+    metadata = root.find("metadata")
+    if metadata is None:
+        metadata = ET.Element("metadata")
+        root.insert(0, metadata)
+    settings = metadata.find(_SETTINGS)
+    if settings is None:
+        settings = ET.SubElement(metadata, _SETTINGS)
+    for old in settings.findall(_VOLUME):
+        settings.remove(old)
+    for image in by_target.values():
+        ET.SubElement(settings, _VOLUME, {"pool": image.pool, "volume": image.own_volume(vm_uuid),
+                                          "base": image.volume, "target": image.target})
+    return ET.tostring(root, encoding="unicode")
+
+
+def read_own_volumes(xml: str) -> tuple[OwnVolume, ...]:
+    """Returns the VM's own volumes recorded in a domain's metadata."""
+    root = ET.fromstring(xml)
+    return tuple(OwnVolume(pool=v.get("pool", ""), volume=v.get("volume", ""),
+                           base=v.get("base", ""))
+                 for v in root.findall(f"./metadata/{_SETTINGS}/{_VOLUME}"))

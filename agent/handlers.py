@@ -18,6 +18,19 @@ from typing import TypeVar
 
 import structlog
 
+from hostdev.agent.domain_needs import (
+    create_volumes,
+    host_refusal,
+    own_volumes,
+    remove_volumes,
+)
+from hostdev.agent.domain_xml import (
+    OwnVolume,
+    build_domain_xml,
+    domain_refusal,
+    read_own_volumes,
+    with_own_volumes,
+)
 from hostdev.agent.errors import DetachRefused, DomainNotFound, HypervisorError, MigrationFailed
 from hostdev.agent.hypervisor import Hypervisor
 from hostdev.messages.base import Message
@@ -33,6 +46,7 @@ from hostdev.messages.commands import (
     StopAnswer,
     StopCommand,
 )
+from hostdev.messages.domain_template import read_needs
 from hostdev.messages.pci_address import PciAddress
 from hostdev.messages.values import DeviceOutcome, DomainInfo
 
@@ -105,18 +119,53 @@ class CommandHandlers:
         if refusals:
             return StartAnswer(result="error", vm_uuid=spec.uuid,
                                details="refused to start: " + "; ".join(refusals))
-        try:
-            if current is not None and current.state == "running":
+        if current is not None and current.state == "running":
+            try:
                 for address in wanted:  # running without all of them: plug the rest
                     self.hypervisor.attach_hostdev(spec.uuid, address, self.timeouts.attach_s)
-            else:
-                self.hypervisor.define(spec)
-                self.hypervisor.start(spec.uuid)
-        except HypervisorError as exc:
-            return StartAnswer(result="error", vm_uuid=spec.uuid, details=str(exc))
+            except HypervisorError as exc:
+                return StartAnswer(result="error", vm_uuid=spec.uuid, details=str(exc))
+        else:
+            failure = self._define_and_start(command, is_new=current is None)
+            if failure:
+                return StartAnswer(result="error", vm_uuid=spec.uuid, details=failure)
         after = self.hypervisor.domain(spec.uuid)
         log.info("domain_started", vm=spec.uuid, hostdevs=wanted)
         return StartAnswer(vm_uuid=spec.uuid, hostdevs=after.hostdevs if after else wanted)
+
+    def _define_and_start(self, command: StartCommand, *, is_new: bool) -> str | None:
+        """Checks the domain and the host, makes the VM's volumes, defines and starts it.
+
+        Returns what failed, or None. A refusal creates nothing; a failure
+        after that removes what this start created (a new domain's
+        definition, the volumes it made), so nothing is left behind.
+        """
+        spec = command.vm
+        xml = command.domain_xml or build_domain_xml(spec)
+        refusal = domain_refusal(xml, spec) if command.domain_xml else None
+        needs = read_needs(xml)
+        refusal = refusal or host_refusal(self.hypervisor, needs)
+        if refusal:
+            return f"refused to start: {refusal}"
+        volumes = own_volumes(needs, spec.uuid)
+        created: list[OwnVolume] = []
+        try:
+            created = create_volumes(self.hypervisor, volumes)
+            self.hypervisor.define(with_own_volumes(xml, spec.uuid, needs.base_images))
+            self.hypervisor.start(spec.uuid)
+        except HypervisorError as exc:
+            failures = self._undo_start(spec.uuid, is_new, created)
+            return " ".join([f"{exc}; nothing this start created was kept", *failures])
+        return None
+
+    def _undo_start(self, uuid: str, is_new: bool, created: list[OwnVolume]) -> list[str]:
+        failures: list[str] = []
+        if is_new:
+            try:
+                self.hypervisor.undefine(uuid)
+            except HypervisorError as exc:
+                failures.append(f"undefining it failed: {exc}")
+        return failures + remove_volumes(self.hypervisor, created)
 
     # -- StopCommand ---------------------------------------------------------------
 
@@ -140,7 +189,12 @@ class CommandHandlers:
                     f"the guest did not power off within {command.timeout_s:g} s; "
                     "send StopCommand with force=true to power it off"))
             if command.undefine:
+                volumes = read_own_volumes(self.hypervisor.domain_xml(uuid, inactive=True))
                 self.hypervisor.undefine(uuid)
+                failures = remove_volumes(self.hypervisor, volumes)
+                if failures:
+                    return StopAnswer(result="error", vm_uuid=uuid, state="stopped",
+                                      details="undefined, but " + "; ".join(failures))
         except DomainNotFound:
             return StopAnswer(vm_uuid=uuid, state="stopped", details="domain vanished")
         except HypervisorError as exc:
@@ -180,6 +234,15 @@ class CommandHandlers:
             return MigrateAnswer(result="error", vm_uuid=uuid, failed_step="migrate",
                                  details=f"domain {uuid} is {current.state}; only a running "
                                  "domain migrates live")
+        copied = self._own_volumes_to_copy(uuid)
+        try:
+            for volume in copied:  # before any device leaves: a refusal changes nothing
+                self.hypervisor.prepare_volume_at(command.destination_uri, volume.pool,
+                                                  volume.volume, volume.base)
+        except HypervisorError as exc:
+            return MigrateAnswer(result="error", vm_uuid=uuid, failed_step="migrate",
+                                 details=f"migration refused: {exc}; the VM stays here with "
+                                 "its devices")
         detach_s = min(command.detach_timeout_s, self.timeouts.detach_s)
         detached: list[PciAddress] = []
         for address in current.hostdevs:
@@ -198,7 +261,8 @@ class CommandHandlers:
             detached.append(address)
         migrate_s = min(command.migrate_timeout_s, self.timeouts.migration_s)
         try:
-            self.hypervisor.migrate(uuid, command.destination_uri, migrate_s)
+            self.hypervisor.migrate(uuid, command.destination_uri, migrate_s,
+                                    copy_storage=bool(copied), numa_node=command.numa_node)
         except (MigrationFailed, HypervisorError) as exc:
             reattached, failures = self._reattach(uuid, detached)
             log.warning("migration_failed", vm=uuid, error=str(exc), reattached=reattached)
@@ -209,7 +273,14 @@ class CommandHandlers:
                                   "source", *failures]))
         log.info("domain_migrated", vm=uuid, destination=command.destination_uri,
                  detached=detached)
-        return MigrateAnswer(vm_uuid=uuid, detached=tuple(detached))
+        failures = remove_volumes(self.hypervisor, copied)  # copied over: gone from here
+        return MigrateAnswer(vm_uuid=uuid, detached=tuple(detached),
+                             details="; ".join(failures))
+
+    def _own_volumes_to_copy(self, uuid: str) -> tuple[OwnVolume, ...]:
+        """Returns the VM's own volumes a migration copies: none on shared storage."""
+        xml = self.hypervisor.domain_xml(uuid, inactive=True)
+        return () if read_needs(xml).shared_storage else read_own_volumes(xml)
 
     # -- Attach/DetachPciDevicesCommand ----------------------------------------------
 

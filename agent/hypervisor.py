@@ -14,7 +14,7 @@ from typing import Protocol
 from hostdev.agent.pci_device import NodePciDevice
 from hostdev.messages.base import PowerState
 from hostdev.messages.pci_address import PciAddress
-from hostdev.messages.values import DomainInfo, VmSpec
+from hostdev.messages.values import DomainInfo
 
 
 @dataclass(frozen=True)
@@ -77,8 +77,12 @@ class Hypervisor(Protocol):
         """Returns one domain, or None when no domain has that UUID."""
         ...
 
-    def define(self, spec: VmSpec) -> None:
-        """Defines (or redefines, when shut off) a domain with the spec's hostdevs."""
+    def domain_xml(self, uuid: str, *, inactive: bool = False) -> str:
+        """Returns a domain's live (or, with ``inactive``, persistent) XML."""
+        ...
+
+    def define(self, xml: str) -> None:
+        """Defines (or redefines, when shut off) a domain, of the type this host runs."""
 
     def start(self, uuid: str) -> None:
         """Starts a defined domain; a running domain is left alone."""
@@ -103,12 +107,44 @@ class Hypervisor(Protocol):
         MUST still be attached, live and in the config.
         """
 
-    def migrate(self, uuid: str, destination_uri: str, timeout_s: float) -> None:
-        """Live-migrates a running domain; raises ``MigrationFailed`` leaving it on the source."""
+    def migrate(self, uuid: str, destination_uri: str, timeout_s: float, *,
+                copy_storage: bool = False, numa_node: int | None = None) -> None:
+        """Live-migrates a running domain; raises ``MigrationFailed`` leaving it on the source.
+
+        With ``copy_storage`` the VM's own volumes are copied to the
+        destination's volumes of the same names (``prepare_volume_at``). With
+        ``numa_node`` the domain's memory is bound to that node on the
+        destination (``<numatune>`` of the destination's definition).
+        """
 
     def has_domain_at(self, destination_uri: str, uuid: str) -> bool:
         """Tells whether the host at ``destination_uri`` has the domain (a finished migration)."""
         ...
+
+    def networks(self) -> tuple[str, ...]:
+        """Returns the names of the host's active libvirt networks."""
+        ...
+
+    def bridges(self) -> tuple[str, ...]:
+        """Returns the names of the host's active network interfaces (bridges among them)."""
+        ...
+
+    def volumes(self, pool: str) -> tuple[str, ...] | None:
+        """Returns the volumes of a storage pool; None when there is no such pool."""
+        ...
+
+    def create_volume(self, pool: str, name: str, base: str) -> None:
+        """Creates a VM's own volume: a copy-on-write overlay of volume ``base``."""
+
+    def delete_volume(self, pool: str, name: str) -> None:
+        """Deletes a volume; an absent one is left alone."""
+
+    def prepare_volume_at(self, destination_uri: str, pool: str, name: str,
+                          base: str) -> None:
+        """Checks the destination has ``base`` and gives it the overlay ``name`` to copy into.
+
+        Raises ``HypervisorError`` saying what the destination lacks.
+        """
 
     def pci_backends(self) -> tuple[str, ...] | None:
         """Returns the PCI passthrough backends (``vfio``), () when none, None when unknown."""

@@ -1,4 +1,4 @@
-"""``LibvirtHost``: the ``Hypervisor`` on real libvirt (the only module importing libvirt).
+"""``LibvirtHost``: the ``Hypervisor`` on real libvirt.
 
 Lifecycle and device-removed events arrive on one process-wide thread running
 ``virEventRunDefaultImpl``; the default event implementation is registered
@@ -16,43 +16,28 @@ from typing import Any
 import libvirt
 import structlog
 
-from hostdev.agent.domain_xml import build_domain_xml, hostdev_xml, pci_backends, read_hostdevs
+from hostdev.agent.domain_xml import (
+    hostdev_xml,
+    pci_backends,
+    read_hostdevs,
+    with_domain_type,
+    with_numatune,
+)
 from hostdev.agent.errors import DetachRefused, DomainNotFound, HypervisorError, MigrationFailed
 from hostdev.agent.hypervisor import HostFacts, LifecycleEvent, LifecycleListener
+from hostdev.agent.libvirt_names import DETAILS, EVENT_STATES, EVENTS, STATES
+from hostdev.agent.libvirt_resources import HostResources, has_domain_at
 from hostdev.agent.nodedev_xml import parse_pci_device
 from hostdev.agent.pci_device import NodePciDevice
 from hostdev.messages.base import PowerState
 from hostdev.messages.pci_address import PciAddress
-from hostdev.messages.values import DomainInfo, VmSpec
+from hostdev.messages.values import DomainInfo
 
 log = structlog.get_logger()
 
 # libvirt prints every error on stderr as well as raising it; we raise ours.
 libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
 
-_EVENTS = ("Defined", "Undefined", "Started", "Suspended", "Resumed", "Stopped", "Shutdown",
-           "PMSuspended", "Crashed")
-_DETAILS: dict[str, tuple[str, ...]] = {
-    "Defined": ("Added", "Updated", "Renamed", "Snapshot"),
-    "Undefined": ("Removed", "Renamed"),
-    "Started": ("Booted", "Migrated", "Restored", "Snapshot", "Wakeup"),
-    "Stopped": ("Shutdown", "Destroyed", "Crashed", "Migrated", "Saved", "Failed", "Snapshot"),
-    "Shutdown": ("Finished", "Guest", "Host"),
-}
-_STATES: dict[int, PowerState] = {
-    libvirt.VIR_DOMAIN_NOSTATE: "unknown",
-    libvirt.VIR_DOMAIN_RUNNING: "running",
-    libvirt.VIR_DOMAIN_BLOCKED: "running",
-    libvirt.VIR_DOMAIN_PAUSED: "paused",
-    libvirt.VIR_DOMAIN_SHUTDOWN: "running",
-    libvirt.VIR_DOMAIN_SHUTOFF: "stopped",
-    libvirt.VIR_DOMAIN_CRASHED: "crashed",
-    libvirt.VIR_DOMAIN_PMSUSPENDED: "paused",
-}
-_EVENT_STATES: dict[str, PowerState] = {
-    "Started": "running", "Resumed": "running", "Suspended": "paused", "PMSuspended": "paused",
-    "Stopped": "stopped", "Undefined": "stopped", "Crashed": "crashed",
-}
 _POLL_S = 0.25  # upper bound between re-checks while waiting for a condition
 
 _loop_lock = threading.Lock()
@@ -96,7 +81,7 @@ def _version(number: int) -> str:
     return f"{number // 1_000_000}.{number // 1000 % 1000}.{number % 1000}"
 
 
-class LibvirtHost:
+class LibvirtHost(HostResources):
     """The ``Hypervisor`` protocol over one libvirt connection."""
 
     def __init__(self, uri: str) -> None:
@@ -163,8 +148,8 @@ class LibvirtHost:
             self._quiet.setdefault(uuid, []).extend(events)
 
     def _on_lifecycle(self, _conn: Any, dom: Any, event: int, detail: int, _opaque: Any) -> None:
-        name = _EVENTS[event] if 0 <= event < len(_EVENTS) else str(event)
-        details = _DETAILS.get(name, ())
+        name = EVENTS[event] if 0 <= event < len(EVENTS) else str(event)
+        details = DETAILS.get(name, ())
         detail_name = details[detail] if 0 <= detail < len(details) else str(detail)
         uuid = dom.UUIDString()
         with self._changed:
@@ -175,9 +160,9 @@ class LibvirtHost:
                 pending.remove((name, detail_name))
                 return
         try:
-            state = _STATES.get(dom.state()[0], "unknown")
+            state = STATES.get(dom.state()[0], "unknown")
         except libvirt.libvirtError:
-            state = _EVENT_STATES.get(name, "unknown")
+            state = EVENT_STATES.get(name, "unknown")
         self.emit(LifecycleEvent(uuid=uuid, name=dom.name(), event=name, detail=detail_name,
                                  state=state))
 
@@ -255,7 +240,7 @@ class LibvirtHost:
 
     def _info(self, dom: Any) -> DomainInfo:
         return DomainInfo(uuid=dom.UUIDString(), name=dom.name(),
-                          state=_STATES.get(dom.state()[0], "unknown"),
+                          state=STATES.get(dom.state()[0], "unknown"),
                           hostdevs=read_hostdevs(dom.XMLDesc(0)))
 
     def domains(self) -> tuple[DomainInfo, ...]:
@@ -287,9 +272,9 @@ class LibvirtHost:
         except libvirt.libvirtError:
             return "qemu"  # no KVM on this host: libvirt would refuse type='kvm'
 
-    def define(self, spec: VmSpec) -> None:
-        """Defines (or redefines) a domain with the spec's hostdevs."""
-        self.define_xml(build_domain_xml(spec, domain_type=self.domain_type()))
+    def define(self, xml: str) -> None:
+        """Defines (or redefines) a domain, of the type this host runs (``with_domain_type``)."""
+        self.define_xml(with_domain_type(xml, self.domain_type()))
 
     def _call(self, operation: str, fn: Callable[[], object]) -> None:
         try:
@@ -309,7 +294,7 @@ class LibvirtHost:
         if dom.isActive():
             self._call("shutdown", dom.shutdown)
             self._wait_for(lambda: not dom.isActive(), timeout_s)
-        return _STATES.get(dom.state()[0], "unknown")
+        return STATES.get(dom.state()[0], "unknown")
 
     def destroy(self, uuid: str) -> None:
         """Powers a domain off at once; a stopped domain is left alone."""
@@ -365,11 +350,21 @@ class LibvirtHost:
 
     # -- migration ---------------------------------------------------------------
 
-    def migrate(self, uuid: str, destination_uri: str, timeout_s: float) -> None:
-        """Live peer-to-peer migration with ``migrateToURI3``; aborted after ``timeout_s``."""
+    def migrate(self, uuid: str, destination_uri: str, timeout_s: float, *,
+                copy_storage: bool = False, numa_node: int | None = None) -> None:
+        """Live peer-to-peer migration, copying the VM's own volumes when asked.
+
+        ``copy_storage`` adds ``VIR_MIGRATE_NON_SHARED_INC``: the overlays'
+        data is copied into overlays on the same base on the destination
+        (``prepare_volume_at``). ``numa_node`` binds the memory to that node
+        in the destination's definition. Aborted after ``timeout_s``.
+        """
         dom = self.lookup(uuid)
+        params = {} if numa_node is None else {libvirt.VIR_MIGRATE_PARAM_DEST_XML: (
+            with_numatune(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_MIGRATABLE), numa_node))}
         flags = (libvirt.VIR_MIGRATE_LIVE | libvirt.VIR_MIGRATE_PEER2PEER
-                 | libvirt.VIR_MIGRATE_PERSIST_DEST | libvirt.VIR_MIGRATE_UNDEFINE_SOURCE)
+                 | libvirt.VIR_MIGRATE_PERSIST_DEST | libvirt.VIR_MIGRATE_UNDEFINE_SOURCE
+                 | (libvirt.VIR_MIGRATE_NON_SHARED_INC if copy_storage else 0))
 
         def abort() -> None:
             with contextlib.suppress(libvirt.libvirtError):
@@ -379,22 +374,12 @@ class LibvirtHost:
         timer.daemon = True
         timer.start()
         try:
-            dom.migrateToURI3(destination_uri, {}, flags)
+            dom.migrateToURI3(destination_uri, params, flags)
         except libvirt.libvirtError as exc:
             raise MigrationFailed(uuid, destination_uri, _reason(exc)) from None
         finally:
             timer.cancel()
 
     def has_domain_at(self, destination_uri: str, uuid: str) -> bool:
-        """Opens the destination read-only and looks the domain up; unreachable is False."""
-        try:
-            conn = libvirt.openReadOnly(destination_uri)
-        except libvirt.libvirtError:
-            return False
-        try:
-            conn.lookupByUUIDString(uuid)
-            return True
-        except libvirt.libvirtError:
-            return False
-        finally:
-            conn.close()
+        """Tells whether the host at ``destination_uri`` has the domain (read-only)."""
+        return has_domain_at(destination_uri, uuid)

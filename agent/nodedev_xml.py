@@ -18,9 +18,9 @@ from typing import Any
 
 import msgspec
 
-from hostdev.agent.domain_xml import hostdev_element
 from hostdev.agent.errors import ConfigError
 from hostdev.agent.pci_device import NodePciDevice
+from hostdev.messages.domain_template import hostdev_element
 from hostdev.messages.pci_address import PciAddress
 
 TEST_NS = "http://libvirt.org/schemas/domain/test/1.0"
@@ -52,6 +52,11 @@ class SimHostSpec:
     refuse_detach: frozenset[PciAddress] = field(default_factory=frozenset)
     fail_migration: str | None = None
     persist: bool = False
+    #: Active libvirt networks, host bridges, and storage pools with their volumes
+    #: (base images) that domain templates name.
+    networks: tuple[str, ...] = ()
+    bridges: tuple[str, ...] = ()
+    pools: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 def _pci_address(kind: type, value: Any) -> Any:
@@ -122,6 +127,9 @@ class _SpecFile(msgspec.Struct, forbid_unknown_fields=True):
     refuse_detach: tuple[PciAddress, ...] = ()
     fail_migration: str | None = None
     persist: bool = False
+    networks: tuple[str, ...] = ()
+    bridges: tuple[str, ...] = ()
+    pools: dict[str, tuple[str, ...]] = {}
 
     def spec(self) -> SimHostSpec:
         """Returns the spec it describes."""
@@ -132,7 +140,8 @@ class _SpecFile(msgspec.Struct, forbid_unknown_fields=True):
                           for d in self.devices),
             domains=tuple(d.domain() for d in self.domains),
             refuse_detach=frozenset(self.refuse_detach), fail_migration=self.fail_migration,
-            persist=self.persist)
+            persist=self.persist, networks=self.networks, bridges=self.bridges,
+            pools=dict(self.pools))
 
 
 _spec_decoder = msgspec.json.Decoder(_SpecFile, dec_hook=_pci_address)
@@ -199,9 +208,37 @@ def build_node_xml(spec: SimHostSpec) -> str:
             ET.SubElement(ET.SubElement(element, "driver"), "name").text = device.driver
         _pci_capability(ET.SubElement(element, "capability", {"type": "pci"}), device,
                         assigned[device.address], groups[assigned[device.address]])
+    _resources(node, spec)
     for domain in spec.domains:
         node.append(_domain_element(domain))
     return ET.tostring(node, encoding="unicode")
+
+
+def _resources(node: ET.Element, spec: SimHostSpec) -> None:
+    """Adds the spec's networks, bridges and storage pools (directories nobody writes)."""
+    for name in spec.networks:
+        network = ET.SubElement(node, "network")
+        ET.SubElement(network, "name").text = name
+        ET.SubElement(network, "bridge", {"name": f"virbr-{name}"[:15]})
+    for name in spec.bridges:
+        bridge = ET.SubElement(node, "interface", {"type": "bridge", "name": name})
+        ET.SubElement(bridge, "start", {"mode": "onboot"})
+        ET.SubElement(bridge, "bridge")
+    for name, volumes in spec.pools.items():
+        pool = ET.SubElement(node, "pool", {"type": "dir"})
+        ET.SubElement(pool, "name").text = name
+        ET.SubElement(ET.SubElement(pool, "target"), "path").text = f"/simulated/{spec.name}/{name}"
+        for volume in volumes:
+            pool.append(volume_element(volume))
+
+
+def volume_element(name: str) -> ET.Element:
+    """Returns a simulated base image: a 1 GiB qcow2 volume."""
+    volume = ET.Element("volume", {"type": "file"})
+    ET.SubElement(volume, "name").text = name
+    ET.SubElement(volume, "capacity", {"unit": "GiB"}).text = "1"
+    ET.SubElement(ET.SubElement(volume, "target"), "format", {"type": "qcow2"})
+    return volume
 
 
 def _pci_capability(cap: ET.Element, device: NodePciDevice, group: int,

@@ -44,11 +44,11 @@ from hostdev.agent.domain_xml import (
     read_identity,
     with_hostdev,
     without_hostdev,
-    without_runtime_id,
 )
-from hostdev.agent.errors import ConfigError, DetachRefused, MigrationFailed
+from hostdev.agent.errors import ConfigError, DetachRefused, HypervisorError, MigrationFailed
 from hostdev.agent.hypervisor import LifecycleEvent
 from hostdev.agent.libvirt_host import LibvirtHost
+from hostdev.agent.libvirt_resources import missing_base
 from hostdev.agent.nodedev_xml import TEST_NS, SimHostSpec, build_node_xml, load_spec
 from hostdev.agent.pci_device import NodePciDevice
 from hostdev.messages.base import PowerState
@@ -73,22 +73,30 @@ def state_path(spec_path: str | Path) -> Path:
     return path.with_name(f"{path.stem}.state.json")
 
 
-def load_state(path: Path) -> list[dict[str, Any]]:
-    """Reads the saved domains (``[{"xml": ..., "running": bool}]``); none if no file."""
+def load_state(path: Path) -> tuple[list[dict[str, Any]], dict[str, list[str]]]:
+    """Reads the saved domains (``[{"xml": ..., "running": bool}]``) and VMs' own volumes.
+
+    Volumes are volume XMLs by pool; none of either without the file.
+    """
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        return []
+        return [], {}
     except ValueError as exc:
         raise ConfigError(str(path), 0, str(path), f"not a simulated-host state file ({exc}); "
                           "delete it to start from the spec's domains") from None
     domains: list[dict[str, Any]] = data["domains"]
-    return domains
+    volumes: dict[str, list[str]] = data.get("volumes", {})
+    return domains, volumes
 
 
-def _node_xml_with(node_xml: str, saved: list[dict[str, Any]]) -> str:
-    """Appends saved domains to a node XML; a stopped one gets the shut-off run state."""
+def _node_xml_with(node_xml: str, saved: list[dict[str, Any]],
+                   volumes: dict[str, list[str]]) -> str:
+    """Appends saved domains and volumes to a node XML; a stopped domain is shut off."""
     node = ET.fromstring(node_xml)
+    for pool in node.findall("pool"):
+        for volume in volumes.get(pool.findtext("name", ""), ()):
+            pool.append(ET.fromstring(volume))
     for entry in saved:
         domain = ET.fromstring(entry["xml"])
         domain.attrib.pop("id", None)
@@ -180,8 +188,9 @@ class SimulatedHost(LibvirtHost):
         else:
             node_xml = build_node_xml(self.spec)
             if self.state_file is not None and self.state_file.exists():
-                saved = load_state(self.state_file)
-                node_xml = _node_xml_with(build_node_xml(replace(self.spec, domains=())), saved)
+                saved, volumes = load_state(self.state_file)
+                node_xml = _node_xml_with(build_node_xml(replace(self.spec, domains=())), saved,
+                                          volumes)
                 log.info("simulated_domains_loaded", state_file=str(self.state_file),
                          domains=len(saved))
             handle, path = tempfile.mkstemp(prefix="hostdev-sim-", suffix=".xml")
@@ -229,8 +238,48 @@ class SimulatedHost(LibvirtHost):
                         "running": d.state in ("running", "paused")}
                        for d in self.domains()]
             temporary = self.state_file.with_name(self.state_file.name + ".tmp")
-            temporary.write_text(json.dumps({"domains": domains}, indent=1), encoding="utf-8")
+            temporary.write_text(json.dumps({"domains": domains, "volumes": self._own_volumes()},
+                                            indent=1), encoding="utf-8")
             os.replace(temporary, self.state_file)
+
+    def _own_volumes(self) -> dict[str, list[str]]:
+        """Returns the XML of every volume not in the spec (VMs' own), by pool."""
+        spec_pools = self.spec.pools if self.spec else {}
+        found: dict[str, list[str]] = {}
+        for pool_name, base_images in spec_pools.items():
+            pool = self.conn.storagePoolLookupByName(pool_name)
+            found[pool_name] = [pool.storageVolLookupByName(v).XMLDesc(0)
+                                for v in pool.listVolumes() if v not in base_images]
+        return found
+
+    def create_volume(self, pool: str, name: str, base: str) -> None:
+        """Creates a VM's own volume and saves the state."""
+        super().create_volume(pool, name, base)
+        self.save()
+
+    def delete_volume(self, pool: str, name: str) -> None:
+        """Deletes a volume and saves the state."""
+        super().delete_volume(pool, name)
+        self.save()
+
+    def prepare_volume_at(self, destination_uri: str, pool: str, name: str,
+                          base: str) -> None:
+        """Checks the simulated destination has the base; gives it the overlay when in reach.
+
+        A destination of another process only has its spec read here: its
+        watcher creates the overlay when it takes the domain in.
+        """
+        destination = self.hosts.at(destination_uri)
+        if destination is not None:
+            volumes = destination.volumes(pool)
+        else:
+            path = simulated_store.spec_path(destination_uri)
+            spec = load_spec(path) if path is not None and path.exists() else None
+            volumes = spec.pools.get(pool) if spec is not None else None
+        if volumes is None or base not in volumes:
+            raise HypervisorError("storage", missing_base(destination_uri, pool, base, volumes))
+        if destination is not None and name not in volumes:
+            destination.create_volume(pool, name, base)
 
     def define_xml(self, xml: str) -> None:
         """Defines a domain and saves the state."""
@@ -297,20 +346,27 @@ class SimulatedHost(LibvirtHost):
 
     # -- migration ---------------------------------------------------------------
 
-    def migrate(self, uuid: str, destination_uri: str, timeout_s: float) -> None:
-        """Moves a running domain to the simulated host at ``destination_uri``."""
+    def migrate(self, uuid: str, destination_uri: str, timeout_s: float, *,
+                copy_storage: bool = False, numa_node: int | None = None) -> None:
+        """Moves a running domain to the simulated host at ``destination_uri``.
+
+        Its own volumes wait there already (``prepare_volume_at``); the
+        caller deletes them here afterwards, as after a real storage copy.
+        With ``numa_node`` the destination's definition binds the memory to that node.
+        """
         if self._migration_failure is not None:
             raise MigrationFailed(uuid, destination_uri, self._migration_failure)
         destination = self.hosts.at(destination_uri)
         if destination is None:  # another process's host, through its mailbox
-            simulated_store.hand_over(self, self.watcher, uuid, destination_uri)
+            simulated_store.hand_over(self, self.watcher, uuid, destination_uri,
+                                      numa_node=numa_node)
             return
         if destination is self:
             raise MigrationFailed(uuid, destination_uri, "Attempt to migrate guest to the "
                                   "same host")
         if not self.is_active(uuid):
             raise MigrationFailed(uuid, destination_uri, "the domain is not running")
-        xml = without_runtime_id(self.domain_xml(uuid))
+        xml = simulated_store.migrated_xml(self.domain_xml(uuid), numa_node)
         name = read_identity(xml)[1]
         # Report what real libvirt reports (Started/Migrated, Stopped/Migrated),
         # not the boot and destroy that emulate it.

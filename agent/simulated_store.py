@@ -39,7 +39,12 @@ from typing import Any, Protocol
 import msgspec
 import structlog
 
-from hostdev.agent.domain_xml import read_identity, without_runtime_id
+from hostdev.agent.domain_xml import (
+    read_identity,
+    read_own_volumes,
+    with_numatune,
+    without_runtime_id,
+)
 from hostdev.agent.errors import HypervisorError, MigrationFailed
 from hostdev.agent.hypervisor import LifecycleEvent
 from hostdev.messages.pci_address import PciAddress
@@ -125,6 +130,8 @@ class MailboxHost(Protocol):
     def destroy(self, uuid: str) -> None: ...
     def undefine(self, uuid: str) -> None: ...
     def emit(self, event: LifecycleEvent) -> None: ...
+    def volumes(self, pool: str) -> tuple[str, ...] | None: ...
+    def create_volume(self, pool: str, name: str, base: str) -> None: ...
 
 
 class Watcher:
@@ -201,6 +208,9 @@ class Watcher:
         xml = handed.xml
         uuid, name = read_identity(xml)
         host = self.host
+        for volume in read_own_volumes(xml):  # what libvirt's storage migration copies into
+            if volume.volume not in (host.volumes(volume.pool) or ()):
+                host.create_volume(volume.pool, volume.volume, volume.base)
         if host.domain(uuid) is None:
             host.define_xml(xml)
         if not host.is_active(uuid):
@@ -231,8 +241,14 @@ def check_attach(watcher: Watcher | None, uuid: str, address: PciAddress) -> Non
                               "(fail_attach in the faults file)")
 
 
+def migrated_xml(live_xml: str, numa_node: int | None) -> str:
+    """Returns the definition a migration gives the destination (memory bound to ``numa_node``)."""
+    xml = without_runtime_id(live_xml)
+    return xml if numa_node is None else with_numatune(xml, numa_node)
+
+
 def hand_over(host: MailboxHost, watcher: Watcher | None, uuid: str,
-              destination_uri: str) -> None:
+              destination_uri: str, *, numa_node: int | None = None) -> None:
     """Migrates a running domain to a simulated host of another process, through its mailbox.
 
     Raises:
@@ -250,7 +266,7 @@ def hand_over(host: MailboxHost, watcher: Watcher | None, uuid: str,
     if watcher is not None and watcher.migrate_hold_s:
         log.info("simulated_migration_holding", vm=uuid, hold_s=watcher.migrate_hold_s)
         time.sleep(watcher.migrate_hold_s)  # before the hand-over: the domain stays here
-    xml = without_runtime_id(host.domain_xml(uuid))
+    xml = migrated_xml(host.domain_xml(uuid), numa_node)
     name = read_identity(xml)[1]
     temporary = box / f".{uuid}.tmp"
     temporary.write_bytes(msgspec.json.encode(HandedOver(xml=xml, source=host.uri)))
@@ -272,6 +288,11 @@ def hand_over(host: MailboxHost, watcher: Watcher | None, uuid: str,
              delay_s=delay)
     if delay:
         time.sleep(delay)  # the window a test kills the agent in
+
+
+def spec_path(uri: str) -> Path | None:
+    """Returns the spec file of a simulated:// host (of any process)."""
+    return _spec_path(uri)
 
 
 def has_domain(destination_uri: str, uuid: str) -> bool:

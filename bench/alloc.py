@@ -10,7 +10,7 @@ Both sides do the same work, statement for statement, on the same tables;
 each claim and each release writes its events to ``event_outbox`` (routing
 key, type name, the event encoded with ``hostdev.messages.codec.encode``,
 created_at) and keeps the new row's id, as a publication after commit needs.
-The VM (id, uuid), the offering's requests and, for a claim, the host's guid
+The VM (id, uuid), the offering's requests and NUMA policy and, for a claim, the host's guid
 are what the daemon has in hand from the deploy's first read and the
 placement; a release starts from the VM alone.
 
@@ -163,6 +163,7 @@ class Sides:
             def claim(tx: TxContext, vm: VmInstance = vm, host: int = host,
                       requests: tuple[PciRequest, ...] = requests) -> None:
                 tx.offering_requests[vm.offering_id] = requests
+                tx.offering_numa[vm.offering_id] = "none"
                 tx.host_guids[host] = f"guid-{host}"
                 self.devices.claim(tx, vm, host)
 

@@ -5,7 +5,8 @@ one in-process broker (``hostdev.messages.bus.in_process``) with a SQLite file i
 temporary directory; requests drive every bus until all is handled, so each
 answer reflects a settled state. ``ServiceCloud`` runs the same management
 service on a thread against a real broker and database, and each agent as a
-``hostdev-agent`` process on its simulated host. Both hand the scenario a
+``hostdev-agent`` process on its simulated host (they migrate to each other
+through their mailbox folders, ``agent/simulated_store.py``). Both hand the scenario a
 ``request(message, timeout)`` function: the one the ``hostdev`` CLI uses.
 """
 
@@ -18,7 +19,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import structlog
 
@@ -29,11 +30,14 @@ from hostdev.agent.startup_checks import check_host
 from hostdev.demo.hosts import DEMO_HOSTS, DemoHost
 from hostdev.messages import api
 from hostdev.messages.base import Message
+from hostdev.messages.bus import Bus, BusConfig
 from hostdev.messages.bus.in_process import InProcessBroker, InProcessBus
 from hostdev.messages.commands import AttachPciDevicesCommand
 from hostdev.messages.errors import MessageError
 from hostdev.mgmt.config import MgmtConfig
+from hostdev.mgmt.errors import MgmtError
 from hostdev.mgmt.persistence import database
+from hostdev.mgmt.persistence.database_creation import create_database
 from hostdev.mgmt.service import ManagementService
 
 log = structlog.get_logger()
@@ -49,24 +53,31 @@ class DemoError(Exception):
 class Cloud(Protocol):
     """What the scenario needs from a cloud."""
 
-    #: Whether a VM can really migrate (simulated hosts must share a process).
-    can_migrate: bool
+    #: Whether the database was created for the demo (it did not exist).
+    created_database: bool
 
     def request(self, message: Message, timeout: float) -> Message: ...
     def attach_commands(self) -> list[tuple[str, AttachPciDevicesCommand]]: ...
     def close(self) -> None: ...
 
 
-def prepare_database(db_url: str) -> None:
-    """Creates the schema of a database that has none (the demo wants an empty one)."""
-    if database.current_revision(db_url) is None:
-        database.upgrade(db_url)
+def prepare_database(db_url: str) -> bool:
+    """Creates the database if missing and the schema if it has none; True if it made the database.
+
+    Raises:
+        DemoError: the database cannot be opened or created (one line, saying why).
+    """
+    try:
+        created = create_database(db_url)
+        if database.current_revision(db_url) is None:
+            database.upgrade(db_url)
+    except MgmtError as exc:
+        raise DemoError(str(exc)) from None
+    return created
 
 
 class InProcessCloud:
     """Management and three agents on one in-process broker, SQLite in ``directory``."""
-
-    can_migrate = True
 
     def __init__(self, directory: Path, *, db_url: str | None = None,
                  hosts: tuple[DemoHost, ...] = DEMO_HOSTS) -> None:
@@ -77,7 +88,7 @@ class InProcessCloud:
         self.agents: list[Agent] = []
         #: The hosts migrate to each other in memory: they share this process.
         self.simulated_hosts = SimulatedHosts()
-        prepare_database(self.db_url)
+        self.created_database = prepare_database(self.db_url)
         self.engine = database.create_database_engine(self.db_url)
         self.service = ManagementService(MgmtConfig(db_url=self.db_url, amqp_url="memory://"),
                                          InProcessBus(broker=self.broker), self.engine,
@@ -123,24 +134,47 @@ class InProcessCloud:
         self.engine.dispose()
 
 
+class AttachRecordingBus(Bus):
+    """Management's bus on the broker; keeps each ``AttachPciDevicesCommand`` it publishes.
+
+    The in-process broker lists what was published; on RabbitMQ the demo
+    shows the same from the publishing side.
+    """
+
+    def __init__(self, config: BusConfig) -> None:
+        super().__init__(config)
+        self._lock = threading.Lock()
+        self._attach_sent: list[tuple[str, AttachPciDevicesCommand]] = []
+
+    def publish(self, routing_key: str, message: Message, **options: Any) -> str:
+        """Publishes as :class:`Bus` does, recording attach commands."""
+        message_id = super().publish(routing_key, message, **options)
+        if isinstance(message, AttachPciDevicesCommand):
+            with self._lock:
+                self._attach_sent.append((routing_key, message))
+        return message_id
+
+    def attach_commands(self) -> list[tuple[str, AttachPciDevicesCommand]]:
+        """Returns (routing key, command) of every attach command published so far."""
+        with self._lock:
+            return list(self._attach_sent)
+
+
 class ServiceCloud:
     """Management (a thread of this process) and ``hostdev-agent`` processes on real services."""
 
-    can_migrate = False  # simulated hosts migrate only within one process
-
     def __init__(self, directory: Path, *, amqp_url: str, db_url: str,
                  hosts: tuple[DemoHost, ...] = DEMO_HOSTS) -> None:
-        from hostdev.messages.bus import Bus, BusConfig
-
         self.directory = directory
         self.amqp_url = amqp_url
         self.db_url = db_url
         self.hosts = hosts
-        prepare_database(db_url)
+        self.created_database = prepare_database(db_url)
         self.engine = database.create_database_engine(db_url)
+        self.bus = AttachRecordingBus(BusConfig(url=amqp_url, app_id="hostdev-demo-mgmt"))
         self.service = ManagementService(
-            MgmtConfig(db_url=db_url, amqp_url=amqp_url), Bus(BusConfig(
-                url=amqp_url, app_id="hostdev-demo-mgmt")), self.engine, name="demo-mgmt")
+            MgmtConfig(db_url=db_url, amqp_url=amqp_url), self.bus, self.engine,
+            name="demo-mgmt")
         self.client = Bus(BusConfig(url=amqp_url, app_id="hostdev-demo"))
         self.processes: list[tuple[DemoHost, subprocess.Popen[bytes], Path]] = []
         self._thread = threading.Thread(target=self._run_service, name="demo-mgmt",
@@ -207,8 +241,8 @@ class ServiceCloud:
         return self.client.request(message, timeout=timeout)
 
     def attach_commands(self) -> list[tuple[str, AttachPciDevicesCommand]]:
-        """Not observed on a real broker (the demo does not migrate there)."""
-        return []
+        """Returns every ``AttachPciDevicesCommand`` management published so far."""
+        return self.bus.attach_commands()
 
     def close(self) -> None:
         """Stops the agents (SIGTERM, then SIGKILL) and management."""

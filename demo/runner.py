@@ -3,7 +3,9 @@
 Without options everything lives in this process: the in-process bus and a
 SQLite file in a temporary directory, gone afterwards. With ``--amqp-url`` and
 ``--db-url`` management runs here against the real broker and database, and
-each simulated host is a ``hostdev-agent`` process.
+each simulated host is a ``hostdev-agent`` process; a MariaDB database that
+does not exist yet is created (``utf8mb4_bin``), or the demo says in one line
+how to create it.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from hostdev.demo.scenario import DemoReport, run_scenario
 from hostdev.messages import api
 from hostdev.messages.errors import MessageError
 from hostdev.messages.runtime.logging import configure_logging
+from hostdev.mgmt.errors import MgmtError
 
 
 def open_cloud(directory: Path, *, amqp_url: str | None, db_url: str | None,
@@ -34,14 +37,27 @@ def open_cloud(directory: Path, *, amqp_url: str | None, db_url: str | None,
         out.write(f"hostdev demo on real services: broker {amqp_url.split('@')[-1]}, "
                   f"database {safe_db_url(db_url)}; agents run as hostdev-agent processes "
                   f"(logs in {directory})\n")
-        cloud = ServiceCloud(directory, amqp_url=amqp_url, db_url=db_url).start()
+        cloud = ServiceCloud(directory, amqp_url=amqp_url, db_url=db_url)
+        _start(cloud, db_url, out)
     else:
         out.write("hostdev demo: management and three simulated hosts in this process, on "
                   "the in-process bus, database "
                   f"{safe_db_url(db_url) if db_url else 'a SQLite file in ' + str(directory)}\n")
-        cloud = InProcessCloud(directory, db_url=db_url).start()
+        cloud = InProcessCloud(directory, db_url=db_url)
+        _start(cloud, db_url, out)
     _require_empty(cloud)
     return cloud
+
+
+def _start(cloud: InProcessCloud | ServiceCloud, db_url: str | None, out: TextIO) -> None:
+    """Says whether the database was created, then starts the cloud (closed if that fails)."""
+    if cloud.created_database and db_url:
+        out.write(f"created database {safe_db_url(db_url)} (utf8mb4, binary collation)\n")
+    try:
+        cloud.start()
+    except BaseException:
+        cloud.close()
+        raise
 
 
 def _require_empty(cloud: Cloud) -> None:
@@ -72,11 +88,10 @@ def run_demo(args: argparse.Namespace) -> int:
     try:
         with tempfile.TemporaryDirectory(prefix="hostdev-demo-") as tmp:
             report = run_in(Path(tmp), amqp_url=args.amqp_url, db_url=args.db_url)
-    except (DemoError, MessageError) as exc:
+    except (DemoError, MessageError, MgmtError) as exc:
         print(f"hostdev demo: {exc}", file=sys.stderr)
         return 1
     print(f"\nThe demo took {time.monotonic() - started:.1f} s.")
     if report.migration_note:
         print(report.migration_note)
-    migrated = report.migrated or args.amqp_url  # real services: a dry run only
-    return 0 if report.refused and report.stopped and migrated else 1
+    return 0 if report.refused and report.stopped and report.migrated else 1

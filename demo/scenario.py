@@ -128,11 +128,6 @@ def _migrate(con: Console, cloud: Cloud, vm: str, report: DemoReport) -> None:
         report.migration_note = f"migration: not available in this build ({con.last_error})"
         con.out.write(report.migration_note + "\n")
         return
-    if not cloud.can_migrate:
-        report.migration_note = ("migration: shown as a dry run only; simulated hosts in "
-                                 "separate processes cannot live-migrate to each other")
-        con.out.write(report.migration_note + "\n")
-        return
     con.out.write("The destination's devices are reserved before the migration starts; the "
                   "source\nagent detaches the pair, libvirt migrates, the destination agent "
                   "attaches.\n")

@@ -16,6 +16,7 @@ from hostdev.messages.limits import (
     MAX_DEVICES,
     MAX_ROWS,
     Cpus,
+    DomainXml,
     Guid,
     HostRefs,
     Id,
@@ -26,6 +27,7 @@ from hostdev.messages.limits import (
     PciDeviceText,
     Reason,
     Ref,
+    TemplateName,
     Uuid,
     VmName,
 )
@@ -40,6 +42,7 @@ from hostdev.messages.values import (
     OfferingRow,
     PciDeviceRow,
     PciRequests,
+    TemplateRow,
     VmRow,
 )
 
@@ -103,6 +106,8 @@ class CreateOfferingRequest(ApiRequest, frozen=True, kw_only=True):
     pci_devices: PciDeviceText = ""
     migration_policy: MigrationPolicy | None = None
     numa_policy: NumaPolicy | None = None
+    #: The domain template its VMs are built from; None: the minimal domain.
+    template: TemplateName | None = None
 
 
 class DeployVmRequest(ApiRequest, frozen=True, kw_only=True):
@@ -156,6 +161,30 @@ class SetPciDeviceEnabledRequest(ApiRequest, frozen=True, kw_only=True):
     reason: Reason = ""
 
 
+class CreateTemplateRequest(ApiRequest, frozen=True, kw_only=True):
+    """Upload a domain template; a template of that name gets a new version."""
+
+    name: TemplateName
+    xml: DomainXml
+
+
+class ListTemplatesRequest(ApiRequest, frozen=True, kw_only=True):
+    """List domain templates, each at its newest version."""
+
+
+class ShowTemplateRequest(ApiRequest, frozen=True, kw_only=True):
+    """One template with its XML: the newest version, or ``version``."""
+
+    name: TemplateName
+    version: Annotated[int, msgspec.Meta(ge=1, le=2**31 - 1)] | None = None
+
+
+class DeleteTemplateRequest(ApiRequest, frozen=True, kw_only=True):
+    """Delete every version of a template; refused while an offering names it."""
+
+    name: TemplateName
+
+
 # -- responses ----------------------------------------------------------------
 
 
@@ -185,6 +214,12 @@ class OfferingList(ApiResponse, frozen=True, kw_only=True):
     """Response to ``ListOfferingsRequest`` and ``CreateOfferingRequest``."""
 
     offerings: Annotated[tuple[OfferingRow, ...], msgspec.Meta(max_length=MAX_ROWS)] = ()
+
+
+class TemplateList(ApiResponse, frozen=True, kw_only=True):
+    """Response to the template requests: the templates created, listed, shown or deleted."""
+
+    templates: Annotated[tuple[TemplateRow, ...], msgspec.Meta(max_length=MAX_ROWS)] = ()
 
 
 class JobList(ApiResponse, frozen=True, kw_only=True):

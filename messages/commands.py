@@ -13,10 +13,12 @@ from hostdev.messages.limits import (
     BootId,
     Cpus,
     DomainName,
+    DomainXml,
     Guid,
     HostName,
     Id,
     MemoryMb,
+    NumaNode,
     PciAddresses,
     Seconds,
     Seq,
@@ -109,6 +111,9 @@ class StartCommand(Message, frozen=True, kw_only=True):
     """Define and start a VM with the given PCI devices passed through."""
 
     vm: VmSpec
+    #: The domain management rendered from the offering's template
+    #: (``hostdev.messages.domain_template``); "" for the minimal domain.
+    domain_xml: DomainXml = ""
 
 
 class StartAnswer(Answer, frozen=True, kw_only=True):
@@ -155,6 +160,9 @@ class MigrateCommand(Message, frozen=True, kw_only=True):
     destination_uri: Uri
     detach_timeout_s: Seconds = 10.0
     migrate_timeout_s: Seconds = 300.0
+    #: The host NUMA node the guest's memory is bound to on the destination (offering
+    #: policy ``required``); None keeps the domain's binding as it is.
+    numa_node: NumaNode | None = None
 
 
 MigrateStep = Literal["detach", "migrate", ""]

@@ -57,6 +57,8 @@ MAX_PCI_REQUESTS: Final = 64
 MAX_AVOID: Final = 1024
 #: Rows one API response lists.
 MAX_ROWS: Final = 1_000_000
+#: The longest domain XML, a template's or a rendered one, in characters.
+MAX_DOMAIN_XML: Final = 131072
 
 #: The VM name rule; offering names follow it too.
 NAME_RULE: Final = "1 to 64 letters, digits, '_', '.' or '-', starting with a letter or digit"
@@ -85,6 +87,8 @@ HostName = Annotated[str, _text(
 VmName = Annotated[str, _text(MAX_NAME, _whole(_NAME_BODY), f"A VM name: {NAME_RULE}.", 1)]
 OfferingName = Annotated[str, _text(MAX_NAME, _whole(_NAME_BODY),
                                     f"An offering name: {NAME_RULE}.", 1)]
+TemplateName = Annotated[str, _text(MAX_NAME, _whole(_NAME_BODY),
+                                    f"A domain template name: {NAME_RULE}.", 1)]
 DeviceName = Annotated[str, _text(
     MAX_NAME, _DEVICE_NAME,
     "A PCI device name: 1 to 64 letters, digits, '_', '.' or '-'.", 1)]
@@ -115,6 +119,12 @@ Version = Annotated[str, _text(MAX_NAME, _LINE,
                                "A version: at most 64 characters, no control characters.")]
 Uri = Annotated[str, _text(MAX_URI, _whole(r"[^\s\x00-\x1f\x7f]*"),
                            "A URI: at most 1024 characters, no spaces or control characters.")]
+FilePath = Annotated[str, _text(MAX_URI, _LINE,
+                                "A file on a host: at most 1024 characters, no control "
+                                "characters.")]
+DomainXml = Annotated[str, msgspec.Meta(max_length=MAX_DOMAIN_XML,
+                                        description="A libvirt domain XML: at most 131072 "
+                                                    "characters.")]
 PciDeviceText = Annotated[str, _text(
     MAX_DETAILS, _whole(r"[A-Za-z0-9_.:, \-]*"),
     "A list of PCI device names, comma-separated, each optionally ':count' "

@@ -9,6 +9,7 @@ import msgspec
 from hostdev.messages.base import PowerState, Value
 from hostdev.messages.limits import (
     MAX_PCI_REQUESTS,
+    MAX_ROWS,
     Amount,
     BigAmount,
     Count,
@@ -16,6 +17,8 @@ from hostdev.messages.limits import (
     Details,
     DeviceName,
     DomainName,
+    DomainXml,
+    FilePath,
     Guid,
     HardwareName,
     HexId,
@@ -28,6 +31,7 @@ from hostdev.messages.limits import (
     PciAddresses,
     PciClass,
     Reason,
+    TemplateName,
     Timestamp,
     Uuid,
     VmName,
@@ -171,6 +175,8 @@ class OfferingRow(Value, frozen=True, kw_only=True):
     pci_requests: PciRequests = ()
     migration_policy: MigrationPolicy = "forbid"
     numa_policy: NumaPolicy = "none"
+    #: The domain template its VMs are built from; "" for the minimal domain.
+    template: Label = ""
 
 
 class VmRow(Value, frozen=True, kw_only=True):
@@ -185,6 +191,23 @@ class VmRow(Value, frozen=True, kw_only=True):
     pci_devices: PciAddresses = ()
     #: The NUMA node its devices were placed on, None when its offering has no policy.
     numa_node: NumaNode | None = None
+    #: The template and version it was built from ("" and None without one).
+    template: Label = ""
+    template_version: Amount | None = None
+    #: The file its serial console is written to on its host ("" when none).
+    console_path: FilePath = ""
+
+
+class TemplateRow(Value, frozen=True, kw_only=True):
+    """A domain template as the API lists it: its newest version unless asked."""
+
+    name: TemplateName
+    version: Amount
+    created_at: Timestamp = ""
+    #: The offerings naming the template.
+    offerings: Annotated[tuple[Label, ...], msgspec.Meta(max_length=MAX_ROWS)] = ()
+    #: The template itself; "" in lists.
+    xml: DomainXml = ""
 
 
 class JobRow(Value, frozen=True, kw_only=True):

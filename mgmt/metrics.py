@@ -8,6 +8,8 @@ aggregate them with ``max``, not ``sum``):
 - ``hostdev_pci_devices{name, state}``: passthrough devices by name and state;
 - ``hostdev_vms{state}``: VMs by state (Destroyed ones are not counted);
 - ``hostdev_jobs_unfinished{kind, state}``: jobs pending or running;
+- ``hostdev_jobs_overdue{kind}``: running jobs past their deadline, which the
+  sweeper should have expired (kinds with none are omitted);
 - ``hostdev_foreign_domains{host}``: domains a host's last complete report
   listed that management did not place there (hosts with none are omitted);
 - ``hostdev_inventory_up``: 1 when the counts above were read, 0 when the
@@ -39,6 +41,7 @@ from hostdev.mgmt.persistence.models import (
     Job,
     PciDevice,
     VmInstance,
+    utcnow,
 )
 
 log = structlog.get_logger()
@@ -95,6 +98,9 @@ class InventoryCollector:
                                 labels=["state"])
         jobs = GaugeMetricFamily("hostdev_jobs_unfinished", "Jobs pending or running, by kind.",
                                  labels=["kind", "state"])
+        overdue = GaugeMetricFamily("hostdev_jobs_overdue",
+                                    "Running jobs past their deadline (not yet expired), by kind.",
+                                    labels=["kind"])
         foreign = GaugeMetricFamily("hostdev_foreign_domains",
                                     "Domains a host runs that management did not place there.",
                                     labels=["host"])
@@ -109,6 +115,9 @@ class InventoryCollector:
             by_job = conn.execute(select(Job.kind, Job.state, func.count())
                                   .where(Job.state.in_((JOB_PENDING, JOB_RUNNING)))
                                   .group_by(Job.kind, Job.state)).all()
+            by_overdue = conn.execute(select(Job.kind, func.count())
+                                      .where(Job.state == JOB_RUNNING, Job.deadline < utcnow())
+                                      .group_by(Job.kind)).all()
             by_host = conn.execute(select(Host.guid, Host.foreign_domains)
                                    .where(Host.foreign_domains > 0)).all()
         for status in (*HOST_STATUSES, *sorted(set(by_status) - set(HOST_STATUSES))):
@@ -121,9 +130,11 @@ class InventoryCollector:
             vms.add_metric([vm_state], count)
         for kind, job_state, count in by_job:
             jobs.add_metric([kind, job_state], count)
+        for kind, count in by_overdue:
+            overdue.add_metric([kind], count)
         for guid, count in by_host:
             foreign.add_metric([guid], count)
-        return [hosts, devices, vms, jobs, foreign]
+        return [hosts, devices, vms, jobs, overdue, foreign]
 
 
 def serve_mgmt_metrics(port: int | None, engine: Engine) -> MetricsServer | None:

@@ -235,9 +235,29 @@ UPDATE alembic_version SET version_num='0007' WHERE alembic_version.version_num 
 
 -- Running upgrade 0007 -> 0008
 
+CREATE TABLE domain_templates (
+    id INTEGER NOT NULL AUTO_INCREMENT, 
+    name VARCHAR(64) NOT NULL, 
+    version INTEGER NOT NULL, 
+    xml MEDIUMTEXT NOT NULL, 
+    created_at DATETIME(6) NOT NULL, 
+    CONSTRAINT pk_domain_templates PRIMARY KEY (id), 
+    CONSTRAINT uq_domain_templates_name_version UNIQUE (name, version)
+)ENGINE=InnoDB CHARSET=utf8mb4 COLLATE utf8mb4_bin;
+
+ALTER TABLE service_offerings ADD COLUMN template_name VARCHAR(64);
+
+ALTER TABLE vm_instances ADD COLUMN template_version INTEGER;
+
+ALTER TABLE vm_instances ADD COLUMN console_path VARCHAR(1024);
+
+UPDATE alembic_version SET version_num='0008' WHERE alembic_version.version_num = '0007';
+
+-- Running upgrade 0008 -> 0009
+
 ALTER TABLE hosts ADD COLUMN device_epoch BIGINT NOT NULL DEFAULT '0';
 
 ALTER TABLE hosts ADD COLUMN device_rules BOOL NOT NULL DEFAULT false;
 
-UPDATE alembic_version SET version_num='0008' WHERE alembic_version.version_num = '0007';
+UPDATE alembic_version SET version_num='0009' WHERE alembic_version.version_num = '0008';
 

@@ -20,6 +20,7 @@ from hostdev.messages.bus.contract import Incoming
 from hostdev.messages.pci_address import PciAddress
 from hostdev.messages.values import HostRow, OfferingRow, VmRow
 from hostdev.mgmt.api.offerings import check_names_exist, parse_pci_devices
+from hostdev.mgmt.api.template_handlers import template_routes
 from hostdev.mgmt.config import MgmtConfig
 from hostdev.mgmt.devices import device_admin, pci_devices
 from hostdev.mgmt.devices.device_rows import (
@@ -45,7 +46,8 @@ from hostdev.mgmt.persistence.models import (
 from hostdev.mgmt.persistence.unit_of_work import TxContext
 from hostdev.mgmt.pipeline import Route, always, never
 from hostdev.mgmt.placement import planner
-from hostdev.mgmt.vms.vm_lifecycle import offering_requests
+from hostdev.mgmt.vms.templates import find_template
+from hostdev.mgmt.vms.vm_lifecycle import offering_numa_policy, offering_requests
 
 
 def _iso(value: Any) -> str | None:
@@ -92,6 +94,7 @@ class ApiHandlers:
             api.MigrateVmRequest: _route(self.migrate, _not_dry_run),
             api.AttachVmDevicesRequest: _route(self.attach, always),
             api.SetPciDeviceEnabledRequest: _route(self.set_device_enabled, always),
+            **template_routes(),
         }
 
     # -- queries ------------------------------------------------------------------
@@ -136,21 +139,26 @@ class ApiHandlers:
                                          .order_by(PciDevice.id)):
             held.setdefault(device.instance_id or 0, []).append(address_of(device))
         host = aliased(Host)
-        query = (select(VmInstance, ServiceOffering.name, host.guid, host.name)
+        query = (select(VmInstance, ServiceOffering.name, ServiceOffering.template_name,
+                        host.guid, host.name)
                  .join(ServiceOffering, ServiceOffering.id == VmInstance.offering_id)
                  .outerjoin(host, host.id == VmInstance.host_id)
                  .where(VmInstance.state != VM_DESTROYED).order_by(VmInstance.id))
         rows = tuple(
             VmRow(uuid=vm.uuid, name=vm.name, offering=offering, state=vm.state,
-                  host_guid=guid, host_name=name, pci_devices=tuple(held.get(vm.id, ())))
-            for vm, offering, guid, name in tx.session.execute(query))
+                  host_guid=guid, host_name=name, pci_devices=tuple(held.get(vm.id, ())),
+                  template=template or "", template_version=vm.template_version,
+                  console_path=vm.console_path or "", numa_node=vm.numa_node)
+            for vm, offering, template, guid, name in tx.session.execute(query))
         return api.VmList(vms=rows)
 
     def _offering_row(self, tx: TxContext, offering: ServiceOffering) -> OfferingRow:
         return OfferingRow(id=offering.id, name=offering.name, cpus=offering.cpus,
                            memory_mb=offering.memory_mb,
                            pci_requests=offering_requests(tx, offering.id),
-                           migration_policy=offering.migration_policy)
+                           migration_policy=offering.migration_policy,
+                           template=offering.template_name or "",
+                           numa_policy=offering.numa_policy)
 
     def list_offerings(self, tx: TxContext, request: api.ListOfferingsRequest) -> api.OfferingList:
         """Lists service offerings."""
@@ -177,7 +185,8 @@ class ApiHandlers:
         """Says, per host, whether it would take the offering and why not."""
         offering = find_offering(tx.session, request.offering)
         demand = planner.Demand(cpus=offering.cpus, memory_mb=offering.memory_mb,
-                                pci=offering_requests(tx, offering.id))
+                                pci=offering_requests(tx, offering.id),
+                                numa=offering_numa_policy(tx, offering.id))
         verdicts = planner.explain(tx.session, demand, request.avoid)
         return api.PlacementExplanation(offering=offering.name, requests=demand.pci,
                                         verdicts=tuple(verdicts))
@@ -196,8 +205,12 @@ class ApiHandlers:
         check_names_exist(requests, list(known))
         if tx.session.scalar(select(ServiceOffering.id).where(ServiceOffering.name == name)):
             raise Conflict(f"an offering named {name!r} exists already; pick another name")
+        if request.template is not None:
+            find_template(tx.session, request.template)  # NotFound lists the templates
         offering = ServiceOffering(name=name, cpus=request.cpus,
-                                   memory_mb=request.memory_mb, migration_policy=policy)
+                                   memory_mb=request.memory_mb, migration_policy=policy,
+                                   template_name=request.template,
+                                   numa_policy=request.numa_policy or "none")
         tx.session.add(offering)
         tx.session.flush()
         for pci in requests:

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
-from typing import Any, TextIO
+from typing import Any, TextIO, get_args
 
 from hostdev.messages import api
 from hostdev.messages.base import Message
 from hostdev.messages.pci_address import PciAddress
-from hostdev.messages.values import PciDeviceRow
+from hostdev.messages.values import NumaPolicy, PciDeviceRow
 from hostdev.mgmt.api.offerings import format_pci_requests
 from hostdev.mgmt.cli.job_commands import accepted, add_job_commands
 from hostdev.mgmt.cli.migration_commands import add_vm_commands
@@ -28,6 +28,7 @@ from hostdev.mgmt.cli.plumbing import (
     print_json,
     render_table,
 )
+from hostdev.mgmt.cli.template_commands import add_template_commands, add_vm_show_command
 
 
 def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -63,6 +64,11 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     sub.add_argument("--memory", type=int, default=512, help="MiB")
     sub.add_argument("--pci", default="", help="PCI devices by name: 10GE,10GE or 10GE:2")
     sub.add_argument("--migration-policy", choices=("forbid", "detach-attach"), default=None)
+    sub.add_argument("--template", default=None,
+                     help="the domain template its VMs are built from (default: minimal)")
+    sub.add_argument("--numa-policy", choices=get_args(NumaPolicy), default=None,
+                     help="put all of a VM's devices on one NUMA node: required (or refuse "
+                     "the host), preferred (when the host can), none (default)")
     sub.set_defaults(func=command(_offering_create))
 
     vm = subparsers.add_parser("vm", help="deploy, start, stop, destroy and list VMs")
@@ -84,7 +90,9 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     sub = vm_sub.add_parser("list", parents=[common], help="list VMs")
     sub.set_defaults(func=command(_vm_list))
     add_vm_commands(vm_sub, common)
+    add_vm_show_command(vm_sub, common)
     add_job_commands(subparsers, common)
+    add_template_commands(subparsers, common)
 
     sub = subparsers.add_parser("explain", parents=[common],
                                 help="say why each host would take or refuse an offering")
@@ -154,9 +162,9 @@ def _device_change(args: argparse.Namespace, request: Requester, out: TextIO) ->
 
 
 def _offering_rows(offerings: Sequence[Any], out: TextIO) -> None:
-    render_table(("NAME", "CPUS", "MEMORY_MB", "PCI", "MIGRATION"),
+    render_table(("NAME", "CPUS", "MEMORY_MB", "PCI", "MIGRATION", "NUMA", "TEMPLATE"),
                  [(o.name, o.cpus, o.memory_mb, format_pci_requests(o.pci_requests),
-                   o.migration_policy) for o in offerings], out)
+                   o.migration_policy, o.numa_policy, o.template) for o in offerings], out)
 
 
 def _offerings(args: argparse.Namespace, request: Requester, out: TextIO) -> int:
@@ -175,7 +183,8 @@ def _show_offerings(args: argparse.Namespace, answer: Message, out: TextIO) -> i
 def _offering_create(args: argparse.Namespace, request: Requester, out: TextIO) -> int:
     answer = request(api.CreateOfferingRequest(
         name=args.name, cpus=args.cpus, memory_mb=args.memory, pci_devices=args.pci,
-        migration_policy=args.migration_policy), args.timeout)
+        migration_policy=args.migration_policy, numa_policy=args.numa_policy,
+        template=args.template), args.timeout)
     return _show_offerings(args, answer, out)
 
 
@@ -203,9 +212,9 @@ def _vm_list(args: argparse.Namespace, request: Requester, out: TextIO) -> int:
     if args.json:
         print_json(answer.vms, out)
         return 0
-    render_table(("NAME", "UUID", "STATE", "OFFERING", "HOST", "PCI"),
+    render_table(("NAME", "UUID", "STATE", "OFFERING", "HOST", "PCI", "NUMA"),
                  [(v.name, v.uuid, v.state, v.offering, v.host_name,
-                   ",".join(v.pci_devices)) for v in answer.vms], out)
+                   ",".join(v.pci_devices), v.numa_node) for v in answer.vms], out)
     return 0
 
 

@@ -29,6 +29,7 @@ from hostdev.mgmt.devices.device_rows import (
     CLEANING,
     DISABLED,
     FREE,
+    NO_NODE,
     QUARANTINED,
     REMOVED,
     RESERVED,
@@ -192,12 +193,21 @@ def group_of(device: DeviceFacts, present: Sequence[DeviceFacts]) -> list[Device
                   key=lambda d: d.id)
 
 
+def _node(device: DeviceFacts) -> int:
+    return NO_NODE if device.numa_node is None else device.numa_node
+
+
 def _related(a: DeviceFacts, b: DeviceFacts) -> bool:
     return a.physical_function == b.address or b.physical_function == a.address
 
 
-def choose(devices: Iterable[DeviceFacts], requests: Mapping[str, int]) -> Choice:
+def choose(devices: Iterable[DeviceFacts], requests: Mapping[str, int],
+           numa_node: int | None = None) -> Choice:
     """Picks the devices a claim of ``requests`` takes on one host, following the rules.
+
+    With ``numa_node``, the requested devices are taken on that node only
+    (``NO_NODE`` for devices without one); a group still goes whole, but
+    members on another node do not count for their names.
 
     Names are served in sorted order, devices in id order (PFs that have
     listed VFs last, so a VF request does not spoil its PF's siblings). A
@@ -209,10 +219,14 @@ def choose(devices: Iterable[DeviceFacts], requests: Mapping[str, int]) -> Choic
     """
     present = _present(devices)
     pfs = {d.physical_function for d in present if d.physical_function is not None}
+
+    def counts_for(device: DeviceFacts, name: str) -> bool:
+        return device.name == name and (numa_node is None or _node(device) == numa_node)
+
     taken: dict[int, DeviceFacts] = {}
     for name, count in sorted(requests.items()):
-        need = count - sum(1 for d in taken.values() if d.name == name)
-        candidates = sorted((d for d in present if d.name == name and d.state == FREE),
+        need = count - sum(1 for d in taken.values() if counts_for(d, name))
+        candidates = sorted((d for d in present if counts_for(d, name) and d.state == FREE),
                             key=lambda d: (d.address in pfs, d.id))
         for candidate in candidates:
             if need <= 0:
@@ -224,7 +238,7 @@ def choose(devices: Iterable[DeviceFacts], requests: Mapping[str, int]) -> Choic
                     _related(m, t) for m in unit for t in (*taken.values(), *unit)):
                 continue
             taken.update((m.id, m) for m in unit)
-            need -= sum(1 for m in unit if m.name == name)
+            need -= sum(1 for m in unit if counts_for(m, name))
         if need > 0:
             return Choice(short=(name, count, len(candidates)))
     return Choice(taken=tuple(sorted(taken.values(), key=lambda d: d.id)))

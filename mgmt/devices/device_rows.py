@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Final, cast
 
-from sqlalchemy import ColumnElement, Table, and_
+from sqlalchemy import ColumnElement, Table, and_, func, literal_column
 
 from hostdev.messages.pci_address import PciAddress
 from hostdev.messages.values import DeviceState, PciDeviceInfo, PciDeviceRow
@@ -28,6 +28,10 @@ CLEANING: Final[DeviceState] = "cleaning"
 #: The columns that store an address, most significant first: ordering by
 #: them orders devices by address.
 ADDRESS_COLUMNS: Final = (C.domain, C.bus, C.slot, C.function)
+#: The NUMA node a device counts on: a device whose host reports no node (NULL)
+#: counts on one node, :data:`NO_NODE`, so a host without NUMA is one node.
+NO_NODE: Final = -1
+NUMA_NODE: Final = func.coalesce(C.numa_node, literal_column(str(NO_NODE)))
 #: The columns :meth:`HeldDevice.of` reads.
 DEVICE_COLUMNS: Final = (C.id, C.host_id, C.name, *ADDRESS_COLUMNS, C.state)
 

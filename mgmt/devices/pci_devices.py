@@ -27,6 +27,7 @@ from hostdev.mgmt.devices.device_rows import (
     DEVICE_COLUMNS,
     DEVICES,
     FREE,
+    NUMA_NODE,
     QUARANTINED,
     REMOVED,
     RESERVED,
@@ -73,13 +74,20 @@ _HOSTS: Final = host_rules.HOSTS
 _RULES_OF_HOST = (select(_HOSTS.c.device_rules).where(_HOSTS.c.id == bindparam("host_id"))
                   .scalar_subquery())
 _OF_NAME = (C.host_id == bindparam("host_id"), C.name == bindparam("name"), state_is(FREE))
-_FREE_OF_NAME = (select(*DEVICE_COLUMNS).where(*_OF_NAME, false() == _RULES_OF_HOST)
-                 .order_by(C.id).limit(bindparam("count")))
-_PICK = PreparedStatement(_FREE_OF_NAME)
-_PICK_SKIP_LOCKED = PreparedStatement(_FREE_OF_NAME.with_for_update(skip_locked=True))
-#: (device_rules, free devices of the name) of one host.
-_FREE_COUNT = select(_HOSTS.c.device_rules, select(func.count()).where(*_OF_NAME)
-                     .scalar_subquery()).where(_HOSTS.c.id == bindparam("host_id"))
+#: on one NUMA node (``numa_node``, NO_NODE for devices without one) -> the conditions.
+_WHERE = {False: _OF_NAME,
+          True: (*_OF_NAME, NUMA_NODE == bindparam("numa_node"))}  # noqa: SIM300 (SQL, not a constant)
+_FREE_OF_NAME = {on_node: select(*DEVICE_COLUMNS)
+                 .where(*where, _RULES_OF_HOST == false())  # noqa: SIM300 (SQL)
+                 .order_by(C.id).limit(bindparam("count")) for on_node, where in _WHERE.items()}
+#: (on one node, locking with SKIP LOCKED) -> the SELECT a claim picks its devices with.
+_PICK = {(on_node, locking): PreparedStatement(
+    query.with_for_update(skip_locked=True) if locking else query)
+    for on_node, query in _FREE_OF_NAME.items() for locking in (False, True)}
+#: on one node -> (device_rules, free devices of the name) of one host.
+_FREE_COUNT = {on_node: select(_HOSTS.c.device_rules, select(func.count()).where(*where)
+                               .scalar_subquery()).where(_HOSTS.c.id == bindparam("host_id"))
+               for on_node, where in _WHERE.items()}
 _TAKE: dict[tuple[bool, int], PreparedStatement] = {}
 
 
@@ -148,51 +156,57 @@ def _wanted(requests: Mapping[str, int]) -> list[tuple[str, int]]:
 
 
 def _pick(conn: Connection, host_id: int, wanted: list[tuple[str, int]],
-          state: DeviceState) -> list[HeldDevice] | None:
+          state: DeviceState, numa_node: int | None) -> list[HeldDevice] | None:
     """Picks free rows of each name on a host without device rules (SKIP LOCKED on MariaDB).
 
-    Returns None, having picked nothing, when the host has device rules.
+    With ``numa_node``, only devices on that node. Returns None, having
+    picked nothing, when the host has device rules.
     """
     picked: list[HeldDevice] = []
     locking = locks_rows(conn)
-    pick = _PICK_SKIP_LOCKED if locking else _PICK
+    on_node = numa_node is not None
+    pick = _PICK[(on_node, locking)]
     for name, count in wanted:
-        rows = pick.execute(conn, {"host_id": host_id, "name": name, "count": count}).rows
+        of_name = {"host_id": host_id, "name": name, "count": count, "numa_node": numa_node}
+        rows = pick.execute(conn, of_name).rows
         if len(rows) < count:
-            ruled, free = conn.execute(_FREE_COUNT, {"host_id": host_id, "name": name}).one()
+            ruled, free = conn.execute(_FREE_COUNT[on_node], of_name).one()
             if ruled and not picked:
                 return None
             if locking and free >= count:
                 # Enough exist, but other transactions hold locks on them.
                 raise ClaimRaceLost(f"host {host_id}: {name} devices are locked by others")
-            raise _insufficient(host_id, name, count, int(free))
+            raise _insufficient(host_id, name, count, int(free), numa_node)
         # Picked rows are still free; the UPDATE in _take gives them their new state.
         picked.extend(replace(HeldDevice.of(row), state=state) for row in rows)
     return picked
 
 
-def _insufficient(host_id: int, name: str, wanted: int, free: int) -> InsufficientDevices:
+def _insufficient(host_id: int, name: str, wanted: int, free: int,
+                  numa_node: int | None = None) -> InsufficientDevices:
+    where = f" on NUMA node {numa_node}" if numa_node is not None else ""
     return InsufficientDevices(
-        f"host {host_id}: needs {wanted}x{name}, {free} free; pick another host "
+        f"host {host_id}: needs {wanted}x{name}{where}, {free} free; pick another host "
         "or free devices", host_id=host_id, name=name, wanted=wanted, free=free)
 
 
 def _take(
-    conn: Connection, vm_id: int, host_id: int, requests: Mapping[str, int], *, reserve: bool
+    conn: Connection, vm_id: int, host_id: int, requests: Mapping[str, int], *, reserve: bool,
+    numa_node: int | None = None,
 ) -> tuple[HeldDevice, ...]:
     wanted = _wanted(requests)
     if not wanted:
         return ()
     state = RESERVED if reserve else ALLOCATED
-    plain = _pick(conn, host_id, wanted, state)
+    plain = _pick(conn, host_id, wanted, state, numa_node)
     ruled = plain is None
     if plain is None:
         # The host's claims run one at a time: choose over all its rows, whole groups.
         host_rules.serialize(conn, host_id)
         facts = host_rules.read_facts(conn, host_id)
-        choice = choose(facts, dict(wanted))
+        choice = choose(facts, dict(wanted), numa_node)
         if choice.short is not None:
-            raise _insufficient(host_id, *choice.short)
+            raise _insufficient(host_id, *choice.short, numa_node)
         picked = [HeldDevice(d.id, host_id, d.name, d.address, state) for d in choice.taken]
     else:
         picked = plain
@@ -211,9 +225,12 @@ def _take(
 
 
 def claim_devices(
-    conn: Connection, vm_id: int, host_id: int, requests: Mapping[str, int]
+    conn: Connection, vm_id: int, host_id: int, requests: Mapping[str, int], *,
+    numa_node: int | None = None,
 ) -> tuple[HeldDevice, ...]:
     """Allocates ``count`` free devices of each requested name on one host to a VM.
+
+    With ``numa_node``, only devices on that NUMA node (``hostdev.mgmt.devices.numa``).
 
     All or nothing: either every request is met or the caller's transaction
     must be rolled back. Not idempotent by itself: calling it twice claims
@@ -223,18 +240,19 @@ def claim_devices(
         InsufficientDevices: the host has too few free devices of a name.
         ClaimRaceLost: a concurrent transaction won; retry in a NEW transaction.
     """
-    return _take(conn, vm_id, host_id, requests, reserve=False)
+    return _take(conn, vm_id, host_id, requests, reserve=False, numa_node=numa_node)
 
 
 def reserve_devices(
-    conn: Connection, vm_id: int, host_id: int, requests: Mapping[str, int]
+    conn: Connection, vm_id: int, host_id: int, requests: Mapping[str, int], *,
+    numa_node: int | None = None,
 ) -> tuple[HeldDevice, ...]:
     """Reserves a migration's destination set on ``host_id`` while the VM keeps its source set.
 
     Same guarantees and errors as :func:`claim_devices`; reserved devices are
     neither offered nor held until :func:`commit_migration`.
     """
-    return _take(conn, vm_id, host_id, requests, reserve=True)
+    return _take(conn, vm_id, host_id, requests, reserve=True, numa_node=numa_node)
 
 
 #: A device a release let go of, as it was before, and the guid of its host.
@@ -351,7 +369,10 @@ def devices_of_vm(conn: Connection, vm_id: int) -> tuple[HeldDevice, ...]:
     return tuple(HeldDevice.of(row) for row in conn.execute(query))
 
 
-def free_devices(conn: Connection, host_id: int) -> tuple[HeldDevice, ...]:
-    """Returns every free device of one host, by id (what a migration may reserve there)."""
+def free_devices(conn: Connection, host_id: int,
+                 numa_node: int | None = None) -> tuple[HeldDevice, ...]:
+    """Returns the free devices of a host (on ``numa_node`` only), by id: what a move may take."""
     query = select(*DEVICE_COLUMNS).where(C.host_id == host_id, state_is(FREE)).order_by(C.id)
+    if numa_node is not None:
+        query = query.where(NUMA_NODE == numa_node)  # noqa: SIM300 (SQL, not a constant)
     return tuple(HeldDevice.of(row) for row in conn.execute(query))

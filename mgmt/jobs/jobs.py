@@ -48,10 +48,12 @@ from hostdev.mgmt.persistence.models import (
 )
 from hostdev.mgmt.persistence.unit_of_work import TxContext
 from hostdev.mgmt.placement import planner
+from hostdev.mgmt.vms import templates
 from hostdev.mgmt.vms.vm_lifecycle import (
     PciDeviceManager,
     VmLifecycleManager,
     host_guid_of,
+    offering_numa_policy,
     offering_requests,
 )
 from hostdev.mgmt.vms.vm_states import VmEvent
@@ -127,6 +129,7 @@ _REQUEST = ServiceOfferingPciRequest.__table__.c
 #: One round trip for a deploy: the offering, its PCI requests and a live VM of the name.
 _FOR_DEPLOY = PreparedStatement(
     select(_OFFERING.id, _OFFERING.cpus, _OFFERING.memory_mb, _REQUEST.name, _REQUEST.count,
+           _OFFERING.numa_policy,
            select(VmInstance.uuid)
            .where(VmInstance.name == bindparam("vm_name"), VmInstance.state != VM_DESTROYED)
            .limit(1).scalar_subquery())
@@ -149,10 +152,11 @@ def _read_for_deploy(tx: TxContext, offering_name: str,
                                {"offering": offering_name, "vm_name": vm_name}).rows
     if not rows:
         find_offering(tx.session, offering_name)  # raises NotFound, listing the offerings
-    offering_id, cpus, memory_mb, _, _, taken = rows[0]
+    offering_id, cpus, memory_mb, _, _, numa_policy, taken = rows[0]
     requests = tuple(PciRequest(name=name, count=int(count))
-                     for _, _, _, name, count, _ in rows if name is not None)
+                     for _, _, _, name, count, _, _ in rows if name is not None)
     tx.offering_requests[offering_id] = requests
+    tx.offering_numa[offering_id] = numa_policy
     return offering_id, cpus, memory_mb, taken
 
 
@@ -315,8 +319,9 @@ class JobManager:
     def _place(self, tx: TxContext, job: Job, vm: VmInstance) -> None:
         session = tx.session
         payload = load(job, StartPayload)
+        policy = offering_numa_policy(tx, vm.offering_id)
         demand = planner.Demand(cpus=vm.cpus, memory_mb=vm.memory_mb,
-                                pci=offering_requests(tx, vm.offering_id))
+                                pci=offering_requests(tx, vm.offering_id), numa=policy)
         avoid = set(payload.avoid) | set(payload.tried)
         candidates = planner.find_hosts(session, demand, avoid=avoid)
         if not candidates:
@@ -344,9 +349,12 @@ class JobManager:
                          reason=str(exc))
                 continue
             payload.tried.append(candidate.guid)
+            # Only ``required`` binds the guest's memory to its devices' node.
             spec = VmSpec(uuid=vm.uuid, name=vm.name, cpus=vm.cpus, memory_mb=vm.memory_mb,
-                          pci_devices=self._devices.held_addresses(tx, vm.id))
-            engine.send(tx, job, candidate.guid, StartCommand(vm=spec))
+                          pci_devices=self._devices.held_addresses(tx, vm.id),
+                          numa_node=vm.numa_node if policy == "required" else None)
+            engine.send(tx, job, candidate.guid,
+                        StartCommand(vm=spec, domain_xml=templates.domain_for(tx, vm, spec)))
             payload.host, payload.host_name = candidate.guid, candidate.name
             store(job, payload)
             job.step = "start"

@@ -41,7 +41,7 @@ from hostdev.messages.commands import (
 from hostdev.messages.events import PciDeviceAllocated, PciDeviceReleased
 from hostdev.messages.pci_address import PciAddress
 from hostdev.mgmt.config import MgmtConfig
-from hostdev.mgmt.devices import pci_devices
+from hostdev.mgmt.devices import numa, pci_devices
 from hostdev.mgmt.devices.device_rows import ALLOCATED, QUARANTINED
 from hostdev.mgmt.devices.pci_devices import ClaimRaceLost, HeldDevice, InsufficientDevices
 from hostdev.mgmt.errors import Conflict, InvalidRequest, NoCapacity
@@ -75,7 +75,12 @@ from hostdev.mgmt.persistence.models import (
 )
 from hostdev.mgmt.persistence.unit_of_work import TxContext
 from hostdev.mgmt.placement import planner
-from hostdev.mgmt.vms.vm_lifecycle import VmLifecycleManager, host_guid_of, offering_requests
+from hostdev.mgmt.vms.vm_lifecycle import (
+    VmLifecycleManager,
+    host_guid_of,
+    offering_numa_policy,
+    offering_requests,
+)
 from hostdev.mgmt.vms.vm_states import VmEvent
 
 log = structlog.get_logger()
@@ -104,7 +109,8 @@ class MigrationManager:
                 if d.host_id == source.id]
         check_policy(vm.name, offering.name, offering.migration_policy, held)
         demand = planner.Demand(cpus=vm.cpus, memory_mb=vm.memory_mb,
-                                pci=offering_requests(tx, vm.offering_id))
+                                pci=offering_requests(tx, vm.offering_id),
+                                numa=offering_numa_policy(tx, vm.offering_id))
         names = [r.name for r in demand.pci]
         if destination is not None:
             host = find_host(tx.session, destination)
@@ -129,7 +135,11 @@ class MigrationManager:
         """Says where a VM would go and which device replaces which; changes nothing."""
         vm, source, candidates, held = self._prepare(tx, ref, destination)
         target = candidates[0]
-        spare = pci_devices.free_devices(tx.session.connection(), target.id)
+        conn = tx.session.connection()
+        requests = {r.name: r.count for r in offering_requests(tx, vm.offering_id)}
+        node = numa.node_for(conn, target.id, requests,
+                             offering_numa_policy(tx, vm.offering_id), prefer=vm.numa_node)
+        spare = pci_devices.free_devices(conn, target.id, node)  # where begin() would reserve
         return MigrationPlan(vm_uuid=vm.uuid, source_guid=source.guid,
                              destination_guid=target.guid,
                              devices=pair_devices(held, spare),
@@ -142,6 +152,7 @@ class MigrationManager:
         with tx.session.no_autoflush:
             vm, source, candidates, held = self._prepare(tx, ref, destination)
             requests = {r.name: r.count for r in offering_requests(tx, vm.offering_id)}
+            policy = offering_numa_policy(tx, vm.offering_id)
             conn = tx.session.connection()
             for candidate in candidates:
                 target = tx.session.get(Host, candidate.id)
@@ -151,7 +162,9 @@ class MigrationManager:
                              reason="announced no migration URI")
                     continue
                 try:
-                    reserved = pci_devices.reserve_devices(conn, vm.id, target.id, requests)
+                    # The node the VM is on first: its memory binding travels with it.
+                    reserved, node = numa.take_on_node(conn, vm.id, target.id, requests, policy,
+                                                       reserve=True, prefer=vm.numa_node)
                 except InsufficientDevices as exc:
                     log.info("migration_host_refused", vm=vm.uuid, host=target.guid,
                              reason=str(exc))
@@ -161,25 +174,29 @@ class MigrationManager:
                            for d in pci_devices.devices_of_vm(conn, vm.id)):
                         raise  # part of a reservation was written: a new transaction
                     continue
-                return self._start(tx, vm, source, target, held, reserved)
+                # Only ``required`` binds the guest's memory, on the destination too.
+                return self._start(tx, vm, source, target, held, reserved, node,
+                                   node if policy == "required" else None)
         raise NoCapacity(f"cannot migrate VM {vm.name}: every possible destination was taken "
                          "meanwhile or announced no migration URI; try again")
 
     def _start(self, tx: TxContext, vm: VmInstance, source: Host, target: Host,
-               held: list[HeldDevice], reserved: Sequence[HeldDevice]) -> Job:
+               held: list[HeldDevice], reserved: Sequence[HeldDevice],
+               numa_node: int | None, bind_to: int | None) -> Job:
         self.lifecycle.transition(tx, vm, VmEvent.MIGRATION_REQUESTED)
         detach_s = 10.0
         budget = self._config.job_migrate_timeout_s
         command = MigrateCommand(vm_uuid=vm.uuid, destination_guid=target.guid,
                                  destination_uri=target.migration_uri,
-                                 detach_timeout_s=detach_s,
+                                 detach_timeout_s=detach_s, numa_node=bind_to,
                                  migrate_timeout_s=max(1.0, budget * 0.75
                                                        - detach_s * len(held)))
         mapping = pair_devices(held, reserved)
         payload = MigratePayload(
             source=source.guid, source_id=source.id, source_name=source.name,
             destination=target.guid, destination_id=target.id, destination_name=target.name,
-            mapping=[[m.name, str(m.source), str(m.destination)] for m in mapping])
+            mapping=[[m.name, str(m.source), str(m.destination)] for m in mapping],
+            numa_node=numa_node)
         job = engine.new_job(tx, MIGRATE_JOB, vm, STEP_MIGRATE, payload,
                              utcnow() + timedelta(seconds=budget))
         engine.send(tx, job, source.guid, command)
@@ -300,6 +317,7 @@ class MigrationManager:
         tx.session.execute(update(VmInstance).where(VmInstance.id == vm.id,
                                                  VmInstance.update_count == vm.update_count)
                         .values(host_id=target_id, last_host_id=source_id,
+                                numa_node=payload.numa_node,
                                 update_count=vm.update_count + 1, updated_at=utcnow())
                         .execution_options(synchronize_session=False))
         tx.session.refresh(vm)

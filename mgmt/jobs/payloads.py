@@ -88,6 +88,8 @@ class MigratePayload(AttachPayload, kw_only=True):
     mapping: list[list[str]] = msgspec.field(default_factory=list)
     absent_on: list[str] = msgspec.field(default_factory=list)
     failure: str = ""
+    #: The NUMA node of the reserved set (None: spread, no policy, or no node).
+    numa_node: int | None = None
     failed_step: str = ""
 
 

@@ -14,15 +14,14 @@ Work that may lose a race (a claim, a conditional transition) runs through
 :func:`run_in_transaction`: each attempt is a NEW transaction, because under
 REPEATABLE READ a retry inside the same one would read the same snapshot.
 
-The Alembic environment lives in ``sql/`` next to this package's source
-folder; :func:`sql_directory` finds it for an editable install (``pip install
--e``) or through ``HOSTDEV_SQL_DIR``. A wheel does not ship it yet.
+The Alembic environment and its migrations ship inside this package
+(``migrations/`` beside this module), so a wheel creates and upgrades its
+schema like a source checkout.
 """
 
 from __future__ import annotations
 
 import io
-import os
 import random
 import sqlite3
 import time
@@ -47,7 +46,8 @@ log = structlog.get_logger()
 
 T = TypeVar("T")
 
-SQL_DIR_ENV: Final = "HOSTDEV_SQL_DIR"
+#: The Alembic environment (``env.py``, ``script.py.mako``, ``versions/``), package data.
+MIGRATIONS_DIR: Final = Path(__file__).resolve().parent / "migrations"
 READ_ONLY: Final = "hostdev_read_only"
 # MariaDB/MySQL error codes worth a new transaction: lock wait timeout,
 # deadlock, server gone away, lost connection.
@@ -296,23 +296,6 @@ class _Compiled:
     processors: dict[str, Callable[[Any], Any]]
 
 
-def sql_directory() -> Path:
-    """Returns the Alembic environment folder (``sql/`` of the source checkout).
-
-    Raises:
-        MgmtError: the folder is not there (a wheel install); says how to fix.
-    """
-    override = os.environ.get(SQL_DIR_ENV)
-    folder = Path(override) if override else Path(__file__).resolve().parents[2] / "sql"
-    if not (folder / "env.py").is_file():
-        raise MgmtError(
-            f"the Alembic environment was not found at {folder} (no env.py); install hostdev "
-            f"editable from its source checkout (pip install -e .) or set {SQL_DIR_ENV} to "
-            "the checkout's sql/ folder"
-        )
-    return folder
-
-
 def alembic_config(
     url: str, *, connection: Connection | None = None, output: io.StringIO | None = None
 ) -> Config:
@@ -324,7 +307,7 @@ def alembic_config(
         output: where offline mode (``sql=True``) writes its SQL.
     """
     config = Config(output_buffer=output) if output is not None else Config()
-    config.set_main_option("script_location", str(sql_directory()))
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
     # ConfigParser interpolates '%', which URL-encoded passwords contain.
     config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
     if connection is not None:

@@ -66,6 +66,8 @@ JOB_RUNNING: Final[JobState] = "running"
 # MariaDB's DATETIME drops fractions unless asked; job deadlines and outbox
 # order want microseconds.
 Timestamp = DateTime().with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb")
+# TEXT holds 65535 bytes on MariaDB, fewer characters than a domain template may have.
+LongText = Text().with_variant(mysql.MEDIUMTEXT(), "mysql", "mariadb")
 # SQLite only auto-increments a column declared exactly INTEGER PRIMARY KEY.
 BigId = BigInteger().with_variant(Integer(), "sqlite")
 # InnoDB for row locks; binary collation so names compare exactly as on SQLite
@@ -153,6 +155,8 @@ class ServiceOffering(Base):
     migration_policy: Mapped[MigrationPolicy] = mapped_column(String(16), default="forbid")
     numa_policy: Mapped[NumaPolicy] = mapped_column(String(16), default="none",
                                                     server_default="none")
+    #: The domain template its VMs are built from; NULL: the minimal domain.
+    template_name: Mapped[str | None] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)
 
 
@@ -200,8 +204,25 @@ class VmInstance(Base):
     answer_seq: Mapped[int | None] = mapped_column(BigInteger)
     #: The NUMA node its devices were placed on; NULL when its offering has no NUMA policy.
     numa_node: Mapped[int | None] = mapped_column(Integer)
+    #: The version of its offering's template it was built from; NULL without a template.
+    template_version: Mapped[int | None] = mapped_column(Integer)
+    #: The file its serial console is written to on its host; NULL when it has none.
+    console_path: Mapped[str | None] = mapped_column(String(1024))
     created_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow, onupdate=utcnow)
+
+
+class DomainTemplate(Base):
+    """One version of a named libvirt domain template (``hostdev template create``)."""
+
+    __tablename__ = "domain_templates"
+    __table_args__ = (UniqueConstraint("name", "version"), MYSQL_OPTIONS)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64))
+    version: Mapped[int] = mapped_column(Integer)
+    xml: Mapped[str] = mapped_column(LongText)
+    created_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)
 
 
 class PciDevice(Base):

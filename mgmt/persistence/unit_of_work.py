@@ -25,7 +25,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from hostdev.messages.pci_address import PciAddress
-from hostdev.messages.values import PciRequest
+from hostdev.messages.values import NumaPolicy, PciRequest
 from hostdev.mgmt.errors import Conflict
 from hostdev.mgmt.persistence import outbox
 from hostdev.mgmt.persistence.database import PreparedStatement, run_in_transaction
@@ -53,6 +53,7 @@ class TxContext:
             (lets a redelivered request find the job it created).
         outbox: the events and commands this transaction writes.
         offering_requests: offering id -> its PCI requests, read once per transaction.
+        offering_numa: offering id -> its NUMA policy, read with its PCI requests.
         claimed: VM id -> addresses of the devices claimed in this transaction.
         host_guids: host id -> guid, read once per transaction.
         after_commit: callables run once the transaction committed.
@@ -62,6 +63,7 @@ class TxContext:
     message_id: str | None = None
     outbox: Outbox = field(init=False)
     offering_requests: dict[int, tuple[PciRequest, ...]] = field(default_factory=dict)
+    offering_numa: dict[int, NumaPolicy] = field(default_factory=dict)
     claimed: dict[int, tuple[PciAddress, ...]] = field(default_factory=dict)
     host_guids: dict[int, str] = field(default_factory=dict)
     after_commit: list[Callable[[], None]] = field(default_factory=list)

@@ -10,6 +10,8 @@ from sqlalchemy import (
     BindParameter,
     ColumnElement,
     ScalarSelect,
+    Subquery,
+    and_,
     bindparam,
     case,
     func,
@@ -18,11 +20,15 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import InstrumentedAttribute, Session
 
-from hostdev.messages.values import HostStatus, HostVerdict, PciRequest
+from hostdev.messages.values import HostStatus, HostVerdict, NumaPolicy, PciRequest
 from hostdev.mgmt.api.offerings import describe_pci_requests
-from hostdev.mgmt.devices.device_rows import FREE, UNAVAILABLE
+from hostdev.mgmt.devices.device_rows import FREE, NO_NODE, NUMA_NODE
 from hostdev.mgmt.persistence.database import PreparedStatement
 from hostdev.mgmt.persistence.models import HOST_UP, Host, PciDevice, VmInstance
+
+# Verdicts and refusals quote it; callers take it from here.
+from hostdev.mgmt.placement.unavailable import Unavailable as Unavailable
+from hostdev.mgmt.placement.unavailable import read_unavailable
 from hostdev.mgmt.vms.vm_states import HOLDS_DEVICES
 
 
@@ -33,19 +39,8 @@ class Demand:
     cpus: int
     memory_mb: int
     pci: tuple[PciRequest, ...] = ()
-
-
-@dataclass(frozen=True)
-class Unavailable:
-    """The devices of one name a hardware rule keeps from offer on a host, and why."""
-
-    count: int
-    #: Their distinct reasons, most common first.
-    reasons: tuple[str, ...] = ()
-
-    def __str__(self) -> str:
-        shown = "; ".join(self.reasons[:2]) + ("; ..." if len(self.reasons) > 2 else "")
-        return f"{self.count} unavailable: {shown}" if shown else f"{self.count} unavailable"
+    #: ``required``: every device on one NUMA node of the host, or the host is refused.
+    numa: NumaPolicy = "none"
 
 
 @dataclass(frozen=True)
@@ -59,6 +54,8 @@ class HostCapacity:
     free_cpus: int
     free_memory_mb: int
     free_devices: dict[str, int] = field(default_factory=dict)
+    #: NUMA node (``NO_NODE`` for devices without one) -> name -> free devices.
+    free_by_node: dict[int, dict[str, int]] = field(default_factory=dict)
     #: Per requested name, the devices the hardware rules keep (state ``unavailable``).
     unavailable: dict[str, Unavailable] = field(default_factory=dict)
 
@@ -82,7 +79,9 @@ PAGE = 64
 #   2. its status is PLACEABLE,
 #   3. its CPUs minus those of its VMs in HOLDS_DEVICES states cover the demand's,
 #   4. so does its memory,
-#   5. it has at least ``count`` FREE devices of every requested name.
+#   5. it has at least ``count`` FREE devices of every requested name,
+#   6. with NUMA policy ``required``, one NUMA node (a NULL node counts as
+#      NO_NODE) has them all: ``count`` FREE devices of every requested name.
 # ``_fit_conditions`` says it in SQL for the search, ``shortfalls`` in Python
 # for verdicts and refusals; a property test holds the two to the same answers.
 # The hardware rules (IOMMU groups, PF/VF, withheld devices) need no criterion
@@ -110,7 +109,8 @@ def find_hosts(session: Session, demand: Demand, *, avoid: Collection[str] = (),
     """
     if session.autoflush and (session.new or session.dirty or session.deleted):
         session.flush()  # as a query's autoflush would
-    statement = _search_statement(len(demand.pci), len(avoid), limit)
+    statement = _search_statement(len(demand.pci), len(avoid), limit,
+                                  numa=demand.numa == "required")
     params: dict[str, object] = {"cpus": demand.cpus, "memory_mb": demand.memory_mb}
     for index, request in enumerate(demand.pci):
         params[f"name_{index}"] = request.name
@@ -123,23 +123,32 @@ def find_hosts(session: Session, demand: Demand, *, avoid: Collection[str] = (),
         rows = statement.execute(session.connection(), params).rows
         if rows or not demand.pci:
             return [Candidate(id=id_, guid=guid, name=name) for id_, guid, name in rows]
-        first = demand.pci[0]
-        page = (select(PciDevice.host_id.label("host_id"))
-                .where(PciDevice.state == FREE, PciDevice.name == first.name,
-                       PciDevice.host_id > after)
-                .group_by(PciDevice.host_id).having(func.count() >= first.count)
-                .order_by(PciDevice.host_id).limit(PAGE).subquery("page"))
-        last = session.scalar(select(func.max(page.c.host_id)))
-        count = session.scalar(select(func.count()).select_from(page))
+        page = _page()
+        last, count = session.execute(select(func.max(page.c.host_id), func.count())
+                                      .select_from(page), params).one()
         if last is None or (count or 0) < PAGE:
             return []
         after = int(last)
 
 
-_SEARCHES: dict[tuple[int, int, int, int], PreparedStatement] = {}
+_SEARCHES: dict[tuple[int, int, int, int, bool], PreparedStatement] = {}
 #: The states holding CPU and memory, inlined (a prepared statement has no expanding IN).
 _HOLDING: list[ColumnElement[str]] = [literal_column(f"'{state}'")
                                       for state in sorted(HOLDS_DEVICES)]
+
+
+def _page() -> Subquery:
+    """Returns the page: up to ``PAGE`` hosts after ``after`` with ``count_0`` free ``name_0``.
+
+    Read in index order (``state, name, host_id``), so a page costs its own
+    rows only. Under NUMA policy ``required`` it does not ask for one node:
+    grouping by a column the index lacks would read every row of the name.
+    """
+    return (select(PciDevice.host_id.label("host_id"))
+            .where(PciDevice.state == FREE, PciDevice.name == bindparam("name_0"),
+                   PciDevice.host_id > bindparam("after"))
+            .group_by(PciDevice.host_id).having(func.count() >= bindparam("count_0"))
+            .order_by(PciDevice.host_id).limit(PAGE).subquery("page"))
 
 
 def _used_bound(column: InstrumentedAttribute[int]) -> ScalarSelect[int]:
@@ -148,11 +157,28 @@ def _used_bound(column: InstrumentedAttribute[int]) -> ScalarSelect[int]:
             .scalar_subquery())
 
 
-def _fit_conditions(names: range, avoided: int) -> list[ColumnElement[bool]]:
+def _one_node_has_all(names: int) -> ColumnElement[bool]:
+    """Returns criterion 6: one NUMA node of ``Host`` has every requested name, counted.
+
+    One correlated subquery: the host's free devices of the requested names,
+    grouped by node, kept when the node has ``count_<i>`` of ``name_<i>`` for
+    every ``i`` below ``names``.
+    """
+    enough = [func.sum(case((PciDevice.name == bindparam(f"name_{index}"), 1), else_=0))
+              >= bindparam(f"count_{index}") for index in range(names)]
+    wanted: list[BindParameter[str]] = [bindparam(f"name_{index}") for index in range(names)]
+    return (select(NUMA_NODE)
+            .where(PciDevice.host_id == Host.id, PciDevice.state == FREE,
+                   PciDevice.name.in_(wanted))
+            .group_by(NUMA_NODE).having(and_(*enough)).exists())
+
+
+def _fit_conditions(names: range, avoided: int, numa: int = 0) -> list[ColumnElement[bool]]:
     """Returns the fit rule over ``Host`` as SQL, for the requested names at ``names``.
 
     Parameters: ``cpus``, ``memory_mb``, ``name_<i>`` and ``count_<i>`` per
-    index in ``names``, ``avoid_<i>`` per avoided guid or name.
+    index in ``names`` (and below ``numa``), ``avoid_<i>`` per avoided guid
+    or name. ``numa`` > 0 adds criterion 6 over the first ``numa`` names.
     """
     conditions: list[ColumnElement[bool]] = []
     if avoided:
@@ -170,29 +196,28 @@ def _fit_conditions(names: range, avoided: int) -> list[ColumnElement[bool]]:
                        PciDevice.state == FREE)
                 .scalar_subquery())
         conditions.append(free >= bindparam(f"count_{index}"))
+    if numa:
+        conditions.append(_one_node_has_all(numa))
     return conditions
 
 
-def _search_statement(names: int, avoided: int, limit: int) -> PreparedStatement:
+def _search_statement(names: int, avoided: int, limit: int, *,
+                      numa: bool = False) -> PreparedStatement:
     """Returns ``find_hosts``' query (one page of it with PCI requests), prepared once per shape.
 
     Parameters: those of :func:`_fit_conditions`, and ``after`` (host id)
     with PCI requests.
     """
-    key = (names, avoided, limit, PAGE)
+    key = (names, avoided, limit, PAGE, numa)
     statement = _SEARCHES.get(key)
     if statement is not None:
         return statement
     query = select(Host.id, Host.guid, Host.name)
     if names:
         # The first name's count comes from the page itself.
-        page = (select(PciDevice.host_id.label("host_id"))
-                .where(PciDevice.state == FREE, PciDevice.name == bindparam("name_0"),
-                       PciDevice.host_id > bindparam("after"))
-                .group_by(PciDevice.host_id).having(func.count() >= bindparam("count_0"))
-                .order_by(PciDevice.host_id).limit(PAGE).subquery("page"))
+        page = _page()
         query = query.join(page, page.c.host_id == Host.id)
-    query = query.where(*_fit_conditions(range(1, names), avoided))
+    query = query.where(*_fit_conditions(range(1, names), avoided, names if numa else 0))
     statement = PreparedStatement(query.order_by(Host.id).limit(limit))
     _SEARCHES[key] = statement
     return statement
@@ -211,47 +236,38 @@ def read_capacities(session: Session, names: Sequence[str]) -> list[HostCapacity
                (Host.memory_mb - func.coalesce(used.c.memory_mb, 0)).label("free_memory"))
         .outerjoin(used, used.c.host_id == Host.id).order_by(Host.id)).all()
     counts: dict[int, dict[str, int]] = {}
+    by_node: dict[int, dict[int, dict[str, int]]] = {}
     if names:
         columns = [func.sum(case((PciDevice.name == name, 1), else_=0)).label(f"n{i}")
                    for i, name in enumerate(names)]
         grouped = session.execute(
-            select(PciDevice.host_id, *columns)
+            select(PciDevice.host_id, NUMA_NODE, *columns)
             .where(PciDevice.state == FREE, PciDevice.name.in_(list(names)))
-            .group_by(PciDevice.host_id))
+            .group_by(PciDevice.host_id, NUMA_NODE))
         for row in grouped:
-            counts[row[0]] = {name: int(row[i + 1] or 0) for i, name in enumerate(names)}
-    kept = _read_unavailable(session, names)
+            on_node = {name: int(row[i + 2] or 0) for i, name in enumerate(names)}
+            by_node.setdefault(row[0], {})[int(row[1])] = on_node
+            total = counts.setdefault(row[0], dict.fromkeys(names, 0))
+            for name, number in on_node.items():
+                total[name] += number
+    kept = read_unavailable(session, names)
     return [HostCapacity(id=r.id, guid=r.guid, name=r.name, status=r.status,
                          free_cpus=int(r.free_cpus), free_memory_mb=int(r.free_memory),
-                         free_devices=counts.get(r.id, {}), unavailable=kept.get(r.id, {}))
+                         free_devices=counts.get(r.id, {}), free_by_node=by_node.get(r.id, {}),
+                         unavailable=kept.get(r.id, {}))
             for r in rows]
-
-
-def _read_unavailable(session: Session,
-                      names: Sequence[str]) -> dict[int, dict[str, Unavailable]]:
-    """Reads, per host and requested name, the unavailable devices and their reasons."""
-    if not names:
-        return {}
-    found: dict[int, dict[str, list[tuple[int, str]]]] = {}
-    for host_id, name, reason, number in session.execute(
-            select(PciDevice.host_id, PciDevice.name, PciDevice.reason, func.count())
-            .where(PciDevice.state == UNAVAILABLE, PciDevice.name.in_(list(names)))
-            .group_by(PciDevice.host_id, PciDevice.name, PciDevice.reason)):
-        found.setdefault(host_id, {}).setdefault(name, []).append((int(number), reason))
-    return {host_id: {name: Unavailable(sum(n for n, _ in why), tuple(
-                r for _, r in sorted(why, key=lambda item: (-item[0], item[1])) if r))
-                      for name, why in by_name.items()}
-            for host_id, by_name in found.items()}
 
 
 @dataclass(frozen=True)
 class Shortfall:
     """One criterion of the fit rule a host misses, with what was wanted and what it has."""
 
-    criterion: Literal["avoided", "status", "cpus", "memory", "devices"]
+    criterion: Literal["avoided", "status", "cpus", "memory", "devices", "numa"]
     wanted: int = 0
     free: int = 0
     name: str = ""
+    #: For ``numa``: per node, by number, the free devices of each requested name.
+    nodes: tuple[tuple[int, tuple[int, ...]], ...] = ()
     #: For ``devices``: those of the name the hardware rules keep from offer, if any.
     unavailable: Unavailable | None = None
 
@@ -277,11 +293,35 @@ def shortfalls(host: HostCapacity, demand: Demand,
         free = host.free_devices.get(request.name, 0)
         if free < request.count:
             missed.append(Shortfall("devices", request.count, free, request.name,
-                                    host.unavailable.get(request.name)))
+                                    unavailable=host.unavailable.get(request.name)))
+    if demand.numa == "required" and demand.pci and not any(
+            m.criterion == "devices" for m in missed):  # too few in all says it already
+        nodes = tuple((node, tuple(counts.get(r.name, 0) for r in demand.pci))
+                      for node, counts in sorted(host.free_by_node.items()))
+        if not any(all(n >= r.count for n, r in zip(numbers, demand.pci, strict=True))
+                   for _, numbers in nodes):
+            missed.append(Shortfall("numa", nodes=nodes))
     return missed
 
 
-def _reason(host: HostCapacity, missed: Shortfall) -> str:
+def _node_name(node: int) -> str:
+    return "devices without a node" if node == NO_NODE else f"node {node}"
+
+
+def _numa_parts(missed: Shortfall, demand: Demand) -> tuple[str, str]:
+    """Returns what one node must have (``2xGPU``) and what each has (``node 0 has 1, ...``)."""
+    wanted = " and ".join(f"{r.count}x{r.name}" for r in demand.pci)
+    if len(demand.pci) == 1:
+        found = [f"{_node_name(node)} {'have' if node == NO_NODE else 'has'} {numbers[0]}"
+                 for node, numbers in missed.nodes]
+    else:
+        found = [f"{_node_name(node)}: " + " ".join(
+                     f"{n}x{r.name}" for n, r in zip(numbers, demand.pci, strict=True))
+                 for node, numbers in missed.nodes]
+    return wanted, ", ".join(found)
+
+
+def _reason(host: HostCapacity, missed: Shortfall, demand: Demand) -> str:
     match missed.criterion:
         case "avoided":
             return "in the avoid set"
@@ -293,11 +333,14 @@ def _reason(host: HostCapacity, missed: Shortfall) -> str:
             return f"needs {missed.wanted} MiB, {missed.free} MiB free"
         case "devices":
             return f"needs {missed.wanted}x{missed.name}, {missed.free} free{missed.kept}"
+        case "numa":
+            wanted, found = _numa_parts(missed, demand)
+            return f"no NUMA node has {wanted} free: {found}"
 
 
 def verdict(host: HostCapacity, demand: Demand, avoid: Collection[str] = ()) -> HostVerdict:
     """Says whether ``host`` can take ``demand`` and, if not, why (pure)."""
-    reasons = [_reason(host, missed) for missed in shortfalls(host, demand, avoid)]
+    reasons = [_reason(host, missed, demand) for missed in shortfalls(host, demand, avoid)]
     return HostVerdict(host_guid=host.guid, host_name=host.name, accepted=not reasons,
                        reason="; ".join(reasons) if reasons else "fits")
 
@@ -330,8 +373,11 @@ def refusal(demand: Demand, hosts: Sequence[HostCapacity],
                        for m in missed if m.criterion == "cpus"]
             detail += [f"has {m.free} MiB free of {m.wanted} needed"
                        for m in missed if m.criterion == "memory"]
+            detail += ["has no NUMA node with {} free ({})".format(*_numa_parts(m, demand))
+                       for m in missed if m.criterion == "numa"]
             parts.append(f"{host.name} " + (", ".join(detail) if detail else "fits now"))
-    what = (f"{wanted} free" if demand.pci
+    one_node = " on one NUMA node" if demand.pci and demand.numa == "required" else ""
+    what = (f"{wanted} free{one_node}" if demand.pci
             else f"{demand.cpus} CPUs and {demand.memory_mb} MiB free")
     return f"no host has {what}: " + ", ".join(parts)
 

@@ -6,7 +6,8 @@ caller for a new transaction. Listeners run in the same transaction, before
 (``pre_transition``, may veto by raising) and after the UPDATE
 (``post_transition``). ``PciDeviceManager`` is one: it claims the offering's
 devices on the VM's host when the VM enters Starting and releases them when
-it enters Stopped, Destroyed or Error. Every transition writes a
+it enters Stopped, Destroyed or Error; under the offering's NUMA policy it
+records the node its devices went to (``numa_node``). Every transition writes a
 ``VmStateChanged`` event (``vm.<uuid>.<State>``) to the outbox.
 """
 
@@ -21,13 +22,19 @@ from sqlalchemy.orm.attributes import set_committed_value
 
 from hostdev.messages.events import PciDeviceAllocated, PciDeviceReleased, VmStateChanged
 from hostdev.messages.pci_address import PciAddress
-from hostdev.messages.values import PciRequest, VmState
-from hostdev.mgmt.devices import pci_devices
+from hostdev.messages.values import NumaPolicy, PciRequest, VmState
+from hostdev.mgmt.devices import numa, pci_devices
 from hostdev.mgmt.devices.device_rows import ALLOCATED
 from hostdev.mgmt.devices.pci_devices import HeldDevice
 from hostdev.mgmt.errors import Conflict
 from hostdev.mgmt.persistence.database import PreparedStatement, RetryTransaction
-from hostdev.mgmt.persistence.models import Host, ServiceOfferingPciRequest, VmInstance, utcnow
+from hostdev.mgmt.persistence.models import (
+    Host,
+    ServiceOffering,
+    ServiceOfferingPciRequest,
+    VmInstance,
+    utcnow,
+)
 from hostdev.mgmt.persistence.unit_of_work import TxContext
 from hostdev.mgmt.vms.vm_states import RELEASES_DEVICES, VmEvent, next_state
 
@@ -84,6 +91,9 @@ class VmLifecycleManager:
                    host_id: int | object | None = _KEEP) -> VmState:
         """Applies ``event`` to ``vm`` in the session's transaction; returns the new state.
 
+        Pre-listeners may record the VM's NUMA node (``vm.numa_node``); the
+        UPDATE writes it, and clears it when the VM lets go of its devices.
+
         Args:
             tx: the caller's transaction.
             vm: the VM as read in this transaction.
@@ -103,6 +113,7 @@ class VmLifecycleManager:
             previous_host = vm.host_id
             set_committed_value(vm, "host_id", host_id)
             values["host_id"] = host_id
+        numa_node = vm.numa_node
         try:
             for listener in self._listeners:
                 listener.pre_transition(tx, vm, event, old, new)
@@ -110,6 +121,10 @@ class VmLifecycleManager:
             if host_id is not _KEEP:
                 set_committed_value(vm, "host_id", previous_host)
             raise
+        if vm.numa_node != numa_node:
+            values["numa_node"] = vm.numa_node
+        if new in RELEASES_DEVICES and vm.numa_node is not None:
+            values["numa_node"] = None
         if new in ("Stopped", "Destroyed") and vm.host_id is not None:
             values["host_id"] = None
             values["last_host_id"] = vm.host_id
@@ -135,8 +150,12 @@ class VmLifecycleManager:
 
 _HOST_GUID = PreparedStatement(select(Host.guid).where(Host.id == bindparam("host_id")))
 _OFFERING_REQUESTS = PreparedStatement(
-    select(ServiceOfferingPciRequest.name, ServiceOfferingPciRequest.count)
-    .where(ServiceOfferingPciRequest.offering_id == bindparam("offering_id"))
+    select(ServiceOffering.numa_policy, ServiceOfferingPciRequest.name,
+           ServiceOfferingPciRequest.count)
+    .select_from(ServiceOffering)
+    .outerjoin(ServiceOfferingPciRequest,
+               ServiceOfferingPciRequest.offering_id == ServiceOffering.id)
+    .where(ServiceOffering.id == bindparam("offering_id"))
     .order_by(ServiceOfferingPciRequest.id))
 
 
@@ -151,15 +170,26 @@ def host_guid_of(tx: TxContext, host_id: int) -> str:
     return guid
 
 
+def _read_offering(tx: TxContext, offering_id: int) -> None:
+    """Reads an offering's PCI requests and NUMA policy into the transaction's caches."""
+    rows = _OFFERING_REQUESTS.execute(tx.connection, {"offering_id": offering_id}).rows
+    tx.offering_requests[offering_id] = tuple(PciRequest(name=name, count=int(count))
+                                              for _, name, count in rows if name is not None)
+    tx.offering_numa[offering_id] = rows[0][0] if rows else "none"
+
+
 def offering_requests(tx: TxContext, offering_id: int) -> tuple[PciRequest, ...]:
     """Returns the PCI requests of an offering, by name (read once per transaction)."""
-    cache = tx.offering_requests
-    if offering_id not in cache:
-        rows = _OFFERING_REQUESTS.execute(tx.connection,
-                                          {"offering_id": offering_id}).rows
-        cache[offering_id] = tuple(PciRequest(name=name, count=int(count))
-                                   for name, count in rows)
-    return cache[offering_id]
+    if offering_id not in tx.offering_requests:
+        _read_offering(tx, offering_id)
+    return tx.offering_requests[offering_id]
+
+
+def offering_numa_policy(tx: TxContext, offering_id: int) -> NumaPolicy:
+    """Returns the NUMA policy of an offering (read with its PCI requests, once)."""
+    if offering_id not in tx.offering_numa:
+        _read_offering(tx, offering_id)
+    return tx.offering_numa[offering_id]
 
 
 class PciDeviceManager:
@@ -186,6 +216,10 @@ class PciDeviceManager:
     def claim(self, tx: TxContext, vm: VmInstance, host_id: int) -> tuple[HeldDevice, ...]:
         """Allocates the offering's devices on ``host_id`` to ``vm``, all or nothing.
 
+        Under the offering's NUMA policy the devices go on one node when it
+        requires (or prefers and can), recorded in ``vm.numa_node`` for the
+        transition's UPDATE.
+
         Raises:
             InsufficientDevices: the host has too few free devices of a name.
             ClaimRaceLost: a device was taken between the read and the UPDATE.
@@ -193,7 +227,9 @@ class PciDeviceManager:
         requests = {r.name: r.count for r in offering_requests(tx, vm.offering_id)}
         if not requests:
             return ()
-        held = pci_devices.claim_devices(tx.connection, vm.id, host_id, requests)
+        policy = offering_numa_policy(tx, vm.offering_id)
+        held, node = numa.take_on_node(tx.connection, vm.id, host_id, requests, policy)
+        set_committed_value(vm, "numa_node", node)
         tx.claimed[vm.id] = tuple(sorted((d.address for d in held), key=str))
         host_guid = host_guid_of(tx, host_id)
         at = utcnow().isoformat() + "Z"

@@ -21,6 +21,16 @@ VM_IDLE_UUID = "11111111-aaaa-bbbb-cccc-000000000002"
 
 #: pci.devices matching ``sample_spec``.
 SAMPLE_DEVICES = "28:00.1|10GE,28:00.2|10GE,3b:00.0|GPU"
+#: The example domain templates shipped in etc/templates (docs/templates.md).
+TEMPLATES = Path(__file__).resolve().parents[2] / "etc" / "templates"
+#: What the example templates name on a host: a simulated-host spec's resources.
+TEMPLATE_RESOURCES: dict[str, Any] = {"networks": ["default"], "bridges": ["br0"],
+                                      "pools": {"images": ["debian-12.qcow2"]}}
+
+
+def example_template(name: str) -> str:
+    """Returns one of etc/templates (``debian-bond.xml``, ``kernel-boot.xml``)."""
+    return (TEMPLATES / name).read_text(encoding="utf-8")
 
 
 def sample_spec(name: str = "sim-a", **extra: Any) -> dict[str, Any]:

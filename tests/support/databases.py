@@ -41,14 +41,15 @@ def mariadb_url(database: str) -> str:
     return f"mysql+pymysql://root@localhost/{database}?unix_socket={MARIADB_SOCKET}"
 
 
-def _admin() -> pymysql.connections.Connection[Any]:
+def admin_connection() -> pymysql.connections.Connection[Any]:
+    """Opens an autocommit connection to the local MariaDB as root (through the socket)."""
     return pymysql.connect(unix_socket=MARIADB_SOCKET, user="root", autocommit=True)
 
 
 def create_mariadb_database(prefix: str = "hostdev_test", *, migrate: bool = True) -> str:
     """Creates an empty database with a random name, optionally migrated; returns its URL."""
     name = f"{prefix}_{secrets.token_hex(4)}"
-    with _admin() as admin, admin.cursor() as cursor:
+    with admin_connection() as admin, admin.cursor() as cursor:
         cursor.execute(f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4 COLLATE utf8mb4_bin")
     url = mariadb_url(name)
     if migrate:
@@ -65,7 +66,7 @@ def drop_mariadb_database(url: str) -> None:
     name = make_url(url).database
     if not name or not name.replace("_", "").isalnum():
         raise ValueError(f"refusing to drop database {name!r}: not a test database name")
-    with _admin() as admin, admin.cursor() as cursor:
+    with admin_connection() as admin, admin.cursor() as cursor:
         cursor.execute(f"DROP DATABASE IF EXISTS `{name}`")
 
 

@@ -28,6 +28,7 @@ import re
 import signal
 import subprocess
 import uuid as uuid_module
+import xml.etree.ElementTree as ET
 from collections.abc import Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -120,6 +121,14 @@ class SimHost:
                              ["hostdev-agent", "--config", str(self.config_path)], self.work,
                              env=self.env).start()
         return self.daemon
+
+    def volumes(self, pool: str) -> list[str]:
+        """Reads the VMs' own volumes of one pool from the host's state file, by name."""
+        path = state_path(self.spec_path)
+        if not path.exists():
+            return []
+        saved = json.loads(path.read_text(encoding="utf-8")).get("volumes", {})
+        return sorted(ET.fromstring(xml).findtext("name", "") for xml in saved.get(pool, []))
 
     def domains(self) -> dict[str, tuple[str, bool, tuple[PciAddress, ...]]]:
         """Reads the host's domains from its state file: uuid -> (name, running, hostdevs)."""

@@ -18,7 +18,7 @@ import pytest
 from sqlalchemy import Engine, func, select
 
 from hostdev.messages.pci_address import PciAddress
-from hostdev.messages.values import PciDeviceInfo, PciRequest
+from hostdev.messages.values import NumaPolicy, PciDeviceInfo, PciRequest
 from hostdev.mgmt.devices import device_admin, pci_devices
 from hostdev.mgmt.devices.device_admin import DeviceBusy, DeviceNotFound
 from hostdev.mgmt.devices.pci_devices import (
@@ -56,15 +56,16 @@ class ClaimPath:
         """The VM as the daemon has it in hand when it claims (read earlier in the transaction)."""
         return VmInstance(id=vm_id, uuid=f"vm-{vm_id}", offering_id=0)
 
-    def claim(self, vm_id: int, host_id: int,
-              requests: Mapping[str, int]) -> tuple[HeldDevice, ...]:
-        """Claims as on Starting: ``PciDeviceManager.claim`` with ``requests`` as the offering's."""
+    def claim(self, vm_id: int, host_id: int, requests: Mapping[str, int],
+              numa: NumaPolicy = "none") -> tuple[HeldDevice, ...]:
+        """Claims as on Starting: ``PciDeviceManager.claim`` with the offering's requests."""
         vm = self._vm(vm_id)
         wanted = tuple(PciRequest(name=name, count=count) for name, count in requests.items())
 
         def work(tx: TxContext) -> tuple[HeldDevice, ...]:
-            # What the deploy's first read leaves in the transaction's cache.
+            # What the deploy's first read leaves in the transaction's caches.
             tx.offering_requests[vm.offering_id] = wanted
+            tx.offering_numa[vm.offering_id] = numa
             return self._devices.claim(tx, vm, host_id)
         return self._run("claim devices", work)
 

@@ -15,11 +15,12 @@ from sqlalchemy import Engine, delete, insert
 from sqlalchemy.orm import Session
 
 from hostdev.messages.pci_address import PciAddress
-from hostdev.messages.values import PciRequest
+from hostdev.messages.values import NumaPolicy, PciRequest
 from hostdev.mgmt.devices.availability import RULED_STATES, DeviceFacts, blocked
 from hostdev.mgmt.persistence.models import (
     DEVICE_STATES,
     HOST_STATUSES,
+    NUMA_POLICIES,
     VM_STATES,
     Host,
     PciDevice,
@@ -34,10 +35,11 @@ NAMES = ("10GE", "GPU", "FPGA")
 
 @dataclass(frozen=True)
 class DeviceSpec:
-    """One device: name, drawn state, IOMMU group, the index of its PF, withheld or not."""
+    """One device: name, drawn state, NUMA node, IOMMU group, its PF's index, withheld or not."""
 
     name: str
     state: str
+    node: int | None = None
     group: int | None = None
     pf: int | None = None
     withheld: bool = False
@@ -61,7 +63,8 @@ class HostSpec:
     def facts(self) -> list[DeviceFacts]:
         """Returns its devices as the hardware rules read them (ids are indexes)."""
         return [DeviceFacts(id=n, address=DeviceSpec.address(n), name=d.name, state=d.state,
-                            iommu_group=d.group, withheld="partial group" if d.withheld else "",
+                            iommu_group=d.group, numa_node=d.node,
+                            withheld="partial group" if d.withheld else "",
                             physical_function=(DeviceSpec.address(d.pf) if d.pf is not None
                                                else None), holder="vm" if d.state in (
                                 "allocated", "reserved", "quarantined") else "")
@@ -85,6 +88,7 @@ def _devices(draw: st.DrawFn) -> tuple[DeviceSpec, ...]:
             # Free half the time, so hosts often fit and rules often bite.
             name=draw(st.sampled_from(NAMES)),
             state=draw(st.just("free") | st.sampled_from(DEVICE_STATES)),
+            node=draw(st.sampled_from((None, 0, 1, 2))),
             group=draw(st.none() | st.integers(0, 3)),
             pf=draw(st.none() | st.sampled_from(pfs)) if pfs and number else None,
             withheld=draw(st.integers(0, 9)) == 0))
@@ -102,7 +106,7 @@ class World:
 
 _hosts = st.builds(
     HostSpec,
-    status=st.sampled_from(HOST_STATUSES),
+    status=st.one_of(st.just("Up"), st.sampled_from(HOST_STATUSES)),
     cpus=st.integers(0, 8),
     memory_mb=st.integers(0, 4).map(lambda n: n * 1024),
     devices=_devices(),
@@ -112,31 +116,41 @@ _hosts = st.builds(
 _requests = st.lists(st.sampled_from(NAMES), unique=True, max_size=3).flatmap(
     lambda names: st.tuples(*(st.builds(PciRequest, name=st.just(name),
                                         count=st.integers(1, 3)) for name in names)))
-_demands = st.builds(Demand, cpus=st.integers(0, 6),
-                     memory_mb=st.integers(0, 3).map(lambda n: n * 1024), pci=_requests)
+def _demands(numa: st.SearchStrategy[NumaPolicy], most: int) -> st.SearchStrategy[Demand]:
+    return st.builds(Demand, cpus=st.integers(0, most * 2),
+                     memory_mb=st.integers(0, most).map(lambda n: n * 1024), pci=_requests,
+                     numa=numa)
+
+
 #: One or two names, one or two devices each: demands a host of 8 devices often meets.
 _small_demands = st.builds(Demand, cpus=st.just(1), memory_mb=st.just(0), pci=st.lists(
     st.sampled_from(NAMES), unique=True, min_size=1, max_size=2).flatmap(
     lambda names: st.tuples(*(st.builds(PciRequest, name=st.just(name),
                                         count=st.integers(1, 2)) for name in names))))
-
-
 #: Up hosts with room to spare and no VMs: only their devices decide whether they fit.
 _roomy_hosts = st.builds(HostSpec, status=st.just("Up"), cpus=st.just(64),
                          memory_mb=st.just(65536), devices=_devices(), vms=st.just(()))
 
 
 @st.composite
-def worlds(draw: st.DrawFn, max_hosts: int = 8, *, roomy: bool = False) -> World:
-    """Draws hosts, a demand, and an avoid set of some of their names and guids.
+def worlds(draw: st.DrawFn, max_hosts: int = 8, numa: NumaPolicy | None = None, *,
+           roomy: bool = False) -> World:
+    """Draws hosts, a demand (with the NUMA policy ``numa``, or any), and an avoid set.
 
-    ``roomy`` draws hosts whose devices alone decide (Up, room, no VMs) and no avoid set.
+    The avoid set holds some of the hosts' names and guids. ``roomy`` draws
+    hosts whose devices alone decide (Up, room, no VMs), a small demand with
+    no NUMA policy, and no avoid set.
     """
     hosts = tuple(draw(st.lists(_roomy_hosts if roomy else _hosts, max_size=max_hosts)))
+    if roomy:
+        return World(hosts=hosts, demand=draw(_small_demands), avoid=frozenset())
     refs = [f"h{i}" for i in range(len(hosts))] + [f"guid-{i}" for i in range(len(hosts))]
-    avoid = frozenset() if roomy else draw(st.frozensets(
-        st.sampled_from([*refs, "h-unknown"]), max_size=3))
-    return World(hosts=hosts, demand=draw(_small_demands if roomy else _demands), avoid=avoid)
+    avoid = draw(st.frozensets(st.sampled_from([*refs, "h-unknown"]), max_size=3))
+    if numa is None:
+        demand = draw(_demands(st.sampled_from(NUMA_POLICIES), most=3))
+    else:  # small demands, so that the devices, and their nodes, decide
+        demand = draw(_demands(st.just(numa), most=1))
+    return World(hosts=hosts, demand=demand, avoid=avoid)
 
 
 def load(engine: Engine, world: World) -> None:
@@ -156,7 +170,8 @@ def load(engine: Engine, world: World) -> None:
                 conn.execute(insert(PciDevice).values(
                     host_id=host_id, name=device.name, domain="0000", bus="28",
                     slot=f"{number:02x}", function="0", state=state, reason=reason,
-                    iommu_group=device.group, withheld="partial group" if device.withheld else "",
+                    numa_node=device.node, iommu_group=device.group,
+                    withheld="partial group" if device.withheld else "",
                     physical_function=str(DeviceSpec.address(pf)) if pf is not None else None))
             for number, (cpus, memory_mb, state) in enumerate(spec.vms):
                 conn.execute(insert(VmInstance).values(

@@ -15,3 +15,12 @@ def test_search_finds_exactly_the_hosts_explain_accepts(engine: Engine, world: W
     load(engine, world)
     found, fits = search_and_verdicts(engine, world, limit=len(world.hosts) + 1)
     assert found == fits
+
+
+@settings(max_examples=80, deadline=None)
+@given(world=worlds(numa="required"))
+def test_search_and_explain_agree_on_numa_required(engine: Engine, world: World) -> None:
+    """On MariaDB too, ``required`` keeps exactly the hosts with one NUMA node that fits."""
+    load(engine, world)
+    found, fits = search_and_verdicts(engine, world, limit=len(world.hosts) + 1)
+    assert found == fits

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import xml.etree.ElementTree as ET
+
 import pytest
 
 from hostdev.agent.errors import HypervisorError
@@ -175,6 +177,25 @@ def test_migrate_detaches_every_device_then_moves_the_domain(make_host: HostFact
     assert destination.domain(UUID).hostdevs == ()  # type: ignore[union-attr]
     again = handlers.migrate(migrate(destination))
     assert again.ok and "already migrated" in again.details
+
+
+def test_migrate_binds_the_memory_to_the_commanded_node_on_the_destination(
+        make_host: HostFactory) -> None:
+    """A guest bound to node 0 arrives bound to the node the command names; None keeps it."""
+    source, destination = make_host("sim-a"), make_host("sim-b")
+    handlers = handlers_for(source)
+    handlers.start(StartCommand(vm=VmSpec(uuid=UUID, name="vm1", cpus=1, memory_mb=256,
+                                          pci_devices=(NIC1,), numa_node=0)))
+    command = MigrateCommand(vm_uuid=UUID, destination_guid="b", numa_node=1,
+                             destination_uri=destination.uri, detach_timeout_s=0.05)
+    assert handlers.migrate(command).ok
+    assert _nodesets(destination.domain_xml(UUID)) == ["1"]
+    handlers_for(destination).migrate(migrate(source))
+    assert _nodesets(source.domain_xml(UUID)) == ["1"]
+
+
+def _nodesets(xml: str) -> list[str | None]:
+    return [m.get("nodeset") for m in ET.fromstring(xml).findall("./numatune/memory")]
 
 
 def test_a_refused_detach_reattaches_the_others_and_cancels(make_host: HostFactory) -> None:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import xml.etree.ElementTree as ET
+
 import pytest
 
-from hostdev.agent.domain_xml import read_hostdevs
+from hostdev.agent.domain_xml import build_domain_xml, read_hostdevs
 from hostdev.agent.errors import DetachRefused, DomainNotFound, HypervisorError, MigrationFailed
 from hostdev.agent.hypervisor import LifecycleEvent
 from hostdev.agent.libvirt_host import LibvirtHost
@@ -21,7 +23,8 @@ NIC1, NIC2 = P("28:00.1"), P("28:00.2")
 
 
 def running_vm(host: SimulatedHost, *devices: P) -> str:
-    host.define(VmSpec(uuid=UUID, name="vm1", cpus=1, memory_mb=256, pci_devices=devices))
+    host.define(build_domain_xml(VmSpec(uuid=UUID, name="vm1", cpus=1, memory_mb=256,
+                                        pci_devices=devices)))
     host.start(UUID)
     return UUID
 
@@ -78,6 +81,17 @@ def test_a_refused_detach_times_out_and_leaves_the_device(make_host: HostFactory
     host.refuse_detach(NIC2, refuse=False)
     host.detach_hostdev(uuid, NIC2, 0.05)
     assert host.domain(uuid).hostdevs == (NIC1,)  # type: ignore[union-attr]
+
+
+def test_the_test_driver_keeps_a_strict_numa_memory_binding(make_host: HostFactory) -> None:
+    """libvirt's test driver defines and starts a domain with numatune and keeps it."""
+    host = make_host()
+    host.define(build_domain_xml(VmSpec(uuid=UUID, name="vm1", cpus=1, memory_mb=256,
+                                        pci_devices=(NIC1,), numa_node=1), domain_type="test"))
+    host.start(UUID)
+    live = ET.fromstring(host.domain_xml(UUID))
+    assert [m.attrib for m in live.findall("./numatune/memory")] == [
+        {"mode": "strict", "nodeset": "1"}]
 
 
 def test_migration_moves_the_domain_between_simulated_hosts(make_host: HostFactory) -> None:

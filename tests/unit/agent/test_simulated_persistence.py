@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from hostdev.agent.domain_xml import build_domain_xml
 from hostdev.agent.simulated import SimulatedHost, state_path
 from hostdev.messages.pci_address import PciAddress as P
 from hostdev.messages.values import VmSpec
@@ -32,7 +33,8 @@ def states(host: SimulatedHost) -> dict[str, tuple[str, tuple[P, ...]]]:
 def test_domains_survive_a_reopen_with_state_and_hostdevs(make_host: HostFactory) -> None:
     """A started VM with a hot-plugged device and a stopped spec domain come back as they were."""
     host = make_host("sim-p", persist=True)
-    host.define(VmSpec(uuid=UUID, name="vm1", cpus=1, memory_mb=256, pci_devices=(NIC1,)))
+    host.define(build_domain_xml(VmSpec(uuid=UUID, name="vm1", cpus=1, memory_mb=256,
+                                        pci_devices=(NIC1,))))
     host.start(UUID)
     host.attach_hostdev(UUID, NIC2, 1.0)
     host.destroy(VM_OLD_UUID)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
 
 from hostdev.agent import simulated_store
+from hostdev.agent.domain_xml import build_domain_xml
 from hostdev.agent.errors import DetachRefused, HypervisorError
 from hostdev.agent.simulated import SimulatedHost
 from hostdev.messages.pci_address import PciAddress as P
@@ -20,7 +22,8 @@ VM = "77777777-aaaa-bbbb-cccc-000000000001"
 
 
 def _running(host: SimulatedHost, devices: tuple[P, ...] = (P("28:00.1"),)) -> None:
-    host.define(VmSpec(uuid=VM, name="mover", cpus=1, memory_mb=128, pci_devices=devices))
+    host.define(build_domain_xml(VmSpec(uuid=VM, name="mover", cpus=1, memory_mb=128,
+                                        pci_devices=devices)))
     host.start(VM)
 
 
@@ -43,6 +46,28 @@ def test_a_domain_handed_over_appears_when_the_destination_opens(tmp_path: Path)
         assert arrived is not None and arrived.state == "running"
         mailbox = simulated_store.mailbox(destination_uri)
         assert mailbox is not None and not (mailbox / f"{VM}.json").exists()
+    finally:
+        source.close()
+        destination.close()
+
+
+def test_a_handed_over_domain_arrives_bound_to_the_node_asked_for(tmp_path: Path) -> None:
+    """Through the mailbox too, a migration with a NUMA node rebinds the guest's memory."""
+    source = SimulatedHost(write_spec(tmp_path, sample_spec("src", domains=[])))
+    source.open()
+    destination_uri = write_spec(tmp_path, sample_spec("dst", domains=[]))
+    destination = SimulatedHost(destination_uri)
+    destination.open()
+    destination.close()  # another process's host: the hand-over goes through its mailbox
+    try:
+        source.define(build_domain_xml(VmSpec(uuid=VM, name="mover", cpus=1, memory_mb=128,
+                                              numa_node=0), domain_type="test"))
+        source.start(VM)
+        source.migrate(VM, destination_uri, 5.0, numa_node=1)
+        destination = SimulatedHost(destination_uri)
+        destination.open()
+        bound = ET.fromstring(destination.domain_xml(VM)).findall("./numatune/memory")
+        assert [m.get("nodeset") for m in bound] == ["1"]
     finally:
         source.close()
         destination.close()

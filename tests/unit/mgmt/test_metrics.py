@@ -1,16 +1,20 @@
-"""Management metrics: metrics.port, and an inventory scrape without a usable database."""
+"""Management metrics: metrics.port, overdue jobs, and a scrape without a usable database."""
 
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine
+from sqlalchemy import create_engine, insert
 
 from hostdev.messages.runtime.properties import parse_properties
 from hostdev.mgmt.config import MgmtConfig, config_from_properties
 from hostdev.mgmt.errors import ConfigError
 from hostdev.mgmt.metrics import InventoryCollector
+from hostdev.mgmt.persistence.database import create_database_engine, transaction
+from hostdev.mgmt.persistence.models import Job, utcnow
+from tests.support.databases import sqlite_database
 
 
 def _config(text: str) -> MgmtConfig:
@@ -35,3 +39,23 @@ def test_inventory_scrape_survives_a_broken_database(tmp_path: Path) -> None:
         engine.dispose()
     assert [f.name for f in families] == ["hostdev_inventory_up"]
     assert families[0].samples[0].value == 0
+
+
+def test_inventory_counts_running_jobs_past_their_deadline(tmp_path: Path) -> None:
+    """hostdev_jobs_overdue counts running jobs whose deadline passed, by kind, and no others."""
+    now = utcnow()
+    with sqlite_database(tmp_path) as url:
+        engine = create_database_engine(url)
+        try:
+            with transaction(engine) as conn:
+                conn.execute(insert(Job), [
+                    {"kind": "migrate", "state": "running", "deadline": now - timedelta(minutes=5)},
+                    {"kind": "migrate", "state": "running", "deadline": now - timedelta(seconds=1)},
+                    {"kind": "deploy", "state": "running", "deadline": now + timedelta(minutes=5)},
+                    {"kind": "stop", "state": "failed", "deadline": now - timedelta(minutes=5)},
+                ])
+            families = {f.name: f for f in InventoryCollector(engine).collect()}
+        finally:
+            engine.dispose()
+    overdue = families["hostdev_jobs_overdue"]
+    assert [(s.labels, s.value) for s in overdue.samples] == [({"kind": "migrate"}, 2)]

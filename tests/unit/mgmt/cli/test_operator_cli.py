@@ -213,3 +213,25 @@ def test_device_disable_is_refused_while_held_naming_the_vm(
     assert "0000:28:00.0" in err and "allocated by VM web1 (" in err
     status, text = _cli(h, "devices", "--host", "h1", "--json")
     assert {r["state"] for r in json.loads(text)} == {"allocated"}
+
+
+def test_offering_numa_policy_is_shown_and_a_vm_lists_its_node(h: Harness) -> None:
+    """`offering create --numa-policy` shows the policy; `vm list` shows the VM's node."""
+    h.register("g4", "h4", tuple(
+        PciDeviceInfo(address=PciAddress(f"d8:00.{n}"), name="GPU", numa_node=1)
+        for n in range(2)))
+    status, text = _cli(h, "offering", "create", "gpu2", "--pci", "GPU:2",
+                        "--numa-policy", "required")
+    header, row = text.splitlines()
+    columns = dict(zip(header.split(), row.split(), strict=False))  # TEMPLATE is empty
+    assert status == 0 and columns["NUMA"] == "required"
+    status, text = _cli(h, "offerings", "--json")
+    assert {o["name"]: o["numa_policy"] for o in json.loads(text)} == {
+        "net2": "none", "gpu2": "required"}
+    status, _ = _cli(h, "vm", "deploy", "ml1", "--offering", "gpu2", "--wait", answer_jobs=True)
+    assert status == 0
+    status, text = _cli(h, "vm", "list")
+    header, row = text.splitlines()
+    assert (header.split()[-1], row.split()[0], row.split()[-1]) == ("NUMA", "ml1", "1")
+    status, text = _cli(h, "vm", "list", "--json")
+    assert [v["numa_node"] for v in json.loads(text)] == [1]

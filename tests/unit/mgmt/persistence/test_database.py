@@ -12,15 +12,15 @@ import pytest
 from sqlalchemy import Connection, Engine, bindparam, insert, select
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
-from hostdev.mgmt.errors import ConfigError, MgmtError
+from hostdev.mgmt.errors import ConfigError
 from hostdev.mgmt.persistence.database import (
+    MIGRATIONS_DIR,
     PreparedStatement,
     RetryTransaction,
     TransactionConflict,
     create_database_engine,
     is_retryable,
     run_in_transaction,
-    sql_directory,
     transaction,
 )
 from hostdev.mgmt.persistence.models import Host, PciDevice
@@ -120,14 +120,11 @@ def test_deadlocks_and_busy_sqlite_count_as_retryable() -> None:
     assert not is_retryable(syntax) and not is_retryable(ValueError())
 
 
-def test_sql_directory_explains_a_missing_environment(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
-    """A folder without env.py is refused with how to point at the right one."""
-    assert (sql_directory() / "versions").is_dir()
-    monkeypatch.setenv("HOSTDEV_SQL_DIR", str(tmp_path))
-    with pytest.raises(MgmtError, match="HOSTDEV_SQL_DIR"):
-        sql_directory()
+def test_migrations_ship_inside_the_package() -> None:
+    """The Alembic environment and its versions sit in the installed package, not the checkout."""
+    assert (MIGRATIONS_DIR / "env.py").is_file()
+    assert (MIGRATIONS_DIR / "script.py.mako").is_file()
+    assert sorted(MIGRATIONS_DIR.glob("versions/0001_*.py"))
 
 
 def test_prepared_statement_binds_types_and_wraps_errors(

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from hostdev.mgmt.persistence.database import offline_sql, sql_directory
+from hostdev.mgmt.persistence.database import offline_sql
+from tests.support.project import ROOT
 
 
 def test_schema_mysql_sql_has_not_drifted() -> None:
     """sql/schema-mysql.sql equals the offline SQL of the migrations for MySQL."""
-    committed = (sql_directory() / "schema-mysql.sql").read_text()
+    committed = (ROOT / "sql" / "schema-mysql.sql").read_text()
     assert committed == offline_sql("mysql+pymysql://"), (
         "sql/schema-mysql.sql is out of date: regenerate it with "
         "`hostdev-mgmt db schema > sql/schema-mysql.sql` and commit it"

@@ -27,6 +27,27 @@ def test_search_finds_exactly_the_hosts_explain_accepts(engine: Engine, world: W
 
 
 @_SETTINGS
+@given(world=worlds(numa="required"))
+def test_search_and_explain_agree_on_numa_required(engine: Engine, world: World) -> None:
+    """With policy ``required`` the search keeps exactly the hosts with one node that fits."""
+    load(engine, world)
+    found, fits = search_and_verdicts(engine, world, limit=len(world.hosts) + 1)
+    assert found == fits
+
+
+@_SETTINGS
+@given(world=worlds(max_hosts=10, numa="required"))
+def test_paged_numa_search_returns_a_first_fit_prefix(engine: Engine, world: World,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pages of two hosts keep the first-name prefilter sound under policy ``required``."""
+    monkeypatch.setattr(planner, "PAGE", 2)
+    load(engine, world)
+    found, fits = search_and_verdicts(engine, world, limit=len(world.hosts) + 1)
+    assert bool(found) == bool(fits)
+    assert found == fits[:len(found)]
+
+
+@_SETTINGS
 @given(world=worlds(max_hosts=10))
 def test_paged_search_returns_a_first_fit_prefix(engine: Engine, world: World,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:

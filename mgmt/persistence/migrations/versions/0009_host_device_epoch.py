@@ -6,8 +6,8 @@ by its agent; ``device_epoch`` is the counter every transaction that changes
 device states on such a host bumps first, so two of them always write one
 common row (InnoDB row lock, Galera certification) and run one after the other.
 
-Revision ID: 0008
-Revises: 0007
+Revision ID: 0009
+Revises: 0008
 Create Date: 2026-11-28
 """
 
@@ -16,8 +16,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0008"
-down_revision: str | None = "0007"
+revision: str = "0009"
+down_revision: str | None = "0008"
 branch_labels: str | None = None
 depends_on: str | None = None
 

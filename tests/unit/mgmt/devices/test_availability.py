@@ -109,3 +109,13 @@ def test_a_claim_skips_groups_with_a_member_not_free() -> None:
     """A free device whose group mate is held is not taken (it should be unavailable anyway)."""
     assert choose([held(NIC_0), NIC_1], {"10GE": 1}).short == ("10GE", 1, 1)
     assert choose(HOST, {"FPGA": 2}).short == ("FPGA", 2, 1)
+
+
+def test_a_claim_on_one_numa_node_counts_only_that_nodes_devices() -> None:
+    """With a NUMA node, devices elsewhere are not taken, and nodeless ones count as NO_NODE."""
+    on_0 = [replace(NIC_0, numa_node=0), replace(NIC_1, numa_node=0)]
+    on_1 = replace(ALONE, name="10GE", numa_node=1)
+    assert [d.id for d in choose([*on_0, on_1], {"10GE": 1}, numa_node=1).taken] == [8]
+    assert [d.id for d in choose([*on_0, on_1], {"10GE": 2}, numa_node=0).taken] == [1, 2]
+    assert choose([*on_0, on_1], {"10GE": 2}, numa_node=1).short == ("10GE", 2, 1)
+    assert [d.id for d in choose([NIC_0, NIC_1], {"10GE": 1}, numa_node=-1).taken] == [1, 2]

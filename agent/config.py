@@ -13,7 +13,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import structlog
 
@@ -42,6 +42,9 @@ DEFAULT_PATH = "/etc/hostdev/agent.properties"
 DEFAULT_STATE_DIR = "/var/lib/hostdev-agent"
 
 LogFormat = Literal["json", "console"]
+#: What the agent does with a listed device whose IOMMU group has a member that is
+#: neither listed nor a bridge: ``refuse`` withholds it from offer, ``allow`` offers it.
+PartialGroups = Literal["refuse", "allow"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 
 _NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
@@ -70,6 +73,8 @@ class AgentConfig:
     libvirt_uri: str = "qemu:///system"
     migration_uri: str = ""
     pci_devices: tuple[PciDeviceEntry, ...] = ()
+    #: ``pci.iommu.partial.groups``: see ``PartialGroups``.
+    partial_groups: PartialGroups = "refuse"
     ping_interval_s: float = 60.0
     attach_timeout_s: float = 10.0
     detach_timeout_s: float = 10.0
@@ -168,6 +173,7 @@ _KEYS: dict[str, tuple[str, Callable[[Property], object]]] = {
     "migration.uri": ("migration_uri", _LIBVIRT_URI),
     "pci.devices": ("pci_devices", parse_pci_devices),
     "pci.reset.on.release": ("pci_reset_on_release", boolean),
+    "pci.iommu.partial.groups": ("partial_groups", choice(*get_args(PartialGroups))),
     "ping.interval": ("ping_interval_s", duration),
     "timeout.attach": ("attach_timeout_s", duration),
     "timeout.detach": ("detach_timeout_s", duration),

@@ -276,6 +276,8 @@ def _log_report(report: CheckReport) -> None:
                  vm=use.domain.uuid, vm_name=use.domain.name, state=use.domain.state)
     for error in report.errors:
         log.error("startup_check_failed", problem=error)
+    for refused in report.partial_groups:
+        log.warning("pci_devices_withheld", problem=refused)
 
 
 def check(config: AgentConfig) -> int:
@@ -305,13 +307,13 @@ def check(config: AgentConfig) -> int:
         print(f"hostdev-agent: warning: {warning}", file=out)
     for use in report.in_use:
         print(f"hostdev-agent: note: {use}", file=out)
-    for error in report.errors:
+    for error in (*report.errors, *report.partial_groups):
         print(f"hostdev-agent: error: {error}", file=out)
-    verdict = "is successful" if report.ok else "failed"
+    verdict = "is successful" if report.passes else "failed"
     print(f"hostdev-agent: {len(report.inventory)} of {len(config.pci_devices)} devices found "
           f"on {config.libvirt_uri}; the configuration file {config.path} test {verdict}",
           file=out)
-    return 0 if report.ok else 1
+    return 0 if report.passes else 1
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

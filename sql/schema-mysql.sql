@@ -267,3 +267,11 @@ ALTER TABLE hosts ADD COLUMN reset_on_release BOOL NOT NULL DEFAULT false;
 
 UPDATE alembic_version SET version_num='0009' WHERE alembic_version.version_num = '0008';
 
+-- Running upgrade 0009 -> 0010
+
+ALTER TABLE hosts ADD COLUMN device_epoch BIGINT NOT NULL DEFAULT '0';
+
+ALTER TABLE hosts ADD COLUMN device_rules BOOL NOT NULL DEFAULT false;
+
+UPDATE alembic_version SET version_num='0010' WHERE alembic_version.version_num = '0009';
+

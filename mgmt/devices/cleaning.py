@@ -28,6 +28,7 @@ from hostdev.messages.commands import ResetPciDevicesAnswer, ResetPciDevicesComm
 from hostdev.messages.limits import MAX_LABEL, clip
 from hostdev.messages.pci_address import PciAddress
 from hostdev.messages.values import DeviceState
+from hostdev.mgmt.devices import host_rules
 from hostdev.mgmt.devices.device_rows import (
     ADDRESS_COLUMNS,
     CLEANING,
@@ -73,6 +74,7 @@ def finish_cleaning(conn: Connection, host_id: int,
     freed: list[PciAddress] = []
     quarantined: list[PciAddress] = []
     now = utcnow()
+    ruled = host_rules.serialize(conn, host_id)  # the host row first, then its devices
     for address, failure in sorted(results.items()):
         target: DeviceState = FREE if failure is None else QUARANTINED
         reason = "" if failure is None else clip(
@@ -85,6 +87,8 @@ def finish_cleaning(conn: Connection, host_id: int,
                     updated_at=now)).rowcount
         if changed:
             (freed if failure is None else quarantined).append(address)
+    if ruled and (freed or quarantined):
+        host_rules.apply_rules(conn, host_id)  # a device let go may free its group or PF
     if freed or quarantined:
         log.info("pci_devices_cleaned", host_id=host_id, freed=[str(a) for a in freed],
                  quarantined=[str(a) for a in quarantined])
@@ -134,11 +138,14 @@ def retry_reset(tx: TxContext, host: Host, device_id: int) -> bool:
     free, on a host that no longer resets devices).
     """
     target: DeviceState = CLEANING if host.reset_on_release else FREE
+    ruled = host_rules.serialize(tx.connection, host.id)
     changed = tx.connection.execute(
         update(DEVICES)
         .where(C.id == device_id, state_is(QUARANTINED),
                and_(C.instance_id.is_(None), C.reserved_for.is_(None)))
         .values(state=target, reason="", updated_at=utcnow())).rowcount
+    if changed and ruled:
+        host_rules.apply_rules(tx.connection, host.id)
     if changed and target == CLEANING:
         request_resets(tx, host)
     return bool(changed)

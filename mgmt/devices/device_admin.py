@@ -1,4 +1,4 @@
-"""An operator's changes to one device: disable and enable."""
+"""An operator's changes to one device: disable (out of service) and enable (back)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ from typing import Any
 from sqlalchemy import Connection, select, update
 
 from hostdev.messages.values import DeviceState
+from hostdev.mgmt.devices import host_rules
+from hostdev.mgmt.devices.availability import RULED_STATES
 from hostdev.mgmt.devices.device_rows import (
     DEVICES,
     DISABLED,
@@ -25,23 +27,30 @@ class DeviceNotFound(NotFound):
 
 
 class DeviceBusy(Conflict):
-    """An admin change needs a free device, and this one is held or gone."""
+    """An admin change needs a device no VM holds, and this one is held or gone."""
 
 
 def disable_device(conn: Connection, device_id: int, reason: str = "") -> DeviceState:
-    """Takes a free device out of service, keeping ``reason``; idempotent. Returns its state.
+    """Takes a device no VM holds (free or unavailable) out of service, keeping ``reason``.
+
+    Idempotent. Returns its state. On a host with device rules, the other
+    members of its IOMMU group become unavailable.
 
     Raises:
         DeviceNotFound: no device has this id.
-        DeviceBusy: the device is held, reserved, quarantined or removed; the
-            text names the VM that holds it.
+        DeviceBusy: the device is held, reserved, quarantined, cleaning or
+            removed; the text names the VM that holds it.
     """
+    row = _device_row(conn, device_id)
+    ruled = host_rules.serialize(conn, row.host_id)
     result = conn.execute(
         update(DEVICES)
-        .where(C.id == device_id, state_is(FREE))
+        .where(C.id == device_id, C.state.in_(sorted(RULED_STATES)))
         .values(state=DISABLED, reason=reason, updated_at=utcnow())
     )
     if result.rowcount == 1:
+        if ruled:
+            host_rules.apply_rules(conn, row.host_id)
         return DISABLED
     row = _device_row(conn, device_id)
     if row.state == DISABLED:
@@ -53,23 +62,29 @@ def disable_device(conn: Connection, device_id: int, reason: str = "") -> Device
         vm = conn.execute(select(VmInstance.name, VmInstance.uuid)
                           .where(VmInstance.id == holder)).first()
         by = f" by VM {vm.name} ({vm.uuid})" if vm is not None else ""
-        what = f"{row.state}{by}; only a free device can be disabled: stop or migrate its VM first"
+        what = (f"{row.state}{by}; only a device no VM holds can be disabled: stop or "
+                "migrate its VM first")
     raise DeviceBusy(f"device {address_of(row)} ({row.name}) is {what}")
 
 
 def enable_device(conn: Connection, device_id: int) -> DeviceState:
     """Puts a disabled device back in service; a no-op in any other state. Returns its state.
 
+    The device is free again, or unavailable when a hardware rule keeps it
+    (its IOMMU group, its PF or VFs, its agent withholding it).
+
     Raises:
         DeviceNotFound: no device has this id.
     """
+    row = _device_row(conn, device_id)
+    ruled = host_rules.serialize(conn, row.host_id)
     result = conn.execute(
         update(DEVICES)
         .where(C.id == device_id, state_is(DISABLED))
         .values(state=FREE, reason="", updated_at=utcnow())
     )
-    if result.rowcount == 1:
-        return FREE
+    if result.rowcount == 1 and ruled:
+        host_rules.apply_rules(conn, row.host_id)
     state: DeviceState = _device_row(conn, device_id).state
     return state
 

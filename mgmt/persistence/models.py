@@ -139,6 +139,12 @@ class Host(Base):
     report_seq: Mapped[int | None] = mapped_column(BigInteger)
     #: The boot id the host's agent had before its last restart: its late reports are stale.
     retired_boot_id: Mapped[str | None] = mapped_column(String(64))
+    #: Bumped first by every transaction that changes device states on a host with
+    #: ``device_rules``: such transactions write one common row, so they serialize.
+    device_epoch: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    #: True when hardware rules tie its devices together (an IOMMU group of several
+    #: listed devices, a listed PF with a listed VF) or its agent withholds one.
+    device_rules: Mapped[bool] = mapped_column(Boolean, server_default=false())
     created_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow, onupdate=utcnow)
 

@@ -13,7 +13,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import structlog
 
@@ -25,6 +25,7 @@ from hostdev.messages.pci_address import PciAddress
 from hostdev.messages.runtime.properties import (
     PropertiesError,
     Property,
+    boolean,
     choice,
     duration,
     matching,
@@ -41,6 +42,9 @@ DEFAULT_PATH = "/etc/hostdev/agent.properties"
 DEFAULT_STATE_DIR = "/var/lib/hostdev-agent"
 
 LogFormat = Literal["json", "console"]
+#: What the agent does with a listed device whose IOMMU group has a member that is
+#: neither listed nor a bridge: ``refuse`` withholds it from offer, ``allow`` offers it.
+PartialGroups = Literal["refuse", "allow"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 
 _NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
@@ -69,6 +73,8 @@ class AgentConfig:
     libvirt_uri: str = "qemu:///system"
     migration_uri: str = ""
     pci_devices: tuple[PciDeviceEntry, ...] = ()
+    #: ``pci.iommu.partial.groups``: see ``PartialGroups``.
+    partial_groups: PartialGroups = "refuse"
     ping_interval_s: float = 60.0
     attach_timeout_s: float = 10.0
     detach_timeout_s: float = 10.0
@@ -76,6 +82,8 @@ class AgentConfig:
     log_format: LogFormat = "json"
     log_level: LogLevel = "info"
     metrics_port: int | None = None
+    #: Reset every device a VM lets go of before it is offered again (``pci.reset.on.release``).
+    pci_reset_on_release: bool = False
     #: The directory of the agent's state files (``state.dir``); see ``default_state_dir``.
     state_dir: str = DEFAULT_STATE_DIR
     warnings: tuple[str, ...] = ()
@@ -164,6 +172,8 @@ _KEYS: dict[str, tuple[str, Callable[[Property], object]]] = {
     "libvirt.uri": ("libvirt_uri", _LIBVIRT_URI),
     "migration.uri": ("migration_uri", _LIBVIRT_URI),
     "pci.devices": ("pci_devices", parse_pci_devices),
+    "pci.reset.on.release": ("pci_reset_on_release", boolean),
+    "pci.iommu.partial.groups": ("partial_groups", choice(*get_args(PartialGroups))),
     "ping.interval": ("ping_interval_s", duration),
     "timeout.attach": ("attach_timeout_s", duration),
     "timeout.detach": ("detach_timeout_s", duration),

@@ -42,6 +42,7 @@ from hostdev.messages.commands import (
     ErrorAnswer,
     MigrateCommand,
     PingRoutingCommand,
+    ResetPciDevicesCommand,
     StartCommand,
     StartupAnswer,
     StartupRoutingCommand,
@@ -124,7 +125,8 @@ class Agent:
             hypervisor_version=facts.hypervisor_version, cpus=facts.cpus,
             memory_mb=facts.memory_mb, pci_devices=self.report.inventory,
             domains=self.hypervisor.domains(), agent_version=_agent_version(),
-            migration_uri=self.config.migration_uri, boot_id=self.sequence.boot_id, seq=seq)
+            migration_uri=self.config.migration_uri, boot_id=self.sequence.boot_id, seq=seq,
+            pci_reset_on_release=self.config.pci_reset_on_release)
 
     @property
     def registered(self) -> bool:
@@ -227,6 +229,7 @@ class Agent:
                                                   key=lambda m: m.vm_uuid),
             AttachPciDevicesCommand: pipeline.command(self.commands.attach),
             DetachPciDevicesCommand: pipeline.command(self.commands.detach),
+            ResetPciDevicesCommand: pipeline.command(self.commands.reset),
             StartupAnswer: pipeline.answer(self._startup_answer),
             ErrorAnswer: pipeline.answer(self._error_answer),
         }
@@ -275,6 +278,8 @@ def _log_report(report: CheckReport) -> None:
                  vm=use.domain.uuid, vm_name=use.domain.name, state=use.domain.state)
     for error in report.errors:
         log.error("startup_check_failed", problem=error)
+    for refused in report.partial_groups:
+        log.warning("pci_devices_withheld", problem=refused)
 
 
 def check(config: AgentConfig) -> int:
@@ -304,13 +309,13 @@ def check(config: AgentConfig) -> int:
         print(f"hostdev-agent: warning: {warning}", file=out)
     for use in report.in_use:
         print(f"hostdev-agent: note: {use}", file=out)
-    for error in report.errors:
+    for error in (*report.errors, *report.partial_groups):
         print(f"hostdev-agent: error: {error}", file=out)
-    verdict = "is successful" if report.ok else "failed"
+    verdict = "is successful" if report.passes else "failed"
     print(f"hostdev-agent: {len(report.inventory)} of {len(config.pci_devices)} devices found "
           f"on {config.libvirt_uri}; the configuration file {config.path} test {verdict}",
           file=out)
-    return 0 if report.ok else 1
+    return 0 if report.passes else 1
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

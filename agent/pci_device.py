@@ -55,11 +55,15 @@ class NodePciDevice:
         """True for host and PCI bridges (base class 0x06), which share groups harmlessly."""
         return self.class_code >> 16 == 0x06
 
-    def report(self, name: str) -> PciDeviceInfo:
-        """Returns what the agent tells management of this device, listed under ``name``."""
+    def report(self, name: str, withheld: str = "") -> PciDeviceInfo:
+        """Returns what the agent tells management of this device, listed under ``name``.
+
+        ``withheld`` says why the agent keeps it from offer ("" when it does not).
+        """
         return PciDeviceInfo(
             address=self.address, name=name, vendor_id=self.vendor_id,
             product_id=self.product_id, iommu_group=self.iommu_group, vendor=self.vendor,
             product=self.product, class_code=self.class_code, numa_node=self.numa_node,
             iommu_members=self.iommu_members, physical_function=self.physical_function,
-            virtual_functions=self.virtual_functions, driver=self.driver)
+            virtual_functions=self.virtual_functions, driver=self.driver,
+            withheld=withheld)

@@ -5,7 +5,9 @@ tested without libvirt:
 
 - every listed address exists as a PCI node device (else an error naming it);
 - a listed device whose IOMMU group holds other devices that are neither
-  listed nor bridges gets a warning naming them (passthrough takes the group);
+  listed nor bridges (a partial group) is withheld from offer, with the
+  reason, and fails ``--check``, unless ``pci.iommu.partial.groups=allow``
+  (then a warning names them: passthrough takes the group);
 - a listed device already used by a domain is reported with that domain.
 """
 
@@ -16,8 +18,12 @@ from dataclasses import dataclass
 
 from hostdev.agent.config import AgentConfig
 from hostdev.agent.pci_device import NodePciDevice
+from hostdev.messages.limits import MAX_LABEL
 from hostdev.messages.pci_address import PciAddress
 from hostdev.messages.values import DomainInfo, PciDeviceInfo
+
+#: The key and value that let the agent offer devices of a partial IOMMU group.
+ALLOW_PARTIAL_GROUPS = "pci.iommu.partial.groups=allow"
 
 
 @dataclass(frozen=True)
@@ -35,17 +41,35 @@ class DeviceInUse:
 
 @dataclass(frozen=True)
 class CheckReport:
-    """What the start-up checks found; ``ok`` is False when the agent must not start."""
+    """What the start-up checks found; ``ok`` is False when the agent must not start.
+
+    ``partial_groups`` are refused IOMMU groups: the agent starts and reports
+    their listed devices withheld, but ``--check`` fails on them.
+    """
 
     inventory: tuple[PciDeviceInfo, ...]
     errors: tuple[str, ...] = ()
     warnings: tuple[str, ...] = ()
     in_use: tuple[DeviceInUse, ...] = ()
+    partial_groups: tuple[str, ...] = ()
 
     @property
     def ok(self) -> bool:
-        """True when no check failed (warnings allowed)."""
+        """True when no check failed (warnings allowed): the agent may start."""
         return not self.errors
+
+    @property
+    def passes(self) -> bool:
+        """True when ``--check`` succeeds: no error and no refused partial group."""
+        return self.ok and not self.partial_groups
+
+
+def withheld_reason(group: int | None, strangers: list[PciAddress]) -> str:
+    """Says why the devices of a partial IOMMU group are withheld (fits a ``Reason``)."""
+    named = ", ".join(str(a) for a in strangers[:3]) + (" ..." if len(strangers) > 3 else "")
+    reason = (f"IOMMU group {group} also holds {named}, not in pci.devices; list "
+              f"{'them' if len(strangers) > 1 else 'it'} or set {ALLOW_PARTIAL_GROUPS}")
+    return reason[:MAX_LABEL]
 
 
 def check_host(config: AgentConfig, devices: Sequence[NodePciDevice],
@@ -72,6 +96,7 @@ def check_host(config: AgentConfig, devices: Sequence[NodePciDevice],
     errors: list[str] = []
     warnings: list[str] = []
     in_use: list[DeviceInUse] = []
+    partial: dict[int | None, str] = {}
     if backends == () and config.pci_devices:
         warnings.append(
             "libvirt reports no PCI passthrough backend (empty pciBackend in the domain "
@@ -86,19 +111,27 @@ def check_host(config: AgentConfig, devices: Sequence[NodePciDevice],
                 f"{entry.address.libvirt_name} not found); correct the address "
                 "(lspci -D shows them) or remove the entry")
             continue
-        inventory.append(device.report(entry.name))
         strangers = [
             member for member in device.iommu_members
             if member != entry.address and member not in listed
             and not (member in by_address and by_address[member].is_bridge)
         ]
-        if strangers:
+        withheld = ""
+        if strangers and config.partial_groups == "allow":
             warnings.append(
                 f"{entry.address} ({entry.name}) shares IOMMU group {device.iommu_group} with "
                 f"{', '.join(strangers)}, which are neither listed in pci.devices nor bridges; "
-                "a VM given this device takes the whole group: list them too or move the card")
+                f"offered anyway ({ALLOW_PARTIAL_GROUPS}): a VM given this device takes the "
+                "whole group, which the host must not be using")
+        elif strangers:
+            withheld = withheld_reason(device.iommu_group, strangers)
+            partial.setdefault(device.iommu_group, (
+                f"{config.path}:{entry.line}: {entry.address} ({entry.name}) is withheld from "
+                f"offer: {withheld}"))
+        inventory.append(device.report(entry.name, withheld))
         if entry.address in holders:
             in_use.append(DeviceInUse(address=entry.address, name=entry.name,
                                       domain=holders[entry.address]))
     return CheckReport(inventory=tuple(inventory), errors=tuple(errors),
-                       warnings=tuple(warnings), in_use=tuple(in_use))
+                       warnings=tuple(warnings), in_use=tuple(in_use),
+                       partial_groups=tuple(partial.values()))

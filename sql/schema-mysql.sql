@@ -253,9 +253,31 @@ ALTER TABLE vm_instances ADD COLUMN console_path VARCHAR(1024);
 
 UPDATE alembic_version SET version_num='0008' WHERE alembic_version.version_num = '0007';
 
--- Running upgrade 0008 -> 0012
+-- Running upgrade 0008 -> 0009
+
+ALTER TABLE hosts DROP CHECK ck_hosts_status;
+
+ALTER TABLE hosts MODIFY status VARCHAR(32) NOT NULL;
+
+ALTER TABLE hosts ADD CONSTRAINT ck_hosts_status CHECK (status IN ('Up', 'Disconnected', 'Down', 'PrepareForMaintenance', 'Maintenance'));
+
+ALTER TABLE hosts ADD COLUMN status_reason VARCHAR(1024) NOT NULL DEFAULT '';
+
+ALTER TABLE hosts ADD COLUMN reset_on_release BOOL NOT NULL DEFAULT false;
+
+UPDATE alembic_version SET version_num='0009' WHERE alembic_version.version_num = '0008';
+
+-- Running upgrade 0009 -> 0010
+
+ALTER TABLE hosts ADD COLUMN device_epoch BIGINT NOT NULL DEFAULT '0';
+
+ALTER TABLE hosts ADD COLUMN device_rules BOOL NOT NULL DEFAULT false;
+
+UPDATE alembic_version SET version_num='0010' WHERE alembic_version.version_num = '0009';
+
+-- Running upgrade 0010 -> 0012
 
 ALTER TABLE hosts ADD COLUMN reconciled_digest VARCHAR(64);
 
-UPDATE alembic_version SET version_num='0012' WHERE alembic_version.version_num = '0008';
+UPDATE alembic_version SET version_num='0012' WHERE alembic_version.version_num = '0010';
 

@@ -10,6 +10,7 @@ from sqlalchemy import ColumnElement, Table, and_, func, literal_column
 
 from hostdev.messages.pci_address import PciAddress
 from hostdev.messages.values import DeviceState, PciDeviceInfo, PciDeviceRow
+from hostdev.mgmt.persistence.database import RetryTransaction
 from hostdev.mgmt.persistence.models import DEVICE_STATES, PciDevice
 
 DEVICES: Final = cast(Table, PciDevice.__table__)
@@ -33,6 +34,20 @@ NO_NODE: Final = -1
 NUMA_NODE: Final = func.coalesce(C.numa_node, literal_column(str(NO_NODE)))
 #: The columns :meth:`HeldDevice.of` reads.
 DEVICE_COLUMNS: Final = (C.id, C.host_id, C.name, *ADDRESS_COLUMNS, C.state)
+
+
+class ClaimRaceLost(RetryTransaction):
+    """Another transaction took or locked a device between our read and our update.
+
+    Attributes:
+        written: rows this claim already changed in the caller's transaction
+            (0 when it lost before writing, so the caller may try another host
+            in the same transaction; otherwise it MUST roll back).
+    """
+
+    def __init__(self, reason: str, *, written: int = 0) -> None:
+        super().__init__(reason)
+        self.written = written
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import replace
-from typing import Any, Final, TypeAlias, cast
+from typing import Any, Final, TypeAlias
 
 from sqlalchemy import (
     BindParameter,
     ColumnElement,
     Connection,
-    Table,
+    and_,
     bindparam,
     case,
+    false,
     func,
     or_,
     select,
@@ -20,11 +21,13 @@ from sqlalchemy import (
 )
 
 from hostdev.messages.values import DeviceState
+from hostdev.mgmt.devices import host_rules
+from hostdev.mgmt.devices.availability import choose
 from hostdev.mgmt.devices.device_rows import (
     ALLOCATED,
+    CLEANING,
     DEVICE_COLUMNS,
     DEVICES,
-    DISABLED,
     FREE,
     NUMA_NODE,
     QUARANTINED,
@@ -32,37 +35,27 @@ from hostdev.mgmt.devices.device_rows import (
     RESERVED,
     C,
     DeviceCounts,
-    address_of,
     state_is,
 )
 
-# Allocation callers take the device type from the module that hands it out.
+# Allocation callers take these from the module that hands devices out.
+from hostdev.mgmt.devices.device_rows import ClaimRaceLost as ClaimRaceLost
 from hostdev.mgmt.devices.device_rows import HeldDevice as HeldDevice
 from hostdev.mgmt.devices.pci_inventory import locks_rows
-from hostdev.mgmt.errors import Conflict, InvalidRequest, NoCapacity, NotFound
-from hostdev.mgmt.persistence.database import (
-    PreparedStatement,
-    RetryTransaction,
-)
-from hostdev.mgmt.persistence.models import Host, VmInstance, utcnow
+from hostdev.mgmt.errors import InvalidRequest, NoCapacity
+from hostdev.mgmt.persistence.database import PreparedStatement
+from hostdev.mgmt.persistence.models import utcnow
 
+_HOSTS: Final = host_rules.HOSTS
 # What a device becomes when its VM lets go: a quarantined one was already
-# gone from the inventory, so it is removed rather than offered again.
-_LET_GO: Final = case((state_is(QUARANTINED), REMOVED), else_=FREE)
-
-
-class ClaimRaceLost(RetryTransaction):
-    """Another transaction took or locked a device between our read and our update.
-
-    Attributes:
-        written: rows this claim already changed in the caller's transaction
-            (0 when it lost before writing, so the caller may try another host
-            in the same transaction; otherwise it MUST roll back).
-    """
-
-    def __init__(self, reason: str, *, written: int = 0) -> None:
-        super().__init__(reason)
-        self.written = written
+# gone from the inventory, so it is removed rather than offered again; one a
+# guest had, on a host that resets released devices, waits in cleaning for
+# the reset (hostdev.mgmt.devices.cleaning); the others are free.
+_RESETS_ON_RELEASE = (select(_HOSTS.c.reset_on_release).where(_HOSTS.c.id == C.host_id)
+                      .scalar_subquery())
+_LET_GO: Final = case((state_is(QUARANTINED), REMOVED),
+                      (and_(state_is(ALLOCATED), _RESETS_ON_RELEASE.is_(True)), CLEANING),
+                      else_=FREE)
 
 
 class InsufficientDevices(NoCapacity):
@@ -76,31 +69,33 @@ class InsufficientDevices(NoCapacity):
         self.free = free
 
 
-class DeviceNotFound(NotFound):
-    """No device has the id a request names."""
-
-
-class DeviceBusy(Conflict):
-    """An admin change needs a free device, and this one is held or gone."""
-
-
 # Every state change is a conditional UPDATE checked by its row count, and
 # claims pick rows with FOR UPDATE SKIP LOCKED, so several daemons share one
 # MariaDB; SQLite (one daemon) serialises writers with BEGIN IMMEDIATE.
 # The hot statements are built and compiled once, and run on the DBAPI
 # cursor: per call, Core's statement building and execution cost about as
 # much as the round trip itself (bench/alloc.py measures it).
+# A host with device rules is claimed from otherwise (``_take``): the pick reads
+# its flag in the same statement (a locking read does not lock the rows its
+# subqueries read) and then matches and locks nothing, so a plain host's
+# claim costs no extra round trip and a ruled one's locks its host row first.
+_RULES_OF_HOST = (select(_HOSTS.c.device_rules).where(_HOSTS.c.id == bindparam("host_id"))
+                  .scalar_subquery())
 _OF_NAME = (C.host_id == bindparam("host_id"), C.name == bindparam("name"), state_is(FREE))
 #: on one NUMA node (``numa_node``, NO_NODE for devices without one) -> the conditions.
 _WHERE = {False: _OF_NAME,
           True: (*_OF_NAME, NUMA_NODE == bindparam("numa_node"))}  # noqa: SIM300 (SQL, not a constant)
-_FREE_OF_NAME = {on_node: select(*DEVICE_COLUMNS).where(*where).order_by(C.id)
-                 .limit(bindparam("count")) for on_node, where in _WHERE.items()}
+_FREE_OF_NAME = {on_node: select(*DEVICE_COLUMNS)
+                 .where(*where, _RULES_OF_HOST == false())  # noqa: SIM300 (SQL)
+                 .order_by(C.id).limit(bindparam("count")) for on_node, where in _WHERE.items()}
 #: (on one node, locking with SKIP LOCKED) -> the SELECT a claim picks its devices with.
 _PICK = {(on_node, locking): PreparedStatement(
     query.with_for_update(skip_locked=True) if locking else query)
     for on_node, query in _FREE_OF_NAME.items() for locking in (False, True)}
-_FREE_COUNT = {on_node: select(func.count()).where(*where) for on_node, where in _WHERE.items()}
+#: on one node -> (device_rules, free devices of the name) of one host.
+_FREE_COUNT = {on_node: select(_HOSTS.c.device_rules, select(func.count()).where(*where)
+                               .scalar_subquery()).where(_HOSTS.c.id == bindparam("host_id"))
+               for on_node, where in _WHERE.items()}
 _TAKE: dict[tuple[bool, int], PreparedStatement] = {}
 
 
@@ -124,18 +119,19 @@ _LET_GO_VALUES: Final[dict[Any, Any]] = {
     C.state: _LET_GO, C.instance_id: None, C.reserved_for: None, C.updated_at: bindparam("now")
 }
 _HELD_OR_RESERVED = or_(C.instance_id == bindparam("vm_id"), C.reserved_for == bindparam("vm_id"))
-_HOSTS: Final = cast(Table, Host.__table__)
-# A scalar subquery, not a join: a locking read does not lock the rows its
-# subqueries read, so a release never locks its host's row.
+# Scalar subqueries, not a join: a locking read does not lock the rows its
+# subqueries read, so a release locks its host's row only where rules need it.
 _HOST_GUID = (select(_HOSTS.c.guid).where(_HOSTS.c.id == C.host_id)
               .scalar_subquery().label("host_guid"))
+_HOST_RULES = (select(_HOSTS.c.device_rules).where(_HOSTS.c.id == C.host_id)
+               .scalar_subquery().label("host_rules"))
 
 
 def _held(on_host: bool, locking: bool) -> PreparedStatement:
     where: list[ColumnElement[bool]] = [_HELD_OR_RESERVED]
     if on_host:
         where.append(C.host_id == bindparam("on_host"))
-    query = select(*DEVICE_COLUMNS, _HOST_GUID).where(*where).order_by(C.id)
+    query = select(*DEVICE_COLUMNS, _HOST_GUID, _HOST_RULES).where(*where).order_by(C.id)
     return PreparedStatement(query.with_for_update() if locking else query)
 
 
@@ -167,33 +163,61 @@ def _wanted(requests: Mapping[str, int]) -> list[tuple[str, int]]:
     return sorted((name, count) for name, count in requests.items() if count)
 
 
-def _take(
-    conn: Connection, vm_id: int, host_id: int, requests: Mapping[str, int], *, reserve: bool,
-    numa_node: int | None = None,
-) -> tuple[HeldDevice, ...]:
+def _pick(conn: Connection, host_id: int, wanted: list[tuple[str, int]],
+          state: DeviceState, numa_node: int | None) -> list[HeldDevice] | None:
+    """Picks free rows of each name on a host without device rules (SKIP LOCKED on MariaDB).
+
+    With ``numa_node``, only devices on that node. Returns None, having
+    picked nothing, when the host has device rules.
+    """
     picked: list[HeldDevice] = []
     locking = locks_rows(conn)
     on_node = numa_node is not None
     pick = _PICK[(on_node, locking)]
-    where = f" on NUMA node {numa_node}" if on_node else ""
-    state = RESERVED if reserve else ALLOCATED
-    for name, count in _wanted(requests):
+    for name, count in wanted:
         of_name = {"host_id": host_id, "name": name, "count": count, "numa_node": numa_node}
         rows = pick.execute(conn, of_name).rows
         if len(rows) < count:
-            free = conn.execute(_FREE_COUNT[on_node], of_name).scalar_one()
+            ruled, free = conn.execute(_FREE_COUNT[on_node], of_name).one()
+            if ruled and not picked:
+                return None
             if locking and free >= count:
                 # Enough exist, but other transactions hold locks on them.
                 raise ClaimRaceLost(f"host {host_id}: {name} devices are locked by others")
-            raise InsufficientDevices(
-                f"host {host_id}: needs {count}x{name}{where}, {free} free; pick another host "
-                "or free devices",
-                host_id=host_id, name=name, wanted=count, free=int(free),
-            )
-        # Picked rows are still free; the UPDATE below gives them their new state.
+            raise _insufficient(host_id, name, count, int(free), numa_node)
+        # Picked rows are still free; the UPDATE in _take gives them their new state.
         picked.extend(replace(HeldDevice.of(row), state=state) for row in rows)
-    if not picked:
+    return picked
+
+
+def _insufficient(host_id: int, name: str, wanted: int, free: int,
+                  numa_node: int | None = None) -> InsufficientDevices:
+    where = f" on NUMA node {numa_node}" if numa_node is not None else ""
+    return InsufficientDevices(
+        f"host {host_id}: needs {wanted}x{name}{where}, {free} free; pick another host "
+        "or free devices", host_id=host_id, name=name, wanted=wanted, free=free)
+
+
+def _take(
+    conn: Connection, vm_id: int, host_id: int, requests: Mapping[str, int], *, reserve: bool,
+    numa_node: int | None = None,
+) -> tuple[HeldDevice, ...]:
+    wanted = _wanted(requests)
+    if not wanted:
         return ()
+    state = RESERVED if reserve else ALLOCATED
+    plain = _pick(conn, host_id, wanted, state, numa_node)
+    ruled = plain is None
+    if plain is None:
+        # The host's claims run one at a time: choose over all its rows, whole groups.
+        host_rules.serialize(conn, host_id)
+        facts = host_rules.read_facts(conn, host_id)
+        choice = choose(facts, dict(wanted), numa_node)
+        if choice.short is not None:
+            raise _insufficient(host_id, *choice.short, numa_node)
+        picked = [HeldDevice(d.id, host_id, d.name, d.address, state) for d in choice.taken]
+    else:
+        picked = plain
     params: dict[str, Any] = {f"id_{i}": device.id for i, device in enumerate(picked)}
     params.update(vm_id=vm_id, now=utcnow())
     taken = _take_statement(reserve, len(picked)).execute(conn, params).rowcount
@@ -203,6 +227,8 @@ def _take(
             "were taken concurrently",
             written=taken,
         )
+    if ruled:
+        host_rules.apply_rules(conn, host_id)  # read again: reasons name the new holder
     return tuple(picked)
 
 
@@ -246,28 +272,41 @@ def release_devices(
 ) -> tuple[Released, ...]:
     """Lets go of every device a VM holds or has reserved, on one host or on all.
 
-    Idempotent. Held devices become free; quarantined ones become removed.
+    Idempotent. Held devices become free (cleaning, on a host that resets
+    released devices); reserved ones free; quarantined ones removed.
     The rows are locked (``FOR UPDATE``) as they are read, so the devices
     returned, in id order, are exactly the ones let go; each comes with its
     host's guid, read in the same statement, for the events that name it.
+    On a host with device rules the release then serializes on the host row
+    and applies the rules. That host row is locked after the VM's device
+    rows, against the usual order: what serialized transactions write on
+    the host is free or unavailable rows (never this VM's), or rows their
+    locking reads take whole (an inventory change), which InnoDB reports as
+    a deadlock and the unit of work retries.
     """
     params: dict[str, Any] = {"vm_id": vm_id, "on_host": host_id}
     rows = _HELD[(host_id is not None, locks_rows(conn))].execute(conn, params).rows
     if not rows:
         return ()
+    ruled = [h for h in sorted({row[1] for row in rows if row[-1]})
+             if host_rules.serialize(conn, h)]
     params = {f"id_{i}": row[0] for i, row in enumerate(rows)}
     params.update(vm_id=vm_id, now=utcnow())
     changed = _let_go_statement(len(rows)).execute(conn, params).rowcount
     if changed != len(rows):  # cannot happen while the rows are locked; never hide it
         raise ClaimRaceLost(f"VM {vm_id}: {len(rows) - changed} of {len(rows)} devices changed "
                             "during their release", written=changed)
-    return tuple((HeldDevice.of(row[:-1]), row[-1] or "") for row in rows)
+    for ruled_host in ruled:
+        host_rules.apply_rules(conn, ruled_host)
+    return tuple((HeldDevice.of(row[:-2]), row[-2] or "") for row in rows)
 
 
 def commit_migration(
     conn: Connection, vm_id: int, source_host_id: int, destination_host_id: int
 ) -> int:
     """Ends a successful migration: frees the source set, allocates the reserved set.
+
+    The source set becomes free, or cleaning on a host that resets released devices.
 
     Idempotent: a second call finds nothing left to change. A reserved device
     that was quarantined meanwhile stays quarantined, now held by the VM.
@@ -278,6 +317,8 @@ def commit_migration(
             f"VM {vm_id}: a migration's source and destination are both host "
             f"{source_host_id}; they must differ"
         )
+    ruled = [h for h in sorted((source_host_id, destination_host_id))
+             if host_rules.serialize(conn, h)]
     now = utcnow()
     conn.execute(
         update(DEVICES)
@@ -294,6 +335,8 @@ def commit_migration(
             C.updated_at: now,
         })
     )
+    for host_id in ruled:
+        host_rules.apply_rules(conn, host_id)
     return int(result.rowcount)
 
 
@@ -302,65 +345,15 @@ def abort_migration(conn: Connection, vm_id: int, destination_host_id: int) -> i
 
     Idempotent. Returns how many reserved devices were let go.
     """
+    ruled = host_rules.serialize(conn, destination_host_id)
     result = conn.execute(
         update(DEVICES)
         .where(C.host_id == destination_host_id, C.reserved_for == vm_id)
         .values({C.state: _LET_GO, C.reserved_for: None, C.updated_at: utcnow()})
     )
+    if ruled:
+        host_rules.apply_rules(conn, destination_host_id)
     return int(result.rowcount)
-
-
-def disable_device(conn: Connection, device_id: int, reason: str = "") -> DeviceState:
-    """Takes a free device out of service, keeping ``reason``; idempotent. Returns its state.
-
-    Raises:
-        DeviceNotFound: no device has this id.
-        DeviceBusy: the device is held, reserved, quarantined or removed; the
-            text names the VM that holds it.
-    """
-    result = conn.execute(
-        update(DEVICES)
-        .where(C.id == device_id, state_is(FREE))
-        .values(state=DISABLED, reason=reason, updated_at=utcnow())
-    )
-    if result.rowcount == 1:
-        return DISABLED
-    row = _device_row(conn, device_id)
-    if row.state == DISABLED:
-        return DISABLED
-    holder = row.instance_id if row.instance_id is not None else row.reserved_for
-    if row.state == REMOVED:
-        what = "no longer in its host's inventory (pci.devices); nothing to disable"
-    else:
-        vm = conn.execute(select(VmInstance.name, VmInstance.uuid)
-                          .where(VmInstance.id == holder)).first()
-        by = f" by VM {vm.name} ({vm.uuid})" if vm is not None else ""
-        what = f"{row.state}{by}; only a free device can be disabled: stop or migrate its VM first"
-    raise DeviceBusy(f"device {address_of(row)} ({row.name}) is {what}")
-
-
-def enable_device(conn: Connection, device_id: int) -> DeviceState:
-    """Puts a disabled device back in service; a no-op in any other state. Returns its state.
-
-    Raises:
-        DeviceNotFound: no device has this id.
-    """
-    result = conn.execute(
-        update(DEVICES)
-        .where(C.id == device_id, state_is(DISABLED))
-        .values(state=FREE, reason="", updated_at=utcnow())
-    )
-    if result.rowcount == 1:
-        return FREE
-    state: DeviceState = _device_row(conn, device_id).state
-    return state
-
-
-def _device_row(conn: Connection, device_id: int) -> Any:
-    row = conn.execute(select(DEVICES).where(C.id == device_id)).first()
-    if row is None:
-        raise DeviceNotFound(f"no PCI device has id {device_id}; list devices to find its id")
-    return row
 
 
 def device_counts(conn: Connection, host_id: int | None = None) -> list[DeviceCounts]:

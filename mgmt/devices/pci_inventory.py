@@ -10,6 +10,7 @@ from sqlalchemy import Connection, insert, select, update
 
 from hostdev.messages.pci_address import PciAddress
 from hostdev.messages.values import DeviceState, PciDeviceInfo
+from hostdev.mgmt.devices import host_rules
 from hostdev.mgmt.devices.device_rows import (
     ALLOCATED,
     DEVICES,
@@ -17,11 +18,11 @@ from hostdev.mgmt.devices.device_rows import (
     QUARANTINED,
     REMOVED,
     RESERVED,
+    UNAVAILABLE,
     C,
     address_columns,
     address_of,
     fact_columns,
-    state_is,
     state_is_not,
 )
 from hostdev.mgmt.errors import InvalidRequest
@@ -31,7 +32,7 @@ from hostdev.mgmt.persistence.models import utcnow
 #: What a device missing from its host's report becomes, by its state: a held
 #: or reserved one is quarantined (its VM still names it), the others removed.
 _GONE: Final[dict[DeviceState, DeviceState]] = {
-    "free": "removed", "disabled": "removed",
+    "free": "removed", "disabled": "removed", "unavailable": "removed",
     "allocated": "quarantined", "reserved": "quarantined",
 }
 
@@ -73,7 +74,8 @@ def reconcile_inventory(
     removed when free or disabled, quarantined when held or reserved (never
     deleted, never offered); a removed device that is reported again is free
     again, and a quarantined one goes back to its VM (allocated or reserved).
-    Never commits.
+    Then the hardware rules are applied (``host_rules.refresh``): devices
+    they keep from offer become unavailable, with the reason. Never commits.
 
     Raises:
         InvalidRequest: the report lists one address twice.
@@ -87,6 +89,7 @@ def reconcile_inventory(
                 f"{by_address[address].name!r} and {info.name!r}); fix pci.devices"
             )
         by_address[address] = info
+    host_rules.serialize_always(conn, host_id)  # the host row first, then its devices
     query = select(DEVICES).where(C.host_id == host_id)
     if locks_rows(conn):
         # Start-up is rare: lock the host's rows so claims wait for us.
@@ -129,6 +132,7 @@ def reconcile_inventory(
             conn.execute(
                 update(DEVICES).where(C.id.in_(ids)).values(state=target, updated_at=now)
             )
+    host_rules.refresh(conn, host_id)
     return InventoryChanges(
         added=tuple(changes.added), renamed=tuple(changes.renamed),
         removed=tuple(changes.removed), quarantined=tuple(changes.quarantined),
@@ -140,14 +144,22 @@ def _back(row: Any) -> dict[str, DeviceState]:
     """Returns the state a device that is reported again takes back, if it changes."""
     if row.state == REMOVED:
         return {"state": FREE}
-    if row.state == QUARANTINED:
-        return {"state": ALLOCATED if row.instance_id is not None else RESERVED}
+    if row.state == QUARANTINED and row.instance_id is not None:
+        return {"state": ALLOCATED}
+    if row.state == QUARANTINED and row.reserved_for is not None:
+        return {"state": RESERVED}
+    # Quarantined and held by nobody: its reset failed (hostdev.mgmt.devices.cleaning);
+    # being reported says nothing about that, so it stays.
     return {}
 
 
 def _changed_values(row: Any, info: PciDeviceInfo) -> dict[str, Any]:
     reported = {"name": info.name, **fact_columns(info)}
     return {key: value for key, value in reported.items() if getattr(row, key) != value}
+
+
+#: The states of a device no VM holds, which a running domain's use may take over.
+_ADOPTABLE: Final[tuple[DeviceState, ...]] = (FREE, UNAVAILABLE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,13 +177,15 @@ def adopt_devices(conn: Connection, host_id: int, vm_id: int,
     For a VM management thought stopped that a host reports running: the
     devices it really holds must not stay on offer. All or nothing: when one
     of them is held, reserved or disabled for anything else, nothing changes
-    and ``conflicts`` says why. Addresses outside the inventory are not
-    hostdev's to track and are skipped.
+    and ``conflicts`` says why. A device the hardware rules kept unavailable
+    is adopted too (the domain has it), and the rules are applied after.
+    Addresses outside the inventory are not hostdev's to track and are skipped.
 
     Raises:
         RetryTransaction: a device was taken between the read and the UPDATE.
     """
     wanted = {PciAddress(a) for a in addresses}
+    ruled = host_rules.serialize(conn, host_id)
     query = select(DEVICES).where(C.host_id == host_id, state_is_not(REMOVED))
     if locks_rows(conn):
         query = query.with_for_update()
@@ -181,15 +195,18 @@ def adopt_devices(conn: Connection, host_id: int, vm_id: int,
         + (f" for VM id {row.instance_id or row.reserved_for}"
            if (row.instance_id or row.reserved_for) else "")
         for row in rows
-        if not (row.state == FREE or (row.state == ALLOCATED and row.instance_id == vm_id))
+        if not (row.state in _ADOPTABLE or (row.state == ALLOCATED and row.instance_id == vm_id))
     )
     if conflicts:
         return Adoption(conflicts=conflicts)
-    free = [row for row in rows if row.state == FREE]
+    free = [row for row in rows if row.state in _ADOPTABLE]
     if free:
         result = conn.execute(
-            update(DEVICES).where(C.id.in_([row.id for row in free]), state_is(FREE))
-            .values(state=ALLOCATED, instance_id=vm_id, updated_at=utcnow()))
+            update(DEVICES).where(C.id.in_([row.id for row in free]),
+                                  C.state.in_(_ADOPTABLE))
+            .values(state=ALLOCATED, instance_id=vm_id, reason="", updated_at=utcnow()))
         if result.rowcount != len(free):
             raise RetryTransaction(f"a device of VM id {vm_id} was taken while it was adopted")
+        if ruled:
+            host_rules.apply_rules(conn, host_id)
     return Adoption(adopted=tuple((address_of(row), row.name) for row in free))

@@ -47,6 +47,7 @@ from hostdev.mgmt.jobs.payloads import migrating_hosts
 from hostdev.mgmt.persistence.database import PreparedStatement
 from hostdev.mgmt.persistence.models import (
     HOST_UP,
+    OPERATOR_STATUSES,
     VM_DESTROYED,
     VM_ERROR,
     VM_RUNNING,
@@ -60,9 +61,9 @@ from hostdev.mgmt.persistence.unit_of_work import TxContext
 #: How long a ping waits for others to share its transaction (pings come every
 #: 30 s or so: a tenth of a second more is nothing, and fills runs at low rates).
 PING_LINGER_S = 0.1
-#: Host statuses a ping leaves as they are (any other becomes Up, with an event).
-#: (As ``HostRegistry.on_ping`` decides.)
-_STEADY: tuple[HostStatus, ...] = (HOST_UP, "Maintenance")
+#: Host statuses a ping leaves as they are (any other becomes Up, with an event),
+#: as ``HostRegistry.on_ping`` decides.
+_STEADY: tuple[HostStatus, ...] = (HOST_UP, *OPERATOR_STATUSES)
 #: Libvirt states in which a domain counts as running.
 _ACTIVE = ("running", "paused")
 _HOSTS = cast(Table, Host.__table__)

@@ -25,6 +25,10 @@ from hostdev.mgmt.api.offerings import describe_pci_requests
 from hostdev.mgmt.devices.device_rows import FREE, NO_NODE, NUMA_NODE
 from hostdev.mgmt.persistence.database import PreparedStatement
 from hostdev.mgmt.persistence.models import HOST_UP, Host, PciDevice, VmInstance
+
+# Verdicts and refusals quote it; callers take it from here.
+from hostdev.mgmt.placement.unavailable import Unavailable as Unavailable
+from hostdev.mgmt.placement.unavailable import read_unavailable
 from hostdev.mgmt.vms.vm_states import HOLDS_DEVICES
 
 
@@ -52,6 +56,8 @@ class HostCapacity:
     free_devices: dict[str, int] = field(default_factory=dict)
     #: NUMA node (``NO_NODE`` for devices without one) -> name -> free devices.
     free_by_node: dict[int, dict[str, int]] = field(default_factory=dict)
+    #: Per requested name, the devices the hardware rules keep (state ``unavailable``).
+    unavailable: dict[str, Unavailable] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -78,6 +84,9 @@ PAGE = 64
 #      NO_NODE) has them all: ``count`` FREE devices of every requested name.
 # ``_fit_conditions`` says it in SQL for the search, ``shortfalls`` in Python
 # for verdicts and refusals; a property test holds the two to the same answers.
+# The hardware rules (IOMMU groups, PF/VF, withheld devices) need no criterion
+# of their own: a device they keep from offer is ``unavailable``, never FREE
+# (``hostdev.mgmt.devices.availability``); verdicts say how many and why.
 
 
 def find_hosts(session: Session, demand: Demand, *, avoid: Collection[str] = (),
@@ -241,9 +250,11 @@ def read_capacities(session: Session, names: Sequence[str]) -> list[HostCapacity
             total = counts.setdefault(row[0], dict.fromkeys(names, 0))
             for name, number in on_node.items():
                 total[name] += number
+    kept = read_unavailable(session, names)
     return [HostCapacity(id=r.id, guid=r.guid, name=r.name, status=r.status,
                          free_cpus=int(r.free_cpus), free_memory_mb=int(r.free_memory),
-                         free_devices=counts.get(r.id, {}), free_by_node=by_node.get(r.id, {}))
+                         free_devices=counts.get(r.id, {}), free_by_node=by_node.get(r.id, {}),
+                         unavailable=kept.get(r.id, {}))
             for r in rows]
 
 
@@ -257,6 +268,13 @@ class Shortfall:
     name: str = ""
     #: For ``numa``: per node, by number, the free devices of each requested name.
     nodes: tuple[tuple[int, tuple[int, ...]], ...] = ()
+    #: For ``devices``: those of the name the hardware rules keep from offer, if any.
+    unavailable: Unavailable | None = None
+
+    @property
+    def kept(self) -> str:
+        """`` (2 unavailable: why)`` when rules keep devices of the name, else ""."""
+        return f" ({self.unavailable})" if self.unavailable else ""
 
 
 def shortfalls(host: HostCapacity, demand: Demand,
@@ -274,7 +292,8 @@ def shortfalls(host: HostCapacity, demand: Demand,
     for request in demand.pci:
         free = host.free_devices.get(request.name, 0)
         if free < request.count:
-            missed.append(Shortfall("devices", request.count, free, request.name))
+            missed.append(Shortfall("devices", request.count, free, request.name,
+                                    unavailable=host.unavailable.get(request.name)))
     if demand.numa == "required" and demand.pci and not any(
             m.criterion == "devices" for m in missed):  # too few in all says it already
         nodes = tuple((node, tuple(counts.get(r.name, 0) for r in demand.pci))
@@ -313,7 +332,7 @@ def _reason(host: HostCapacity, missed: Shortfall, demand: Demand) -> str:
         case "memory":
             return f"needs {missed.wanted} MiB, {missed.free} MiB free"
         case "devices":
-            return f"needs {missed.wanted}x{missed.name}, {missed.free} free"
+            return f"needs {missed.wanted}x{missed.name}, {missed.free} free{missed.kept}"
         case "numa":
             wanted, found = _numa_parts(missed, demand)
             return f"no NUMA node has {wanted} free: {found}"
@@ -348,7 +367,7 @@ def refusal(demand: Demand, hosts: Sequence[HostCapacity],
         elif "status" in kinds:
             parts.append(f"{host.name} is {host.status}")
         else:
-            detail = [f"has {m.free}" + ("" if len(demand.pci) == 1 else f" {m.name}")
+            detail = [f"has {m.free}" + ("" if len(demand.pci) == 1 else f" {m.name}") + m.kept
                       for m in missed if m.criterion == "devices"]
             detail += [f"has {m.free} CPUs free of {m.wanted} needed"
                        for m in missed if m.criterion == "cpus"]

@@ -119,7 +119,8 @@ def test_start_connects_declares_consumes_and_announces(make_host: HostFactory) 
     assert bus.connected and bus.queues == [f"hostdev.agent.{GUID}"]
     handled = {t.__name__ for t in bus.consumers[f"hostdev.agent.{GUID}"]}
     assert handled == {"StartCommand", "StopCommand", "MigrateCommand", "StartupAnswer",
-                       "ErrorAnswer", "AttachPciDevicesCommand", "DetachPciDevicesCommand"}
+                       "ErrorAnswer", "AttachPciDevicesCommand", "DetachPciDevicesCommand",
+                       "ResetPciDevicesCommand"}
     key, startup = bus.sent[0]
     assert key == f"mgmt.{GUID}.StartupRoutingCommand"
     assert isinstance(startup, StartupRoutingCommand)
@@ -201,7 +202,8 @@ def test_check_passes_for_a_matching_host(tmp_path: Path,
     from tests.support.agent import sample_spec, write_spec
 
     uri = write_spec(tmp_path, sample_spec())
-    path = write_properties(tmp_path, f"libvirt.uri={uri}\npci.devices={SAMPLE_DEVICES}\n")
+    path = write_properties(tmp_path, f"libvirt.uri={uri}\npci.devices={SAMPLE_DEVICES}\n"
+                                      "pci.iommu.partial.groups=allow\n")
     assert main(["--config", str(path), "--check"]) == 0
     err = capsys.readouterr().err
     assert "3 of 3 devices found" in err and "test is successful" in err
@@ -218,9 +220,25 @@ def test_check_prints_the_guid_an_operator_needs_for_the_broker_user(
 
     uri = write_spec(tmp_path, sample_spec())
     path = write_properties(tmp_path, f"guid=h-42\nlibvirt.uri={uri}\n"
-                                      f"pci.devices={SAMPLE_DEVICES}\n")
+                                      f"pci.devices={SAMPLE_DEVICES}\n"
+                                      "pci.iommu.partial.groups=allow\n")
     assert main(["--config", str(path), "--check"]) == 0
     assert "hostdev-agent: guid h-42\n" in capsys.readouterr().err
+
+
+def test_check_fails_for_a_partial_iommu_group(tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """--check exits 1 on a group with an unlisted member, naming the line and the way out."""
+    from tests.support.agent import sample_spec, write_spec
+
+    uri = write_spec(tmp_path, sample_spec())
+    path = write_properties(tmp_path, f"libvirt.uri={uri}\npci.devices={SAMPLE_DEVICES}\n")
+    assert main(["--config", str(path), "--check"]) == 1
+    err = capsys.readouterr().err
+    assert (f"hostdev-agent: error: {path}:2: 0000:3b:00.0 (GPU) is withheld from offer: "
+            "IOMMU group 40 also holds 0000:3b:00.1, not in pci.devices; list it or set "
+            "pci.iommu.partial.groups=allow\n") in err
+    assert "3 of 3 devices found" in err and "test failed" in err
 
 
 def test_check_fails_for_a_missing_device(tmp_path: Path,

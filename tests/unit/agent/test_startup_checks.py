@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import xml.etree.ElementTree as ET
 
+import pytest
+
 from hostdev.agent.config import parse_config
+from hostdev.agent.errors import ConfigError
 from hostdev.agent.nodedev_xml import (
     build_node_xml,
     parse_pci_device,
@@ -48,21 +51,49 @@ def test_a_listed_device_missing_on_the_host_is_an_error_naming_it() -> None:
     assert "pci_0000_5e_00_0 not found" in report.errors[0]
 
 
-def test_foreign_group_members_are_a_warning_but_bridges_and_listed_ones_are_not() -> None:
-    """The GPU's unlisted audio function is named; the NICs' bridge and sibling are fine."""
+def test_a_partial_group_is_withheld_but_bridges_and_listed_members_are_not() -> None:
+    """The GPU's unlisted audio function withholds the GPU; the NICs' bridge and sibling don't."""
     config = parse_config(f"pci.devices={SAMPLE_DEVICES}\n", "a.properties")
     report = check_host(config, host_devices(), [])
-    assert len(report.warnings) == 1
-    assert report.warnings[0].startswith("0000:3b:00.0 (GPU) shares IOMMU group 40 with "
-                                         "0000:3b:00.1, which are neither listed")
+    assert report.ok and not report.passes  # the agent starts; --check fails
+    assert report.warnings == ()
+    reason = ("IOMMU group 40 also holds 0000:3b:00.1, not in pci.devices; list it or set "
+              "pci.iommu.partial.groups=allow")
+    assert {d.name: d.withheld for d in report.inventory} == {"10GE": "", "GPU": reason}
+    assert report.partial_groups == (
+        f"a.properties:1: 0000:3b:00.0 (GPU) is withheld from offer: {reason}",)
 
 
-def test_an_unlisted_sibling_of_a_nic_is_warned_about() -> None:
-    """Listing only one of two functions of a group warns about the other."""
-    config = parse_config("pci.devices=28:00.1|10GE\n", "a.properties")
-    (warning,) = check_host(config, host_devices(), []).warnings
+def test_allowed_partial_groups_are_offered_with_a_warning() -> None:
+    """With pci.iommu.partial.groups=allow, nothing is withheld and a warning names the member."""
+    config = parse_config("pci.devices=28:00.1|10GE\npci.iommu.partial.groups=allow\n",
+                          "a.properties")
+    report = check_host(config, host_devices(), [])
+    assert report.passes and [d.withheld for d in report.inventory] == [""]
+    (warning,) = report.warnings
     assert "shares IOMMU group 27 with 0000:28:00.2" in warning
     assert "00:03.1" not in warning
+
+
+def test_every_listed_member_of_a_partial_group_is_withheld_once_named() -> None:
+    """Two listed functions of a group with a foreign member are both withheld, one error."""
+    spec = sample_spec()
+    spec["devices"].append({"address": "28:00.3", "iommu_group": 27})
+    root = ET.fromstring(build_node_xml(spec_from_dict(spec)))
+    devices = [d for d in (parse_pci_device(ET.tostring(e, encoding="unicode"))
+                           for e in root.iter("device")) if d is not None]
+    config = parse_config("pci.devices=28:00.1|10GE,28:00.2|10GE\n", "a.properties")
+    report = check_host(config, devices, [])
+    assert [bool(d.withheld) for d in report.inventory] == [True, True]
+    assert len(report.partial_groups) == 1 and "0000:28:00.3" in report.partial_groups[0]
+
+
+def test_a_bad_partial_groups_value_is_an_error_naming_file_and_line() -> None:
+    """pci.iommu.partial.groups takes refuse or allow; anything else names file and line."""
+    with pytest.raises(ConfigError, match=r"a.properties:2: .*pci.iommu.partial.groups must be "
+                                          r"one of refuse, allow"):
+        parse_config("pci.devices=28:00.1|10GE\npci.iommu.partial.groups=maybe\n",
+                     "a.properties")
 
 
 def test_a_device_used_by_a_domain_is_reported_with_the_domain() -> None:

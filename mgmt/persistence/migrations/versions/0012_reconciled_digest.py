@@ -6,7 +6,7 @@ placed on it when that ping was last reconciled. NULL after the upgrade: the
 first ping of each host is reconciled and sets it.
 
 Revision ID: 0012
-Revises: 0008
+Revises: 0010
 Create Date: 2026-11-28
 """
 
@@ -16,7 +16,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0012"
-down_revision: str | None = "0008"
+down_revision: str | None = "0010"
 branch_labels: str | None = None
 depends_on: str | None = None
 

@@ -155,6 +155,24 @@ def test_devices_show_numa_group_and_sriov_columns(h: Harness) -> None:
                                 "VF", "of", "0000:5e:00.0", "-"]
 
 
+def test_devices_and_explain_say_why_a_device_is_unavailable(h: Harness) -> None:
+    """A disabled NIC function keeps its group mate off offer: devices and explain say why."""
+    mates = tuple(PciDeviceInfo(address=PciAddress(f"28:00.{n}"), name="25GE", iommu_group=40)
+                  for n in (0, 1))
+    h.register("g4", "h4", mates)
+    assert _cli(h, "device", "disable", "h4", "28:00.1", "--reason", "bad SFP")[0] == 0
+    status, text = _cli(h, "devices", "--host", "h4")
+    assert status == 0
+    why = "IOMMU group 40: 0000:28:00.1 is disabled (bad SFP)"
+    first = text.splitlines()[1]
+    assert first.split()[:4] == ["h4", "0000:28:00.0", "25GE", "unavailable"]
+    assert first.endswith(why)
+    h.api(api.CreateOfferingRequest(name="net25", pci_devices="25GE"))
+    status, text = _cli(h, "explain", "net25")
+    assert status == 0
+    assert f"needs 1x25GE, 0 free (1 unavailable: {why})" in text
+
+
 def test_devices_json_carries_every_fact(h: Harness) -> None:
     """`devices --json` lists the reported facts of each device."""
     _facts_host(h)

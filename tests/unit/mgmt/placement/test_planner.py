@@ -35,6 +35,21 @@ def test_refusal_reads_like_the_issue() -> None:
                                         "h3 has 0")
 
 
+def test_verdict_and_refusal_say_which_rule_keeps_devices() -> None:
+    """Devices a hardware rule keeps are counted and their reason quoted, most common first."""
+    kept = planner.Unavailable(2, ("IOMMU group 40: 0000:28:00.0 is held by VM vm-a",))
+    host = HostCapacity(id=1, guid="g-h1", name="h1", status="Up", free_cpus=8,
+                        free_memory_mb=4096, free_devices={"10GE": 1},
+                        unavailable={"10GE": kept})
+    assert verdict(host, TWO_10GE).reason == (
+        "needs 2x10GE, 1 free (2 unavailable: IOMMU group 40: 0000:28:00.0 is held by VM vm-a)")
+    assert refusal(TWO_10GE, [host]) == (
+        "no host has 2 x 10GE free: h1 has 1 (2 unavailable: IOMMU group 40: 0000:28:00.0 "
+        "is held by VM vm-a)")
+    many = planner.Unavailable(5, ("a", "b", "c"))
+    assert str(many) == "5 unavailable: a; b; ..."
+
+
 def test_refusal_without_hosts_says_to_start_an_agent() -> None:
     """With no host registered, the refusal says what to do."""
     assert "start a hostdev-agent" in refusal(TWO_10GE, [])

@@ -1,0 +1,297 @@
+"""A hypothesis state machine over the daemon's allocation, checking the hardware rules.
+
+Random inventories (IOMMU groups, PF/VF trees, NUMA nodes, withheld devices)
+on two hosts, and random streams of deploys (claims), stops (releases),
+migrations (reserve, then commit or abort), disables and enables, and agent
+reports that withhold a device or stop withholding it. After every step the
+rows are read once (``Snapshot``) and every check in ``INVARIANTS`` runs on
+them.
+
+Extending it: a new rule is a method decorated with ``@rule`` in a subclass
+(or here); a new invariant is a function ``(Snapshot) -> None`` appended to
+``INVARIANTS`` (e.g. NUMA ``required`` honoured: read ``Snapshot.vms``).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import pytest
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+from sqlalchemy import Engine, select
+
+from hostdev.messages.pci_address import PciAddress
+from hostdev.messages.values import DeviceState, PciDeviceInfo
+from hostdev.mgmt.devices.availability import HELD_STATES, DeviceFacts, rule_changes
+from hostdev.mgmt.devices.device_admin import DeviceBusy
+from hostdev.mgmt.devices.pci_devices import InsufficientDevices
+from hostdev.mgmt.persistence.database import transaction
+from hostdev.mgmt.persistence.models import DEVICE_STATES, PciDevice, VmInstance
+from tests.support.databases import add_host, add_offering, add_vms
+from tests.support.pci_device_contract import ClaimPath
+
+NAMES = ("A", "B")
+HOSTS = 2
+VMS = 4
+
+
+@st.composite
+def inventories(draw: st.DrawFn) -> list[PciDeviceInfo]:
+    """Draws one host's report: up to 8 devices in groups, PF/VF trees, on NUMA nodes."""
+    devices: list[PciDeviceInfo] = []
+    for number in range(draw(st.integers(1, 8))):
+        pfs = [d.address for d in devices if d.physical_function is None]
+        devices.append(PciDeviceInfo(
+            address=PciAddress(f"{0x10 + number:02x}:00.0"), name=draw(st.sampled_from(NAMES)),
+            iommu_group=draw(st.none() | st.integers(0, 2)),
+            numa_node=draw(st.none() | st.integers(0, 1)),
+            physical_function=draw(st.none() | st.sampled_from(pfs)) if pfs else None,
+            withheld="partial group" if draw(st.integers(0, 9)) == 0 else ""))
+    return devices
+
+
+@dataclass(frozen=True)
+class Row:
+    """One device row as the invariants read it."""
+
+    id: int
+    host_id: int
+    address: PciAddress
+    name: str
+    state: DeviceState
+    holder: int | None
+    iommu_group: int | None
+    physical_function: PciAddress | None
+    numa_node: int | None
+    reason: str
+    withheld: str
+
+
+@dataclass
+class Snapshot:
+    """Every device row of the machine's hosts, and its VMs' rows, read after a step."""
+
+    rows: list[Row]
+    vms: dict[int, tuple[str, int | None]] = field(default_factory=dict)
+
+    def on(self, host_id: int) -> list[Row]:
+        """Returns the rows of one host."""
+        return [r for r in self.rows if r.host_id == host_id]
+
+    def facts(self, host_id: int) -> list[DeviceFacts]:
+        """Returns a host's rows as the hardware rules read them."""
+        return [DeviceFacts(id=r.id, address=r.address, name=r.name, state=r.state,
+                            iommu_group=r.iommu_group, physical_function=r.physical_function,
+                            withheld=r.withheld, reason=r.reason, numa_node=r.numa_node,
+                            holder=self.vms.get(r.holder or 0, ("", None))[0])
+                for r in self.on(host_id)]
+
+
+def no_group_is_split_between_vms(snapshot: Snapshot) -> None:
+    """The held members of an IOMMU group all belong to one VM."""
+    holders: dict[tuple[int, int], set[int]] = {}
+    for row in snapshot.rows:
+        if row.iommu_group is not None and row.state in HELD_STATES and row.holder:
+            holders.setdefault((row.host_id, row.iommu_group), set()).add(row.holder)
+    split = {group: vms for group, vms in holders.items() if len(vms) > 1}
+    assert not split, f"IOMMU groups held by several VMs: {split}"
+
+
+def no_pf_is_held_with_one_of_its_vfs(snapshot: Snapshot) -> None:
+    """Never a PF held (by anyone) while one of its VFs is held (by anyone)."""
+    held = {(r.host_id, r.address) for r in snapshot.rows if r.state in HELD_STATES}
+    both = [r.address for r in snapshot.rows if r.state in HELD_STATES
+            and r.physical_function is not None and (r.host_id, r.physical_function) in held]
+    assert not both, f"VFs held with their PF: {both}"
+
+
+def counts_add_up(snapshot: Snapshot) -> None:
+    """Every device is in exactly one known state; the states add up to the inventory."""
+    by_state = Counter(r.state for r in snapshot.rows)
+    assert set(by_state) <= set(DEVICE_STATES), by_state
+    in_inventory = [r for r in snapshot.rows if r.state != "removed"]
+    assert sum(n for s, n in by_state.items() if s != "removed") == len(in_inventory)
+
+
+def rows_are_a_fixed_point_of_the_rules(snapshot: Snapshot) -> None:
+    """No free device is kept by a rule, no unavailable one is free to go, reasons are current."""
+    for host_id in sorted({r.host_id for r in snapshot.rows}):
+        changes = rule_changes(snapshot.facts(host_id))
+        assert not changes.unavailable and not changes.free, (host_id, changes)
+
+
+def reasons_explain_unavailable_devices(snapshot: Snapshot) -> None:
+    """An unavailable device says why; a free one carries no stale reason."""
+    for row in snapshot.rows:
+        if row.state == "unavailable":
+            assert row.reason, row
+        if row.state == "free":
+            assert row.reason == "", row
+
+
+def holders_match_states(snapshot: Snapshot) -> None:
+    """Held states have a VM, free, unavailable and disabled ones none."""
+    for row in snapshot.rows:
+        assert (row.holder is not None) == (row.state in ("allocated", "reserved",
+                                                          "quarantined")), row
+
+
+#: What must hold after every step; other rules append theirs (NUMA, maintenance).
+INVARIANTS: list[Callable[[Snapshot], None]] = [
+    no_group_is_split_between_vms, no_pf_is_held_with_one_of_its_vfs, counts_add_up,
+    rows_are_a_fixed_point_of_the_rules, reasons_explain_unavailable_devices,
+    holders_match_states,
+]
+
+
+class AllocationMachine(RuleBasedStateMachine):
+    """Deploys, stops, migrations, disables, enables and reports on two random hosts."""
+
+    engine: ClassVar[Engine]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.repo = ClaimPath(self.engine)
+        with transaction(self.engine) as conn:
+            self.hosts = [add_host(conn) for _ in range(HOSTS)]
+            self.vms = add_vms(conn, add_offering(conn), VMS)
+        self.reports: dict[int, list[PciDeviceInfo]] = {}
+        #: VM -> (host it runs on, what it asked for); absent when stopped.
+        self.placed: dict[int, tuple[int, dict[str, int]]] = {}
+        #: VM -> host its devices are reserved on while it migrates.
+        self.migrating: dict[int, int] = {}
+
+    @initialize(reports=st.lists(inventories(), min_size=HOSTS, max_size=HOSTS))
+    def report_inventories(self, reports: list[list[PciDeviceInfo]]) -> None:
+        """Each host's agent reports its devices."""
+        for host, report in zip(self.hosts, reports, strict=True):
+            self.reports[host] = report
+            self.repo.reconcile(host, report)
+
+    def snapshot(self) -> Snapshot:
+        """Reads every device row of the machine's hosts, and its VMs."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(PciDevice.__table__)
+                                .where(PciDevice.host_id.in_(self.hosts))).all()
+            vms = {vm_id: (name, host) for vm_id, name, host in conn.execute(
+                select(VmInstance.id, VmInstance.name, VmInstance.host_id)
+                .where(VmInstance.id.in_(self.vms)))}
+        return Snapshot(rows=[Row(
+            id=r.id, host_id=r.host_id,
+            address=PciAddress(f"{r.domain}:{r.bus}:{r.slot}.{r.function}"), name=r.name,
+            state=r.state, holder=r.instance_id or r.reserved_for, iommu_group=r.iommu_group,
+            physical_function=PciAddress(r.physical_function) if r.physical_function else None,
+            numa_node=r.numa_node, reason=r.reason, withheld=r.withheld) for r in rows], vms=vms)
+
+    def _stopped(self) -> list[int]:
+        return [vm for vm in self.vms if vm not in self.placed]
+
+    def _running(self) -> list[int]:
+        return [vm for vm in self.vms if vm in self.placed and vm not in self.migrating]
+
+    def _explained_refusal(self, host: int, requests: Mapping[str, int]) -> None:
+        """A refused claim is short of free devices, or the host has a free PF with a free VF."""
+        rows = self.snapshot().on(host)
+        free = Counter(r.name for r in rows if r.state == "free")
+        addresses = {r.address for r in rows if r.state == "free"}
+        assert any(free[name] < count for name, count in requests.items()) or any(
+            r.physical_function in addresses for r in rows if r.address in addresses), (
+            requests, free)
+
+    @precondition(lambda self: self._stopped())
+    @rule(data=st.data(), host=st.integers(0, HOSTS - 1),
+          requests=st.dictionaries(st.sampled_from(NAMES), st.integers(1, 2), min_size=1))
+    def deploy(self, data: st.DataObject, host: int, requests: dict[str, int]) -> None:
+        """A stopped VM is deployed: its devices are claimed, whole groups at a time."""
+        vm, host_id = data.draw(st.sampled_from(self._stopped())), self.hosts[host]
+        before = self.snapshot().on(host_id)
+        try:
+            held = self.repo.claim(vm, host_id, requests)
+        except InsufficientDevices:
+            self._explained_refusal(host_id, requests)
+            return
+        got = Counter(d.name for d in held)
+        assert all(got[name] >= count for name, count in requests.items()), (got, requests)
+        groups = {r.iommu_group for r in before if r.id in {d.id for d in held}} - {None}
+        mates = {r.id for r in before if r.iommu_group in groups and r.state != "removed"}
+        assert mates <= {d.id for d in held}, "a claim took part of an IOMMU group"
+        self.placed[vm] = (host_id, requests)
+
+    @precondition(lambda self: self.placed)
+    @rule(data=st.data())
+    def stop(self, data: st.DataObject) -> None:
+        """A VM stops: everything it holds or reserved is let go."""
+        vm = data.draw(st.sampled_from(sorted(self.placed)))
+        held = self.repo.devices_of(vm)
+        assert self.repo.release(vm) == len(held)
+        del self.placed[vm]
+        self.migrating.pop(vm, None)
+
+    @precondition(lambda self: self._running())
+    @rule(data=st.data())
+    def begin_migration(self, data: st.DataObject) -> None:
+        """A running VM reserves its devices on the other host."""
+        vm = data.draw(st.sampled_from(self._running()))
+        source, requests = self.placed[vm]
+        target = next(h for h in self.hosts if h != source)
+        try:
+            self.repo.reserve(vm, target, requests)
+        except InsufficientDevices:
+            self._explained_refusal(target, requests)
+            return
+        self.migrating[vm] = target
+
+    @precondition(lambda self: self.migrating)
+    @rule(data=st.data(), success=st.booleans())
+    def end_migration(self, data: st.DataObject, success: bool) -> None:
+        """A migration commits (the VM moves) or aborts (it keeps its source set)."""
+        vm = data.draw(st.sampled_from(sorted(self.migrating)))
+        target = self.migrating.pop(vm)
+        source, requests = self.placed[vm]
+        if success:
+            self.repo.commit_migration(vm, source, target)
+            self.placed[vm] = (target, requests)
+        else:
+            self.repo.abort_migration(vm, target)
+        assert {d.host_id for d in self.repo.devices_of(vm)} <= {self.placed[vm][0]}
+
+    @rule(data=st.data(), enable=st.booleans())
+    def disable_or_enable(self, data: st.DataObject, enable: bool) -> None:
+        """An operator disables a device no VM holds (refused otherwise), or enables one."""
+        row = data.draw(st.sampled_from([r for r in self.snapshot().rows
+                                         if r.state != "removed"]))
+        if enable:
+            state = self.repo.enable(row.id)
+            assert state != "disabled"
+        elif row.state in ("free", "unavailable", "disabled"):
+            assert self.repo.disable(row.id) == "disabled"
+        else:
+            with pytest.raises(DeviceBusy):
+                self.repo.disable(row.id)
+
+    @rule(host=st.integers(0, HOSTS - 1), data=st.data())
+    def withhold_or_offer(self, host: int, data: st.DataObject) -> None:
+        """An agent restarts and withholds one of its devices, or stops withholding it."""
+        host_id = self.hosts[host]
+        report = self.reports[host_id]
+        index = data.draw(st.integers(0, len(report) - 1))
+        device = report[index]
+        flipped = "" if device.withheld else "partial group"
+        report[index] = PciDeviceInfo(
+            address=device.address, name=device.name, iommu_group=device.iommu_group,
+            numa_node=device.numa_node, physical_function=device.physical_function,
+            withheld=flipped)
+        self.repo.reconcile(host_id, report)
+
+    @invariant()
+    def hardware_rules_hold(self) -> None:
+        """Every invariant in INVARIANTS holds on the rows after the step."""
+        if not self.reports:
+            return  # before the inventories are reported
+        snapshot = self.snapshot()
+        for check in INVARIANTS:
+            check(snapshot)

@@ -41,7 +41,7 @@ from hostdev.messages.commands import PingRoutingCommand, StartupRoutingCommand
 from hostdev.messages.values import HostStatus
 from hostdev.mgmt.hosts import report_order
 from hostdev.mgmt.hosts.registration import HostRegistry
-from hostdev.mgmt.hosts.report_order import Stamp
+from hostdev.mgmt.hosts.report_order import HostReports, Stamp
 from hostdev.mgmt.jobs.migration_recovery import MigrationRecovery
 from hostdev.mgmt.jobs.payloads import migrating_hosts
 from hostdev.mgmt.persistence.database import PreparedStatement
@@ -71,15 +71,10 @@ _VMS = cast(Table, VmInstance.__table__)
 
 
 @dataclass(slots=True)
-class _HostRow:
-    """The columns of a host a ping reads and writes (``report_order.ReportedHost``)."""
+class _HostRow(HostReports):
+    """The columns of a host a ping reads: its report order, status and last digest."""
 
-    id: int
-    guid: str
     status: str
-    report_boot_id: str | None
-    report_seq: int | None
-    retired_boot_id: str | None
     reconciled_digest: str | None
 
 
@@ -111,8 +106,8 @@ def _ids(size: int, prefix: str = "i") -> list[ClauseElement]:
 
 
 _LOCK_HOSTS = _BySize(lambda size: select(
-    _HOSTS.c.id, _HOSTS.c.guid, _HOSTS.c.status, _HOSTS.c.report_boot_id,
-    _HOSTS.c.report_seq, _HOSTS.c.retired_boot_id, _HOSTS.c.reconciled_digest,
+    _HOSTS.c.id, _HOSTS.c.guid, _HOSTS.c.report_boot_id, _HOSTS.c.report_seq,
+    _HOSTS.c.retired_boot_id, _HOSTS.c.status, _HOSTS.c.reconciled_digest,
 ).where(_HOSTS.c.guid.in_(_ids(size, "g"))).with_for_update())
 
 _PLACED_VMS = _BySize(lambda size: select(
@@ -191,15 +186,14 @@ class PingManager:
         touched: dict[int, int | None] = {}
         for ping, _ in pings:
             host = hosts.get(ping.guid)
+            stamp = Stamp.of(ping)
             if host is None or host.id not in placed \
+                    or (stamp.numbered and stamp.boot_id != host.report_boot_id) \
                     or not _unchanged(ping, host, placed[host.id]):
-                taken.append(False)
+                taken.append(False)  # reconciled alone (a restarted agent's ping too)
                 continue
             taken.append(True)
-            stamp = Stamp.of(ping)
-            if stamp.numbered and stamp.boot_id != host.report_boot_id:
-                taken[-1] = False  # a restarted agent: admitted and reconciled alone
-            elif report_order.admit(tx, host, stamp):
+            if report_order.admit(tx, host, stamp):
                 touched[host.id] = host.report_seq
         if touched:
             params: dict[str, object] = {"now": utcnow()}

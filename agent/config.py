@@ -78,6 +78,8 @@ class AgentConfig:
     metrics_port: int | None = None
     #: The directory of the agent's state files (``state.dir``); see ``default_state_dir``.
     state_dir: str = DEFAULT_STATE_DIR
+    #: Lab only (``lab.emulated.devices``): emulated stand-ins instead of passthrough.
+    lab_emulated_devices: bool = False
     warnings: tuple[str, ...] = ()
 
     @property
@@ -151,6 +153,13 @@ def absolute_path(prop: Property) -> str:
     return value
 
 
+def yes_no(prop: Property) -> bool:
+    """Parses ``yes``/``no`` (also ``true``/``false``)."""
+    value = prop.value.strip().lower()
+    if value not in ("yes", "no", "true", "false"):
+        raise prop.error(f"{prop.key} must be yes or no")
+    return value in ("yes", "true")
+
 
 #: key -> (AgentConfig field, parser)
 _KEYS: dict[str, tuple[str, Callable[[Property], object]]] = {
@@ -172,6 +181,7 @@ _KEYS: dict[str, tuple[str, Callable[[Property], object]]] = {
     "log.level": ("log_level", choice("debug", "info", "warning", "error")),
     "metrics.port": ("metrics_port", port_or_off),
     "state.dir": ("state_dir", absolute_path),
+    "lab.emulated.devices": ("lab_emulated_devices", yes_no),
 }
 
 KNOWN_KEYS = tuple(_KEYS)

@@ -29,7 +29,7 @@ import socket
 import subprocess
 import uuid as uuid_module
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -263,10 +263,8 @@ class LabHost:
                 process.kill()
                 process.wait()
         for pid in self.qemu_pids():
-            try:
+            with suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
 
 
 @dataclass(frozen=True)
@@ -310,3 +308,82 @@ def real_lab(workdir: Path) -> Iterator[Lab]:
             hosts.append(host)
         yield Lab(a=hosts[0], b=hosts[1], guest=guest, workdir=workdir)
 
+
+
+def lab_template(guest: GuestFiles, console_dir: Path, *, refuse_unplug: bool = False) -> str:
+    """Returns a domain template booting the lab guest, its console in ``console_dir``.
+
+    The shape of ``etc/templates/kernel-boot.xml`` without its network (the
+    lab's daemons have none). ``refuse_unplug`` boots the guest with
+    ``acpiphp.disable=1``: it never releases a device, like a guest without
+    ``acpiphp``. The type is ``qemu`` (TCG) even where ``/dev/kvm`` exists:
+    a machine whose CPUs lack vmx/svm may still have the device node, and a
+    guest under KVM there never boots.
+    """
+    cmdline = "console=ttyS0 quiet" + (" acpiphp.disable=1" if refuse_unplug else "")
+    return f"""<domain type='qemu'>
+  <os>
+    <type arch='x86_64' machine='pc'>hvm</type>
+    <kernel>{guest.kernel}</kernel>
+    <initrd>{guest.initrd}</initrd>
+    <cmdline>{cmdline}</cmdline>
+  </os>
+  <features>
+    <acpi/>
+  </features>
+  <devices>
+    <serial type='file'>
+      <source path='{console_dir}/vm.log' append='on'/>
+      <target port='0'/>
+    </serial>
+    <memballoon model='none'/>
+  </devices>
+</domain>"""
+
+
+@dataclass(frozen=True)
+class Tick:
+    """One line the guest printed: its counter and the PCI devices it sees."""
+
+    n: int
+    pci: frozenset[str]
+
+
+class Console:
+    """A guest's serial console file, as its /init writes it."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def ticks(self) -> list[Tick]:
+        """Returns every tick printed so far, in order."""
+        try:
+            text = self.path.read_text(encoding="utf-8", errors="replace")
+        except FileNotFoundError:
+            return []
+        return [Tick(int(m.group(1)), frozenset(filter(None, m.group(2).split(","))))
+                for m in TICK.finditer(text)]
+
+    def last(self) -> Tick | None:
+        """Returns the latest tick, None before the guest's /init ran."""
+        ticks = self.ticks()
+        return ticks[-1] if ticks else None
+
+    def wait_tick_after(self, n: int, timeout: float = 60.0) -> Tick:
+        """Waits for a tick numbered above ``n`` and returns it."""
+        return wait_for(lambda: next((t for t in reversed(self.ticks()) if t.n > n), None),
+                        timeout=timeout, what=f"the guest's tick after {n} in {self.path}")
+
+    def wait_sees(self, slot: int, present: bool = True, timeout: float = 30.0) -> Tick:
+        """Waits until a fresh tick shows (or no longer shows) ``0000:00:<slot>.0``."""
+        device = guest_pci(slot)
+        since = (self.last() or Tick(0, frozenset())).n
+        return wait_for(lambda: next((t for t in self.ticks()[::-1] if t.n > since
+                                      and (device in t.pci) == present), None),
+                        timeout=timeout, what=f"the guest {'seeing' if present else 'losing'} "
+                        f"{device} in {self.path}")
+
+
+def guest_pci(slot: int) -> str:
+    """Returns how the guest names the device at ``slot`` of bus 0."""
+    return f"0000:00:{slot:02x}.0"

@@ -15,9 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import libvirt
 import pytest
 
 from hostdev.agent.errors import HypervisorError
+from hostdev.messages import api
 from hostdev.messages.domain_template import render_domain
 from hostdev.messages.values import VmSpec
 from tests.support.e2e_stack import Stack, e2e_stack
@@ -207,3 +209,33 @@ def test_a_failing_libvirt_migration_reattaches_on_the_source(cloud: Cloud) -> N
     for slot in (0x10, 0x11):
         console.wait_sees(slot)
     _destroy(cloud, "grounded")
+
+
+def test_the_source_agent_killed_mid_migration_is_finished_by_the_destination(
+        cloud: Cloud) -> None:
+    """a's agent dies while libvirt copies the guest: libvirt finishes, b's report ends the job."""
+    console = _deploy(cloud, "runaway", "lab", on="a")
+    uuid = vm_row(cloud.stack, "runaway").uuid
+    a = cloud.agents["a"].host()
+    try:
+        domain = a.lookup(uuid)
+        accepted = cloud.stack.request(api.MigrateVmRequest(vm="runaway", destination="b"))
+        assert isinstance(accepted, api.JobAccepted), accepted
+        # The copy of a lab guest lasts about 3 s: killed within it, polled every 20 ms.
+        wait_for(lambda: domain.jobInfo()[0] != libvirt.VIR_DOMAIN_JOB_NONE, timeout=30,
+                 interval=0.02, what="libvirt migrating the guest")
+        cloud.agents["a"].daemon.kill()
+    finally:
+        a.close()
+    assert not any(r.get("event") == "domain_migrated"
+                   for r in cloud.agents["a"].daemon.records()), "killed after it finished"
+    job = cloud.stack.wait_job(accepted.job_id, timeout=90)
+    assert job.state == "succeeded", job.details
+    row = vm_row(cloud.stack, "runaway")
+    assert (row.state, row.host_name) == ("Running", "b")
+    assert cloud.held_by("runaway") == {"a": set(), "b": DEVICES}
+    assert cloud.agents["b"].hostdevs(uuid) == DEVICES
+    console.wait_sees(0x11)
+    cloud.agents["a"].restart().wait_log("startup_accepted")
+    cloud.settle()
+    _destroy(cloud, "runaway")

@@ -7,7 +7,7 @@ tears down what it started:
 - a guest: a Debian cloud kernel taken with ``apt-get download`` and
   unpacked (nothing installed into /boot), and a busybox initramfs whose
   ``/init`` prints a counter and the guest's PCI devices on the serial
-  console every half second; both cached under ``cache_dir()`` between runs;
+  console every 0.2 s; both cached under ``cache_dir()`` between runs;
 - two ``libvirtd`` daemons as two hosts: each in its own mount namespace
   (private ``/run/libvirt``, ``/var/lib/libvirt``, ``/etc/libvirt``... bound
   from the work folder), listening on a free TCP port on loopback with no
@@ -55,7 +55,7 @@ n=0
 while true; do
   n=$((n+1))
   echo "hostdev-lab tick=$n pci=$(ls /sys/bus/pci/devices | tr '\\n' ',')"
-  sleep 0.5
+  sleep 0.2
 done
 """
 

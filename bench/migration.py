@@ -34,17 +34,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the lab lives in tests/support
 
-from hostdev.agent.handlers import CommandHandlers, Timeouts  # noqa: E402
-from hostdev.agent.lab_host import LabHost  # noqa: E402
-from hostdev.messages.commands import (  # noqa: E402
+from hostdev.agent.handlers import CommandHandlers, Timeouts
+from hostdev.agent.lab_host import LabHost
+from hostdev.messages.commands import (
     AttachPciDevicesCommand,
     MigrateCommand,
     StartCommand,
 )
-from hostdev.messages.domain_template import console_path_for, render_domain  # noqa: E402
-from hostdev.messages.pci_address import PciAddress  # noqa: E402
-from hostdev.messages.values import VmSpec  # noqa: E402
-from tests.support.realvm import (  # noqa: E402
+from hostdev.messages.domain_template import console_path_for, render_domain
+from hostdev.messages.pci_address import PciAddress
+from hostdev.messages.values import VmSpec
+from tests.support.realvm import (
     GUEST_MEMORY_MIB,
     Console,
     lab_template,

@@ -1,6 +1,6 @@
 """Fixtures of the real tier: two libvirtd daemons (QEMU/TCG) and a guest that boots.
 
-Every test under tests/realvm is marked ``realvm``. The ``lab`` fixture
+Every module under tests/realvm is marked ``realvm`` (``pytest -m realvm``). The ``lab`` fixture
 (session scope) sets up what the tier needs on a fresh machine and stops
 the daemons at the end (tests/support/realvm.py); anything missing FAILS the
 tier with what to do, it never skips. ``hosts`` opens a ``LabHost`` on each
@@ -24,14 +24,6 @@ from tests.support.realvm import GuestFiles, Lab, lab_template, real_lab
 #: The devices each lab host stands in for (guest slots 0x10, 0x11).
 A_DEVICES = (PciAddress("28:00.1"), PciAddress("28:00.2"))
 B_DEVICES = (PciAddress("3b:00.0"), PciAddress("3b:00.1"))
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Marks every test of this folder ``realvm``."""
-    here = Path(__file__).parent
-    for item in items:
-        if here in Path(item.path).parents:
-            item.add_marker(pytest.mark.realvm)
 
 
 @pytest.fixture(scope="session")

@@ -5,9 +5,13 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from hostdev.agent.libvirt_host import LibvirtHost
 from tests.support.processes import BIN
 from tests.support.realvm import Lab
+
+pytestmark = pytest.mark.realvm
 
 
 def _check(tmp_path: Path, properties: str) -> subprocess.CompletedProcess[str]:

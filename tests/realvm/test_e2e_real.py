@@ -29,7 +29,7 @@ from tests.support.realvm import GUEST_MEMORY_MIB, Console, Lab, lab_template
 from tests.support.realvm_stack import LabAgent, start_lab_agent
 from tests.support.waiting import wait_for
 
-pytestmark = [pytest.mark.rabbitmq, pytest.mark.mariadb]
+pytestmark = [pytest.mark.realvm, pytest.mark.rabbitmq, pytest.mark.mariadb]
 
 DEVICES = {"0000:28:00.0", "0000:28:00.1"}  # both hosts' two 10GE
 

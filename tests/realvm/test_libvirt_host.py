@@ -19,6 +19,8 @@ from hostdev.messages.values import VmSpec
 from tests.realvm.conftest import A_DEVICES, B_DEVICES, Hosts
 from tests.support.realvm import GUEST_MEMORY_MIB, Console, guest_pci
 
+pytestmark = pytest.mark.realvm
+
 TIMEOUTS = Timeouts(attach_s=20.0, detach_s=20.0, migration_s=120.0)
 
 

@@ -25,6 +25,7 @@ from hostdev.messages.pci_address import PciAddress
 from hostdev.messages.runtime.properties import (
     PropertiesError,
     Property,
+    boolean,
     choice,
     duration,
     matching,
@@ -76,6 +77,8 @@ class AgentConfig:
     log_format: LogFormat = "json"
     log_level: LogLevel = "info"
     metrics_port: int | None = None
+    #: Reset every device a VM lets go of before it is offered again (``pci.reset.on.release``).
+    pci_reset_on_release: bool = False
     #: The directory of the agent's state files (``state.dir``); see ``default_state_dir``.
     state_dir: str = DEFAULT_STATE_DIR
     #: Lab only (``lab.emulated.devices``): emulated stand-ins instead of passthrough.
@@ -173,6 +176,7 @@ _KEYS: dict[str, tuple[str, Callable[[Property], object]]] = {
     "libvirt.uri": ("libvirt_uri", _LIBVIRT_URI),
     "migration.uri": ("migration_uri", _LIBVIRT_URI),
     "pci.devices": ("pci_devices", parse_pci_devices),
+    "pci.reset.on.release": ("pci_reset_on_release", boolean),
     "ping.interval": ("ping_interval_s", duration),
     "timeout.attach": ("attach_timeout_s", duration),
     "timeout.detach": ("detach_timeout_s", duration),

@@ -42,6 +42,7 @@ from hostdev.messages.commands import (
     ErrorAnswer,
     MigrateCommand,
     PingRoutingCommand,
+    ResetPciDevicesCommand,
     StartCommand,
     StartupAnswer,
     StartupRoutingCommand,
@@ -140,7 +141,8 @@ class Agent:
             hypervisor_version=facts.hypervisor_version, cpus=facts.cpus,
             memory_mb=facts.memory_mb, pci_devices=self.report.inventory,
             domains=self.hypervisor.domains(), agent_version=_agent_version(),
-            migration_uri=self.config.migration_uri, boot_id=self.sequence.boot_id, seq=seq)
+            migration_uri=self.config.migration_uri, boot_id=self.sequence.boot_id, seq=seq,
+            pci_reset_on_release=self.config.pci_reset_on_release)
 
     @property
     def registered(self) -> bool:
@@ -242,6 +244,7 @@ class Agent:
                                                   key=lambda m: m.vm_uuid),
             AttachPciDevicesCommand: pipeline.command(self.commands.attach),
             DetachPciDevicesCommand: pipeline.command(self.commands.detach),
+            ResetPciDevicesCommand: pipeline.command(self.commands.reset),
             StartupAnswer: pipeline.answer(self._startup_answer),
             ErrorAnswer: pipeline.answer(self._error_answer),
         }

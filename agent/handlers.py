@@ -41,6 +41,8 @@ from hostdev.messages.commands import (
     DetachPciDevicesCommand,
     MigrateAnswer,
     MigrateCommand,
+    ResetPciDevicesAnswer,
+    ResetPciDevicesCommand,
     StartAnswer,
     StartCommand,
     StopAnswer,
@@ -57,6 +59,8 @@ _ANSWERS: dict[type[Message], Callable[..., Message]] = {
     StartCommand: StartAnswer, StopCommand: StopAnswer, MigrateCommand: MigrateAnswer,
     AttachPciDevicesCommand: AttachPciDevicesAnswer,
     DetachPciDevicesCommand: DetachPciDevicesAnswer,
+    ResetPciDevicesCommand: lambda result, vm_uuid, details: ResetPciDevicesAnswer(
+        result=result, details=details),
 }
 
 
@@ -331,6 +335,40 @@ class CommandHandlers:
             except HypervisorError as exc:
                 outcomes.append(DeviceOutcome(address=address, result="error", details=str(exc)))
         return _per_device(DetachPciDevicesAnswer, uuid, outcomes, "detach")
+
+
+    # -- ResetPciDevicesCommand -----------------------------------------------------
+
+    def reset(self, command: ResetPciDevicesCommand) -> ResetPciDevicesAnswer:
+        """Resets each device a VM let go of; refuses one a running domain holds or not listed.
+
+        A device that cannot be reset is answered ``error`` with libvirt's
+        reason; a libvirt failure worth retrying (connection lost) propagates,
+        so the command is redelivered.
+        """
+        outcomes: list[DeviceOutcome] = []
+        for address in command.addresses:
+            refusal = self._refusal(address, "")
+            if refusal is not None:
+                outcomes.append(DeviceOutcome(address=address, result="error",
+                                              details=f"not reset: {refusal}"))
+                continue
+            try:
+                self.hypervisor.reset_pci_device(address)
+            except HypervisorError as exc:
+                if exc.transient:
+                    raise
+                outcomes.append(DeviceOutcome(address=address, result="error",
+                                              details=str(exc)))
+                continue
+            outcomes.append(DeviceOutcome(address=address, result="ok"))
+            log.info("pci_device_reset", address=str(address))
+        failed = [o.address for o in outcomes if o.result == "error"]
+        if failed:
+            return ResetPciDevicesAnswer(result="error", devices=tuple(outcomes),
+                                         details=f"could not reset {', '.join(failed)}; "
+                                                 "see devices")
+        return ResetPciDevicesAnswer(devices=tuple(outcomes))
 
 
 _A = TypeVar("_A", AttachPciDevicesAnswer, DetachPciDevicesAnswer)

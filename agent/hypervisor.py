@@ -107,6 +107,13 @@ class Hypervisor(Protocol):
         MUST still be attached, live and in the config.
         """
 
+    def reset_pci_device(self, address: PciAddress) -> None:
+        """Resets a host PCI device (libvirt's node device reset) so no guest state is left.
+
+        Raises ``HypervisorError`` when the host cannot reset it (no FLR nor a
+        resettable slot or bus; a driver without reset support says so).
+        """
+
     def migrate(self, uuid: str, destination_uri: str, timeout_s: float, *,
                 copy_storage: bool = False, numa_node: int | None = None) -> None:
         """Live-migrates a running domain; raises ``MigrationFailed`` leaving it on the source.

@@ -356,6 +356,11 @@ class LibvirtHost(HostResources):
                 self.device_xml(address), libvirt.VIR_DOMAIN_AFFECT_CONFIG))
         raise DetachRefused(uuid, address, timeout_s)
 
+    def reset_pci_device(self, address: PciAddress) -> None:
+        """Resets a host PCI device (``virNodeDeviceReset``: FLR, or a slot or bus reset)."""
+        lookup = self.conn.nodeDeviceLookupByName  # a missing device fails the reset too
+        self._call("reset", lambda: lookup(PciAddress(address).libvirt_name).reset())
+
     # -- migration ---------------------------------------------------------------
 
     def migrate(self, uuid: str, destination_uri: str, timeout_s: float, *,

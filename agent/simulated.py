@@ -31,10 +31,9 @@ import json
 import os
 import tempfile
 import threading
-import xml.etree.ElementTree as ET
+from collections.abc import Iterable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import structlog
 
@@ -45,11 +44,11 @@ from hostdev.agent.domain_xml import (
     with_hostdev,
     without_hostdev,
 )
-from hostdev.agent.errors import ConfigError, DetachRefused, HypervisorError, MigrationFailed
+from hostdev.agent.errors import DetachRefused, HypervisorError, MigrationFailed
 from hostdev.agent.hypervisor import LifecycleEvent
 from hostdev.agent.libvirt_host import LibvirtHost
 from hostdev.agent.libvirt_resources import missing_base
-from hostdev.agent.nodedev_xml import TEST_NS, SimHostSpec, build_node_xml, load_spec
+from hostdev.agent.nodedev_xml import SimHostSpec, build_node_xml, load_spec
 from hostdev.agent.pci_device import NodePciDevice
 from hostdev.messages.base import PowerState
 from hostdev.messages.pci_address import PciAddress
@@ -59,51 +58,11 @@ log = structlog.get_logger()
 SIMULATED_SCHEME = "simulated://"
 _QUIET_DEFINE = [("Defined", "Updated")]
 _QUIET_REPLUG = [("Stopped", "Destroyed"), ("Started", "Booted")]
-_RUNSTATE_SHUTOFF = "5"
 
 
 def is_simulated_uri(uri: str) -> bool:
     """True for the URIs a ``SimulatedHost`` serves (``simulated://`` and ``test://``)."""
     return uri.startswith((SIMULATED_SCHEME, "test://"))
-
-
-def state_path(spec_path: str | Path) -> Path:
-    """Returns where a persistent simulated host keeps its domains: next to its spec."""
-    path = Path(spec_path)
-    return path.with_name(f"{path.stem}.state.json")
-
-
-def load_state(path: Path) -> tuple[list[dict[str, Any]], dict[str, list[str]]]:
-    """Reads the saved domains (``[{"xml": ..., "running": bool}]``) and VMs' own volumes.
-
-    Volumes are volume XMLs by pool; none of either without the file.
-    """
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return [], {}
-    except ValueError as exc:
-        raise ConfigError(str(path), 0, str(path), f"not a simulated-host state file ({exc}); "
-                          "delete it to start from the spec's domains") from None
-    domains: list[dict[str, Any]] = data["domains"]
-    volumes: dict[str, list[str]] = data.get("volumes", {})
-    return domains, volumes
-
-
-def _node_xml_with(node_xml: str, saved: list[dict[str, Any]],
-                   volumes: dict[str, list[str]]) -> str:
-    """Appends saved domains and volumes to a node XML; a stopped domain is shut off."""
-    node = ET.fromstring(node_xml)
-    for pool in node.findall("pool"):
-        for volume in volumes.get(pool.findtext("name", ""), ()):
-            pool.append(ET.fromstring(volume))
-    for entry in saved:
-        domain = ET.fromstring(entry["xml"])
-        domain.attrib.pop("id", None)
-        if not entry["running"]:
-            ET.SubElement(domain, f"{{{TEST_NS}}}runstate").text = _RUNSTATE_SHUTOFF
-        node.append(domain)
-    return ET.tostring(node, encoding="unicode")
 
 
 class SimulatedHosts:
@@ -155,10 +114,13 @@ class SimulatedHost(LibvirtHost):
         self.spec = spec
         self._refused: set[PciAddress] = set(spec.refuse_detach) if spec else set()
         self._migration_failure: str | None = spec.fail_migration if spec else None
+        self._reset_failures: set[PciAddress] = set()
+        #: How many times each device was reset (the simulated hardware's record).
+        self.resets: dict[PciAddress, int] = {}
         self._released = threading.Event()  # never set: a refusing guest never releases
         self.state_file: Path | None = None
         if spec is not None and spec.persist and uri.startswith(SIMULATED_SCHEME):
-            self.state_file = state_path(uri.removeprefix(SIMULATED_SCHEME))
+            self.state_file = simulated_store.state_path(uri.removeprefix(SIMULATED_SCHEME))
         self._save_lock = threading.Lock()
         #: Takes in domains other processes hand over and applies the faults file.
         self.watcher: simulated_store.Watcher | None = None
@@ -176,6 +138,10 @@ class SimulatedHost(LibvirtHost):
         """Makes every migration from this host fail with ``reason`` (None: succeed)."""
         self._migration_failure = reason
 
+    def fail_resets(self, addresses: Iterable[PciAddress]) -> None:
+        """Makes the reset of these devices fail (none: every reset succeeds)."""
+        self._reset_failures = {PciAddress(a) for a in addresses}
+
     # -- connection --------------------------------------------------------------
 
     def open(self) -> None:
@@ -188,9 +154,9 @@ class SimulatedHost(LibvirtHost):
         else:
             node_xml = build_node_xml(self.spec)
             if self.state_file is not None and self.state_file.exists():
-                saved, volumes = load_state(self.state_file)
-                node_xml = _node_xml_with(build_node_xml(replace(self.spec, domains=())), saved,
-                                          volumes)
+                saved, volumes = simulated_store.load_state(self.state_file)
+                bare = build_node_xml(replace(self.spec, domains=()))
+                node_xml = simulated_store.node_xml_with(bare, saved, volumes)
                 log.info("simulated_domains_loaded", state_file=str(self.state_file),
                          domains=len(saved))
             handle, path = tempfile.mkstemp(prefix="hostdev-sim-", suffix=".xml")
@@ -343,6 +309,23 @@ class SimulatedHost(LibvirtHost):
             return
         self._redefine(uuid, without_hostdev(config_xml, address), replug=live)
         log.info("simulated_hostdev_detached", vm=uuid, address=address)
+
+    def reset_pci_device(self, address: PciAddress) -> None:
+        """Resets a device of the simulated hardware: counted in ``resets``, or failed on demand.
+
+        libvirt's test driver cannot reset node devices (``virNodeDeviceReset``
+        answers code 3, not supported), and a simulated host stands for real
+        hardware, so the reset happens here.
+        """
+        address = PciAddress(address)
+        if address not in {device.address for device in self.pci_devices()}:
+            raise HypervisorError("reset", f"the host has no PCI device {address}",
+                                  transient=False)
+        if address in self._reset_failures:
+            raise HypervisorError("reset", f"simulated failure resetting {address} "
+                                  "(fail_reset)", transient=False)
+        self.resets[address] = self.resets.get(address, 0) + 1
+        log.info("simulated_device_reset", address=str(address), resets=self.resets[address])
 
     # -- migration ---------------------------------------------------------------
 

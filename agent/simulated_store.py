@@ -18,7 +18,8 @@ Faults for tests, switched without restarting the agent: a JSON file
 ``<dir>/<name>.faults.json`` read by the same watcher whenever it changes::
 
     {"version": 3, "refuse_detach": ["28:00.2"], "fail_migration": "reason or null",
-     "fail_attach": ["28:00.1"], "migrate_hold_s": 5, "migrate_delay_s": 5}
+     "fail_attach": ["28:00.1"], "fail_reset": ["28:00.3"], "migrate_hold_s": 5,
+     "migrate_delay_s": 5}
 
 ``migrate_hold_s`` holds the source's migration before the hand-over (the
 devices detached, the domain still here), ``migrate_delay_s`` after it
@@ -32,6 +33,7 @@ import json
 import os
 import threading
 import time
+import xml.etree.ElementTree as ET
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Protocol
@@ -45,8 +47,9 @@ from hostdev.agent.domain_xml import (
     with_numatune,
     without_runtime_id,
 )
-from hostdev.agent.errors import HypervisorError, MigrationFailed
+from hostdev.agent.errors import ConfigError, HypervisorError, MigrationFailed
 from hostdev.agent.hypervisor import LifecycleEvent
+from hostdev.agent.nodedev_xml import TEST_NS
 from hostdev.messages.pci_address import PciAddress
 from hostdev.messages.values import DomainInfo
 
@@ -103,6 +106,7 @@ class Faults(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     refuse_detach: tuple[PciAddress, ...] = ()
     fail_migration: str | None = None
     fail_attach: tuple[PciAddress, ...] = ()
+    fail_reset: tuple[PciAddress, ...] = ()
     migrate_hold_s: float = 0.0
     migrate_delay_s: float = 0.0
 
@@ -121,6 +125,7 @@ class MailboxHost(Protocol):
     def uri(self) -> str: ...
     def refuse_detach(self, address: PciAddress, refuse: bool = True) -> None: ...
     def fail_migrations(self, reason: str | None) -> None: ...
+    def fail_resets(self, addresses: Iterable[PciAddress]) -> None: ...
     def domain(self, uuid: str) -> DomainInfo | None: ...
     def domain_xml(self, uuid: str, *, inactive: bool = False) -> str: ...
     def define_xml(self, xml: str) -> None: ...
@@ -197,6 +202,7 @@ class Watcher:
         for address in self._refused_by_file:
             self.host.refuse_detach(address, True)
         self.host.fail_migrations(faults.fail_migration)
+        self.host.fail_resets(faults.fail_reset)
         self.fail_attach = set(faults.fail_attach)
         self.migrate_delay_s = faults.migrate_delay_s
         self.migrate_hold_s = faults.migrate_hold_s
@@ -305,3 +311,46 @@ def has_domain(destination_uri: str, uuid: str) -> bool:
     if state is not None and state.exists():
         return uuid in state.read_text(encoding="utf-8")
     return False
+
+
+#: The test driver's run state of a domain that is shut off.
+RUNSTATE_SHUTOFF = "5"
+
+
+def state_path(spec_path: str | Path) -> Path:
+    """Returns where a persistent simulated host keeps its domains: next to its spec."""
+    path = Path(spec_path)
+    return path.with_name(f"{path.stem}.state.json")
+
+
+def load_state(path: Path) -> tuple[list[dict[str, Any]], dict[str, list[str]]]:
+    """Reads the saved domains (``[{"xml": ..., "running": bool}]``) and VMs' own volumes.
+
+    Volumes are volume XMLs by pool; none of either without the file.
+    """
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return [], {}
+    except ValueError as exc:
+        raise ConfigError(str(path), 0, str(path), f"not a simulated-host state file ({exc}); "
+                          "delete it to start from the spec's domains") from None
+    domains: list[dict[str, Any]] = data["domains"]
+    volumes: dict[str, list[str]] = data.get("volumes", {})
+    return domains, volumes
+
+
+def node_xml_with(node_xml: str, saved: list[dict[str, Any]],
+                   volumes: dict[str, list[str]]) -> str:
+    """Appends saved domains and volumes to a node XML; a stopped domain is shut off."""
+    node = ET.fromstring(node_xml)
+    for pool in node.findall("pool"):
+        for volume in volumes.get(pool.findtext("name", ""), ()):
+            pool.append(ET.fromstring(volume))
+    for entry in saved:
+        domain = ET.fromstring(entry["xml"])
+        domain.attrib.pop("id", None)
+        if not entry["running"]:
+            ET.SubElement(domain, f"{{{TEST_NS}}}runstate").text = RUNSTATE_SHUTOFF
+        node.append(domain)
+    return ET.tostring(node, encoding="unicode")

@@ -16,6 +16,7 @@ from hostdev.messages.limits import (
     MAX_DEVICES,
     MAX_ROWS,
     Cpus,
+    Details,
     DomainXml,
     Guid,
     HostRefs,
@@ -35,8 +36,11 @@ from hostdev.messages.pci_address import PciAddress
 from hostdev.messages.values import (
     DeviceMapping,
     HostRow,
+    HostStatus,
     HostVerdict,
     JobRow,
+    MaintenanceHold,
+    MaintenanceMove,
     MigrationPolicy,
     NumaPolicy,
     OfferingRow,
@@ -57,7 +61,9 @@ class ApiRequest(Message, frozen=True, kw_only=True):
 
 
 class ListHostsRequest(ApiRequest, frozen=True, kw_only=True):
-    """List hosts with status and device counts."""
+    """List hosts with status and device counts; only ``host`` (name or guid) when given."""
+
+    host: Ref | None = None
 
 
 class ListPciDevicesRequest(ApiRequest, frozen=True, kw_only=True):
@@ -183,6 +189,22 @@ class DeleteTemplateRequest(ApiRequest, frozen=True, kw_only=True):
     """Delete every version of a template; refused while an offering names it."""
 
     name: TemplateName
+class HostMaintenanceRequest(ApiRequest, frozen=True, kw_only=True):
+    """Put a host into maintenance: move its VMs off, then keep it from placement.
+
+    ``dry_run`` only answers the plan; ``stop`` also stops the VMs whose
+    offering forbids migration (otherwise they are listed and the host waits).
+    """
+
+    host: Ref
+    dry_run: bool = False
+    stop: bool = False
+
+
+class ActivateHostRequest(ApiRequest, frozen=True, kw_only=True):
+    """Return a host in (or preparing for) maintenance to service (Up)."""
+
+    host: Ref
 
 
 # -- responses ----------------------------------------------------------------
@@ -250,6 +272,21 @@ class MigrationPlan(ApiResponse, frozen=True, kw_only=True):
     source_guid: Guid
     destination_guid: Guid
     devices: Annotated[tuple[DeviceMapping, ...], msgspec.Meta(max_length=MAX_DEVICES)] = ()
+
+
+class MaintenancePlan(ApiResponse, frozen=True, kw_only=True):
+    """Response to ``HostMaintenanceRequest``: what moves where, what stays and why."""
+
+    host_guid: Guid
+    host_name: Label
+    status: HostStatus
+    dry_run: bool = False
+    moves: Annotated[tuple[MaintenanceMove, ...], msgspec.Meta(max_length=MAX_ROWS)] = ()
+    holds: Annotated[tuple[MaintenanceHold, ...], msgspec.Meta(max_length=MAX_ROWS)] = ()
+    #: VMs that cannot move now, each with why (no destination, a job in flight).
+    problems: Annotated[tuple[Details, ...], msgspec.Meta(max_length=MAX_ROWS)] = ()
+    #: The maintenance job that follows the host until it is in Maintenance.
+    job_id: Id | None = None
 
 
 class DeviceStateChanged(ApiResponse, frozen=True, kw_only=True):

@@ -65,6 +65,9 @@ class StartupRoutingCommand(Message, frozen=True, kw_only=True):
     #: accepted for each VM. Empty and 0 from an agent that predates them.
     boot_id: BootId = ""
     seq: Seq = 0
+    #: The agent resets every device a VM lets go of (``pci.reset.on.release``):
+    #: management keeps such a device ``cleaning`` until ``ResetPciDevicesAnswer``.
+    pci_reset_on_release: bool = False
 
 
 class PingRoutingCommand(Message, frozen=True, kw_only=True):
@@ -218,6 +221,21 @@ class DetachPciDevicesAnswer(Answer, frozen=True, kw_only=True):
     #: and answers, so management can tell a report taken before this answer.
     boot_id: BootId = ""
     seq: Seq = 0
+
+
+class ResetPciDevicesCommand(Message, frozen=True, kw_only=True):
+    """Reset host PCI devices a VM let go of (libvirt's node device reset), one by one.
+
+    Sent only to an agent that announced ``pci_reset_on_release``.
+    """
+
+    addresses: PciAddresses
+
+
+class ResetPciDevicesAnswer(Answer, frozen=True, kw_only=True):
+    """One outcome per device: ``ok`` when reset, ``error`` with why it was not."""
+
+    devices: DeviceOutcomes = ()
 
 
 class ErrorAnswer(Answer, frozen=True, kw_only=True):

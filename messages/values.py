@@ -8,6 +8,7 @@ import msgspec
 
 from hostdev.messages.base import PowerState, Value
 from hostdev.messages.limits import (
+    MAX_DEVICES,
     MAX_PCI_REQUESTS,
     MAX_ROWS,
     Amount,
@@ -45,7 +46,7 @@ DeviceState = Literal[
     "free", "allocated", "reserved", "quarantined", "disabled", "removed", "unavailable",
     "cleaning",
 ]
-HostStatus = Literal["Up", "Disconnected", "Down", "Maintenance"]
+HostStatus = Literal["Up", "Disconnected", "Down", "PrepareForMaintenance", "Maintenance"]
 VmState = Literal[
     "Stopped", "Starting", "Running", "Stopping", "Migrating", "Destroyed", "Error"
 ]
@@ -135,6 +136,10 @@ class HostRow(Value, frozen=True, kw_only=True):
     total_devices: Amount = 0
     #: Domains its last complete report listed that management did not place there.
     foreign_domains: Amount = 0
+    #: Why the host is in its status (what keeps it preparing for maintenance), "" if nothing.
+    status_reason: Details = ""
+    #: Its agent resets every device a VM lets go of (``pci.reset.on.release``).
+    reset_on_release: bool = False
 
 
 class PciDeviceRow(Value, frozen=True, kw_only=True):
@@ -238,3 +243,26 @@ class DeviceMapping(Value, frozen=True, kw_only=True):
     name: Label
     source: PciAddress
     destination: PciAddress
+
+
+class MaintenanceMove(Value, frozen=True, kw_only=True):
+    """A VM that maintenance moves off its host: where to, which device replaces which."""
+
+    vm_uuid: Uuid
+    vm_name: Label
+    destination_guid: Guid
+    destination_name: Label
+    devices: Annotated[tuple[DeviceMapping, ...], msgspec.Meta(max_length=MAX_DEVICES)] = ()
+    #: The migrate job that moves it (None in a dry run).
+    job_id: Id | None = None
+
+
+class MaintenanceHold(Value, frozen=True, kw_only=True):
+    """A VM whose offering forbids migration: it keeps the host busy until it stops."""
+
+    vm_uuid: Uuid
+    vm_name: Label
+    offering: Label
+    devices: PciAddresses = ()
+    #: The stop job ``--stop`` began (None without ``--stop`` or in a dry run).
+    stop_job_id: Id | None = None

@@ -33,6 +33,7 @@ from hostdev.messages.commands import (
     ErrorAnswer,
     MigrateAnswer,
     PingRoutingCommand,
+    ResetPciDevicesAnswer,
     StartAnswer,
     StartupAnswer,
     StartupRoutingCommand,
@@ -44,11 +45,13 @@ from hostdev.messages.limits import clip
 from hostdev.messages.values import DomainInfo
 from hostdev.mgmt.api.api_handlers import ApiHandlers
 from hostdev.mgmt.config import MgmtConfig
+from hostdev.mgmt.devices import cleaning
 from hostdev.mgmt.errors import InvalidRequest, MgmtError
 from hostdev.mgmt.hosts.registration import HostRegistry, check_sender, guid_of
 from hostdev.mgmt.jobs import engine
 from hostdev.mgmt.jobs.engine import Expiry, job_of_request
 from hostdev.mgmt.jobs.jobs import JobManager
+from hostdev.mgmt.jobs.maintenance import MaintenanceManager
 from hostdev.mgmt.jobs.migration import MigrationManager
 from hostdev.mgmt.jobs.migration_recovery import MigrationRecovery
 from hostdev.mgmt.jobs.payloads import (
@@ -86,7 +89,8 @@ class ManagementService:
         self.registry = HostRegistry(config, self.lifecycle)
         self.migrations = MigrationManager(config, self.lifecycle)
         self.recovery = MigrationRecovery(self.migrations)
-        self.api = ApiHandlers(config, self.jobs, self.migrations)
+        self.maintenance = MaintenanceManager(self.jobs, self.migrations)
+        self.api = ApiHandlers(config, self.jobs, self.migrations, self.maintenance)
         self.expiry = Expiry({
             DEPLOY_JOB: self.jobs.expire, START_JOB: self.jobs.expire,
             STOP_JOB: self.jobs.expire, DESTROY_JOB: self.jobs.expire,
@@ -139,8 +143,9 @@ class ManagementService:
     # -- periodic work ---------------------------------------------------------------
 
     def sweep_hosts(self) -> None:
-        """Marks silent hosts Disconnected or Down."""
+        """Marks silent hosts Disconnected or Down; puts emptied ones in Maintenance."""
         self.work.run(self.registry.sweep, what="sweep hosts")
+        self.work.run(self.maintenance.sweep, what="advance host maintenance")
 
     def expire_jobs(self) -> None:
         """Fails and rolls back the jobs past their deadline."""
@@ -178,6 +183,7 @@ class ManagementService:
             StopAnswer: Route(self._on_stop_answer, always),
             MigrateAnswer: Route(self._on_migrate_answer, always),
             AttachPciDevicesAnswer: Route(self._on_attach_answer, always),
+            ResetPciDevicesAnswer: Route(self._on_reset_answer, always),
         })
         handlers[ErrorAnswer] = self._agent_error
         return handlers
@@ -227,6 +233,11 @@ class ManagementService:
                           incoming: Incoming) -> None:
         self.migrations.on_attach_answer(tx, answer, incoming.correlation_id,
                                          guid_of(incoming.routing_key))
+
+    def _on_reset_answer(self, tx: TxContext, answer: ResetPciDevicesAnswer,
+                         incoming: Incoming) -> None:
+        cleaning.on_reset_answer(tx, answer, incoming.correlation_id,
+                                 guid_of(incoming.routing_key))
 
     def _agent_error(self, message: ErrorAnswer, incoming: Incoming) -> None:
         log.error("agent_refused_message", host=guid_of(incoming.routing_key),

@@ -253,3 +253,17 @@ ALTER TABLE vm_instances ADD COLUMN console_path VARCHAR(1024);
 
 UPDATE alembic_version SET version_num='0008' WHERE alembic_version.version_num = '0007';
 
+-- Running upgrade 0008 -> 0009
+
+ALTER TABLE hosts DROP CHECK ck_hosts_status;
+
+ALTER TABLE hosts MODIFY status VARCHAR(32) NOT NULL;
+
+ALTER TABLE hosts ADD CONSTRAINT ck_hosts_status CHECK (status IN ('Up', 'Disconnected', 'Down', 'PrepareForMaintenance', 'Maintenance'));
+
+ALTER TABLE hosts ADD COLUMN status_reason VARCHAR(1024) NOT NULL DEFAULT '';
+
+ALTER TABLE hosts ADD COLUMN reset_on_release BOOL NOT NULL DEFAULT false;
+
+UPDATE alembic_version SET version_num='0009' WHERE alembic_version.version_num = '0008';
+

@@ -2,7 +2,7 @@
 
 Both daemons read their configuration in the original's syntax; the reader
 keeps the line each key came from so every configuration error can name its
-file and line. The value parsers below (durations, choices, URLs, ports,
+file and line. The value parsers below (durations, choices, booleans, URLs, ports,
 patterns) are the one kit both daemons build their keys from, so the same kind
 of value is accepted, and refused with the same words, in either file.
 """
@@ -98,6 +98,18 @@ def url(schemes: Sequence[str], expected: str, *,
                 raise prop.error(f"{prop.key} must be {expected}", text=part or prop.value)
         return prop.value
     return parse
+
+
+def boolean(prop: Property) -> bool:
+    """Parses ``true`` or ``false`` (case-insensitive).
+
+    Raises:
+        PropertiesError: the value is neither.
+    """
+    value = prop.value.strip().lower()
+    if value not in ("true", "false"):
+        raise prop.error(f"{prop.key} must be true or false")
+    return value == "true"
 
 
 def port_or_off(prop: Property) -> int | None:

@@ -22,7 +22,7 @@ from hostdev.messages.values import HostRow, OfferingRow, VmRow
 from hostdev.mgmt.api.offerings import check_names_exist, parse_pci_devices
 from hostdev.mgmt.api.template_handlers import template_routes
 from hostdev.mgmt.config import MgmtConfig
-from hostdev.mgmt.devices import pci_devices
+from hostdev.mgmt.devices import cleaning, device_admin, pci_devices
 from hostdev.mgmt.devices.device_rows import (
     ADDRESS_COLUMNS,
     FREE,
@@ -33,6 +33,7 @@ from hostdev.mgmt.devices.device_rows import (
 )
 from hostdev.mgmt.errors import Conflict, NotFound
 from hostdev.mgmt.jobs.jobs import JobManager, find_host, find_offering, job_row
+from hostdev.mgmt.jobs.maintenance import MaintenanceManager
 from hostdev.mgmt.jobs.migration import MigrationManager
 from hostdev.mgmt.persistence.models import (
     VM_DESTROYED,
@@ -62,8 +63,8 @@ def _route(fn: Callable[[TxContext, Any], Message],
     return Route(work, record)
 
 
-def _not_dry_run(request: api.MigrateVmRequest) -> bool:
-    """A migration is recorded; its dry run, which changes nothing, is not."""
+def _not_dry_run(request: api.MigrateVmRequest | api.HostMaintenanceRequest) -> bool:
+    """A migration or maintenance is recorded; its dry run, which changes nothing, is not."""
     return not request.dry_run
 
 
@@ -71,10 +72,11 @@ class ApiHandlers:
     """One method per API request type; ``routes()`` maps types to them."""
 
     def __init__(self, config: MgmtConfig, jobs: JobManager,
-                 migrations: MigrationManager) -> None:
+                 migrations: MigrationManager, maintenance: MaintenanceManager) -> None:
         self._config = config
         self._jobs = jobs
         self.migrations = migrations
+        self.maintenance = maintenance
 
     def routes(self) -> dict[type[Message], Route]:
         """Returns the route of each API request type; changes are recorded."""
@@ -95,14 +97,20 @@ class ApiHandlers:
             api.AttachVmDevicesRequest: _route(self.attach, always),
             api.SetPciDeviceEnabledRequest: _route(self.set_device_enabled, always),
             **template_routes(),
+            api.HostMaintenanceRequest: _route(self.maintenance.prepare, _not_dry_run),
+            api.ActivateHostRequest: _route(self.activate_host, always),
         }
 
     # -- queries ------------------------------------------------------------------
 
     def list_hosts(self, tx: TxContext, request: api.ListHostsRequest) -> api.HostList:
-        """Lists hosts with status, free/total device counts and foreign domains."""
+        """Lists hosts (or the one named) with status, device counts and foreign domains."""
+        query = select(Host).order_by(Host.id)
+        only = find_host(tx.session, request.host).id if request.host else None
+        if only is not None:
+            query = query.where(Host.id == only)
         counts: dict[int, tuple[int, int]] = {}
-        for entry in pci_devices.device_counts(tx.session.connection()):
+        for entry in pci_devices.device_counts(tx.session.connection(), only):
             free, total = counts.get(entry.host_id, (0, 0))
             counts[entry.host_id] = (free + entry.free, total + entry.total)
         rows = tuple(
@@ -110,8 +118,9 @@ class ApiHandlers:
                     cpus=h.cpus, memory_mb=h.memory_mb, last_ping=_iso(h.last_ping),
                     free_devices=counts.get(h.id, (0, 0))[0],
                     total_devices=counts.get(h.id, (0, 0))[1],
-                    foreign_domains=h.foreign_domains)
-            for h in tx.session.scalars(select(Host).order_by(Host.id)))
+                    foreign_domains=h.foreign_domains, status_reason=h.status_reason,
+                    reset_on_release=h.reset_on_release)
+            for h in tx.session.scalars(query))
         return api.HostList(hosts=rows)
 
     def list_devices(self, tx: TxContext, request: api.ListPciDevicesRequest) -> api.PciDeviceList:
@@ -254,6 +263,11 @@ class ApiHandlers:
         job = self.migrations.attach_devices(tx, request.vm)
         return api.JobAccepted(job_id=job.id, vm_uuid=self._uuid(tx, job))
 
+    def activate_host(self, tx: TxContext, request: api.ActivateHostRequest) -> api.HostList:
+        """Returns a host in (or preparing for) maintenance to Up."""
+        host = self.maintenance.activate(tx, request.host)
+        return self.list_hosts(tx, api.ListHostsRequest(host=host.guid))
+
     def set_device_enabled(self, tx: TxContext,
                            request: api.SetPciDeviceEnabledRequest) -> api.DeviceStateChanged:
         """Disables a free device (never offered again) or enables it back."""
@@ -266,9 +280,11 @@ class ApiHandlers:
                            f"hostdev devices --host {host.name}")
         conn = tx.session.connection()
         if request.enabled:
-            pci_devices.enable_device(conn, device.id)
+            # A device whose reset failed is enabled by asking for the reset again.
+            if not cleaning.retry_reset(tx, host, device.id):
+                device_admin.enable_device(conn, device.id)
         else:
-            pci_devices.disable_device(conn, device.id, request.reason)
+            device_admin.disable_device(conn, device.id, request.reason)
         tx.session.refresh(device)
         vm_uuid = tx.session.scalar(select(VmInstance.uuid)
                                  .where(VmInstance.id == device.instance_id))

@@ -50,7 +50,7 @@ def accepted(args: argparse.Namespace, request: Requester, answer: Message,
                       + (f" (vm {answer.vm_uuid})" if answer.vm_uuid else "")
                       + f"; follow it with: hostdev job wait {answer.job_id}\n")
         return 0
-    return _wait(args, request, answer.job_id, args.timeout + 300.0, out)
+    return wait_for_job(args, request, answer.job_id, args.timeout + 300.0, out)
 
 
 def _job_rows(jobs: Sequence[JobRow], out: TextIO) -> None:
@@ -75,8 +75,9 @@ def _job_show(args: argparse.Namespace, request: Requester, out: TextIO) -> int:
     return 0 if job.state != "failed" else 1
 
 
-def _wait(args: argparse.Namespace, request: Requester, job_id: int, wait_s: float,
-          out: TextIO) -> int:
+def wait_for_job(args: argparse.Namespace, request: Requester, job_id: int, wait_s: float,
+                 out: TextIO) -> int:
+    """Polls a job until it finishes or ``wait_s`` passes; prints it; 1 unless it succeeded."""
     deadline = time.monotonic() + wait_s
     delay = 0.05
     while True:
@@ -101,4 +102,4 @@ def _wait(args: argparse.Namespace, request: Requester, job_id: int, wait_s: flo
 
 
 def _job_wait(args: argparse.Namespace, request: Requester, out: TextIO) -> int:
-    return _wait(args, request, args.job_id, args.wait_s, out)
+    return wait_for_job(args, request, args.job_id, args.wait_s, out)

@@ -1,10 +1,10 @@
-"""The operator commands of ``hostdev``: hosts, devices, offerings, VMs, explain.
+"""The operator commands of ``hostdev``: devices, offerings, VMs, explain (and hosts, jobs).
 
 Every command is one API request over AMQP (request/response). Output is a
 table for people, or JSON with ``--json`` for scripts; errors are one line a
 person understands, with exit status 1 (2 for usage errors, as argparse does).
-``add_commands(subparsers)`` hooks them, the job commands and the migration
-commands into the ``hostdev`` parser.
+``add_commands(subparsers)`` hooks them, the host, job and migration commands
+into the ``hostdev`` parser.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from hostdev.messages.base import Message
 from hostdev.messages.pci_address import PciAddress
 from hostdev.messages.values import NumaPolicy, PciDeviceRow
 from hostdev.mgmt.api.offerings import format_pci_requests
+from hostdev.mgmt.cli.host_commands import add_host_commands
 from hostdev.mgmt.cli.job_commands import accepted, add_job_commands
 from hostdev.mgmt.cli.migration_commands import add_vm_commands
 from hostdev.mgmt.cli.plumbing import (
@@ -34,8 +35,7 @@ from hostdev.mgmt.cli.template_commands import add_template_commands, add_vm_sho
 def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Adds the operator commands; each sets ``func`` to a callable taking the namespace."""
     common = common_options()
-    sub = subparsers.add_parser("hosts", parents=[common], help="list hosts")
-    sub.set_defaults(func=command(_hosts))
+    add_host_commands(subparsers, common)
 
     sub = subparsers.add_parser("devices", parents=[common], help="list PCI devices")
     sub.add_argument("--host", help="only this host (name or guid)")
@@ -99,21 +99,6 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     sub.add_argument("offering")
     sub.add_argument("--avoid", action="append", default=[])
     sub.set_defaults(func=command(_explain))
-
-
-def _hosts(args: argparse.Namespace, request: Requester, out: TextIO) -> int:
-    answer = request(api.ListHostsRequest(), args.timeout)
-    answer = expect(answer, api.HostList)
-    if args.json:
-        print_json(answer.hosts, out)
-        return 0
-    render_table(("NAME", "GUID", "STATUS", "CPUS", "MEMORY_MB", "FREE/TOTAL PCI", "FOREIGN",
-                  "LAST PING"),
-                 [(h.name, h.guid, h.status, h.cpus, h.memory_mb,
-                   f"{h.free_devices}/{h.total_devices}", h.foreign_domains, h.last_ping)
-                  for h in answer.hosts],
-                 out)
-    return 0
 
 
 def _devices(args: argparse.Namespace, request: Requester, out: TextIO) -> int:

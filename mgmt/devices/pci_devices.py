@@ -11,6 +11,7 @@ from sqlalchemy import (
     ColumnElement,
     Connection,
     Table,
+    and_,
     bindparam,
     case,
     func,
@@ -19,12 +20,11 @@ from sqlalchemy import (
     update,
 )
 
-from hostdev.messages.values import DeviceState
 from hostdev.mgmt.devices.device_rows import (
     ALLOCATED,
+    CLEANING,
     DEVICE_COLUMNS,
     DEVICES,
-    DISABLED,
     FREE,
     NUMA_NODE,
     QUARANTINED,
@@ -32,23 +32,29 @@ from hostdev.mgmt.devices.device_rows import (
     RESERVED,
     C,
     DeviceCounts,
-    address_of,
     state_is,
 )
 
 # Allocation callers take the device type from the module that hands it out.
 from hostdev.mgmt.devices.device_rows import HeldDevice as HeldDevice
 from hostdev.mgmt.devices.pci_inventory import locks_rows
-from hostdev.mgmt.errors import Conflict, InvalidRequest, NoCapacity, NotFound
+from hostdev.mgmt.errors import InvalidRequest, NoCapacity
 from hostdev.mgmt.persistence.database import (
     PreparedStatement,
     RetryTransaction,
 )
-from hostdev.mgmt.persistence.models import Host, VmInstance, utcnow
+from hostdev.mgmt.persistence.models import Host, utcnow
 
+_HOSTS: Final = cast(Table, Host.__table__)
 # What a device becomes when its VM lets go: a quarantined one was already
-# gone from the inventory, so it is removed rather than offered again.
-_LET_GO: Final = case((state_is(QUARANTINED), REMOVED), else_=FREE)
+# gone from the inventory, so it is removed rather than offered again; one a
+# guest had, on a host that resets released devices, waits in cleaning for
+# the reset (hostdev.mgmt.devices.cleaning); the others are free.
+_RESETS_ON_RELEASE = (select(_HOSTS.c.reset_on_release).where(_HOSTS.c.id == C.host_id)
+                      .scalar_subquery())
+_LET_GO: Final = case((state_is(QUARANTINED), REMOVED),
+                      (and_(state_is(ALLOCATED), _RESETS_ON_RELEASE.is_(True)), CLEANING),
+                      else_=FREE)
 
 
 class ClaimRaceLost(RetryTransaction):
@@ -74,14 +80,6 @@ class InsufficientDevices(NoCapacity):
         self.name = name
         self.wanted = wanted
         self.free = free
-
-
-class DeviceNotFound(NotFound):
-    """No device has the id a request names."""
-
-
-class DeviceBusy(Conflict):
-    """An admin change needs a free device, and this one is held or gone."""
 
 
 # Every state change is a conditional UPDATE checked by its row count, and
@@ -124,7 +122,6 @@ _LET_GO_VALUES: Final[dict[Any, Any]] = {
     C.state: _LET_GO, C.instance_id: None, C.reserved_for: None, C.updated_at: bindparam("now")
 }
 _HELD_OR_RESERVED = or_(C.instance_id == bindparam("vm_id"), C.reserved_for == bindparam("vm_id"))
-_HOSTS: Final = cast(Table, Host.__table__)
 # A scalar subquery, not a join: a locking read does not lock the rows its
 # subqueries read, so a release never locks its host's row.
 _HOST_GUID = (select(_HOSTS.c.guid).where(_HOSTS.c.id == C.host_id)
@@ -246,7 +243,8 @@ def release_devices(
 ) -> tuple[Released, ...]:
     """Lets go of every device a VM holds or has reserved, on one host or on all.
 
-    Idempotent. Held devices become free; quarantined ones become removed.
+    Idempotent. Held devices become free (cleaning, on a host that resets
+    released devices); reserved ones free; quarantined ones removed.
     The rows are locked (``FOR UPDATE``) as they are read, so the devices
     returned, in id order, are exactly the ones let go; each comes with its
     host's guid, read in the same statement, for the events that name it.
@@ -268,6 +266,8 @@ def commit_migration(
     conn: Connection, vm_id: int, source_host_id: int, destination_host_id: int
 ) -> int:
     """Ends a successful migration: frees the source set, allocates the reserved set.
+
+    The source set becomes free, or cleaning on a host that resets released devices.
 
     Idempotent: a second call finds nothing left to change. A reserved device
     that was quarantined meanwhile stays quarantined, now held by the VM.
@@ -308,59 +308,6 @@ def abort_migration(conn: Connection, vm_id: int, destination_host_id: int) -> i
         .values({C.state: _LET_GO, C.reserved_for: None, C.updated_at: utcnow()})
     )
     return int(result.rowcount)
-
-
-def disable_device(conn: Connection, device_id: int, reason: str = "") -> DeviceState:
-    """Takes a free device out of service, keeping ``reason``; idempotent. Returns its state.
-
-    Raises:
-        DeviceNotFound: no device has this id.
-        DeviceBusy: the device is held, reserved, quarantined or removed; the
-            text names the VM that holds it.
-    """
-    result = conn.execute(
-        update(DEVICES)
-        .where(C.id == device_id, state_is(FREE))
-        .values(state=DISABLED, reason=reason, updated_at=utcnow())
-    )
-    if result.rowcount == 1:
-        return DISABLED
-    row = _device_row(conn, device_id)
-    if row.state == DISABLED:
-        return DISABLED
-    holder = row.instance_id if row.instance_id is not None else row.reserved_for
-    if row.state == REMOVED:
-        what = "no longer in its host's inventory (pci.devices); nothing to disable"
-    else:
-        vm = conn.execute(select(VmInstance.name, VmInstance.uuid)
-                          .where(VmInstance.id == holder)).first()
-        by = f" by VM {vm.name} ({vm.uuid})" if vm is not None else ""
-        what = f"{row.state}{by}; only a free device can be disabled: stop or migrate its VM first"
-    raise DeviceBusy(f"device {address_of(row)} ({row.name}) is {what}")
-
-
-def enable_device(conn: Connection, device_id: int) -> DeviceState:
-    """Puts a disabled device back in service; a no-op in any other state. Returns its state.
-
-    Raises:
-        DeviceNotFound: no device has this id.
-    """
-    result = conn.execute(
-        update(DEVICES)
-        .where(C.id == device_id, state_is(DISABLED))
-        .values(state=FREE, reason="", updated_at=utcnow())
-    )
-    if result.rowcount == 1:
-        return FREE
-    state: DeviceState = _device_row(conn, device_id).state
-    return state
-
-
-def _device_row(conn: Connection, device_id: int) -> Any:
-    row = conn.execute(select(DEVICES).where(C.id == device_id)).first()
-    if row is None:
-        raise DeviceNotFound(f"no PCI device has id {device_id}; list devices to find its id")
-    return row
 
 
 def device_counts(conn: Connection, host_id: int | None = None) -> list[DeviceCounts]:

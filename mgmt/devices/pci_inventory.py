@@ -140,8 +140,12 @@ def _back(row: Any) -> dict[str, DeviceState]:
     """Returns the state a device that is reported again takes back, if it changes."""
     if row.state == REMOVED:
         return {"state": FREE}
-    if row.state == QUARANTINED:
-        return {"state": ALLOCATED if row.instance_id is not None else RESERVED}
+    if row.state == QUARANTINED and row.instance_id is not None:
+        return {"state": ALLOCATED}
+    if row.state == QUARANTINED and row.reserved_for is not None:
+        return {"state": RESERVED}
+    # Quarantined and held by nobody: its reset failed (hostdev.mgmt.devices.cleaning);
+    # being reported says nothing about that, so it stays.
     return {}
 
 

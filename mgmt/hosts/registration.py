@@ -37,7 +37,7 @@ from hostdev.messages.commands import (
 from hostdev.messages.events import HostStatusChanged, PciDeviceAllocated
 from hostdev.messages.values import DomainInfo, HostStatus
 from hostdev.mgmt.config import MgmtConfig
-from hostdev.mgmt.devices import pci_inventory
+from hostdev.mgmt.devices import cleaning, pci_inventory
 from hostdev.mgmt.errors import Forbidden
 from hostdev.mgmt.hosts import foreign_domains, report_order
 from hostdev.mgmt.hosts.report_order import Stamp
@@ -45,6 +45,7 @@ from hostdev.mgmt.persistence.models import (
     HOST_DISCONNECTED,
     HOST_DOWN,
     HOST_UP,
+    OPERATOR_STATUSES,
     VM_ERROR,
     VM_RUNNING,
     VM_STOPPED,
@@ -123,13 +124,18 @@ class HostRegistry:
         host.memory_mb = command.memory_mb
         host.hypervisor_version = command.hypervisor_version
         host.migration_uri = command.migration_uri
+        host.reset_on_release = command.pci_reset_on_release
         host.last_ping = now
-        host.status = "Up"
+        # Maintenance (and its preparation) is the operator's: a start-up keeps it.
+        status: HostStatus = previous if previous in OPERATOR_STATUSES else HOST_UP
+        host.status = status
         tx.session.flush()
         changes = pci_inventory.reconcile_inventory(tx.session.connection(), host.id,
                                                   command.pci_devices)
-        if previous != "Up":
-            self._status_event(tx, host, "Up", previous)
+        # Resets asked before and never answered (agent down, answer lost): again.
+        cleaning.request_resets(tx, host)
+        if previous != status:
+            self._status_event(tx, host, status, previous)
         # The start-up snapshot races answers like a ping does (with several
         # daemons, or a redelivered start-up, it can be handled after a
         # StartAnswer it predates), so it is ordered the same way.
@@ -159,8 +165,8 @@ class HostRegistry:
             return False
         previous = host.status
         host.last_ping = utcnow()
-        if previous != "Up" and previous != "Maintenance":
-            host.status = "Up"
+        if previous != HOST_UP and previous not in OPERATOR_STATUSES:
+            host.status = HOST_UP
             self._status_event(tx, host, "Up", previous)
         self._reconcile_power(tx, host, command.domains, stamp)
         return True
@@ -244,11 +250,7 @@ class HostRegistry:
 
     def _status_event(self, tx: TxContext, host: Host, status: HostStatus,
                       previous: HostStatus | None) -> None:
-        tx.outbox.add(f"host.{host.guid}.{status}",
-                   HostStatusChanged(host_guid=host.guid, status=status,
-                                     previous=previous,
-                                     at=utcnow().isoformat() + "Z"))
-        log.info("host_status_changed", host=host.guid, status=status, previous=previous)
+        announce_status(tx, host, status, previous)
 
     def sweep(self, tx: TxContext) -> int:
         """Marks silent hosts Disconnected, then Down; returns how many changed."""
@@ -272,3 +274,12 @@ class HostRegistry:
                 self._status_event(tx, host, status, host.status)
                 changed += 1
         return changed
+
+
+def announce_status(tx: TxContext, host: Host, status: HostStatus,
+                    previous: HostStatus | None) -> None:
+    """Queues ``HostStatusChanged`` for a host that changed status, and logs it."""
+    tx.outbox.add(f"host.{host.guid}.{status}",
+                  HostStatusChanged(host_guid=host.guid, status=status, previous=previous,
+                                    at=utcnow().isoformat() + "Z"))
+    log.info("host_status_changed", host=host.guid, status=status, previous=previous)

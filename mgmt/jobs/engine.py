@@ -46,14 +46,15 @@ VmAnswer = (StartAnswer | StopAnswer | MigrateAnswer | AttachPciDevicesAnswer
             | DetachPciDevicesAnswer)
 
 
-def new_job(tx: TxContext, kind: payloads.JobKind, vm: VmInstance, step: str,
+def new_job(tx: TxContext, kind: payloads.JobKind, vm: VmInstance | None, step: str,
             payload: payloads.Payload, deadline: datetime | None) -> Job:
-    """Adds a running job for ``vm``; the caller's flush inserts it.
+    """Adds a running job for ``vm`` (None: a job of no VM); the caller's flush inserts it.
 
     The id of the request being handled is kept, so a redelivered request
     finds the job it created (``job_of_request``).
     """
-    job = Job(kind=kind, state=JOB_RUNNING, vm_id=vm.id, step=step, details="",
+    job = Job(kind=kind, state=JOB_RUNNING, vm_id=vm.id if vm is not None else None,
+              step=step, details="",
               deadline=deadline, request_id=tx.message_id)
     payloads.store(job, payload)
     tx.session.add(job)

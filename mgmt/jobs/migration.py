@@ -41,7 +41,7 @@ from hostdev.messages.commands import (
 from hostdev.messages.events import PciDeviceAllocated, PciDeviceReleased
 from hostdev.messages.pci_address import PciAddress
 from hostdev.mgmt.config import MgmtConfig
-from hostdev.mgmt.devices import numa, pci_devices
+from hostdev.mgmt.devices import cleaning, numa, pci_devices
 from hostdev.mgmt.devices.device_rows import ALLOCATED, QUARANTINED
 from hostdev.mgmt.devices.pci_devices import ClaimRaceLost, HeldDevice, InsufficientDevices
 from hostdev.mgmt.errors import Conflict, InvalidRequest, NoCapacity
@@ -131,18 +131,33 @@ class MigrationManager:
                                  + planner.refusal(demand, hosts, {source.guid}))
         return vm, source, candidates, held
 
-    def plan(self, tx: TxContext, ref: str, destination: str | None) -> MigrationPlan:
-        """Says where a VM would go and which device replaces which; changes nothing."""
+    def plan(self, tx: TxContext, ref: str, destination: str | None, *,
+             taken: set[tuple[int, PciAddress]] | None = None) -> MigrationPlan:
+        """Says where a VM would go and which device replaces which; changes nothing.
+
+        ``taken`` holds the (host id, address) of destination devices that
+        plans made before this one chose (a host's maintenance plans its VMs
+        in turn): they are not offered again, and this plan's are added.
+        """
         vm, source, candidates, held = self._prepare(tx, ref, destination)
-        target = candidates[0]
+        taken = set() if taken is None else taken
         conn = tx.session.connection()
         requests = {r.name: r.count for r in offering_requests(tx, vm.offering_id)}
-        node = numa.node_for(conn, target.id, requests,
-                             offering_numa_policy(tx, vm.offering_id), prefer=vm.numa_node)
-        spare = pci_devices.free_devices(conn, target.id, node)  # where begin() would reserve
+        policy = offering_numa_policy(tx, vm.offering_id)
+        for target in candidates:
+            node = numa.node_for(conn, target.id, requests, policy, prefer=vm.numa_node)
+            spare = [d for d in pci_devices.free_devices(conn, target.id, node)
+                     if (target.id, d.address) not in taken]  # where begin() would reserve
+            mapping = pair_devices(held, spare)
+            if len(mapping) == len(held):
+                break
+        else:
+            raise NoCapacity(f"cannot migrate VM {vm.name}: the free devices of every "
+                             "destination are taken by the moves planned before it")
+        taken.update((target.id, m.destination) for m in mapping)
         return MigrationPlan(vm_uuid=vm.uuid, source_guid=source.guid,
                              destination_guid=target.guid,
-                             devices=pair_devices(held, spare),
+                             devices=mapping,
                              details=f"{vm.name}: {source.name} -> {target.name}")
 
     # -- beginning -----------------------------------------------------------------
@@ -314,6 +329,7 @@ class MigrationManager:
         conn = tx.session.connection()
         before = pci_devices.devices_of_vm(conn, vm.id)
         pci_devices.commit_migration(conn, vm.id, source_id, target_id)
+        cleaning.request_resets_on(tx, {source_id})  # the source set, on a host that resets
         tx.session.execute(update(VmInstance).where(VmInstance.id == vm.id,
                                                  VmInstance.update_count == vm.update_count)
                         .values(host_id=target_id, last_host_id=source_id,

@@ -19,7 +19,8 @@ from hostdev.mgmt.persistence.models import JOB_RUNNING, Job
 #: The payload layout written today; a decoder for an older one goes here when it changes.
 VERSION: Final = 1
 
-JobKind = Literal["deploy", "start", "stop", "destroy", "migrate", "attach-devices"]
+JobKind = Literal["deploy", "start", "stop", "destroy", "migrate", "attach-devices",
+                  "maintenance"]
 
 DEPLOY_JOB: Final = "deploy"
 START_JOB: Final = "start"
@@ -27,6 +28,7 @@ STOP_JOB: Final = "stop"
 DESTROY_JOB: Final = "destroy"
 MIGRATE_JOB: Final = "migrate"
 ATTACH_JOB: Final = "attach-devices"
+MAINTENANCE_JOB: Final = "maintenance"
 
 
 class StartPayload(msgspec.Struct, kw_only=True):
@@ -93,14 +95,30 @@ class MigratePayload(AttachPayload, kw_only=True):
     failed_step: str = ""
 
 
-Payload = StartPayload | StopPayload | AttachPayload | MigratePayload
-P = TypeVar("P", StartPayload, StopPayload, AttachPayload, MigratePayload)
+class MaintenancePayload(msgspec.Struct, kw_only=True):
+    """A host's maintenance: the jobs it began to empty the host.
+
+    Attributes:
+        host_id: the host being emptied.
+        migrations: the migrate jobs moving its VMs off.
+        stops: the stop jobs of VMs whose offering forbids migration (``--stop``).
+    """
+
+    version: int = VERSION
+    host_id: int
+    migrations: list[int] = msgspec.field(default_factory=list)
+    stops: list[int] = msgspec.field(default_factory=list)
+
+
+Payload = StartPayload | StopPayload | AttachPayload | MigratePayload | MaintenancePayload
+P = TypeVar("P", StartPayload, StopPayload, AttachPayload, MigratePayload, MaintenancePayload)
 
 #: The payload type of each job kind.
 PAYLOAD_OF: Final[dict[str, type[Payload]]] = {
     DEPLOY_JOB: StartPayload, START_JOB: StartPayload,
     STOP_JOB: StopPayload, DESTROY_JOB: StopPayload,
     MIGRATE_JOB: MigratePayload, ATTACH_JOB: AttachPayload,
+    MAINTENANCE_JOB: MaintenancePayload,
 }
 
 

@@ -7,6 +7,7 @@ from typing import Final, get_args
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     CheckConstraint,
     DateTime,
     ForeignKey,
@@ -17,6 +18,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    false,
 )
 from sqlalchemy.dialects import mysql
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -54,6 +56,11 @@ JOB_STATES: Final[tuple[JobState, ...]] = get_args(JobState)
 HOST_UP: Final[HostStatus] = "Up"
 HOST_DISCONNECTED: Final[HostStatus] = "Disconnected"
 HOST_DOWN: Final[HostStatus] = "Down"
+HOST_PREPARING: Final[HostStatus] = "PrepareForMaintenance"
+HOST_MAINTENANCE: Final[HostStatus] = "Maintenance"
+#: The statuses only an operator changes (``hostdev host maintenance|activate``):
+#: an agent's start-up or ping never turns them back to Up.
+OPERATOR_STATUSES: Final[tuple[HostStatus, ...]] = (HOST_PREPARING, HOST_MAINTENANCE)
 VM_STOPPED: Final[VmState] = "Stopped"
 VM_RUNNING: Final[VmState] = "Running"
 VM_DESTROYED: Final[VmState] = "Destroyed"
@@ -74,6 +81,8 @@ BigId = BigInteger().with_variant(Integer(), "sqlite")
 ADDRESS_LENGTH: Final = 12
 #: Room for a comma-separated list of as many addresses as a host may report.
 ADDRESS_LIST_LENGTH: Final = (ADDRESS_LENGTH + 1) * MAX_DEVICES
+#: Room for why a host is in its status.
+STATUS_REASON_LENGTH: Final = 1024
 MYSQL_OPTIONS: Final = {
     "mysql_engine": "InnoDB",
     "mysql_charset": "utf8mb4",
@@ -109,7 +118,11 @@ class Host(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     guid: Mapped[str] = mapped_column(String(64), unique=True)
     name: Mapped[str] = mapped_column(String(255))
-    status: Mapped[HostStatus] = mapped_column(String(16), default="Up")
+    status: Mapped[HostStatus] = mapped_column(String(32), default="Up")
+    #: Why the host is in its status (what keeps it preparing for maintenance), "" if nothing.
+    status_reason: Mapped[str] = mapped_column(String(STATUS_REASON_LENGTH), server_default="")
+    #: Its agent resets every device a VM lets go of (``pci.reset.on.release``).
+    reset_on_release: Mapped[bool] = mapped_column(Boolean, server_default=false())
     last_ping: Mapped[datetime | None] = mapped_column(Timestamp)
     cpus: Mapped[int] = mapped_column(Integer, default=0)
     memory_mb: Mapped[int] = mapped_column(BigInteger, default=0)

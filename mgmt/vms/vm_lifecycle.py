@@ -23,7 +23,7 @@ from sqlalchemy.orm.attributes import set_committed_value
 from hostdev.messages.events import PciDeviceAllocated, PciDeviceReleased, VmStateChanged
 from hostdev.messages.pci_address import PciAddress
 from hostdev.messages.values import NumaPolicy, PciRequest, VmState
-from hostdev.mgmt.devices import numa, pci_devices
+from hostdev.mgmt.devices import cleaning, numa, pci_devices
 from hostdev.mgmt.devices.device_rows import ALLOCATED
 from hostdev.mgmt.devices.pci_devices import HeldDevice
 from hostdev.mgmt.errors import Conflict
@@ -240,8 +240,14 @@ class PciDeviceManager:
         return held
 
     def release(self, tx: TxContext, vm: VmInstance) -> int:
-        """Frees every device ``vm`` holds or has reserved; quarantined ones become removed."""
+        """Frees every device ``vm`` holds or has reserved; quarantined ones become removed.
+
+        On a host that resets released devices, the held ones become cleaning
+        and its agent is asked to reset them (``hostdev.mgmt.devices.cleaning``).
+        """
         released = pci_devices.release_devices(tx.connection, vm.id)
+        # A device a guest had goes cleaning on a host that resets it: ask for the reset.
+        cleaning.request_resets_on(tx, {d.host_id for d, _ in released if d.state == ALLOCATED})
         at = utcnow().isoformat() + "Z"
         for device, guid in released:
             if guid:  # read by the release: the VmStateChanged event needs no query

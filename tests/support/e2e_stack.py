@@ -40,7 +40,7 @@ import pymysql
 from sqlalchemy import make_url
 
 from hostdev.agent.domain_xml import read_hostdevs, read_identity
-from hostdev.agent.simulated import state_path
+from hostdev.agent.simulated_store import state_path
 from hostdev.messages import api
 from hostdev.messages.base import Message
 from hostdev.messages.bus import Bus, BusConfig

@@ -139,12 +139,13 @@ class Harness:
 
     def register(self, guid: str, name: str | None = None,
                  pci: Sequence[PciDeviceInfo] = (), *, cpus: int = 32,
-                 memory_mb: int = 65536) -> Message | None:
+                 memory_mb: int = 65536, reset_on_release: bool = False) -> Message | None:
         """Announces a host with its devices and current domains."""
         self.domains.setdefault(guid, {})
         return self.from_agent(guid, StartupRoutingCommand(
             guid=guid, name=name or guid, cpus=cpus, memory_mb=memory_mb,
-            pci_devices=tuple(pci), domains=tuple(self.domains[guid].values())))
+            pci_devices=tuple(pci), domains=tuple(self.domains[guid].values()),
+            pci_reset_on_release=reset_on_release))
 
     def ping(self, guid: str) -> None:
         """Sends a ping with the host's domains."""

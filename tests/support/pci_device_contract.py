@@ -19,11 +19,10 @@ from sqlalchemy import Engine, func, select
 
 from hostdev.messages.pci_address import PciAddress
 from hostdev.messages.values import NumaPolicy, PciDeviceInfo, PciRequest
-from hostdev.mgmt.devices import pci_devices
+from hostdev.mgmt.devices import device_admin, pci_devices
+from hostdev.mgmt.devices.device_admin import DeviceBusy, DeviceNotFound
 from hostdev.mgmt.devices.pci_devices import (
-    DeviceBusy,
     DeviceCounts,
-    DeviceNotFound,
     HeldDevice,
     InsufficientDevices,
     claim_devices,
@@ -96,12 +95,12 @@ class ClaimPath:
 
     def disable(self, device_id: int) -> str:
         """Takes a free device out of service."""
-        return self._run("disable device", lambda tx: pci_devices.disable_device(
+        return self._run("disable device", lambda tx: device_admin.disable_device(
             tx.session.connection(), device_id))
 
     def enable(self, device_id: int) -> str:
         """Puts a disabled device back in service."""
-        return self._run("enable device", lambda tx: pci_devices.enable_device(
+        return self._run("enable device", lambda tx: device_admin.enable_device(
             tx.session.connection(), device_id))
 
     def reconcile(self, host_id: int, reported: Iterable[PciDeviceInfo]) -> InventoryChanges:

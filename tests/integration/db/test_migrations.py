@@ -151,3 +151,29 @@ def test_upgrade_0007_keeps_reasons_and_admits_the_new_states(empty_url: str) ->
                                                 (2, "unavailable", "", "")]
     finally:
         engine.dispose()
+
+
+def test_0009_admits_preparing_hosts_and_its_downgrade_keeps_them_out_of_placement(
+        empty_url: str) -> None:
+    """After 0009 a host may prepare for maintenance; the downgrade makes it Maintenance."""
+    config = alembic_config(empty_url)
+    command.upgrade(config, "0008")
+    engine = create_database_engine(empty_url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(text(
+                "INSERT INTO hosts (id, guid, name, status, cpus, memory_mb, hypervisor_version,"
+                " created_at, updated_at) VALUES (1, 'g1', 'h1', 'Maintenance', 4, 4096, '', "
+                ":now, :now)"), {"now": datetime(2026, 1, 1)})
+        command.upgrade(config, "0009")
+        with engine.begin() as conn:
+            assert tuple(conn.execute(text(
+                "SELECT status, status_reason, reset_on_release FROM hosts")).one()) == (
+                "Maintenance", "", False)
+            conn.execute(text("UPDATE hosts SET status = 'PrepareForMaintenance', "
+                              "status_reason = 'VM web1 forbids migration'"))
+        command.downgrade(config, "0008")
+        with engine.begin() as conn:
+            assert conn.execute(text("SELECT status FROM hosts")).scalar_one() == "Maintenance"
+    finally:
+        engine.dispose()

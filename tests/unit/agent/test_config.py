@@ -115,6 +115,7 @@ def test_an_empty_entry_between_commas_is_an_error() -> None:
     ("libvirt.uri=qemu", "libvirt.uri must be a libvirt URI"),
     ("name=my host", "name must be 1 to 64 characters"),
     ("guid=", "guid must be 1 to 64 characters"),
+    ("pci.reset.on.release=yes", "pci.reset.on.release must be true or false"),
 ])
 def test_a_bad_scalar_value_is_an_error(line: str, wanted: str) -> None:
     """Every scalar key validates its value and names the file and line."""
@@ -219,3 +220,9 @@ def test_a_guid_with_a_dot_is_refused_at_start_up() -> None:
     """A guid is one word of the routing keys: a dot would make every command look foreign."""
     with pytest.raises(ConfigError, match="guid must be 1 to 64 characters"):
         parse_config("guid=kvm.01\n", "/etc/hostdev/agent.properties")
+
+
+def test_reset_on_release_is_off_unless_set_true() -> None:
+    """pci.reset.on.release defaults to false and reads true case-insensitively."""
+    assert parse_config("pci.devices=28:00.1|A\n").pci_reset_on_release is False
+    assert parse_config("pci.reset.on.release=TRUE\n").pci_reset_on_release is True

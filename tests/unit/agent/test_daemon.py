@@ -119,7 +119,8 @@ def test_start_connects_declares_consumes_and_announces(make_host: HostFactory) 
     assert bus.connected and bus.queues == [f"hostdev.agent.{GUID}"]
     handled = {t.__name__ for t in bus.consumers[f"hostdev.agent.{GUID}"]}
     assert handled == {"StartCommand", "StopCommand", "MigrateCommand", "StartupAnswer",
-                       "ErrorAnswer", "AttachPciDevicesCommand", "DetachPciDevicesCommand"}
+                       "ErrorAnswer", "AttachPciDevicesCommand", "DetachPciDevicesCommand",
+                       "ResetPciDevicesCommand"}
     key, startup = bus.sent[0]
     assert key == f"mgmt.{GUID}.StartupRoutingCommand"
     assert isinstance(startup, StartupRoutingCommand)

@@ -14,6 +14,7 @@ from hostdev.messages.commands import (
     AttachPciDevicesCommand,
     DetachPciDevicesCommand,
     MigrateCommand,
+    ResetPciDevicesCommand,
     StartCommand,
     StopCommand,
 )
@@ -318,3 +319,22 @@ def test_detach_from_an_absent_domain_succeeds(host: SimulatedHost) -> None:
     """No domain holds the device, so it is detached: success."""
     answer = handlers_for(host).detach(DetachPciDevicesCommand(vm_uuid=UUID, addresses=(NIC1,)))
     assert answer.ok and answer.devices[0].details == "not attached"
+
+
+# -- ResetPciDevicesCommand -------------------------------------------------------
+
+
+def test_reset_resets_listed_free_devices_and_refuses_held_or_unlisted_ones(
+        host: SimulatedHost) -> None:
+    """Each device gets its outcome: reset, held by a running domain, not listed, failed."""
+    handlers = handlers_for(host)
+    host.fail_resets([NIC2])
+    answer = handlers.reset(ResetPciDevicesCommand(addresses=(NIC1, NIC2, GPU, P("5e:00.0"))))
+    outcomes = {o.address: (o.result, o.details) for o in answer.devices}
+    assert answer.result == "error" and outcomes[NIC1] == ("ok", "")
+    assert outcomes[NIC2] == ("error", "reset failed: simulated failure resetting "
+                                       "0000:28:00.2 (fail_reset)")
+    assert outcomes[GPU][0] == "error" and "held by domain vm-old" in outcomes[GPU][1]
+    assert outcomes[P("5e:00.0")][0] == "error"
+    assert "not a passthrough device of this host" in outcomes[P("5e:00.0")][1]
+    assert host.resets == {NIC1: 1}

@@ -9,6 +9,7 @@ from hostdev.agent.domain_xml import read_hostdevs, with_hostdev, without_hostde
 from hostdev.agent.errors import DetachRefused, HypervisorError
 from hostdev.agent.libvirt_host import LibvirtHost, hypervisor_error
 from hostdev.messages.pci_address import PciAddress as P
+from tests.support.agent import NODE_XML_URI
 
 pytestmark = pytest.mark.libvirt
 
@@ -140,3 +141,16 @@ def test_an_invalid_uuid_from_real_libvirt_is_permanent() -> None:
     finally:
         host.close()
     assert info.value.transient is False and info.value.code == libvirt.VIR_ERR_INVALID_ARG
+
+
+def test_the_test_driver_cannot_reset_a_node_device_and_says_so() -> None:
+    """libvirt's test driver answers a node device reset 'not supported': a permanent error."""
+    host = LibvirtHost(NODE_XML_URI)
+    host.open()
+    try:
+        with pytest.raises(HypervisorError) as info:
+            host.reset_pci_device(P("28:00.1"))
+    finally:
+        host.close()
+    assert info.value.transient is False and info.value.code == libvirt.VIR_ERR_NO_SUPPORT
+    assert "virNodeDeviceReset" in str(info.value)

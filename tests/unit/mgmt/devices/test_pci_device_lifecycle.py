@@ -27,7 +27,8 @@ from sqlalchemy import Engine, select
 
 from hostdev.messages.pci_address import PciAddress
 from hostdev.messages.values import PciDeviceInfo
-from hostdev.mgmt.devices.pci_devices import DeviceBusy, InsufficientDevices
+from hostdev.mgmt.devices.device_admin import DeviceBusy
+from hostdev.mgmt.devices.pci_devices import InsufficientDevices
 from hostdev.mgmt.persistence.database import create_database_engine, transaction
 from hostdev.mgmt.persistence.models import PciDevice
 from tests.support.databases import add_host, add_offering, add_vms, sqlite_database

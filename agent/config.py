@@ -18,6 +18,7 @@ from typing import Any, Literal
 import structlog
 
 from hostdev.agent.errors import ConfigError
+from hostdev.agent.lab_devices import MAX_STAND_INS
 from hostdev.messages.bus.contract import QUEUE_TYPES
 from hostdev.messages.errors import PciAddressError
 from hostdev.messages.limits import GUID_PATTERN, GUID_RULE
@@ -218,6 +219,10 @@ def config_from_properties(props: Sequence[Property], path: str,
         except PropertiesError as exc:
             raise _config_error(exc) from None
     config = AgentConfig(path=path, warnings=tuple(warnings), **values)
+    if config.lab_emulated_devices and len(config.pci_devices) > MAX_STAND_INS:
+        raise ConfigError(path, lines["pci.devices"], f"{len(config.pci_devices)} devices",
+                          f"at most {MAX_STAND_INS} devices with lab.emulated.devices=yes "
+                          "(the guest slots 0x10-0x1f its stand-ins sit at)")
     if not config.migration_uri:
         config = replace(config, migration_uri=default_migration_uri(config.libvirt_uri))
     if "state_dir" not in values:

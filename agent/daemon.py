@@ -76,14 +76,8 @@ def open_hypervisor(uri: str, stand_in_for: Iterable[PciAddress] | None = None) 
     With ``stand_in_for`` (``lab.emulated.devices``), a ``LabHost`` giving
     guests emulated stand-ins for those addresses; lab only.
     """
-    host: Hypervisor = SimulatedHost(uri) if is_simulated_uri(uri) else LibvirtHost(uri)
-    if stand_in_for is not None:
-        try:
-            host = LabHost(uri, stand_in_for)
-        except ValueError as exc:
-            raise AgentError(str(exc)) from None
-        log.warning("lab_emulated_devices", uri=uri, hint="lab only: guests get emulated "
-                    "stand-ins; no device of this host is passed through")
+    host: Hypervisor = (LabHost(uri, stand_in_for) if stand_in_for is not None
+                        else SimulatedHost(uri) if is_simulated_uri(uri) else LibvirtHost(uri))
     host.open()
     return host
 

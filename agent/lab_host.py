@@ -11,10 +11,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+import structlog
+
 from hostdev.agent.lab_devices import StandIns, read_devices
 from hostdev.agent.libvirt_host import LibvirtHost
 from hostdev.agent.pci_device import NodePciDevice
 from hostdev.messages.pci_address import PciAddress
+
+log = structlog.get_logger()
 
 
 class LabHost(LibvirtHost):
@@ -23,10 +27,18 @@ class LabHost(LibvirtHost):
     def __init__(self, uri: str, addresses: Iterable[PciAddress]) -> None:
         """Prepares the host at ``uri`` with a stand-in for each of ``addresses``.
 
-        Raises ``ValueError`` when there are more than the guest has slots for.
+        Raises ``ValueError`` when there are more than the guest has slots for
+        (``load_config`` refuses such a configuration first).
         """
         super().__init__(uri)
         self.stand_ins = StandIns.for_addresses(addresses)
+
+    def open(self) -> None:
+        """Connects, saying loudly that this host passes nothing through."""
+        super().open()
+        log.warning("lab_emulated_devices", uri=self.uri, devices=len(self.stand_ins.addresses),
+                    hint="lab only: guests get emulated stand-ins; no device of this host is "
+                    "passed through")
 
     def device_xml(self, address: PciAddress) -> str:
         """Returns the stand-in's ``<interface>`` for ``address``."""

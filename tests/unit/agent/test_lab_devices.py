@@ -116,3 +116,11 @@ def test_the_lab_option_is_off_unless_set_and_takes_yes_or_no() -> None:
     assert parse_config("lab.emulated.devices = no").lab_emulated_devices is False
     with pytest.raises(ConfigError, match=r"lab\.emulated\.devices must be yes or no"):
         parse_config("\nlab.emulated.devices=maybe", "agent.properties")
+
+
+def test_more_devices_than_stand_ins_is_a_configuration_error() -> None:
+    """With the lab option, a seventeenth pci.devices entry is refused naming its line."""
+    entries = ",".join(f"28:{n // 8:02x}.{n % 8}|10GE" for n in range(17))
+    with pytest.raises(ConfigError, match=r"agent\.properties:2: .*at most 16 devices"):
+        parse_config(f"lab.emulated.devices=yes\npci.devices={entries}", "agent.properties")
+    assert len(parse_config(f"pci.devices={entries}").pci_devices) == 17

@@ -92,7 +92,8 @@ def cloud(lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cloud]
     consoles = work / "consoles"
     consoles.mkdir()
     with e2e_stack(work, prefix="realvm", mgmt_properties={
-            "job.migrate.timeout": "60s", "job.start.timeout": "60s"}) as stack:
+            "job.migrate.timeout": "60s", "job.start.timeout": "60s",
+            "job.attach.timeout": "6s"}) as stack:
         stack.start_mgmt()
         agents: dict[str, LabAgent] = {}
         try:
@@ -239,3 +240,25 @@ def test_the_source_agent_killed_mid_migration_is_finished_by_the_destination(
     cloud.agents["a"].restart().wait_log("startup_accepted")
     cloud.settle()
     _destroy(cloud, "runaway")
+
+
+def test_an_attach_unanswered_on_the_destination_is_retried_after_its_agent_restarts(
+        cloud: Cloud) -> None:
+    """b's agent is dead: the guest moves, the attach times out; restarted, a retry plugs both."""
+    console = _deploy(cloud, "orphan", "lab", on="a")
+    uuid = vm_row(cloud.stack, "orphan").uuid
+    cloud.agents["b"].daemon.kill()
+    job = _migrate(cloud, "orphan", "b")
+    assert (job["state"], job["step"]) == ("failed", "attach"), job
+    row = vm_row(cloud.stack, "orphan")
+    assert (row.state, row.host_name) == ("Running", "b")
+    assert cloud.held_by("orphan") == {"a": set(), "b": DEVICES}  # still held for the VM
+    assert cloud.agents["b"].hostdevs(uuid) == set()
+    cloud.agents["b"].restart().wait_log("startup_accepted")
+    retry = cloud.cli_json("vm", "attach-devices", "orphan", "--wait")
+    assert retry["state"] == "succeeded", retry
+    assert cloud.agents["b"].hostdevs(uuid) == DEVICES
+    for slot in (0x10, 0x11):
+        console.wait_sees(slot)
+    cloud.settle()
+    _destroy(cloud, "orphan")

@@ -24,6 +24,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -37,6 +38,7 @@ from typing import Any, Final
 
 import pymysql
 
+from hostdev.mgmt.persistence.database import upgrade
 from tests.support.rabbitmq import rabbitmqctl
 from tests.support.waiting import wait_for
 
@@ -233,7 +235,43 @@ class RabbitCluster:
                 node.stop()
 
 
+@dataclass(frozen=True)
+class ClusterVhost:
+    """A vhost on the cluster: its name and the URL list of it on every node."""
+
+    name: str
+    url: str
+
+
+@contextmanager
+def cluster_vhost(cluster: RabbitCluster, prefix: str) -> Iterator[ClusterVhost]:
+    """Creates ``hostdev-<prefix>-<random>`` on the cluster (node 1 first in ``url``)."""
+    name = f"hostdev-{prefix}-{secrets.token_hex(4)}"
+    cluster.add_vhost(name)
+    try:
+        yield ClusterVhost(name, cluster.url(name))
+    finally:
+        node = next((n for n in cluster.nodes if n.running()), None)
+        if node is not None:
+            node.ctl("delete_vhost", name)
+
+
 # -- MariaDB Galera ------------------------------------------------------------------------
+
+
+@contextmanager
+def galera_database(cluster: GaleraCluster, prefix: str) -> Iterator[str]:
+    """Creates and migrates ``<prefix>_<random>`` on the cluster; yields its name."""
+    name = f"{prefix}_{secrets.token_hex(4)}"
+    cluster.create_database(name)
+    try:
+        upgrade(cluster.url(name))
+        yield name
+    finally:
+        node = next((n for n in cluster.nodes if n.running), None)
+        if node is not None:
+            with node.connect() as conn, conn.cursor() as cursor:
+                cursor.execute(f"DROP DATABASE IF EXISTS `{name}`")
 
 
 @dataclass
@@ -387,6 +425,22 @@ wsrep_sst_method=rsync
         with self.nodes[0].connect() as conn, conn.cursor() as cursor:
             cursor.execute(f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4 "
                            "COLLATE utf8mb4_bin")
+
+    def agree(self, database: str, query: str) -> list[list[dict[str, Any]]]:
+        """Runs ``query`` on every running node after its replication caught up.
+
+        ``wsrep_sync_wait`` makes each node apply what the cluster committed
+        before it reads (a causal read); returns each node's rows.
+        """
+        found = []
+        for node in self.nodes:
+            if not node.running:
+                continue
+            with node.connect(database) as conn, conn.cursor() as cursor:
+                cursor.execute("SET SESSION wsrep_sync_wait = 1")
+                cursor.execute(query)
+                found.append(list(cursor.fetchall()))
+        return found
 
     def stop(self) -> None:
         """Shuts every node down, the bootstrap node last."""

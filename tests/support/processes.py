@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,13 @@ from typing import Any
 from tests.support.waiting import wait_for
 
 BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    """Returns a TCP port nothing listens on now (for a daemon's metrics.port)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
 
 
 class Daemon:

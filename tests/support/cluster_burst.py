@@ -46,6 +46,7 @@ class Burst:
 
     outcomes: list[Outcome] = field(default_factory=list)
     action_started: float = 0.0
+    action_wall: float = 0.0  # time.time() when the action started, to compare with logs
     action_done: float = 0.0
     action_error: str = ""
     seconds: float = 0.0
@@ -72,7 +73,7 @@ def run_burst(url: str, items: Sequence[Sequence[Message]], *, clients: int = 16
 
     def action() -> None:
         assert at is not None
-        burst.action_started = time.monotonic()
+        burst.action_started, burst.action_wall = time.monotonic(), time.time()
         try:
             at[1]()
         except Exception as exc:  # reported by the test, which asserts it is empty

@@ -9,7 +9,11 @@ discarded. A lost connection is re-opened and the request re-sent with the
 same ``message_id`` until the deadline (API handlers are idempotent by it).
 The broker confirms each publish: one not confirmed within ``CONFIRM_WAIT_S``
 counts as a lost connection too (a channel opened while a clustered broker
-elects the queue's new leader can swallow publishes without an error).
+elects the queue's new leader can swallow publishes without an error). A
+request that lived through a lost connection is re-sent every
+``RESEND_AFTER_LOSS_S`` until answered: while a cluster elects new leaders its
+consumers drop and come back several times, each return counts as a
+delivery, and the broker may dead-letter a copy past the delivery limit.
 """
 
 from __future__ import annotations
@@ -45,6 +49,8 @@ log = structlog.get_logger()
 _RETRY = Backoff(first_s=0.2, max_s=2.0)
 #: How long a request's publish may wait for the broker's confirm before it is re-sent.
 CONFIRM_WAIT_S = 5.0
+#: After a lost connection, how often the request is re-sent until it is answered.
+RESEND_AFTER_LOSS_S = 5.0
 
 
 class Unconfirmed(Exception):
@@ -88,6 +94,7 @@ class RpcClient:
         self._waiting, self._reply, self._returned = mid, None, None
         sent = False
         sent_at = 0.0
+        resend = False  # set by a lost connection: re-send every RESEND_AFTER_LOSS_S
         failure: BrokerUnreachable | None = None  # the last failed connection attempt
         failures = 0
         published = False  # at least once: a lost connection clears ``sent``, not this
@@ -129,6 +136,8 @@ class RpcClient:
                         raise Unconfirmed(f"{name} refused by the broker (basic.nack)")
                     if not self._confirmed and time.monotonic() - sent_at > CONFIRM_WAIT_S:
                         raise Unconfirmed(f"{name} not confirmed within {CONFIRM_WAIT_S:g} s")
+                    if resend and time.monotonic() - sent_at > RESEND_AFTER_LOSS_S:
+                        sent = False  # the copy may have been dead-lettered: another one
                 except (amqp.exceptions.NotFound, amqp.exceptions.AccessRefused) as exc:
                     self.close()
                     raise BusError(
@@ -139,6 +148,7 @@ class RpcClient:
                     self.close()
                     self._url_index += 1
                     sent = False  # direct reply-to is bound to the lost channel: re-send
+                    resend = published
                     if failure is None:
                         log.warning("request_connection_lost", error=repr(exc), message_id=mid)
                     else:  # not even connected: back off, within the deadline

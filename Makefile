@@ -101,6 +101,7 @@ bench: setup services
 	$(PY) bench/bus.py
 	$(PY) bench/alloc.py
 	$(PY) bench/deploy.py
+	$(PY) bench/migration.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis build *.egg-info $(DIST)

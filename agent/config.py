@@ -18,6 +18,7 @@ from typing import Any, Literal, get_args
 import structlog
 
 from hostdev.agent.errors import ConfigError
+from hostdev.agent.lab_devices import MAX_STAND_INS
 from hostdev.messages.bus.contract import QUEUE_TYPES
 from hostdev.messages.errors import PciAddressError
 from hostdev.messages.limits import GUID_PATTERN, GUID_RULE
@@ -86,6 +87,8 @@ class AgentConfig:
     pci_reset_on_release: bool = False
     #: The directory of the agent's state files (``state.dir``); see ``default_state_dir``.
     state_dir: str = DEFAULT_STATE_DIR
+    #: Lab only (``lab.emulated.devices``): emulated stand-ins instead of passthrough.
+    lab_emulated_devices: bool = False
     warnings: tuple[str, ...] = ()
 
     @property
@@ -159,6 +162,13 @@ def absolute_path(prop: Property) -> str:
     return value
 
 
+def yes_no(prop: Property) -> bool:
+    """Parses ``yes``/``no`` (also ``true``/``false``)."""
+    value = prop.value.strip().lower()
+    if value not in ("yes", "no", "true", "false"):
+        raise prop.error(f"{prop.key} must be yes or no")
+    return value in ("yes", "true")
+
 
 #: key -> (AgentConfig field, parser)
 _KEYS: dict[str, tuple[str, Callable[[Property], object]]] = {
@@ -182,6 +192,7 @@ _KEYS: dict[str, tuple[str, Callable[[Property], object]]] = {
     "log.level": ("log_level", choice("debug", "info", "warning", "error")),
     "metrics.port": ("metrics_port", port_or_off),
     "state.dir": ("state_dir", absolute_path),
+    "lab.emulated.devices": ("lab_emulated_devices", yes_no),
 }
 
 KNOWN_KEYS = tuple(_KEYS)
@@ -214,6 +225,10 @@ def config_from_properties(props: Sequence[Property], path: str,
         except PropertiesError as exc:
             raise _config_error(exc) from None
     config = AgentConfig(path=path, warnings=tuple(warnings), **values)
+    if config.lab_emulated_devices and len(config.pci_devices) > MAX_STAND_INS:
+        raise ConfigError(path, lines["pci.devices"], f"{len(config.pci_devices)} devices",
+                          f"at most {MAX_STAND_INS} devices with lab.emulated.devices=yes "
+                          "(the guest slots 0x10-0x1f its stand-ins sit at)")
     if not config.migration_uri:
         config = replace(config, migration_uri=default_migration_uri(config.libvirt_uri))
     if "state_dir" not in values:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -27,6 +27,7 @@ from hostdev.agent.config import DEFAULT_PATH, AgentConfig, ensure_guid, load_co
 from hostdev.agent.errors import AgentError, ConfigError, HypervisorError
 from hostdev.agent.handlers import CommandHandlers, Timeouts
 from hostdev.agent.hypervisor import Hypervisor, LifecycleEvent
+from hostdev.agent.lab_host import LabHost
 from hostdev.agent.libvirt_host import LibvirtHost
 from hostdev.agent.metrics import serve_agent_metrics
 from hostdev.agent.pipeline import CommandPipeline
@@ -50,6 +51,7 @@ from hostdev.messages.commands import (
     VmStateReport,
 )
 from hostdev.messages.errors import BusError
+from hostdev.messages.pci_address import PciAddress
 from hostdev.messages.runtime.backoff import Backoff, retry
 from hostdev.messages.runtime.logging import configure_logging
 from hostdev.messages.runtime.sd_notify import SystemdNotifier
@@ -69,11 +71,20 @@ class _Announcing:
     remaining_s: float = 0.0
 
 
-def open_hypervisor(uri: str) -> Hypervisor:
-    """Returns the hypervisor for a ``libvirt.uri``: simulated for simulated:// and test://."""
-    host: Hypervisor = SimulatedHost(uri) if is_simulated_uri(uri) else LibvirtHost(uri)
+def open_hypervisor(uri: str, stand_in_for: Iterable[PciAddress] | None = None) -> Hypervisor:
+    """Returns the hypervisor for a ``libvirt.uri``: simulated for simulated:// and test://.
+
+    With ``stand_in_for`` (``lab.emulated.devices``), a ``LabHost`` giving
+    guests emulated stand-ins for those addresses; lab only.
+    """
+    host: Hypervisor = (LabHost(uri, stand_in_for) if stand_in_for is not None
+                        else SimulatedHost(uri) if is_simulated_uri(uri) else LibvirtHost(uri))
     host.open()
     return host
+
+
+def _stand_ins(config: AgentConfig) -> Iterable[PciAddress] | None:
+    return config.inventory if config.lab_emulated_devices else None
 
 
 def _agent_version() -> str:
@@ -296,7 +307,7 @@ def check(config: AgentConfig) -> int:
     for warning in config.warnings:
         print(f"hostdev-agent: warning: {warning}", file=out)
     try:
-        host = open_hypervisor(config.libvirt_uri)
+        host = open_hypervisor(config.libvirt_uri, _stand_ins(config))
     except AgentError as exc:
         print(f"hostdev-agent: {exc}", file=out)
         print(f"hostdev-agent: the configuration file {config.path} test failed", file=out)
@@ -342,7 +353,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.warning("config_warning", problem=warning)
     try:
         config = ensure_guid(config)
-        host = open_hypervisor(config.libvirt_uri)
+        host = open_hypervisor(config.libvirt_uri, _stand_ins(config))
     except (AgentError, OSError) as exc:
         log.error("agent_start_failed", error=str(exc))
         return 1

@@ -60,7 +60,8 @@ def build_domain_xml(spec: VmSpec, *, domain_type: str = "kvm") -> str:
     return render_domain(minimal_template(domain_type), spec)
 
 
-def _address_of(hostdev: ET.Element) -> PciAddress | None:
+def hostdev_address(hostdev: ET.Element) -> PciAddress | None:
+    """Returns the source address of a PCI ``<hostdev>`` element, None when unreadable."""
     element = hostdev.find("./source/address")
     if element is None:
         return None
@@ -74,7 +75,7 @@ def _address_of(hostdev: ET.Element) -> PciAddress | None:
 def read_hostdevs(xml: str) -> tuple[PciAddress, ...]:
     """Returns the PCI addresses of a domain's hostdevs, in XML order."""
     root = ET.fromstring(xml)
-    found = (_address_of(h) for h in root.findall(_HOSTDEV_PATH))
+    found = (hostdev_address(h) for h in root.findall(_HOSTDEV_PATH))
     return tuple(a for a in found if a is not None)
 
 
@@ -102,7 +103,7 @@ def without_hostdev(xml: str, address: PciAddress) -> str:
     devices = root.find("devices")
     if devices is not None:
         for hostdev in devices.findall("hostdev[@type='pci']"):
-            if _address_of(hostdev) == address:
+            if hostdev_address(hostdev) == address:
                 devices.remove(hostdev)
     return ET.tostring(root, encoding="unicode")
 
@@ -142,10 +143,10 @@ def domain_refusal(xml: str, spec: VmSpec) -> str | None:
                 f"({read_identity(xml)[0]}), not {spec.name!r} ({spec.uuid})")
     assigned = set(spec.pci_devices)
     foreign = [h for h in root.iter("hostdev")
-               if h.get("type") != "pci" or _address_of(h) not in assigned]
+               if h.get("type") != "pci" or hostdev_address(h) not in assigned]
     foreign += [i for i in root.iter("interface") if i.get("type") == "hostdev"]
     if foreign:
-        shown = ", ".join(str(_address_of(h) or h.get("type")) for h in foreign)
+        shown = ", ".join(str(hostdev_address(h) or h.get("type")) for h in foreign)
         return (f"the domain XML passes through {shown}, which management did not assign; "
                 "only assigned devices are passed through")
     missing = assigned - set(read_hostdevs(xml))

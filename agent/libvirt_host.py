@@ -241,7 +241,7 @@ class LibvirtHost(HostResources):
     def _info(self, dom: Any) -> DomainInfo:
         return DomainInfo(uuid=dom.UUIDString(), name=dom.name(),
                           state=STATES.get(dom.state()[0], "unknown"),
-                          hostdevs=read_hostdevs(dom.XMLDesc(0)))
+                          hostdevs=self.read_devices(dom.XMLDesc(0)))
 
     def domains(self) -> tuple[DomainInfo, ...]:
         """Returns every defined or running domain with its state and hostdevs."""
@@ -312,11 +312,19 @@ class LibvirtHost(HostResources):
 
     # -- devices -----------------------------------------------------------------
 
+    def device_xml(self, address: PciAddress) -> str:
+        """Returns the XML that attaches or detaches ``address``: a managed ``<hostdev>``."""
+        return hostdev_xml(address)
+
+    def read_devices(self, xml: str) -> tuple[PciAddress, ...]:
+        """Returns the passthrough addresses a domain's XML holds: its PCI hostdevs."""
+        return read_hostdevs(xml)
+
     def _placement(self, uuid: str, address: PciAddress) -> tuple[Any, bool, bool, bool]:
         dom = self.lookup(uuid)
         active = bool(dom.isActive())
-        live = address in read_hostdevs(dom.XMLDesc(0)) if active else False
-        config = address in read_hostdevs(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
+        live = address in self.read_devices(dom.XMLDesc(0)) if active else False
+        config = address in self.read_devices(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
         return dom, active, live, config
 
     def attach_hostdev(self, uuid: str, address: PciAddress, timeout_s: float) -> None:
@@ -325,9 +333,9 @@ class LibvirtHost(HostResources):
         flags = (libvirt.VIR_DOMAIN_AFFECT_LIVE if active and not live else 0) | (
             0 if config else libvirt.VIR_DOMAIN_AFFECT_CONFIG)
         if flags:
-            self._call("attach", lambda: dom.attachDeviceFlags(hostdev_xml(address), flags))
+            self._call("attach", lambda: dom.attachDeviceFlags(self.device_xml(address), flags))
         if active and not self._wait_for(
-                lambda: address in read_hostdevs(dom.XMLDesc(0)), timeout_s):
+                lambda: address in self.read_devices(dom.XMLDesc(0)), timeout_s):
             raise HypervisorError("attach", f"{address} did not appear in domain {uuid} "
                                   f"within {timeout_s:g} s")
 
@@ -338,14 +346,14 @@ class LibvirtHost(HostResources):
             libvirt.VIR_DOMAIN_AFFECT_CONFIG if config else 0)
         if not flags:
             return
-        self._call("detach", lambda: dom.detachDeviceFlags(hostdev_xml(address), flags))
+        self._call("detach", lambda: dom.detachDeviceFlags(self.device_xml(address), flags))
         if not live or self._wait_for(
-                lambda: address not in read_hostdevs(dom.XMLDesc(0)), timeout_s):
+                lambda: address not in self.read_devices(dom.XMLDesc(0)), timeout_s):
             return
         # The guest kept it: put it back in the config so live and config agree.
-        if address not in read_hostdevs(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)):
+        if address not in self.read_devices(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)):
             self._call("attach", lambda: dom.attachDeviceFlags(
-                hostdev_xml(address), libvirt.VIR_DOMAIN_AFFECT_CONFIG))
+                self.device_xml(address), libvirt.VIR_DOMAIN_AFFECT_CONFIG))
         raise DetachRefused(uuid, address, timeout_s)
 
     def reset_pci_device(self, address: PciAddress) -> None:

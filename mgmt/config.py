@@ -59,7 +59,9 @@ class MgmtConfig:
 
 
 _DB_URL = url(("sqlite", "mysql+pymysql", "mariadb+pymysql"),
-              "a SQLAlchemy URL: sqlite:///PATH or mysql+pymysql://USER:PASSWORD@HOST/DATABASE")
+              "a SQLAlchemy URL: sqlite:///PATH or mysql+pymysql://USER:PASSWORD@HOST/DATABASE "
+              "(several mysql+pymysql:// URLs separated by ';': the nodes of a Galera cluster)",
+              separator=";")
 _AMQP_URL = url(("amqp", "amqps", "memory"),
                 "amqp://USER:PASSWORD@HOST:PORT/VHOST (or amqps://; several separated by ';' "
                 "for failover; memory:// for the demo)", separator=";")

@@ -28,6 +28,7 @@ from hostdev.mgmt.config import MgmtConfig, load_config
 from hostdev.mgmt.errors import MgmtError
 from hostdev.mgmt.metrics import serve_mgmt_metrics
 from hostdev.mgmt.persistence import database
+from hostdev.mgmt.persistence.database_failover import first_url, safe_urls
 
 log = structlog.get_logger()
 
@@ -49,10 +50,10 @@ def check_schema(config: MgmtConfig) -> None:
                      transient=_db_transient, what="database")
     if revision is not None:
         return
-    if make_url(config.db_url).get_backend_name() == "sqlite":
+    if make_url(first_url(config.db_url)).get_backend_name() == "sqlite":
         database.upgrade(config.db_url)
         return
-    raise MgmtError(f"database {make_url(config.db_url).render_as_string()} has no hostdev "
+    raise MgmtError(f"database {safe_urls(config.db_url)} has no hostdev "
                     "schema; run: hostdev-mgmt db upgrade --db-url URL")
 
 

@@ -7,6 +7,13 @@ long after its caller gave up). The answer's ``correlation_id`` is the
 request's ``message_id``; stale answers of earlier, timed-out requests are
 discarded. A lost connection is re-opened and the request re-sent with the
 same ``message_id`` until the deadline (API handlers are idempotent by it).
+The broker confirms each publish: one not confirmed within ``CONFIRM_WAIT_S``
+counts as a lost connection too (a channel opened while a clustered broker
+elects the queue's new leader can swallow publishes without an error). A
+request that lived through a lost connection is re-sent every
+``RESEND_AFTER_LOSS_S`` until answered: while a cluster elects new leaders its
+consumers drop and come back several times, each return counts as a
+delivery, and the broker may dead-letter a copy past the delivery limit.
 """
 
 from __future__ import annotations
@@ -40,6 +47,18 @@ log = structlog.get_logger()
 
 #: Spacing of attempts to connect while a request's deadline lasts.
 _RETRY = Backoff(first_s=0.2, max_s=2.0)
+#: How long a request's publish may wait for the broker's confirm before it is re-sent.
+CONFIRM_WAIT_S = 5.0
+#: After a lost connection, how often the request is re-sent until it is answered.
+RESEND_AFTER_LOSS_S = 5.0
+
+
+class Unconfirmed(Exception):
+    """The broker did not confirm a request's publish in time; re-sent on a new connection."""
+
+
+#: What makes a request be re-sent on a new connection (to the next URL).
+_RESENT_AFTER: tuple[type[BaseException], ...] = (*CONNECTION_ERRORS, Unconfirmed)
 
 
 class RpcClient:
@@ -55,6 +74,8 @@ class RpcClient:
         self._waiting: str | None = None
         self._reply: amqp.Message | None = None
         self._returned: str | None = None
+        self._confirmed = False
+        self._nacked = False
 
     def close(self) -> None:
         """Closes the connection (a later call re-opens it)."""
@@ -72,6 +93,8 @@ class RpcClient:
         amqp_message, mid = to_amqp(outgoing), outgoing.message_id
         self._waiting, self._reply, self._returned = mid, None, None
         sent = False
+        sent_at = 0.0
+        resend = False  # set by a lost connection: re-send every RESEND_AFTER_LOSS_S
         failure: BrokerUnreachable | None = None  # the last failed connection attempt
         failures = 0
         published = False  # at least once: a lost connection clears ``sent``, not this
@@ -101,22 +124,31 @@ class RpcClient:
                         failure = None
                     assert self._conn is not None and self._channel is not None
                     if not sent:
+                        self._confirmed = self._nacked = False
                         publish(self._channel, amqp_message, COMMANDS_EXCHANGE, key,
                                 mandatory=True)
                         sent = published = True
+                        sent_at = time.monotonic()
                     conn = raw(self._conn)
                     if wait_readable(conn, None, min(remaining, 1.0)):
                         drain_ready(conn)
+                    if self._nacked:
+                        raise Unconfirmed(f"{name} refused by the broker (basic.nack)")
+                    if not self._confirmed and time.monotonic() - sent_at > CONFIRM_WAIT_S:
+                        raise Unconfirmed(f"{name} not confirmed within {CONFIRM_WAIT_S:g} s")
+                    if resend and time.monotonic() - sent_at > RESEND_AFTER_LOSS_S:
+                        sent = False  # the copy may have been dead-lettered: another one
                 except (amqp.exceptions.NotFound, amqp.exceptions.AccessRefused) as exc:
                     self.close()
                     raise BusError(
                         f"{name} cannot be sent to exchange {COMMANDS_EXCHANGE!r} on "
                         f"{self.config.safe_url()}: {exc.reply_text}; the exchange must exist "
                         "(start hostdev-mgmt once) and the user may write to it") from exc
-                except CONNECTION_ERRORS as exc:
+                except _RESENT_AFTER as exc:
                     self.close()
                     self._url_index += 1
                     sent = False  # direct reply-to is bound to the lost channel: re-send
+                    resend = published
                     if failure is None:
                         log.warning("request_connection_lost", error=repr(exc), message_id=mid)
                     else:  # not even connected: back off, within the deadline
@@ -142,6 +174,9 @@ class RpcClient:
         conn = open_connection(url, self.config, heartbeat=0)
         try:
             channel = new_channel(conn)
+            channel.confirm_select()
+            channel.events["basic_ack"].add(self._on_ack)
+            channel.events["basic_nack"].add(self._on_nack)
             channel.events["basic_return"].add(self._on_return)
             channel.basic_consume(DIRECT_REPLY_TO, no_ack=True, callback=self._on_reply)
         except BaseException:
@@ -155,6 +190,12 @@ class RpcClient:
             self._reply = message
         else:
             log.info("stale_answer_discarded", correlation_id=correlation_id)
+
+    def _on_ack(self, _tag: int, _multiple: bool) -> None:
+        self._confirmed = True  # one publish in flight at a time: any ack is its ack
+
+    def _on_nack(self, _tag: int, _multiple: bool) -> None:
+        self._nacked = True  # re-sent on a new connection, like a lost one
 
     def _on_return(self, exc: Exception, exchange: str, routing_key: str,
                    message: amqp.Message) -> None:

@@ -4,7 +4,9 @@ Two back ends:
 
 - ``mysql+pymysql://user@host/db`` (TCP) or
   ``mysql+pymysql://root@localhost/db?unix_socket=/run/mysqld/mysqld.sock``:
-  MariaDB/MySQL, for any number of management daemons.
+  MariaDB/MySQL, for any number of management daemons; several such URLs
+  separated by ``;`` are the nodes of a Galera cluster, tried in turn
+  (``database_failover.py``).
 - ``sqlite:///path/to/hostdev.db``: a file in WAL mode with foreign keys on,
   every write transaction opened with ``BEGIN IMMEDIATE``. SQLite allows one
   writer at a time: it is for ONE management daemon (the embedded default and
@@ -41,6 +43,14 @@ from sqlalchemy.orm import Session
 from sqlalchemy.sql.compiler import SQLCompiler
 
 from hostdev.mgmt.errors import ConfigError, Conflict, MgmtError
+from hostdev.mgmt.persistence.database_failover import (
+    TRANSACTIONS_RETRIED,
+    driver_retry_reason,
+    first_url,
+    install_node_list,
+    safe_urls,
+    split_urls,
+)
 
 log = structlog.get_logger()
 
@@ -49,9 +59,6 @@ T = TypeVar("T")
 #: The Alembic environment (``env.py``, ``script.py.mako``, ``versions/``), package data.
 MIGRATIONS_DIR: Final = Path(__file__).resolve().parent / "migrations"
 READ_ONLY: Final = "hostdev_read_only"
-# MariaDB/MySQL error codes worth a new transaction: lock wait timeout,
-# deadlock, server gone away, lost connection.
-_RETRYABLE_MYSQL_CODES: Final = frozenset({1205, 1213, 2006, 2013})
 SQLITE_BUSY_TIMEOUT_S: Final = 30.0
 
 
@@ -73,14 +80,21 @@ def create_database_engine(url: str, **kwargs: Any) -> Engine:
     """Creates an engine for a ``mysql+pymysql://`` or ``sqlite:///`` URL, set up as above.
 
     Args:
-        url: the database URL.
+        url: the database URL, or several MariaDB/MySQL URLs separated by ``;``.
         **kwargs: passed on to :func:`sqlalchemy.create_engine` (``echo``, pool sizes).
 
     Raises:
-        ConfigError: the URL names another back end, or SQLite in memory.
+        ConfigError: the URL names another back end, or SQLite in memory, or
+            lists several URLs that are not all MariaDB/MySQL.
     """
-    parsed = make_url(url)
+    urls = split_urls(url)
+    parsed = make_url(urls[0])
     backend = parsed.get_backend_name()
+    if len(urls) > 1 and any(make_url(u).get_backend_name() not in ("mysql", "mariadb")
+                             for u in urls):
+        raise ConfigError(
+            f"database URL {safe_urls(url)!r}: several URLs separated by ';' must all be "
+            "mysql+pymysql://... (the nodes of one Galera cluster); SQLite takes one URL")
     if backend in ("mysql", "mariadb"):
         kwargs.setdefault("pool_recycle", 3600)
         # READ COMMITTED: locking reads take record locks only, no gap locks,
@@ -92,7 +106,10 @@ def create_database_engine(url: str, **kwargs: Any) -> Engine:
         # and a Connection rolls back an open one when closed, so the pool's
         # extra ROLLBACK on return only costs a round trip per transaction.
         kwargs.setdefault("pool_reset_on_return", None)
-        return create_engine(parsed, **kwargs)
+        engine = create_engine(parsed, **kwargs)
+        if len(urls) > 1:
+            install_node_list(engine, urls)
+        return engine
     if backend == "sqlite":
         if parsed.database in (None, "", ":memory:"):
             raise ConfigError(
@@ -158,17 +175,17 @@ def session_scope(engine: Engine) -> Iterator[Session]:
 
 def is_retryable(exc: BaseException) -> bool:
     """Tells whether an error means "roll back and try again in a new transaction"."""
+    return retry_reason(exc) is not None
+
+
+def retry_reason(exc: BaseException) -> str | None:
+    """Names why an error asks for a new transaction (``conflict``, ``connection``, ``busy``).
+
+    None when it does not: the error is not about concurrency or the connection.
+    """
     if isinstance(exc, RetryTransaction):
-        return True
-    if not isinstance(exc, DBAPIError):
-        return False
-    if exc.connection_invalidated:
-        return True
-    orig = exc.orig
-    args = getattr(orig, "args", ())
-    if args and isinstance(args[0], int) and args[0] in _RETRYABLE_MYSQL_CODES:
-        return True
-    return isinstance(exc, OperationalError) and "database is locked" in str(orig)
+        return "conflict"
+    return driver_retry_reason(exc) if isinstance(exc, DBAPIError) else None
 
 
 def run_in_transaction(
@@ -194,7 +211,8 @@ def run_in_transaction(
             with transaction(engine) as conn:
                 return work(conn)
         except Exception as exc:
-            if not is_retryable(exc):
+            reason = retry_reason(exc)
+            if reason is None:
                 raise
             if attempt == attempts:
                 log.warning("transaction_gave_up", what=what, attempts=attempts, error=str(exc))
@@ -202,6 +220,7 @@ def run_in_transaction(
                     f"{what}: lost {attempts} attempts in a row to concurrent transactions "
                     f"(last: {exc}); the database is heavily contended, try again later"
                 ) from exc
+            TRANSACTIONS_RETRIED.labels(reason).inc()
             log.debug("transaction_retried", what=what, attempt=attempt, error=str(exc))
             time.sleep(random.uniform(0, min(0.05, 0.0005 * 2**attempt)))
     raise AssertionError("unreachable")  # pragma: no cover
@@ -323,7 +342,7 @@ def upgrade(url: str, revision: str = "head") -> None:
     """
     current_revision(url)  # says in one line why the database cannot be opened
     command.upgrade(alembic_config(url), revision)
-    log.info("database_upgraded", url=make_url(url).render_as_string(), revision=revision)
+    log.info("database_upgraded", url=safe_urls(url), revision=revision)
 
 
 class DatabaseUnreachable(MgmtError):
@@ -336,7 +355,7 @@ class DatabaseUnreachable(MgmtError):
     """
 
     def __init__(self, url: str, cause: str, *, permanent: bool) -> None:
-        super().__init__(f"cannot open database {make_url(url).render_as_string()}: {cause}")
+        super().__init__(f"cannot open database {safe_urls(url)}: {cause}")
         self.permanent = permanent
 
 
@@ -373,5 +392,5 @@ def current_revision(url: str) -> str | None:
 def offline_sql(url: str = "mysql+pymysql://", revision: str = "head") -> str:
     """Returns the SQL script of the migrations up to ``revision`` for ``url``'s dialect."""
     output = io.StringIO()
-    command.upgrade(alembic_config(url, output=output), revision, sql=True)
+    command.upgrade(alembic_config(first_url(url), output=output), revision, sql=True)
     return output.getvalue()

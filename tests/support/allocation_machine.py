@@ -3,9 +3,11 @@
 Random inventories (IOMMU groups, PF/VF trees, NUMA nodes, withheld devices)
 on two hosts, and random streams of deploys (claims), stops (releases),
 migrations (reserve, then commit or abort), disables and enables, and agent
-reports that withhold a device or stop withholding it. After every step the
-rows are read once (``Snapshot``) and every check in ``INVARIANTS`` runs on
-them.
+reports that withhold a device or stop withholding it, and hosts put into
+maintenance (every VM migrated off or stopped). Deploys and migrations draw a
+NUMA policy. After every step the rows are read once (``Snapshot``) and every
+check in ``INVARIANTS`` runs on them; a VM placed under ``required`` holds
+devices of one NUMA node on each host.
 
 Extending it: a new rule is a method decorated with ``@rule`` in a subclass
 (or here); a new invariant is a function ``(Snapshot) -> None`` appended to
@@ -25,7 +27,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 from sqlalchemy import Engine, select
 
 from hostdev.messages.pci_address import PciAddress
-from hostdev.messages.values import DeviceState, PciDeviceInfo
+from hostdev.messages.values import DeviceState, NumaPolicy, PciDeviceInfo
 from hostdev.mgmt.devices.availability import HELD_STATES, DeviceFacts, rule_changes
 from hostdev.mgmt.devices.device_admin import DeviceBusy
 from hostdev.mgmt.devices.pci_devices import InsufficientDevices
@@ -35,6 +37,7 @@ from tests.support.databases import add_host, add_offering, add_vms
 from tests.support.pci_device_contract import ClaimPath
 
 NAMES = ("A", "B")
+POLICIES: tuple[NumaPolicy, ...] = ("none", "preferred", "required")
 HOSTS = 2
 VMS = 4
 
@@ -43,12 +46,15 @@ VMS = 4
 def inventories(draw: st.DrawFn) -> list[PciDeviceInfo]:
     """Draws one host's report: up to 8 devices in groups, PF/VF trees, on NUMA nodes."""
     devices: list[PciDeviceInfo] = []
+    nodes = st.none() | st.integers(0, 1)
+    group_nodes: dict[int, int | None] = {}  # the functions of a group sit on one node
     for number in range(draw(st.integers(1, 8))):
         pfs = [d.address for d in devices if d.physical_function is None]
+        group = draw(st.none() | st.integers(0, 2))
+        node = draw(nodes) if group is None else group_nodes.setdefault(group, draw(nodes))
         devices.append(PciDeviceInfo(
             address=PciAddress(f"{0x10 + number:02x}:00.0"), name=draw(st.sampled_from(NAMES)),
-            iommu_group=draw(st.none() | st.integers(0, 2)),
-            numa_node=draw(st.none() | st.integers(0, 1)),
+            iommu_group=group, numa_node=node,
             physical_function=draw(st.none() | st.sampled_from(pfs)) if pfs else None,
             withheld="partial group" if draw(st.integers(0, 9)) == 0 else ""))
     return devices
@@ -160,8 +166,8 @@ class AllocationMachine(RuleBasedStateMachine):
             self.hosts = [add_host(conn) for _ in range(HOSTS)]
             self.vms = add_vms(conn, add_offering(conn), VMS)
         self.reports: dict[int, list[PciDeviceInfo]] = {}
-        #: VM -> (host it runs on, what it asked for); absent when stopped.
-        self.placed: dict[int, tuple[int, dict[str, int]]] = {}
+        #: VM -> (host it runs on, what it asked for, NUMA policy); absent when stopped.
+        self.placed: dict[int, tuple[int, dict[str, int], NumaPolicy]] = {}
         #: VM -> host its devices are reserved on while it migrates.
         self.migrating: dict[int, int] = {}
 
@@ -193,33 +199,39 @@ class AllocationMachine(RuleBasedStateMachine):
     def _running(self) -> list[int]:
         return [vm for vm in self.vms if vm in self.placed and vm not in self.migrating]
 
-    def _explained_refusal(self, host: int, requests: Mapping[str, int]) -> None:
-        """A refused claim is short of free devices, or the host has a free PF with a free VF."""
-        rows = self.snapshot().on(host)
-        free = Counter(r.name for r in rows if r.state == "free")
-        addresses = {r.address for r in rows if r.state == "free"}
-        assert any(free[name] < count for name, count in requests.items()) or any(
-            r.physical_function in addresses for r in rows if r.address in addresses), (
-            requests, free)
+    def _explained_refusal(self, host: int, requests: Mapping[str, int],
+                           policy: NumaPolicy = "none") -> None:
+        """A refused claim is short of free devices (on every node, under ``required``),
+        or the host has a free PF with a free VF."""
+        rows = [r for r in self.snapshot().on(host) if r.state == "free"]
+        addresses = {r.address for r in rows}
+        nodes = {-1 if r.numa_node is None else r.numa_node for r in rows} or {-1}
+        scopes = [[r for r in rows if (-1 if r.numa_node is None else r.numa_node) == node]
+                  for node in nodes] if policy == "required" else [rows]
+        short = all(any(Counter(r.name for r in scope)[name] < count
+                        for name, count in requests.items()) for scope in scopes)
+        assert short or any(r.physical_function in addresses for r in rows), (requests, rows)
 
     @precondition(lambda self: self._stopped())
     @rule(data=st.data(), host=st.integers(0, HOSTS - 1),
-          requests=st.dictionaries(st.sampled_from(NAMES), st.integers(1, 2), min_size=1))
-    def deploy(self, data: st.DataObject, host: int, requests: dict[str, int]) -> None:
+          requests=st.dictionaries(st.sampled_from(NAMES), st.integers(1, 2), min_size=1),
+          policy=st.sampled_from(POLICIES))
+    def deploy(self, data: st.DataObject, host: int, requests: dict[str, int],
+               policy: NumaPolicy) -> None:
         """A stopped VM is deployed: its devices are claimed, whole groups at a time."""
         vm, host_id = data.draw(st.sampled_from(self._stopped())), self.hosts[host]
         before = self.snapshot().on(host_id)
         try:
-            held = self.repo.claim(vm, host_id, requests)
+            held = self.repo.claim(vm, host_id, requests, policy)
         except InsufficientDevices:
-            self._explained_refusal(host_id, requests)
+            self._explained_refusal(host_id, requests, policy)
             return
         got = Counter(d.name for d in held)
         assert all(got[name] >= count for name, count in requests.items()), (got, requests)
         groups = {r.iommu_group for r in before if r.id in {d.id for d in held}} - {None}
         mates = {r.id for r in before if r.iommu_group in groups and r.state != "removed"}
         assert mates <= {d.id for d in held}, "a claim took part of an IOMMU group"
-        self.placed[vm] = (host_id, requests)
+        self.placed[vm] = (host_id, requests, policy)
 
     @precondition(lambda self: self.placed)
     @rule(data=st.data())
@@ -236,14 +248,19 @@ class AllocationMachine(RuleBasedStateMachine):
     def begin_migration(self, data: st.DataObject) -> None:
         """A running VM reserves its devices on the other host."""
         vm = data.draw(st.sampled_from(self._running()))
-        source, requests = self.placed[vm]
+        self._reserve_elsewhere(vm)
+
+    def _reserve_elsewhere(self, vm: int) -> bool:
+        """Reserves a running VM's devices on the other host; False when they do not fit."""
+        source, requests, policy = self.placed[vm]
         target = next(h for h in self.hosts if h != source)
         try:
-            self.repo.reserve(vm, target, requests)
+            self.repo.reserve(vm, target, requests, policy)
         except InsufficientDevices:
-            self._explained_refusal(target, requests)
-            return
+            self._explained_refusal(target, requests, policy)
+            return False
         self.migrating[vm] = target
+        return True
 
     @precondition(lambda self: self.migrating)
     @rule(data=st.data(), success=st.booleans())
@@ -251,10 +268,10 @@ class AllocationMachine(RuleBasedStateMachine):
         """A migration commits (the VM moves) or aborts (it keeps its source set)."""
         vm = data.draw(st.sampled_from(sorted(self.migrating)))
         target = self.migrating.pop(vm)
-        source, requests = self.placed[vm]
+        source, requests, policy = self.placed[vm]
         if success:
             self.repo.commit_migration(vm, source, target)
-            self.placed[vm] = (target, requests)
+            self.placed[vm] = (target, requests, policy)
         else:
             self.repo.abort_migration(vm, target)
         assert {d.host_id for d in self.repo.devices_of(vm)} <= {self.placed[vm][0]}
@@ -286,6 +303,36 @@ class AllocationMachine(RuleBasedStateMachine):
             numa_node=device.numa_node, physical_function=device.physical_function,
             withheld=flipped)
         self.repo.reconcile(host_id, report)
+
+    @rule(host=st.integers(0, HOSTS - 1))
+    def maintenance(self, host: int) -> None:
+        """A host goes into maintenance: its VMs migrate off, or stop when they do not fit."""
+        host_id = self.hosts[host]
+        for vm in sorted(vm for vm, target in self.migrating.items() if target == host_id):
+            self.repo.abort_migration(vm, self.migrating.pop(vm))
+        for vm in sorted(vm for vm, placed in self.placed.items() if placed[0] == host_id):
+            if vm in self.migrating or self._reserve_elsewhere(vm):
+                target = self.migrating.pop(vm)
+                source, requests, policy = self.placed[vm]
+                self.repo.commit_migration(vm, source, target)
+                self.placed[vm] = (target, requests, policy)
+            else:
+                self.repo.release(vm)
+                del self.placed[vm]
+        left = [r for r in self.snapshot().on(host_id) if r.holder is not None]
+        assert not left, f"devices still held on a host in maintenance: {left}"
+
+    @invariant()
+    def required_vms_stay_on_one_numa_node(self) -> None:
+        """A VM placed under ``required`` holds devices of one NUMA node on each host."""
+        if not self.reports:
+            return
+        rows = self.snapshot().rows
+        for vm, (_, _, policy) in self.placed.items():
+            if policy == "required":
+                for host_id in self.hosts:
+                    nodes = {r.numa_node for r in rows if r.holder == vm and r.host_id == host_id}
+                    assert len(nodes) <= 1, (vm, host_id, nodes)
 
     @invariant()
     def hardware_rules_hold(self) -> None:

@@ -41,6 +41,20 @@ def mariadb_url(database: str) -> str:
     return f"mysql+pymysql://root@localhost/{database}?unix_socket={MARIADB_SOCKET}"
 
 
+def connect_url(url: str) -> pymysql.connections.Connection[Any]:
+    """Opens an autocommit connection (rows as dicts) to the database a MariaDB URL names.
+
+    Through the URL's ``unix_socket``, else its host and port (Galera nodes).
+    """
+    parsed = make_url(url)
+    where: dict[str, Any] = ({"unix_socket": parsed.query["unix_socket"]}
+                             if "unix_socket" in parsed.query
+                             else {"host": parsed.host, "port": parsed.port or 3306})
+    return pymysql.connect(**where, user=parsed.username or "root", password=parsed.password or "",
+                           database=parsed.database, autocommit=True,
+                           cursorclass=pymysql.cursors.DictCursor)
+
+
 def admin_connection() -> pymysql.connections.Connection[Any]:
     """Opens an autocommit connection to the local MariaDB as root (through the socket)."""
     return pymysql.connect(unix_socket=MARIADB_SOCKET, user="root", autocommit=True)

@@ -36,17 +36,15 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-import pymysql
-from sqlalchemy import make_url
-
 from hostdev.agent.domain_xml import read_hostdevs, read_identity
 from hostdev.agent.simulated_store import state_path
 from hostdev.messages import api
 from hostdev.messages.base import Message
 from hostdev.messages.bus import Bus, BusConfig
 from hostdev.messages.pci_address import PciAddress
+from hostdev.messages.runtime.properties import read_properties
 from hostdev.messages.values import HostRow
-from tests.support.databases import MARIADB_SOCKET, mariadb_database
+from tests.support.databases import connect_url, mariadb_database
 from tests.support.processes import BIN, Daemon
 from tests.support.rabbitmq import HOST, PORT, Vhost, amqp_vhost, rabbitmqctl
 from tests.support.waiting import wait_for
@@ -196,11 +194,22 @@ class Stack:
 
     # -- processes ---------------------------------------------------------------
 
-    def start_mgmt(self, *, env: Mapping[str, str] | None = None, wait: bool = True) -> Daemon:
-        """Starts ``hostdev-mgmt run`` on the stack's config; waits until it consumes."""
+    def start_mgmt(self, *, env: Mapping[str, str] | None = None, wait: bool = True,
+                   properties: Mapping[str, str] | None = None) -> Daemon:
+        """Starts ``hostdev-mgmt run`` on the stack's config; waits until it consumes.
+
+        ``properties`` replace lines of the stack's mgmt.properties for this
+        daemon only (its own ``db.url``...), in a file of its own.
+        """
         self._started += 1
         name = f"mgmt-{self._started}"
-        daemon = Daemon(name, ["hostdev-mgmt", "run", "--config", str(self.mgmt_config),
+        config = self.mgmt_config
+        if properties:
+            config = self.work / f"{name}.properties"
+            values = {**read_properties_file(self.mgmt_config), **properties}
+            config.write_text("".join(f"{k}={v}\n" for k, v in values.items()),
+                              encoding="utf-8")
+        daemon = Daemon(name, ["hostdev-mgmt", "run", "--config", str(config),
                                "--name", name], self.work, env=dict(env or {})).start()
         self.mgmts.append(daemon)
         if wait:
@@ -336,14 +345,19 @@ class Stack:
                                  ("succeeded", "failed") else None),
                         timeout=timeout, what=f"job {job_id} to finish")
 
-    def sql(self, query: str, *params: object) -> list[dict[str, Any]]:
-        """Runs plain SQL on the stack's MariaDB database; returns the rows as dicts."""
-        database = make_url(self.db_url).database
-        conn = pymysql.connect(unix_socket=MARIADB_SOCKET, user="root", database=database,
-                               cursorclass=pymysql.cursors.DictCursor, autocommit=True)
-        with conn, conn.cursor() as cursor:
+    def sql(self, query: str, *params: object, url: str | None = None) -> list[dict[str, Any]]:
+        """Runs plain SQL on the stack's MariaDB database; returns the rows as dicts.
+
+        ``url``: another node's URL of the same database (default: the first of ``db_url``).
+        """
+        with connect_url(url or self.db_url.split(";")[0]) as conn, conn.cursor() as cursor:
             cursor.execute(query, params or None)
             return list(cursor.fetchall())
+
+
+def read_properties_file(path: Path) -> dict[str, str]:
+    """Reads a properties file the stack wrote: key -> value, in order."""
+    return {p.key: p.value for p in read_properties(path)}
 
 
 @contextmanager

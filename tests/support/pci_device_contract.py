@@ -20,6 +20,7 @@ from sqlalchemy import Engine, func, select
 from hostdev.messages.pci_address import PciAddress
 from hostdev.messages.values import NumaPolicy, PciDeviceInfo, PciRequest
 from hostdev.mgmt.devices import device_admin, pci_devices
+from hostdev.mgmt.devices import numa as numa_rules
 from hostdev.mgmt.devices.device_admin import DeviceBusy, DeviceNotFound
 from hostdev.mgmt.devices.pci_devices import (
     DeviceCounts,
@@ -77,11 +78,11 @@ class ClaimPath:
             return self._devices.release(tx, self._vm(vm_id))
         return self._run("release devices", work)
 
-    def reserve(self, vm_id: int, host_id: int,
-                requests: Mapping[str, int]) -> tuple[HeldDevice, ...]:
-        """Reserves a migration's destination set."""
-        return self._run("reserve devices", lambda tx: pci_devices.reserve_devices(
-            tx.session.connection(), vm_id, host_id, requests))
+    def reserve(self, vm_id: int, host_id: int, requests: Mapping[str, int],
+                numa: NumaPolicy = "none") -> tuple[HeldDevice, ...]:
+        """Reserves a migration's destination set, on one NUMA node as ``numa`` says."""
+        return self._run("reserve devices", lambda tx: numa_rules.take_on_node(
+            tx.session.connection(), vm_id, host_id, requests, numa, reserve=True)[0])
 
     def commit_migration(self, vm_id: int, source_host_id: int, destination_host_id: int) -> int:
         """Frees the source set and allocates the destination set."""

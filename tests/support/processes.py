@@ -5,14 +5,28 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from tests.support.waiting import wait_for
 
 BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    """Returns a TCP port nothing listens on now (for a daemon's metrics.port)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def record_time(record: dict[str, Any]) -> float:
+    """The POSIX time of a JSON log record (its ISO ``timestamp``)."""
+    return datetime.fromisoformat(str(record["timestamp"]).replace("Z", "+00:00")).timestamp()
 
 
 class Daemon:

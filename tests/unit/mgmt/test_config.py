@@ -84,3 +84,11 @@ def test_missing_file(tmp_path: Path) -> None:
     """A missing file says how to pass one."""
     with pytest.raises(ConfigError, match="does not exist; pass --config"):
         load_config(tmp_path / "nope.properties")
+
+
+def test_db_url_lists_galera_nodes() -> None:
+    """db.url takes several mysql+pymysql URLs separated by ';'; a bad one is named."""
+    nodes = "mysql+pymysql://h@db1/hostdev;mysql+pymysql://h@db2/hostdev"
+    assert _config(f"db.url={nodes}\n").db_url == nodes
+    with pytest.raises(ConfigError, match=r":1: 'postgres://db2/h': db.url must be a SQLAlchemy"):
+        _config("db.url=mysql+pymysql://h@db1/hostdev;postgres://db2/h\n")

@@ -36,6 +36,7 @@ from hostdev.agent.simulated import SimulatedHost, is_simulated_uri
 from hostdev.agent.startup_checks import CheckReport, check_host
 from hostdev.messages.base import Message
 from hostdev.messages.bus.contract import BusLike, Handler
+from hostdev.messages.codec import domains_digest
 from hostdev.messages.commands import (
     AttachPciDevicesCommand,
     DetachPciDevicesCommand,
@@ -187,7 +188,8 @@ class Agent:
             log.error("ping_skipped", host=self.guid, error=str(exc))
             return
         self.bus.send_to_mgmt(self.guid, PingRoutingCommand(
-            guid=self.guid, domains=domains, boot_id=self.sequence.boot_id, seq=seq))
+            guid=self.guid, domains=domains, boot_id=self.sequence.boot_id, seq=seq,
+            domains_digest=domains_digest(domains)))
 
     def on_lifecycle(self, event: LifecycleEvent) -> None:
         """Hands a libvirt event (event thread) to the bus loop thread."""

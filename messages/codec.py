@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import re
+from collections.abc import Sequence
 from typing import Any, Union
 
 import msgspec
@@ -20,6 +22,7 @@ from hostdev.messages.errors import (
     UnsupportedVersionError,
 )
 from hostdev.messages.pci_address import PciAddress
+from hostdev.messages.values import DomainInfo
 
 #: Classes that group messages but are never sent on their own.
 _ABSTRACT: tuple[type[Message], ...] = (api.ApiRequest, api.ApiResponse, events.Event)
@@ -96,6 +99,15 @@ _SEGMENT = re.compile(r"\.(?P<name>[^.\[]+)|\[(?P<index>\d+)\]")
 def encode(message: Message) -> bytes:
     """Serialises a message to its JSON body."""
     return _encoder.encode(message)
+
+
+def domains_digest(domains: Sequence[DomainInfo]) -> str:
+    """Returns the SHA-256 (hex) of a domain report, the same for the same domains in any order.
+
+    An agent sends it with each ping (``PingRoutingCommand.domains_digest``).
+    """
+    ordered = sorted(domains, key=lambda domain: domain.uuid)
+    return hashlib.sha256(_encoder.encode(ordered)).hexdigest()
 
 
 def decode(body: bytes | bytearray | memoryview | str) -> Message:

@@ -12,6 +12,7 @@ from hostdev.messages.limits import (
     MAX_DOMAINS,
     BootId,
     Cpus,
+    Digest,
     DomainName,
     DomainXml,
     Guid,
@@ -81,6 +82,10 @@ class PingRoutingCommand(Message, frozen=True, kw_only=True):
     #: accepted for each VM. Empty and 0 from an agent that predates them.
     boot_id: BootId = ""
     seq: Seq = 0
+    #: ``codec.domains_digest(domains)``: management skips reconciling a host whose
+    #: report and VMs are as when it last reconciled them. Empty from an
+    #: agent that predates it (reconciled at every ping).
+    domains_digest: Digest = ""
 
 
 class VmStateReport(Message, frozen=True, kw_only=True):

@@ -173,6 +173,10 @@ def clip(text: str, limit: int = MAX_DETAILS) -> str:
 BootId = Annotated[str, _text(MAX_NAME, _whole(r"[A-Za-z0-9\-]*"),
                               "An agent's boot id: at most 64 letters, digits or '-' (empty "
                               "from an agent that does not order its reports).")]
+#: A SHA-256 of a report's content (``commands.domains_digest``), in lower-case hex.
+Digest = Annotated[str, _text(64, _whole(r"([0-9a-f]{64})?"),
+                              "A SHA-256 in lower-case hex (empty from an agent that sends "
+                              "none).")]
 #: A position in a boot's sequence of reports and answers.
 Seq = Annotated[int, msgspec.Meta(ge=0, le=MAX_INT64,
                                   description="A sequence number within one boot: 0 to "

@@ -9,19 +9,26 @@ sender check and error mapping; each message type a ``Route``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import structlog
+
 from hostdev.messages.base import Message
-from hostdev.messages.bus.contract import Incoming
+from hostdev.messages.bus.contract import BatchHandler, Incoming
 from hostdev.messages.runtime.logging import bound_message
 from hostdev.mgmt.persistence.unit_of_work import TxContext, UnitOfWork
+
+log = structlog.get_logger()
 
 #: What a queue's consumer calls for one message.
 Handler = Callable[[Any, Incoming], Message | None]
 #: The work of one message, in its transaction.
 Work = Callable[[TxContext, Any, Incoming], Message | None]
+#: The work of a run of messages in one transaction: says, per message, whether
+#: it took it (False: the message is handled alone, by its route, after the commit).
+BatchWork = Callable[[TxContext, Sequence[tuple[Any, Incoming]]], Sequence[bool]]
 
 
 def always(_message: Any) -> bool:
@@ -83,6 +90,53 @@ class Pipeline:
                 except Exception as exc:
                     return self.on_error(message, incoming, exc)
         return handle
+
+    def batch_handler(self, kind: type[Message], route: Route, work: BatchWork) -> BatchHandler:
+        """Returns the bus's batch handler for ``kind``: one transaction for a run of messages.
+
+        Each message's sender is checked alone (a refused one is dead-lettered
+        and costs no other); ``work`` takes the rest in one unit of work. What
+        it does not take, and every message of a run whose transaction
+        failed, goes through ``route`` alone, exactly as without batching.
+        Only for routes that record nothing (``never``): a batch keeps no ids.
+        """
+        if route.record is not never:
+            raise ValueError(f"{kind.__name__}: a batch records no message ids; its route "
+                             "must record none (record=never)")
+        one = self.handler(kind, route)
+        what = f"{kind.__name__} batch"
+
+        def handle(items: Sequence[tuple[Any, Incoming]]) -> list[Message | Exception | None]:
+            results: list[Message | Exception | None] = [None] * len(items)
+            checked: list[int] = []
+            for index, (message, incoming) in enumerate(items):
+                with bound_message(incoming.message_id, incoming.correlation_id,
+                                   **self.log_context(message, incoming)):
+                    try:
+                        self.check_sender(message, incoming)
+                        checked.append(index)
+                    except Exception as exc:
+                        results[index] = _result_of(self.on_error, message, incoming, exc)
+            run = [items[index] for index in checked]
+            try:
+                taken = self.work.run(lambda tx: work(tx, run), what=what) if run else []
+            except Exception as exc:
+                log.warning("batch_failed", what=what, size=len(run), error=str(exc),
+                            hint="its messages are handled one by one")
+                taken = [False] * len(run)
+            for index, done in zip(checked, taken, strict=True):
+                if not done:
+                    results[index] = _result_of(one, *items[index])
+            return results
+        return handle
+
+
+def _result_of(call: Callable[..., Message | None], *args: Any) -> Message | Exception | None:
+    """Returns what ``call`` returns, or the exception it raises (a batch item's result)."""
+    try:
+        return call(*args)
+    except Exception as exc:
+        return exc
 
 
 def no_check(_message: Any, _incoming: Incoming) -> None:

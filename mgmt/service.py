@@ -27,7 +27,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
 from hostdev.messages import api
 from hostdev.messages.base import Message
-from hostdev.messages.bus.contract import API_QUEUE, MGMT_QUEUE, BusLike, Incoming
+from hostdev.messages.bus.contract import API_QUEUE, MGMT_QUEUE, Batching, BusLike, Incoming
 from hostdev.messages.commands import (
     AttachPciDevicesAnswer,
     ErrorAnswer,
@@ -47,6 +47,7 @@ from hostdev.mgmt.api.api_handlers import ApiHandlers
 from hostdev.mgmt.config import MgmtConfig
 from hostdev.mgmt.devices import cleaning
 from hostdev.mgmt.errors import InvalidRequest, MgmtError
+from hostdev.mgmt.hosts.pings import PING_LINGER_S, PingManager
 from hostdev.mgmt.hosts.registration import HostRegistry, check_sender, guid_of
 from hostdev.mgmt.jobs import engine
 from hostdev.mgmt.jobs.engine import Expiry, job_of_request
@@ -89,6 +90,7 @@ class ManagementService:
         self.registry = HostRegistry(config, self.lifecycle)
         self.migrations = MigrationManager(config, self.lifecycle)
         self.recovery = MigrationRecovery(self.migrations)
+        self.pings = PingManager(self.registry, self.recovery)
         self.maintenance = MaintenanceManager(self.jobs, self.migrations)
         self.api = ApiHandlers(config, self.jobs, self.migrations, self.maintenance)
         self.expiry = Expiry({
@@ -110,7 +112,7 @@ class ManagementService:
         """Connects the bus, declares queues, registers consumers and periodic sweeps."""
         self.bus.connect()
         self.bus.declare_mgmt_queues()
-        self.bus.consume(MGMT_QUEUE, self.agent_handlers())
+        self.bus.consume(MGMT_QUEUE, self.agent_handlers(), self.agent_batches())
         self.bus.consume(API_QUEUE, self.api_handlers())
         self.bus.call_every(self.config.host_sweep_interval_s, self._guard(self.sweep_hosts))
         self.bus.call_every(self.config.job_sweep_interval_s, self._guard(self.expire_jobs))
@@ -177,7 +179,7 @@ class ManagementService:
         """Returns the handlers of ``hostdev.mgmt`` (messages from agents)."""
         handlers = self.agent_pipeline.handlers({
             StartupRoutingCommand: Route(self._on_startup),
-            PingRoutingCommand: Route(self._on_ping),
+            PingRoutingCommand: Route(self.pings.on_ping),
             VmStateReport: Route(self._on_vm_state_report),
             StartAnswer: Route(self._on_start_answer, always),
             StopAnswer: Route(self._on_stop_answer, always),
@@ -188,6 +190,14 @@ class ManagementService:
         handlers[ErrorAnswer] = self._agent_error
         return handlers
 
+    def agent_batches(self) -> dict[type[Message], Batching]:
+        """Returns the message types of ``hostdev.mgmt`` handled in batches: pings."""
+        handler = self.agent_pipeline.batch_handler(
+            PingRoutingCommand, Route(self.pings.on_ping), self.pings.on_pings)
+        # A run is at most what the broker lets through unacked.
+        return {PingRoutingCommand: Batching(handler, max_size=self.bus.config.prefetch,
+                                             linger_s=PING_LINGER_S)}
+
     def api_handlers(self) -> dict[type[Message], Handler]:
         """Returns the handlers of ``hostdev.api`` (requests from clients)."""
         return self.api_pipeline.handlers(self.api.routes())
@@ -196,16 +206,11 @@ class ManagementService:
                     incoming: Incoming) -> StartupAnswer:
         """Registers the host, then settles migrations from its full domain list."""
         registration = self.registry.on_startup(tx, message)
+        self.pings.on_startup(tx, message, registration.answer.host_id, registration.applied)
         if registration.applied:  # a stale report settles nothing
             self.recovery.on_host_report(tx, message.guid, message.domains, complete=True,
                                          restarted=True)
         return registration.answer
-
-    def _on_ping(self, tx: TxContext, message: PingRoutingCommand, incoming: Incoming) -> None:
-        """Keeps the host Up, then settles migrations from its full domain list."""
-        if not self.registry.on_ping(tx, message):
-            return  # stale: it settles nothing
-        self.recovery.on_host_report(tx, message.guid, message.domains, complete=True)
 
     def _on_vm_state_report(self, tx: TxContext, message: VmStateReport,
                             incoming: Incoming) -> None:

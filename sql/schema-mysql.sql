@@ -275,3 +275,9 @@ ALTER TABLE hosts ADD COLUMN device_rules BOOL NOT NULL DEFAULT false;
 
 UPDATE alembic_version SET version_num='0010' WHERE alembic_version.version_num = '0009';
 
+-- Running upgrade 0010 -> 0011
+
+ALTER TABLE hosts ADD COLUMN reconciled_digest VARCHAR(64);
+
+UPDATE alembic_version SET version_num='0011' WHERE alembic_version.version_num = '0010';
+

@@ -10,9 +10,16 @@ tests. Both implement ``BusLike`` (``contract.py``); daemons code against it.
 from __future__ import annotations
 
 from hostdev.messages.bus.amqp import Bus
-from hostdev.messages.bus.contract import BusConfig, BusLike, Handler, Incoming
+from hostdev.messages.bus.contract import (
+    BatchHandler,
+    Batching,
+    BusConfig,
+    BusLike,
+    Handler,
+    Incoming,
+)
 from hostdev.messages.bus.in_process import InProcessBus
 from hostdev.messages.bus.in_process_broker import FakeClock, InProcessBroker
 
-__all__ = ["Bus", "BusConfig", "BusLike", "FakeClock", "Handler", "InProcessBroker",
-           "InProcessBus", "Incoming"]
+__all__ = ["BatchHandler", "Batching", "Bus", "BusConfig", "BusLike", "FakeClock", "Handler",
+           "InProcessBroker", "InProcessBus", "Incoming"]

@@ -173,6 +173,37 @@ class Incoming:
 #: typed with its concrete message class) and returns an answer or None.
 Handler = Callable[[Any, Incoming], "Message | None"]
 
+#: A batch handler gets a run of deliveries of its type, in the order taken, and
+#: returns one result per delivery, in the same order: the answer (or None), or
+#: the exception handling that one delivery raised (judged as a handler's).
+BatchHandler = Callable[[Sequence[tuple[Any, Incoming]]], Sequence["Message | Exception | None"]]
+
+
+@dataclass(frozen=True)
+class Batching:
+    """How a consumer handles one message type in batches.
+
+    The bus collects consecutive deliveries of the type (a delivery of another
+    type ends the run, so the order of a queue is kept) and hands them over
+    when ``max_size`` are collected or ``linger_s`` after the first, whichever
+    comes first. Deliveries are settled one by one, as if handled alone.
+
+    Attributes:
+        handler: handles one run (see :data:`BatchHandler`).
+        max_size: the most deliveries in one run; keep it at most the
+            consumer's prefetch, or a run waits for ``linger_s``.
+        linger_s: the longest a delivery waits for others before its run is handled.
+    """
+
+    handler: BatchHandler
+    max_size: int = 50
+    linger_s: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.max_size < 1 or self.linger_s < 0:
+            raise ValueError(f"Batching needs max_size >= 1 and linger_s >= 0 "
+                             f"(got {self.max_size}, {self.linger_s})")
+
 
 def topic_matches(pattern: str, routing_key: str) -> bool:
     """Tells whether an AMQP topic binding (``*`` one word, ``#`` zero or more) matches a key."""
@@ -240,7 +271,8 @@ class BusLike(Protocol):
                       message_id: str | None = None) -> str: ...
     def wait_for_confirms(self, timeout: float = 30.0) -> None: ...
     def request(self, message: Message, *, timeout: float = 10.0) -> Message: ...
-    def consume(self, queue: str, handlers: Mapping[type[Message], Handler]) -> None: ...
+    def consume(self, queue: str, handlers: Mapping[type[Message], Handler],
+                batches: Mapping[type[Message], Batching] | None = None) -> None: ...
     def call_every(self, interval_s: float, fn: Callable[[], None]) -> None: ...
     def call_soon_threadsafe(self, fn: Callable[[], None]) -> None: ...
     def run(self, *, until: Callable[[], bool] | None = None,

@@ -2,10 +2,11 @@
 
 :class:`LinkBus` implements ``BusLike`` on a ``link.Link``. It builds every
 publish, turns each delivery into an ``Incoming``, counts deliveries against
-``BusConfig.delivery_limit``, asks ``dispatch.handle_delivery`` for the
-verdict, publishes the answer on its route, dead-letters with the reason or
-requeues, and runs the loop: timers and queued calls (``loop.LoopScheduler``),
-deliveries, stop, and recovery when the link reports a lost connection.
+``BusConfig.delivery_limit``, decodes it and asks ``dispatch`` for the
+verdict (for a run of a batched type, ``dispatch.handle_batch``), publishes
+the answer on its route, dead-letters with the reason or requeues, and runs
+the loop: timers and queued calls (``loop.LoopScheduler``), deliveries,
+stop, and recovery when the link reports a lost connection.
 ``amqp.Bus`` and ``in_process.InProcessBus`` only choose the link.
 
 One thread owns the link: the one in :meth:`LinkBus.run` (or the caller before
@@ -15,6 +16,7 @@ blocks the loop: keep it short.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections import OrderedDict
@@ -27,6 +29,7 @@ from hostdev.messages.base import Message
 from hostdev.messages.bus.contract import (
     COMMANDS_EXCHANGE,
     KNOWN_EXCHANGES,
+    Batching,
     BusConfig,
     BusShortcuts,
     Handler,
@@ -34,11 +37,18 @@ from hostdev.messages.bus.contract import (
     body_id,
     capped,
 )
-from hostdev.messages.bus.dispatch import Outcome, handle_delivery
+from hostdev.messages.bus.dispatch import (
+    BatchItem,
+    Outcome,
+    decode_delivery,
+    handle_batch,
+    handle_message,
+)
 from hostdev.messages.bus.link import Link, Stopped
 from hostdev.messages.bus.loop import LoopScheduler
 from hostdev.messages.bus.wire import Delivery, new_outgoing
 from hostdev.messages.errors import BusError
+from hostdev.messages.runtime import metrics
 
 log = structlog.get_logger()
 
@@ -53,6 +63,9 @@ class LinkBus(BusShortcuts):
         self._link = link
         self._loop = LoopScheduler(wake=link.wake, clock=link.clock, reraise=link.recoverable)
         self._handlers: dict[str, dict[type[Message], Handler]] = {}
+        self._batches: dict[str, dict[type[Message], Batching]] = {}
+        #: The run being collected: its batching, deliveries and when it is due.
+        self._run: tuple[Batching, list[tuple[Delivery, BatchItem]], float] | None = None
         self._attempts: OrderedDict[str, int] = OrderedDict()
         self._reconnect_callbacks: list[Callable[[], None]] = []
         self._loop_thread: int | None = None
@@ -123,11 +136,17 @@ class LinkBus(BusShortcuts):
 
     # -- consuming and the loop -----------------------------------------------------
 
-    def consume(self, queue: str, handlers: Mapping[type[Message], Handler]) -> None:
-        """Consumes ``queue`` (already declared), dispatching each message by type."""
+    def consume(self, queue: str, handlers: Mapping[type[Message], Handler],
+                batches: Mapping[type[Message], Batching] | None = None) -> None:
+        """Consumes ``queue`` (already declared), dispatching each message by type.
+
+        A type in ``batches`` is handled in runs of consecutive deliveries by
+        its batch handler (see ``contract.Batching``) instead of its handler.
+        """
         self._owner_only("consume")
         self._link.consume(queue)
         self._handlers[queue] = dict(handlers)
+        self._batches[queue] = dict(batches or {})
 
     def call_every(self, interval_s: float, fn: Callable[[], None]) -> None:
         """Runs ``fn`` in the loop thread every ``interval_s`` seconds, first after one."""
@@ -157,22 +176,28 @@ class LinkBus(BusShortcuts):
         self._loop_thread = threading.get_ident()
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
-            while not self._loop.stopping.is_set():
-                if until is not None and until():
-                    return
-                if deadline is not None and time.monotonic() >= deadline:
-                    return
-                try:
-                    if not self._step():
-                        self._link.wait(self._loop.next_wait(deadline, 1.0))
-                except self._link.recoverable as exc:
-                    self._link.recover(exc, self._loop.stopping)
+            self._loop_until(until, deadline)
+            self._finish_run()
         except Stopped:
             pass
         finally:
+            self._run = None
             self._loop.stopping.clear()
             self._loop_thread = None
             self._link.flush()
+
+    def _loop_until(self, until: Callable[[], bool] | None, deadline: float | None) -> None:
+        while not self._loop.stopping.is_set():
+            if until is not None and until():
+                return
+            if deadline is not None and time.monotonic() >= deadline:
+                return
+            try:
+                if not self._step(linger=True):
+                    self._link.wait(self._wait_s(deadline))
+            except self._link.recoverable as exc:
+                self._run = None  # its deliveries come again on the new connection
+                self._link.recover(exc, self._loop.stopping)
 
     def step(self) -> bool:
         """Does the work that is ready, without blocking: queued calls, due timers, one delivery.
@@ -187,13 +212,40 @@ class LinkBus(BusShortcuts):
             return False
         return self._step()
 
-    def _step(self) -> bool:
+    def _step(self, *, linger: bool = False) -> bool:
         ran = self._loop.run_due()
         delivery = self._link.take()
         if delivery is None:
+            # Without lingering (a caller draining the bus), a run is handled at once.
+            if self._run is not None and (not linger or time.monotonic() >= self._run[2]):
+                self._handle_run()
+                return True
             return ran
         self._handle(delivery)
         return True
+
+    def _wait_s(self, deadline: float | None) -> float:
+        wait = self._loop.next_wait(deadline, 1.0)
+        if self._run is not None:
+            wait = min(wait, max(0.0, self._run[2] - time.monotonic()))
+        return wait
+
+    def _finish_run(self) -> None:
+        """Handles the run collected so far before ``run()`` returns (none is left unsettled)."""
+        if self._run is None or not self._link.is_current(self._run[1][0][0]):
+            return
+        # A lost connection: the broker delivers the run again.
+        with contextlib.suppress(*self._link.recoverable):
+            self._handle_run()
+
+    def _handle_run(self) -> None:
+        assert self._run is not None
+        batching, collected, _ = self._run
+        self._run = None
+        outcomes = handle_batch([item for _, item in collected], batching.handler,
+                                self.config.delivery_limit)
+        for (delivery, item), outcome in zip(collected, outcomes, strict=True):
+            self._settled(delivery, item.incoming, outcome, item.attempts)
 
     def _reconnected(self) -> None:
         for fn in self._reconnect_callbacks:
@@ -226,11 +278,37 @@ class LinkBus(BusShortcuts):
                 f"(queue {delivery.queue!r}, message_id {mid})"), copy=False)
             log.error("message_dead_lettered", reason=outcome.reason, message_id=mid)
         else:
-            outcome = handle_delivery(
-                delivery.body, content_type=props.get("content_type"),
-                type_property=props.get("type"), incoming=incoming,
-                handlers=self._handlers.get(delivery.queue, {}), attempts=attempts,
-                delivery_limit=limit)
+            decoded = decode_delivery(delivery.body, content_type=props.get("content_type"),
+                                      type_property=props.get("type"), incoming=incoming)
+            batching = None if isinstance(decoded, Outcome) \
+                else self._batches.get(delivery.queue, {}).get(type(decoded))
+            if batching is not None:
+                assert not isinstance(decoded, Outcome)
+                self._collect(batching, delivery, BatchItem(decoded, incoming, attempts))
+                return
+            if self._run is not None:
+                self._handle_run()  # the run before this delivery: the queue's order holds
+            outcome = metrics.count(decoded if isinstance(decoded, Outcome) else handle_message(
+                decoded, incoming=incoming, handlers=self._handlers.get(delivery.queue, {}),
+                attempts=attempts, delivery_limit=limit))
+        if self._run is not None:
+            self._handle_run()
+        self._settled(delivery, incoming, outcome, attempts)
+
+    def _collect(self, batching: Batching, delivery: Delivery, item: BatchItem) -> None:
+        """Adds a delivery to the run of its type; handles the run once full."""
+        if self._run is not None and self._run[0] is not batching:
+            self._handle_run()
+        if self._run is None:
+            # Real time, not the link's clock: a fake one (tests) would hold a run back.
+            self._run = (batching, [], time.monotonic() + batching.linger_s)
+        self._run[1].append((delivery, item))
+        if len(self._run[1]) >= batching.max_size:
+            self._handle_run()
+
+    def _settled(self, delivery: Delivery, incoming: Incoming, outcome: Outcome,
+                 attempts: int) -> None:
+        mid = incoming.message_id or body_id(delivery.body)
         if outcome.action == "requeue":
             self._remember(mid, attempts)  # classic queues count no deliveries for us
         # Otherwise the count is kept (bounded): an ack only counts once confirmed,

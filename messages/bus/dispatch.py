@@ -1,5 +1,10 @@
 """What to do with one delivery: decode, dispatch by type, classify the outcome.
 
+A consumer may handle some message types in batches (``contract.Batching``):
+the bus decodes each delivery (:func:`decode_delivery`), puts those of such a
+type aside, and :func:`handle_batch` later judges each message of the run as
+:func:`handle_message` judges one.
+
 Called by ``core.LinkBus`` for every delivery on every transport, so each is
 treated the same way. The bus then acks, requeues or dead-letters through its
 link; this module does no I/O besides calling the handler.
@@ -8,18 +13,26 @@ link; this module does no I/O besides calling the handler.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from typing import Literal, NamedTuple
 
 import structlog
 
 from hostdev.messages.base import Answer, Message
-from hostdev.messages.bus.contract import CONTENT_TYPE, Handler, Incoming, answer_route, capped
+from hostdev.messages.bus.contract import (
+    CONTENT_TYPE,
+    BatchHandler,
+    Handler,
+    Incoming,
+    answer_route,
+    capped,
+)
 from hostdev.messages.codec import decode
 from hostdev.messages.commands import ErrorAnswer
 from hostdev.messages.errors import DecodeError, TransientError
 from hostdev.messages.runtime.logging import bound_message, debug_enabled
-from hostdev.messages.runtime.metrics import count_outcome
+from hostdev.messages.runtime.metrics import count, count_outcome
 
 log = structlog.get_logger()
 
@@ -49,6 +62,14 @@ class Outcome(NamedTuple):
     copy: bool = True
 
 
+class BatchItem(NamedTuple):
+    """One delivery of a batch: the decoded message, its facts, its delivery count."""
+
+    message: Message
+    incoming: Incoming
+    attempts: int
+
+
 @count_outcome  # hostdev_messages_handled_total / _dead_lettered_total
 def handle_delivery(
     body: bytes,
@@ -74,6 +95,17 @@ def handle_delivery(
         attempts: how many times this message has been delivered, this one included.
         delivery_limit: after this many transient failures the message is dead-lettered.
     """
+    decoded = decode_delivery(body, content_type=content_type, type_property=type_property,
+                              incoming=incoming)
+    if isinstance(decoded, Outcome):
+        return decoded
+    return handle_message(decoded, incoming=incoming, handlers=handlers, attempts=attempts,
+                          delivery_limit=delivery_limit)
+
+
+def decode_delivery(body: bytes, *, content_type: str | None, type_property: str | None,
+                    incoming: Incoming) -> Message | Outcome:
+    """Returns the typed message of a delivery, or the verdict dead-lettering it (not counted)."""
     if content_type not in (None, "", CONTENT_TYPE):
         return _dead(incoming, None, "decode",
                      f"content_type {content_type!r} is not {CONTENT_TYPE} ({_where(incoming)})")
@@ -86,17 +118,67 @@ def handle_delivery(
         return _dead(incoming, message, "invalid",
                      f"AMQP property type={type_property!r} but the body is a {name} "
                      f"({_where(incoming)}); the sender must set both to the same type")
+    return message
+
+
+def handle_message(message: Message, *, incoming: Incoming,
+                   handlers: Mapping[type[Message], Handler], attempts: int,
+                   delivery_limit: int) -> Outcome:
+    """Runs the handler of a decoded message and says what to do with it (not counted)."""
     handler = _find_handler(type(message), handlers)
     if handler is None:
         known = ", ".join(sorted(cls.__name__ for cls in handlers)) or "none"
         return _dead(incoming, message, "invalid",
-                     f"no handler for {name} on {_where(incoming)} (handled here: {known})")
+                     f"no handler for {type(message).__name__} on {_where(incoming)} "
+                     f"(handled here: {known})")
+    return _verdict(message, incoming, lambda: handler(message, incoming), attempts,
+                    delivery_limit, getattr(handler, "__qualname__", "?"))
+
+
+def handle_batch(items: Sequence[BatchItem], handler: BatchHandler,
+                 delivery_limit: int) -> list[Outcome]:
+    """Runs a batch handler on a run of decoded deliveries; returns each one's verdict.
+
+    The handler returns one result per item: its answer (or None), or the
+    exception handling that item raised. Each is judged as if a handler of
+    that one message had returned or raised it: a refused item is
+    dead-lettered with its reason, a transient failure requeued, and no
+    other item pays for it. A batch handler that raises (or miscounts)
+    fails every item of the batch with that error.
+    """
+    name = getattr(handler, "__qualname__", "?")
+    try:
+        results: list[Message | Exception | None] = list(
+            handler([(item.message, item.incoming) for item in items]))
+        if len(results) != len(items):
+            raise RuntimeError(f"it returned {len(results)} results for {len(items)} messages")
+    except Exception as exc:
+        log.exception("batch_handler_failed", handler=name, size=len(items))
+        return [count(_dead(item.incoming, item.message, "internal",
+                            f"{type(item.message).__name__} batch handler {name} failed: "
+                            f"{type(exc).__name__}: {exc} ({_where(item.incoming)})"))
+                for item in items]
+    return [count(_verdict(item.message, item.incoming, partial(_result, result),
+                           item.attempts, delivery_limit, name))
+            for item, result in zip(items, results, strict=True)]
+
+
+def _result(result: Message | Exception | None) -> Message | None:
+    if isinstance(result, Exception):
+        raise result
+    return result
+
+
+def _verdict(message: Message, incoming: Incoming, call: Callable[[], object], attempts: int,
+             delivery_limit: int, handler_name: str) -> Outcome:
+    """Runs ``call`` (the message's handler) and classifies what it returned or raised."""
+    name = type(message).__name__
     timed = debug_enabled()  # message_handled costs nothing at the daemons' default level
     started = time.perf_counter() if timed else 0.0
     with bound_message(incoming.message_id, incoming.correlation_id,
                        message_type=name, queue=incoming.queue):
         try:
-            result = handler(message, incoming)
+            result = call()
         except TransientError as exc:
             if attempts >= delivery_limit:
                 return _dead(incoming, message, "unavailable",
@@ -109,7 +191,7 @@ def handle_delivery(
         except Exception as exc:
             code = getattr(exc, "code", None)
             if not isinstance(code, str) or code == "internal":
-                log.exception("handler_failed", handler=getattr(handler, "__qualname__", "?"))
+                log.exception("handler_failed", handler=handler_name)
                 code = "internal"
             # An error with a code is a refusal the handler meant (forbidden,
             # invalid ...): its reason is logged once by _dead, without a traceback.

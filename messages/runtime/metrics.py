@@ -49,33 +49,42 @@ class _Outcome(Protocol):
     def message_type(self) -> str | None: ...
 
 
-def count_outcome(handle: F) -> F:
-    """Wraps ``dispatch.handle_delivery`` to count each delivery's outcome by type.
+OutcomeT = TypeVar("OutcomeT", bound=_Outcome)
+
+
+_HANDLED: dict[tuple[str, str], Counter] = {}
+_DEAD: dict[str, Counter] = {}
+
+
+def count(outcome: OutcomeT) -> OutcomeT:
+    """Counts one delivery's outcome by type and returns it.
 
     The labelled counters are looked up once per (type, outcome) and kept:
     ``labels()`` takes a lock and checks its arguments, on every delivery
     otherwise.
     """
-    handled: dict[tuple[str, str], Counter] = {}
-    dead: dict[str, Counter] = {}
+    kind = outcome.message_type or UNDECODABLE
+    action = outcome.action
+    try:
+        child = _HANDLED[kind, action]
+    except KeyError:
+        child = _HANDLED[kind, action] = MESSAGES_HANDLED.labels(kind, action)
+    child.inc()
+    if action == "dead":
+        try:
+            dead_child = _DEAD[kind]
+        except KeyError:
+            dead_child = _DEAD[kind] = MESSAGES_DEAD_LETTERED.labels(kind)
+        dead_child.inc()
+    return outcome
+
+
+def count_outcome(handle: F) -> F:
+    """Wraps a function returning a delivery's outcome to :func:`count` each one it returns."""
 
     @functools.wraps(handle)
     def counted(*args: Any, **kwargs: Any) -> Any:
-        outcome: _Outcome = handle(*args, **kwargs)
-        kind = outcome.message_type or UNDECODABLE
-        action = outcome.action
-        try:
-            child = handled[kind, action]
-        except KeyError:
-            child = handled[kind, action] = MESSAGES_HANDLED.labels(kind, action)
-        child.inc()
-        if action == "dead":
-            try:
-                dead_child = dead[kind]
-            except KeyError:
-                dead_child = dead[kind] = MESSAGES_DEAD_LETTERED.labels(kind)
-            dead_child.inc()
-        return outcome
+        return count(handle(*args, **kwargs))
     return counted  # type: ignore[return-value]
 
 

@@ -176,11 +176,10 @@ class HostRegistry:
 
         Returns False when the report was stale (or its host unknown).
         """
-        host = tx.session.scalar(select(Host).where(Host.guid == report.guid).with_for_update())
-        if host is None:
-            return False
         stamp = Stamp.of(report)
-        if not report_order.admit(tx, host, stamp):
+        # Core statements: one is pushed at every VM start and stop.
+        host = report_order.admit_locked(tx, report.guid, stamp)
+        if host is None:
             return False
         if report.state in ("stopped", "crashed"):
             vm = tx.session.scalar(select(VmInstance).where(VmInstance.uuid == report.vm_uuid,

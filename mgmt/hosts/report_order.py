@@ -27,11 +27,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Protocol, cast
 
 import structlog
 from prometheus_client import Counter
+from sqlalchemy import Table, bindparam, select, update
 
 from hostdev.messages.commands import PingRoutingCommand, StartupRoutingCommand, VmStateReport
+from hostdev.mgmt.persistence.database import PreparedStatement
 from hostdev.mgmt.persistence.models import Host, VmInstance, utcnow
 from hostdev.mgmt.persistence.unit_of_work import TxContext
 
@@ -68,7 +71,54 @@ class Stamp:
         return bool(self.boot_id)
 
 
-def admit(tx: TxContext, host: Host, stamp: Stamp) -> bool:
+class ReportedHost(Protocol):
+    """What :func:`admit` reads and writes of a host: a ``Host`` row, or its columns alone."""
+
+    guid: str
+    report_boot_id: str | None
+    report_seq: int | None
+    retired_boot_id: str | None
+
+
+@dataclass(slots=True)
+class HostReports:
+    """A host's place in its agent's sequence, read without the ORM (a ``ReportedHost``)."""
+
+    id: int
+    guid: str
+    report_boot_id: str | None
+    report_seq: int | None
+    retired_boot_id: str | None
+
+
+_HOSTS = cast(Table, Host.__table__)
+_LOCK = PreparedStatement(select(
+    _HOSTS.c.id, _HOSTS.c.guid, _HOSTS.c.report_boot_id, _HOSTS.c.report_seq,
+    _HOSTS.c.retired_boot_id).where(_HOSTS.c.guid == bindparam("guid")).with_for_update())
+_SAVE = PreparedStatement(update(_HOSTS).where(_HOSTS.c.id == bindparam("id")).values(
+    report_boot_id=bindparam("boot_id"), report_seq=bindparam("seq"),
+    retired_boot_id=bindparam("retired"), updated_at=bindparam("now")))
+
+
+def admit_locked(tx: TxContext, guid: str, stamp: Stamp) -> HostReports | None:
+    """Locks host ``guid``'s row and admits a report of it (:func:`admit`), statements prepared.
+
+    Returns the host, or None when it is unknown or the report is stale. For
+    reports that change nothing else on the host row (lifecycle reports).
+    """
+    rows = _LOCK.execute(tx.connection, {"guid": guid}).rows
+    if not rows:
+        return None
+    host = HostReports(*rows[0])
+    if not admit(tx, host, stamp):
+        return None
+    _SAVE.execute(tx.connection, {"id": host.id, "boot_id": host.report_boot_id,
+                                  "seq": host.report_seq, "retired": host.retired_boot_id,
+                                  "now": utcnow()})
+    return host
+
+
+def admit(tx: TxContext, host: ReportedHost, stamp: Stamp) -> bool:
     """Returns whether a report of ``host`` is newer than the last one applied.
 
     A newer report becomes the host's last applied one. The caller holds the

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from datetime import timedelta
 
 import structlog
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 
 from hostdev.messages.pci_address import PciAddress
 from hostdev.messages.values import DomainInfo
@@ -31,6 +31,7 @@ from hostdev.mgmt.jobs.payloads import (
     migrations_of,
     store,
 )
+from hostdev.mgmt.persistence.database import PreparedStatement
 from hostdev.mgmt.persistence.models import Job, VmInstance, utcnow
 from hostdev.mgmt.persistence.unit_of_work import TxContext
 from hostdev.mgmt.vms.vm_states import VmEvent
@@ -39,6 +40,15 @@ log = structlog.get_logger()
 
 #: How long a job in ``verify`` waits before it says so again (it stays in flight).
 VERIFY_WINDOW_S = 30.0
+
+
+#: Whether a VM of that uuid is migrating (one index lookup, no job scan).
+_MIGRATING = PreparedStatement(select(VmInstance.id).where(
+    VmInstance.uuid == bindparam("uuid"), VmInstance.state == "Migrating"))
+
+
+def _any_migrating(tx: TxContext, domains: Sequence[DomainInfo]) -> bool:
+    return any(_MIGRATING.execute(tx.connection, {"uuid": d.uuid}).rows for d in domains)
 
 
 class MigrationRecovery:
@@ -58,6 +68,10 @@ class MigrationRecovery:
             complete: the report lists every domain (start-up, ping).
             restarted: the agent (re)started, so any command it was running is lost.
         """
+        if not complete and not _any_migrating(tx, domains):
+            # A lifecycle report (one domain, at every VM start and stop): only a
+            # migration of that very VM could settle, and it is Migrating then.
+            return
         manager = self._manager
         session = tx.session
         # Read without locks (this runs for every ping), then lock only the jobs

@@ -11,9 +11,10 @@ from __future__ import annotations
 from typing import Final, Literal, NamedTuple, TypeVar
 
 import msgspec
-from sqlalchemy import select
+from sqlalchemy import Connection, select
 from sqlalchemy.orm import Session
 
+from hostdev.mgmt.persistence.database import PreparedStatement
 from hostdev.mgmt.persistence.models import JOB_RUNNING, Job
 
 #: The payload layout written today; a decoder for an older one goes here when it changes.
@@ -152,6 +153,24 @@ class RunningMigration(NamedTuple):
     job_id: int
     vm_id: int | None
     step: str
+
+
+#: The payloads of the running migrations (hosts are in them, not in columns).
+_RUNNING_MIGRATIONS = PreparedStatement(select(Job.payload).where(
+    Job.kind == MIGRATE_JOB, Job.state == JOB_RUNNING))
+
+
+def migrating_hosts(connection: Connection) -> set[str]:
+    """Returns the guids of the hosts that running migrations move a VM from or to.
+
+    One read per batch of pings, without locks: a report of one of them is
+    handled alone (``hostdev.mgmt.hosts.pings``), through ``migrations_of``.
+    """
+    hosts: set[str] = set()
+    for (raw,) in _RUNNING_MIGRATIONS.execute(connection, {}).rows:
+        sides = msgspec.json.decode(raw or "{}", type=_Sides)
+        hosts.update((sides.source, sides.destination))
+    return hosts
 
 
 def migrations_of(session: Session, guid: str) -> list[RunningMigration]:

@@ -145,6 +145,9 @@ class Host(Base):
     #: True when hardware rules tie its devices together (an IOMMU group of several
     #: listed devices, a listed PF with a listed VF) or its agent withholds one.
     device_rules: Mapped[bool] = mapped_column(Boolean, server_default=false())
+    #: What the host's last reconciled ping reported and held (``hostdev.mgmt.hosts.pings``):
+    #: a ping that finds the same skips reconciling; NULL reconciles the next one.
+    reconciled_digest: Mapped[str | None] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow, onupdate=utcnow)
 

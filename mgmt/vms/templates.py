@@ -10,12 +10,13 @@ newer upload changes the VMs deployed after it, not those that exist.
 
 from __future__ import annotations
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import bindparam, delete, func, select
 from sqlalchemy.orm import Session
 
 from hostdev.messages.domain_template import console_path_for, render_domain
 from hostdev.messages.values import TemplateRow, VmSpec
 from hostdev.mgmt.errors import Conflict, InvalidRequest, NotFound
+from hostdev.mgmt.persistence.database import PreparedStatement
 from hostdev.mgmt.persistence.models import DomainTemplate, ServiceOffering, VmInstance
 from hostdev.mgmt.persistence.unit_of_work import TxContext
 from hostdev.mgmt.vms.template_checks import check_template
@@ -98,14 +99,19 @@ def remove(tx: TxContext, name: str) -> tuple[TemplateRow, ...]:
     return (row,)
 
 
+#: The template an offering names (every start asks: one statement compiled once).
+_TEMPLATE_OF = PreparedStatement(select(ServiceOffering.template_name)
+                                 .where(ServiceOffering.id == bindparam("id")))
+
+
 def domain_for(tx: TxContext, vm: VmInstance, spec: VmSpec) -> str:
     """Returns the domain XML a VM starts with: its template rendered, "" without one.
 
     The first start records the template's newest version and the console
     file on the VM; later starts render that same version.
     """
-    template_name = tx.session.scalar(select(ServiceOffering.template_name)
-                                      .where(ServiceOffering.id == vm.offering_id))
+    rows = _TEMPLATE_OF.execute(tx.connection, {"id": vm.offering_id}).rows
+    template_name = rows[0][0] if rows else None
     if template_name is None:
         return ""
     template = find_template(tx.session, template_name, vm.template_version)

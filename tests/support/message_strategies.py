@@ -112,7 +112,7 @@ def example_value(kind: mi.Type, default: Any = msgspec.NODEFAULT) -> Any:
         return example_value(kind.type, default)
     if isinstance(kind, mi.StrType):
         pattern = re.compile(kind.pattern or "")
-        return next(text for text in ("example", "0x8086") if pattern.search(text))
+        return next(text for text in ("example", "0x8086", "0" * 64) if pattern.search(text))
     if isinstance(kind, mi.IntType):
         return 7 if default != 7 else 8
     if isinstance(kind, mi.FloatType):

@@ -50,6 +50,7 @@ class RecordingBus:
     config: BusConfig = field(default_factory=BusConfig)
     published: list[Published] = field(default_factory=list)
     consumers: dict[str, Mapping[type[Message], Any]] = field(default_factory=dict)
+    batches: dict[str, Mapping[type[Message], Any]] = field(default_factory=dict)
     timers: list[tuple[float, Callable[[], None]]] = field(default_factory=list)
 
     def connect(self) -> None:
@@ -61,9 +62,11 @@ class RecordingBus:
     def declare_mgmt_queues(self) -> None:
         """Does nothing (no broker)."""
 
-    def consume(self, queue: str, handlers: Mapping[type[Message], Any]) -> None:
-        """Records the handlers of a queue."""
+    def consume(self, queue: str, handlers: Mapping[type[Message], Any],
+                batches: Mapping[type[Message], Any] | None = None) -> None:
+        """Records the handlers (and batch handlers) of a queue."""
         self.consumers[queue] = handlers
+        self.batches[queue] = batches or {}
 
     def call_every(self, interval_s: float, fn: Callable[[], None]) -> None:
         """Records a timer (tests call ``tick``)."""

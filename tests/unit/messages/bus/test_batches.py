@@ -1,0 +1,113 @@
+"""Tests of runs of deliveries handed to a batch handler (``contract.Batching``), in process."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import pytest
+
+from hostdev.messages.base import Message
+from hostdev.messages.bus.contract import Batching, Incoming
+from hostdev.messages.bus.in_process import FakeClock, InProcessBroker, InProcessBus
+from hostdev.messages.bus.in_process_broker import Envelope
+from hostdev.messages.commands import ErrorAnswer, StopCommand
+from hostdev.messages.errors import TransientError
+
+
+@pytest.fixture
+def broker() -> InProcessBroker:
+    return InProcessBroker(clock=FakeClock())
+
+
+def _agent(broker: InProcessBroker) -> tuple[InProcessBus, str]:
+    bus = InProcessBus(broker=broker)
+    bus.connect()
+    bus.declare_mgmt_queues()  # where error answers go
+    return bus, bus.declare_agent_queue("g1")
+
+
+def test_consecutive_deliveries_form_runs_that_another_type_ends(
+        broker: InProcessBroker) -> None:
+    """Stops in a row reach the batch handler together; an answer between them splits the run."""
+    bus, queue = _agent(broker)
+    calls: list[Any] = []
+
+    def stops(items: Sequence[tuple[StopCommand, Incoming]]) -> list[Message | None]:
+        calls.append([message.vm_uuid for message, _ in items])
+        return [None] * len(items)
+
+    bus.consume(queue, {ErrorAnswer: lambda m, i: calls.append(m.details)},
+                {StopCommand: Batching(stops, max_size=3)})
+    for name in ("a", "b"):
+        bus.send_to_agent("g1", StopCommand(vm_uuid=name))
+    bus.send_to_agent("g1", ErrorAnswer(details="between"))
+    for name in ("c", "d", "e", "f"):
+        bus.send_to_agent("g1", StopCommand(vm_uuid=name))
+    broker.drain()
+    assert calls == [["a", "b"], "between", ["c", "d", "e"], ["f"]]
+    assert broker.pending(queue) == [] and broker.dead_letters() == []
+
+
+def test_each_delivery_of_a_run_is_judged_alone(broker: InProcessBroker) -> None:
+    """A refused item is dead-lettered, a transient one requeued; the others are acked."""
+    bus, queue = _agent(broker)
+    runs: list[list[str]] = []
+
+    def stops(items: Sequence[tuple[StopCommand, Incoming]]) -> list[Message | Exception | None]:
+        runs.append([message.vm_uuid for message, _ in items])
+        verdicts: dict[str, Exception | None] = {
+            "refused": ValueError("no such VM here"),
+            "busy": TransientError("try later") if len(runs) == 1 else None}
+        return [verdicts.get(message.vm_uuid) for message, _ in items]
+
+    bus.consume(queue, {}, {StopCommand: Batching(stops)})
+    for name in ("ok", "refused", "busy"):
+        bus.send_to_agent("g1", StopCommand(vm_uuid=name))
+    broker.drain()
+    assert runs == [["ok", "refused", "busy"], ["busy"]]
+    dead = broker.dead_letters()
+    assert len(dead) == 1 and "ValueError: no such VM here" in dead[0].reason
+    assert broker.pending(queue) == []
+
+
+def test_an_undecodable_delivery_in_a_run_costs_no_other(broker: InProcessBroker) -> None:
+    """Garbage between stops is dead-lettered with its reason; the stops around it are handled."""
+    bus, queue = _agent(broker)
+    handled: list[str] = []
+
+    def stops(items: Sequence[tuple[StopCommand, Incoming]]) -> list[Message | None]:
+        handled.extend(message.vm_uuid for message, _ in items)
+        return [None] * len(items)
+
+    bus.consume(queue, {}, {StopCommand: Batching(stops)})
+    bus.send_to_agent("g1", StopCommand(vm_uuid="before"))
+    broker.route(Envelope("hostdev.commands", "agent.g1.StopCommand", b"{not json", {}),
+                 mandatory=True)
+    bus.send_to_agent("g1", StopCommand(vm_uuid="after"))
+    broker.drain()
+    assert handled == ["before", "after"]
+    dead = broker.dead_letters()
+    assert len(dead) == 1 and "undecodable" in dead[0].reason
+
+
+def test_a_batch_handler_that_raises_fails_each_delivery_of_its_run(
+        broker: InProcessBroker) -> None:
+    """A batch handler's own exception dead-letters every delivery of the run, with the reason."""
+    bus, queue = _agent(broker)
+
+    def broken(items: Sequence[tuple[StopCommand, Incoming]]) -> list[Message | None]:
+        raise RuntimeError("handler bug")
+
+    bus.consume(queue, {}, {StopCommand: Batching(broken)})
+    for name in ("a", "b"):
+        bus.send_to_agent("g1", StopCommand(vm_uuid=name))
+    broker.drain()
+    reasons = [d.reason for d in broker.dead_letters()]
+    assert len(reasons) == 2 and all("handler bug" in r for r in reasons)
+
+
+def test_batching_refuses_sizes_that_cannot_work() -> None:
+    """A run of no message, or a negative linger, is refused with the values named."""
+    with pytest.raises(ValueError, match="max_size >= 1"):
+        Batching(lambda items: [], max_size=0)

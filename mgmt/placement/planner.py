@@ -137,7 +137,7 @@ def find_hosts(session: Session, demand: Demand, *, avoid: Collection[str] = (),
             return []
         after, size = int(last), min(size * PAGE_GROWTH, PAGE_MAX)
         statement = _search_statement(len(demand.pci), len(avoid), limit,
-                                      numa=demand.numa == "required", page=size)
+                                      numa=demand.numa == "required", page_size=size)
 
 
 _SEARCHES: dict[tuple[int, int, int, int, bool], PreparedStatement] = {}
@@ -214,13 +214,13 @@ def _fit_conditions(names: range, avoided: int, numa: int = 0) -> list[ColumnEle
 
 
 def _search_statement(names: int, avoided: int, limit: int, *,
-                      numa: bool = False, page: int = 0) -> PreparedStatement:
+                      numa: bool = False, page_size: int = 0) -> PreparedStatement:
     """Returns ``find_hosts``' query (one page of it with PCI requests), prepared once per shape.
 
     Parameters: those of :func:`_fit_conditions`, and ``after`` (host id)
-    with PCI requests; ``page`` hosts per page (``PAGE`` unless given).
+    with PCI requests; ``page_size`` hosts per page (``PAGE`` unless given).
     """
-    page_size = page or PAGE
+    page_size = page_size or PAGE
     key = (names, avoided, limit, page_size, numa)
     statement = _SEARCHES.get(key)
     if statement is not None:

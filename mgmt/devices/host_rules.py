@@ -129,7 +129,12 @@ def refresh(conn: Connection, host_id: int) -> bool:
     """
     facts = read_facts(conn, host_id)
     flag = has_rules(facts)
-    conn.execute(update(HOSTS).where(HOSTS.c.id == host_id, HOSTS.c.device_rules != flag)
-                 .values({HOSTS.c.device_rules: flag, HOSTS.c.updated_at: HOSTS.c.updated_at}))
+    record_flag(conn, host_id, flag)
     apply_rules(conn, host_id, facts)
     return flag
+
+
+def record_flag(conn: Connection, host_id: int, flag: bool) -> None:
+    """Sets ``hosts.device_rules`` to ``flag`` (one UPDATE, matching nothing when it already is)."""
+    conn.execute(update(HOSTS).where(HOSTS.c.id == host_id, HOSTS.c.device_rules != flag)
+                 .values({HOSTS.c.device_rules: flag, HOSTS.c.updated_at: HOSTS.c.updated_at}))

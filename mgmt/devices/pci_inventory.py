@@ -11,6 +11,7 @@ from sqlalchemy import Connection, insert, select, update
 from hostdev.messages.pci_address import PciAddress
 from hostdev.messages.values import DeviceState, PciDeviceInfo
 from hostdev.mgmt.devices import host_rules
+from hostdev.mgmt.devices.availability import DeviceFacts, has_rules, rule_changes
 from hostdev.mgmt.devices.device_rows import (
     ALLOCATED,
     DEVICES,
@@ -64,7 +65,8 @@ def locks_rows(conn: Connection) -> bool:
 
 
 def reconcile_inventory(
-    conn: Connection, host_id: int, reported: Sequence[PciDeviceInfo]
+    conn: Connection, host_id: int, reported: Sequence[PciDeviceInfo], *,
+    new_host: bool = False,
 ) -> InventoryChanges:
     """Makes a host's device rows match what its agent reports, in the caller's transaction.
 
@@ -76,6 +78,11 @@ def reconcile_inventory(
     again, and a quarantined one goes back to its VM (allocated or reserved).
     Then the hardware rules are applied (``host_rules.refresh``): devices
     they keep from offer become unavailable, with the reason. Never commits.
+
+    A host without device rows (``new_host``: one this transaction created,
+    which nothing else can see yet, so nothing to lock or read) gets its
+    inventory in one multi-row INSERT, each row already in the state and
+    with the reason the rules give it.
 
     Raises:
         InvalidRequest: the report lists one address twice.
@@ -89,12 +96,16 @@ def reconcile_inventory(
                 f"{by_address[address].name!r} and {info.name!r}); fix pci.devices"
             )
         by_address[address] = info
+    if new_host:
+        return _first_inventory(conn, host_id, by_address, new_host=True)
     host_rules.serialize_always(conn, host_id)  # the host row first, then its devices
     query = select(DEVICES).where(C.host_id == host_id)
     if locks_rows(conn):
         # Start-up is rare: lock the host's rows so claims wait for us.
         query = query.with_for_update()
     known = {address_of(row): row for row in conn.execute(query)}
+    if not known:
+        return _first_inventory(conn, host_id, by_address, new_host=False)
     now = utcnow()
     changes = _Reconciliation()
     new_rows = [
@@ -138,6 +149,33 @@ def reconcile_inventory(
         removed=tuple(changes.removed), quarantined=tuple(changes.quarantined),
         restored=tuple(changes.restored),
     )
+
+
+def _first_inventory(conn: Connection, host_id: int,
+                     by_address: dict[PciAddress, PciDeviceInfo], *,
+                     new_host: bool) -> InventoryChanges:
+    """Inserts the inventory of a host without device rows, ruled, in one statement."""
+    addresses = sorted(by_address)
+    # The rules read facts by row id; before the INSERT, a row's position stands in.
+    facts = [DeviceFacts(id=index, address=address, name=info.name, state=FREE,
+                         iommu_group=info.iommu_group,
+                         physical_function=(PciAddress(info.physical_function)
+                                            if info.physical_function is not None else None),
+                         withheld=info.withheld, numa_node=info.numa_node)
+             for index, (address, info) in enumerate((a, by_address[a]) for a in addresses)]
+    kept = rule_changes(facts).unavailable
+    now = utcnow()
+    if addresses:
+        conn.execute(insert(DEVICES), [
+            {"host_id": host_id, "name": by_address[address].name, **address_columns(address),
+             **fact_columns(by_address[address]),
+             "state": UNAVAILABLE if index in kept else FREE, "reason": kept.get(index, ""),
+             "created_at": now, "updated_at": now}
+            for index, address in enumerate(addresses)])
+    flag = has_rules(facts)
+    if flag or not new_host:  # a new host's flag is already false
+        host_rules.record_flag(conn, host_id, flag)
+    return InventoryChanges(added=tuple(addresses))
 
 
 def _back(row: Any) -> dict[str, DeviceState]:

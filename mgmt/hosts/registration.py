@@ -130,8 +130,11 @@ class HostRegistry:
         status: HostStatus = previous if previous in OPERATOR_STATUSES else HOST_UP
         host.status = status
         tx.session.flush()
+        # A host created by this transaction is seen by no other: its first
+        # inventory is one INSERT, without serializing or reading rows.
         changes = pci_inventory.reconcile_inventory(tx.session.connection(), host.id,
-                                                  command.pci_devices)
+                                                  command.pci_devices,
+                                                  new_host=previous is None)
         # Resets asked before and never answered (agent down, answer lost): again.
         cleaning.request_resets(tx, host)
         if previous != status:

@@ -71,8 +71,15 @@ class Candidate:
 
 #: The one host status placement offers; a host in any other is refused.
 PLACEABLE: Final[HostStatus] = HOST_UP
-#: Hosts with enough free devices of the first requested name read per page.
+#: Hosts with enough free devices of the first requested name read in the first page.
 PAGE = 64
+#: Each refused page makes the next this many times larger, up to ``PAGE_MAX`` hosts.
+PAGE_GROWTH = 4
+PAGE_MAX = 4096
+#: The device index a page reads as a range (``state, name, host_id``). MariaDB
+#: left to itself reads it as ``ref`` on (state, name) and filters ``host_id >
+#: after``: each page then costs every row before it (docs/database.md).
+_PAGE_INDEX = "ix_op_host_pci_devices_state_name_host_id"
 
 # The fit rule, criterion by criterion. A host fits a demand when:
 #   1. it is in neither the avoid set's guids nor its names,
@@ -117,18 +124,20 @@ def find_hosts(session: Session, demand: Demand, *, avoid: Collection[str] = (),
         params[f"count_{index}"] = request.count
     for index, ref in enumerate(sorted(avoid)):
         params[f"avoid_{index}"] = ref
-    after = 0
+    after, size = 0, PAGE
     while True:
         params["after"] = after
         rows = statement.execute(session.connection(), params).rows
         if rows or not demand.pci:
             return [Candidate(id=id_, guid=guid, name=name) for id_, guid, name in rows]
-        page = _page()
+        page = _page(size)
         last, count = session.execute(select(func.max(page.c.host_id), func.count())
                                       .select_from(page), params).one()
-        if last is None or (count or 0) < PAGE:
+        if last is None or (count or 0) < size:
             return []
-        after = int(last)
+        after, size = int(last), min(size * PAGE_GROWTH, PAGE_MAX)
+        statement = _search_statement(len(demand.pci), len(avoid), limit,
+                                      numa=demand.numa == "required", page_size=size)
 
 
 _SEARCHES: dict[tuple[int, int, int, int, bool], PreparedStatement] = {}
@@ -137,18 +146,21 @@ _HOLDING: list[ColumnElement[str]] = [literal_column(f"'{state}'")
                                       for state in sorted(HOLDS_DEVICES)]
 
 
-def _page() -> Subquery:
-    """Returns the page: up to ``PAGE`` hosts after ``after`` with ``count_0`` free ``name_0``.
+def _page(size: int) -> Subquery:
+    """Returns the page: up to ``size`` hosts after ``after`` with ``count_0`` free ``name_0``.
 
-    Read in index order (``state, name, host_id``), so a page costs its own
-    rows only. Under NUMA policy ``required`` it does not ask for one node:
-    grouping by a column the index lacks would read every row of the name.
+    Read as a range of the index (``state, name, host_id``) from ``after``,
+    so a page costs its own rows only. Under NUMA policy ``required`` it does
+    not ask for one node: grouping by a column the index lacks would read
+    every row of the name.
     """
-    return (select(PciDevice.host_id.label("host_id"))
-            .where(PciDevice.state == FREE, PciDevice.name == bindparam("name_0"),
-                   PciDevice.host_id > bindparam("after"))
+    query = select(PciDevice.host_id.label("host_id"))
+    for dialect in ("mysql", "mariadb"):
+        query = query.with_hint(PciDevice.__table__, f"FORCE INDEX ({_PAGE_INDEX})", dialect)
+    return (query.where(PciDevice.state == FREE, PciDevice.name == bindparam("name_0"),
+                        PciDevice.host_id > bindparam("after"))
             .group_by(PciDevice.host_id).having(func.count() >= bindparam("count_0"))
-            .order_by(PciDevice.host_id).limit(PAGE).subquery("page"))
+            .order_by(PciDevice.host_id).limit(size).subquery("page"))
 
 
 def _used_bound(column: InstrumentedAttribute[int]) -> ScalarSelect[int]:
@@ -202,20 +214,21 @@ def _fit_conditions(names: range, avoided: int, numa: int = 0) -> list[ColumnEle
 
 
 def _search_statement(names: int, avoided: int, limit: int, *,
-                      numa: bool = False) -> PreparedStatement:
+                      numa: bool = False, page_size: int = 0) -> PreparedStatement:
     """Returns ``find_hosts``' query (one page of it with PCI requests), prepared once per shape.
 
     Parameters: those of :func:`_fit_conditions`, and ``after`` (host id)
-    with PCI requests.
+    with PCI requests; ``page_size`` hosts per page (``PAGE`` unless given).
     """
-    key = (names, avoided, limit, PAGE, numa)
+    page_size = page_size or PAGE
+    key = (names, avoided, limit, page_size, numa)
     statement = _SEARCHES.get(key)
     if statement is not None:
         return statement
     query = select(Host.id, Host.guid, Host.name)
     if names:
         # The first name's count comes from the page itself.
-        page = _page()
+        page = _page(page_size)
         query = query.join(page, page.c.host_id == Host.id)
     query = query.where(*_fit_conditions(range(1, names), avoided, names if numa else 0))
     statement = PreparedStatement(query.order_by(Host.id).limit(limit))

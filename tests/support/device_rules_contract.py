@@ -17,7 +17,10 @@ from sqlalchemy.orm import Session
 
 from hostdev.messages.pci_address import PciAddress
 from hostdev.messages.values import PciDeviceInfo, PciRequest
+from hostdev.mgmt.devices import host_rules
+from hostdev.mgmt.devices.availability import RuleChanges
 from hostdev.mgmt.devices.pci_devices import InsufficientDevices
+from hostdev.mgmt.devices.pci_inventory import reconcile_inventory
 from hostdev.mgmt.persistence.database import transaction
 from hostdev.mgmt.persistence.models import Host, PciDevice, VmInstance
 from hostdev.mgmt.placement import planner
@@ -117,6 +120,20 @@ class DeviceRulesContract:
         assert {s for a, (s, _, _) in world.rows().items() if a != "0000:7a:00.0"} == {"free"}
         with pytest.raises(InsufficientDevices):
             world.repo.claim(world.vms[0], world.host, {"FPGA": 1})
+
+    def test_a_first_inventory_is_inserted_as_the_rules_make_it(
+            self, world: RuledWorld) -> None:
+        """A new host's one-INSERT inventory equals one reconciled row by row, then ruled."""
+        with transaction(world.engine) as conn:
+            fresh, stepwise = add_host(conn), add_host(conn)
+            changes = reconcile_inventory(conn, fresh, RULED, new_host=True)
+        assert sorted(changes.added) == sorted(PciAddress(d.address) for d in RULED)
+        world.repo.reconcile(stepwise, RULED[-1:])  # a known row: the next report is merged
+        world.repo.reconcile(stepwise, RULED)
+        assert world.rows(fresh) == world.rows(stepwise)
+        assert world.host_row(fresh)[1] is world.host_row(stepwise)[1] is True
+        with transaction(world.engine) as conn:
+            assert host_rules.apply_rules(conn, fresh) == RuleChanges()
 
     def test_a_claim_takes_the_whole_iommu_group(self, world: RuledWorld) -> None:
         """1x10GE gives a VM both functions of the dual-function NIC; the next, the lone NIC."""

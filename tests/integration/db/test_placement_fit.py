@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from hypothesis import given, settings
-from sqlalchemy import Engine
+from sqlalchemy import Connection, Engine, delete, insert, select
 
+from hostdev.mgmt.persistence.models import Host, PciDevice, VmInstance, utcnow
+from hostdev.mgmt.placement import planner
 from tests.support.placement_worlds import World, load, search_and_verdicts, worlds
 
 
@@ -24,3 +26,37 @@ def test_search_and_explain_agree_on_numa_required(engine: Engine, world: World)
     load(engine, world)
     found, fits = search_and_verdicts(engine, world, limit=len(world.hosts) + 1)
     assert found == fits
+
+
+def test_a_page_reads_the_device_index_as_a_range(engine: Engine) -> None:
+    """A page after host N starts its index read at N (``range``), not at the name's first row."""
+    now = utcnow()
+    with engine.begin() as conn:
+        for table in (PciDevice, VmInstance, Host):
+            conn.execute(delete(table))
+        conn.execute(insert(Host), [
+            {"id": n, "guid": f"page-{n}", "name": f"page-{n}", "status": "Down", "cpus": 8,
+             "memory_mb": 8192, "hypervisor_version": "", "created_at": now, "updated_at": now}
+            for n in range(1, 2001)])
+        conn.execute(insert(PciDevice), [
+            {"host_id": n, "name": "GPU", "domain": "0000", "bus": "3b", "slot": "00",
+             "function": str(f), "vendor_id": "", "product_id": "", "state": "free",
+             "created_at": now, "updated_at": now}
+            for n in range(1, 2001) for f in range(4)])
+        conn.exec_driver_sql("ANALYZE TABLE hosts, op_host_pci_devices")
+    params = {"cpus": 1, "memory_mb": 1, "name_0": "GPU", "count_0": 1, "after": 1500}
+    page = planner._search_statement(1, 0, 5)._statement  # its SQL, explained
+    sql = page.params(**params).compile(engine, compile_kwargs={"literal_binds": True})
+    with engine.connect() as conn:
+        plan = conn.exec_driver_sql(f"EXPLAIN {sql}").mappings().all()
+        found = find_hosts_after(conn, params)
+    devices = [row for row in plan if row["table"] == "op_host_pci_devices"]
+    assert [(row["type"], row["key"]) for row in devices] == [
+        ("range", "ix_op_host_pci_devices_state_name_host_id")]
+    assert found == list(range(1501, 1565))  # the page: the next 64 hosts after 1500
+
+
+def find_hosts_after(conn: Connection, params: dict[str, object]) -> list[int]:
+    """Returns the host ids of the page after ``params['after']``."""
+    page = planner._page(planner.PAGE)  # the page itself
+    return [int(n) for n in conn.execute(select(page.c.host_id), params).scalars()]

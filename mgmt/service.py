@@ -51,7 +51,7 @@ from hostdev.mgmt.hosts.pings import PING_LINGER_S, PingManager
 from hostdev.mgmt.hosts.registration import HostRegistry, check_sender, guid_of
 from hostdev.mgmt.jobs import engine
 from hostdev.mgmt.jobs.engine import Expiry, job_of_request
-from hostdev.mgmt.jobs.jobs import JobManager
+from hostdev.mgmt.jobs.jobs import JobManager, find_host
 from hostdev.mgmt.jobs.maintenance import MaintenanceManager
 from hostdev.mgmt.jobs.migration import MigrationManager
 from hostdev.mgmt.jobs.migration_recovery import MigrationRecovery
@@ -254,7 +254,7 @@ class ManagementService:
                           exc: Exception) -> Message | None:
         """Answers a refused request, a redelivered one, or asks for a redelivery."""
         if isinstance(exc, AlreadyHandled) and incoming.message_id is not None:
-            return self._already_handled(incoming.message_id, exc)
+            return self._already_handled(message, incoming.message_id, exc)
         if isinstance(exc, MgmtError):
             log.info("api_request_refused", code=exc.code, reason=exc.reason)
             return ErrorAnswer(code=exc.code, details=clip(exc.reason))
@@ -265,12 +265,20 @@ class ManagementService:
             return ErrorAnswer(code=code, details=_database_refused(message, exc))
         raise exc
 
-    def _already_handled(self, message_id: str, exc: AlreadyHandled) -> Message:
-        """Answers a redelivered request: the job it created, or a duplicate error."""
+    def _already_handled(self, message: Any, message_id: str, exc: AlreadyHandled) -> Message:
+        """Answers a redelivered request: the job it created, or a duplicate error.
+
+        A maintenance request is answered in its own type (the host as it is
+        now and the job that follows it), as its client expects.
+        """
         def work(tx: TxContext) -> Message:
             job = job_of_request(tx.session, message_id)
             if job is None:
                 return ErrorAnswer(code=exc.code, details=exc.reason)
+            if isinstance(message, api.HostMaintenanceRequest):
+                host = find_host(tx.session, message.host)
+                return api.MaintenancePlan(host_guid=host.guid, host_name=host.name,
+                                           status=host.status, job_id=job.id)
             vm_uuid = tx.session.scalar(select(VmInstance.uuid)
                                         .where(VmInstance.id == job.vm_id))
             return api.JobAccepted(job_id=job.id, vm_uuid=vm_uuid,

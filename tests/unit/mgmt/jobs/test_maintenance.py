@@ -83,3 +83,17 @@ def test_a_vm_with_nowhere_to_go_keeps_the_host_preparing(h: Harness, engine: En
     assert isinstance(again, ErrorAnswer) and again.details == (
         "host h1 is Up, not in maintenance: nothing to activate (hostdev host maintenance h1 "
         "takes it out)")
+
+
+def test_a_redelivered_maintenance_request_is_answered_with_its_plan_type(h: Harness) -> None:
+    """The same HostMaintenanceRequest delivered twice acts once and answers a plan both times."""
+    assert isinstance(h.api(api.DeployVmRequest(name="vm1", offering="mig")), api.JobAccepted)
+    h.answer()
+    first = h.api(api.HostMaintenanceRequest(host="h1"), message_id="maint-1")
+    again = h.api(api.HostMaintenanceRequest(host="h1"), message_id="maint-1")
+    assert isinstance(first, api.MaintenancePlan) and isinstance(again, api.MaintenancePlan)
+    assert (again.host_name, again.job_id) == ("h1", first.job_id)
+    assert again.status == "PrepareForMaintenance"
+    jobs = h.api(api.ListJobsRequest())
+    assert isinstance(jobs, api.JobList)
+    assert [j.id for j in jobs.jobs if j.kind == "maintenance"] == [first.job_id]

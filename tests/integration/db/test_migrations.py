@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from datetime import datetime
-from pathlib import Path
 
-import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
@@ -19,18 +16,7 @@ from hostdev.mgmt.persistence.database import (
     current_revision,
 )
 from hostdev.mgmt.persistence.models import Base
-from tests.support.databases import head_revision, mariadb_database, sqlite_database
-
-
-@pytest.fixture(params=["sqlite", pytest.param("mariadb", marks=pytest.mark.mariadb)])
-def empty_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """Yields the URL of an empty database on each back end."""
-    if request.param == "sqlite":
-        with sqlite_database(tmp_path, migrate=False) as url:
-            yield url
-    else:
-        with mariadb_database(migrate=False) as url:
-            yield url
+from tests.support.databases import head_revision
 
 
 def test_upgrade_head_leaves_nothing_for_autogenerate(empty_url: str) -> None:

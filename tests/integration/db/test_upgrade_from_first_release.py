@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from datetime import datetime, timedelta
-from pathlib import Path
 from typing import Any
 
-import pytest
 from alembic import command
 from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, Engine, inspect, select, text
@@ -21,7 +18,6 @@ from hostdev.mgmt.persistence.database import (
     current_revision,
 )
 from hostdev.mgmt.persistence.models import Job, PciDevice, VmInstance
-from tests.support.databases import mariadb_database, sqlite_database
 
 T0 = datetime(2026, 11, 25, 9, 30, 0, 123456)
 #: The first release's rows, as its code wrote them (raw SQL: the models are at head).
@@ -104,17 +100,6 @@ ROWS: dict[str, list[dict[str, Any]]] = {
 _DEFAULTS = {"hosts": ("created_at", "updated_at"), "service_offerings": ("created_at",),
              "vm_instances": ("created_at", "updated_at"), "jobs": ("created_at", "updated_at"),
              "op_host_pci_devices": ("created_at", "updated_at", "vendor_id", "product_id")}
-
-
-@pytest.fixture(params=["sqlite", pytest.param("mariadb", marks=pytest.mark.mariadb)])
-def empty_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """Yields the URL of an empty database on each back end."""
-    if request.param == "sqlite":
-        with sqlite_database(tmp_path, migrate=False) as url:
-            yield url
-    else:
-        with mariadb_database(migrate=False) as url:
-            yield url
 
 
 def _fill(conn: Connection) -> None:

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import structlog
 
-from hostdev.agent import simulated_store
+from hostdev.agent import simulated_state, simulated_store
 from hostdev.agent.domain_xml import (
     read_hostdevs,
     read_identity,
@@ -120,7 +120,7 @@ class SimulatedHost(LibvirtHost):
         self._released = threading.Event()  # never set: a refusing guest never releases
         self.state_file: Path | None = None
         if spec is not None and spec.persist and uri.startswith(SIMULATED_SCHEME):
-            self.state_file = simulated_store.state_path(uri.removeprefix(SIMULATED_SCHEME))
+            self.state_file = simulated_state.state_path(uri.removeprefix(SIMULATED_SCHEME))
         self._save_lock = threading.Lock()
         #: Takes in domains other processes hand over and applies the faults file.
         self.watcher: simulated_store.Watcher | None = None
@@ -154,9 +154,9 @@ class SimulatedHost(LibvirtHost):
         else:
             node_xml = build_node_xml(self.spec)
             if self.state_file is not None and self.state_file.exists():
-                saved, volumes = simulated_store.load_state(self.state_file)
+                saved, volumes = simulated_state.load_state(self.state_file)
                 bare = build_node_xml(replace(self.spec, domains=()))
-                node_xml = simulated_store.node_xml_with(bare, saved, volumes)
+                node_xml = simulated_state.node_xml_with(bare, saved, volumes)
                 log.info("simulated_domains_loaded", state_file=str(self.state_file),
                          domains=len(saved))
             handle, path = tempfile.mkstemp(prefix="hostdev-sim-", suffix=".xml")
@@ -341,7 +341,7 @@ class SimulatedHost(LibvirtHost):
             raise MigrationFailed(uuid, destination_uri, self._migration_failure)
         destination = self.hosts.at(destination_uri)
         if destination is None:  # another process's host, through its mailbox
-            simulated_store.hand_over(self, self.watcher, uuid, destination_uri,
+            simulated_store.hand_over(self, self.watcher, uuid, destination_uri, timeout_s,
                                       numa_node=numa_node)
             return
         if destination is self:

@@ -10,9 +10,15 @@ spec, ``<dir>/<name>.incoming/``:
   then destroys and undefines its copy (reporting ``Stopped/Migrated``) --
   the hand-over real libvirt does, which outlives the agent that asked for it;
 - the destination's watcher thread (and ``open()``, before the agent
-  announces) defines and starts every domain it finds there, reports
-  ``Started/Migrated`` and deletes the file. An agent that is down meanwhile
-  finds the domain at its next start.
+  announces) claims every domain it finds there (renames it ``<uuid>.taking``),
+  defines and starts it, reports ``Started/Migrated`` and deletes the file. An
+  agent that is down meanwhile finds the domain at its next start.
+- like libvirt, the source returns once the destination runs the domain: while
+  the destination's agent is alive (its watcher holds a lock on
+  ``.alive`` in the mailbox) it waits up to the migration's timeout, and takes
+  the domain back (the migration fails, the domain stays) if it was never
+  claimed; with no agent there it goes on after ``PICKUP_WAIT_S``, as the
+  libvirtd the agent stands for would still take it in.
 
 Faults for tests, switched without restarting the agent: a JSON file
 ``<dir>/<name>.faults.json`` read by the same watcher whenever it changes::
@@ -29,11 +35,11 @@ is logged as ``simulated_faults_applied`` with the file's ``version``.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import threading
 import time
-import xml.etree.ElementTree as ET
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Protocol
@@ -41,15 +47,15 @@ from typing import Any, Protocol
 import msgspec
 import structlog
 
+from hostdev.agent import simulated_state
 from hostdev.agent.domain_xml import (
     read_identity,
     read_own_volumes,
     with_numatune,
     without_runtime_id,
 )
-from hostdev.agent.errors import ConfigError, HypervisorError, MigrationFailed
+from hostdev.agent.errors import HypervisorError, MigrationFailed
 from hostdev.agent.hypervisor import LifecycleEvent
-from hostdev.agent.nodedev_xml import TEST_NS
 from hostdev.messages.pci_address import PciAddress
 from hostdev.messages.values import DomainInfo
 
@@ -58,8 +64,10 @@ log = structlog.get_logger()
 SCHEME = "simulated://"
 #: How often the watcher looks at the mailbox and the faults file, in seconds.
 POLL_S = 0.1
-#: How long a hand-over waits for the destination to take the domain in.
+#: How long a hand-over waits for a destination whose agent is down.
 PICKUP_WAIT_S = 2.0
+#: The mailbox file a running destination's watcher holds locked.
+ALIVE_FILE = ".alive"
 
 
 def _address(kind: type, value: Any) -> Any:
@@ -151,12 +159,19 @@ class Watcher:
         self._faults_mtime: int | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._alive: int | None = None
 
     def start(self) -> None:
         """Applies faults and picks up waiting domains now, then keeps watching."""
         box = mailbox(self.host.uri)
         if box is not None:
             box.mkdir(parents=True, exist_ok=True)
+            self._alive = os.open(box / ALIVE_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+            try:  # held until stop() or the process ends
+                fcntl.flock(self._alive, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                log.warning("simulated_mailbox_taken", host=self.host.uri,
+                            hint="another agent process watches this host's mailbox")
         self.poll()
         self._thread = threading.Thread(target=self._run, name="hostdev-sim-watch",
                                         daemon=True)
@@ -167,6 +182,9 @@ class Watcher:
         self._stop.set()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=5)
+        if self._alive is not None:
+            os.close(self._alive)  # releases the lock: hand-overs stop waiting for us
+            self._alive = None
 
     def _run(self) -> None:
         while not self._stop.wait(POLL_S):
@@ -181,8 +199,16 @@ class Watcher:
         box = mailbox(self.host.uri)
         if box is None or not box.is_dir():
             return
-        for entry in sorted(box.glob("*.json")):
+        # ``*.taking``: a claim this host's agent died in the middle of.
+        for entry in sorted(box.glob("*.taking")):
             self._take_in(entry)
+        for entry in sorted(box.glob("*.json")):
+            claimed = entry.with_suffix(".taking")
+            try:
+                os.rename(entry, claimed)
+            except FileNotFoundError:
+                continue  # the source took it back (its migration timed out)
+            self._take_in(claimed)
 
     def _apply_faults(self) -> None:
         path = faults_file(self.host.uri)
@@ -254,12 +280,13 @@ def migrated_xml(live_xml: str, numa_node: int | None) -> str:
 
 
 def hand_over(host: MailboxHost, watcher: Watcher | None, uuid: str,
-              destination_uri: str, *, numa_node: int | None = None) -> None:
+              destination_uri: str, timeout_s: float, *, numa_node: int | None = None) -> None:
     """Migrates a running domain to a simulated host of another process, through its mailbox.
 
     Raises:
         MigrationFailed: the destination is not a simulated:// host with a
-            mailbox, or the domain is not running here.
+            mailbox, the domain is not running here, or the destination's
+            agent runs but did not take the domain in within ``timeout_s``.
     """
     box = mailbox(destination_uri)
     if box is None or not box.is_dir():
@@ -278,12 +305,7 @@ def hand_over(host: MailboxHost, watcher: Watcher | None, uuid: str,
     temporary.write_bytes(msgspec.json.encode(HandedOver(xml=xml, source=host.uri)))
     handed = box / f"{uuid}.json"
     os.replace(temporary, handed)
-    # Real libvirt returns once the destination runs the domain: give the
-    # destination's watcher the time to take it in (its agent may be down,
-    # while the libvirtd it stands for would not be: then go on regardless).
-    deadline = time.monotonic() + PICKUP_WAIT_S
-    while handed.exists() and time.monotonic() < deadline:
-        time.sleep(POLL_S / 4)
+    _wait_taken_in(box, uuid, destination_uri, timeout_s)
     host.quiet_events(uuid, [("Stopped", "Destroyed")])
     host.destroy(uuid)
     host.emit(LifecycleEvent(uuid=uuid, name=name, event="Stopped", detail="Migrated",
@@ -296,6 +318,41 @@ def hand_over(host: MailboxHost, watcher: Watcher | None, uuid: str,
         time.sleep(delay)  # the window a test kills the agent in
 
 
+def _wait_taken_in(box: Path, uuid: str, destination_uri: str, timeout_s: float) -> None:
+    """Waits until the destination runs a handed-over domain (see the module docstring)."""
+    handed, claimed = box / f"{uuid}.json", box / f"{uuid}.taking"
+    started = time.monotonic()
+    while handed.exists() or claimed.exists():
+        waited = time.monotonic() - started
+        if not _watched(box):
+            if waited >= PICKUP_WAIT_S:
+                return  # no agent there: its libvirtd would take the domain in
+        elif waited >= timeout_s and handed.exists():
+            try:
+                handed.unlink()  # never claimed: the domain stays here
+            except FileNotFoundError:
+                pass  # claimed just now: it is being started there
+            else:
+                raise MigrationFailed(uuid, destination_uri, "the destination did not take "
+                                      f"the domain in within {timeout_s:g} s")
+        time.sleep(POLL_S / 4)
+
+
+def _watched(box: Path) -> bool:
+    """Tells whether an agent process watches a mailbox (holds its ``.alive`` lock)."""
+    try:
+        fd = os.open(box / ALIVE_FILE, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
 def spec_path(uri: str) -> Path | None:
     """Returns the spec file of a simulated:// host (of any process)."""
     return _spec_path(uri)
@@ -304,53 +361,11 @@ def spec_path(uri: str) -> Path | None:
 def has_domain(destination_uri: str, uuid: str) -> bool:
     """Tells whether a domain was handed to a simulated host of another process."""
     box = mailbox(destination_uri)
-    if box is not None and (box / f"{uuid}.json").exists():
+    if box is not None and any((box / f"{uuid}{suffix}").exists()
+                               for suffix in (".json", ".taking")):
         return True
     spec = _spec_path(destination_uri)
-    state = spec.with_name(f"{spec.stem}.state.json") if spec else None
+    state = simulated_state.state_path(spec) if spec else None
     if state is not None and state.exists():
         return uuid in state.read_text(encoding="utf-8")
     return False
-
-
-#: The test driver's run state of a domain that is shut off.
-RUNSTATE_SHUTOFF = "5"
-
-
-def state_path(spec_path: str | Path) -> Path:
-    """Returns where a persistent simulated host keeps its domains: next to its spec."""
-    path = Path(spec_path)
-    return path.with_name(f"{path.stem}.state.json")
-
-
-def load_state(path: Path) -> tuple[list[dict[str, Any]], dict[str, list[str]]]:
-    """Reads the saved domains (``[{"xml": ..., "running": bool}]``) and VMs' own volumes.
-
-    Volumes are volume XMLs by pool; none of either without the file.
-    """
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return [], {}
-    except ValueError as exc:
-        raise ConfigError(str(path), 0, str(path), f"not a simulated-host state file ({exc}); "
-                          "delete it to start from the spec's domains") from None
-    domains: list[dict[str, Any]] = data["domains"]
-    volumes: dict[str, list[str]] = data.get("volumes", {})
-    return domains, volumes
-
-
-def node_xml_with(node_xml: str, saved: list[dict[str, Any]],
-                   volumes: dict[str, list[str]]) -> str:
-    """Appends saved domains and volumes to a node XML; a stopped domain is shut off."""
-    node = ET.fromstring(node_xml)
-    for pool in node.findall("pool"):
-        for volume in volumes.get(pool.findtext("name", ""), ()):
-            pool.append(ET.fromstring(volume))
-    for entry in saved:
-        domain = ET.fromstring(entry["xml"])
-        domain.attrib.pop("id", None)
-        if not entry["running"]:
-            ET.SubElement(domain, f"{{{TEST_NS}}}runstate").text = RUNSTATE_SHUTOFF
-        node.append(domain)
-    return ET.tostring(node, encoding="unicode")

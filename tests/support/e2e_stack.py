@@ -37,7 +37,7 @@ from typing import Any
 from urllib.parse import quote
 
 from hostdev.agent.domain_xml import read_hostdevs, read_identity
-from hostdev.agent.simulated_store import state_path
+from hostdev.agent.simulated_state import state_path
 from hostdev.messages import api
 from hostdev.messages.base import Message
 from hostdev.messages.bus import Bus, BusConfig

@@ -8,7 +8,7 @@ import pytest
 
 from hostdev.agent.domain_xml import build_domain_xml
 from hostdev.agent.simulated import SimulatedHost
-from hostdev.agent.simulated_store import state_path
+from hostdev.agent.simulated_state import state_path
 from hostdev.messages.pci_address import PciAddress as P
 from hostdev.messages.values import VmSpec
 from tests.support.agent import VM_IDLE_UUID, VM_OLD_UUID, HostFactory

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import fcntl
+import os
+import threading
 import xml.etree.ElementTree as ET
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
 from hostdev.agent import simulated_store
 from hostdev.agent.domain_xml import build_domain_xml
-from hostdev.agent.errors import DetachRefused, HypervisorError
+from hostdev.agent.errors import DetachRefused, HypervisorError, MigrationFailed
 from hostdev.agent.simulated import SimulatedHost
 from hostdev.messages.pci_address import PciAddress as P
 from hostdev.messages.values import VmSpec
@@ -71,6 +76,75 @@ def test_a_handed_over_domain_arrives_bound_to_the_node_asked_for(tmp_path: Path
     finally:
         source.close()
         destination.close()
+
+
+@contextmanager
+def _agent_alive_without_watching(uri: str) -> Iterator[Path]:
+    """Holds a mailbox's ``.alive`` lock as a running agent does, taking nothing in."""
+    host = SimulatedHost(uri)
+    host.open()  # makes the mailbox
+    host.close()
+    box = simulated_store.mailbox(uri)
+    assert box is not None
+    fd = os.open(box / simulated_store.ALIVE_FILE, os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        yield box
+    finally:
+        os.close(fd)
+
+
+def test_a_hand_over_waits_for_a_busy_destination_agent(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A destination whose agent runs is waited for past the pick-up wait, as libvirt would."""
+    monkeypatch.setattr(simulated_store, "PICKUP_WAIT_S", 0.0)
+    source = SimulatedHost(write_spec(tmp_path, sample_spec("src", domains=[])))
+    source.open()
+    destination_uri = write_spec(tmp_path, sample_spec("dst", domains=[]))
+    destination = SimulatedHost(destination_uri)
+    failures: list[BaseException] = []
+
+    def migrate() -> None:
+        try:
+            source.migrate(VM, destination_uri, 30.0)
+        except BaseException as exc:  # reported by the test
+            failures.append(exc)
+
+    try:
+        _running(source, ())
+        with _agent_alive_without_watching(destination_uri) as box:
+            mover = threading.Thread(target=migrate)
+            mover.start()
+            wait_for(lambda: (box / f"{VM}.json").exists(), timeout=5, what="hand-over")
+            mover.join(timeout=0.5)
+            assert mover.is_alive(), "the source went on while the destination's agent runs"
+            assert source.is_active(VM)
+            destination.open()  # this agent now takes the domain in
+            mover.join(timeout=10)
+        assert not mover.is_alive() and failures == []
+        arrived = destination.domain(VM)
+        assert arrived is not None and arrived.state == "running"
+        assert source.domain(VM) is None
+    finally:
+        source.close()
+        destination.close()
+
+
+def test_a_domain_never_taken_in_stays_on_the_source(tmp_path: Path) -> None:
+    """A running destination agent that takes nothing in within the timeout fails the migration."""
+    source = SimulatedHost(write_spec(tmp_path, sample_spec("src", domains=[])))
+    source.open()
+    destination_uri = write_spec(tmp_path, sample_spec("dst", domains=[]))
+    try:
+        _running(source, ())
+        with _agent_alive_without_watching(destination_uri) as box:
+            with pytest.raises(MigrationFailed, match=r"did not take the domain in within 0\.3 s"):
+                source.migrate(VM, destination_uri, 0.3)
+            assert list(box.glob("*.json")) == []
+        assert source.is_active(VM)
+        assert not source.has_domain_at(destination_uri, VM)
+    finally:
+        source.close()
 
 
 def test_faults_file_switches_detach_and_attach_failures(tmp_path: Path) -> None:

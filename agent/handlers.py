@@ -33,6 +33,7 @@ from hostdev.agent.domain_xml import (
 )
 from hostdev.agent.errors import DetachRefused, DomainNotFound, HypervisorError, MigrationFailed
 from hostdev.agent.hypervisor import Hypervisor
+from hostdev.agent.migration_outcome import landed_elsewhere
 from hostdev.messages.base import Message
 from hostdev.messages.commands import (
     AttachPciDevicesAnswer,
@@ -268,13 +269,17 @@ class CommandHandlers:
             self.hypervisor.migrate(uuid, command.destination_uri, migrate_s,
                                     copy_storage=bool(copied), numa_node=command.numa_node)
         except (MigrationFailed, HypervisorError) as exc:
-            reattached, failures = self._reattach(uuid, detached)
-            log.warning("migration_failed", vm=uuid, error=str(exc), reattached=reattached)
-            return MigrateAnswer(
-                result="error", vm_uuid=uuid, failed_step="migrate", detached=tuple(detached),
-                reattached=tuple(reattached),
-                details=" ".join([f"migration failed ({exc}); devices re-attached on the "
-                                  "source", *failures]))
+            if not landed_elsewhere(self.hypervisor, uuid, command.destination_uri):
+                reattached, failures = self._reattach(uuid, detached)
+                log.warning("migration_failed", vm=uuid, error=str(exc), reattached=reattached)
+                return MigrateAnswer(
+                    result="error", vm_uuid=uuid, failed_step="migrate",
+                    detached=tuple(detached), reattached=tuple(reattached),
+                    details=" ".join([f"migration failed ({exc}); devices re-attached on the "
+                                      "source", *failures]))
+            log.warning("migration_error_after_hand_over", vm=uuid, error=str(exc),
+                        hint="the domain left this host and is on the destination: the "
+                             "migration is done; its devices stay detached here")
         log.info("domain_migrated", vm=uuid, destination=command.destination_uri,
                  detached=detached)
         failures = remove_volumes(self.hypervisor, copied)  # copied over: gone from here

@@ -44,7 +44,7 @@ from hostdev.agent.domain_xml import (
     with_hostdev,
     without_hostdev,
 )
-from hostdev.agent.errors import DetachRefused, HypervisorError, MigrationFailed
+from hostdev.agent.errors import DetachRefused, DomainNotFound, HypervisorError, MigrationFailed
 from hostdev.agent.hypervisor import LifecycleEvent
 from hostdev.agent.libvirt_host import LibvirtHost
 from hostdev.agent.libvirt_resources import missing_base
@@ -200,9 +200,13 @@ class SimulatedHost(LibvirtHost):
         if self.state_file is None or self._conn is None:
             return
         with self._save_lock:
-            domains = [{"xml": self.domain_xml(d.uuid, inactive=True),
-                        "running": d.state in ("running", "paused")}
-                       for d in self.domains()]
+            domains = []
+            for found in self.domains():
+                try:
+                    xml = self.domain_xml(found.uuid, inactive=True)
+                except DomainNotFound:
+                    continue  # undefined by another thread since it was listed
+                domains.append({"xml": xml, "running": found.state in ("running", "paused")})
             temporary = self.state_file.with_name(self.state_file.name + ".tmp")
             temporary.write_text(json.dumps({"domains": domains, "volumes": self._own_volumes()},
                                             indent=1), encoding="utf-8")

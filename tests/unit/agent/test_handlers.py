@@ -241,6 +241,33 @@ def test_a_failed_migration_reattaches_every_device_on_the_source(
     assert info is not None and info.state == "running" and set(info.hostdevs) == {NIC1, NIC2}
 
 
+def test_an_error_after_the_hand_over_is_a_done_migration(
+        make_host: HostFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Libvirt raising once the domain runs on the destination: nothing re-attached here.
+
+    The shut-off definition the failed call left on the source is removed, so
+    no definition holding the devices stays where the VM no longer runs.
+    """
+    source, destination = make_host("sim-a"), make_host("sim-b")
+    handlers = handlers_for(source)
+    handlers.start(start(NIC1, NIC2))
+    moved = source.migrate
+
+    def fails_at_the_end(uuid: str, uri: str, timeout_s: float, **options: object) -> None:
+        left = source.domain_xml(uuid, inactive=True)
+        moved(uuid, uri, timeout_s, **options)  # type: ignore[arg-type]
+        source.define_xml(left)  # what an unconfirmed UNDEFINE_SOURCE leaves
+        raise HypervisorError("migrate", "connection reset in the confirm phase")
+
+    monkeypatch.setattr(source, "migrate", fails_at_the_end)
+    answer = handlers.migrate(migrate(destination))
+    assert answer.ok, answer.details
+    assert answer.detached == (NIC1, NIC2) and answer.reattached == ()
+    assert source.domain(UUID) is None
+    arrived = destination.domain(UUID)
+    assert arrived is not None and arrived.state == "running" and arrived.hostdevs == ()
+
+
 class BrokenReattach(SimulatedHost):
     """A host whose re-attach of one device fails."""
 

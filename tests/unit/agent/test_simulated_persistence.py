@@ -83,3 +83,17 @@ def test_without_persist_nothing_is_written_and_the_spec_wins(make_host: HostFac
         assert states(again)[VM_OLD_UUID][0] == "running"
     finally:
         again.close()
+
+
+def test_a_domain_undefined_while_saving_is_left_out(
+        make_host: HostFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another thread undefines a domain between listing and reading: the others are saved."""
+    host = make_host("sim-u", persist=True)
+    listed = host.domains()
+    host.undefine(VM_IDLE_UUID)  # a shut-off one: undefined at once
+    monkeypatch.setattr(host, "domains", lambda: listed)  # listed before the undefine
+    host.save()
+    spec_path = host.uri.removeprefix("simulated://")
+    saved = json.loads(state_path(spec_path).read_text())["domains"]
+    assert len(listed) == 2 and len(saved) == 1
+    assert VM_IDLE_UUID not in saved[0]["xml"]

@@ -10,9 +10,11 @@ from hostdev.messages.values import DeviceState
 from hostdev.mgmt.devices import host_rules
 from hostdev.mgmt.devices.availability import RULED_STATES
 from hostdev.mgmt.devices.device_rows import (
+    CLEANING,
     DEVICES,
     DISABLED,
     FREE,
+    QUARANTINED,
     REMOVED,
     C,
     address_of,
@@ -58,6 +60,12 @@ def disable_device(conn: Connection, device_id: int, reason: str = "") -> Device
     holder = row.instance_id if row.instance_id is not None else row.reserved_for
     if row.state == REMOVED:
         what = "no longer in its host's inventory (pci.devices); nothing to disable"
+    elif row.state == CLEANING:
+        what = ("cleaning: its agent is resetting it after its last VM; disable it once the "
+                "reset ends (it is free then)")
+    elif row.state == QUARANTINED and holder is None:
+        what = ("quarantined: its reset failed; `hostdev device enable` asks for the reset "
+                "again, and a device that stays faulty can be disabled once it is free")
     else:
         vm = conn.execute(select(VmInstance.name, VmInstance.uuid)
                           .where(VmInstance.id == holder)).first()

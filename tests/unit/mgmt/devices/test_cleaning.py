@@ -7,7 +7,7 @@ from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
 from hostdev.messages import api
-from hostdev.messages.commands import ResetPciDevicesAnswer, ResetPciDevicesCommand
+from hostdev.messages.commands import ErrorAnswer, ResetPciDevicesAnswer, ResetPciDevicesCommand
 from hostdev.messages.pci_address import PciAddress
 from hostdev.messages.values import DeviceOutcome
 from hostdev.mgmt.devices.device_rows import address_of
@@ -64,6 +64,9 @@ def test_a_released_device_waits_in_cleaning_until_its_reset_is_reported(
     assert command.routing_key == "agent.g1.ResetPciDevicesCommand"
     assert isinstance(command.message, ResetPciDevicesCommand)
     assert command.message.addresses == (A0,)
+    refused = h.api(api.SetPciDeviceEnabledRequest(host="h1", address=A0, enabled=False))
+    assert isinstance(refused, ErrorAnswer) and refused.code == "conflict"
+    assert "is cleaning: its agent is resetting it" in refused.details
     free = h.api(api.ListPciDevicesRequest(host="h1", free_only=True))
     assert isinstance(free, api.PciDeviceList) and [d.address for d in free.devices] == [A1]
     _answer(h, command, DeviceOutcome(address=A0, result="ok"))
@@ -86,6 +89,9 @@ def test_a_failed_reset_quarantines_the_device_and_enable_asks_again(
         (A0, None)]
     h.register("g1", "h1", devices(2), reset_on_release=True)  # reported again: stays
     assert _states(engine)[A0][0] == "quarantined"
+    refused = h.api(api.SetPciDeviceEnabledRequest(host="h1", address=A0, enabled=False))
+    assert isinstance(refused, ErrorAnswer) and refused.code == "conflict"
+    assert "its reset failed; `hostdev device enable` asks" in refused.details
     changed = h.api(api.SetPciDeviceEnabledRequest(host="h1", address=A0, enabled=True))
     assert isinstance(changed, api.DeviceStateChanged) and changed.device.state == "cleaning"
     (retry,) = _resets(h)

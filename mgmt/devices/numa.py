@@ -126,3 +126,13 @@ def _no_node(host_id: int, wanted: Sequence[tuple[str, int]],
         f"free ({found or 'none has any'}); the offering's NUMA policy is required: "
         "pick another host or free devices", host_id=host_id, name=name, wanted=count,
         free=max((free[index] for free in by_node.values()), default=0))
+
+
+def node_of_held(conn: Connection, vm_id: int, host_id: int) -> int | None:
+    """Returns the NUMA node a VM's devices on a host share; None if several, or none known.
+
+    For a VM that got its devices without a claim (found running by its host).
+    """
+    nodes = set(conn.scalars(select(C.numa_node).distinct()
+                             .where(C.host_id == host_id, C.instance_id == vm_id)))
+    return nodes.pop() if len(nodes) == 1 else None

@@ -37,7 +37,7 @@ from hostdev.messages.commands import (
 from hostdev.messages.events import HostStatusChanged, PciDeviceAllocated
 from hostdev.messages.values import DomainInfo, HostStatus
 from hostdev.mgmt.config import MgmtConfig
-from hostdev.mgmt.devices import cleaning, pci_inventory
+from hostdev.mgmt.devices import cleaning, numa, pci_inventory
 from hostdev.mgmt.errors import Forbidden
 from hostdev.mgmt.hosts import foreign_domains, report_order
 from hostdev.mgmt.hosts.report_order import Stamp
@@ -249,6 +249,11 @@ class HostRegistry:
                                               vm_uuid=vm.uuid, at=at))
             self._lifecycle.transition(tx, vm, VmEvent.FOLLOW_AGENT_POWER_ON,
                                        host_id=host.id)
+            node = numa.node_of_held(tx.connection, vm.id, host.id)
+            if node is not None:  # as a claim records it: where the devices are
+                tx.session.execute(update(VmInstance).where(VmInstance.id == vm.id)
+                                   .values(numa_node=node)
+                                   .execution_options(synchronize_session=False))
 
     def _status_event(self, tx: TxContext, host: Host, status: HostStatus,
                       previous: HostStatus | None) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+import msgspec
 import pytest
 from sqlalchemy import Engine, select, update
 from sqlalchemy.orm import Session
@@ -64,7 +65,7 @@ def test_stopped_vm_reported_running_is_running_with_its_devices(h: Harness,
         vm = session.scalar(select(VmInstance).where(VmInstance.uuid == uuid))
         host = session.scalar(select(Host).where(Host.guid == "g1"))
         assert vm is not None and host is not None
-        assert (vm.state, vm.host_id) == ("Running", host.id)
+        assert (vm.state, vm.host_id, vm.numa_node) == ("Running", host.id, None)
     assert _holders(engine) == {"28.0": "vm1", "28.1": "vm1"}
     assert h.events("pci.g1.Allocated")[-2:] == ["pci.g1.Allocated"] * 2
     assert h.events(f"vm.{uuid}")[-1] == f"vm.{uuid}.Running"
@@ -95,3 +96,16 @@ def test_a_report_within_the_grace_does_not_undo_a_fresh_stop(h: Harness,
         vm = session.scalar(select(VmInstance).where(VmInstance.uuid == accepted.vm_uuid))
         assert vm is not None and vm.state == "Stopped"
     assert set(_holders(engine).values()) == {None}
+
+
+def test_a_vm_found_running_records_the_numa_node_its_devices_share(engine: Engine) -> None:
+    """Its devices on one node: that node is the VM's, as a claim would have recorded it."""
+    h = Harness(engine)
+    h.register("g1", "h1", tuple(msgspec.structs.replace(d, numa_node=1) for d in devices(2)))
+    assert isinstance(h.api(api.CreateOfferingRequest(
+        name="net2", pci_devices="10GE,10GE")), api.OfferingList)
+    uuid = _run_then_stop(h, engine, "vm1")
+    _ping_running(h, uuid, "vm1")
+    with Session(engine) as session:
+        vm = session.scalar(select(VmInstance).where(VmInstance.uuid == uuid))
+        assert vm is not None and (vm.state, vm.numa_node) == ("Running", 1)

@@ -54,7 +54,7 @@ from hostdev.mgmt.persistence.models import (
     utcnow,
 )
 from hostdev.mgmt.persistence.unit_of_work import TxContext
-from hostdev.mgmt.vms.vm_lifecycle import VmLifecycleManager
+from hostdev.mgmt.vms.vm_lifecycle import VmLifecycleManager, offering_numa_policy
 from hostdev.mgmt.vms.vm_states import VmEvent
 
 log = structlog.get_logger()
@@ -250,7 +250,8 @@ class HostRegistry:
             self._lifecycle.transition(tx, vm, VmEvent.FOLLOW_AGENT_POWER_ON,
                                        host_id=host.id)
             node = numa.node_of_held(tx.connection, vm.id, host.id)
-            if node is not None:  # as a claim records it: where the devices are
+            if node is not None and offering_numa_policy(tx, vm.offering_id) != "none":
+                # As a claim under the policy records it: where the devices are.
                 tx.session.execute(update(VmInstance).where(VmInstance.id == vm.id)
                                    .values(numa_node=node)
                                    .execution_options(synchronize_session=False))

@@ -29,9 +29,9 @@ def h(engine: Engine) -> Harness:
     return harness
 
 
-def _run_then_stop(h: Harness, engine: Engine, name: str) -> str:
+def _run_then_stop(h: Harness, engine: Engine, name: str, offering: str = "net2") -> str:
     """Deploys ``name``, stops it, and ages its last transition past the drift grace."""
-    accepted = h.api(api.DeployVmRequest(name=name, offering="net2"))
+    accepted = h.api(api.DeployVmRequest(name=name, offering=offering))
     assert isinstance(accepted, api.JobAccepted)
     h.answer()
     assert isinstance(h.api(api.StopVmRequest(vm=name)), api.JobAccepted)
@@ -99,13 +99,23 @@ def test_a_report_within_the_grace_does_not_undo_a_fresh_stop(h: Harness,
 
 
 def test_a_vm_found_running_records_the_numa_node_its_devices_share(engine: Engine) -> None:
-    """Its devices on one node: that node is the VM's, as a claim would have recorded it."""
+    """Its devices on one node: that node is the VM's, as a claim would have recorded it.
+
+    Under policy ``none`` no node is recorded, as a claim records none.
+    """
     h = Harness(engine)
     h.register("g1", "h1", tuple(msgspec.structs.replace(d, numa_node=1) for d in devices(2)))
-    assert isinstance(h.api(api.CreateOfferingRequest(
-        name="net2", pci_devices="10GE,10GE")), api.OfferingList)
-    uuid = _run_then_stop(h, engine, "vm1")
-    _ping_running(h, uuid, "vm1")
-    with Session(engine) as session:
-        vm = session.scalar(select(VmInstance).where(VmInstance.uuid == uuid))
-        assert vm is not None and (vm.state, vm.numa_node) == ("Running", 1)
+    for name, policy in (("net2", "preferred"), ("any2", "none")):
+        assert isinstance(h.api(api.CreateOfferingRequest(
+            name=name, pci_devices="10GE,10GE", numa_policy=policy)), api.OfferingList)
+    nodes = {}
+    for vm_name, offering in (("vm1", "net2"), ("vm2", "any2")):
+        uuid = _run_then_stop(h, engine, vm_name, offering)
+        _ping_running(h, uuid, vm_name)
+        with Session(engine) as session:
+            vm = session.scalar(select(VmInstance).where(VmInstance.uuid == uuid))
+            assert vm is not None and vm.state == "Running"
+            nodes[vm_name] = vm.numa_node
+        assert isinstance(h.api(api.StopVmRequest(vm=vm_name)), api.JobAccepted)
+        h.answer()
+    assert nodes == {"vm1": 1, "vm2": None}

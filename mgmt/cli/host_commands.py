@@ -17,7 +17,7 @@ from hostdev.messages import api
 from hostdev.messages.base import Message
 from hostdev.messages.values import HostRow
 from hostdev.mgmt.cli.job_commands import wait_for_job
-from hostdev.mgmt.cli.plumbing import Requester, command, expect, print_json, render_table
+from hostdev.mgmt.cli.plumbing import Requester, command, expect, print_json, render_table, show
 
 
 def add_host_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
@@ -58,11 +58,7 @@ def _host_rows(hosts: Sequence[HostRow], out: TextIO) -> None:
 
 def _show_hosts(args: argparse.Namespace, answer: Message, out: TextIO) -> int:
     hosts = expect(answer, api.HostList).hosts
-    if args.json:
-        print_json(hosts, out)
-    else:
-        _host_rows(hosts, out)
-    return 0
+    return show(args, hosts, out, lambda: _host_rows(hosts, out))
 
 
 def _hosts(args: argparse.Namespace, request: Requester, out: TextIO) -> int:

@@ -17,7 +17,7 @@ from hostdev.messages import api
 from hostdev.messages.base import Message
 from hostdev.messages.errors import RemoteError
 from hostdev.messages.values import JobRow, JobState
-from hostdev.mgmt.cli.plumbing import Requester, command, expect, print_json, render_table
+from hostdev.mgmt.cli.plumbing import Requester, command, expect, print_json, render_table, show
 
 #: The states a job does not leave.
 FINAL_JOB_STATES: Final[tuple[JobState, ...]] = ("succeeded", "failed")
@@ -68,10 +68,7 @@ def _get_job(request: Requester, job_id: int, timeout: float) -> JobRow:
 
 def _job_show(args: argparse.Namespace, request: Requester, out: TextIO) -> int:
     job = _get_job(request, args.job_id, args.timeout)
-    if args.json:
-        print_json(job, out)
-    else:
-        _job_rows([job], out)
+    show(args, job, out, lambda: _job_rows([job], out))
     return 0 if job.state != "failed" else 1
 
 
@@ -91,10 +88,7 @@ def wait_for_job(args: argparse.Namespace, request: Requester, job_id: int, wait
             return 1
         time.sleep(delay)  # polling an API: the job finishes on another process
         delay = min(delay * 1.5, 1.0)
-    if args.json:
-        print_json(job, out)
-    else:
-        _job_rows([job], out)
+    show(args, job, out, lambda: _job_rows([job], out))
     if job.state == "failed":
         print(f"error: job {job_id} ({job.kind}) failed: {job.details}", file=sys.stderr)
         return 1

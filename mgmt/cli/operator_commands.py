@@ -26,8 +26,8 @@ from hostdev.mgmt.cli.plumbing import (
     command,
     common_options,
     expect,
-    print_json,
     render_table,
+    show,
 )
 from hostdev.mgmt.cli.template_commands import add_template_commands, add_vm_show_command
 
@@ -104,12 +104,8 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
 def _devices(args: argparse.Namespace, request: Requester, out: TextIO) -> int:
     answer = request(api.ListPciDevicesRequest(host=args.host, free_only=args.free),
                      args.timeout)
-    answer = expect(answer, api.PciDeviceList)
-    if args.json:
-        print_json(answer.devices, out)
-        return 0
-    _device_rows(answer.devices, out)
-    return 0
+    devices = expect(answer, api.PciDeviceList).devices
+    return show(args, devices, out, lambda: _device_rows(devices, out))
 
 
 def _device_rows(devices: Sequence[PciDeviceRow], out: TextIO) -> None:
@@ -138,12 +134,8 @@ def _device_change(args: argparse.Namespace, request: Requester, out: TextIO) ->
     message = api.SetPciDeviceEnabledRequest(
         host=args.host, address=PciAddress(args.address), enabled=args.enabled,
         reason="" if args.enabled else args.reason)
-    answer = expect(request(message, args.timeout), api.DeviceStateChanged)
-    if args.json:
-        print_json(answer.device, out)
-    else:
-        _device_rows((answer.device,), out)
-    return 0
+    device = expect(request(message, args.timeout), api.DeviceStateChanged).device
+    return show(args, device, out, lambda: _device_rows((device,), out))
 
 
 def _offering_rows(offerings: Sequence[Any], out: TextIO) -> None:
@@ -158,11 +150,7 @@ def _offerings(args: argparse.Namespace, request: Requester, out: TextIO) -> int
 
 def _show_offerings(args: argparse.Namespace, answer: Message, out: TextIO) -> int:
     offerings = expect(answer, api.OfferingList).offerings
-    if args.json:
-        print_json(offerings, out)
-    else:
-        _offering_rows(offerings, out)
-    return 0
+    return show(args, offerings, out, lambda: _offering_rows(offerings, out))
 
 
 def _offering_create(args: argparse.Namespace, request: Requester, out: TextIO) -> int:
@@ -193,24 +181,18 @@ def _vm_change(args: argparse.Namespace, request: Requester, out: TextIO) -> int
 
 def _vm_list(args: argparse.Namespace, request: Requester, out: TextIO) -> int:
     answer = request(api.ListVmsRequest(), args.timeout)
-    answer = expect(answer, api.VmList)
-    if args.json:
-        print_json(answer.vms, out)
-        return 0
-    render_table(("NAME", "UUID", "STATE", "OFFERING", "HOST", "PCI", "NUMA"),
-                 [(v.name, v.uuid, v.state, v.offering, v.host_name,
-                   ",".join(v.pci_devices), v.numa_node) for v in answer.vms], out)
-    return 0
+    vms = expect(answer, api.VmList).vms
+    return show(args, vms, out, lambda: render_table(
+        ("NAME", "UUID", "STATE", "OFFERING", "HOST", "PCI", "NUMA"),
+        [(v.name, v.uuid, v.state, v.offering, v.host_name, ",".join(v.pci_devices),
+          v.numa_node) for v in vms], out))
 
 
 def _explain(args: argparse.Namespace, request: Requester, out: TextIO) -> int:
     answer = request(api.ExplainPlacementRequest(offering=args.offering,
                                                  avoid=tuple(args.avoid)), args.timeout)
-    answer = expect(answer, api.PlacementExplanation)
-    if args.json:
-        print_json(answer, out)
-        return 0
-    render_table(("HOST", "GUID", "VERDICT", "REASON"),
-                 [(v.host_name, v.host_guid, "accepted" if v.accepted else "rejected",
-                   v.reason) for v in answer.verdicts], out)
-    return 0
+    explained = expect(answer, api.PlacementExplanation)
+    return show(args, explained, out, lambda: render_table(
+        ("HOST", "GUID", "VERDICT", "REASON"),
+        [(v.host_name, v.host_guid, "accepted" if v.accepted else "rejected", v.reason)
+         for v in explained.verdicts], out))

@@ -122,6 +122,16 @@ def print_json(value: Any, out: TextIO) -> None:
               + "\n")
 
 
+def show(args: argparse.Namespace, value: Any, out: TextIO,
+         text: Callable[[], object]) -> int:
+    """Prints an answer: ``value`` as JSON with ``--json``, else as ``text()`` writes it; 0."""
+    if args.json:
+        print_json(value, out)
+    else:
+        text()
+    return 0
+
+
 def render_table(headers: Sequence[str], rows: Sequence[Sequence[object]], out: TextIO) -> None:
     """Writes a left-aligned table with a header line; ``-`` stands for nothing."""
     cells = [[("-" if c is None or c == "" else str(c)) for c in row] for row in rows]

@@ -8,7 +8,7 @@ from typing import TextIO
 
 from hostdev.messages import api
 from hostdev.messages.values import TemplateRow
-from hostdev.mgmt.cli.plumbing import Requester, command, expect, print_json, render_table
+from hostdev.mgmt.cli.plumbing import Requester, command, expect, print_json, render_table, show
 
 
 def add_template_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
@@ -51,12 +51,9 @@ def _read(path: str) -> str:
 
 
 def _rows(args: argparse.Namespace, rows: tuple[TemplateRow, ...], out: TextIO) -> int:
-    if args.json:
-        print_json(rows, out)
-        return 0
-    render_table(("NAME", "VERSION", "CREATED", "OFFERINGS"),
-                 [(t.name, t.version, t.created_at, ",".join(t.offerings)) for t in rows], out)
-    return 0
+    return show(args, rows, out, lambda: render_table(
+        ("NAME", "VERSION", "CREATED", "OFFERINGS"),
+        [(t.name, t.version, t.created_at, ",".join(t.offerings)) for t in rows], out))
 
 
 def _create(args: argparse.Namespace, request: Requester, out: TextIO) -> int:
@@ -86,11 +83,7 @@ def _show(args: argparse.Namespace, request: Requester, out: TextIO) -> int:
 def _delete(args: argparse.Namespace, request: Requester, out: TextIO) -> int:
     answer = request(api.DeleteTemplateRequest(name=args.name), args.timeout)
     deleted = expect(answer, api.TemplateList).templates
-    if args.json:
-        print_json(deleted, out)
-    else:
-        out.write(f"deleted template {args.name}\n")
-    return 0
+    return show(args, deleted, out, lambda: out.write(f"deleted template {args.name}\n"))
 
 
 def _vm_show(args: argparse.Namespace, request: Requester, out: TextIO) -> int:

@@ -27,7 +27,8 @@ Each run gets a throw-away vhost and database (``scratch``).
   placement benchmark.
 
 Prints a table, then ``metric=NAME value=NUMBER unit=UNIT`` lines.
-Run: ``.venv/bin/python bench/scale.py [--agents 10000] [--cycles 2] [--no-deploys]``.
+Run: ``.venv/bin/python bench/scale.py [--agents 10000] [--cycles 2] [--no-deploys]``
+(``--cycles 0 --no-deploys``: the start-up figure alone).
 Uses both cores: run it on a quiet machine, and read the load average it prints.
 """
 
@@ -188,8 +189,12 @@ def measure_pings(generator: Generator, pid: int, queue: str, cycles: int) -> tu
     return 100.0 * used / elapsed, max(backlog)
 
 
-def bench_hostdev(agents: int, cycles: int, interval_s: float) -> tuple[float, float, int]:
-    """Returns (start-up seconds, ping CPU %, largest backlog) of one ``hostdev-mgmt run``."""
+def bench_hostdev(agents: int, cycles: int,
+                  interval_s: float) -> tuple[float, float | None, int | None]:
+    """Returns (start-up seconds, ping CPU %, largest backlog) of one ``hostdev-mgmt run``.
+
+    With ``cycles`` 0 the pings are not measured (None, None): start-ups only.
+    """
     with scratch.vhost("scale") as amqp_url, scratch.database("scale") as db_url, \
             tempfile.TemporaryDirectory(prefix="hostdev-bench-") as directory:
         mgmt = deploy.start_mgmt(db_url, amqp_url, Path(directory), 0)
@@ -201,6 +206,9 @@ def bench_hostdev(agents: int, cycles: int, interval_s: float) -> tuple[float, f
             _wait(lambda: count_hosts(db_url) >= agents, mgmt, 1800, f"{agents} hosts",
                   sleep=generator.connection.sleep)  # keeps its heartbeats going
             startup_s = time.monotonic() - started
+            if cycles == 0:
+                generator.close()
+                return startup_s, None, None
             cpu, backlog = measure_pings(generator, mgmt.pid, MGMT_QUEUE, cycles)
             generator.close()
             return startup_s, cpu, backlog
@@ -314,7 +322,8 @@ def main() -> None:
     """Runs the benchmarks and prints the table and metric lines."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--agents", type=int, default=10000)
-    parser.add_argument("--cycles", type=int, default=2, help="ping cycles measured")
+    parser.add_argument("--cycles", type=int, default=2,
+                        help="ping cycles measured (0: no pings, start-ups only)")
     parser.add_argument("--interval", type=float, default=PING_INTERVAL_S,
                         help="seconds between two pings of one agent (the metric names 30 s)")
     parser.add_argument("--vms", type=int, default=300, help="VMs of the deploy figure")
@@ -326,19 +335,22 @@ def main() -> None:
     n = args.agents
     load_before = os.getloadavg()[0]
     startup_s, cpu, backlog = bench_hostdev(n, args.cycles, args.interval)
-    raw = None if args.no_raw else bench_raw(n, args.cycles, args.interval)
+    raw = None if args.no_raw or cpu is None else bench_raw(n, args.cycles, args.interval)
     deploys = None if args.no_deploys else deploy.bench_deploys(
         min(args.vms, deploy.HOSTS * deploy.DEVICES_PER_HOST), 1)
     load_after = os.getloadavg()[0]
     rows: list[tuple[str, str, str, str]] = [
         (f"startup_s_{n}_hosts", f"{n} hosts registered (16 devices each)", f"{startup_s:.1f}",
          "s"),
-        (f"ping_cpu_pct_{n}_agents_{args.interval:g}s",
-         f"mgmt CPU, {n} agents pinging every {args.interval:g} s", f"{cpu:.1f}", "%"),
-        (f"ping_backlog_max_{n}_agents", "largest hostdev.mgmt backlog meanwhile",
-         f"{backlog}", "messages"),
     ]
-    if raw is not None:
+    if cpu is not None:
+        rows += [
+            (f"ping_cpu_pct_{n}_agents_{args.interval:g}s",
+             f"mgmt CPU, {n} agents pinging every {args.interval:g} s", f"{cpu:.1f}", "%"),
+            (f"ping_backlog_max_{n}_agents", "largest hostdev.mgmt backlog meanwhile",
+             f"{backlog}", "messages"),
+        ]
+    if raw is not None and cpu is not None:
         rows += [(f"ping_cpu_pct_{n}_agents_{args.interval:g}s_raw", "raw consumer CPU, same pings",
                   f"{raw:.1f}", "%"),
                  ("ping_cpu_ratio", "hostdev / raw CPU", f"{cpu / raw:.2f}", "x")]

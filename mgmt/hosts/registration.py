@@ -281,7 +281,13 @@ class HostRegistry:
 def announce_status(tx: TxContext, host: Host, status: HostStatus,
                     previous: HostStatus | None) -> None:
     """Queues ``HostStatusChanged`` for a host that changed status, and logs it."""
-    tx.outbox.add(f"host.{host.guid}.{status}",
-                  HostStatusChanged(host_guid=host.guid, status=status, previous=previous,
+    announce_status_of(tx, host.guid, status, previous)
+
+
+def announce_status_of(tx: TxContext, guid: str, status: HostStatus,
+                       previous: HostStatus | None) -> None:
+    """Queues ``HostStatusChanged`` for host ``guid``, which changed status, and logs it."""
+    tx.outbox.add(f"host.{guid}.{status}",
+                  HostStatusChanged(host_guid=guid, status=status, previous=previous,
                                     at=utcnow().isoformat() + "Z"))
-    log.info("host_status_changed", host=host.guid, status=status, previous=previous)
+    log.info("host_status_changed", host=guid, status=status, previous=previous)

@@ -44,6 +44,7 @@ from hostdev.messages.base import Message
 from hostdev.messages.bus.contract import Incoming
 from hostdev.messages.codec import domains_digest
 from hostdev.messages.commands import StartupAnswer, StartupRoutingCommand
+from hostdev.messages.runtime.logging import bound_message
 from hostdev.mgmt.config import MgmtConfig
 from hostdev.mgmt.devices import pci_inventory
 from hostdev.mgmt.devices.device_rows import DEVICES
@@ -96,7 +97,11 @@ class StartupBatch:
         if devices:
             tx.connection.execute(insert(DEVICES), devices)
         for host_id, (index, inventory) in zip(ids, new.items(), strict=True):
-            taken[index] = self._registered(tx, startups[index][0], host_id, inventory)
+            startup, incoming = startups[index]
+            # Its log lines name its message, as the pipeline binds them for one alone.
+            with bound_message(incoming.message_id, incoming.correlation_id,
+                               host=startup.guid, vm=None):
+                taken[index] = self._registered(tx, startup, host_id, inventory)
         return taken
 
     def _registered(self, tx: TxContext, startup: StartupRoutingCommand, host_id: int,

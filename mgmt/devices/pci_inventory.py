@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import cached_property
 from typing import Any, Final
 
 from sqlalchemy import Connection, insert, select, update
@@ -29,6 +30,7 @@ from hostdev.mgmt.devices.device_rows import (
 )
 from hostdev.mgmt.errors import InvalidRequest
 from hostdev.mgmt.persistence.database import RetryTransaction
+from hostdev.mgmt.persistence.literal_rows import insert_rows
 from hostdev.mgmt.persistence.models import utcnow
 
 #: What a device missing from its host's report becomes, by its state: a held
@@ -163,7 +165,7 @@ def index_reported(host: str,
     return by_address
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class FirstInventory:
     """A host's first inventory, ruled: each device's state and reason, and the host's flag.
 
@@ -194,14 +196,28 @@ class FirstInventory:
                  for index, (address, info) in enumerate((a, by_address[a]) for a in addresses)]
         return cls(by_address, addresses, rule_changes(facts).unavailable, has_rules(facts))
 
-    def rows(self, host_id: int, now: datetime) -> list[dict[str, Any]]:
-        """Returns the ``pci_devices`` rows of the inventory on host ``host_id``."""
+    @cached_property
+    def values(self) -> list[tuple[Any, ...]]:
+        """Returns each device's values, but its host and times, in the order of ``COLUMNS``."""
         kept = self.kept
-        return [{"host_id": host_id, "name": self.by_address[address].name,
-                 **address_columns(address), **fact_columns(self.by_address[address]),
-                 "state": UNAVAILABLE if index in kept else FREE, "reason": kept.get(index, ""),
-                 "created_at": now, "updated_at": now}
+        rows = [{"name": self.by_address[address].name, **address_columns(address),
+                 **fact_columns(self.by_address[address]),
+                 "state": UNAVAILABLE if index in kept else FREE, "reason": kept.get(index, "")}
                 for index, address in enumerate(self.addresses)]
+        return [tuple(row[name] for name in INVENTORY_COLUMNS) for row in rows]
+
+    def rows(self, host_id: int, now: datetime) -> list[tuple[Any, ...]]:
+        """Returns the ``pci_devices`` rows of the inventory on host ``host_id``, as ROW_COLUMNS."""
+        return [(host_id, *values, now, now) for values in self.values]
+
+
+#: The columns of a first inventory's device, but its host and times.
+INVENTORY_COLUMNS: Final = ("name", "domain", "bus", "slot", "function", "vendor_id",
+                            "product_id", "iommu_group", "vendor", "product", "class_code",
+                            "numa_node", "iommu_members", "physical_function",
+                            "virtual_functions", "driver", "withheld", "state", "reason")
+#: The columns of :meth:`FirstInventory.rows`.
+ROW_COLUMNS: Final = ("host_id", *INVENTORY_COLUMNS, "created_at", "updated_at")
 
 
 def _first_inventory(conn: Connection, host_id: int,
@@ -209,8 +225,7 @@ def _first_inventory(conn: Connection, host_id: int,
                      new_host: bool) -> InventoryChanges:
     """Inserts the inventory of a host without device rows, ruled, in one statement."""
     inventory = FirstInventory.of(by_address)
-    if inventory.addresses:
-        conn.execute(insert(DEVICES), inventory.rows(host_id, utcnow()))
+    insert_rows(conn, DEVICES, ROW_COLUMNS, inventory.rows(host_id, utcnow()))
     if inventory.rules or not new_host:  # a new host's flag is already false
         host_rules.record_flag(conn, host_id, inventory.rules)
     return InventoryChanges(added=inventory.addresses)

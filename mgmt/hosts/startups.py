@@ -45,14 +45,16 @@ from hostdev.messages.bus.contract import Incoming
 from hostdev.messages.codec import domains_digest
 from hostdev.messages.commands import StartupAnswer, StartupRoutingCommand
 from hostdev.messages.runtime.logging import bound_message
+from hostdev.messages.values import PciDeviceInfo
 from hostdev.mgmt.config import MgmtConfig
 from hostdev.mgmt.devices import pci_inventory
 from hostdev.mgmt.devices.device_rows import DEVICES
-from hostdev.mgmt.devices.pci_inventory import FirstInventory
+from hostdev.mgmt.devices.pci_inventory import ROW_COLUMNS, FirstInventory
 from hostdev.mgmt.errors import InvalidRequest
 from hostdev.mgmt.hosts.pings import reconciled_digest
 from hostdev.mgmt.hosts.registration import announce_status_of
 from hostdev.mgmt.jobs.payloads import migrating_hosts
+from hostdev.mgmt.persistence.literal_rows import insert_rows
 from hostdev.mgmt.persistence.models import HOST_UP, Host, utcnow
 from hostdev.mgmt.persistence.unit_of_work import TxContext
 
@@ -92,10 +94,9 @@ class StartupBatch:
         rows = [_host_row(startups[index][0], inventory, now, digest)
                 for index, inventory in new.items()]
         ids = list(tx.connection.execute(_INSERT_HOSTS, rows).scalars().all())
-        devices = [row for host_id, inventory in zip(ids, new.values(), strict=True)
-                   for row in inventory.rows(host_id, now)]
-        if devices:
-            tx.connection.execute(insert(DEVICES), devices)
+        insert_rows(tx.connection, DEVICES, ROW_COLUMNS,
+                    [row for host_id, inventory in zip(ids, new.values(), strict=True)
+                     for row in inventory.rows(host_id, now)])
         for host_id, (index, inventory) in zip(ids, new.items(), strict=True):
             startup, incoming = startups[index]
             # Its log lines name its message, as the pipeline binds them for one alone.
@@ -125,15 +126,21 @@ def _candidates(startups: Sequence[tuple[StartupRoutingCommand, Incoming]],
     """
     times = Counter(startup.guid for startup, _ in startups)
     candidates: dict[int, FirstInventory] = {}
+    # A fleet's hosts report the same inventory: each distinct one is ruled once.
+    ruled: dict[tuple[PciDeviceInfo, ...], FirstInventory | None] = {}
     for index, (startup, _) in enumerate(startups):
         if times[startup.guid] != 1 or startup.domains:
             continue
-        try:
-            by_address = pci_inventory.index_reported(f"host {startup.guid}",
-                                                      startup.pci_devices)
-        except InvalidRequest:
-            continue
-        candidates[index] = FirstInventory.of(by_address)
+        reported = tuple(startup.pci_devices)
+        if reported not in ruled:
+            try:
+                ruled[reported] = FirstInventory.of(
+                    pci_inventory.index_reported(f"host {startup.guid}", reported))
+            except InvalidRequest:
+                ruled[reported] = None
+        inventory = ruled[reported]
+        if inventory is not None:
+            candidates[index] = inventory
     return candidates
 
 

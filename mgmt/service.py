@@ -212,7 +212,8 @@ class ManagementService:
                     incoming: Incoming) -> StartupAnswer:
         """Registers the host, then settles migrations from its full domain list."""
         registration = self.registry.on_startup(tx, message)
-        self.pings.on_startup(tx, message, registration.answer.host_id, registration.applied)
+        self.pings.on_startup(tx, message, registration.answer.host_id, registration.applied,
+                              registration.placed)
         if registration.applied:  # a stale report settles nothing
             self.recovery.on_host_report(tx, message.guid, message.domains, complete=True,
                                          restarted=True)

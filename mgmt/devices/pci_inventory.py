@@ -16,6 +16,7 @@ from hostdev.mgmt.devices import host_rules
 from hostdev.mgmt.devices.availability import DeviceFacts, has_rules, rule_changes
 from hostdev.mgmt.devices.device_rows import (
     ALLOCATED,
+    CLEANING,
     DEVICES,
     FREE,
     QUARANTINED,
@@ -50,6 +51,8 @@ class InventoryChanges:
     removed: tuple[PciAddress, ...] = ()
     quarantined: tuple[PciAddress, ...] = ()
     restored: tuple[PciAddress, ...] = ()
+    #: The devices waiting for their reset, in order (a reconciliation changes none).
+    cleaning: tuple[PciAddress, ...] = ()
 
 
 @dataclass(slots=True)
@@ -143,6 +146,8 @@ def reconcile_inventory(
         added=tuple(changes.added), renamed=tuple(changes.renamed),
         removed=tuple(changes.removed), quarantined=tuple(changes.quarantined),
         restored=tuple(changes.restored),
+        cleaning=tuple(address for address, row in sorted(known.items())
+                       if row.state == CLEANING),
     )
 
 

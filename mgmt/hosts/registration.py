@@ -141,7 +141,7 @@ class HostRegistry:
                                                   command.pci_devices,
                                                   new_host=previous is None)
         # Resets asked before and never answered (agent down, answer lost): again.
-        cleaning.request_resets(tx, host)
+        cleaning.request_resets(tx, host, changes.cleaning)
         if previous != status:
             self._status_event(tx, host, status, previous)
         # The start-up snapshot races answers like a ping does (with several

@@ -27,7 +27,9 @@ Each run gets a throw-away vhost and database (``scratch``).
   placement benchmark.
 
 Prints a table, then ``metric=NAME value=NUMBER unit=UNIT`` lines.
-Run: ``.venv/bin/python bench/scale.py [--agents 10000] [--cycles 2] [--no-deploys]``.
+Run: ``.venv/bin/python bench/scale.py [--agents 10000] [--cycles 2] [--no-deploys]``
+(``--cycles 0 --no-deploys``: the start-up figure alone; ``--restart``: then
+every agent restarts at once, ``restart_s_<N>_hosts``).
 Uses both cores: run it on a quiet machine, and read the load average it prints.
 """
 
@@ -107,12 +109,17 @@ class Generator:
                                  app_id="bench-agent", delivery_mode=2))
 
     def startups(self) -> None:
-        """Every agent announces itself once."""
+        """Every agent announces itself once (again after ``restart``)."""
         for n in range(self.agents):
             self.seq += 1
             self.publish(n, StartupRoutingCommand(
                 guid=guid(n), name=f"scale{n:06d}", cpus=64, memory_mb=262144,
                 pci_devices=DEVICES, boot_id=self.boot_id, seq=self.seq))
+
+    def restart(self) -> None:
+        """Every agent restarts: a new boot id, its reports numbered from 1 again."""
+        self.boot_id = uuid.uuid4().hex
+        self.seq = 0
 
     def pings(self, seconds: float, sample: Callable[[], None]) -> None:
         """Pings, each agent every ``interval_s``, for ``seconds``; ``sample()`` each second."""
@@ -146,10 +153,13 @@ class Generator:
         self.connection.close()
 
 
-def count_hosts(db_url: str) -> int:
-    """Returns the rows of ``hosts``."""
+def count_hosts(db_url: str, boot_id: str | None = None) -> int:
+    """Returns the rows of ``hosts`` (whose last report is of ``boot_id``, if given)."""
     with _connect(db_url) as conn, conn.cursor() as cursor:
-        cursor.execute("SELECT COUNT(*) FROM hosts")
+        if boot_id is None:
+            cursor.execute("SELECT COUNT(*) FROM hosts")
+        else:
+            cursor.execute("SELECT COUNT(*) FROM hosts WHERE report_boot_id = %s", (boot_id,))
         return int(cursor.fetchone()[0])
 
 
@@ -188,8 +198,14 @@ def measure_pings(generator: Generator, pid: int, queue: str, cycles: int) -> tu
     return 100.0 * used / elapsed, max(backlog)
 
 
-def bench_hostdev(agents: int, cycles: int, interval_s: float) -> tuple[float, float, int]:
-    """Returns (start-up seconds, ping CPU %, largest backlog) of one ``hostdev-mgmt run``."""
+def bench_hostdev(agents: int, cycles: int, interval_s: float,
+                  restart: bool = False) -> tuple[float, float | None, int | None, float | None]:
+    """Returns (start-up s, ping CPU %, largest backlog, restart s) of one ``hostdev-mgmt run``.
+
+    With ``cycles`` 0 the pings are not measured (None, None): start-ups only.
+    With ``restart``, every agent then restarts and announces itself again
+    (known hosts, registered by the full path): seconds until all are.
+    """
     with scratch.vhost("scale") as amqp_url, scratch.database("scale") as db_url, \
             tempfile.TemporaryDirectory(prefix="hostdev-bench-") as directory:
         mgmt = deploy.start_mgmt(db_url, amqp_url, Path(directory), 0)
@@ -201,9 +217,20 @@ def bench_hostdev(agents: int, cycles: int, interval_s: float) -> tuple[float, f
             _wait(lambda: count_hosts(db_url) >= agents, mgmt, 1800, f"{agents} hosts",
                   sleep=generator.connection.sleep)  # keeps its heartbeats going
             startup_s = time.monotonic() - started
+            restart_s = None
+            if restart:
+                generator.restart()
+                started = time.monotonic()
+                generator.startups()
+                _wait(lambda: count_hosts(db_url, generator.boot_id) >= agents, mgmt, 1800,
+                      f"{agents} hosts registered again", sleep=generator.connection.sleep)
+                restart_s = time.monotonic() - started
+            if cycles == 0:
+                generator.close()
+                return startup_s, None, None, restart_s
             cpu, backlog = measure_pings(generator, mgmt.pid, MGMT_QUEUE, cycles)
             generator.close()
-            return startup_s, cpu, backlog
+            return startup_s, cpu, backlog, restart_s
         finally:
             mgmt.terminate()
             mgmt.wait(30)
@@ -314,31 +341,41 @@ def main() -> None:
     """Runs the benchmarks and prints the table and metric lines."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--agents", type=int, default=10000)
-    parser.add_argument("--cycles", type=int, default=2, help="ping cycles measured")
+    parser.add_argument("--cycles", type=int, default=2,
+                        help="ping cycles measured (0: no pings, start-ups only)")
     parser.add_argument("--interval", type=float, default=PING_INTERVAL_S,
                         help="seconds between two pings of one agent (the metric names 30 s)")
     parser.add_argument("--vms", type=int, default=300, help="VMs of the deploy figure")
     parser.add_argument("--no-deploys", action="store_true", help="skip the deploy figure")
     parser.add_argument("--no-raw", action="store_true", help="skip the raw baseline")
+    parser.add_argument("--restart", action="store_true",
+                        help="then restart every agent at once (known hosts registering again)")
     args = parser.parse_args()
     configure_logging("warning")
     logging.getLogger("pika").setLevel(logging.CRITICAL)  # the polls for hostdev.mgmt
     n = args.agents
     load_before = os.getloadavg()[0]
-    startup_s, cpu, backlog = bench_hostdev(n, args.cycles, args.interval)
-    raw = None if args.no_raw else bench_raw(n, args.cycles, args.interval)
+    startup_s, cpu, backlog, restart_s = bench_hostdev(n, args.cycles, args.interval,
+                                                       args.restart)
+    raw = None if args.no_raw or cpu is None else bench_raw(n, args.cycles, args.interval)
     deploys = None if args.no_deploys else deploy.bench_deploys(
         min(args.vms, deploy.HOSTS * deploy.DEVICES_PER_HOST), 1)
     load_after = os.getloadavg()[0]
     rows: list[tuple[str, str, str, str]] = [
         (f"startup_s_{n}_hosts", f"{n} hosts registered (16 devices each)", f"{startup_s:.1f}",
          "s"),
-        (f"ping_cpu_pct_{n}_agents_{args.interval:g}s",
-         f"mgmt CPU, {n} agents pinging every {args.interval:g} s", f"{cpu:.1f}", "%"),
-        (f"ping_backlog_max_{n}_agents", "largest hostdev.mgmt backlog meanwhile",
-         f"{backlog}", "messages"),
     ]
-    if raw is not None:
+    if restart_s is not None:
+        rows.append((f"restart_s_{n}_hosts", f"{n} known hosts registered again",
+                     f"{restart_s:.1f}", "s"))
+    if cpu is not None:
+        rows += [
+            (f"ping_cpu_pct_{n}_agents_{args.interval:g}s",
+             f"mgmt CPU, {n} agents pinging every {args.interval:g} s", f"{cpu:.1f}", "%"),
+            (f"ping_backlog_max_{n}_agents", "largest hostdev.mgmt backlog meanwhile",
+             f"{backlog}", "messages"),
+        ]
+    if raw is not None and cpu is not None:
         rows += [(f"ping_cpu_pct_{n}_agents_{args.interval:g}s_raw", "raw consumer CPU, same pings",
                   f"{raw:.1f}", "%"),
                  ("ping_cpu_ratio", "hostdev / raw CPU", f"{cpu / raw:.2f}", "x")]

@@ -27,8 +27,9 @@ Handler = Callable[[Any, Incoming], Message | None]
 #: The work of one message, in its transaction.
 Work = Callable[[TxContext, Any, Incoming], Message | None]
 #: The work of a run of messages in one transaction: says, per message, whether
-#: it took it (False: the message is handled alone, by its route, after the commit).
-BatchWork = Callable[[TxContext, Sequence[tuple[Any, Incoming]]], Sequence[bool]]
+#: it took it (False: the message is handled alone, by its route, after the commit),
+#: or gives its answer (taken; the answer goes out after the commit).
+BatchWork = Callable[[TxContext, Sequence[tuple[Any, Incoming]]], Sequence[bool | Message]]
 
 
 def always(_message: Any) -> bool:
@@ -95,7 +96,8 @@ class Pipeline:
         """Returns the bus's batch handler for ``kind``: one transaction for a run of messages.
 
         Each message's sender is checked alone (a refused one is dead-lettered
-        and costs no other); ``work`` takes the rest in one unit of work. What
+        and costs no other); ``work`` takes the rest in one unit of work (and
+        answers those it answers, after the commit). What
         it does not take, and every message of a run whose transaction
         failed, goes through ``route`` alone, exactly as without batching.
         Only for routes that record nothing (``never``): a batch keeps no ids.
@@ -125,7 +127,9 @@ class Pipeline:
                             hint="its messages are handled one by one")
                 taken = [False] * len(run)
             for index, done in zip(checked, taken, strict=True):
-                if not done:
+                if isinstance(done, Message):
+                    results[index] = done
+                elif not done:
                     results[index] = _result_of(one, *items[index])
             return results
         return handle

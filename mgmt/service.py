@@ -49,6 +49,7 @@ from hostdev.mgmt.devices import cleaning
 from hostdev.mgmt.errors import InvalidRequest, MgmtError
 from hostdev.mgmt.hosts.pings import PING_LINGER_S, PingManager
 from hostdev.mgmt.hosts.registration import HostRegistry, check_sender, guid_of
+from hostdev.mgmt.hosts.startups import STARTUP_LINGER_S, StartupBatch
 from hostdev.mgmt.jobs import engine
 from hostdev.mgmt.jobs.engine import Expiry, job_of_request
 from hostdev.mgmt.jobs.jobs import JobManager, find_host
@@ -91,6 +92,7 @@ class ManagementService:
         self.migrations = MigrationManager(config, self.lifecycle)
         self.recovery = MigrationRecovery(self.migrations)
         self.pings = PingManager(self.registry, self.recovery)
+        self.startups = StartupBatch(config)
         self.maintenance = MaintenanceManager(self.jobs, self.migrations)
         self.api = ApiHandlers(config, self.jobs, self.migrations, self.maintenance)
         self.expiry = Expiry({
@@ -191,12 +193,16 @@ class ManagementService:
         return handlers
 
     def agent_batches(self) -> dict[type[Message], Batching]:
-        """Returns the message types of ``hostdev.mgmt`` handled in batches: pings."""
-        handler = self.agent_pipeline.batch_handler(
+        """Returns the message types of ``hostdev.mgmt`` handled in batches: pings, start-ups."""
+        pings = self.agent_pipeline.batch_handler(
             PingRoutingCommand, Route(self.pings.on_ping), self.pings.on_pings)
+        startups = self.agent_pipeline.batch_handler(
+            StartupRoutingCommand, Route(self._on_startup), self.startups.on_startups)
         # A run is at most what the broker lets through unacked.
-        return {PingRoutingCommand: Batching(handler, max_size=self.bus.config.prefetch,
-                                             linger_s=PING_LINGER_S)}
+        prefetch = self.bus.config.prefetch
+        return {PingRoutingCommand: Batching(pings, max_size=prefetch, linger_s=PING_LINGER_S),
+                StartupRoutingCommand: Batching(startups, max_size=prefetch,
+                                                linger_s=STARTUP_LINGER_S)}
 
     def api_handlers(self) -> dict[type[Message], Handler]:
         """Returns the handlers of ``hostdev.api`` (requests from clients)."""
@@ -206,7 +212,8 @@ class ManagementService:
                     incoming: Incoming) -> StartupAnswer:
         """Registers the host, then settles migrations from its full domain list."""
         registration = self.registry.on_startup(tx, message)
-        self.pings.on_startup(tx, message, registration.answer.host_id, registration.applied)
+        self.pings.on_startup(tx, message, registration.answer.host_id, registration.applied,
+                              registration.placed)
         if registration.applied:  # a stale report settles nothing
             self.recovery.on_host_report(tx, message.guid, message.domains, complete=True,
                                          restarted=True)

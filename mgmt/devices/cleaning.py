@@ -16,7 +16,7 @@ for the addresses that command listed and that are still cleaning there.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import cast
 
@@ -102,14 +102,18 @@ def cleaning_addresses(conn: Connection, host_id: int) -> tuple[PciAddress, ...]
     return tuple(address_of(row) for row in conn.execute(query))
 
 
-def request_resets(tx: TxContext, host: Host) -> tuple[PciAddress, ...]:
+def request_resets(tx: TxContext, host: Host,
+                   cleaning: Sequence[PciAddress] | None = None) -> tuple[PciAddress, ...]:
     """Asks a host's agent to reset every device of it that is cleaning; returns them.
 
+    ``cleaning``: those devices, in order, when the caller holds them locked
+    (a start-up's reconciliation); else they are read.
     A host that no longer resets devices (its agent stopped announcing
     ``pci_reset_on_release``) will never answer: its cleaning devices are
     freed at once instead.
     """
-    addresses = cleaning_addresses(tx.connection, host.id)
+    addresses = tuple(cleaning) if cleaning is not None \
+        else cleaning_addresses(tx.connection, host.id)
     if not addresses:
         return ()
     if not host.reset_on_release:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
+from functools import cached_property
 from typing import Any, Final
 
 from sqlalchemy import Connection, insert, select, update
@@ -14,6 +16,7 @@ from hostdev.mgmt.devices import host_rules
 from hostdev.mgmt.devices.availability import DeviceFacts, has_rules, rule_changes
 from hostdev.mgmt.devices.device_rows import (
     ALLOCATED,
+    CLEANING,
     DEVICES,
     FREE,
     QUARANTINED,
@@ -28,6 +31,7 @@ from hostdev.mgmt.devices.device_rows import (
 )
 from hostdev.mgmt.errors import InvalidRequest
 from hostdev.mgmt.persistence.database import RetryTransaction
+from hostdev.mgmt.persistence.literal_rows import insert_rows
 from hostdev.mgmt.persistence.models import utcnow
 
 #: What a device missing from its host's report becomes, by its state: a held
@@ -47,6 +51,8 @@ class InventoryChanges:
     removed: tuple[PciAddress, ...] = ()
     quarantined: tuple[PciAddress, ...] = ()
     restored: tuple[PciAddress, ...] = ()
+    #: The devices waiting for their reset, in order (a reconciliation changes none).
+    cleaning: tuple[PciAddress, ...] = ()
 
 
 @dataclass(slots=True)
@@ -87,15 +93,7 @@ def reconcile_inventory(
     Raises:
         InvalidRequest: the report lists one address twice.
     """
-    by_address: dict[PciAddress, PciDeviceInfo] = {}
-    for info in reported:
-        address = PciAddress(info.address)
-        if address in by_address:
-            raise InvalidRequest(
-                f"host {host_id}: device {address} is reported twice (as "
-                f"{by_address[address].name!r} and {info.name!r}); fix pci.devices"
-            )
-        by_address[address] = info
+    by_address = index_reported(f"host {host_id}", reported)
     if new_host:
         return _first_inventory(conn, host_id, by_address, new_host=True)
     host_rules.serialize_always(conn, host_id)  # the host row first, then its devices
@@ -148,34 +146,94 @@ def reconcile_inventory(
         added=tuple(changes.added), renamed=tuple(changes.renamed),
         removed=tuple(changes.removed), quarantined=tuple(changes.quarantined),
         restored=tuple(changes.restored),
+        cleaning=tuple(address for address, row in sorted(known.items())
+                       if row.state == CLEANING),
     )
+
+
+def index_reported(host: str,
+                   reported: Sequence[PciDeviceInfo]) -> dict[PciAddress, PciDeviceInfo]:
+    """Returns a reported inventory by address.
+
+    Raises:
+        InvalidRequest: the report lists one address twice (``host`` names it).
+    """
+    by_address: dict[PciAddress, PciDeviceInfo] = {}
+    for info in reported:
+        address = PciAddress(info.address)
+        if address in by_address:
+            raise InvalidRequest(
+                f"{host}: device {address} is reported twice (as "
+                f"{by_address[address].name!r} and {info.name!r}); fix pci.devices"
+            )
+        by_address[address] = info
+    return by_address
+
+
+@dataclass(frozen=True)
+class FirstInventory:
+    """A host's first inventory, ruled: each device's state and reason, and the host's flag.
+
+    Attributes:
+        by_address: the reported devices (``index_reported``).
+        addresses: their addresses, sorted.
+        kept: the position (in ``addresses``) of each device the rules keep
+            unavailable, with the reason.
+        rules: what ``hosts.device_rules`` says for the host (``has_rules``).
+    """
+
+    by_address: dict[PciAddress, PciDeviceInfo]
+    addresses: tuple[PciAddress, ...]
+    kept: dict[int, str]
+    rules: bool
+
+    @classmethod
+    def of(cls, by_address: dict[PciAddress, PciDeviceInfo]) -> FirstInventory:
+        """Rules a reported inventory (``index_reported``) as the first of its host."""
+        addresses = tuple(sorted(by_address))
+        # The rules read facts by row id; before the INSERT, a row's position stands in.
+        facts = [DeviceFacts(id=index, address=address, name=info.name, state=FREE,
+                             iommu_group=info.iommu_group,
+                             physical_function=(PciAddress(info.physical_function)
+                                                if info.physical_function is not None
+                                                else None),
+                             withheld=info.withheld, numa_node=info.numa_node)
+                 for index, (address, info) in enumerate((a, by_address[a]) for a in addresses)]
+        return cls(by_address, addresses, rule_changes(facts).unavailable, has_rules(facts))
+
+    @cached_property
+    def values(self) -> list[tuple[Any, ...]]:
+        """Returns each device's values, but its host and times, in the order of ``COLUMNS``."""
+        kept = self.kept
+        rows = [{"name": self.by_address[address].name, **address_columns(address),
+                 **fact_columns(self.by_address[address]),
+                 "state": UNAVAILABLE if index in kept else FREE, "reason": kept.get(index, "")}
+                for index, address in enumerate(self.addresses)]
+        return [tuple(row[name] for name in INVENTORY_COLUMNS) for row in rows]
+
+    def rows(self, host_id: int, now: datetime) -> list[tuple[Any, ...]]:
+        """Returns the ``pci_devices`` rows of the inventory on host ``host_id``, as ROW_COLUMNS."""
+        return [(host_id, *values, now, now) for values in self.values]
+
+
+#: The columns of a first inventory's device, but its host and times.
+INVENTORY_COLUMNS: Final = ("name", "domain", "bus", "slot", "function", "vendor_id",
+                            "product_id", "iommu_group", "vendor", "product", "class_code",
+                            "numa_node", "iommu_members", "physical_function",
+                            "virtual_functions", "driver", "withheld", "state", "reason")
+#: The columns of :meth:`FirstInventory.rows`.
+ROW_COLUMNS: Final = ("host_id", *INVENTORY_COLUMNS, "created_at", "updated_at")
 
 
 def _first_inventory(conn: Connection, host_id: int,
                      by_address: dict[PciAddress, PciDeviceInfo], *,
                      new_host: bool) -> InventoryChanges:
     """Inserts the inventory of a host without device rows, ruled, in one statement."""
-    addresses = sorted(by_address)
-    # The rules read facts by row id; before the INSERT, a row's position stands in.
-    facts = [DeviceFacts(id=index, address=address, name=info.name, state=FREE,
-                         iommu_group=info.iommu_group,
-                         physical_function=(PciAddress(info.physical_function)
-                                            if info.physical_function is not None else None),
-                         withheld=info.withheld, numa_node=info.numa_node)
-             for index, (address, info) in enumerate((a, by_address[a]) for a in addresses)]
-    kept = rule_changes(facts).unavailable
-    now = utcnow()
-    if addresses:
-        conn.execute(insert(DEVICES), [
-            {"host_id": host_id, "name": by_address[address].name, **address_columns(address),
-             **fact_columns(by_address[address]),
-             "state": UNAVAILABLE if index in kept else FREE, "reason": kept.get(index, ""),
-             "created_at": now, "updated_at": now}
-            for index, address in enumerate(addresses)])
-    flag = has_rules(facts)
-    if flag or not new_host:  # a new host's flag is already false
-        host_rules.record_flag(conn, host_id, flag)
-    return InventoryChanges(added=tuple(addresses))
+    inventory = FirstInventory.of(by_address)
+    insert_rows(conn, DEVICES, ROW_COLUMNS, inventory.rows(host_id, utcnow()))
+    if inventory.rules or not new_host:  # a new host's flag is already false
+        host_rules.record_flag(conn, host_id, inventory.rules)
+    return InventoryChanges(added=inventory.addresses)
 
 
 def _back(row: Any) -> dict[str, DeviceState]:

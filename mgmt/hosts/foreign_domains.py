@@ -35,16 +35,21 @@ KEPT = 100
 _ACTIVE = ("running", "paused")
 
 
-def placed_on(tx: TxContext, host: Host) -> set[str]:
-    """Returns the uuids of the VMs a report of ``host`` may change.
-
-    The VMs placed on it (or last placed on it, not destroyed) and the VMs of
-    running migrations from or to it.
-    """
-    placed = set(tx.session.scalars(select(VmInstance.uuid).where(
+def placed_here(tx: TxContext, host: Host) -> set[str]:
+    """Returns the uuids of the VMs placed on ``host`` (or last placed on it), not destroyed."""
+    return set(tx.session.scalars(select(VmInstance.uuid).where(
         VmInstance.state != VM_DESTROYED,
         or_(VmInstance.host_id == host.id,
             and_(VmInstance.host_id.is_(None), VmInstance.last_host_id == host.id)))))
+
+
+def placed_on(tx: TxContext, host: Host, here: set[str] | None = None) -> set[str]:
+    """Returns the uuids of the VMs a report of ``host`` may change.
+
+    The VMs placed on it (``here``, when the caller read them with
+    :func:`placed_here`) and the VMs of running migrations from or to it.
+    """
+    placed = set(here) if here is not None else placed_here(tx, host)
     vm_ids = [m.vm_id for m in migrations_of(tx.session, host.guid) if m.vm_id is not None]
     if vm_ids:
         placed.update(tx.session.scalars(select(VmInstance.uuid)

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import cast
 
@@ -161,13 +161,14 @@ class PingManager:
 
     @staticmethod
     def on_startup(tx: TxContext, startup: StartupRoutingCommand, host_id: int,
-                   applied: bool) -> None:
+                   applied: bool, placed: Collection[str] | None = None) -> None:
         """Remembers the domains a start-up reconciled (none if stale): the same ping is not.
 
         The digest is the one an agent sends (``codec.domains_digest``), of the
-        start-up's domains as decoded.
+        start-up's domains as decoded; ``placed``, the VMs placed on the host
+        as the start-up left them, when the caller knows them (else they are read).
         """
-        _remember(tx, host_id, domains_digest(startup.domains) if applied else "")
+        _remember(tx, host_id, domains_digest(startup.domains) if applied else "", placed)
 
     def on_pings(self, tx: TxContext,
                  pings: Sequence[tuple[PingRoutingCommand, Incoming]]) -> list[bool]:
@@ -203,10 +204,14 @@ class PingManager:
         return taken
 
 
-def _remember(tx: TxContext, host_id: int, digest: str) -> None:
-    placed = _placed(tx, [host_id])[host_id]
-    _REMEMBER.execute(tx.connection, {"id": host_id, "now": utcnow(),
-                                      "digest": reconciled_digest(digest, placed.uuids)})
+def _remember(tx: TxContext, host_id: int, digest: str,
+              placed: Collection[str] | None = None) -> None:
+    if not digest:
+        remembered = None  # what reconciled_digest says without reading the VMs
+    else:
+        uuids = list(placed) if placed is not None else _placed(tx, [host_id])[host_id].uuids
+        remembered = reconciled_digest(digest, uuids)
+    _REMEMBER.execute(tx.connection, {"id": host_id, "now": utcnow(), "digest": remembered})
 
 
 def _placed(tx: TxContext, host_ids: Sequence[int]) -> dict[int, _Placed]:

@@ -63,10 +63,15 @@ _AGENT_USER = re.compile(r"^agent-(?P<guid>.+)$")
 
 
 class Registration(NamedTuple):
-    """The answer to a start-up, and whether its report was applied (not stale)."""
+    """The answer to a start-up, and whether its report was applied (not stale).
+
+    ``placed``: the uuids of the VMs placed on the host once its report was
+    reconciled (``foreign_domains.placed_here``), None when not known.
+    """
 
     answer: StartupAnswer
     applied: bool
+    placed: frozenset[str] | None = None
 
 
 def check_sender(user_id: str | None, guid: str, routing_key: str = "") -> None:
@@ -136,7 +141,7 @@ class HostRegistry:
                                                   command.pci_devices,
                                                   new_host=previous is None)
         # Resets asked before and never answered (agent down, answer lost): again.
-        cleaning.request_resets(tx, host)
+        cleaning.request_resets(tx, host, changes.cleaning)
         if previous != status:
             self._status_event(tx, host, status, previous)
         # The start-up snapshot races answers like a ping does (with several
@@ -144,7 +149,8 @@ class HostRegistry:
         # StartAnswer it predates), so it is ordered the same way.
         stamp = Stamp.of(command)
         applied = report_order.admit(tx, host, stamp)
-        stopped = self._reconcile_power(tx, host, command.domains, stamp) if applied else 0
+        stopped, placed = self._reconcile_power(tx, host, command.domains, stamp) \
+            if applied else (0, None)
         log.info("host_registered", host=host.guid, name=host.name, host_id=host.id,
                  devices=len(command.pci_devices), added=len(changes.added),
                  renamed=len(changes.renamed), removed=len(changes.removed),
@@ -152,7 +158,7 @@ class HostRegistry:
         answer = StartupAnswer(host_id=host.id, ping_interval_s=self._config.ping_interval_s,
                                details=f"registered {host.name} with "
                                        f"{len(command.pci_devices)} PCI devices")
-        return Registration(answer, applied)
+        return Registration(answer, applied, placed)
 
     def on_ping(self, tx: TxContext, command: PingRoutingCommand) -> bool:
         """Keeps the host Up and reconciles its VMs' power states; False if it was stale."""
@@ -195,13 +201,19 @@ class HostRegistry:
         return True
 
     def _reconcile_power(self, tx: TxContext, host: Host, domains: Sequence[DomainInfo],
-                         stamp: Stamp) -> int:
-        placed = foreign_domains.placed_on(tx, host)
+                         stamp: Stamp) -> tuple[int, frozenset[str] | None]:
+        """Returns how many VMs were found stopped, and the VMs then placed on the host.
+
+        A VM found stopped stays placed there (last placed); one adopted may
+        not have been, so after an adoption the VMs placed are not known (None).
+        """
+        here = foreign_domains.placed_here(tx, host)
+        placed = foreign_domains.placed_on(tx, host, here)
         foreign_domains.record(tx, host, domains, placed)
         reported = {d.uuid: d for d in domains
                     if d.state in ("running", "paused") and d.uuid in placed}
         running = set(reported)
-        self._adopt_running(tx, host, reported, stamp)
+        adopted = self._adopt_running(tx, host, reported, stamp)
         stopped = 0
         vms = tx.session.scalars(select(VmInstance).where(VmInstance.host_id == host.id,
                                                           VmInstance.state == VM_RUNNING))
@@ -211,10 +223,10 @@ class HostRegistry:
             log.warning("vm_found_stopped", vm=vm.uuid, host=host.guid)
             self._lifecycle.transition(tx, vm, VmEvent.FOLLOW_AGENT_POWER_OFF)
             stopped += 1
-        return stopped
+        return stopped, (frozenset(here) if not adopted else None)
 
     def _adopt_running(self, tx: TxContext, host: Host, reported: dict[str, DomainInfo],
-                       stamp: Stamp) -> None:
+                       stamp: Stamp) -> int:
         """Follows a VM found running that management thought Stopped or in Error.
 
         Only a VM placed on this host (``reported`` holds no other): its
@@ -222,9 +234,11 @@ class HostRegistry:
         offer) and the VM becomes Running on this host. When one of them is
         held by another VM, nothing changes and the conflict is logged for the
         operator to settle (destroy the stray domain, or the other VM).
+        Returns how many VMs it adopted.
         """
         if not reported:
-            return
+            return 0
+        adopted = 0
         vms = tx.session.scalars(select(VmInstance).where(
             VmInstance.uuid.in_(list(reported)), VmInstance.state.in_((VM_STOPPED, VM_ERROR))))
         for vm in list(vms):
@@ -255,6 +269,8 @@ class HostRegistry:
                 tx.session.execute(update(VmInstance).where(VmInstance.id == vm.id)
                                    .values(numa_node=node)
                                    .execution_options(synchronize_session=False))
+            adopted += 1
+        return adopted
 
     def _status_event(self, tx: TxContext, host: Host, status: HostStatus,
                       previous: HostStatus | None) -> None:
@@ -287,7 +303,13 @@ class HostRegistry:
 def announce_status(tx: TxContext, host: Host, status: HostStatus,
                     previous: HostStatus | None) -> None:
     """Queues ``HostStatusChanged`` for a host that changed status, and logs it."""
-    tx.outbox.add(f"host.{host.guid}.{status}",
-                  HostStatusChanged(host_guid=host.guid, status=status, previous=previous,
+    announce_status_of(tx, host.guid, status, previous)
+
+
+def announce_status_of(tx: TxContext, guid: str, status: HostStatus,
+                       previous: HostStatus | None) -> None:
+    """Queues ``HostStatusChanged`` for host ``guid``, which changed status, and logs it."""
+    tx.outbox.add(f"host.{guid}.{status}",
+                  HostStatusChanged(host_guid=guid, status=status, previous=previous,
                                     at=utcnow().isoformat() + "Z"))
-    log.info("host_status_changed", host=host.guid, status=status, previous=previous)
+    log.info("host_status_changed", host=guid, status=status, previous=previous)

@@ -8,8 +8,9 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine
 
+from hostdev.messages.base import Message
 from hostdev.messages.bus.contract import Incoming
-from hostdev.messages.commands import PingRoutingCommand
+from hostdev.messages.commands import PingRoutingCommand, StartupAnswer
 from hostdev.mgmt.errors import Forbidden
 from hostdev.mgmt.persistence.unit_of_work import TxContext, UnitOfWork
 from hostdev.mgmt.pipeline import Pipeline, Route, always
@@ -73,3 +74,18 @@ def test_a_batch_refuses_a_route_that_records_ids(engine: Engine) -> None:
     with pytest.raises(ValueError, match="record=never"):
         pipeline.batch_handler(PingRoutingCommand, Route(lambda tx, m, i: None, always),
                                lambda tx, items: [])
+
+
+def test_a_batch_answer_is_sent_for_the_message_it_answers(engine: Engine) -> None:
+    """A batch work may answer what it takes: the answer is the message's result."""
+    answer = StartupAnswer(host_id=7, ping_interval_s=30)
+
+    def batch(tx: TxContext, items: Sequence[tuple[Any, Incoming]]) -> list[bool | Message]:
+        return [answer if message.guid == "ga" else False for message, _ in items]
+
+    alone: list[str] = []
+    pipeline = Pipeline(UnitOfWork(engine), lambda m, i: {}, _refuse_gx, _reraise)
+    handle = pipeline.batch_handler(
+        PingRoutingCommand, Route(lambda tx, m, i: alone.append(m.guid)), batch)
+    assert handle(_pings("ga", "gb")) == [answer, None]
+    assert alone == ["gb"]

@@ -66,4 +66,4 @@ def test_concurrent_claims_never_double_allocate(mariadb_url: str, engine: Engin
         if count.host_id in hosts:
             assert count.free + count.allocated == count.total == DEVICES_PER_NAME
             assert count.allocated == held[(count.host_id, count.name)]
-    assert elapsed < 60, f"{elapsed:.1f} s for 20,000 operations"
+    print(f"{sum(r.operations for r in reports)} operations in {elapsed:.1f} s")  # speed: bench/

@@ -137,9 +137,9 @@ class ManagementService:
         self.bus.stop()
 
     def close(self) -> None:
-        """Marks what was published, then closes the bus connection."""
+        """Marks what the broker confirmed (waiting briefly), then closes the bus connection."""
         try:
-            self.outbox.mark_published()
+            self.outbox.mark_all_published()
         except Exception as exc:  # the stale sweep of any daemon republishes them
             log.warning("outbox_mark_failed", error=str(exc))
         self.bus.close()

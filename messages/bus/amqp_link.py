@@ -151,7 +151,8 @@ class AmqpLink(AmqpConnection):
         """Publishes ``outgoing``, blocking only while the confirm window is full; reconnects."""
         self.send_item(Unconfirmed(outgoing.exchange, outgoing.routing_key, to_amqp(outgoing),
                                    outgoing.mandatory, outgoing.message_id,
-                                   republish=outgoing.republish))
+                                   republish=outgoing.republish,
+                                   on_confirmed=outgoing.on_confirmed))
 
     def wait_confirms(self, timeout: float) -> None:
         """Returns once every publish so far is confirmed (reconnecting if needed).

@@ -11,6 +11,7 @@ ack. Pure bookkeeping, no I/O.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +30,9 @@ class Unconfirmed:
     #: answered again, and resending to a reply_to the broker rejects would only
     #: kill the new connection too.
     republish: bool = True
+    #: Called once the broker confirmed it (after any republish); never for
+    #: one refused for good or not republished. Must neither block nor raise.
+    on_confirmed: Callable[[], None] | None = None
 
 
 class ConfirmWindow:
@@ -49,16 +53,20 @@ class ConfirmWindow:
         return self.seq
 
     def acked(self, tag: int, multiple: bool) -> None:
-        """Forgets publishes the broker confirmed."""
+        """Forgets publishes the broker confirmed, calling their ``on_confirmed``."""
         if not multiple:
-            self.pending.pop(tag, None)
+            item = self.pending.pop(tag, None)
+            if item is not None and item.on_confirmed is not None:
+                item.on_confirmed()
             return
         pending = self.pending
         while pending:
             first = next(iter(pending))
             if first > tag:
                 break
-            del pending[first]
+            item = pending.pop(first)
+            if item.on_confirmed is not None:
+                item.on_confirmed()
 
     def nacked(self, tag: int, multiple: bool) -> list[Unconfirmed]:
         """Removes and returns publishes the broker refused (to republish them)."""

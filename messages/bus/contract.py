@@ -262,7 +262,8 @@ class BusLike(Protocol):
     def publish(self, routing_key: str, message: Message, *, exchange: str = COMMANDS_EXCHANGE,
                 correlation_id: str | None = None, message_id: str | None = None,
                 reply_to: str | None = None, expiration_s: float | None = None,
-                headers: dict[str, Any] | None = None) -> str: ...
+                headers: dict[str, Any] | None = None,
+                on_confirmed: Callable[[], None] | None = None) -> str: ...
     def send_to_agent(self, guid: str, message: Message, *, correlation_id: str | None = None,
                       message_id: str | None = None) -> str: ...
     def send_to_mgmt(self, guid: str, message: Message, *, correlation_id: str | None = None,
@@ -305,7 +306,8 @@ class BusShortcuts:
     def publish(self, routing_key: str, message: Message, *, exchange: str = COMMANDS_EXCHANGE,
                 correlation_id: str | None = None, message_id: str | None = None,
                 reply_to: str | None = None, expiration_s: float | None = None,
-                headers: dict[str, Any] | None = None) -> str:
+                headers: dict[str, Any] | None = None,
+                on_confirmed: Callable[[], None] | None = None) -> str:
         raise NotImplementedError
 
     def send_to_agent(self, guid: str, message: Message, *, correlation_id: str | None = None,

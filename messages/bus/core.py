@@ -97,11 +97,16 @@ class LinkBus(BusShortcuts):
     def publish(self, routing_key: str, message: Message, *, exchange: str = COMMANDS_EXCHANGE,
                 correlation_id: str | None = None, message_id: str | None = None,
                 reply_to: str | None = None, expiration_s: float | None = None,
-                headers: dict[str, Any] | None = None) -> str:
+                headers: dict[str, Any] | None = None,
+                on_confirmed: Callable[[], None] | None = None) -> str:
         """Publishes a persistent message; blocks only while ``confirm_window`` confirms are out.
 
         Commands are published ``mandatory``: one no queue takes is dead-lettered
         with the reason instead of vanishing. Returns the ``message_id``.
+        ``on_confirmed`` is called on the loop thread once the broker confirmed
+        the message (after republishing it if the broker refused it or the
+        connection was lost), never if the bus gave it up (see
+        ``wait_for_confirms``); it must neither block nor raise.
         """
         self._owner_only("publish")
         if exchange not in KNOWN_EXCHANGES:
@@ -110,7 +115,8 @@ class LinkBus(BusShortcuts):
         outgoing = new_outgoing(
             message, exchange=exchange, routing_key=routing_key, app_id=self.config.app_id,
             user_id=self._link.user_id, message_id=message_id, correlation_id=correlation_id,
-            reply_to=reply_to, expiration_s=expiration_s, headers=headers)
+            reply_to=reply_to, expiration_s=expiration_s, headers=headers,
+            on_confirmed=on_confirmed)
         self._link.send(outgoing)
         return outgoing.message_id
 

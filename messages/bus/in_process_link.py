@@ -104,7 +104,8 @@ class InProcessLink:
     # -- publishing -------------------------------------------------------------------
 
     def send(self, outgoing: Outgoing) -> None:
-        """Routes ``outgoing`` now; an unroutable command is dead-lettered."""
+        """Routes ``outgoing`` now (so it is confirmed at once); an unroutable command is
+        dead-lettered."""
         self._require_connected("publish")
         props = dict(outgoing.properties)
         props["headers"] = dict(outgoing.headers)
@@ -112,6 +113,8 @@ class InProcessLink:
                    else self.broker.clock() + outgoing.expiration_s)
         self.broker.route(Envelope(outgoing.exchange, outgoing.routing_key, outgoing.body, props,
                                    expires_at=expires), mandatory=outgoing.mandatory)
+        if outgoing.on_confirmed is not None:
+            outgoing.on_confirmed()
 
     def wait_confirms(self, timeout: float) -> None:
         """Returns at once: the broker takes every publish synchronously."""

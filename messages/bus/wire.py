@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -34,6 +34,8 @@ class Outgoing:
             values are left out.
         headers: the AMQP headers.
         expiration_s: seconds after which an unconsumed copy expires, or None.
+        on_confirmed: called (on the thread that owns the link) once the broker
+            confirmed this publish, or None.
     """
 
     exchange: str
@@ -42,6 +44,7 @@ class Outgoing:
     properties: dict[str, Any]
     headers: dict[str, Any]
     expiration_s: float | None = None
+    on_confirmed: Callable[[], None] | None = None
 
     @property
     def message_id(self) -> str:
@@ -67,7 +70,8 @@ def new_outgoing(message: Message, *, exchange: str, routing_key: str, app_id: s
                  user_id: str, message_id: str | None = None,
                  correlation_id: str | None = None, reply_to: str | None = None,
                  expiration_s: float | None = None,
-                 headers: Mapping[str, Any] | None = None) -> Outgoing:
+                 headers: Mapping[str, Any] | None = None,
+                 on_confirmed: Callable[[], None] | None = None) -> Outgoing:
     """Encodes ``message`` with the properties every hostdev publish carries."""
     props: dict[str, Any] = {
         "content_type": CONTENT_TYPE,
@@ -83,7 +87,7 @@ def new_outgoing(message: Message, *, exchange: str, routing_key: str, app_id: s
     if reply_to:
         props["reply_to"] = reply_to
     return Outgoing(exchange, routing_key, encode(message), props, dict(headers or {}),
-                    expiration_s)
+                    expiration_s, on_confirmed)
 
 
 class Delivery(NamedTuple):

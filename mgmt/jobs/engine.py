@@ -18,8 +18,9 @@ from collections.abc import Callable, Mapping
 from datetime import datetime
 
 import structlog
-from sqlalchemy import select, update
+from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session
+from sqlalchemy.orm.attributes import set_committed_value
 
 from hostdev.messages.base import Message
 from hostdev.messages.commands import (
@@ -34,7 +35,14 @@ from hostdev.messages.values import JobState
 from hostdev.mgmt import metrics
 from hostdev.mgmt.errors import ForgedAnswer
 from hostdev.mgmt.jobs import payloads
-from hostdev.mgmt.persistence.models import JOB_RUNNING, Job, OutboxEvent, VmInstance, utcnow
+from hostdev.mgmt.persistence.models import (
+    JOB_RUNNING,
+    Host,
+    Job,
+    OutboxEvent,
+    VmInstance,
+    utcnow,
+)
 from hostdev.mgmt.persistence.unit_of_work import TxContext
 
 log = structlog.get_logger()
@@ -102,12 +110,16 @@ def job_for_answer(tx: TxContext, answer: VmAnswer, correlation_id: str | None,
     # The job waiting for this command knows its host: no outbox read on the
     # usual path. Only an answer no job waits for (late, or forged) is looked
     # up among the commands management sent.
-    job = tx.session.scalar(select(Job).where(Job.command_id == correlation_id)
-                            .with_for_update())
+    # One round trip: the job (locked), its VM (locked: the answer writes it
+    # anyway) and the guid of the VM's host (a subquery: not locked).
+    found = tx.session.execute(_JOB_OF_COMMAND, {"command_id": correlation_id}).first()
+    job, vm = (found[0], found[1]) if found is not None else (None, None)
     if job is not None and job.command_host is not None:
         target: str | None = job.command_host
+        if vm is not None and vm.host_id is not None and found is not None and found[2]:
+            tx.host_guids[vm.host_id] = found[2]
     else:
-        job = None
+        job = vm = None
         target = _command_host(tx.session.scalar(
             select(OutboxEvent.routing_key).where(OutboxEvent.message_id == correlation_id)))
     if target is None:
@@ -118,7 +130,6 @@ def job_for_answer(tx: TxContext, answer: VmAnswer, correlation_id: str | None,
         raise ForgedAnswer(
             f"an answer from {claimed} correlates to command {correlation_id}, which went to "
             f"host {target}: only that host may answer it; nothing changed")
-    vm = tx.session.get(VmInstance, job.vm_id) if job is not None and job.vm_id else None
     if job is not None and (vm is None or vm.uuid != vm_uuid):
         raise ForgedAnswer(
             f"an answer from {claimed} correlates to command {correlation_id} of job {job.id}, "
@@ -129,11 +140,22 @@ def job_for_answer(tx: TxContext, answer: VmAnswer, correlation_id: str | None,
         return None, None
     assert vm is not None  # a job found above names this VM
     if answer.boot_id:
-        # Its own UPDATE, outside the VM's conditional transitions (update_count).
-        tx.session.execute(update(VmInstance).where(VmInstance.id == vm.id)
-                           .values(answer_boot_id=answer.boot_id, answer_seq=answer.seq)
-                           .execution_options(synchronize_session=False))
+        # Written with the transition the answer causes (or alone before the
+        # commit), outside the conditions on (state, update_count).
+        tx.vm_values.setdefault(vm.id, {}).update(answer_boot_id=answer.boot_id,
+                                                  answer_seq=answer.seq)
+        set_committed_value(vm, "answer_boot_id", answer.boot_id)
+        set_committed_value(vm, "answer_seq", answer.seq)
     return job, vm
+
+
+#: The job awaiting a command, its VM and the guid of the VM's host, job and VM locked.
+_JOB_OF_COMMAND = (
+    select(Job, VmInstance,
+           select(Host.guid).where(Host.id == VmInstance.host_id).scalar_subquery())
+    .outerjoin(VmInstance, VmInstance.id == Job.vm_id)
+    .where(Job.command_id == bindparam("command_id"))
+    .with_for_update())
 
 
 def _command_host(routing_key: str | None) -> str | None:

@@ -126,10 +126,11 @@ def job_row(session: Session, job: Job) -> JobRow:
 
 _OFFERING = ServiceOffering.__table__.c
 _REQUEST = ServiceOfferingPciRequest.__table__.c
-#: One round trip for a deploy: the offering, its PCI requests and a live VM of the name.
+#: One round trip for a deploy: the offering, its PCI requests and template, and a live
+#: VM of the name.
 _FOR_DEPLOY = PreparedStatement(
     select(_OFFERING.id, _OFFERING.cpus, _OFFERING.memory_mb, _REQUEST.name, _REQUEST.count,
-           _OFFERING.numa_policy,
+           _OFFERING.numa_policy, _OFFERING.template_name,
            select(VmInstance.uuid)
            .where(VmInstance.name == bindparam("vm_name"), VmInstance.state != VM_DESTROYED)
            .limit(1).scalar_subquery())
@@ -143,7 +144,8 @@ def _read_for_deploy(tx: TxContext, offering_name: str,
                      vm_name: str) -> tuple[int, int, int, str | None]:
     """Returns an offering's id, CPUs and memory and a live VM called ``vm_name``, if any.
 
-    Fills the transaction's cache of the offering's PCI requests on the way.
+    Fills the transaction's caches of the offering's PCI requests, NUMA
+    policy and template name on the way.
 
     Raises:
         NotFound: the offering does not exist; the text lists those that exist.
@@ -152,11 +154,12 @@ def _read_for_deploy(tx: TxContext, offering_name: str,
                                {"offering": offering_name, "vm_name": vm_name}).rows
     if not rows:
         find_offering(tx.session, offering_name)  # raises NotFound, listing the offerings
-    offering_id, cpus, memory_mb, _, _, numa_policy, taken = rows[0]
+    offering_id, cpus, memory_mb, _, _, numa_policy, template_name, taken = rows[0]
     requests = tuple(PciRequest(name=name, count=int(count))
-                     for _, _, _, name, count, _, _ in rows if name is not None)
+                     for _, _, _, name, count, _, _, _ in rows if name is not None)
     tx.offering_requests[offering_id] = requests
     tx.offering_numa[offering_id] = numa_policy
+    tx.offering_templates[offering_id] = template_name
     return offering_id, cpus, memory_mb, taken
 
 

@@ -5,8 +5,11 @@ when its cause committed; ``OutboxPublisher`` publishes rows after commit:
 the ones a handler just wrote (``publish_now``, straight from memory, no
 read back), and periodically anything a crashed daemon left behind
 (``publish_stale``). Rows published from memory are marked published in
-batches (``mark_published``, after the broker confirmed them), so a handler
-costs no second transaction. Delivery is at-least-once: each row gets a
+batches (``mark_published``), each once the broker confirmed it: the bus
+calls back when a confirm arrives, so nothing waits for confirms and a
+handler costs no second transaction. A publish the bus gives up (refused
+repeatedly) is never confirmed: its row stays unpublished and the stale
+sweep publishes it again. Delivery is at-least-once: each row gets a
 random message id when it is written (kept in the row), so a second
 publication of the same row carries the same id and receivers drop it, and
 nobody can guess the id of a command (an answer must name it).
@@ -18,8 +21,9 @@ for one agent); all others go to ``hostdev.events``.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import timedelta
+from functools import partial
 from typing import Final, Protocol, cast
 
 import structlog
@@ -42,8 +46,10 @@ class Publisher(Protocol):
     def publish(self, routing_key: str, message: Message, *, exchange: str = ...,
                 correlation_id: str | None = None, message_id: str | None = None,
                 reply_to: str | None = None, expiration_s: float | None = None,
-                headers: dict[str, object] | None = None) -> str:
-        """Publishes one message; returns its message id."""
+                headers: dict[str, object] | None = None,
+                on_confirmed: Callable[[], None] | None = None) -> str:
+        """Publishes one message; returns its message id; calls ``on_confirmed`` once the
+        broker confirmed it."""
         ...
 
     def wait_for_confirms(self, timeout: float = 30.0) -> None:
@@ -147,30 +153,54 @@ class OutboxPublisher:
         self._bus = bus
         self._stale_after = timedelta(seconds=stale_after_s)
         self._batch = batch
-        self._unmarked: list[int] = []
+        #: Rows published from memory whose publish the broker confirmed, to mark.
+        self._confirmed: list[int] = []
 
     def publish_now(self, rows: Sequence[Pending]) -> int:
-        """Publishes rows just committed by this process; marks them later in a batch."""
+        """Publishes rows just committed by this process; each is marked once confirmed.
+
+        Nothing waits for the broker: its confirm calls back on the bus's
+        loop thread, and ``mark_published`` marks the confirmed rows later.
+        """
         for row_id, message_id, routing_key, message in rows:
             self._bus.publish(routing_key, message, exchange=exchange_for(routing_key),
-                              message_id=message_id)
-            self._unmarked.append(row_id)
+                              message_id=message_id,
+                              on_confirmed=partial(self._on_confirmed, row_id))
         return len(rows)
 
+    def _on_confirmed(self, row_id: int) -> None:
+        self._confirmed.append(row_id)
+
     def mark_published(self) -> int:
-        """Marks the rows published from memory, once the broker confirmed them."""
-        if not self._unmarked:
+        """Marks the rows the broker confirmed since the last call, in one UPDATE; never waits.
+
+        A row whose publish is not confirmed yet waits for a later call; one the
+        bus gave up is never marked here (the stale sweep publishes it again).
+        """
+        if not self._confirmed:
             return 0
-        ids, self._unmarked = self._unmarked, []
+        ids, self._confirmed = self._confirmed, []
         try:
-            self._bus.wait_for_confirms()
             with session_scope(self._engine) as session:
                 session.execute(update(OutboxEvent).where(OutboxEvent.id.in_(ids))
                                 .values(published_at=utcnow()))
         except Exception:
-            self._unmarked[:0] = ids  # next time; the stale sweep may republish meanwhile
+            self._confirmed[:0] = ids  # next time; the stale sweep may republish meanwhile
             raise
         return len(ids)
+
+    def mark_all_published(self, timeout: float = 5.0) -> int:
+        """Waits up to ``timeout`` for every confirm, then marks the confirmed rows (at exit).
+
+        Raises:
+            BusError: not everything was confirmed in time (the confirmed rows
+                are marked all the same).
+        """
+        try:
+            self._bus.wait_for_confirms(timeout)
+        finally:
+            marked = self.mark_published()
+        return marked
 
     def publish_stale(self) -> int:
         """Publishes rows left unpublished longer than ``stale_after_s`` (crash recovery)."""

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import TypeVar, cast
 
 import structlog
-from sqlalchemy import Connection, Engine, Table, bindparam, insert
+from sqlalchemy import Connection, Engine, Table, bindparam, insert, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -29,7 +29,7 @@ from hostdev.messages.values import NumaPolicy, PciRequest
 from hostdev.mgmt.errors import Conflict
 from hostdev.mgmt.persistence import outbox
 from hostdev.mgmt.persistence.database import PreparedStatement, run_in_transaction
-from hostdev.mgmt.persistence.models import HandledMessage, utcnow
+from hostdev.mgmt.persistence.models import HandledMessage, VmInstance, utcnow
 from hostdev.mgmt.persistence.outbox import Outbox
 
 log = structlog.get_logger()
@@ -54,9 +54,14 @@ class TxContext:
         outbox: the events and commands this transaction writes.
         offering_requests: offering id -> its PCI requests, read once per transaction.
         offering_numa: offering id -> its NUMA policy, read with its PCI requests.
+        offering_templates: offering id -> the template it names (None: none),
+            when read with the offering.
         claimed: VM id -> addresses of the devices claimed in this transaction.
         host_guids: host id -> guid, read once per transaction.
         after_commit: callables run once the transaction committed.
+        vm_values: VM id -> columns to write with the VM's next transition in
+            this transaction (its UPDATE carries them), or else by ``flush``:
+            one statement fewer when a transition follows.
     """
 
     connection: Connection
@@ -64,9 +69,11 @@ class TxContext:
     outbox: Outbox = field(init=False)
     offering_requests: dict[int, tuple[PciRequest, ...]] = field(default_factory=dict)
     offering_numa: dict[int, NumaPolicy] = field(default_factory=dict)
+    offering_templates: dict[int, str | None] = field(default_factory=dict)
     claimed: dict[int, tuple[PciAddress, ...]] = field(default_factory=dict)
     host_guids: dict[int, str] = field(default_factory=dict)
     after_commit: list[Callable[[], None]] = field(default_factory=list)
+    vm_values: dict[int, dict[str, object]] = field(default_factory=dict)
     _session: Session | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -88,6 +95,10 @@ class TxContext:
         """Writes what the session and the outbox hold; the last step before the commit."""
         if self._session is not None:
             self._session.flush()
+        vms = cast(Table, VmInstance.__table__)
+        for vm_id, values in self.vm_values.items():
+            self.connection.execute(update(vms).where(vms.c.id == vm_id).values(values))
+        self.vm_values.clear()
         self.outbox.flush()
 
     def close(self) -> None:

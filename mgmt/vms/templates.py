@@ -110,8 +110,11 @@ def domain_for(tx: TxContext, vm: VmInstance, spec: VmSpec) -> str:
     The first start records the template's newest version and the console
     file on the VM; later starts render that same version.
     """
-    rows = _TEMPLATE_OF.execute(tx.connection, {"id": vm.offering_id}).rows
-    template_name = rows[0][0] if rows else None
+    if vm.offering_id in tx.offering_templates:  # read with the offering (a deploy)
+        template_name = tx.offering_templates[vm.offering_id]
+    else:
+        rows = _TEMPLATE_OF.execute(tx.connection, {"id": vm.offering_id}).rows
+        template_name = rows[0][0] if rows else None
     if template_name is None:
         return ""
     template = find_template(tx.session, template_name, vm.template_version)

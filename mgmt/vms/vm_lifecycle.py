@@ -128,6 +128,7 @@ class VmLifecycleManager:
         if new in ("Stopped", "Destroyed") and vm.host_id is not None:
             values["host_id"] = None
             values["last_host_id"] = vm.host_id
+        values.update(tx.vm_values.pop(vm.id, {}))  # columns waiting for this UPDATE
         params = {f"new_{key}": value for key, value in values.items()}
         params.update(vm_id=vm.id, old_state=old, old_count=vm.update_count)
         result = _vm_update(tuple(values)).execute(tx.connection, params)

@@ -75,11 +75,14 @@ class RecordingBus:
     def publish(self, routing_key: str, message: Message, *, exchange: str = "hostdev.commands",
                 correlation_id: str | None = None, message_id: str | None = None,
                 reply_to: str | None = None, expiration_s: float | None = None,
-                headers: dict[str, Any] | None = None) -> str:
-        """Records a message, encoded and decoded as the wire would."""
+                headers: dict[str, Any] | None = None,
+                on_confirmed: Callable[[], None] | None = None) -> str:
+        """Records a message, encoded and decoded as the wire would; confirmed at once."""
         message_id = message_id or str(uuid.uuid4())
         self.published.append(Published(exchange, routing_key, decode(encode(message)),
                                          message_id))
+        if on_confirmed is not None:
+            on_confirmed()
         return message_id
 
     def wait_for_confirms(self, timeout: float = 30.0) -> None:

@@ -67,3 +67,23 @@ def test_reset_returns_unconfirmed_in_order_and_drops_held_acks() -> None:
     items = window.reset()
     assert [i.message_id for i in items] == ["id-1", "id-2"]
     assert window.seq == 0 and window.ready() == []
+
+
+def test_on_confirmed_is_called_by_the_ack_of_its_own_publish_only() -> None:
+    """A publish's callback runs when it is acked (alone or in a multiple ack), never when
+    nacked; after a republish the new sequence number's ack calls it."""
+    window = ConfirmWindow()
+    confirmed: list[int] = []
+    items = [Unconfirmed("hostdev.events", f"vm.{n}", object(), False, f"id-{n}",
+                         on_confirmed=lambda n=n: confirmed.append(n)) for n in range(4)]
+    for item in items:
+        window.published(item)
+    window.acked(2, multiple=True)
+    assert confirmed == [0, 1]
+    (refused,) = window.nacked(3, multiple=False)
+    assert confirmed == [0, 1]
+    window.published(refused)  # republished as 5
+    window.acked(4, multiple=False)
+    assert confirmed == [0, 1, 3]
+    window.acked(5, multiple=True)
+    assert confirmed == [0, 1, 3, 2]

@@ -4,12 +4,21 @@ from __future__ import annotations
 
 import pytest
 from sqlalchemy import Engine, func, select
+from sqlalchemy.orm import Session
 
 from hostdev.messages.events import JobFinished
 from hostdev.mgmt.persistence.database import RetryTransaction
-from hostdev.mgmt.persistence.models import Host, OutboxEvent, utcnow
+from hostdev.mgmt.persistence.models import (
+    Host,
+    OutboxEvent,
+    ServiceOffering,
+    VmInstance,
+    utcnow,
+)
 from hostdev.mgmt.persistence.outbox import OutboxPublisher, message_id_of
 from hostdev.mgmt.persistence.unit_of_work import AlreadyHandled, TxContext, UnitOfWork
+from hostdev.mgmt.vms.vm_lifecycle import VmLifecycleManager
+from hostdev.mgmt.vms.vm_states import VmEvent
 from tests.support.mgmt_harness import RecordingBus
 
 
@@ -76,3 +85,49 @@ def test_a_message_is_handled_once(engine: Engine) -> None:
     with pytest.raises(AlreadyHandled):
         work.run(lambda tx: tx.outbox.add("job.1.Succeeded", _event()), message_id="m-1")
     assert _count(engine, OutboxEvent) == 1
+
+
+def _stopped_vm(engine: Engine, uuid: str) -> int:
+    with Session(engine) as session:
+        offering = ServiceOffering(name=f"o-{uuid}", cpus=1, memory_mb=1)
+        session.add(offering)
+        session.flush()
+        vm = VmInstance(uuid=uuid, name=uuid, offering_id=offering.id, state="Stopped",
+                        update_count=0, cpus=1, memory_mb=1)
+        session.add(vm)
+        session.commit()
+        return vm.id
+
+
+def _answer_stamp(engine: Engine, vm_id: int) -> tuple[str, str | None, int | None]:
+    with engine.connect() as conn:
+        row = conn.execute(select(VmInstance.state, VmInstance.answer_boot_id,
+                                  VmInstance.answer_seq).where(VmInstance.id == vm_id)).one()
+    return row[0], row[1], row[2]
+
+
+def test_vm_values_ride_on_the_vms_next_transition(engine: Engine) -> None:
+    """Columns queued in ``vm_values`` are written by the transition's UPDATE and dequeued."""
+    vm_id = _stopped_vm(engine, "vm-a")
+    lifecycle = VmLifecycleManager()
+
+    def answer(tx: TxContext) -> dict[int, dict[str, object]]:
+        tx.vm_values[vm_id] = {"answer_boot_id": "boot-1", "answer_seq": 7}
+        vm = tx.session.get(VmInstance, vm_id)
+        assert vm is not None
+        lifecycle.transition(tx, vm, VmEvent.START_REQUESTED)
+        return dict(tx.vm_values)
+
+    assert UnitOfWork(engine).run(answer) == {}  # nothing left for the flush
+    assert _answer_stamp(engine, vm_id) == ("Starting", "boot-1", 7)
+
+
+def test_vm_values_without_a_transition_are_written_before_the_commit(engine: Engine) -> None:
+    """An answer that moves no VM still records its columns, in the same transaction."""
+    vm_id = _stopped_vm(engine, "vm-b")
+
+    def answer(tx: TxContext) -> None:
+        tx.vm_values[vm_id] = {"answer_boot_id": "boot-2", "answer_seq": 3}
+
+    UnitOfWork(engine).run(answer)
+    assert _answer_stamp(engine, vm_id) == ("Stopped", "boot-2", 3)

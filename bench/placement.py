@@ -14,7 +14,7 @@ free ``NIC`` devices each (NUMA nodes 0 and 1), one Running VM of 2 CPUs and
 Each layout is timed over ``QUERIES`` calls of ``find_hosts`` (each in its
 own transaction, after a warm-up), alternating plain, NUMA ``required`` and
 two-name demands. Prints a table, then ``metric=NAME value=NUMBER unit=ms``
-lines. ``--explain`` prints MariaDB's ``ANALYZE FORMAT=JSON`` of the search
+lines. ``--explain`` prints MariaDB's ``EXPLAIN`` and ``ANALYZE FORMAT=JSON`` of both reads
 at 10,000 hosts, half refused.
 Run: ``.venv/bin/python bench/placement.py [--explain] [--hosts 1000,10000,100000]``.
 """
@@ -35,7 +35,8 @@ from sqlalchemy.orm import Session
 
 from hostdev.messages.values import PciRequest
 from hostdev.mgmt.persistence.database import create_database_engine
-from hostdev.mgmt.placement.planner import Demand, _search_statement, find_hosts
+from hostdev.mgmt.placement.planner import Demand, find_hosts
+from hostdev.mgmt.placement.search import _host_search, _page_search
 
 DEVICES = {"GPU": 4, "NIC": 4}
 DEMANDS = [Demand(cpus=4, memory_mb=8192, pci=(PciRequest(name="GPU", count=1),)),
@@ -53,7 +54,9 @@ def _host(index: int, refused: bool) -> tuple[Any, ...]:
     status = {0: "Down", 1: "Maintenance"}.get(kind, "Up")
     cpus = 4 if kind == 2 else 64
     memory = 8192 if kind == 3 else 262_144
-    return (index, f"guid-{index}", f"host-{index}", status, cpus, memory, "", NOW, NOW)
+    # Its one Running VM holds 2 CPUs and 2 GiB (used_cpus, used_memory_mb).
+    return (index, f"guid-{index}", f"host-{index}", status, cpus, memory, 2, 2048, "", NOW,
+            NOW)
 
 
 def _insert(cursor: Any, table: str, columns: str, rows: list[tuple[Any, ...]]) -> None:
@@ -72,8 +75,8 @@ def populate(url: str, hosts: int, refused: int) -> None:
         cursor.execute("INSERT INTO service_offerings (id, name, cpus, memory_mb, "
                        "migration_policy, created_at) VALUES (1, 'bench', 2, 2048, 'forbid', %s)",
                        (NOW,))
-        _insert(cursor, "hosts", "id, guid, name, status, cpus, memory_mb, hypervisor_version, "
-                "created_at, updated_at",
+        _insert(cursor, "hosts", "id, guid, name, status, cpus, memory_mb, used_cpus, "
+                "used_memory_mb, hypervisor_version, created_at, updated_at",
                 [_host(i, i <= refused) for i in range(1, hosts + 1)])
         _insert(cursor, "vm_instances", "id, uuid, name, offering_id, host_id, state, "
                 "update_count, cpus, memory_mb, created_at, updated_at",
@@ -113,24 +116,30 @@ def time_searches(url: str, expect_first: int) -> list[float]:
 
 
 def explain(url: str) -> None:
-    """Prints ``ANALYZE FORMAT=JSON`` of the search for the first demand."""
+    """Prints ``EXPLAIN`` and ``ANALYZE FORMAT=JSON`` of both reads for the first demand.
+
+    The device page (after host 0), then the host search after the page's
+    last host (64: the page is refused).
+    """
     engine = create_database_engine(url)
     demand = DEMANDS[0]
-    statement = _search_statement(len(demand.pci), 0, 5)._statement
     params = {"cpus": demand.cpus, "memory_mb": demand.memory_mb, "name_0": "GPU",
-              "count_0": 1, "after": 0}
-    query = statement.params(**params).compile(dialect=engine.dialect,
-                                               compile_kwargs={"literal_binds": True})
-    print(query)
-    with engine.connect() as connection:
-        raw = connection.connection.driver_connection
-        assert raw is not None
-        with raw.cursor() as cursor:
-            cursor.execute(f"EXPLAIN {query}")
-            for row in cursor.fetchall():
-                print(row)
-            cursor.execute(f"ANALYZE FORMAT=JSON {query}")
-            print(json.dumps(json.loads(cursor.fetchone()[0]), indent=1))
+              "count_0": 1}
+    for title, statement, after in (
+            ("device page", _page_search(len(demand.pci), 0, 5, False), 0),
+            ("host search", _host_search(len(demand.pci), 0, 5, False), 64)):
+        query = statement._statement.params(**params, after=after).compile(
+            dialect=engine.dialect, compile_kwargs={"literal_binds": True})
+        print(f"-- {title}\n{query}")
+        with engine.connect() as connection:
+            raw = connection.connection.driver_connection
+            assert raw is not None
+            with raw.cursor() as cursor:
+                cursor.execute(f"EXPLAIN {query}")
+                for row in cursor.fetchall():
+                    print(row)
+                cursor.execute(f"ANALYZE FORMAT=JSON {query}")
+                print(json.dumps(json.loads(cursor.fetchone()[0]), indent=1))
     engine.dispose()
 
 

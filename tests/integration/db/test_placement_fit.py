@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from sqlalchemy import Connection, Engine, delete, insert, select
 
 from hostdev.mgmt.persistence.models import Host, PciDevice, VmInstance, utcnow
-from hostdev.mgmt.placement import planner
+from hostdev.mgmt.placement import search
 from tests.support.placement_worlds import World, load, search_and_verdicts, worlds
 
 
@@ -45,7 +45,7 @@ def test_a_page_reads_the_device_index_as_a_range(engine: Engine) -> None:
             for n in range(1, 2001) for f in range(4)])
         conn.exec_driver_sql("ANALYZE TABLE hosts, op_host_pci_devices")
     params = {"cpus": 1, "memory_mb": 1, "name_0": "GPU", "count_0": 1, "after": 1500}
-    page = planner._search_statement(1, 0, 5)._statement  # its SQL, explained
+    page = search._page_search(1, 0, 5, False)._statement  # its SQL, explained
     sql = page.params(**params).compile(engine, compile_kwargs={"literal_binds": True})
     with engine.connect() as conn:
         plan = conn.exec_driver_sql(f"EXPLAIN {sql}").mappings().all()
@@ -58,5 +58,5 @@ def test_a_page_reads_the_device_index_as_a_range(engine: Engine) -> None:
 
 def find_hosts_after(conn: Connection, params: dict[str, object]) -> list[int]:
     """Returns the host ids of the page after ``params['after']``."""
-    page = planner._page(planner.PAGE)  # the page itself
+    page = search._page()  # the page itself
     return [int(n) for n in conn.execute(select(page.c.host_id), params).scalars()]

@@ -178,8 +178,8 @@ def _host_search(names: int, avoided: int, limit: int, numa: bool) -> PreparedSt
     """Returns the host search after host ``after``, prepared once per shape.
 
     Parameters: those of :func:`_fit_conditions` and ``after``. Names the
-    host index (MariaDB only): otherwise MariaDB may walk the primary key
-    from ``after`` and read every refused host's row.
+    host index (MariaDB only): left to itself MariaDB reads it as ``ref`` on
+    ``status`` and filters ``id > after`` entry by entry, from the first Up host.
     """
     query = select(Host.id, Host.guid, Host.name)
     for dialect in ("mysql", "mariadb"):

@@ -17,7 +17,7 @@ Two reads, each one prepared query:
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from typing import Final
 
 from sqlalchemy import (
@@ -150,15 +150,16 @@ def _fit_conditions(names: range, avoided: int, numa: int = 0) -> list[ColumnEle
     return conditions
 
 
+#: The prepared searches by (kind, names, avoided, limit, numa): built once per shape.
 _SEARCHES: dict[tuple[str, int, int, int, bool], PreparedStatement] = {}
 
 
 def _prepared(kind: str, names: int, avoided: int, limit: int, numa: bool,
-              query: Select[int, str, str]) -> PreparedStatement:
+              build: Callable[[], Select[int, str, str]]) -> PreparedStatement:
     key = (kind, names, avoided, limit, numa)
     statement = _SEARCHES.get(key)
-    if statement is None:
-        statement = _SEARCHES[key] = PreparedStatement(query.order_by(Host.id).limit(limit))
+    if statement is None:  # building the query costs as much as running it
+        statement = _SEARCHES[key] = PreparedStatement(build().order_by(Host.id).limit(limit))
     return statement
 
 
@@ -167,11 +168,12 @@ def _page_search(names: int, avoided: int, limit: int, numa: bool) -> PreparedSt
 
     Parameters: those of :func:`_fit_conditions` and ``after`` (0).
     """
-    page = _page()
-    # The first name's count comes from the page itself.
-    query = (select(Host.id, Host.guid, Host.name).join(page, page.c.host_id == Host.id)
-             .where(*_fit_conditions(range(1, names), avoided, names if numa else 0)))
-    return _prepared("page", names, avoided, limit, numa, query)
+    def build() -> Select[int, str, str]:
+        page = _page()
+        # The first name's count comes from the page itself.
+        return (select(Host.id, Host.guid, Host.name).join(page, page.c.host_id == Host.id)
+                .where(*_fit_conditions(range(1, names), avoided, names if numa else 0)))
+    return _prepared("page", names, avoided, limit, numa, build)
 
 
 def _host_search(names: int, avoided: int, limit: int, numa: bool) -> PreparedStatement:
@@ -181,9 +183,10 @@ def _host_search(names: int, avoided: int, limit: int, numa: bool) -> PreparedSt
     host index (MariaDB only): left to itself MariaDB reads it as ``ref`` on
     ``status`` and filters ``id > after`` entry by entry, from the first Up host.
     """
-    query = select(Host.id, Host.guid, Host.name)
-    for dialect in ("mysql", "mariadb"):
-        query = query.with_hint(Host.__table__, f"FORCE INDEX ({HOST_INDEX})", dialect)
-    query = query.where(Host.id > bindparam("after"),
-                        *_fit_conditions(range(names), avoided, names if numa else 0))
-    return _prepared("hosts", names, avoided, limit, numa, query)
+    def build() -> Select[int, str, str]:
+        query = select(Host.id, Host.guid, Host.name)
+        for dialect in ("mysql", "mariadb"):
+            query = query.with_hint(Host.__table__, f"FORCE INDEX ({HOST_INDEX})", dialect)
+        return query.where(Host.id > bindparam("after"),
+                           *_fit_conditions(range(names), avoided, names if numa else 0))
+    return _prepared("hosts", names, avoided, limit, numa, build)

@@ -40,7 +40,7 @@ from sqlalchemy.orm import Session
 from hostdev.messages.values import PciRequest
 from hostdev.mgmt.persistence.database import create_database_engine
 from hostdev.mgmt.placement.planner import Demand, find_hosts
-from hostdev.mgmt.placement.search import _host_search, _page_search
+from hostdev.mgmt.placement.search import WINDOW, _host_search, _page_search
 
 DEVICES = {"GPU": 4, "NIC": 4}
 DEMANDS = [Demand(cpus=4, memory_mb=8192, pci=(PciRequest(name="GPU", count=1),)),
@@ -126,8 +126,8 @@ def time_searches(url: str, expect_first: int) -> list[float]:
 def explain(url: str) -> None:
     """Prints ``EXPLAIN`` and ``ANALYZE FORMAT=JSON`` of both reads for the first demand.
 
-    The device page (after host 0), then the host search after the page's
-    last host (64: the page is refused).
+    The device page (after host 0), then the host search over the window
+    after the page's last host (64: the page is refused).
     """
     engine = create_database_engine(url)
     demand = DEMANDS[0]
@@ -136,7 +136,7 @@ def explain(url: str) -> None:
     for title, statement, after in (
             ("device page", _page_search(len(demand.pci), 0, 5, False), 0),
             ("host search", _host_search(len(demand.pci), 0, 5, False), 64)):
-        query = statement._statement.params(**params, after=after).compile(
+        query = statement._statement.params(**params, after=after, upto=after + WINDOW).compile(
             dialect=engine.dialect, compile_kwargs={"literal_binds": True})
         print(f"-- {title}\n{query}")
         with engine.connect() as connection:

@@ -1,18 +1,24 @@
 """Placement's SQL search: the first hosts, by id, that fit a demand (docs/database.md).
 
-Two reads, each one prepared query:
+Two reads, each one prepared query, taken in turn:
 
-1. With PCI requests, the *device page*: the first ``PAGE`` hosts that have
-   enough free devices of the first requested name, read from the device
-   index ``(state, name, host_id)``; full hosts have no row there and cost
-   nothing. The hosts of the page that meet the rest of the fit rule are the
-   answer, when there are any.
-2. Otherwise (a whole page refused), or without PCI requests, the *host
-   search*: the Up hosts after the page, in id order, through the index
-   ``(status, id, cpus, used_cpus, memory_mb, used_memory_mb)``. Hosts that
-   are not Up are skipped as one range of it; those short of CPU or memory
-   are refused on the index entry alone; the others are asked for their
-   free devices through ``(host_id, name, state)``.
+1. With PCI requests, the *device page*: the first ``PAGE`` hosts after
+   ``after`` that have enough free devices of the first requested name, read
+   from the device index ``(state, name, host_id)``; full hosts have no row
+   there and cost nothing. The hosts of the page that meet the rest of the
+   fit rule are the answer, when there are any.
+2. When a whole page is refused, the *host search* over the next window of
+   host ids (``WINDOW``, then ``WINDOW_GROWTH`` times more each turn), or
+   over all hosts without PCI requests: the Up hosts in id order through
+   the index ``(status, id, cpus, used_cpus, memory_mb, used_memory_mb)``.
+   Hosts that are not Up are skipped as one range of it; those short of CPU
+   or memory are refused on the index entry alone; the others are asked for
+   their free devices through ``(host_id, name, state)``.
+
+Each read goes on where the other stopped: no host before it fits. Refused
+hosts holding devices cost the host search an index entry each; full hosts
+cost the device page nothing; taking turns, a long run of either is crossed
+by the read it costs least (docs/database.md).
 """
 
 from __future__ import annotations
@@ -44,6 +50,12 @@ PAGE: Final = 64
 #: left to itself reads it as ``ref`` on (state, name) and filters ``host_id >
 #: after``: a page after N then costs every row before N (docs/database.md).
 _PAGE_INDEX: Final = "ix_op_host_pci_devices_state_name_host_id"
+#: The host ids the first host search after a refused device page reads; each next one
+#: ``WINDOW_GROWTH`` times more.
+WINDOW: Final = 1024
+WINDOW_GROWTH: Final = 8
+#: The largest host id (``hosts.id`` is a 32-bit INTEGER).
+LAST_ID: Final = 2**31 - 1
 #: The host index the host search reads as a range (``status = 'Up' AND id > after``).
 HOST_INDEX: Final = "ix_hosts_status_id_cpus_used_cpus_memory_mb_used_memory_mb"
 
@@ -54,10 +66,11 @@ def find_hosts(session: Session, demand: Demand, *, avoid: Collection[str] = (),
 
     ``avoid`` holds host guids or names to leave out (hosts already tried,
     or named by the request). With PCI requests the device page is read
-    first (the answer holds its fitting hosts when it has any); when all
-    its ``PAGE`` hosts are refused, the host search goes on after its last.
-    The caller claims on the first host in the same transaction; a lost
-    race rolls back and the next host is tried in a new transaction.
+    first; when all its hosts are refused, the host search reads the next
+    window of host ids, then the device page after it, and so on; the answer
+    holds the fitting hosts of the first page or window that has any. The
+    caller claims on the first host in the same transaction; a lost race
+    rolls back and the next host is tried in a new transaction.
     """
     if session.autoflush and (session.new or session.dirty or session.deleted):
         session.flush()  # as a query's autoflush would
@@ -70,17 +83,26 @@ def find_hosts(session: Session, demand: Demand, *, avoid: Collection[str] = (),
     for index, ref in enumerate(sorted(avoid)):
         params[f"avoid_{index}"] = ref
     connection = session.connection()
-    if demand.pci:
-        rows = _page_search(len(demand.pci), len(avoid), limit, numa).execute(
-            connection, params).rows
+    hosts = _host_search(len(demand.pci), len(avoid), limit, numa)
+    if not demand.pci:
+        return _candidates(hosts.execute(connection, params | {"upto": LAST_ID}).rows)
+    page, window = _page_search(len(demand.pci), len(avoid), limit, numa), WINDOW
+    while True:
+        rows = page.execute(connection, params).rows
         if rows:
-            return [Candidate(id=id_, guid=guid, name=name) for id_, guid, name in rows]
+            return _candidates(rows)
         last, count = _PAGE_END.execute(connection, params).rows[0]
         if last is None or (count or 0) < PAGE:
             return []  # no host after the page has the devices
-        params["after"] = int(last)
-    rows = _host_search(len(demand.pci), len(avoid), limit, numa).execute(
-        connection, params).rows
+        # No host up to ``last`` fits: the next window of host ids, through the host index.
+        params["after"], params["upto"] = int(last), min(int(last) + window, LAST_ID)
+        rows = hosts.execute(connection, params).rows
+        if rows or params["upto"] == LAST_ID:
+            return _candidates(rows)
+        params["after"], window = params["upto"], window * WINDOW_GROWTH
+
+
+def _candidates(rows: list[tuple[int, str, str]]) -> list[Candidate]:
     return [Candidate(id=id_, guid=guid, name=name) for id_, guid, name in rows]
 
 
@@ -179,7 +201,8 @@ def _page_search(names: int, avoided: int, limit: int, numa: bool) -> PreparedSt
 def _host_search(names: int, avoided: int, limit: int, numa: bool) -> PreparedStatement:
     """Returns the host search after host ``after``, prepared once per shape.
 
-    Parameters: those of :func:`_fit_conditions` and ``after``. Names the
+    Parameters: those of :func:`_fit_conditions`, ``after`` and ``upto``
+    (the hosts with ids in ``(after, upto]``). Names the
     host index (MariaDB only): left to itself MariaDB reads it as ``ref`` on
     ``status`` and filters ``id > after`` entry by entry, from the first Up host.
     """
@@ -187,6 +210,6 @@ def _host_search(names: int, avoided: int, limit: int, numa: bool) -> PreparedSt
         query = select(Host.id, Host.guid, Host.name)
         for dialect in ("mysql", "mariadb"):
             query = query.with_hint(Host.__table__, f"FORCE INDEX ({HOST_INDEX})", dialect)
-        return query.where(Host.id > bindparam("after"),
+        return query.where(Host.id > bindparam("after"), Host.id <= bindparam("upto"),
                            *_fit_conditions(range(names), avoided, names if numa else 0))
     return _prepared("hosts", names, avoided, limit, numa, build)

@@ -85,7 +85,8 @@ def test_the_host_search_skips_refused_hosts_as_a_range_of_the_host_index(
              "state": "free" if n % 4 or n > 1500 else "allocated",
              "created_at": now, "updated_at": now} for n in range(1, 2001)])
         conn.exec_driver_sql("ANALYZE TABLE hosts, op_host_pci_devices")
-    params = {"cpus": 4, "memory_mb": 1024, "name_0": "GPU", "count_0": 1, "after": 64}
+    params = {"cpus": 4, "memory_mb": 1024, "name_0": "GPU", "count_0": 1, "after": 64,
+              "upto": 1088}
     sql = search._host_search(1, 0, 5, False)._statement.params(**params).compile(
         engine, compile_kwargs={"literal_binds": True})
     with engine.connect() as conn:

@@ -10,11 +10,15 @@ free ``NIC`` devices each (NUMA nodes 0 and 1), one Running VM of 2 CPUs and
   and short of memory (8 GiB, 2 held); the last N/2 fit. First fit by id
   meets every refused host before the first that fits: the worst case.
 - ``all fit``: every host fits (the common case, for comparison).
+- ``full behind refused`` (with ``--layouts``): 256 refused hosts with free
+  devices, then N/2 Up hosts with room whose devices are all disabled (full),
+  then hosts that fit: the case the host search pays one device lookup per
+  full host for (docs/database.md).
 
 Each layout is timed over ``QUERIES`` calls of ``find_hosts`` (each in its
 own transaction, after a warm-up), alternating plain, NUMA ``required`` and
 two-name demands. Prints a table, then ``metric=NAME value=NUMBER unit=ms``
-lines. ``--explain`` prints MariaDB's ``ANALYZE FORMAT=JSON`` of the search
+lines. ``--explain`` prints MariaDB's ``EXPLAIN`` and ``ANALYZE FORMAT=JSON`` of both reads
 at 10,000 hosts, half refused.
 Run: ``.venv/bin/python bench/placement.py [--explain] [--hosts 1000,10000,100000]``.
 """
@@ -35,7 +39,8 @@ from sqlalchemy.orm import Session
 
 from hostdev.messages.values import PciRequest
 from hostdev.mgmt.persistence.database import create_database_engine
-from hostdev.mgmt.placement.planner import Demand, _search_statement, find_hosts
+from hostdev.mgmt.placement.planner import Demand, find_hosts
+from hostdev.mgmt.placement.search import WINDOW, _host_search, _page_search
 
 DEVICES = {"GPU": 4, "NIC": 4}
 DEMANDS = [Demand(cpus=4, memory_mb=8192, pci=(PciRequest(name="GPU", count=1),)),
@@ -44,6 +49,9 @@ DEMANDS = [Demand(cpus=4, memory_mb=8192, pci=(PciRequest(name="GPU", count=1),)
            Demand(cpus=4, memory_mb=8192,
                   pci=(PciRequest(name="GPU", count=1), PciRequest(name="NIC", count=1)))]
 QUERIES = 300
+#: Layout -> (refused hosts, full hosts after them), for N hosts.
+LAYOUTS = {"half refused": lambda n: (n // 2, 0), "all fit": lambda n: (0, 0),
+           "full behind refused": lambda n: (256, n // 2)}
 BATCH = 2_000  # rows per INSERT
 NOW = "2026-01-01 00:00:00"
 
@@ -53,7 +61,9 @@ def _host(index: int, refused: bool) -> tuple[Any, ...]:
     status = {0: "Down", 1: "Maintenance"}.get(kind, "Up")
     cpus = 4 if kind == 2 else 64
     memory = 8192 if kind == 3 else 262_144
-    return (index, f"guid-{index}", f"host-{index}", status, cpus, memory, "", NOW, NOW)
+    # Its one Running VM holds 2 CPUs and 2 GiB (used_cpus, used_memory_mb).
+    return (index, f"guid-{index}", f"host-{index}", status, cpus, memory, 2, 2048, "", NOW,
+            NOW)
 
 
 def _insert(cursor: Any, table: str, columns: str, rows: list[tuple[Any, ...]]) -> None:
@@ -64,23 +74,24 @@ def _insert(cursor: Any, table: str, columns: str, rows: list[tuple[Any, ...]]) 
                        + ", ".join([marks] * len(chunk)), [v for row in chunk for v in row])
 
 
-def populate(url: str, hosts: int, refused: int) -> None:
-    """Writes ``hosts`` hosts, the first ``refused`` of them refused (see the module's text)."""
+def populate(url: str, hosts: int, refused: int, full: int = 0) -> None:
+    """Writes ``hosts`` hosts, the first ``refused`` of them refused, the next ``full`` of them
+    without a free device (see the module's text)."""
     parsed = make_url(url)
     with pymysql.connect(unix_socket=scratch.MARIADB_SOCKET, user="root",
                          database=parsed.database, autocommit=False) as db, db.cursor() as cursor:
         cursor.execute("INSERT INTO service_offerings (id, name, cpus, memory_mb, "
                        "migration_policy, created_at) VALUES (1, 'bench', 2, 2048, 'forbid', %s)",
                        (NOW,))
-        _insert(cursor, "hosts", "id, guid, name, status, cpus, memory_mb, hypervisor_version, "
-                "created_at, updated_at",
+        _insert(cursor, "hosts", "id, guid, name, status, cpus, memory_mb, used_cpus, "
+                "used_memory_mb, hypervisor_version, created_at, updated_at",
                 [_host(i, i <= refused) for i in range(1, hosts + 1)])
         _insert(cursor, "vm_instances", "id, uuid, name, offering_id, host_id, state, "
                 "update_count, cpus, memory_mb, created_at, updated_at",
                 [(i, f"vm-{i}", f"vm-{i}", 1, i, "Running", 0, 2, 2048, NOW, NOW)
                  for i in range(1, hosts + 1)])
         devices = [(i, name, "0000", f"{i // 256 % 256:02x}", f"{slot:02x}", "0", "10de", "1eb8",
-                    "free", slot % 2, NOW, NOW)
+                    "disabled" if refused < i <= refused + full else "free", slot % 2, NOW, NOW)
                    for i in range(1, hosts + 1)
                    for slot, name in enumerate(n for n, k in DEVICES.items() for _ in range(k))]
         # Host ids above 65,535 share buses: the domain keeps addresses unique.
@@ -113,24 +124,30 @@ def time_searches(url: str, expect_first: int) -> list[float]:
 
 
 def explain(url: str) -> None:
-    """Prints ``ANALYZE FORMAT=JSON`` of the search for the first demand."""
+    """Prints ``EXPLAIN`` and ``ANALYZE FORMAT=JSON`` of both reads for the first demand.
+
+    The device page (after host 0), then the host search over the window
+    after the page's last host (64: the page is refused).
+    """
     engine = create_database_engine(url)
     demand = DEMANDS[0]
-    statement = _search_statement(len(demand.pci), 0, 5)._statement
     params = {"cpus": demand.cpus, "memory_mb": demand.memory_mb, "name_0": "GPU",
-              "count_0": 1, "after": 0}
-    query = statement.params(**params).compile(dialect=engine.dialect,
-                                               compile_kwargs={"literal_binds": True})
-    print(query)
-    with engine.connect() as connection:
-        raw = connection.connection.driver_connection
-        assert raw is not None
-        with raw.cursor() as cursor:
-            cursor.execute(f"EXPLAIN {query}")
-            for row in cursor.fetchall():
-                print(row)
-            cursor.execute(f"ANALYZE FORMAT=JSON {query}")
-            print(json.dumps(json.loads(cursor.fetchone()[0]), indent=1))
+              "count_0": 1}
+    for title, statement, after in (
+            ("device page", _page_search(len(demand.pci), 0, 5, False), 0),
+            ("host search", _host_search(len(demand.pci), 0, 5, False), 64)):
+        query = statement._statement.params(**params, after=after, upto=after + WINDOW).compile(
+            dialect=engine.dialect, compile_kwargs={"literal_binds": True})
+        print(f"-- {title}\n{query}")
+        with engine.connect() as connection:
+            raw = connection.connection.driver_connection
+            assert raw is not None
+            with raw.cursor() as cursor:
+                cursor.execute(f"EXPLAIN {query}")
+                for row in cursor.fetchall():
+                    print(row)
+                cursor.execute(f"ANALYZE FORMAT=JSON {query}")
+                print(json.dumps(json.loads(cursor.fetchone()[0]), indent=1))
     engine.dispose()
 
 
@@ -138,6 +155,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--hosts", default="1000,10000,100000")
     parser.add_argument("--explain", action="store_true")
+    parser.add_argument("--layouts", default="half refused,all fit",
+                        help=f"comma-separated, of: {', '.join(LAYOUTS)}")
     args = parser.parse_args()
     if args.explain:
         with scratch.database("placement") as url:
@@ -146,17 +165,18 @@ def main() -> int:
         return 0
     results: dict[tuple[int, str], list[float]] = {}
     for hosts in [int(n) for n in args.hosts.split(",")]:
-        for layout, refused in (("half refused", hosts // 2), ("all fit", 0)):
+        for layout in args.layouts.split(","):
+            refused, full = LAYOUTS[layout](hosts)
             with scratch.database("placement") as url:
-                populate(url, hosts, refused)
-                results[(hosts, layout)] = time_searches(url, refused + 1)
+                populate(url, hosts, refused, full)
+                results[(hosts, layout)] = time_searches(url, refused + full + 1)
             timings = sorted(results[(hosts, layout)])
             print(f"{hosts:>7} hosts  {layout:<12}  p50 {statistics.median(timings):7.2f} ms  "
                   f"p99 {timings[int(len(timings) * 0.99) - 1]:7.2f} ms", flush=True)
     for (hosts, layout), timings in results.items():
         ordered = sorted(timings)
         # The issue's names: the half-refused layout is the one the goals are for.
-        slug = "_half_refused" if layout == "half refused" else "_all_fit"
+        slug = "_" + layout.replace(" ", "_")
         print(f"metric=placement_p50_ms_{hosts}_hosts{slug} "
               f"value={statistics.median(ordered):.2f} unit=ms")
         print(f"metric=placement_p99_ms_{hosts}_hosts{slug} "

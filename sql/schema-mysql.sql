@@ -281,3 +281,15 @@ ALTER TABLE hosts ADD COLUMN reconciled_digest VARCHAR(64);
 
 UPDATE alembic_version SET version_num='0011' WHERE alembic_version.version_num = '0010';
 
+-- Running upgrade 0011 -> 0012
+
+ALTER TABLE hosts ADD COLUMN used_cpus INTEGER NOT NULL DEFAULT '0';
+
+ALTER TABLE hosts ADD COLUMN used_memory_mb BIGINT NOT NULL DEFAULT '0';
+
+UPDATE hosts SET used_cpus = COALESCE((SELECT SUM(v.cpus) FROM vm_instances v WHERE v.host_id = hosts.id AND v.state IN ('Starting', 'Running', 'Stopping', 'Migrating')), 0), used_memory_mb = COALESCE((SELECT SUM(v.memory_mb) FROM vm_instances v WHERE v.host_id = hosts.id AND v.state IN ('Starting', 'Running', 'Stopping', 'Migrating')), 0);
+
+CREATE INDEX ix_hosts_status_id_cpus_used_cpus_memory_mb_used_memory_mb ON hosts (status, id, cpus, used_cpus, memory_mb, used_memory_mb);
+
+UPDATE alembic_version SET version_num='0012' WHERE alembic_version.version_num = '0011';
+

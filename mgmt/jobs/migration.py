@@ -29,7 +29,6 @@ from collections.abc import Sequence
 from datetime import timedelta
 
 import structlog
-from sqlalchemy import update
 
 from hostdev.messages.api import MigrationPlan
 from hostdev.messages.commands import (
@@ -75,7 +74,9 @@ from hostdev.mgmt.persistence.models import (
 )
 from hostdev.mgmt.persistence.unit_of_work import TxContext
 from hostdev.mgmt.placement import planner
+from hostdev.mgmt.vms import capacity
 from hostdev.mgmt.vms.vm_lifecycle import (
+    StaleVmState,
     VmLifecycleManager,
     host_guid_of,
     offering_numa_policy,
@@ -330,12 +331,9 @@ class MigrationManager:
         before = pci_devices.devices_of_vm(conn, vm.id)
         pci_devices.commit_migration(conn, vm.id, source_id, target_id)
         cleaning.request_resets_on(tx, {source_id})  # the source set, on a host that resets
-        tx.session.execute(update(VmInstance).where(VmInstance.id == vm.id,
-                                                 VmInstance.update_count == vm.update_count)
-                        .values(host_id=target_id, last_host_id=source_id,
-                                numa_node=payload.numa_node,
-                                update_count=vm.update_count + 1, updated_at=utcnow())
-                        .execution_options(synchronize_session=False))
+        if not capacity.move_to_host(conn, vm, target_id, payload.numa_node):
+            raise StaleVmState(f"VM {vm.name} changed while its migration was committed; "
+                               "retrying")
         tx.session.refresh(vm)
         at = utcnow().isoformat() + "Z"
         for device in before:

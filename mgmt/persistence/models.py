@@ -112,6 +112,9 @@ class Host(Base):
     __tablename__ = "hosts"
     __table_args__ = (
         CheckConstraint(_one_of("status", HOST_STATUSES), name="status"),
+        # Placement's search: the Up hosts after a host id, in id order, with their
+        # room read from the index alone (docs/database.md, "Placement's search").
+        Index(None, "status", "id", "cpus", "used_cpus", "memory_mb", "used_memory_mb"),
         MYSQL_OPTIONS,
     )
 
@@ -126,11 +129,15 @@ class Host(Base):
     last_ping: Mapped[datetime | None] = mapped_column(Timestamp)
     cpus: Mapped[int] = mapped_column(Integer, default=0)
     memory_mb: Mapped[int] = mapped_column(BigInteger, default=0)
+    #: The CPUs and memory of its VMs in a ``HOLDS_DEVICES`` state, kept in the
+    #: transaction that moves one (``hostdev.mgmt.vms.capacity``).
+    used_cpus: Mapped[int] = mapped_column(Integer, server_default="0")
+    used_memory_mb: Mapped[int] = mapped_column(BigInteger, server_default="0")
     hypervisor_version: Mapped[str] = mapped_column(String(64), default="")
     #: The libvirt URI peers migrate to this host with (as its agent announces it).
     migration_uri: Mapped[str] = mapped_column(String(1024), default="", server_default="")
     #: How many domains its last complete report listed that management did not place there.
-    foreign_domains: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    foreign_domains: Mapped[int] = mapped_column(Integer, server_default="0")
     #: Those domains, ``name (uuid)`` separated by ``, `` (capped), for the operator.
     foreign_domain_names: Mapped[str | None] = mapped_column(Text)
     #: The boot id and sequence number of the host's last applied report
@@ -289,7 +296,7 @@ class PciDevice(Base):
     state: Mapped[DeviceState] = mapped_column(String(16), default="free")
     vendor: Mapped[str] = mapped_column(String(255), default="", server_default="")
     product: Mapped[str] = mapped_column(String(255), default="", server_default="")
-    class_code: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    class_code: Mapped[int] = mapped_column(Integer, server_default="0")
     numa_node: Mapped[int | None] = mapped_column(Integer)
     # Canonical addresses, comma-separated; every member of the IOMMU group,
     # listed in pci.devices or not, so a group's foreign members stay known.

@@ -8,7 +8,8 @@ caller for a new transaction. Listeners run in the same transaction, before
 devices on the VM's host when the VM enters Starting and releases them when
 it enters Stopped, Destroyed or Error; under the offering's NUMA policy it
 records the node its devices went to (``numa_node``). Every transition writes a
-``VmStateChanged`` event (``vm.<uuid>.<State>``) to the outbox.
+``VmStateChanged`` event (``vm.<uuid>.<State>``) to the outbox, and moves the
+VM's CPUs and memory on its host's ``used_*`` columns (``capacity``).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from hostdev.mgmt.persistence.models import (
     utcnow,
 )
 from hostdev.mgmt.persistence.unit_of_work import TxContext
+from hostdev.mgmt.vms import capacity
 from hostdev.mgmt.vms.vm_states import RELEASES_DEVICES, VmEvent, next_state
 
 log = structlog.get_logger()
@@ -106,6 +108,7 @@ class VmLifecycleManager:
         """
         old: VmState = vm.state
         new = next_state(old, event, vm=vm.name)
+        old_host = vm.host_id
         values: dict[str, object] = {"state": new, "update_count": vm.update_count + 1,
                                      "updated_at": utcnow()}
         if host_id is not _KEEP:
@@ -137,6 +140,7 @@ class VmLifecycleManager:
                                "retrying")
         for key, value in values.items():
             set_committed_value(vm, key, value)
+        capacity.moved(tx.connection, vm, (old_host, old), (vm.host_id, new))
         for listener in self._listeners:
             listener.post_transition(tx, vm, event, old, new)
         host_ref = vm.host_id if vm.host_id is not None else vm.last_host_id

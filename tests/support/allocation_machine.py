@@ -5,9 +5,12 @@ on two hosts, and random streams of deploys (claims), stops (releases),
 migrations (reserve, then commit or abort), disables and enables, and agent
 reports that withhold a device or stop withholding it, and hosts put into
 maintenance (every VM migrated off or stopped). Deploys and migrations draw a
-NUMA policy. After every step the rows are read once (``Snapshot``) and every
-check in ``INVARIANTS`` runs on them; a VM placed under ``required`` holds
-devices of one NUMA node on each host.
+NUMA policy. Beside them, VMs of an offering without devices go through the
+VM lifecycle (every event, starts placed on a drawn host, committed
+migrations): each host's ``used_cpus`` and ``used_memory_mb`` stay the sums
+over its VMs in ``HOLDS_DEVICES`` states. After every step the rows are
+read once (``Snapshot``) and every check in ``INVARIANTS`` runs on them; a
+VM placed under ``required`` holds devices of one NUMA node on each host.
 
 Extending it: a new rule is a method decorated with ``@rule`` in a subclass
 (or here); a new invariant is a function ``(Snapshot) -> None`` appended to
@@ -24,7 +27,7 @@ from typing import ClassVar
 import pytest
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, func, select, update
 
 from hostdev.messages.pci_address import PciAddress
 from hostdev.messages.values import DeviceState, NumaPolicy, PciDeviceInfo
@@ -32,7 +35,11 @@ from hostdev.mgmt.devices.availability import HELD_STATES, DeviceFacts, rule_cha
 from hostdev.mgmt.devices.device_admin import DeviceBusy
 from hostdev.mgmt.devices.pci_devices import InsufficientDevices
 from hostdev.mgmt.persistence.database import transaction
-from hostdev.mgmt.persistence.models import DEVICE_STATES, PciDevice, VmInstance
+from hostdev.mgmt.persistence.models import DEVICE_STATES, Host, PciDevice, VmInstance
+from hostdev.mgmt.persistence.unit_of_work import TxContext, UnitOfWork
+from hostdev.mgmt.vms import capacity
+from hostdev.mgmt.vms.vm_lifecycle import PciDeviceManager, VmLifecycleManager
+from hostdev.mgmt.vms.vm_states import HOLDS_DEVICES, VmEvent, is_allowed
 from tests.support.databases import add_host, add_offering, add_vms
 from tests.support.pci_device_contract import ClaimPath
 
@@ -40,6 +47,8 @@ NAMES = ("A", "B")
 POLICIES: tuple[NumaPolicy, ...] = ("none", "preferred", "required")
 HOSTS = 2
 VMS = 4
+#: VMs moved through the VM lifecycle; their offering asks for no devices.
+LIFECYCLE_VMS = 3
 
 
 @st.composite
@@ -165,6 +174,12 @@ class AllocationMachine(RuleBasedStateMachine):
         with transaction(self.engine) as conn:
             self.hosts = [add_host(conn) for _ in range(HOSTS)]
             self.vms = add_vms(conn, add_offering(conn), VMS)
+            self.lifecycle_vms = add_vms(conn, add_offering(conn), LIFECYCLE_VMS)
+            for size, vm_id in enumerate(self.lifecycle_vms, start=1):  # each its own size
+                conn.execute(update(VmInstance).where(VmInstance.id == vm_id)
+                             .values(cpus=size, memory_mb=1000 * size))
+        self.lifecycle = VmLifecycleManager([PciDeviceManager()])
+        self.work = UnitOfWork(self.engine)
         self.reports: dict[int, list[PciDeviceInfo]] = {}
         #: VM -> (host it runs on, what it asked for, NUMA policy); absent when stopped.
         self.placed: dict[int, tuple[int, dict[str, int], NumaPolicy]] = {}
@@ -321,6 +336,52 @@ class AllocationMachine(RuleBasedStateMachine):
                 del self.placed[vm]
         left = [r for r in self.snapshot().on(host_id) if r.holder is not None]
         assert not left, f"devices still held on a host in maintenance: {left}"
+
+    @rule(data=st.data(), event=st.sampled_from(list(VmEvent)), host=st.integers(0, HOSTS - 1))
+    def vm_event(self, data: st.DataObject, event: VmEvent, host: int) -> None:
+        """A lifecycle VM meets an event; a start, or a report finding it running, places it
+        on ``host``. An event its state does not allow changes nothing."""
+        vm_id = data.draw(st.sampled_from(self.lifecycle_vms))
+
+        def work(tx: TxContext) -> None:
+            vm = tx.session.get(VmInstance, vm_id)
+            assert vm is not None
+            if not is_allowed(vm.state, event):
+                return
+            if event in (VmEvent.START_REQUESTED, VmEvent.FOLLOW_AGENT_POWER_ON):
+                self.lifecycle.transition(tx, vm, event, host_id=self.hosts[host])
+            else:
+                self.lifecycle.transition(tx, vm, event)
+        self.work.run(work, what="vm event")
+
+    @rule(data=st.data())
+    def vm_migration_commits(self, data: st.DataObject) -> None:
+        """A migrating lifecycle VM moves to the other host, as a committed migration does."""
+        vm_id = data.draw(st.sampled_from(self.lifecycle_vms))
+
+        def work(tx: TxContext) -> None:
+            vm = tx.session.get(VmInstance, vm_id)
+            assert vm is not None
+            if vm.state == "Migrating" and vm.host_id is not None:
+                target = next(h for h in self.hosts if h != vm.host_id)
+                assert capacity.move_to_host(tx.connection, vm, target, None)
+        self.work.run(work, what="migration commit")
+
+    @invariant()
+    def hosts_hold_what_their_vms_hold(self) -> None:
+        """Each host's ``used_cpus``/``used_memory_mb`` are the sums over its VMs in
+        ``HOLDS_DEVICES`` states."""
+        with self.engine.connect() as conn:
+            used = {h: (c, m) for h, c, m in conn.execute(
+                select(Host.id, Host.used_cpus, Host.used_memory_mb)
+                .where(Host.id.in_(self.hosts)))}
+            sums = {h: (int(c), int(m)) for h, c, m in conn.execute(
+                select(VmInstance.host_id, func.sum(VmInstance.cpus),
+                       func.sum(VmInstance.memory_mb))
+                .where(VmInstance.host_id.in_(self.hosts),
+                       VmInstance.state.in_(HOLDS_DEVICES))
+                .group_by(VmInstance.host_id))}
+        assert used == {h: sums.get(h, (0, 0)) for h in self.hosts}
 
     @invariant()
     def required_vms_stay_on_one_numa_node(self) -> None:

@@ -29,6 +29,7 @@ from hostdev.mgmt.persistence.models import (
 )
 from hostdev.mgmt.placement import planner
 from hostdev.mgmt.placement.planner import Demand
+from hostdev.mgmt.vms.vm_states import HOLDS_DEVICES
 
 NAMES = ("10GE", "GPU", "FPGA")
 
@@ -161,9 +162,13 @@ def load(engine: Engine, world: World) -> None:
         offering = conn.execute(insert(ServiceOffering).values(
             name="any", cpus=1, memory_mb=1024)).inserted_primary_key[0]
         for index, spec in enumerate(world.hosts):
+            holding = [(cpus, memory) for cpus, memory, state in spec.vms
+                       if state in HOLDS_DEVICES]  # what hostdev.mgmt.vms.capacity keeps
             host_id = conn.execute(insert(Host).values(
                 guid=f"guid-{index}", name=f"h{index}", status=spec.status, cpus=spec.cpus,
-                memory_mb=spec.memory_mb, hypervisor_version="")).inserted_primary_key[0]
+                memory_mb=spec.memory_mb, used_cpus=sum(c for c, _ in holding),
+                used_memory_mb=sum(m for _, m in holding),
+                hypervisor_version="")).inserted_primary_key[0]
             for number, (device, (state, reason)) in enumerate(zip(
                     spec.devices, spec.ruled_states(), strict=True)):
                 pf = device.pf

@@ -163,3 +163,47 @@ def test_0009_admits_preparing_hosts_and_its_downgrade_keeps_them_out_of_placeme
             assert conn.execute(text("SELECT status FROM hosts")).scalar_one() == "Maintenance"
     finally:
         engine.dispose()
+
+
+def test_0012_fills_used_capacity_from_the_vms_holding_it(empty_url: str) -> None:
+    """After 0012 each host's ``used_*`` are the sums over its Starting, Running, Stopping
+    and Migrating VMs; its ``updated_at`` is kept; the downgrade drops the columns."""
+    config = alembic_config(empty_url)
+    command.upgrade(config, "0011")
+    engine = create_database_engine(empty_url)
+    now = datetime(2026, 1, 1)
+    try:
+        with engine.begin() as conn:
+            for host_id in (1, 2, 3):
+                conn.execute(text(
+                    "INSERT INTO hosts (id, guid, name, status, cpus, memory_mb, "
+                    "hypervisor_version, created_at, updated_at) VALUES (:id, :guid, :guid, "
+                    "'Up', 32, 65536, '', :now, :now)"),
+                    {"id": host_id, "guid": f"h{host_id}", "now": now})
+            conn.execute(text(
+                "INSERT INTO service_offerings (id, name, cpus, memory_mb, migration_policy, "
+                "created_at) VALUES (1, 'o', 1, 1024, 'forbid', :now)"), {"now": now})
+            vms = [(1, 1, "Running", 2, 2048), (2, 1, "Stopping", 1, 512),
+                   (3, 1, "Error", 4, 4096), (4, 2, "Migrating", 3, 1024),
+                   (5, 2, "Starting", 1, 256), (6, None, "Stopped", 8, 8192),
+                   (7, None, "Destroyed", 8, 8192)]
+            for vm_id, host_id, state, cpus, memory in vms:
+                conn.execute(text(
+                    "INSERT INTO vm_instances (id, uuid, name, offering_id, host_id, state, "
+                    "update_count, cpus, memory_mb, created_at, updated_at) VALUES (:id, :uuid,"
+                    " :uuid, 1, :host, :state, 0, :cpus, :memory, :now, :now)"),
+                    {"id": vm_id, "uuid": f"vm{vm_id}", "host": host_id, "state": state,
+                     "cpus": cpus, "memory": memory, "now": now})
+        command.upgrade(config, "0012")
+        with engine.connect() as conn:
+            rows = conn.execute(text("SELECT id, used_cpus, used_memory_mb, updated_at = :now "
+                                     "FROM hosts ORDER BY id"), {"now": now}).all()
+            indexes = {ix["name"] for ix in inspect(conn).get_indexes("hosts")}
+        assert [tuple(row) for row in rows] == [(1, 3, 2560, 1), (2, 4, 1280, 1), (3, 0, 0, 1)]
+        assert "ix_hosts_status_id_cpus_used_cpus_memory_mb_used_memory_mb" in indexes
+        command.downgrade(config, "0011")
+        with engine.connect() as conn:
+            columns = {c["name"] for c in inspect(conn).get_columns("hosts")}
+        assert not {"used_cpus", "used_memory_mb"} & columns
+    finally:
+        engine.dispose()

@@ -9,7 +9,7 @@ from sqlalchemy.orm import Session
 
 from hostdev.messages.values import PciRequest
 from hostdev.mgmt.persistence.models import Host, PciDevice
-from hostdev.mgmt.placement import planner
+from hostdev.mgmt.placement import planner, search
 from hostdev.mgmt.placement.planner import Demand, HostCapacity, find_hosts, refusal, verdict
 
 TWO_10GE = Demand(cpus=2, memory_mb=1024, pci=(PciRequest(name="10GE", count=2),))
@@ -84,6 +84,22 @@ def test_search_reads_the_next_page_when_a_page_is_refused(engine: Engine) -> No
     with Session(engine) as session:
         assert [c.name for c in find_hosts(session, TWO_10GE)] == ["up"]
         assert find_hosts(session, TWO_10GE, avoid={"up"}) == []
+
+
+def test_search_takes_turns_past_refused_pages_and_full_windows(engine: Engine) -> None:
+    """A refused page, a window of full hosts, another refused page, a window larger than the
+    first of full hosts: the first host that fits is still found, and nothing before it."""
+    window = search.WINDOW
+    specs = ([(f"d{n}", "Down", 2) for n in range(planner.PAGE + 1)]
+             + [(f"f{n}", "Up", 0) for n in range(window)]
+             + [(f"m{n}", "Maintenance", 2) for n in range(planner.PAGE + 1)]
+             + [(f"g{n}", "Up", 1) for n in range(window + 1)]
+             + [("up", "Up", 2), ("up2", "Up", 3)])
+    _hosts(engine, specs)
+    with Session(engine) as session:
+        assert [c.name for c in find_hosts(session, TWO_10GE)] == ["up", "up2"]
+        assert [c.name for c in find_hosts(session, TWO_10GE, avoid={"up"})] == ["up2"]
+        assert find_hosts(session, TWO_10GE, avoid={"up", "up2"}) == []
 
 
 def test_search_checks_every_requested_name_and_avoids_by_guid(engine: Engine) -> None:

@@ -123,6 +123,20 @@ def time_searches(url: str, expect_first: int) -> list[float]:
     return timings
 
 
+def measure(hosts: int, layout: str) -> list[float]:
+    """Builds a world of ``hosts`` hosts in ``layout`` and times its searches (ms)."""
+    refused, full = LAYOUTS[layout](hosts)
+    with scratch.database("placement") as url:
+        populate(url, hosts, refused, full)
+        return time_searches(url, refused + full + 1)
+
+
+def p50_p99(timings: list[float]) -> tuple[float, float]:
+    """Returns the median and the 99th percentile of some timings."""
+    ordered = sorted(timings)
+    return statistics.median(ordered), ordered[int(len(ordered) * 0.99) - 1]
+
+
 def explain(url: str) -> None:
     """Prints ``EXPLAIN`` and ``ANALYZE FORMAT=JSON`` of both reads for the first demand.
 
@@ -166,24 +180,18 @@ def main() -> int:
     results: dict[tuple[int, str], list[float]] = {}
     for hosts in [int(n) for n in args.hosts.split(",")]:
         for layout in args.layouts.split(","):
-            refused, full = LAYOUTS[layout](hosts)
-            with scratch.database("placement") as url:
-                populate(url, hosts, refused, full)
-                results[(hosts, layout)] = time_searches(url, refused + full + 1)
-            timings = sorted(results[(hosts, layout)])
-            print(f"{hosts:>7} hosts  {layout:<12}  p50 {statistics.median(timings):7.2f} ms  "
-                  f"p99 {timings[int(len(timings) * 0.99) - 1]:7.2f} ms", flush=True)
+            results[(hosts, layout)] = measure(hosts, layout)
+            p50, p99 = p50_p99(results[(hosts, layout)])
+            print(f"{hosts:>7} hosts  {layout:<12}  p50 {p50:7.2f} ms  p99 {p99:7.2f} ms",
+                  flush=True)
     for (hosts, layout), timings in results.items():
-        ordered = sorted(timings)
+        p50, p99 = p50_p99(timings)
         # The issue's names: the half-refused layout is the one the goals are for.
         slug = "_" + layout.replace(" ", "_")
-        print(f"metric=placement_p50_ms_{hosts}_hosts{slug} "
-              f"value={statistics.median(ordered):.2f} unit=ms")
-        print(f"metric=placement_p99_ms_{hosts}_hosts{slug} "
-              f"value={ordered[int(len(ordered) * 0.99) - 1]:.2f} unit=ms")
+        print(f"metric=placement_p50_ms_{hosts}_hosts{slug} value={p50:.2f} unit=ms")
+        print(f"metric=placement_p99_ms_{hosts}_hosts{slug} value={p99:.2f} unit=ms")
         if layout == "half refused" and hosts == 100_000:
-            print(f"metric=placement_p99_ms_100000_hosts "
-                  f"value={ordered[int(len(ordered) * 0.99) - 1]:.2f} unit=ms")
+            print(f"metric=placement_p99_ms_100000_hosts value={p99:.2f} unit=ms")
     return 0
 
 

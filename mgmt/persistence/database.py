@@ -47,6 +47,7 @@ from hostdev.mgmt.persistence.database_failover import (
     TRANSACTIONS_RETRIED,
     driver_retry_reason,
     first_url,
+    install_causal_reads,
     install_node_list,
     safe_urls,
     split_urls,
@@ -107,6 +108,7 @@ def create_database_engine(url: str, **kwargs: Any) -> Engine:
         # extra ROLLBACK on return only costs a round trip per transaction.
         kwargs.setdefault("pool_reset_on_return", None)
         engine = create_engine(parsed, **kwargs)
+        install_causal_reads(engine)
         if len(urls) > 1:
             install_node_list(engine, urls)
         return engine

@@ -12,6 +12,12 @@ A node that answers "WSREP has not yet prepared node for application use"
 treated the same: its connection is dropped and the next node is preferred.
 SQLite takes one URL.
 
+Causal reads: on a Galera node (``wsrep_on``), every connection sets
+``wsrep_sync_wait = 1``, so a read first applies what the cluster already
+committed. Without it a daemon on node 2 may not yet see the job a daemon on
+node 3 has just created and answered for ("job 206 does not exist"), most of
+all while a node leaves the cluster. Other servers are left as they are.
+
 The counters (prometheus-client's default registry):
 
 - ``hostdev_db_failovers_total``: connections opened on another node than the
@@ -27,6 +33,7 @@ from __future__ import annotations
 import threading
 from typing import Any, Final
 
+import pymysql
 import structlog
 from prometheus_client import Counter
 from sqlalchemy import Engine, event, make_url
@@ -154,3 +161,19 @@ def install_node_list(engine: Engine, urls: list[str]) -> None:
     nodes = NodeList(urls, engine.dialect)
     event.listen(engine, "do_connect", nodes.connect)
     setattr(engine.dialect, "is_disconnect", nodes.is_disconnect)  # noqa: B010
+
+
+def install_causal_reads(engine: Engine) -> None:
+    """Makes each new connection of ``engine`` on a Galera node read causally (see above)."""
+    event.listen(engine, "connect", _causal_reads)
+
+
+def _causal_reads(dbapi_connection: Any, _record: object) -> None:
+    with dbapi_connection.cursor() as cursor:
+        try:
+            cursor.execute("SELECT @@wsrep_on")
+        except pymysql.MySQLError:  # a server without Galera support has no such variable
+            return
+        row = cursor.fetchone()
+        if row is not None and row[0] in (1, "1", "ON"):
+            cursor.execute("SET SESSION wsrep_sync_wait = 1")

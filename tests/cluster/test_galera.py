@@ -14,8 +14,10 @@ import urllib.request
 from collections.abc import Iterator
 
 import pytest
+from sqlalchemy import text
 
 from hostdev.messages import api
+from hostdev.mgmt.persistence.database import create_database_engine
 from tests.cluster.conftest import running_stack
 from tests.support.cluster_burst import run_burst
 from tests.support.clusters import GaleraCluster, galera_database
@@ -150,3 +152,18 @@ def test_a_node_stopped_mid_burst_fails_its_daemon_over(
           f"took {burst.action_done - burst.action_started:.1f} s; mgmt-1 on node 3312/3313 "
           f"{failover_s:.2f} s after the stop began; retried {retried:g} "
           f"transactions for the lost connection")
+
+
+def test_the_daemons_connections_read_causally(
+        galera_cluster: GaleraCluster, galera_stack: GaleraStack) -> None:
+    """Each connection on a Galera node waits for what the cluster committed before reading.
+
+    Without it, a daemon on one node answered "job N does not exist" for the
+    job a daemon on another node had just created (seen while a node left).
+    """
+    engine = create_database_engine(galera_cluster.nodes[1].url(galera_stack.database))
+    try:
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT @@session.wsrep_sync_wait")).scalar() == 1
+    finally:
+        engine.dispose()

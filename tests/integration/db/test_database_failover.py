@@ -51,3 +51,14 @@ def test_several_urls_are_for_mariadb_only(tmp_path: object) -> None:
         create_database_engine(f"sqlite:///{tmp_path}/a.db;{DOWN}")
     assert split_urls(" a ; b ;") == ["a", "b"]
     assert retry_reason(ValueError()) is None
+
+
+def test_a_server_without_galera_keeps_its_reads(mariadb_url: str) -> None:
+    """Causal reads are set on Galera nodes only: a plain server's sessions are as they were."""
+    engine = create_database_engine(mariadb_url)
+    try:
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT @@wsrep_on")).scalar() in (0, "OFF")
+            assert conn.execute(text("SELECT @@session.wsrep_sync_wait")).scalar() == 0
+    finally:
+        engine.dispose()

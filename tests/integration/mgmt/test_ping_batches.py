@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -14,7 +13,6 @@ import pytest
 from sqlalchemy import Engine, select, update
 
 from hostdev.messages.base import Message
-from hostdev.messages.bus import Bus, BusConfig
 from hostdev.messages.bus.contract import (
     COMMANDS_EXCHANGE,
     DEAD_QUEUE,
@@ -25,10 +23,8 @@ from hostdev.messages.codec import decode, domains_digest, encode
 from hostdev.messages.commands import PingRoutingCommand, StartupRoutingCommand
 from hostdev.messages.events import HostStatusChanged
 from hostdev.messages.values import DomainInfo
-from hostdev.mgmt.config import MgmtConfig
-from hostdev.mgmt.persistence.database import create_database_engine
 from hostdev.mgmt.persistence.models import Host
-from hostdev.mgmt.service import ManagementService
+from tests.support.broker_service import service_on_broker
 from tests.support.databases import mariadb_database, sqlite_database
 from tests.support.mgmt_harness import devices
 from tests.support.rabbitmq import amqp_vhost
@@ -87,34 +83,18 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
 @pytest.fixture
 def stack(db_url: str) -> Iterator[Stack]:
     """Runs a service; registers hosts ga and gb; yields the stack."""
-    with amqp_vhost("pings") as vhost:
-        engine = create_database_engine(db_url)
-        service = ManagementService(
-            MgmtConfig(db_url=db_url, amqp_url=vhost.url),
-            Bus(BusConfig(url=vhost.url, queue_type="classic", app_id="hostdev-mgmt")),
-            engine, name="it")
-        service.start()
-        thread = threading.Thread(target=service.run, daemon=True)
-        thread.start()
-        connection = pika.BlockingConnection(pika.URLParameters(vhost.url))
-        stack = Stack(engine, connection.channel())
+    with amqp_vhost("pings") as vhost, service_on_broker(db_url, vhost.url) as running:
+        stack = Stack(*running)
         answers = stack.channel.queue_declare("", exclusive=True).method.queue
         stack.channel.queue_bind(answers, COMMANDS_EXCHANGE, "agent.#")  # the agents' queues
-        try:
-            for guid in ("ga", "gb"):
-                stack.publish(guid, StartupRoutingCommand(
-                    guid=guid, name=f"host-{guid}", cpus=16, memory_mb=32768,
-                    pci_devices=devices(2), boot_id=BOOT, seq=1))
-            for guid in ("ga", "gb"):
-                wait_for(lambda guid=guid: stack.seq_reaches(guid, 1), timeout=20,
-                         what=f"host {guid} registered")
-            yield stack
-        finally:
-            connection.close()
-            service.stop()
-            thread.join(timeout=10)
-            service.close()
-            engine.dispose()
+        for guid in ("ga", "gb"):
+            stack.publish(guid, StartupRoutingCommand(
+                guid=guid, name=f"host-{guid}", cpus=16, memory_mb=32768,
+                pci_devices=devices(2), boot_id=BOOT, seq=1))
+        for guid in ("ga", "gb"):
+            wait_for(lambda guid=guid: stack.seq_reaches(guid, 1), timeout=20,
+                     what=f"host {guid} registered")
+        yield stack
 
 
 def _dead_letters(channel: Any, count: int) -> list[tuple[bytes, str]]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -11,16 +10,13 @@ import pika
 import pytest
 from sqlalchemy import select
 
-from hostdev.messages.bus import Bus, BusConfig
 from hostdev.messages.bus.contract import COMMANDS_EXCHANGE, DEAD_QUEUE, REASON_HEADER
 from hostdev.messages.codec import decode, encode
 from hostdev.messages.commands import StartupAnswer, StartupRoutingCommand
 from hostdev.messages.pci_address import PciAddress
 from hostdev.messages.values import PciDeviceInfo
-from hostdev.mgmt.config import MgmtConfig
-from hostdev.mgmt.persistence.database import create_database_engine
 from hostdev.mgmt.persistence.models import Host, PciDevice
-from hostdev.mgmt.service import ManagementService
+from tests.support.broker_service import service_on_broker
 from tests.support.databases import mariadb_database
 from tests.support.rabbitmq import amqp_vhost
 from tests.support.waiting import wait_for
@@ -40,24 +36,9 @@ DEVICES = (
 @pytest.fixture
 def stack() -> Iterator[tuple[Any, Any]]:
     """Runs a service on MariaDB and the broker; yields (engine, a raw pika channel)."""
-    with amqp_vhost("startups") as vhost, mariadb_database("hostdev_burst") as url:
-        engine = create_database_engine(url)
-        service = ManagementService(
-            MgmtConfig(db_url=url, amqp_url=vhost.url),
-            Bus(BusConfig(url=vhost.url, queue_type="classic", app_id="hostdev-mgmt")),
-            engine, name="it")
-        service.start()
-        thread = threading.Thread(target=service.run, daemon=True)
-        thread.start()
-        connection = pika.BlockingConnection(pika.URLParameters(vhost.url))
-        try:
-            yield engine, connection.channel()
-        finally:
-            connection.close()
-            service.stop()
-            thread.join(timeout=10)
-            service.close()
-            engine.dispose()
+    with amqp_vhost("startups") as vhost, mariadb_database("hostdev_burst") as url, \
+            service_on_broker(url, vhost.url) as running:
+        yield running
 
 
 def _publish(channel: Any, key_guid: str, body: bytes) -> None:

@@ -189,23 +189,16 @@ class Batching:
     when ``max_size`` are collected or ``linger_s`` after the first, whichever
     comes first. Deliveries are settled one by one, as if handled alone.
 
-    With ``wait_idle`` False the run does not wait for more when the bus
-    holds no further delivery (a lone delivery is handled at once), and a
-    delivery of ANOTHER queue (which keeps no order with this one) handled
-    meanwhile ends the run only once ``linger_s`` has passed since its first.
-
     Attributes:
         handler: handles one run (see :data:`BatchHandler`).
         max_size: the most deliveries in one run; keep it at most the
             consumer's prefetch, or a run waits for ``linger_s``.
         linger_s: the longest a delivery waits for others before its run is handled.
-        wait_idle: whether a run waits up to ``linger_s`` when nothing else is held.
     """
 
     handler: BatchHandler
     max_size: int = 50
     linger_s: float = 0.1
-    wait_idle: bool = True
 
     def __post_init__(self) -> None:
         if self.max_size < 1 or self.linger_s < 0:

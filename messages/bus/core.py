@@ -223,8 +223,7 @@ class LinkBus(BusShortcuts):
         delivery = self._link.take()
         if delivery is None:
             # Without lingering (a caller draining the bus), a run is handled at once.
-            if self._run is not None and (not linger or not self._run[0].wait_idle
-                                          or time.monotonic() >= self._run[2]):
+            if self._run is not None and (not linger or time.monotonic() >= self._run[2]):
                 self._handle_run()
                 return True
             return ran
@@ -293,25 +292,14 @@ class LinkBus(BusShortcuts):
                 assert not isinstance(decoded, Outcome)
                 self._collect(batching, delivery, BatchItem(decoded, incoming, attempts))
                 return
-            if self._run is not None and self._ends_run(delivery):
+            if self._run is not None:
                 self._handle_run()  # the run before this delivery: the queue's order holds
             outcome = metrics.count(decoded if isinstance(decoded, Outcome) else handle_message(
                 decoded, incoming=incoming, handlers=self._handlers.get(delivery.queue, {}),
                 attempts=attempts, delivery_limit=limit))
-        if self._run is not None and self._ends_run(delivery):
+        if self._run is not None:
             self._handle_run()
         self._settled(delivery, incoming, outcome, attempts)
-
-    def _ends_run(self, delivery: Delivery) -> bool:
-        """Tells whether a delivery handled alone must first end the run collected so far.
-
-        Always one of the run's queue (its order holds); one of another queue
-        only when the run does not wait idle and its linger has passed.
-        """
-        assert self._run is not None
-        batching, collected, deadline = self._run
-        return (batching.wait_idle or collected[0][0].queue == delivery.queue
-                or time.monotonic() >= deadline)
 
     def _collect(self, batching: Batching, delivery: Delivery, item: BatchItem) -> None:
         """Adds a delivery to the run of its type; handles the run once full."""

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from typing import Any
 
 import pytest
 
 from hostdev.messages.base import Message
-from hostdev.messages.bus.contract import API_QUEUE, MGMT_QUEUE, Batching, Incoming
+from hostdev.messages.bus.contract import Batching, Incoming
 from hostdev.messages.bus.in_process import FakeClock, InProcessBroker, InProcessBus
 from hostdev.messages.bus.in_process_broker import Envelope
 from hostdev.messages.commands import ErrorAnswer, StopAnswer, StopCommand
@@ -134,53 +133,3 @@ def test_batching_refuses_sizes_that_cannot_work() -> None:
     """A run of no message, or a negative linger, is refused with the values named."""
     with pytest.raises(ValueError, match="max_size >= 1"):
         Batching(lambda items: [], max_size=0)
-
-
-def _mgmt(broker: InProcessBroker) -> InProcessBus:
-    bus = InProcessBus(broker=broker)
-    bus.connect()
-    bus.declare_mgmt_queues()
-    return bus
-
-
-@pytest.mark.parametrize("wait_idle", [True, False])
-def test_a_run_that_does_not_wait_idle_outlives_other_queues_deliveries(
-        broker: InProcessBroker, wait_idle: bool) -> None:
-    """Without waiting idle, another queue's delivery handled meanwhile does not end the run."""
-    bus = _mgmt(broker)
-    calls: list[Any] = []
-
-    def answers(items: Sequence[tuple[StopAnswer, Incoming]]) -> list[Message | None]:
-        calls.append([message.vm_uuid for message, _ in items])
-        return [None] * len(items)
-
-    bus.consume(MGMT_QUEUE, {}, {StopAnswer: Batching(answers, linger_s=60.0,
-                                                      wait_idle=wait_idle)})
-    bus.consume(API_QUEUE, {ErrorAnswer: lambda m, i: calls.append(m.details)})
-    bus.publish("mgmt.g1.StopAnswer", StopAnswer(vm_uuid="a", state="stopped"))
-    bus.publish("api.ErrorAnswer", ErrorAnswer(details="request"))
-    bus.publish("mgmt.g1.StopAnswer", StopAnswer(vm_uuid="b", state="stopped"))
-    broker.drain()
-    if wait_idle:
-        assert calls == [["a"], "request", ["b"]]
-    else:
-        assert calls == ["request", ["a", "b"]]
-    assert broker.pending(MGMT_QUEUE) == [] and broker.dead_letters() == []
-
-
-def test_a_lone_delivery_of_a_run_that_does_not_wait_idle_is_handled_at_once(
-        broker: InProcessBroker) -> None:
-    """The bus's own loop hands over a run it holds alone without waiting for its linger."""
-    bus = _mgmt(broker)
-    calls: list[Any] = []
-
-    def answers(items: Sequence[tuple[StopAnswer, Incoming]]) -> list[Message | None]:
-        calls.append([message.vm_uuid for message, _ in items])
-        return [None] * len(items)
-
-    bus.consume(MGMT_QUEUE, {}, {StopAnswer: Batching(answers, linger_s=60.0,
-                                                      wait_idle=False)})
-    bus.publish("mgmt.g1.StopAnswer", StopAnswer(vm_uuid="a", state="stopped"))
-    started = time.monotonic()
-    bus.run(until=lambda: bool(calls), timeout=30.0)
-    assert calls == [["a"]] and time.monotonic() - started < 5.0

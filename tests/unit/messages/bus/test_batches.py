@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -133,3 +134,20 @@ def test_batching_refuses_sizes_that_cannot_work() -> None:
     """A run of no message, or a negative linger, is refused with the values named."""
     with pytest.raises(ValueError, match="max_size >= 1"):
         Batching(lambda items: [], max_size=0)
+
+
+def test_a_lone_delivery_without_linger_is_handled_at_once(broker: InProcessBroker) -> None:
+    """In the bus's own loop, a run with ``linger_s=0`` is handed over once nothing else waits."""
+    bus, queue = _agent(broker)
+    calls: list[Any] = []
+
+    def stops(items: Sequence[tuple[StopCommand, Incoming]]) -> list[Message | None]:
+        calls.append([message.vm_uuid for message, _ in items])
+        return [None] * len(items)
+
+    bus.consume(queue, {}, {StopCommand: Batching(stops, linger_s=0.0)})
+    bus.send_to_agent("g1", StopCommand(vm_uuid="a"))
+    started = time.monotonic()
+    bus.run(until=lambda: bool(calls), timeout=30.0)
+    # The loop returned because the run was handled, not at its timeout.
+    assert calls == [["a"]] and time.monotonic() - started < 5.0

@@ -134,6 +134,63 @@ class Pipeline:
             return results
         return handle
 
+    def joint_handler(self, routes: Mapping[type[Message], Route], *,
+                      what: str = "joint batch") -> BatchHandler:
+        """Returns a batch handler running each message's own route, all in ONE transaction.
+
+        For messages whose work is small and whose cost is the COMMIT (agent
+        answers, lifecycle reports): each message's sender is checked alone
+        (a refused one is dead-lettered with its reason and costs no other);
+        the rest run in order, each by its route exactly as alone (its own
+        ``TxContext``, its id recorded when the route records it), and share
+        one COMMIT (``UnitOfWork.run_each``). If any of them raises (a
+        redelivery already handled, a refusal, a database error), the whole
+        transaction rolls back and every message is handled alone, in order,
+        by its route: what a message does never depends on its batch. A run
+        holding a redelivery, or with one message, is handled alone at once.
+        """
+        ones = {kind: self.handler(kind, route) for kind, route in routes.items()}
+
+        def handle(items: Sequence[tuple[Any, Incoming]]) -> list[Message | Exception | None]:
+            results: list[Message | Exception | None] = [None] * len(items)
+            checked: list[int] = []
+            for index, (message, incoming) in enumerate(items):
+                with bound_message(incoming.message_id, incoming.correlation_id,
+                                   **self.log_context(message, incoming)):
+                    try:
+                        self.check_sender(message, incoming)
+                        checked.append(index)
+                    except Exception as exc:
+                        results[index] = _result_of(self.on_error, message, incoming, exc)
+            # A redelivery may have been handled: alone, it is dropped without
+            # undoing the others' work (its run is handled alone, in order).
+            if len(checked) > 1 and not any(items[index][1].redelivered for index in checked):
+                try:
+                    done = self.work.run_each(
+                        [self._joint_work(routes[type(items[index][0])], *items[index])
+                         for index in checked], what=what)
+                except Exception as exc:
+                    log.warning("batch_failed", what=what, size=len(checked), error=str(exc),
+                                hint="its messages are handled one by one")
+                else:
+                    for index, answer in zip(checked, done, strict=True):
+                        results[index] = answer
+                    return results
+            for index in checked:
+                message, incoming = items[index]
+                results[index] = _result_of(ones[type(message)], message, incoming)
+            return results
+        return handle
+
+    def _joint_work(self, route: Route, message: Any, incoming: Incoming,
+                    ) -> tuple[Callable[[TxContext], Message | None], str | None]:
+        """Returns one message's work in a joint transaction and the id it records, if any."""
+        def work(tx: TxContext) -> Message | None:
+            with bound_message(incoming.message_id, incoming.correlation_id,
+                               **self.log_context(message, incoming)):
+                return route.work(tx, message, incoming)
+        return work, incoming.message_id if route.record(message) else None
+
 
 def _result_of(call: Callable[..., Message | None], *args: Any) -> Message | Exception | None:
     """Returns what ``call`` returns, or the exception it raises (a batch item's result)."""

@@ -73,6 +73,11 @@ from hostdev.mgmt.vms.vm_lifecycle import PciDeviceManager, VmLifecycleManager
 
 log = structlog.get_logger()
 
+#: The agents' messages handled together, each by its own route, in one transaction.
+JOINT_KINDS: tuple[type[Message], ...] = (StartAnswer, StopAnswer, VmStateReport)
+#: No waiting: a run is what the bus holds already (a lone answer is handled at once).
+ANSWER_LINGER_S = 0.0
+
 
 class ManagementService:
     """The management daemon as an object: start, run, stop."""
@@ -179,7 +184,12 @@ class ManagementService:
 
     def agent_handlers(self) -> dict[type[Message], Handler]:
         """Returns the handlers of ``hostdev.mgmt`` (messages from agents)."""
-        handlers = self.agent_pipeline.handlers({
+        handlers = self.agent_pipeline.handlers(self._agent_routes())
+        handlers[ErrorAnswer] = self._agent_error
+        return handlers
+
+    def _agent_routes(self) -> dict[type[Message], Route]:
+        return {
             StartupRoutingCommand: Route(self._on_startup),
             PingRoutingCommand: Route(self.pings.on_ping),
             VmStateReport: Route(self._on_vm_state_report),
@@ -188,21 +198,30 @@ class ManagementService:
             MigrateAnswer: Route(self._on_migrate_answer, always),
             AttachPciDevicesAnswer: Route(self._on_attach_answer, always),
             ResetPciDevicesAnswer: Route(self._on_reset_answer, always),
-        })
-        handlers[ErrorAnswer] = self._agent_error
-        return handlers
+        }
 
     def agent_batches(self) -> dict[type[Message], Batching]:
-        """Returns the message types of ``hostdev.mgmt`` handled in batches: pings, start-ups."""
+        """Returns the message types of ``hostdev.mgmt`` handled in batches.
+
+        Pings and start-ups by their batch work; start and stop answers and
+        lifecycle reports, in any mix, each by its own route in one shared
+        transaction (``Pipeline.joint_handler``).
+        """
+        routes = self._agent_routes()
+        joint = {kind: routes[kind] for kind in JOINT_KINDS}
         pings = self.agent_pipeline.batch_handler(
             PingRoutingCommand, Route(self.pings.on_ping), self.pings.on_pings)
         startups = self.agent_pipeline.batch_handler(
             StartupRoutingCommand, Route(self._on_startup), self.startups.on_startups)
         # A run is at most what the broker lets through unacked.
         prefetch = self.bus.config.prefetch
+        # One Batching for all of them: a run is not cut where the type changes.
+        answers = Batching(self.agent_pipeline.joint_handler(joint, what="agent answers"),
+                           max_size=prefetch, linger_s=ANSWER_LINGER_S)
         return {PingRoutingCommand: Batching(pings, max_size=prefetch, linger_s=PING_LINGER_S),
                 StartupRoutingCommand: Batching(startups, max_size=prefetch,
-                                                linger_s=STARTUP_LINGER_S)}
+                                                linger_s=STARTUP_LINGER_S),
+                **{kind: answers for kind in JOINT_KINDS}}
 
     def api_handlers(self) -> dict[type[Message], Handler]:
         """Returns the handlers of ``hostdev.api`` (requests from clients)."""

@@ -184,7 +184,8 @@ class Batching:
     """How a consumer handles one message type in batches.
 
     The bus collects consecutive deliveries of the type (a delivery of another
-    type ends the run, so the order of a queue is kept) and hands them over
+    type ends the run, so the order of a queue is kept; types given the SAME
+    ``Batching`` object share runs) and hands them over
     when ``max_size`` are collected or ``linger_s`` after the first, whichever
     comes first. Deliveries are settled one by one, as if handled alone.
 

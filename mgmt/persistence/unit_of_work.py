@@ -15,7 +15,7 @@ session, whose begin and commit cost more than the COMMIT round trip itself.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar, cast
 
@@ -150,6 +150,44 @@ class UnitOfWork:
             callback()
         self._publish(context.outbox.pending)
         return result
+
+    def run_each(self, works: Sequence[tuple[Callable[[TxContext], T], str | None]], *,
+                 what: str = "transaction", attempts: int = 20) -> list[T]:
+        """Runs several works, in order, in ONE transaction; returns their results after commit.
+
+        Each work gets its own ``TxContext`` (as if run alone by :meth:`run`,
+        with its own ``message_id`` recorded first) and is flushed before the
+        next starts, so it sees what the works before it wrote; only the
+        COMMIT is shared. If any work raises, the whole transaction rolls back
+        and the exception propagates: nothing of any work is kept, no callback
+        runs, nothing is published. Deadlocks and lost races retry the whole
+        run in a new transaction, as :meth:`run` does.
+
+        Raises:
+            AlreadyHandled: one of the ids was handled (committed) before.
+            TransactionConflict: every attempt lost.
+        """
+        def attempt(connection: Connection) -> tuple[list[T], list[TxContext]]:
+            results: list[T] = []
+            contexts: list[TxContext] = []
+            for work, message_id in works:
+                context = TxContext(connection, message_id)
+                contexts.append(context)
+                try:
+                    if message_id is not None:
+                        self._record(connection, message_id, what)
+                    results.append(work(context))
+                    context.flush()
+                finally:
+                    context.close()
+            return results, contexts
+
+        results, contexts = run_in_transaction(self.engine, attempt, attempts=attempts, what=what)
+        for context in contexts:
+            for callback in context.after_commit:
+                callback()
+        self._publish([row for context in contexts for row in context.outbox.pending])
+        return results
 
     @staticmethod
     def _record(connection: Connection, message_id: str, what: str) -> None:

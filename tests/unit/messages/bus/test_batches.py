@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -11,7 +12,7 @@ from hostdev.messages.base import Message
 from hostdev.messages.bus.contract import Batching, Incoming
 from hostdev.messages.bus.in_process import FakeClock, InProcessBroker, InProcessBus
 from hostdev.messages.bus.in_process_broker import Envelope
-from hostdev.messages.commands import ErrorAnswer, StopCommand
+from hostdev.messages.commands import ErrorAnswer, StopAnswer, StopCommand
 from hostdev.messages.errors import TransientError
 
 
@@ -46,6 +47,28 @@ def test_consecutive_deliveries_form_runs_that_another_type_ends(
         bus.send_to_agent("g1", StopCommand(vm_uuid=name))
     broker.drain()
     assert calls == [["a", "b"], "between", ["c", "d", "e"], ["f"]]
+    assert broker.pending(queue) == [] and broker.dead_letters() == []
+
+
+def test_types_sharing_one_batching_share_runs(broker: InProcessBroker) -> None:
+    """Two types given the same Batching come in one run, in queue order; another type ends it."""
+    bus, queue = _agent(broker)
+    calls: list[Any] = []
+
+    def mixed(items: Sequence[tuple[Message, Incoming]]) -> list[Message | None]:
+        calls.append([type(message).__name__ for message, _ in items])
+        return [None] * len(items)
+
+    shared = Batching(mixed, max_size=10)
+    bus.consume(queue, {ErrorAnswer: lambda m, i: calls.append(m.details)},
+                {StopCommand: shared, StopAnswer: shared})
+    bus.send_to_agent("g1", StopCommand(vm_uuid="a"))
+    bus.send_to_agent("g1", StopAnswer(vm_uuid="a", state="stopped"))
+    bus.send_to_agent("g1", StopCommand(vm_uuid="b"))
+    bus.send_to_agent("g1", ErrorAnswer(details="between"))
+    bus.send_to_agent("g1", StopAnswer(vm_uuid="b", state="stopped"))
+    broker.drain()
+    assert calls == [["StopCommand", "StopAnswer", "StopCommand"], "between", ["StopAnswer"]]
     assert broker.pending(queue) == [] and broker.dead_letters() == []
 
 
@@ -111,3 +134,20 @@ def test_batching_refuses_sizes_that_cannot_work() -> None:
     """A run of no message, or a negative linger, is refused with the values named."""
     with pytest.raises(ValueError, match="max_size >= 1"):
         Batching(lambda items: [], max_size=0)
+
+
+def test_a_lone_delivery_without_linger_is_handled_at_once(broker: InProcessBroker) -> None:
+    """In the bus's own loop, a run with ``linger_s=0`` is handed over once nothing else waits."""
+    bus, queue = _agent(broker)
+    calls: list[Any] = []
+
+    def stops(items: Sequence[tuple[StopCommand, Incoming]]) -> list[Message | None]:
+        calls.append([message.vm_uuid for message, _ in items])
+        return [None] * len(items)
+
+    bus.consume(queue, {}, {StopCommand: Batching(stops, linger_s=0.0)})
+    bus.send_to_agent("g1", StopCommand(vm_uuid="a"))
+    started = time.monotonic()
+    bus.run(until=lambda: bool(calls), timeout=30.0)
+    # The loop returned because the run was handled, not at its timeout.
+    assert calls == [["a"]] and time.monotonic() - started < 5.0

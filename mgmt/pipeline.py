@@ -109,16 +109,7 @@ class Pipeline:
         what = f"{kind.__name__} batch"
 
         def handle(items: Sequence[tuple[Any, Incoming]]) -> list[Message | Exception | None]:
-            results: list[Message | Exception | None] = [None] * len(items)
-            checked: list[int] = []
-            for index, (message, incoming) in enumerate(items):
-                with bound_message(incoming.message_id, incoming.correlation_id,
-                                   **self.log_context(message, incoming)):
-                    try:
-                        self.check_sender(message, incoming)
-                        checked.append(index)
-                    except Exception as exc:
-                        results[index] = _result_of(self.on_error, message, incoming, exc)
+            results, checked = self._senders_checked(items)
             run = [items[index] for index in checked]
             try:
                 taken = self.work.run(lambda tx: work(tx, run), what=what) if run else []
@@ -133,6 +124,22 @@ class Pipeline:
                     results[index] = _result_of(one, *items[index])
             return results
         return handle
+
+    def _senders_checked(self, items: Sequence[tuple[Any, Incoming]],
+                         ) -> tuple[list[Message | Exception | None], list[int]]:
+        """Judges each sender of a run alone: the results so far (a refusal's error
+        answer), and the indexes of the messages whose sender may send them."""
+        results: list[Message | Exception | None] = [None] * len(items)
+        checked: list[int] = []
+        for index, (message, incoming) in enumerate(items):
+            with bound_message(incoming.message_id, incoming.correlation_id,
+                               **self.log_context(message, incoming)):
+                try:
+                    self.check_sender(message, incoming)
+                    checked.append(index)
+                except Exception as exc:
+                    results[index] = _result_of(self.on_error, message, incoming, exc)
+        return results, checked
 
     def joint_handler(self, routes: Mapping[type[Message], Route], *,
                       what: str = "joint batch") -> BatchHandler:
@@ -152,16 +159,7 @@ class Pipeline:
         ones = {kind: self.handler(kind, route) for kind, route in routes.items()}
 
         def handle(items: Sequence[tuple[Any, Incoming]]) -> list[Message | Exception | None]:
-            results: list[Message | Exception | None] = [None] * len(items)
-            checked: list[int] = []
-            for index, (message, incoming) in enumerate(items):
-                with bound_message(incoming.message_id, incoming.correlation_id,
-                                   **self.log_context(message, incoming)):
-                    try:
-                        self.check_sender(message, incoming)
-                        checked.append(index)
-                    except Exception as exc:
-                        results[index] = _result_of(self.on_error, message, incoming, exc)
+            results, checked = self._senders_checked(items)
             # A redelivery may have been handled: alone, it is dropped without
             # undoing the others' work (its run is handled alone, in order).
             if len(checked) > 1 and not any(items[index][1].redelivered for index in checked):

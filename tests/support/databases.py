@@ -21,9 +21,9 @@ from typing import Any, Final
 
 import pymysql
 from alembic.script import ScriptDirectory
-from sqlalchemy import Connection, insert, make_url
+from sqlalchemy import Connection, Engine, insert, make_url
 
-from hostdev.mgmt.persistence.database import alembic_config, upgrade
+from hostdev.mgmt.persistence.database import alembic_config, create_database_engine, upgrade
 from hostdev.mgmt.persistence.models import Host, ServiceOffering, VmInstance
 
 MARIADB_SOCKET: Final = os.environ.get("HOSTDEV_TEST_MARIADB_SOCKET", "/run/mysqld/mysqld.sock")
@@ -106,6 +106,19 @@ def sqlite_database(folder: Path, *, migrate: bool = True) -> Iterator[str]:
     finally:
         for suffix in ("", "-wal", "-shm"):
             Path(f"{path}{suffix}").unlink(missing_ok=True)
+
+
+@contextmanager
+def migrated_engine(backend: str, folder: Path, prefix: str) -> Iterator[Engine]:
+    """Yields an engine on a fresh migrated database: ``mariadb`` (named after ``prefix``) or
+    ``sqlite`` (a file in ``folder``); for fixtures parametrised over both back ends."""
+    made = mariadb_database(prefix) if backend == "mariadb" else sqlite_database(folder)
+    with made as url:
+        engine = create_database_engine(url)
+        try:
+            yield engine
+        finally:
+            engine.dispose()
 
 
 def add_host(conn: Connection, *, name: str | None = None, status: str = "Up",

@@ -22,10 +22,10 @@ from hostdev.messages.bus.contract import MGMT_QUEUE, Incoming
 from hostdev.messages.codec import decode, encode
 from hostdev.messages.commands import StartAnswer, StartCommand, VmStateReport
 from hostdev.mgmt.errors import Forbidden
-from hostdev.mgmt.persistence.database import RetryTransaction, create_database_engine
+from hostdev.mgmt.persistence.database import RetryTransaction
 from hostdev.mgmt.persistence.models import Job, PciDevice, VmInstance
 from hostdev.mgmt.service import JOINT_KINDS
-from tests.support.databases import mariadb_database, sqlite_database
+from tests.support.databases import migrated_engine
 from tests.support.mgmt_harness import Harness, devices
 
 #: Columns that differ between two VMs deployed alike (identity and time).
@@ -39,16 +39,8 @@ _JOB_IDENTITY = {"id", "vm_id", "created_at", "updated_at", "finished_at", "dead
 @pytest.fixture(params=[pytest.param("mariadb", marks=pytest.mark.mariadb), "sqlite"])
 def engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Engine]:
     """A migrated database: MariaDB or an SQLite file."""
-    if request.param == "mariadb":
-        with mariadb_database("hostdev_answers") as url:
-            created = create_database_engine(url)
-            yield created
-            created.dispose()
-    else:
-        with sqlite_database(tmp_path) as url:
-            created = create_database_engine(url)
-            yield created
-            created.dispose()
+    with migrated_engine(request.param, tmp_path, "hostdev_answers") as created:
+        yield created
 
 
 def _setup(engine: Engine, hosts: int) -> Harness:

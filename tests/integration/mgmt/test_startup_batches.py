@@ -23,9 +23,8 @@ from hostdev.messages.events import HostStatusChanged
 from hostdev.messages.pci_address import PciAddress
 from hostdev.messages.values import DomainInfo, PciDeviceInfo
 from hostdev.mgmt.errors import Forbidden, InvalidRequest
-from hostdev.mgmt.persistence.database import create_database_engine
 from hostdev.mgmt.persistence.models import Host, PciDevice
-from tests.support.databases import mariadb_database, sqlite_database
+from tests.support.databases import migrated_engine
 from tests.support.mgmt_harness import Harness, devices
 
 BOOT = "b00t"
@@ -45,16 +44,8 @@ _DEVICE_IDENTITY = {"id", "host_id", "created_at", "updated_at"}
 @pytest.fixture(params=[pytest.param("mariadb", marks=pytest.mark.mariadb), "sqlite"])
 def engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Engine]:
     """A migrated database: MariaDB or an SQLite file."""
-    if request.param == "mariadb":
-        with mariadb_database("hostdev_startups") as url:
-            created = create_database_engine(url)
-            yield created
-            created.dispose()
-    else:
-        with sqlite_database(tmp_path) as url:
-            created = create_database_engine(url)
-            yield created
-            created.dispose()
+    with migrated_engine(request.param, tmp_path, "hostdev_startups") as created:
+        yield created
 
 
 def _startup(guid: str, pci: Sequence[PciDeviceInfo], *, seq: int = 1,

@@ -34,6 +34,8 @@ from hostdev.mgmt.persistence.outbox import Outbox
 
 log = structlog.get_logger()
 
+_VMS = cast(Table, VmInstance.__table__)
+
 T = TypeVar("T")
 
 
@@ -95,9 +97,8 @@ class TxContext:
         """Writes what the session and the outbox hold; the last step before the commit."""
         if self._session is not None:
             self._session.flush()
-        vms = cast(Table, VmInstance.__table__)
         for vm_id, values in self.vm_values.items():
-            self.connection.execute(update(vms).where(vms.c.id == vm_id).values(values))
+            self.connection.execute(update(_VMS).where(_VMS.c.id == vm_id).values(values))
         self.vm_values.clear()
         self.outbox.flush()
 
@@ -134,22 +135,7 @@ class UnitOfWork:
             AlreadyHandled: ``message_id`` was handled (committed) before.
             TransactionConflict: every attempt lost.
         """
-        def attempt(connection: Connection) -> tuple[T, TxContext]:
-            context = TxContext(connection, message_id)
-            try:
-                if message_id is not None:
-                    self._record(connection, message_id, what)
-                result = work(context)
-                context.flush()
-            finally:
-                context.close()
-            return result, context
-
-        result, context = run_in_transaction(self.engine, attempt, attempts=attempts, what=what)
-        for callback in context.after_commit:
-            callback()
-        self._publish(context.outbox.pending)
-        return result
+        return self.run_each([(work, message_id)], what=what, attempts=attempts)[0]
 
     def run_each(self, works: Sequence[tuple[Callable[[TxContext], T], str | None]], *,
                  what: str = "transaction", attempts: int = 20) -> list[T]:

@@ -4,7 +4,8 @@ Start-up order: read and validate ``agent.properties`` (a bad value stops here,
 before anything is contacted), open libvirt, run the start-up checks, connect
 the bus, declare ``hostdev.agent.<guid>``, announce with
 ``StartupRoutingCommand``, then ping every ``ping.interval`` and push a
-``VmStateReport`` on every lifecycle event. After a reconnect the agent
+``VmStateReport`` when lifecycle events change what management was told
+(``hostdev.agent.vm_reports``). After a reconnect the agent
 announces itself again. ``--check`` validates the file and the host and exits
 0 or 1, like ``nginx -t``.
 """
@@ -34,6 +35,7 @@ from hostdev.agent.pipeline import CommandPipeline
 from hostdev.agent.recent_commands import FILE_NAME, RecentCommands
 from hostdev.agent.simulated import SimulatedHost, is_simulated_uri
 from hostdev.agent.startup_checks import CheckReport, check_host
+from hostdev.agent.vm_reports import LifecycleReports
 from hostdev.messages.base import Message
 from hostdev.messages.bus.contract import BusLike, Handler
 from hostdev.messages.codec import domains_digest
@@ -48,7 +50,6 @@ from hostdev.messages.commands import (
     StartupAnswer,
     StartupRoutingCommand,
     StopCommand,
-    VmStateReport,
 )
 from hostdev.messages.errors import BusError
 from hostdev.messages.pci_address import PciAddress
@@ -124,6 +125,8 @@ class Agent:
         self.background = BackgroundCommands(bus, self.guid, recent)
         self.pipeline = CommandPipeline(self.guid, recent, self.background,
                                         self.sequence)
+        #: Lifecycle events to ``VmStateReport``: coalesced, sent on change only.
+        self.reports = LifecycleReports(self.guid, hypervisor, bus, self.sequence)
 
     # -- outgoing ------------------------------------------------------------------
 
@@ -151,6 +154,8 @@ class Agent:
         (``announce_backoff``), until a ``StartupAnswer`` arrives.
         """
         self._announcing = _Announcing()
+        # What the old connection carried may be lost: report every change again.
+        self.reports.forget()
         self._send_announcement()
 
     def _send_announcement(self) -> None:
@@ -192,24 +197,8 @@ class Agent:
             domains_digest=domains_digest(domains)))
 
     def on_lifecycle(self, event: LifecycleEvent) -> None:
-        """Hands a libvirt event (event thread) to the bus loop thread."""
-        self.bus.call_soon_threadsafe(lambda: self._report(event))
-
-    def _report(self, event: LifecycleEvent) -> None:
-        seq = self.sequence.take()  # before libvirt is read (hostdev.agent.boot_sequence)
-        try:
-            domain = self.hypervisor.domain(event.uuid)
-        except HypervisorError as exc:
-            log.error("vm_state_report_failed", host=self.guid, vm=event.uuid, error=str(exc))
-            return
-        report = VmStateReport(
-            guid=self.guid, vm_uuid=event.uuid, vm_name=event.name,
-            state=domain.state if domain else "stopped",
-            event=f"{event.event}/{event.detail}",
-            hostdevs=domain.hostdevs if domain else (), boot_id=self.sequence.boot_id, seq=seq)
-        self.bus.send_to_mgmt(self.guid, report)
-        log.info("vm_state_reported", host=self.guid, vm=event.uuid, state=report.state,
-                 libvirt_event=report.event)
+        """Hands a libvirt event (event thread) to the bus loop thread, coalesced per domain."""
+        self.reports.on_event(event)
 
     # -- incoming ------------------------------------------------------------------
 
@@ -233,7 +222,9 @@ class Agent:
         """Returns the bus handlers by message type, each through the pipeline."""
         pipeline = self.pipeline
         return {
-            StartCommand: pipeline.command(self.commands.start),
+            # A started VM's lifecycle report would repeat its answer: not sent.
+            StartCommand: pipeline.command(
+                lambda command: self.reports.answered(self.commands.start(command))),
             StopCommand: pipeline.command(self.commands.stop),
             # Long: on a worker thread, so the loop keeps the heartbeats going.
             MigrateCommand: pipeline.long_command(self.commands.migrate,

@@ -7,6 +7,7 @@ domain, and the managed ``<hostdev>`` element, are in
 
 from __future__ import annotations
 
+import functools
 import xml.etree.ElementTree as ET
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -23,6 +24,9 @@ from hostdev.messages.pci_address import PciAddress
 from hostdev.messages.values import VmSpec
 
 _HOSTDEV_PATH = "./devices/hostdev[@type='pci']"
+#: How many domain XMLs ``read_hostdevs`` remembers the answer for: a host's
+#: domains, live and persistent, several times over.
+HOSTDEVS_CACHED = 512
 _SETTINGS = f"{{{TEMPLATE_NS}}}template"
 _VOLUME = f"{{{TEMPLATE_NS}}}volume"
 
@@ -72,8 +76,15 @@ def hostdev_address(hostdev: ET.Element) -> PciAddress | None:
         return None
 
 
+@functools.lru_cache(maxsize=HOSTDEVS_CACHED)
 def read_hostdevs(xml: str) -> tuple[PciAddress, ...]:
-    """Returns the PCI addresses of a domain's hostdevs, in XML order."""
+    """Returns the PCI addresses of a domain's hostdevs, in XML order.
+
+    Remembered by the exact text: the agent reads the XML of every domain on
+    the host for each device it hands out (is another domain holding it?),
+    and a domain's XML rarely changes, so most reads are of a text parsed
+    before. The same text always gives the same (immutable) answer.
+    """
     root = ET.fromstring(xml)
     found = (hostdev_address(h) for h in root.findall(_HOSTDEV_PATH))
     return tuple(a for a in found if a is not None)

@@ -38,7 +38,12 @@ def test_the_startup_message_carries_the_node_xml_inventory(run_agent: AgentRunn
 
 def test_a_start_command_gives_a_running_domain_with_its_hostdevs(
         run_agent: AgentRunner) -> None:
-    """StartCommand is answered ok and the domain is reported running with both devices."""
+    """StartCommand is answered ok with both devices; a later change of the domain is reported.
+
+    The start's own lifecycle events would only repeat the answer (running,
+    both devices): no ``VmStateReport`` says that. The forced stop after it
+    changes the domain, and its report is sent.
+    """
     _daemon, mgmt = run_agent()
     wait_for(mgmt.find("StartupRoutingCommand"), timeout=30, what="start-up")
     command_id = mgmt.send(start_command(NIC1, NIC2))
@@ -46,9 +51,15 @@ def test_a_start_command_gives_a_running_domain_with_its_hostdevs(
                       what="StartAnswer")
     assert answer["result"] == "ok", answer
     assert answer["hostdevs"] == [NIC1, NIC2]
-    report = wait_for(mgmt.find("VmStateReport", vm_uuid=VM, event="Started/Booted"),
-                      timeout=20, what="VmStateReport")
-    assert report["state"] == "running" and report["hostdevs"] == [NIC1, NIC2]
+    stop_id = mgmt.send({"type": "StopCommand", "v": 1, "vm_uuid": VM, "force": True})
+    stopped = wait_for(mgmt.find("StopAnswer", correlation_id=stop_id), timeout=20,
+                       what="StopAnswer")
+    assert (stopped["result"], stopped["state"]) == ("ok", "stopped"), stopped
+    report = wait_for(mgmt.find("VmStateReport", vm_uuid=VM, state="stopped"), timeout=20,
+                      what="the VmStateReport of the stop")
+    assert report["hostdevs"] == [NIC1, NIC2]  # shut off, still defined with both
+    assert report["seq"] > answer["seq"]
+    assert mgmt.find("VmStateReport", vm_uuid=VM, state="running")() is None
 
 
 def test_a_refused_detach_cancels_the_migration_and_keeps_every_device(

@@ -160,6 +160,100 @@ def test_lifecycle_events_become_vm_state_reports_on_the_loop_thread(
         VM_OLD_UUID, "running", "Started/Booted", (P("3b:00.0"),))
 
 
+def _event(uuid: str, event: str, detail: str, state: Any = "running") -> LifecycleEvent:
+    return LifecycleEvent(uuid=uuid, name="vm", event=event, detail=detail, state=state)
+
+
+def test_events_of_one_domain_queued_together_become_one_report(
+        make_host: HostFactory) -> None:
+    """Several events waiting for the loop give one report, read after the last, named by it."""
+    agent, bus = started_agent(make_host())
+    for event, detail in (("Stopped", "Destroyed"), ("Started", "Booted"), ("Resumed", "Unpaused")):
+        agent.on_lifecycle(_event(VM_OLD_UUID, event, detail))
+    assert len(bus.soon) == 1  # one report queued for the domain, not three
+    bus.run()
+    (report,) = bus.of_type(VmStateReport)
+    assert (report.state, report.event, report.hostdevs) == (
+        "running", "Resumed/Unpaused", (P("3b:00.0"),))
+    agent.on_lifecycle(_event(VM_OLD_UUID, "Suspended", "Paused", "paused"))
+    assert len(bus.soon) == 1  # a later event queues a report again
+
+
+def test_the_report_after_a_start_is_not_sent_and_the_next_change_is(
+        make_host: HostFactory) -> None:
+    """The start's events would repeat its answer: no report; a destroy after it is reported."""
+    host = make_host()
+    agent, bus = started_agent(host)
+    handler = bus.consumers[f"hostdev.agent.{GUID}"][StartCommand]
+    uuid = "44444444-0000-0000-0000-000000000001"
+    answer = handler(StartCommand(vm=VmSpec(uuid=uuid, name="v", cpus=1, memory_mb=128,
+                                            pci_devices=(P("28:00.1"),))), incoming())
+    assert isinstance(answer, StartAnswer) and answer.ok
+    for event, detail in (("Defined", "Added"), ("Started", "Booted")):
+        agent.on_lifecycle(_event(uuid, event, detail))
+    bus.run()
+    assert bus.of_type(VmStateReport) == []
+    host.destroy(uuid)  # behind management's back: a change
+    agent.on_lifecycle(_event(uuid, "Stopped", "Destroyed", "stopped"))
+    bus.run()
+    (report,) = bus.of_type(VmStateReport)
+    assert (report.vm_uuid, report.state, report.hostdevs) == (uuid, "stopped", (P("28:00.1"),))
+    assert report.seq > answer.seq  # numbered after the answer, as before
+
+
+def test_a_refused_start_leaves_the_next_report_to_be_sent(make_host: HostFactory) -> None:
+    """An error answer tells management nothing about the domain: its report is sent."""
+    agent, bus = started_agent(make_host())
+    handler = bus.consumers[f"hostdev.agent.{GUID}"][StartCommand]
+    answer = handler(StartCommand(vm=VmSpec(uuid=VM_OLD_UUID, name="vm-old", cpus=1,
+                                            memory_mb=128, pci_devices=(P("5e:00.0"),))),
+                     incoming())
+    assert isinstance(answer, StartAnswer) and not answer.ok
+    agent.on_lifecycle(_event(VM_OLD_UUID, "Resumed", "Unpaused"))
+    bus.run()
+    assert [r.state for r in bus.of_type(VmStateReport)] == ["running"]
+
+
+def test_a_report_repeating_the_last_is_not_sent_a_device_change_or_reconnect_is(
+        make_host: HostFactory) -> None:
+    """Same state and hostdevs as the last report: skipped, its seq left as a gap.
+
+    A device leaving changes the hostdevs, so it is reported; after a
+    reconnect (a new round of announcements) the same state is reported again.
+    """
+    host = make_host()
+    agent, bus = started_agent(host)
+    for _ in range(2):
+        agent.on_lifecycle(_event(VM_OLD_UUID, "Resumed", "Unpaused"))
+        bus.run()
+    (first,) = bus.of_type(VmStateReport)
+    host.detach_hostdev(VM_OLD_UUID, P("3b:00.0"), 1.0)
+    agent.on_lifecycle(_event(VM_OLD_UUID, "Resumed", "Unpaused"))
+    bus.run()
+    second = bus.of_type(VmStateReport)[-1]
+    assert (second.state, second.hostdevs) == ("running", ())
+    assert second.seq > first.seq + 1  # the skipped report took a number
+    for callback in bus.reconnect:
+        callback()
+    agent.on_lifecycle(_event(VM_OLD_UUID, "Resumed", "Unpaused"))
+    bus.run()
+    assert [(r.state, r.hostdevs) for r in bus.of_type(VmStateReport)] == [
+        ("running", (P("3b:00.0"),)), ("running", ()), ("running", ())]
+
+
+def test_a_domain_gone_is_reported_stopped_each_time(make_host: HostFactory) -> None:
+    """Nothing is kept about an undefined domain: its next report is sent too."""
+    host = make_host()
+    agent, bus = started_agent(host)
+    host.destroy(VM_OLD_UUID)
+    host.undefine(VM_OLD_UUID)
+    for _ in range(2):
+        agent.on_lifecycle(_event(VM_OLD_UUID, "Undefined", "Removed", "stopped"))
+        bus.run()
+    assert [(r.state, r.hostdevs) for r in bus.of_type(VmStateReport)] == [
+        ("stopped", ()), ("stopped", ())]
+
+
 def test_a_command_is_answered_by_its_handler(make_host: HostFactory) -> None:
     """A StartCommand through the bus handler returns the StartAnswer for the bus to send."""
     _agent, bus = started_agent(make_host())

@@ -12,7 +12,7 @@ one (the operator decides the longest a host waits).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -90,24 +90,33 @@ class CommandHandlers:
 
     # -- shared checks -----------------------------------------------------------
 
-    def _holder(self, address: PciAddress, vm_uuid: str) -> DomainInfo | None:
-        """Returns another running domain holding ``address``, if any."""
-        for domain in self.hypervisor.domains():
-            if domain.uuid != vm_uuid and domain.state in ("running", "paused") \
-                    and address in domain.hostdevs:
-                return domain
-        return None
+    def _refusals(self, addresses: Iterable[PciAddress],
+                  vm_uuid: str) -> dict[PciAddress, str]:
+        """Says why each of ``addresses`` cannot be given to ``vm_uuid``; the rest can be.
 
-    def _refusal(self, address: PciAddress, vm_uuid: str) -> str | None:
-        """Says why ``address`` cannot be given to ``vm_uuid``, or None when it can."""
-        if address not in self.inventory:
-            listed = ", ".join(sorted(self.inventory)) or "none"
-            return (f"{address} is not a passthrough device of this host (pci.devices lists: "
-                    f"{listed})")
-        holder = self._holder(address, vm_uuid)
-        if holder is not None:
-            return f"{address} is held by domain {holder.name} ({holder.uuid}), which is running"
-        return None
+        Not in the inventory, or held by another running (or paused) domain:
+        libvirt's domains are read once for all the addresses.
+        """
+        wanted = tuple(addresses)
+        listed = ", ".join(sorted(self.inventory)) or "none"
+        refusals = {a: f"{a} is not a passthrough device of this host (pci.devices lists: "
+                       f"{listed})" for a in wanted if a not in self.inventory}
+        holders = self._holders(vm_uuid) if len(refusals) < len(wanted) else {}
+        for address in wanted:
+            holder = holders.get(address)
+            if holder is not None and address not in refusals:
+                refusals[address] = (f"{address} is held by domain {holder.name} "
+                                     f"({holder.uuid}), which is running")
+        return {a: refusals[a] for a in wanted if a in refusals}
+
+    def _holders(self, vm_uuid: str) -> dict[PciAddress, DomainInfo]:
+        """Returns the running domains other than ``vm_uuid`` by the devices they hold."""
+        holders: dict[PciAddress, DomainInfo] = {}
+        for domain in self.hypervisor.domains():
+            if domain.uuid != vm_uuid and domain.state in ("running", "paused"):
+                for address in domain.hostdevs:
+                    holders.setdefault(address, domain)
+        return holders
 
     # -- StartCommand --------------------------------------------------------------
 
@@ -120,10 +129,10 @@ class CommandHandlers:
                 and set(wanted) <= set(current.hostdevs):
             return StartAnswer(vm_uuid=spec.uuid, hostdevs=current.hostdevs,
                                details="already running with its devices")
-        refusals = [r for r in (self._refusal(a, spec.uuid) for a in wanted) if r]
+        refusals = self._refusals(wanted, spec.uuid)
         if refusals:
             return StartAnswer(result="error", vm_uuid=spec.uuid,
-                               details="refused to start: " + "; ".join(refusals))
+                               details="refused to start: " + "; ".join(refusals.values()))
         if current is not None and current.state == "running":
             try:
                 for address in wanted:  # running without all of them: plug the rest
@@ -305,12 +314,14 @@ class CommandHandlers:
                                           details=f"domain {uuid} is not on this host")
         timeout = min(command.timeout_s, self.timeouts.attach_s)
         outcomes_list: list[DeviceOutcome] = []
+        refusals = self._refusals((a for a in command.addresses if a not in current.hostdevs),
+                                  uuid)
         for address in command.addresses:
             if address in current.hostdevs:
                 outcomes_list.append(DeviceOutcome(address=address, result="ok",
                                                    details="already attached"))
                 continue
-            refusal = self._refusal(address, uuid)
+            refusal = refusals.get(address)
             if refusal:
                 outcomes_list.append(DeviceOutcome(address=address, result="error",
                                                    details=refusal))
@@ -352,8 +363,9 @@ class CommandHandlers:
         so the command is redelivered.
         """
         outcomes: list[DeviceOutcome] = []
+        refusals = self._refusals(command.addresses, "")
         for address in command.addresses:
-            refusal = self._refusal(address, "")
+            refusal = refusals.get(address)
             if refusal is not None:
                 outcomes.append(DeviceOutcome(address=address, result="error",
                                               details=f"not reset: {refusal}"))

@@ -19,7 +19,7 @@ from hostdev.messages.commands import (
     StopCommand,
 )
 from hostdev.messages.pci_address import PciAddress as P
-from hostdev.messages.values import VmSpec
+from hostdev.messages.values import DomainInfo, VmSpec
 from tests.support.agent import VM_IDLE_UUID, VM_OLD_UUID, HostFactory
 
 pytestmark = pytest.mark.libvirt
@@ -103,6 +103,28 @@ def test_start_refuses_a_device_held_by_another_running_domain(host: SimulatedHo
     assert f"0000:3b:00.0 is held by domain vm-old ({VM_OLD_UUID}), which is running" \
         in answer.details
     assert host.domain(UUID) is None
+
+
+def test_start_reads_the_domains_once_for_all_its_devices(host: SimulatedHost,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The holder check lists libvirt's domains once per command, not once per device.
+
+    Every refusal is still named, in the order of the request.
+    """
+    listed = []
+    read = host.domains
+
+    def counted() -> tuple[DomainInfo, ...]:
+        listed.append(1)
+        return read()
+
+    monkeypatch.setattr(host, "domains", counted)
+    answer = handlers_for(host).start(start(GPU, NIC1, P("3b:00.1")))
+    assert not answer.ok and len(listed) == 1
+    assert answer.details.index("0000:3b:00.0 is held by domain vm-old") \
+        < answer.details.index("0000:3b:00.1 is not a passthrough device")
+    assert "0000:28:00.1 is" not in answer.details  # free and listed: no refusal
+    assert handlers_for(host).start(start(NIC1, NIC2)).ok and len(listed) == 2
 
 
 def test_a_device_in_a_shut_off_domain_can_be_started_elsewhere(host: SimulatedHost) -> None:

@@ -152,6 +152,9 @@ class Watcher:
 
     def __init__(self, host: MailboxHost) -> None:
         self.host = host
+        # Worked out once: every host is polled ten times a second.
+        self._box = mailbox(host.uri)
+        self._faults = faults_file(host.uri)
         self.fail_attach: set[PciAddress] = set()
         self.migrate_delay_s = 0.0
         self.migrate_hold_s = 0.0
@@ -163,7 +166,7 @@ class Watcher:
 
     def start(self) -> None:
         """Applies faults and picks up waiting domains now, then keeps watching."""
-        box = mailbox(self.host.uri)
+        box = self._box
         if box is not None:
             box.mkdir(parents=True, exist_ok=True)
             self._alive = os.open(box / ALIVE_FILE, os.O_RDWR | os.O_CREAT, 0o644)
@@ -196,13 +199,21 @@ class Watcher:
     def poll(self) -> None:
         """Applies a changed faults file and takes in every handed-over domain."""
         self._apply_faults()
-        box = mailbox(self.host.uri)
-        if box is None or not box.is_dir():
+        box = self._box
+        if box is None:
+            return
+        try:  # one listing for both kinds
+            names = sorted(entry.name for entry in os.scandir(box))
+        except (FileNotFoundError, NotADirectoryError):
             return
         # ``*.taking``: a claim this host's agent died in the middle of.
-        for entry in sorted(box.glob("*.taking")):
-            self._take_in(entry)
-        for entry in sorted(box.glob("*.json")):
+        for name in names:
+            if name.endswith(".taking"):
+                self._take_in(box / name)
+        for name in names:
+            if not name.endswith(".json"):
+                continue
+            entry = box / name
             claimed = entry.with_suffix(".taking")
             try:
                 os.rename(entry, claimed)
@@ -211,7 +222,7 @@ class Watcher:
             self._take_in(claimed)
 
     def _apply_faults(self) -> None:
-        path = faults_file(self.host.uri)
+        path = self._faults
         try:
             mtime = path.stat().st_mtime_ns if path else None
         except FileNotFoundError:

@@ -201,6 +201,24 @@ def test_the_report_after_a_start_is_not_sent_and_the_next_change_is(
     assert report.seq > answer.seq  # numbered after the answer, as before
 
 
+def test_a_stop_coalesced_with_a_start_is_reported_though_nothing_changed_since(
+        make_host: HostFactory) -> None:
+    """Stopped (or Crashed, Undefined) is always reported: the domain left in between."""
+    host = make_host()
+    agent, bus = started_agent(host)
+    handler = bus.consumers[f"hostdev.agent.{GUID}"][StartCommand]
+    uuid = "44444444-0000-0000-0000-000000000002"
+    answer = handler(StartCommand(vm=VmSpec(uuid=uuid, name="v", cpus=1, memory_mb=128,
+                                            pci_devices=(P("28:00.2"),))), incoming())
+    assert isinstance(answer, StartAnswer) and answer.ok
+    bus.run()  # the start's own events, if libvirt delivered them already
+    agent.on_lifecycle(_event(uuid, "Stopped", "Migrated", "stopped"))
+    agent.on_lifecycle(_event(uuid, "Started", "Migrated"))  # back, same devices
+    bus.run()
+    (report,) = bus.of_type(VmStateReport)  # (libvirt's late events would join this one)
+    assert (report.state, report.hostdevs) == ("running", (P("28:00.2"),))
+
+
 def test_a_refused_start_leaves_the_next_report_to_be_sent(make_host: HostFactory) -> None:
     """An error answer tells management nothing about the domain: its report is sent."""
     agent, bus = started_agent(make_host())

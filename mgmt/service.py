@@ -264,8 +264,9 @@ class ManagementService:
     def _on_vm_state_report(self, tx: TxContext, message: VmStateReport,
                             incoming: Incoming) -> None:
         """Follows a lifecycle report, then settles a migration the domain is part of."""
-        if not self.registry.on_vm_state_report(tx, message):
-            return  # stale: it settles nothing
+        if self.registry.on_vm_state_report(tx, message) != "Migrating":
+            return  # stale, or no migration of the VM to settle (the report leaves
+            # a Migrating VM as it is)
         domain = DomainInfo(uuid=message.vm_uuid, name=message.vm_name or message.vm_uuid,
                             state=message.state, hostdevs=message.hostdevs)
         self.recovery.on_host_report(tx, message.guid, (domain,), complete=False)

@@ -77,6 +77,13 @@ log = structlog.get_logger()
 JOINT_KINDS: tuple[type[Message], ...] = (StartAnswer, StopAnswer, VmStateReport)
 #: No waiting: a run is what the bus holds already (a lone answer is handled at once).
 ANSWER_LINGER_S = 0.0
+#: The API requests handled together, each by its own route, in one transaction:
+#: those that create or move one VM and answer at once with its job. Each
+#: runs as alone, in order, so a later one sees what an earlier one claimed.
+#: Queries are left out (a refused one, say an unknown job, would cost the
+#: run its transaction), and so are requests whose work is not small.
+API_JOINT_KINDS: tuple[type[Message], ...] = (
+    api.DeployVmRequest, api.StartVmRequest, api.StopVmRequest, api.DestroyVmRequest)
 
 
 class ManagementService:
@@ -120,7 +127,7 @@ class ManagementService:
         self.bus.connect()
         self.bus.declare_mgmt_queues()
         self.bus.consume(MGMT_QUEUE, self.agent_handlers(), self.agent_batches())
-        self.bus.consume(API_QUEUE, self.api_handlers())
+        self.bus.consume(API_QUEUE, self.api_handlers(), self.api_batches())
         self.bus.call_every(self.config.host_sweep_interval_s, self._guard(self.sweep_hosts))
         self.bus.call_every(self.config.job_sweep_interval_s, self._guard(self.expire_jobs))
         self.bus.call_every(0.2, self._guard(self.outbox.mark_published))
@@ -227,6 +234,22 @@ class ManagementService:
         """Returns the handlers of ``hostdev.api`` (requests from clients)."""
         return self.api_pipeline.handlers(self.api.routes())
 
+    def api_batches(self) -> dict[type[Message], Batching]:
+        """Returns the request types of ``hostdev.api`` handled together (deploys and the like).
+
+        Each request of a run runs its own route, in order, in ONE transaction
+        (``Pipeline.joint_handler``): one COMMIT for all the deploys the bus
+        holds. Each is answered (its job, or its refusal) after the commit;
+        if any fails (a taken name, no capacity, a lost race) the run rolls
+        back and each request is handled alone, so what a request gets never
+        depends on its run.
+        """
+        routes = self.api.routes()
+        joint = self.api_pipeline.joint_handler(
+            {kind: routes[kind] for kind in API_JOINT_KINDS}, what="API requests")
+        together = Batching(joint, max_size=self.bus.config.prefetch, linger_s=ANSWER_LINGER_S)
+        return {kind: together for kind in API_JOINT_KINDS}
+
     def _on_startup(self, tx: TxContext, message: StartupRoutingCommand,
                     incoming: Incoming) -> StartupAnswer:
         """Registers the host, then settles migrations from its full domain list."""
@@ -241,8 +264,9 @@ class ManagementService:
     def _on_vm_state_report(self, tx: TxContext, message: VmStateReport,
                             incoming: Incoming) -> None:
         """Follows a lifecycle report, then settles a migration the domain is part of."""
-        if not self.registry.on_vm_state_report(tx, message):
-            return  # stale: it settles nothing
+        if self.registry.on_vm_state_report(tx, message) != "Migrating":
+            return  # stale, or no migration of the VM to settle (the report leaves
+            # a Migrating VM as it is)
         domain = DomainInfo(uuid=message.vm_uuid, name=message.vm_name or message.vm_uuid,
                             state=message.state, hostdevs=message.hostdevs)
         self.recovery.on_host_report(tx, message.guid, (domain,), complete=False)

@@ -180,25 +180,28 @@ class HostRegistry:
         self._reconcile_power(tx, host, command.domains, stamp)
         return True
 
-    def on_vm_state_report(self, tx: TxContext, report: VmStateReport) -> bool:
+    def on_vm_state_report(self, tx: TxContext, report: VmStateReport) -> str | None:
         """Follows a pushed power change: a Running VM found stopped becomes Stopped.
 
-        Returns False when the report was stale (or its host unknown).
+        Returns None when the report was stale (or its host unknown), else the
+        state the reported VM had before the report ("" when there is no such VM).
         """
         stamp = Stamp.of(report)
-        # Core statements: one is pushed at every VM start and stop.
-        host = report_order.admit_locked(tx, report.guid, stamp)
-        if host is None:
-            return False
-        if report.state in ("stopped", "crashed"):
+        # Core statements: one is pushed at every VM start and stop. The VM's
+        # state comes with the host: a VM that is not Running is not read again.
+        admitted = report_order.admit_locked(tx, report.guid, stamp, report.vm_uuid)
+        if admitted is None:
+            return None
+        host = admitted.host
+        if report.state in ("stopped", "crashed") and admitted.vm_state == VM_RUNNING:
             vm = tx.session.scalar(select(VmInstance).where(VmInstance.uuid == report.vm_uuid,
                                                             VmInstance.host_id == host.id))
-            if vm is not None and vm.state == "Running" \
+            if vm is not None and vm.state == VM_RUNNING \
                     and report_order.may_change(tx, vm, stamp):
                 log.warning("vm_found_stopped", vm=vm.uuid, host=host.guid,
                             libvirt_event=report.event)
                 self._lifecycle.transition(tx, vm, VmEvent.FOLLOW_AGENT_POWER_OFF)
-        return True
+        return admitted.vm_state or ""
 
     def _reconcile_power(self, tx: TxContext, host: Host, domains: Sequence[DomainInfo],
                          stamp: Stamp) -> tuple[int, frozenset[str] | None]:

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Protocol, cast
+from typing import NamedTuple, Protocol, cast
 
 import structlog
 from prometheus_client import Counter
@@ -91,31 +91,47 @@ class HostReports:
     retired_boot_id: str | None
 
 
+class Admitted(NamedTuple):
+    """A lifecycle report admitted: its host, and the state of the VM it names, as read
+    with the host (None: no such VM)."""
+
+    host: HostReports
+    vm_state: str | None
+
+
 _HOSTS = cast(Table, Host.__table__)
+_VMS = cast(Table, VmInstance.__table__)
+#: The host, locked, and the state of the reported VM (a subquery: not locked), in one
+#: round trip.
 _LOCK = PreparedStatement(select(
     _HOSTS.c.id, _HOSTS.c.guid, _HOSTS.c.report_boot_id, _HOSTS.c.report_seq,
-    _HOSTS.c.retired_boot_id).where(_HOSTS.c.guid == bindparam("guid")).with_for_update())
+    _HOSTS.c.retired_boot_id,
+    select(_VMS.c.state).where(_VMS.c.uuid == bindparam("vm_uuid")).scalar_subquery())
+    .where(_HOSTS.c.guid == bindparam("guid")).with_for_update())
 _SAVE = PreparedStatement(update(_HOSTS).where(_HOSTS.c.id == bindparam("id")).values(
     report_boot_id=bindparam("boot_id"), report_seq=bindparam("seq"),
     retired_boot_id=bindparam("retired"), updated_at=bindparam("now")))
 
 
-def admit_locked(tx: TxContext, guid: str, stamp: Stamp) -> HostReports | None:
+def admit_locked(tx: TxContext, guid: str, stamp: Stamp, vm_uuid: str) -> Admitted | None:
     """Locks host ``guid``'s row and admits a report of it (:func:`admit`), statements prepared.
 
-    Returns the host, or None when it is unknown or the report is stale. For
+    Returns the host and the state of VM ``vm_uuid`` (read in the same
+    statement, so the report's handler needs no query for a VM it leaves
+    alone), or None when the host is unknown or the report is stale. For
     reports that change nothing else on the host row (lifecycle reports).
     """
-    rows = _LOCK.execute(tx.connection, {"guid": guid}).rows
+    rows = _LOCK.execute(tx.connection, {"guid": guid, "vm_uuid": vm_uuid}).rows
     if not rows:
         return None
-    host = HostReports(*rows[0])
+    *columns, vm_state = rows[0]
+    host = HostReports(*columns)
     if not admit(tx, host, stamp):
         return None
     _SAVE.execute(tx.connection, {"id": host.id, "boot_id": host.report_boot_id,
                                   "seq": host.report_seq, "retired": host.retired_boot_id,
                                   "now": utcnow()})
-    return host
+    return Admitted(host, vm_state)
 
 
 def admit(tx: TxContext, host: ReportedHost, stamp: Stamp) -> bool:

@@ -56,7 +56,16 @@ VmAnswer = (StartAnswer | StopAnswer | MigrateAnswer | AttachPciDevicesAnswer
 
 def new_job(tx: TxContext, kind: payloads.JobKind, vm: VmInstance | None, step: str,
             payload: payloads.Payload, deadline: datetime | None) -> Job:
-    """Adds a running job for ``vm`` (None: a job of no VM); the caller's flush inserts it.
+    """Adds a running job for ``vm`` (None: a job of no VM); the caller's flush inserts it."""
+    job = unsaved_job(tx, kind, vm, step, payload, deadline)
+    tx.session.add(job)
+    return job
+
+
+def unsaved_job(tx: TxContext, kind: payloads.JobKind, vm: VmInstance | None, step: str,
+                payload: payloads.Payload, deadline: datetime | None) -> Job:
+    """Returns a running job for ``vm``, in no session: the caller inserts it
+    (``insert_object``) once it is complete, or adds it to the session.
 
     The id of the request being handled is kept, so a redelivered request
     finds the job it created (``job_of_request``).
@@ -65,7 +74,6 @@ def new_job(tx: TxContext, kind: payloads.JobKind, vm: VmInstance | None, step: 
               step=step, details="",
               deadline=deadline, request_id=tx.message_id)
     payloads.store(job, payload)
-    tx.session.add(job)
     return job
 
 

@@ -35,6 +35,7 @@ from hostdev.mgmt.jobs.payloads import (
     load,
     store,
 )
+from hostdev.mgmt.persistence.core_insert import insert_object
 from hostdev.mgmt.persistence.database import PreparedStatement, RetryTransaction
 from hostdev.mgmt.persistence.models import (
     VM_DESTROYED,
@@ -150,7 +151,7 @@ def _read_for_deploy(tx: TxContext, offering_name: str,
     Raises:
         NotFound: the offering does not exist; the text lists those that exist.
     """
-    rows = _FOR_DEPLOY.execute(tx.session.connection(),
+    rows = _FOR_DEPLOY.execute(tx.connection,
                                {"offering": offering_name, "vm_name": vm_name}).rows
     if not rows:
         find_offering(tx.session, offering_name)  # raises NotFound, listing the offerings
@@ -187,13 +188,16 @@ class JobManager:
         if taken:
             raise Conflict(f"a VM named {name!r} exists already ({taken}); pick another name "
                            "or destroy it first")
+        # Core INSERTs, no session: the VM and its job, each written once (the
+        # job placed, with its command), cost no ORM flush.
         vm = VmInstance(uuid=str(uuid_module.uuid4()), name=name, offering_id=offering_id,
                         state=VM_STOPPED, update_count=0, cpus=cpus, memory_mb=memory_mb)
-        tx.session.add(vm)
-        tx.session.flush()
-        job = self._new_job(tx, "deploy", vm, StartPayload(avoid=list(avoid)))
-        self._place_and_start(tx, job, vm)
-        tx.session.flush()  # one INSERT of the job, placed; gives its id
+        insert_object(tx.connection, vm)
+        deadline = utcnow() + timedelta(seconds=self._config.job_start_timeout_s)
+        job = engine.unsaved_job(tx, "deploy", vm, "place", StartPayload(avoid=list(avoid)),
+                                 deadline)
+        self._place(tx, job, vm)
+        insert_object(tx.connection, job)
         return job, vm
 
     def start(self, tx: TxContext, ref: str) -> Job:
@@ -320,15 +324,19 @@ class JobManager:
             self._place(tx, job, vm)
 
     def _place(self, tx: TxContext, job: Job, vm: VmInstance) -> None:
-        session = tx.session
+        """Places the VM on the first host that takes it and sends StartCommand there.
+
+        Reads and writes through the connection: a session is opened only
+        to refuse (no capacity) and to read a template.
+        """
         payload = load(job, StartPayload)
         policy = offering_numa_policy(tx, vm.offering_id)
         demand = planner.Demand(cpus=vm.cpus, memory_mb=vm.memory_mb,
                                 pci=offering_requests(tx, vm.offering_id), numa=policy)
         avoid = set(payload.avoid) | set(payload.tried)
-        candidates = planner.find_hosts(session, demand, avoid=avoid)
+        candidates = planner.search_hosts(tx.connection, demand, avoid=avoid)
         if not candidates:
-            hosts = planner.read_capacities(session, [r.name for r in demand.pci])
+            hosts = planner.read_capacities(tx.session, [r.name for r in demand.pci])
             raise NoCapacity(planner.refusal(demand, hosts, avoid))
         for candidate in candidates:
             tx.host_guids[candidate.id] = candidate.guid  # the claim's events name it
@@ -346,7 +354,7 @@ class JobManager:
             except ClaimRaceLost as exc:
                 # Devices locked by another daemon's claim: if nothing of ours
                 # was written, the next host is as good as a new transaction.
-                if pci_devices.devices_of_vm(session.connection(), vm.id):
+                if pci_devices.devices_of_vm(tx.connection, vm.id):
                     raise
                 log.info("placement_race_lost", vm=vm.uuid, host=candidate.guid,
                          reason=str(exc))

@@ -89,54 +89,49 @@ _INSERT_ONE = PreparedStatement(insert(_TABLE).values(
 
 
 class Outbox:
-    """The outbox of one transaction: events queued for one INSERT, rows awaiting publication.
+    """The outbox of one transaction: rows queued for one INSERT, rows awaiting publication.
 
-    ``UnitOfWork.run`` creates one per transaction, calls ``flush`` before the
-    commit and publishes ``pending`` after it.
+    ``UnitOfWork.run_each`` creates one per transaction (shared by its
+    works), calls ``flush`` before the commit and publishes ``pending`` after it.
     """
 
     def __init__(self, connection: Connection) -> None:
         self._connection = connection
-        self._queued: list[tuple[str, Message]] = []
+        self._queued: list[tuple[str, Message, dict[str, object]]] = []
         #: Rows written in this transaction, in order, for publication after commit.
         self.pending: list[Pending] = []
 
     def add(self, routing_key: str, message: Message) -> None:
-        """Queues an event; ``flush`` (or the next ``send``) writes the queued ones at once."""
-        self._queued.append((routing_key, message))
+        """Queues an event; ``flush`` writes the queued rows at once."""
+        self._queued.append((routing_key, message, _values(routing_key, message)))
 
     def send(self, routing_key: str, message: Message) -> str:
-        """Adds a command at once and returns its message id (for correlation).
+        """Queues a command and returns its message id (for correlation).
 
-        The events queued so far are written in the same multi-row INSERT, before
-        the command: one round trip, and the rows keep the order of their causes.
+        The id is made here, so the row is written by ``flush`` with the
+        events around it: one round trip, the rows in the order of their causes.
         """
-        queued, self._queued = self._queued, []
-        queued.append((routing_key, message))
-        return self._write(queued)
+        values = _values(routing_key, message)
+        self._queued.append((routing_key, message, values))
+        return str(values["message_id"])
 
     def flush(self) -> None:
-        """Writes the queued events in one multi-row INSERT, in the transaction."""
-        queued, self._queued = self._queued, []
-        if queued:
-            self._write(queued)
+        """Writes the queued rows in one multi-row INSERT, in the transaction.
 
-    def _write(self, rows: list[tuple[str, Message]]) -> str:
-        """Inserts ``rows`` in one statement and keeps them for publication.
-
-        Returns:
-            The message id of the last row.
+        Keeps them for publication after the commit.
         """
-        values = [_values(key, message) for key, message in rows]
+        queued, self._queued = self._queued, []
+        if not queued:
+            return
+        values = [row for _, _, row in queued]
         connection = self._connection
         if len(values) == 1:
             ids = [_INSERT_ONE.execute(connection, values[0]).lastrowid]
         else:
             ids = list(connection.execute(_INSERT_MANY, values).scalars().all())
         self.pending.extend(
-            (row_id, str(value["message_id"]), key, message)
-            for row_id, value, (key, message) in zip(ids, values, rows, strict=True))
-        return str(values[-1]["message_id"])
+            (row_id, str(row["message_id"]), key, message)
+            for row_id, (key, message, row) in zip(ids, queued, strict=True))
 
 
 def exchange_for(routing_key: str) -> str:

@@ -16,7 +16,7 @@ session, whose begin and commit cost more than the COMMIT round trip itself.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 from typing import TypeVar, cast
 
 import structlog
@@ -29,6 +29,7 @@ from hostdev.messages.values import NumaPolicy, PciRequest
 from hostdev.mgmt.errors import Conflict
 from hostdev.mgmt.persistence import outbox
 from hostdev.mgmt.persistence.database import PreparedStatement, run_in_transaction
+from hostdev.mgmt.persistence.literal_rows import insert_rows
 from hostdev.mgmt.persistence.models import HandledMessage, VmInstance, utcnow
 from hostdev.mgmt.persistence.outbox import Outbox
 
@@ -39,8 +40,9 @@ _VMS = cast(Table, VmInstance.__table__)
 T = TypeVar("T")
 
 
+_HANDLED = cast(Table, HandledMessage.__table__)
 #: One INSERT: the primary key refuses an id handled (or being handled) before.
-_RECORD = PreparedStatement(insert(cast(Table, HandledMessage.__table__)).values(
+_RECORD = PreparedStatement(insert(_HANDLED).values(
     message_id=bindparam("message_id"), handled_at=bindparam("now")))
 
 
@@ -53,7 +55,9 @@ class TxContext:
             run here directly, the ORM through ``session``.
         message_id: the id of the message being handled, when it is recorded
             (lets a redelivered request find the job it created).
-        outbox: the events and commands this transaction writes.
+        shared_outbox: the outbox of the transaction when several works share it.
+        outbox: the events and commands this transaction writes (shared by
+            the works of one ``run_each``, written by one INSERT before the commit).
         offering_requests: offering id -> its PCI requests, read once per transaction.
         offering_numa: offering id -> its NUMA policy, read with its PCI requests.
         offering_templates: offering id -> the template it names (None: none),
@@ -68,6 +72,7 @@ class TxContext:
 
     connection: Connection
     message_id: str | None = None
+    shared_outbox: InitVar[Outbox | None] = None
     outbox: Outbox = field(init=False)
     offering_requests: dict[int, tuple[PciRequest, ...]] = field(default_factory=dict)
     offering_numa: dict[int, NumaPolicy] = field(default_factory=dict)
@@ -78,8 +83,8 @@ class TxContext:
     vm_values: dict[int, dict[str, object]] = field(default_factory=dict)
     _session: Session | None = field(default=None, init=False, repr=False)
 
-    def __post_init__(self) -> None:
-        self.outbox = Outbox(self.connection)
+    def __post_init__(self, shared_outbox: Outbox | None) -> None:
+        self.outbox = shared_outbox if shared_outbox is not None else Outbox(self.connection)
 
     @property
     def session(self) -> Session:
@@ -94,13 +99,15 @@ class TxContext:
         return self._session
 
     def flush(self) -> None:
-        """Writes what the session and the outbox hold; the last step before the commit."""
+        """Writes what the session holds and the VM columns waiting for a transition.
+
+        The outbox is written by the unit of work, once for all its works.
+        """
         if self._session is not None:
             self._session.flush()
         for vm_id, values in self.vm_values.items():
             self.connection.execute(update(_VMS).where(_VMS.c.id == vm_id).values(values))
         self.vm_values.clear()
-        self.outbox.flush()
 
     def close(self) -> None:
         """Closes the session, if one was opened (its objects stay loaded, detached)."""
@@ -156,31 +163,43 @@ class UnitOfWork:
         def attempt(connection: Connection) -> tuple[list[T], list[TxContext]]:
             results: list[T] = []
             contexts: list[TxContext] = []
+            shared = Outbox(connection)
+            self._record(connection, [message_id for _, message_id in works
+                                      if message_id is not None], what)
             for work, message_id in works:
-                context = TxContext(connection, message_id)
+                context = TxContext(connection, message_id, shared)
                 contexts.append(context)
                 try:
-                    if message_id is not None:
-                        self._record(connection, message_id, what)
                     results.append(work(context))
                     context.flush()
                 finally:
                     context.close()
+            shared.flush()  # every work's events and commands in one INSERT
             return results, contexts
 
         results, contexts = run_in_transaction(self.engine, attempt, attempts=attempts, what=what)
         for context in contexts:
             for callback in context.after_commit:
                 callback()
-        self._publish([row for context in contexts for row in context.outbox.pending])
+        if contexts:
+            self._publish(contexts[0].outbox.pending)
         return results
 
     @staticmethod
-    def _record(connection: Connection, message_id: str, what: str) -> None:
+    def _record(connection: Connection, message_ids: Sequence[str], what: str) -> None:
+        """Records the ids of the messages handled, all in one INSERT (none: nothing)."""
+        if not message_ids:
+            return
+        now = utcnow()
         try:
-            _RECORD.execute(connection, {"message_id": message_id, "now": utcnow()})
+            if len(message_ids) == 1:
+                _RECORD.execute(connection, {"message_id": message_ids[0], "now": now})
+            else:
+                insert_rows(connection, _HANDLED, ("message_id", "handled_at"),
+                            [(message_id, now) for message_id in message_ids])
         except IntegrityError:
-            raise AlreadyHandled(f"{what}: message {message_id} was handled already "
+            handled = ", ".join(message_ids)
+            raise AlreadyHandled(f"{what}: message {handled} was handled already "
                                  "(a redelivery); nothing done again") from None
 
     def _publish(self, rows: list[outbox.Pending]) -> None:

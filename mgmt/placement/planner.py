@@ -20,6 +20,7 @@ from hostdev.mgmt.placement.demand import Candidate as Candidate
 from hostdev.mgmt.placement.demand import Demand as Demand
 from hostdev.mgmt.placement.search import PAGE as PAGE
 from hostdev.mgmt.placement.search import find_hosts as find_hosts
+from hostdev.mgmt.placement.search import search_hosts as search_hosts
 from hostdev.mgmt.placement.unavailable import Unavailable as Unavailable
 from hostdev.mgmt.placement.unavailable import read_unavailable
 

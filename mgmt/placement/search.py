@@ -29,6 +29,7 @@ from typing import Final
 from sqlalchemy import (
     BindParameter,
     ColumnElement,
+    Connection,
     Select,
     Subquery,
     and_,
@@ -74,6 +75,13 @@ def find_hosts(session: Session, demand: Demand, *, avoid: Collection[str] = (),
     """
     if session.autoflush and (session.new or session.dirty or session.deleted):
         session.flush()  # as a query's autoflush would
+    return search_hosts(session.connection(), demand, avoid=avoid, limit=limit)
+
+
+def search_hosts(connection: Connection, demand: Demand, *, avoid: Collection[str] = (),
+                 limit: int = 5) -> list[Candidate]:
+    """:func:`find_hosts` on a connection: for a caller that writes through Core alone
+    (a deploy), with no session to flush first."""
     numa = demand.numa == "required"
     params: dict[str, object] = {"cpus": demand.cpus, "memory_mb": demand.memory_mb,
                                  "after": 0}
@@ -82,7 +90,6 @@ def find_hosts(session: Session, demand: Demand, *, avoid: Collection[str] = (),
         params[f"count_{index}"] = request.count
     for index, ref in enumerate(sorted(avoid)):
         params[f"avoid_{index}"] = ref
-    connection = session.connection()
     hosts = _host_search(len(demand.pci), len(avoid), limit, numa)
     if not demand.pci:
         return _candidates(hosts.execute(connection, params | {"upto": LAST_ID}).rows)

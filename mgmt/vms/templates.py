@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from sqlalchemy import bindparam, delete, func, select
 from sqlalchemy.orm import Session
+from sqlalchemy.orm.attributes import set_committed_value
 
 from hostdev.messages.domain_template import console_path_for, render_domain
 from hostdev.messages.values import TemplateRow, VmSpec
@@ -119,6 +120,11 @@ def domain_for(tx: TxContext, vm: VmInstance, spec: VmSpec) -> str:
         return ""
     template = find_template(tx.session, template_name, vm.template_version)
     if vm.template_version is None:
-        vm.template_version = template.version
-        vm.console_path = console_path_for(template.xml, vm.uuid) or None
+        # Written with the VM's columns before the commit: the VM may be in no
+        # session (a deploy writes it through Core).
+        first = {"template_version": template.version,
+                 "console_path": console_path_for(template.xml, vm.uuid) or None}
+        tx.vm_values.setdefault(vm.id, {}).update(first)
+        for key, value in first.items():
+            set_committed_value(vm, key, value)
     return render_domain(template.xml, spec, console_path=vm.console_path or "")

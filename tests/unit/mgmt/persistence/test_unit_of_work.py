@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
@@ -131,3 +133,45 @@ def test_vm_values_without_a_transition_are_written_before_the_commit(engine: En
 
     UnitOfWork(engine).run(answer)
     assert _answer_stamp(engine, vm_id) == ("Stopped", "boot-2", 3)
+
+
+def test_the_works_of_a_run_write_their_outbox_rows_together_in_order(engine: Engine) -> None:
+    """run_each: every work's events and commands are one batch of rows, in the works' order,
+    published after the one commit; each work's command id is the id its row keeps."""
+    bus = RecordingBus()
+    work = UnitOfWork(engine, OutboxPublisher(engine, bus))
+    sent: list[str] = []
+
+    def one(n: int) -> Callable[[TxContext], int]:
+        def write(tx: TxContext) -> int:
+            tx.outbox.add(f"job.{n}.Succeeded", _event())
+            sent.append(tx.outbox.send(f"agent.g{n}.Ping", _event()))
+            return _count_rows(tx)
+        return write
+
+    seen = work.run_each([(one(1), "m-1"), (one(2), "m-2")])
+
+    assert seen == [0, 0]  # written by one INSERT before the commit, after both works
+    with engine.connect() as conn:
+        stored = conn.execute(select(OutboxEvent.routing_key, OutboxEvent.message_id)
+                              .order_by(OutboxEvent.id)).all()
+    assert [key for key, _ in stored] == ["job.1.Succeeded", "agent.g1.Ping",
+                                          "job.2.Succeeded", "agent.g2.Ping"]
+    assert [mid for key, mid in stored if key.startswith("agent.")] == sent
+    assert [p.routing_key for p in bus.published] == [key for key, _ in stored]
+
+
+def test_a_run_holding_an_id_handled_before_records_none(engine: Engine) -> None:
+    """The ids of a run are recorded together: one handled before refuses the whole run."""
+    work = UnitOfWork(engine)
+    work.run(lambda tx: None, message_id="m-2")
+    with pytest.raises(AlreadyHandled, match="m-1, m-2"):
+        work.run_each([(lambda tx: tx.outbox.add("job.1.Succeeded", _event()), "m-1"),
+                       (lambda tx: None, "m-2")])
+    assert _count(engine, OutboxEvent) == 0
+    work.run(lambda tx: None, message_id="m-1")  # not recorded by the refused run
+
+
+def _count_rows(tx: TxContext) -> int:
+    return int(tx.connection.execute(select(func.count()).select_from(OutboxEvent))
+               .scalar_one())

@@ -21,6 +21,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import structlog
@@ -55,6 +56,15 @@ log = structlog.get_logger()
 _REMEMBERED = 10_000  # message ids whose delivery count the bus keeps itself
 
 
+@dataclass(slots=True)
+class _Run:
+    """Deliveries of one queue collected for one batch handler, each with its place taken."""
+
+    batching: Batching
+    items: list[tuple[int, Delivery, BatchItem]]
+    due: float
+
+
 class LinkBus(BusShortcuts):
     """The hostdev bus on one link. The constructor does no I/O; :meth:`connect` does."""
 
@@ -64,8 +74,10 @@ class LinkBus(BusShortcuts):
         self._loop = LoopScheduler(wake=link.wake, clock=link.clock, reraise=link.recoverable)
         self._handlers: dict[str, dict[type[Message], Handler]] = {}
         self._batches: dict[str, dict[type[Message], Batching]] = {}
-        #: The run being collected: its batching, deliveries and when it is due.
-        self._run: tuple[Batching, list[tuple[Delivery, BatchItem]], float] | None = None
+        #: The runs being collected, one per queue: its batching, deliveries (each with
+        #: its place in the order they were taken) and when it is due.
+        self._runs: dict[str, _Run] = {}
+        self._taken = 0
         self._attempts: OrderedDict[str, int] = OrderedDict()
         self._reconnect_callbacks: list[Callable[[], None]] = []
         self._loop_thread: int | None = None
@@ -183,11 +195,11 @@ class LinkBus(BusShortcuts):
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
             self._loop_until(until, deadline)
-            self._finish_run()
+            self._finish_runs()
         except Stopped:
             pass
         finally:
-            self._run = None
+            self._runs.clear()
             self._loop.stopping.clear()
             self._loop_thread = None
             self._link.flush()
@@ -202,7 +214,7 @@ class LinkBus(BusShortcuts):
                 if not self._step(linger=True):
                     self._link.wait(self._wait_s(deadline))
             except self._link.recoverable as exc:
-                self._run = None  # its deliveries come again on the new connection
+                self._runs.clear()  # their deliveries come again on the new connection
                 self._link.recover(exc, self._loop.stopping)
 
     def step(self) -> bool:
@@ -223,8 +235,8 @@ class LinkBus(BusShortcuts):
         delivery = self._link.take()
         if delivery is None:
             # Without lingering (a caller draining the bus), a run is handled at once.
-            if self._run is not None and (not linger or time.monotonic() >= self._run[2]):
-                self._handle_run()
+            if self._runs and (not linger or time.monotonic() >= self._due()):
+                self._handle_runs()
                 return True
             return ran
         self._handle(delivery)
@@ -232,25 +244,42 @@ class LinkBus(BusShortcuts):
 
     def _wait_s(self, deadline: float | None) -> float:
         wait = self._loop.next_wait(deadline, 1.0)
-        if self._run is not None:
-            wait = min(wait, max(0.0, self._run[2] - time.monotonic()))
+        if self._runs:
+            wait = min(wait, max(0.0, self._due() - time.monotonic()))
         return wait
 
-    def _finish_run(self) -> None:
-        """Handles the run collected so far before ``run()`` returns (none is left unsettled)."""
-        if self._run is None or not self._link.is_current(self._run[1][0][0]):
-            return
-        # A lost connection: the broker delivers the run again.
-        with contextlib.suppress(*self._link.recoverable):
-            self._handle_run()
+    def _due(self) -> float:
+        """Returns when the first of the runs being collected is due."""
+        return min(run.due for run in self._runs.values())
 
-    def _handle_run(self) -> None:
-        assert self._run is not None
-        batching, collected, _ = self._run
-        self._run = None
-        outcomes = handle_batch([item for _, item in collected], batching.handler,
-                                self.config.delivery_limit)
-        for (delivery, item), outcome in zip(collected, outcomes, strict=True):
+    def _finish_runs(self) -> None:
+        """Handles the runs collected so far before ``run()`` returns (none is left unsettled)."""
+        if not self._runs or not all(self._link.is_current(run.items[0][1])
+                                     for run in self._runs.values()):
+            return
+        # A lost connection: the broker delivers the runs again.
+        with contextlib.suppress(*self._link.recoverable):
+            self._handle_runs()
+
+    def _handle_runs(self) -> None:
+        """Handles every run being collected, then settles their deliveries in the order taken.
+
+        Runs of different queues are collected side by side (the broker keeps
+        no order between queues), so deliveries that arrive interleaved still
+        share a transaction per queue. They are settled in the order they were
+        taken, as single deliveries are: the link acks in delivery order (one
+        ``multiple`` ack may cover every delivery before it).
+        """
+        runs = list(self._runs.values())
+        self._runs.clear()
+        settled: list[tuple[int, Delivery, BatchItem, Outcome]] = []
+        for run in runs:
+            outcomes = handle_batch([item for _, _, item in run.items], run.batching.handler,
+                                    self.config.delivery_limit)
+            settled += [(taken, delivery, item, outcome) for (taken, delivery, item), outcome
+                        in zip(run.items, outcomes, strict=True)]
+        settled.sort(key=lambda entry: entry[0])
+        for _, delivery, item, outcome in settled:
             self._settled(delivery, item.incoming, outcome, item.attempts)
 
     def _reconnected(self) -> None:
@@ -292,25 +321,33 @@ class LinkBus(BusShortcuts):
                 assert not isinstance(decoded, Outcome)
                 self._collect(batching, delivery, BatchItem(decoded, incoming, attempts))
                 return
-            if self._run is not None:
-                self._handle_run()  # the run before this delivery: the queue's order holds
+            if self._runs:
+                self._handle_runs()  # the runs before this delivery: the queue's order holds
             outcome = metrics.count(decoded if isinstance(decoded, Outcome) else handle_message(
                 decoded, incoming=incoming, handlers=self._handlers.get(delivery.queue, {}),
                 attempts=attempts, delivery_limit=limit))
-        if self._run is not None:
-            self._handle_run()
+        if self._runs:
+            self._handle_runs()
         self._settled(delivery, incoming, outcome, attempts)
 
     def _collect(self, batching: Batching, delivery: Delivery, item: BatchItem) -> None:
-        """Adds a delivery to the run of its type; handles the run once full."""
-        if self._run is not None and self._run[0] is not batching:
-            self._handle_run()
-        if self._run is None:
+        """Adds a delivery to its queue's run; handles the runs once one is full.
+
+        A delivery of another type (another batching) than its queue's run
+        ends the runs first: within a queue, messages are handled in order.
+        """
+        run = self._runs.get(delivery.queue)
+        if run is not None and run.batching is not batching:
+            self._handle_runs()
+            run = None
+        if run is None:
             # Real time, not the link's clock: a fake one (tests) would hold a run back.
-            self._run = (batching, [], time.monotonic() + batching.linger_s)
-        self._run[1].append((delivery, item))
-        if len(self._run[1]) >= batching.max_size:
-            self._handle_run()
+            run = self._runs[delivery.queue] = _Run(batching, [],
+                                                    time.monotonic() + batching.linger_s)
+        self._taken += 1
+        run.items.append((self._taken, delivery, item))
+        if len(run.items) >= batching.max_size:
+            self._handle_runs()
 
     def _settled(self, delivery: Delivery, incoming: Incoming, outcome: Outcome,
                  attempts: int) -> None:

@@ -151,3 +151,69 @@ def test_a_lone_delivery_without_linger_is_handled_at_once(broker: InProcessBrok
     bus.run(until=lambda: bool(calls), timeout=30.0)
     # The loop returned because the run was handled, not at its timeout.
     assert calls == [["a"]] and time.monotonic() - started < 5.0
+
+
+def test_interleaved_queues_collect_a_run_each_and_settle_in_the_order_taken(
+        broker: InProcessBroker) -> None:
+    """Deliveries of two queues taken in turns make one run per queue, not runs of one;
+    they are settled in the order they were taken (acks keep delivery order)."""
+    bus = InProcessBus(broker=broker)
+    bus.connect()
+    bus.declare_mgmt_queues()
+    queues = {guid: bus.declare_agent_queue(guid) for guid in ("g1", "g2")}
+    calls: list[tuple[str, list[str]]] = []
+    taken: list[str] = []
+    settled: list[str] = []
+
+    def stops_of(guid: str) -> Any:
+        def stops(items: Sequence[tuple[StopCommand, Incoming]]) -> list[Message | None]:
+            calls.append((guid, [message.vm_uuid for message, _ in items]))
+            return [None] * len(items)
+        return stops
+
+    for guid, queue in queues.items():
+        bus.consume(queue, {}, {StopCommand: Batching(stops_of(guid), max_size=10)})
+    link: Any = bus._link  # noqa: SLF001 (the order the bus takes and settles in)
+    take, ack = link.take, link.ack
+
+    def spy_take() -> Any:
+        delivery = take()
+        if delivery is not None:
+            taken.append(delivery.properties["message_id"])
+        return delivery
+
+    def spy_ack(delivery: Any) -> None:
+        settled.append(delivery.properties["message_id"])
+        ack(delivery)
+
+    link.take, link.ack = spy_take, spy_ack
+    for name in ("a", "b", "c"):
+        bus.send_to_agent("g1", StopCommand(vm_uuid=name))
+        bus.send_to_agent("g2", StopCommand(vm_uuid=name.upper()))
+    broker.drain()
+    assert sorted(calls) == [("g1", ["a", "b", "c"]), ("g2", ["A", "B", "C"])]
+    assert len(taken) == 6 and settled == taken
+    assert all(broker.pending(queue) == [] for queue in queues.values())
+
+
+def test_another_type_on_one_queue_ends_every_run(broker: InProcessBroker) -> None:
+    """A delivery that ends its own queue's run handles the other queue's run too, first."""
+    bus = InProcessBus(broker=broker)
+    bus.connect()
+    bus.declare_mgmt_queues()
+    queues = {guid: bus.declare_agent_queue(guid) for guid in ("g1", "g2")}
+    calls: list[Any] = []
+
+    def stops(items: Sequence[tuple[StopCommand, Incoming]]) -> list[Message | None]:
+        calls.append(sorted(message.vm_uuid for message, _ in items))
+        return [None] * len(items)
+
+    for queue in queues.values():
+        bus.consume(queue, {ErrorAnswer: lambda m, i: calls.append(m.details)},
+                    {StopCommand: Batching(stops, max_size=10)})
+    bus.send_to_agent("g1", StopCommand(vm_uuid="a"))
+    bus.send_to_agent("g2", StopCommand(vm_uuid="b"))
+    bus.send_to_agent("g1", ErrorAnswer(details="between"))
+    broker.drain()
+    # Both runs are handled before the error answer, in the order they began.
+    assert calls == [["a"], ["b"], "between"]

@@ -173,7 +173,7 @@ def test_interleaved_queues_collect_a_run_each_and_settle_in_the_order_taken(
 
     for guid, queue in queues.items():
         bus.consume(queue, {}, {StopCommand: Batching(stops_of(guid), max_size=10)})
-    link: Any = bus._link  # noqa: SLF001 (the order the bus takes and settles in)
+    link: Any = bus._link  # the order the bus takes and settles in
     take, ack = link.take, link.ack
 
     def spy_take() -> Any:

@@ -262,14 +262,9 @@ class LinkBus(BusShortcuts):
             self._handle_runs()
 
     def _handle_runs(self) -> None:
-        """Handles every run being collected, then settles their deliveries in the order taken.
-
-        Runs of different queues are collected side by side (the broker keeps
-        no order between queues), so deliveries that arrive interleaved still
-        share a transaction per queue. They are settled in the order they were
-        taken, as single deliveries are: the link acks in delivery order (one
-        ``multiple`` ack may cover every delivery before it).
-        """
+        """Handles every run being collected (one per queue: the broker keeps no order
+        between queues), then settles their deliveries in the order taken, as the
+        link's ``multiple`` acks need."""
         runs = list(self._runs.values())
         self._runs.clear()
         settled: list[tuple[int, Delivery, BatchItem, Outcome]] = []
@@ -331,11 +326,8 @@ class LinkBus(BusShortcuts):
         self._settled(delivery, incoming, outcome, attempts)
 
     def _collect(self, batching: Batching, delivery: Delivery, item: BatchItem) -> None:
-        """Adds a delivery to its queue's run; handles the runs once one is full.
-
-        A delivery of another type (another batching) than its queue's run
-        ends the runs first: within a queue, messages are handled in order.
-        """
+        """Adds a delivery to its queue's run; handles the runs once one is full, or
+        first when its queue's run is of another batching (a queue's order holds)."""
         run = self._runs.get(delivery.queue)
         if run is not None and run.batching is not batching:
             self._handle_runs()

@@ -190,16 +190,22 @@ def test_events_of_one_domain_queued_together_become_one_report(
     assert len(bus.soon) == 1  # a later event queues a report again
 
 
+def _started(host: SimulatedHost, uuid: str, address: P) -> tuple[Agent, RecordingBus, StartAnswer]:
+    """Returns a fed agent on ``host``, its bus and its ok answer to starting ``uuid``."""
+    agent, bus = fed_agent(host)
+    handler = bus.consumers[f"hostdev.agent.{GUID}"][StartCommand]
+    answer = handler(StartCommand(vm=VmSpec(uuid=uuid, name="v", cpus=1, memory_mb=128,
+                                            pci_devices=(address,))), incoming())
+    assert isinstance(answer, StartAnswer) and answer.ok
+    return agent, bus, answer
+
+
 def test_the_report_after_a_start_is_not_sent_and_the_next_change_is(
         make_host: HostFactory) -> None:
     """The start's events would repeat its answer: no report; a destroy after it is reported."""
     host = make_host()
-    agent, bus = fed_agent(host)
-    handler = bus.consumers[f"hostdev.agent.{GUID}"][StartCommand]
     uuid = "44444444-0000-0000-0000-000000000001"
-    answer = handler(StartCommand(vm=VmSpec(uuid=uuid, name="v", cpus=1, memory_mb=128,
-                                            pci_devices=(P("28:00.1"),))), incoming())
-    assert isinstance(answer, StartAnswer) and answer.ok
+    agent, bus, answer = _started(host, uuid, P("28:00.1"))
     for event, detail in (("Defined", "Added"), ("Started", "Booted")):
         agent.on_lifecycle(_event(uuid, event, detail))
     bus.run()
@@ -215,13 +221,8 @@ def test_the_report_after_a_start_is_not_sent_and_the_next_change_is(
 def test_a_stop_coalesced_with_a_start_is_reported_though_nothing_changed_since(
         make_host: HostFactory) -> None:
     """Stopped (or Crashed, Undefined) is always reported: the domain left in between."""
-    host = make_host()
-    agent, bus = fed_agent(host)
-    handler = bus.consumers[f"hostdev.agent.{GUID}"][StartCommand]
     uuid = "44444444-0000-0000-0000-000000000002"
-    answer = handler(StartCommand(vm=VmSpec(uuid=uuid, name="v", cpus=1, memory_mb=128,
-                                            pci_devices=(P("28:00.2"),))), incoming())
-    assert isinstance(answer, StartAnswer) and answer.ok
+    agent, bus, _ = _started(make_host(), uuid, P("28:00.2"))
     agent.on_lifecycle(_event(uuid, "Stopped", "Migrated", "stopped"))
     agent.on_lifecycle(_event(uuid, "Started", "Migrated"))  # back, same devices
     bus.run()

@@ -99,15 +99,16 @@ class CommandHandlers:
         """
         wanted = tuple(addresses)
         listed = ", ".join(sorted(self.inventory)) or "none"
-        refusals = {a: f"{a} is not a passthrough device of this host (pci.devices lists: "
-                       f"{listed})" for a in wanted if a not in self.inventory}
-        holders = self._holders(vm_uuid) if len(refusals) < len(wanted) else {}
+        holders = self._holders(vm_uuid) if any(a in self.inventory for a in wanted) else {}
+        refusals: dict[PciAddress, str] = {}
         for address in wanted:
-            holder = holders.get(address)
-            if holder is not None and address not in refusals:
+            if address not in self.inventory:
+                refusals[address] = (f"{address} is not a passthrough device of this host "
+                                     f"(pci.devices lists: {listed})")
+            elif (holder := holders.get(address)) is not None:
                 refusals[address] = (f"{address} is held by domain {holder.name} "
                                      f"({holder.uuid}), which is running")
-        return {a: refusals[a] for a in wanted if a in refusals}
+        return refusals
 
     def _holders(self, vm_uuid: str) -> dict[PciAddress, DomainInfo]:
         """Returns the running domains other than ``vm_uuid`` by the devices they hold."""

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import uuid as uuid_module
 from collections.abc import Collection
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import structlog
 from sqlalchemy import bindparam, select
@@ -193,9 +193,8 @@ class JobManager:
         vm = VmInstance(uuid=str(uuid_module.uuid4()), name=name, offering_id=offering_id,
                         state=VM_STOPPED, update_count=0, cpus=cpus, memory_mb=memory_mb)
         insert_object(tx.connection, vm)
-        deadline = utcnow() + timedelta(seconds=self._config.job_start_timeout_s)
         job = engine.unsaved_job(tx, "deploy", vm, "place", StartPayload(avoid=list(avoid)),
-                                 deadline)
+                                 self._start_deadline())
         self._place(tx, job, vm)
         insert_object(tx.connection, job)
         return job, vm
@@ -314,8 +313,11 @@ class JobManager:
 
     def _new_job(self, tx: TxContext, kind: JobKind, vm: VmInstance,
                  payload: StartPayload | StopPayload) -> Job:
-        deadline = utcnow() + timedelta(seconds=self._config.job_start_timeout_s)
-        return engine.new_job(tx, kind, vm, "place", payload, deadline)
+        return engine.new_job(tx, kind, vm, "place", payload, self._start_deadline())
+
+    def _start_deadline(self) -> datetime:
+        """Returns when a job placed or started now times out (``job_start_timeout_s``)."""
+        return utcnow() + timedelta(seconds=self._config.job_start_timeout_s)
 
     def _place_and_start(self, tx: TxContext, job: Job, vm: VmInstance) -> None:
         # A new job is inserted once, with its final step and payload, by the
@@ -369,7 +371,7 @@ class JobManager:
             payload.host, payload.host_name = candidate.guid, candidate.name
             store(job, payload)
             job.step = "start"
-            job.deadline = utcnow() + timedelta(seconds=self._config.job_start_timeout_s)
+            job.deadline = self._start_deadline()
             log.info("vm_placed", vm=vm.uuid, host=candidate.guid, job=job.id)
             return
         # Every candidate was taken under us: a new transaction sees the new counts.

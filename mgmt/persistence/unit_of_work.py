@@ -198,9 +198,10 @@ class UnitOfWork:
                 insert_rows(connection, _HANDLED, ("message_id", "handled_at"),
                             [(message_id, now) for message_id in message_ids])
         except IntegrityError:
-            handled = ", ".join(message_ids)
-            raise AlreadyHandled(f"{what}: message {handled} was handled already "
-                                 "(a redelivery); nothing done again") from None
+            which = (f"message {message_ids[0]} was" if len(message_ids) == 1 else
+                     f"one of messages {', '.join(message_ids)} was")
+            raise AlreadyHandled(f"{what}: {which} handled already (a redelivery); "
+                                 "nothing done again") from None
 
     def _publish(self, rows: list[outbox.Pending]) -> None:
         if not rows or self.publisher is None:

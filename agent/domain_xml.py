@@ -81,9 +81,9 @@ def read_hostdevs(xml: str) -> tuple[PciAddress, ...]:
     """Returns the PCI addresses of a domain's hostdevs, in XML order.
 
     Remembered by the exact text: the agent reads the XML of every domain on
-    the host for each device it hands out (is another domain holding it?),
-    and a domain's XML rarely changes, so most reads are of a text parsed
-    before. The same text always gives the same (immutable) answer.
+    the host for each command that hands out devices (is another domain
+    holding one?), and a domain's XML rarely changes, so most reads are of a
+    text parsed before. The same text always gives the same (immutable) answer.
     """
     root = ET.fromstring(xml)
     found = (hostdev_address(h) for h in root.findall(_HOSTDEV_PATH))

@@ -155,6 +155,9 @@ class Pipeline:
         transaction rolls back and every message is handled alone, in order,
         by its route: what a message does never depends on its batch. A run
         holding a redelivery, or with one message, is handled alone at once.
+        A work may read ahead for the messages of its type right after it
+        (``TxContext.ahead``, ``TxContext.run_cache``): the start answers of a
+        run read all their jobs in one statement.
         """
         ones = {kind: self.handler(kind, route) for kind, route in routes.items()}
 
@@ -163,10 +166,11 @@ class Pipeline:
             # A redelivery may have been handled: alone, it is dropped without
             # undoing the others' work (its run is handled alone, in order).
             if len(checked) > 1 and not any(items[index][1].redelivered for index in checked):
+                taken = [items[index] for index in checked]
                 try:
                     done = self.work.run_each(
-                        [self._joint_work(routes[type(items[index][0])], *items[index])
-                         for index in checked], what=what)
+                        [self._joint_work(routes[type(message)], taken, position)
+                         for position, (message, _) in enumerate(taken)], what=what)
                 except Exception as exc:
                     log.warning("batch_failed", what=what, size=len(checked), error=str(exc),
                                 hint="its messages are handled one by one")
@@ -180,14 +184,35 @@ class Pipeline:
             return results
         return handle
 
-    def _joint_work(self, route: Route, message: Any, incoming: Incoming,
+    def _joint_work(self, route: Route, taken: Sequence[tuple[Any, Incoming]], position: int,
                     ) -> tuple[Callable[[TxContext], Message | None], str | None]:
-        """Returns one message's work in a joint transaction and the id it records, if any."""
+        """Returns the work of message ``taken[position]`` in a joint transaction and
+        the id it records, if any.
+
+        The work sees the messages of its type right after it (``tx.ahead``);
+        what the works before it read ahead is kept while the type stays the
+        same: a work of another type may have changed those rows.
+        """
+        message, incoming = taken[position]
+        kind = type(message)
+        end = position + 1
+        while end < len(taken) and type(taken[end][0]) is kind:
+            end += 1
+        ahead = taken[position:end]
+
         def work(tx: TxContext) -> Message | None:
+            if tx.run_cache.get(_KIND) is not kind:
+                tx.run_cache.clear()
+                tx.run_cache[_KIND] = kind
+            tx.ahead = ahead
             with bound_message(incoming.message_id, incoming.correlation_id,
                                **self.log_context(message, incoming)):
                 return route.work(tx, message, incoming)
         return work, incoming.message_id if route.record(message) else None
+
+
+#: The ``run_cache`` key naming the type of message whose rows it holds.
+_KIND = "kind"
 
 
 def _result_of(call: Callable[..., Message | None], *args: Any) -> Message | Exception | None:

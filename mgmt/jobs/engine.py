@@ -14,12 +14,13 @@ handler of its kind.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
+from typing import Any, TypeVar
 
 import structlog
-from sqlalchemy import bindparam, select
-from sqlalchemy.orm import Session
+from sqlalchemy import bindparam, inspect, select
+from sqlalchemy.orm import Session, make_transient_to_detached
 from sqlalchemy.orm.attributes import set_committed_value
 
 from hostdev.messages.base import Message
@@ -46,6 +47,7 @@ from hostdev.mgmt.persistence.models import (
 from hostdev.mgmt.persistence.unit_of_work import TxContext
 
 log = structlog.get_logger()
+T = TypeVar("T")
 
 #: Handles one overdue job of a kind (locked, still running, past its deadline).
 ExpiryHandler = Callable[[TxContext, Job], bool]
@@ -118,14 +120,14 @@ def job_for_answer(tx: TxContext, answer: VmAnswer, correlation_id: str | None,
     # The job waiting for this command knows its host: no outbox read on the
     # usual path. Only an answer no job waits for (late, or forged) is looked
     # up among the commands management sent.
-    # One round trip: the job (locked), its VM (locked: the answer writes it
-    # anyway) and the guid of the VM's host (a subquery: not locked).
-    found = tx.session.execute(_JOB_OF_COMMAND, {"command_id": correlation_id}).first()
-    job, vm = (found[0], found[1]) if found is not None else (None, None)
+    # One round trip (one for a whole run of answers): the job (locked), its
+    # VM (locked: the answer writes it anyway) and the guid of the VM's host
+    # (a subquery: not locked).
+    job, vm, guid = _job_of_command(tx, correlation_id)
     if job is not None and job.command_host is not None:
         target: str | None = job.command_host
-        if vm is not None and vm.host_id is not None and found is not None and found[2]:
-            tx.host_guids[vm.host_id] = found[2]
+        if vm is not None and vm.host_id is not None and guid:
+            tx.host_guids[vm.host_id] = guid
     else:
         job = vm = None
         target = _command_host(tx.session.scalar(
@@ -164,6 +166,60 @@ _JOB_OF_COMMAND = (
     .outerjoin(VmInstance, VmInstance.id == Job.vm_id)
     .where(Job.command_id == bindparam("command_id"))
     .with_for_update())
+_JOB_COLUMNS = [(attr.key, attr.columns[0]) for attr in inspect(Job).column_attrs]
+_VM_COLUMNS = [(attr.key, attr.columns[0]) for attr in inspect(VmInstance).column_attrs]
+#: The same for several commands at once: plain rows, job columns then VM columns.
+_JOBS_OF_COMMANDS = (
+    select(*(column for _, column in _JOB_COLUMNS), *(column for _, column in _VM_COLUMNS),
+           select(Host.guid).where(Host.id == VmInstance.host_id).scalar_subquery())
+    .outerjoin(VmInstance, VmInstance.id == Job.vm_id)
+    .where(Job.command_id.in_(bindparam("command_ids", expanding=True)))
+    .with_for_update())
+_COMMAND_ID = [key for key, _ in _JOB_COLUMNS].index("command_id")
+_VM_ID = [key for key, _ in _VM_COLUMNS].index("id")
+#: ``run_cache`` key: command id -> its row of ``_JOBS_OF_COMMANDS`` (None: no job).
+_READ_AHEAD = "jobs_of_commands"
+
+
+def _job_of_command(tx: TxContext, command_id: str,
+                    ) -> tuple[Job | None, VmInstance | None, str | None]:
+    """Returns the job (locked) that sent command ``command_id``, its VM (locked) and
+    the guid of the VM's host.
+
+    In a run of answers the first reads the rows of all the commands they
+    answer in one statement (``tx.ahead``) and each takes its own from
+    ``tx.run_cache``, once: an answer repeated in the run reads it again.
+    """
+    rows: dict[str, Sequence[Any] | None] | None = tx.run_cache.get(_READ_AHEAD)
+    if rows is None:
+        ids = sorted({incoming.correlation_id for _, incoming in tx.ahead
+                      if incoming.correlation_id})
+        if len(ids) > 1:
+            rows = dict.fromkeys(ids)
+            for read in tx.connection.execute(_JOBS_OF_COMMANDS, {"command_ids": ids}):
+                rows[read[_COMMAND_ID]] = read
+            tx.run_cache[_READ_AHEAD] = rows
+    if rows is not None and command_id in rows:
+        row = rows.pop(command_id)
+        if row is None:
+            return None, None, None
+        job = _persistent(tx.session, Job, _JOB_COLUMNS, row[:len(_JOB_COLUMNS)])
+        vm_values = row[len(_JOB_COLUMNS):-1]
+        vm = (_persistent(tx.session, VmInstance, _VM_COLUMNS, vm_values)
+              if vm_values[_VM_ID] is not None else None)
+        return job, vm, row[-1]
+    found = tx.session.execute(_JOB_OF_COMMAND, {"command_id": command_id}).first()
+    return (found[0], found[1], found[2]) if found is not None else (None, None, None)
+
+
+def _persistent(session: Session, cls: type[T], columns: Sequence[tuple[str, Any]],
+                values: Sequence[Any]) -> T:
+    """Returns an object of ``cls`` made of a row read by Core, in ``session`` as if
+    the session had loaded it (no statement; a change is flushed as an UPDATE)."""
+    instance = cls(**{key: value for (key, _), value in zip(columns, values, strict=True)})
+    make_transient_to_detached(instance)
+    session.add(instance)
+    return instance
 
 
 def _command_host(routing_key: str | None) -> str | None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import InitVar, dataclass, field
-from typing import TypeVar, cast
+from typing import Any, TypeVar, cast
 
 import structlog
 from sqlalchemy import Connection, Engine, Table, bindparam, insert, update
@@ -68,6 +68,13 @@ class TxContext:
         vm_values: VM id -> columns to write with the VM's next transition in
             this transaction (its UPDATE carries them), or else by ``flush``:
             one statement fewer when a transition follows.
+        ahead: the message being handled and those of its type right after it
+            in its run, as ``(message, incoming)`` (set by the pipeline's joint
+            handler; empty when handled alone): what a work may read ahead for.
+        run_cache: rows read ahead for the works of one run (``run_each``),
+            one dict per attempt, emptied by the pipeline when the type of
+            message changes: a work reads its row here instead of asking the
+            database, and reads the rows of those ``ahead`` in one statement.
     """
 
     connection: Connection
@@ -81,6 +88,8 @@ class TxContext:
     host_guids: dict[int, str] = field(default_factory=dict)
     after_commit: list[Callable[[], None]] = field(default_factory=list)
     vm_values: dict[int, dict[str, object]] = field(default_factory=dict)
+    ahead: Sequence[tuple[Any, Any]] = ()
+    run_cache: dict[str, Any] = field(default_factory=dict)
     _session: Session | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self, shared_outbox: Outbox | None) -> None:
@@ -164,10 +173,11 @@ class UnitOfWork:
             results: list[T] = []
             contexts: list[TxContext] = []
             shared = Outbox(connection)
+            cache: dict[str, Any] = {}  # what the works read ahead for each other
             self._record(connection, [message_id for _, message_id in works
                                       if message_id is not None], what)
             for work, message_id in works:
-                context = TxContext(connection, message_id, shared)
+                context = TxContext(connection, message_id, shared, run_cache=cache)
                 contexts.append(context)
                 try:
                     results.append(work(context))

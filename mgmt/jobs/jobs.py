@@ -17,16 +17,16 @@ from collections.abc import Collection
 from datetime import datetime, timedelta
 
 import structlog
-from sqlalchemy import bindparam, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from hostdev.messages.commands import StartAnswer, StartCommand, StopAnswer, StopCommand
-from hostdev.messages.values import JobRow, PciRequest, VmSpec
+from hostdev.messages.values import JobRow, VmSpec
 from hostdev.mgmt.config import MgmtConfig
 from hostdev.mgmt.devices import pci_devices
 from hostdev.mgmt.devices.pci_devices import ClaimRaceLost, InsufficientDevices
 from hostdev.mgmt.errors import Conflict, NoCapacity, NotFound
-from hostdev.mgmt.jobs import engine
+from hostdev.mgmt.jobs import deploy_reads, engine
 from hostdev.mgmt.jobs.payloads import (
     START_JOB,
     JobKind,
@@ -36,14 +36,13 @@ from hostdev.mgmt.jobs.payloads import (
     store,
 )
 from hostdev.mgmt.persistence.core_insert import insert_object
-from hostdev.mgmt.persistence.database import PreparedStatement, RetryTransaction
+from hostdev.mgmt.persistence.database import RetryTransaction
 from hostdev.mgmt.persistence.models import (
     VM_DESTROYED,
     VM_STOPPED,
     Host,
     Job,
     ServiceOffering,
-    ServiceOfferingPciRequest,
     VmInstance,
     utcnow,
 )
@@ -109,9 +108,7 @@ def find_offering(session: Session, name: str) -> ServiceOffering:
     """Returns the offering called ``name``, or NotFound listing those that exist."""
     offering = session.scalar(select(ServiceOffering).where(ServiceOffering.name == name))
     if offering is None:
-        names = ", ".join(session.scalars(select(ServiceOffering.name)
-                                          .order_by(ServiceOffering.name))) or "none yet"
-        raise NotFound(f"no offering is named {name!r}; offerings: {names}")
+        raise deploy_reads.no_such_offering(session, name)
     return offering
 
 
@@ -123,45 +120,6 @@ def job_row(session: Session, job: Job) -> JobRow:
                   step=job.step, details=job.details,
                   created_at=job.created_at.isoformat() + "Z",
                   finished_at=job.finished_at.isoformat() + "Z" if job.finished_at else None)
-
-
-_OFFERING = ServiceOffering.__table__.c
-_REQUEST = ServiceOfferingPciRequest.__table__.c
-#: One round trip for a deploy: the offering, its PCI requests and template, and a live
-#: VM of the name.
-_FOR_DEPLOY = PreparedStatement(
-    select(_OFFERING.id, _OFFERING.cpus, _OFFERING.memory_mb, _REQUEST.name, _REQUEST.count,
-           _OFFERING.numa_policy, _OFFERING.template_name,
-           select(VmInstance.uuid)
-           .where(VmInstance.name == bindparam("vm_name"), VmInstance.state != VM_DESTROYED)
-           .limit(1).scalar_subquery())
-    .select_from(ServiceOffering.__table__.outerjoin(
-        ServiceOfferingPciRequest.__table__, _REQUEST.offering_id == _OFFERING.id))
-    .where(_OFFERING.name == bindparam("offering"))
-    .order_by(_REQUEST.id))
-
-
-def _read_for_deploy(tx: TxContext, offering_name: str,
-                     vm_name: str) -> tuple[int, int, int, str | None]:
-    """Returns an offering's id, CPUs and memory and a live VM called ``vm_name``, if any.
-
-    Fills the transaction's caches of the offering's PCI requests, NUMA
-    policy and template name on the way.
-
-    Raises:
-        NotFound: the offering does not exist; the text lists those that exist.
-    """
-    rows = _FOR_DEPLOY.execute(tx.connection,
-                               {"offering": offering_name, "vm_name": vm_name}).rows
-    if not rows:
-        find_offering(tx.session, offering_name)  # raises NotFound, listing the offerings
-    offering_id, cpus, memory_mb, _, _, numa_policy, template_name, taken = rows[0]
-    requests = tuple(PciRequest(name=name, count=int(count))
-                     for _, _, _, name, count, _, _, _ in rows if name is not None)
-    tx.offering_requests[offering_id] = requests
-    tx.offering_numa[offering_id] = numa_policy
-    tx.offering_templates[offering_id] = template_name
-    return offering_id, cpus, memory_mb, taken
 
 
 class JobManager:
@@ -184,7 +142,8 @@ class JobManager:
             Conflict: a live VM already has that name.
             NoCapacity: no host fits; nothing is created and the text says why.
         """
-        offering_id, cpus, memory_mb, taken = _read_for_deploy(tx, offering_name, name)
+        offering_id, cpus, memory_mb, taken = deploy_reads.read_for_deploy(tx, offering_name,
+                                                                           name)
         if taken:
             raise Conflict(f"a VM named {name!r} exists already ({taken}); pick another name "
                            "or destroy it first")
@@ -193,6 +152,7 @@ class JobManager:
         vm = VmInstance(uuid=str(uuid_module.uuid4()), name=name, offering_id=offering_id,
                         state=VM_STOPPED, update_count=0, cpus=cpus, memory_mb=memory_mb)
         insert_object(tx.connection, vm)
+        deploy_reads.created(tx, name, vm.uuid)
         job = engine.unsaved_job(tx, "deploy", vm, "place", StartPayload(avoid=list(avoid)),
                                  self._start_deadline())
         self._place(tx, job, vm)

@@ -19,8 +19,14 @@ from sqlalchemy import Engine, event
 
 from hostdev.messages import api
 from hostdev.messages.commands import ErrorAnswer
-from tests.integration.mgmt.test_deploy_batches import _commits, _deploys, _item, _live_vms, \
-    _run, _setup
+from tests.integration.mgmt.test_deploy_batches import (
+    _commits,
+    _deploys,
+    _item,
+    _live_vms,
+    _run,
+    _setup,
+)
 from tests.support.databases import migrated_engine
 
 

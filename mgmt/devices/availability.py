@@ -215,7 +215,8 @@ def choose(devices: Iterable[DeviceFacts], requests: Mapping[str, int],
     their own names. A unit (a group) is skipped when any member is not free
     or is the PF or a VF of a device already taken. Placement counts free
     devices only, so one request that could be met only by a PF together
-    with its own VF fits by count and is refused here.
+    with its own VF fits by count and is refused here (a final refusal:
+    placement goes on to the next host).
     """
     present = _present(devices)
     pfs = {d.physical_function for d in present if d.physical_function is not None}

@@ -59,14 +59,21 @@ _LET_GO: Final = case((state_is(QUARANTINED), REMOVED),
 
 
 class InsufficientDevices(NoCapacity):
-    """A host has fewer free devices of a name than a request asks for."""
+    """A host has fewer free devices of a name than a request asks for.
 
-    def __init__(self, reason: str, *, host_id: int, name: str, wanted: int, free: int) -> None:
+    ``detail`` is the refusal without the host; ``by_rules``: the host's rows
+    were read whole under its lock (device rules), so it is final, not a race.
+    """
+
+    def __init__(self, reason: str, *, host_id: int, name: str, wanted: int, free: int,
+                 detail: str = "", by_rules: bool = False) -> None:
         super().__init__(reason)
         self.host_id = host_id
         self.name = name
         self.wanted = wanted
         self.free = free
+        self.detail = detail or reason
+        self.by_rules = by_rules
 
 
 # Every state change is a conditional UPDATE checked by its row count, and
@@ -191,11 +198,14 @@ def _pick(conn: Connection, host_id: int, wanted: list[tuple[str, int]],
 
 
 def _insufficient(host_id: int, name: str, wanted: int, free: int,
-                  numa_node: int | None = None) -> InsufficientDevices:
+                  numa_node: int | None = None, *, by_rules: bool = False) -> InsufficientDevices:
     where = f" on NUMA node {numa_node}" if numa_node is not None else ""
+    detail = (f"has {free} {name} free{where}, but not {wanted} that one VM may hold together "
+              "(an IOMMU group goes whole to one VM, a PF never with its own VFs)"
+              if by_rules and free >= wanted else f"needs {wanted}x{name}{where}, {free} free")
     return InsufficientDevices(
-        f"host {host_id}: needs {wanted}x{name}{where}, {free} free; pick another host "
-        "or free devices", host_id=host_id, name=name, wanted=wanted, free=free)
+        f"host {host_id}: {detail}; pick another host or free devices", host_id=host_id,
+        name=name, wanted=wanted, free=free, detail=detail, by_rules=by_rules)
 
 
 def _take(
@@ -214,7 +224,7 @@ def _take(
         facts = host_rules.read_facts(conn, host_id)
         choice = choose(facts, dict(wanted), numa_node)
         if choice.short is not None:
-            raise _insufficient(host_id, *choice.short, numa_node)
+            raise _insufficient(host_id, *choice.short, numa_node, by_rules=True)
         picked = [HeldDevice(d.id, host_id, d.name, d.address, state) for d in choice.taken]
     else:
         picked = plain

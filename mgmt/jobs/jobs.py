@@ -21,7 +21,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from hostdev.messages.commands import StartAnswer, StartCommand, StopAnswer, StopCommand
-from hostdev.messages.values import JobRow, VmSpec
+from hostdev.messages.values import JobRow, NumaPolicy, VmSpec
+from hostdev.mgmt.api.offerings import describe_pci_requests
 from hostdev.mgmt.config import MgmtConfig
 from hostdev.mgmt.devices import pci_devices
 from hostdev.mgmt.devices.pci_devices import ClaimRaceLost, InsufficientDevices
@@ -296,46 +297,73 @@ class JobManager:
         demand = planner.Demand(cpus=vm.cpus, memory_mb=vm.memory_mb,
                                 pci=offering_requests(tx, vm.offering_id), numa=policy)
         avoid = set(payload.avoid) | set(payload.tried)
-        candidates = planner.search_hosts(tx.connection, demand, avoid=avoid)
-        if not candidates:
-            hosts = planner.read_capacities(tx.session, [r.name for r in demand.pci])
-            raise NoCapacity(planner.refusal(demand, hosts, avoid))
-        for candidate in candidates:
-            tx.host_guids[candidate.id] = candidate.guid  # the claim's events name it
-            # The claim (a pre-transition listener) runs before the VM row
-            # changes and refuses before writing anything: nothing to undo, try
-            # the next host. A lost race that wrote part of a claim propagates
-            # and the whole unit of work is retried in a new transaction.
-            try:
-                self._lifecycle.transition(tx, vm, VmEvent.START_REQUESTED,
-                                           host_id=candidate.id)
-            except InsufficientDevices as exc:
-                log.info("placement_host_refused", vm=vm.uuid, host=candidate.guid,
-                         reason=str(exc))
-                continue
-            except ClaimRaceLost as exc:
-                # Devices locked by another daemon's claim: if nothing of ours
-                # was written, the next host is as good as a new transaction.
-                if pci_devices.devices_of_vm(tx.connection, vm.id):
-                    raise
-                log.info("placement_race_lost", vm=vm.uuid, host=candidate.guid,
-                         reason=str(exc))
-                continue
-            payload.tried.append(candidate.guid)
-            # Only ``required`` binds the guest's memory to its devices' node.
-            spec = VmSpec(uuid=vm.uuid, name=vm.name, cpus=vm.cpus, memory_mb=vm.memory_mb,
-                          pci_devices=self._devices.held_addresses(tx, vm.id),
-                          numa_node=vm.numa_node if policy == "required" else None)
-            engine.send(tx, job, candidate.guid,
-                        StartCommand(vm=spec, domain_xml=templates.domain_for(tx, vm, spec)))
-            payload.host, payload.host_name = candidate.guid, candidate.name
-            store(job, payload)
-            job.step = "start"
-            job.deadline = self._start_deadline()
-            log.info("vm_placed", vm=vm.uuid, host=candidate.guid, job=job.id)
-            return
-        # Every candidate was taken under us: a new transaction sees the new counts.
-        raise RetryTransaction(f"every host found for VM {vm.name} was taken meanwhile")
+        # Hosts whose device rules refuse the claim (final: their claims are
+        # serialized and read whole), and whether any refusal was a lost race.
+        refused: dict[str, str] = {}
+        raced = False
+        while True:
+            candidates = planner.search_hosts(tx.connection, demand, avoid=avoid | set(refused))
+            if not candidates:
+                break
+            for candidate in candidates:
+                outcome = self._claim_on(tx, vm, candidate)
+                if outcome is None:
+                    self._send_start(tx, job, vm, payload, candidate, policy)
+                    return
+                if isinstance(outcome, InsufficientDevices) and outcome.by_rules:
+                    refused[candidate.guid] = f"{candidate.name} {outcome.detail}"
+                else:
+                    raced = True
+            if raced:
+                # A host was taken under us: a new transaction sees the new counts.
+                raise RetryTransaction(f"every host found for VM {vm.name} was taken meanwhile")
+        if refused:
+            raise NoCapacity(f"no host can give one VM {describe_pci_requests(demand.pci)}: "
+                             + "; ".join(refused.values()))
+        hosts = planner.read_capacities(tx.session, [r.name for r in demand.pci])
+        raise NoCapacity(planner.refusal(demand, hosts, avoid))
+
+    def _claim_on(self, tx: TxContext, vm: VmInstance, candidate: planner.Candidate,
+                  ) -> Exception | None:
+        """Moves the VM to Starting on ``candidate``, claiming its devices there.
+
+        Returns None when it did, or why the host refused (nothing written).
+        """
+        tx.host_guids[candidate.id] = candidate.guid  # the claim's events name it
+        # The claim (a pre-transition listener) runs before the VM row
+        # changes and refuses before writing anything: nothing to undo, try
+        # the next host. A lost race that wrote part of a claim propagates
+        # and the whole unit of work is retried in a new transaction.
+        try:
+            self._lifecycle.transition(tx, vm, VmEvent.START_REQUESTED, host_id=candidate.id)
+        except InsufficientDevices as exc:
+            log.info("placement_host_refused", vm=vm.uuid, host=candidate.guid,
+                     reason=str(exc))
+            return exc
+        except ClaimRaceLost as exc:
+            # Devices locked by another daemon's claim: if nothing of ours
+            # was written, the next host is as good as a new transaction.
+            if pci_devices.devices_of_vm(tx.connection, vm.id):
+                raise
+            log.info("placement_race_lost", vm=vm.uuid, host=candidate.guid, reason=str(exc))
+            return exc
+        return None
+
+    def _send_start(self, tx: TxContext, job: Job, vm: VmInstance, payload: StartPayload,
+                    candidate: planner.Candidate, policy: NumaPolicy) -> None:
+        """Sends StartCommand to the host the VM was just placed on; the job waits for it."""
+        payload.tried.append(candidate.guid)
+        # Only ``required`` binds the guest's memory to its devices' node.
+        spec = VmSpec(uuid=vm.uuid, name=vm.name, cpus=vm.cpus, memory_mb=vm.memory_mb,
+                      pci_devices=self._devices.held_addresses(tx, vm.id),
+                      numa_node=vm.numa_node if policy == "required" else None)
+        engine.send(tx, job, candidate.guid,
+                    StartCommand(vm=spec, domain_xml=templates.domain_for(tx, vm, spec)))
+        payload.host, payload.host_name = candidate.guid, candidate.name
+        store(job, payload)
+        job.step = "start"
+        job.deadline = self._start_deadline()
+        log.info("vm_placed", vm=vm.uuid, host=candidate.guid, job=job.id)
 
     def _send_stop(self, tx: TxContext, job: Job, vm: VmInstance, *, force: bool,
                    undefine: bool) -> None:

@@ -170,12 +170,14 @@ class MigrationManager:
             requests = {r.name: r.count for r in offering_requests(tx, vm.offering_id)}
             policy = offering_numa_policy(tx, vm.offering_id)
             conn = tx.session.connection()
+            refusals: list[str] = []  # why each destination did not take it
             for candidate in candidates:
                 target = tx.session.get(Host, candidate.id)
                 assert target is not None
                 if not target.migration_uri:
                     log.info("migration_host_skipped", host=target.guid,
                              reason="announced no migration URI")
+                    refusals.append(f"{target.name} announced no migration URI")
                     continue
                 try:
                     # The node the VM is on first: its memory binding travels with it.
@@ -184,17 +186,19 @@ class MigrationManager:
                 except InsufficientDevices as exc:
                     log.info("migration_host_refused", vm=vm.uuid, host=target.guid,
                              reason=str(exc))
+                    refusals.append(f"{target.name} {exc.detail}")
                     continue
                 except ClaimRaceLost:
                     if any(d.host_id == target.id
                            for d in pci_devices.devices_of_vm(conn, vm.id)):
                         raise  # part of a reservation was written: a new transaction
+                    refusals.append(f"{target.name} was taken meanwhile")
                     continue
                 # Only ``required`` binds the guest's memory, on the destination too.
                 return self._start(tx, vm, source, target, held, reserved, node,
                                    node if policy == "required" else None)
-        raise NoCapacity(f"cannot migrate VM {vm.name}: every possible destination was taken "
-                         "meanwhile or announced no migration URI; try again")
+        raise NoCapacity(f"cannot migrate VM {vm.name}: no destination takes it: "
+                         + "; ".join(refusals))
 
     def _start(self, tx: TxContext, vm: VmInstance, source: Host, target: Host,
                held: list[HeldDevice], reserved: Sequence[HeldDevice],

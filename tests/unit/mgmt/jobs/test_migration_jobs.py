@@ -12,6 +12,7 @@ from hostdev.messages import api
 from hostdev.messages.commands import (
     AttachPciDevicesAnswer,
     AttachPciDevicesCommand,
+    ErrorAnswer,
     MigrateAnswer,
     MigrateCommand,
     PingRoutingCommand,
@@ -153,3 +154,20 @@ def test_attach_timeout_leaves_vm_running_with_devices_held(h: Harness, engine: 
     assert "attach-devices vm1" in row.details
     assert _vm(engine)[1:] == ("Running", 2)
     assert _device_states(engine) == [(1, "free")] * 2 + [(2, "allocated")] * 2
+
+
+def test_a_migration_no_destination_takes_says_why_for_each(h: Harness, engine: Engine) -> None:
+    """g2 full, g3 without a migration URI: refused at once, naming g3 and its reason."""
+    h.from_agent("g3", StartupRoutingCommand(guid="g3", name="g3", cpus=32, memory_mb=65536,
+                                             pci_devices=devices(2)))
+    assert isinstance(h.api(api.DeployVmRequest(name="vm2", offering="net2")), api.JobAccepted)
+    h.answer()
+
+    refused = h.api(api.MigrateVmRequest(vm="vm1"))
+
+    assert isinstance(refused, ErrorAnswer) and refused.code == "no_capacity", refused
+    assert refused.details == ("cannot migrate VM vm1: no destination takes it: "
+                               "g3 announced no migration URI")
+    with Session(engine) as session:
+        assert session.scalar(select(VmInstance.state).where(VmInstance.name == "vm1")) \
+            == "Running"

@@ -249,6 +249,11 @@ def _back(row: Any) -> dict[str, DeviceState]:
     return {}
 
 
+def changes_row(row: Any, info: PciDeviceInfo) -> bool:
+    """Tells whether reconciling a stored device row with what is reported of it writes it."""
+    return bool(_changed_values(row, info) or _back(row))
+
+
 def _changed_values(row: Any, info: PciDeviceInfo) -> dict[str, Any]:
     reported = {"name": info.name, **fact_columns(info)}
     return {key: value for key, value in reported.items() if getattr(row, key) != value}

@@ -38,7 +38,7 @@ from sqlalchemy import ClauseElement, Table, and_, bindparam, case, or_, select,
 from hostdev.messages.bus.contract import Incoming
 from hostdev.messages.codec import domains_digest
 from hostdev.messages.commands import PingRoutingCommand, StartupRoutingCommand
-from hostdev.messages.values import HostStatus
+from hostdev.messages.values import DomainInfo, HostStatus
 from hostdev.mgmt.hosts import report_order
 from hostdev.mgmt.hosts.registration import HostRegistry
 from hostdev.mgmt.hosts.report_order import HostReports, Stamp
@@ -79,7 +79,7 @@ class _HostRow(HostReports):
 
 
 @dataclass(slots=True)
-class _Placed:
+class Placed:
     """The VMs placed on one host (``foreign_domains.placed_on`` without migrations)."""
 
     uuids: list[str] = field(default_factory=list)
@@ -182,7 +182,7 @@ class PingManager:
         candidates = [h.id for h in hosts.values()
                       if h.status in _STEADY and h.reconciled_digest is not None
                       and h.guid not in migrating and times[h.guid] == 1]
-        placed = _placed(tx, candidates) if candidates else {}
+        placed = placed_vms(tx, candidates) if candidates else {}
         taken: list[bool] = []
         touched: dict[int, int | None] = {}
         for ping, _ in pings:
@@ -209,14 +209,14 @@ def _remember(tx: TxContext, host_id: int, digest: str,
     if not digest:
         remembered = None  # what reconciled_digest says without reading the VMs
     else:
-        uuids = list(placed) if placed is not None else _placed(tx, [host_id])[host_id].uuids
+        uuids = list(placed) if placed is not None else placed_vms(tx, [host_id])[host_id].uuids
         remembered = reconciled_digest(digest, uuids)
     _REMEMBER.execute(tx.connection, {"id": host_id, "now": utcnow(), "digest": remembered})
 
 
-def _placed(tx: TxContext, host_ids: Sequence[int]) -> dict[int, _Placed]:
+def placed_vms(tx: TxContext, host_ids: Sequence[int]) -> dict[int, Placed]:
     """Returns the VMs placed on each host, in one query."""
-    placed: dict[int, _Placed] = {host_id: _Placed() for host_id in host_ids}
+    placed: dict[int, Placed] = {host_id: Placed() for host_id in host_ids}
     rows = _PLACED_VMS(len(host_ids)).execute(
         tx.connection, {f"i{k}": host_id for k, host_id in enumerate(host_ids)}).rows
     for host_id, last_host_id, uuid, state in rows:
@@ -231,10 +231,17 @@ def _placed(tx: TxContext, host_ids: Sequence[int]) -> dict[int, _Placed]:
     return placed
 
 
-def _unchanged(ping: PingRoutingCommand, host: _HostRow, placed: _Placed) -> bool:
+def _unchanged(ping: PingRoutingCommand, host: _HostRow, placed: Placed) -> bool:
     """Tells whether reconciling the ping would change nothing (see the module docstring)."""
-    if reconciled_digest(ping.domains_digest, placed.uuids) != host.reconciled_digest:
+    return report_unchanged(ping.domains_digest, ping.domains, host.reconciled_digest, placed)
+
+
+def report_unchanged(digest: str, domains: Sequence[DomainInfo], remembered: str | None,
+                     placed: Placed) -> bool:
+    """Tells whether reconciling a host's full domain report (of digest ``digest``)
+    would change nothing: the host's last reconciled digest is ``remembered``."""
+    if reconciled_digest(digest, placed.uuids) != remembered:
         return False
-    active = {d.uuid for d in ping.domains if d.state in _ACTIVE}
+    active = {d.uuid for d in domains if d.state in _ACTIVE}
     return placed.running <= active and not placed.stopped & active
 

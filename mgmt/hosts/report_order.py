@@ -143,15 +143,16 @@ def admit(tx: TxContext, host: ReportedHost, stamp: Stamp) -> bool:
     """
     if not stamp.numbered:
         return True
-    if stamp.boot_id == host.report_boot_id:
-        if host.report_seq is not None and stamp.seq <= host.report_seq:
+    if is_stale(host, stamp):
+        if stamp.boot_id == host.report_boot_id:
             _stale(tx, stamp, "host", host=host.guid, last_seq=host.report_seq)
-            return False
+        else:
+            _stale(tx, stamp, "host", host=host.guid,
+                   why="a boot before the agent's last restart")
+        return False
+    if stamp.boot_id == host.report_boot_id:
         host.report_seq = stamp.seq
         return True
-    if stamp.boot_id == host.retired_boot_id:
-        _stale(tx, stamp, "host", host=host.guid, why="a boot before the agent's last restart")
-        return False
     if host.report_boot_id is not None:
         log.info("agent_boot_changed", host=host.guid, boot_id=stamp.boot_id,
                  previous=host.report_boot_id, report=stamp.kind,
@@ -159,6 +160,16 @@ def admit(tx: TxContext, host: ReportedHost, stamp: Stamp) -> bool:
     host.retired_boot_id = host.report_boot_id
     host.report_boot_id, host.report_seq = stamp.boot_id, stamp.seq
     return True
+
+
+def is_stale(host: ReportedHost, stamp: Stamp) -> bool:
+    """Returns whether a report of ``host`` is older than the last one applied
+    (what :func:`admit` refuses), without changing or logging anything."""
+    if not stamp.numbered:
+        return False
+    if stamp.boot_id == host.report_boot_id:
+        return host.report_seq is not None and stamp.seq <= host.report_seq
+    return stamp.boot_id == host.retired_boot_id
 
 
 def may_change(tx: TxContext, vm: VmInstance, stamp: Stamp) -> bool:

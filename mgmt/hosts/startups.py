@@ -21,9 +21,11 @@ migration (checked: its guid is in none), so nothing else applies; its
 report is its first, so it is applied and its domains' digest remembered
 (``pings.reconciled_digest``), as a start-up alone does.
 
-Every other start-up of the run is handed back and registered alone, in its
-own transaction, by the full path: a known host (a restart: its devices,
-VMs, migrations and maintenance to reconcile), one that reports domains
+The known hosts of the run whose start-up changes nothing but their row
+are taken too (``hostdev.mgmt.hosts.restarts``). Every other start-up of the
+run is handed back and registered alone, in its own transaction, by the full
+path: a known host with something to reconcile (its devices, VMs,
+migrations), a new host that reports domains
 (foreign to management, recorded one by one), one whose report lists an
 address twice (refused there, with the reason), a host whose guid comes
 twice in the run or that a running migration names. A run whose
@@ -53,6 +55,7 @@ from hostdev.mgmt.devices.pci_inventory import ROW_COLUMNS, FirstInventory
 from hostdev.mgmt.errors import InvalidRequest
 from hostdev.mgmt.hosts.pings import reconciled_digest
 from hostdev.mgmt.hosts.registration import announce_status_of
+from hostdev.mgmt.hosts.restarts import take_restarts
 from hostdev.mgmt.jobs.payloads import migrating_hosts
 from hostdev.mgmt.persistence.literal_rows import insert_rows
 from hostdev.mgmt.persistence.models import HOST_UP, Host, utcnow
@@ -77,14 +80,18 @@ class StartupBatch:
                     ) -> list[bool | Message]:
         """Registers the new hosts and answers them; False for each start-up to handle alone."""
         taken: list[bool | Message] = [False] * len(startups)
-        candidates = _candidates(startups)
-        if not candidates:
-            return taken
-        guids = [startups[index][0].guid for index in candidates]
-        known = set(tx.connection.scalars(select(_HOSTS.c.guid).where(_HOSTS.c.guid.in_(guids))))
-        known |= migrating_hosts(tx.connection)
-        new = {index: inventory for index, inventory in candidates.items()
-               if startups[index][0].guid not in known}
+        times = Counter(startup.guid for startup, _ in startups)
+        known = set(tx.connection.scalars(select(_HOSTS.c.guid).where(
+            _HOSTS.c.guid.in_([guid for guid, count in times.items() if count == 1]))))
+        migrating = migrating_hosts(tx.connection) if times else set()
+        restarts = {index: item for index, item in enumerate(startups)
+                    if item[0].guid in known and item[0].guid not in migrating
+                    and times[item[0].guid] == 1}
+        if restarts:
+            for index, answer in take_restarts(tx, self._config, restarts).items():
+                taken[index] = answer
+        new = {index: inventory for index, inventory in _candidates(startups, times).items()
+               if startups[index][0].guid not in known | migrating}
         if not new:
             return taken
         now = utcnow()
@@ -118,13 +125,12 @@ class StartupBatch:
 
 
 def _candidates(startups: Sequence[tuple[StartupRoutingCommand, Incoming]],
-                ) -> dict[int, FirstInventory]:
+                times: Counter[str]) -> dict[int, FirstInventory]:
     """Returns the start-ups a batch may register if their host is new, by position.
 
-    Not one whose host comes twice in the run, reports domains, or lists an
-    address twice (the full path refuses it with the reason).
+    Not one whose host comes twice in the run (``times``), reports domains, or
+    lists an address twice (the full path refuses it with the reason).
     """
-    times = Counter(startup.guid for startup, _ in startups)
     candidates: dict[int, FirstInventory] = {}
     # A fleet's hosts report the same inventory: each distinct one is ruled once.
     ruled: dict[tuple[PciDeviceInfo, ...], FirstInventory | None] = {}

@@ -19,7 +19,7 @@ with conditional UPDATEs checked by row count (a mismatch is a lost race:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Final, cast
+from typing import Any, Final, cast
 
 from sqlalchemy import Connection, Table, Update, bindparam, func, select, true, update
 
@@ -52,9 +52,16 @@ _BUMP: Final = {HOSTS.c.device_epoch: HOSTS.c.device_epoch + 1,
 _SERIALIZE = PreparedStatement(
     update(HOSTS).where(HOSTS.c.id == bindparam("host_id"), HOSTS.c.device_rules == true())
     .values(_BUMP))
-_FACTS = (
+_FACTS_OF_HOSTS = (
     select(C.id, C.domain, C.bus, C.slot, C.function, C.name, C.state, C.iommu_group,
-           C.physical_function, C.withheld, C.reason, _VMS.c.name, C.numa_node)
+           C.physical_function, C.withheld, C.reason, _VMS.c.name, C.numa_node, C.host_id)
+    .select_from(DEVICES.outerjoin(_VMS, _VMS.c.id == func.coalesce(C.instance_id,
+                                                                    C.reserved_for)))
+    .where(C.host_id.in_(bindparam("host_ids", expanding=True)), state_is_not(REMOVED))
+    .order_by(C.id)
+)
+_FACTS = (
+    select(*_FACTS_OF_HOSTS.selected_columns)
     .select_from(DEVICES.outerjoin(_VMS, _VMS.c.id == func.coalesce(C.instance_id,
                                                                     C.reserved_for)))
     .where(C.host_id == bindparam("host_id"), state_is_not(REMOVED))
@@ -78,13 +85,23 @@ def serialize_always(conn: Connection, host_id: int) -> None:
 
 def read_facts(conn: Connection, host_id: int) -> list[DeviceFacts]:
     """Returns what the rules read of every device of a host still in its inventory."""
-    return [
-        DeviceFacts(id=row[0], address=address_from(*row[1:5]), name=row[5], state=row[6],
-                    iommu_group=row[7],
-                    physical_function=PciAddress(row[8]) if row[8] else None,
-                    withheld=row[9], reason=row[10], holder=row[11] or "", numa_node=row[12])
-        for row in conn.execute(_FACTS, {"host_id": host_id})
-    ]
+    return [_facts(row) for row in conn.execute(_FACTS, {"host_id": host_id})]
+
+
+def read_facts_of(conn: Connection, host_ids: Sequence[int]) -> dict[int, list[DeviceFacts]]:
+    """:func:`read_facts` of several hosts in one read, by host id."""
+    facts: dict[int, list[DeviceFacts]] = {host_id: [] for host_id in host_ids}
+    for row in conn.execute(_FACTS_OF_HOSTS, {"host_ids": list(host_ids)}):
+        facts[row[13]].append(_facts(row))
+    return facts
+
+
+def _facts(row: Sequence[Any]) -> DeviceFacts:
+    return DeviceFacts(id=row[0], address=address_from(*row[1:5]), name=row[5], state=row[6],
+                       iommu_group=row[7],
+                       physical_function=PciAddress(row[8]) if row[8] else None,
+                       withheld=row[9], reason=row[10], holder=row[11] or "",
+                       numa_node=row[12])
 
 
 def apply_rules(conn: Connection, host_id: int,

@@ -20,11 +20,12 @@ reads whatever the run's size plus one UPDATE per host:
 Each such host's row then takes what a start-up alone writes (name, size,
 hypervisor, migration URI, its place in the agent's report sequence,
 ``last_ping``, Up unless in maintenance) and a ``HostStatusChanged`` event
-when its status changes; it is logged and answered as alone. Any other
-start-up of a known host is handed back and registered alone: a host with
-device rules (its claims serialize on the host row), one a running
-migration names, a stale announcement, or one whose devices or domains did
-change.
+when its status changes; it is logged and answered as alone. A host with
+device rules qualifies when its rows already follow them (the rules read
+over its devices and their holders, one read for the run, change nothing),
+as the start-up alone would find. Any other start-up of a known host is
+handed back and registered alone: one a running migration names, a stale
+announcement, or one whose devices, domains or rule states would change.
 """
 
 from __future__ import annotations
@@ -41,7 +42,8 @@ from hostdev.messages.commands import StartupAnswer, StartupRoutingCommand
 from hostdev.messages.runtime.logging import bound_message
 from hostdev.messages.values import HostStatus
 from hostdev.mgmt.config import MgmtConfig
-from hostdev.mgmt.devices import pci_inventory
+from hostdev.mgmt.devices import host_rules, pci_inventory
+from hostdev.mgmt.devices.availability import RuleChanges, rule_changes
 from hostdev.mgmt.devices.device_rows import CLEANING, DEVICES, address_of
 from hostdev.mgmt.errors import InvalidRequest
 from hostdev.mgmt.hosts import report_order
@@ -92,7 +94,7 @@ def take_restarts(tx: TxContext, config: MgmtConfig,
     hosts = {row[1]: _Known(row) for row in
              tx.connection.execute(_LOCK, {"guids": sorted(guids)})}
     candidates = {guid: host for guid, host in hosts.items()
-                  if not host.device_rules and host.reconciled_digest is not None
+                  if host.reconciled_digest is not None
                   and not report_order.is_stale(host, Stamp.of(startups[guids[guid]][0]))}
     if not candidates:
         return {}
@@ -101,6 +103,8 @@ def take_restarts(tx: TxContext, config: MgmtConfig,
     for row in tx.connection.execute(_DEVICES_OF, {"host_ids": ids}):
         stored[row.host_id].append(row)
     placed = placed_vms(tx, ids)
+    ruled = host_rules.read_facts_of(
+        tx.connection, [host.id for host in candidates.values() if host.device_rules])
     answers: dict[int, StartupAnswer] = {}
     for guid, host in candidates.items():
         index = guids[guid]
@@ -109,6 +113,8 @@ def take_restarts(tx: TxContext, config: MgmtConfig,
                 domains_digest(startup.domains), startup.domains, host.reconciled_digest,
                 placed[host.id]):
             continue
+        if host.id in ruled and rule_changes(ruled[host.id]) != RuleChanges():
+            continue  # its devices do not follow the rules: the full path applies them
         # Its log lines name its message, as the pipeline binds them for one alone.
         with bound_message(incoming.message_id, incoming.correlation_id, host=guid, vm=None):
             answers[index] = _announced(tx, config, startup, host)

@@ -21,7 +21,7 @@ from hostdev.messages import api
 from hostdev.messages.codec import domains_digest
 from hostdev.messages.commands import PingRoutingCommand, StartupAnswer, StartupRoutingCommand
 from hostdev.messages.values import DomainInfo, PciDeviceInfo
-from hostdev.mgmt.persistence.models import Host, VmInstance, utcnow
+from hostdev.mgmt.persistence.models import Host, PciDevice, VmInstance, utcnow
 from tests.integration.mgmt.test_startup_batches import (
     _DEVICE_IDENTITY,
     RULED,
@@ -146,18 +146,47 @@ def test_a_known_host_whose_vm_is_gone_is_reconciled_alone(engine: Engine) -> No
     assert _vm_state(engine) == "Stopped"
 
 
-def test_known_hosts_with_changed_or_ruled_devices_go_alone(engine: Engine) -> None:
-    """One device fewer, or devices the rules tie together: handed back, reconciled alone."""
+def test_a_known_host_with_one_device_fewer_goes_alone(engine: Engine) -> None:
+    """One device fewer: handed back, and alone the missing one is removed."""
     harness = Harness(engine)
     _registered(harness, "fewer")
-    _registered(harness, "ruled", pci=RULED)
 
-    taken = _taken(harness, _startup("fewer", devices(2), boot="boot-2"),
-                   _startup("ruled", RULED, boot="boot-2"))
+    assert _taken(harness, _startup("fewer", devices(2), boot="boot-2")) == [False]
 
-    assert taken == [False, False]
     results = _run(harness, _startup("fewer", devices(2), boot="boot-2"),
-                   _startup("ruled", RULED, boot="boot-2"))
+                   _startup("other", devices(1)))
     assert all(isinstance(r, StartupAnswer) for r in results)
     assert [d["state"] for d in _devices(engine, _host(engine, "fewer")["id"])] \
         == ["free", "free", "removed"]
+
+
+def test_a_ruled_host_whose_rows_follow_the_rules_is_taken_as_alone(engine: Engine) -> None:
+    """Devices the rules tie together, unchanged: taken, rows as its twin's alone."""
+    harness = Harness(engine)
+    _registered(harness, "ruled", "twin", pci=RULED)
+    assert isinstance(harness.from_agent("twin", _startup("twin", RULED, boot="boot-2")),
+                      StartupAnswer)
+
+    taken = _taken(harness, _startup("ruled", RULED, boot="boot-2"))
+
+    assert isinstance(taken[0], StartupAnswer)
+    host, twin = _host(engine, "ruled"), _host(engine, "twin")
+    assert host["device_rules"] and _without(host, _HOST_IDENTITY) == _without(
+        twin, _HOST_IDENTITY)
+    assert [_without(d, _DEVICE_IDENTITY) for d in _devices(engine, host["id"])] \
+        == [_without(d, _DEVICE_IDENTITY) for d in _devices(engine, twin["id"])]
+
+
+def test_a_ruled_host_whose_rows_break_the_rules_goes_alone(engine: Engine) -> None:
+    """A withheld device found free (rows out of step): handed back; alone it is unavailable."""
+    harness = Harness(engine)
+    _registered(harness, "ruled", pci=RULED)
+    with engine.begin() as conn:
+        conn.execute(update(PciDevice).where(PciDevice.bus == "41")
+                     .values(state="free", reason=""))
+
+    assert _taken(harness, _startup("ruled", RULED, boot="boot-2")) == [False]
+
+    _run(harness, _startup("ruled", RULED, boot="boot-2"), _startup("other", devices(1)))
+    states = [(d["bus"], d["state"]) for d in _devices(engine, _host(engine, "ruled")["id"])]
+    assert states[0] == ("41", "unavailable")

@@ -191,13 +191,13 @@ def _pick(conn: Connection, host_id: int, wanted: list[tuple[str, int]],
             if locking and free >= count:
                 # Enough exist, but other transactions hold locks on them.
                 raise ClaimRaceLost(f"host {host_id}: {name} devices are locked by others")
-            raise _insufficient(host_id, name, count, int(free), numa_node)
+            raise insufficient(host_id, name, count, int(free), numa_node)
         # Picked rows are still free; the UPDATE in _take gives them their new state.
         picked.extend(replace(HeldDevice.of(row), state=state) for row in rows)
     return picked
 
 
-def _insufficient(host_id: int, name: str, wanted: int, free: int,
+def insufficient(host_id: int, name: str, wanted: int, free: int,
                   numa_node: int | None = None, *, by_rules: bool = False) -> InsufficientDevices:
     where = f" on NUMA node {numa_node}" if numa_node is not None else ""
     detail = (f"has {free} {name} free{where}, but not {wanted} that one VM may hold together "
@@ -224,7 +224,7 @@ def _take(
         facts = host_rules.read_facts(conn, host_id)
         choice = choose(facts, dict(wanted), numa_node)
         if choice.short is not None:
-            raise _insufficient(host_id, *choice.short, numa_node, by_rules=True)
+            raise insufficient(host_id, *choice.short, numa_node, by_rules=True)
         picked = [HeldDevice(d.id, host_id, d.name, d.address, state) for d in choice.taken]
     else:
         picked = plain

@@ -11,7 +11,10 @@ from sqlalchemy.orm import Session
 
 from hostdev.messages.values import HostStatus, HostVerdict
 from hostdev.mgmt.api.offerings import describe_pci_requests
+from hostdev.mgmt.devices import host_rules
+from hostdev.mgmt.devices.availability import choose
 from hostdev.mgmt.devices.device_rows import FREE, NO_NODE, NUMA_NODE
+from hostdev.mgmt.devices.pci_devices import insufficient
 from hostdev.mgmt.persistence.models import Host, PciDevice
 
 # Callers take the demand, the search and what verdicts quote from here.
@@ -162,9 +165,33 @@ def verdict(host: HostCapacity, demand: Demand, avoid: Collection[str] = ()) -> 
 
 def explain(session: Session, demand: Demand,
             avoid: Collection[str] = ()) -> list[HostVerdict]:
-    """Returns a verdict per host, in first-fit order."""
+    """Returns a verdict per host, in first-fit order.
+
+    A host that fits by count but whose device rules refuse the claim (a PF
+    with its own VF) is rejected with the claim's reason, as a deploy is.
+    """
     names = [request.name for request in demand.pci]
-    return [verdict(host, demand, avoid) for host in read_capacities(session, names)]
+    verdicts = [verdict(host, demand, avoid) for host in read_capacities(session, names)]
+    fitting = [v for v in verdicts if v.accepted]
+    if not demand.pci or not fitting:
+        return verdicts
+    ruled = dict(session.execute(select(Host.guid, Host.id).where(
+        Host.guid.in_([v.host_guid for v in fitting]), Host.device_rules.is_(True))).all())
+    requests = {request.name: request.count for request in demand.pci}
+    for index, found in enumerate(verdicts):
+        host_id = ruled.get(found.host_guid)
+        if host_id is None:
+            continue
+        facts = host_rules.read_facts(session.connection(), host_id)
+        nodes = ({f.numa_node if f.numa_node is not None else NO_NODE for f in facts}
+                 if demand.numa == "required" else {None})
+        shorts = [choose(facts, requests, node).short for node in sorted(nodes, key=str)]
+        if all(short is not None for short in shorts):
+            name, wanted, free = next(short for short in shorts if short is not None)
+            refused = insufficient(host_id, name, wanted, free, by_rules=True)
+            verdicts[index] = HostVerdict(host_guid=found.host_guid, host_name=found.host_name,
+                                          accepted=False, reason=refused.detail)
+    return verdicts
 
 
 def refusal(demand: Demand, hosts: Sequence[HostCapacity],

@@ -85,3 +85,16 @@ def test_a_deploy_goes_past_every_host_the_rules_refuse(engine: Engine) -> None:
     assert harness.answer() == 1
     with engine.connect() as conn:
         assert conn.scalar(select(VmInstance.state).where(VmInstance.name == "v1")) == "Running"
+
+
+def test_explain_rejects_the_host_the_rules_refuse_as_a_deploy_would(engine: Engine) -> None:
+    """explain: the PF-and-VF host rejected with the claim's reason; a plain host fits."""
+    harness = _harness(engine, ruled_hosts=1, plain_hosts=1)
+
+    answer = harness.api(api.ExplainPlacementRequest(offering="two"))
+
+    assert isinstance(answer, api.PlacementExplanation), answer
+    verdicts = {v.host_name: v for v in answer.verdicts}
+    assert not verdicts["h1"].accepted
+    assert verdicts["h1"].reason.startswith("has 2 10GE free, but not 2 that one VM may hold")
+    assert verdicts["h2"].accepted and verdicts["h2"].reason == "fits"

@@ -71,11 +71,13 @@ _VMS = cast(Table, VmInstance.__table__)
 
 
 @dataclass(slots=True)
-class _HostRow(HostReports):
-    """The columns of a host a ping reads: its report order, status and last digest."""
+class HostRow(HostReports):
+    """The columns of a host a ping or a start-up batch reads: its report order,
+    status, last digest and whether its devices have rules."""
 
-    status: str
+    status: HostStatus
     reconciled_digest: str | None
+    device_rules: bool
 
 
 @dataclass(slots=True)
@@ -108,7 +110,15 @@ def _ids(size: int, prefix: str = "i") -> list[ClauseElement]:
 _LOCK_HOSTS = _BySize(lambda size: select(
     _HOSTS.c.id, _HOSTS.c.guid, _HOSTS.c.report_boot_id, _HOSTS.c.report_seq,
     _HOSTS.c.retired_boot_id, _HOSTS.c.status, _HOSTS.c.reconciled_digest,
+    _HOSTS.c.device_rules,
 ).where(_HOSTS.c.guid.in_(_ids(size, "g"))).with_for_update())
+
+
+def lock_hosts(tx: TxContext, guids: Sequence[str]) -> dict[str, HostRow]:
+    """Locks the rows of the hosts of these guids (those that exist) in one read, by guid."""
+    rows = _LOCK_HOSTS(len(guids)).execute(
+        tx.connection, {f"g{k}": guid for k, guid in enumerate(guids)}).rows
+    return {row[1]: HostRow(*row) for row in rows}
 
 _PLACED_VMS = _BySize(lambda size: select(
     _VMS.c.host_id, _VMS.c.last_host_id, _VMS.c.uuid, _VMS.c.state,
@@ -175,9 +185,7 @@ class PingManager:
         """Takes the pings with nothing to reconcile; False for each to handle alone."""
         times = Counter(ping.guid for ping, _ in pings)
         guids = list(times)
-        rows = _LOCK_HOSTS(len(guids)).execute(
-            tx.connection, {f"g{k}": guid for k, guid in enumerate(guids)}).rows
-        hosts = {row[1]: _HostRow(*row) for row in rows}
+        hosts = lock_hosts(tx, guids)
         migrating = migrating_hosts(tx.connection) if hosts else set()
         candidates = [h.id for h in hosts.values()
                       if h.status in _STEADY and h.reconciled_digest is not None
@@ -231,7 +239,7 @@ def placed_vms(tx: TxContext, host_ids: Sequence[int]) -> dict[int, Placed]:
     return placed
 
 
-def _unchanged(ping: PingRoutingCommand, host: _HostRow, placed: Placed) -> bool:
+def _unchanged(ping: PingRoutingCommand, host: HostRow, placed: Placed) -> bool:
     """Tells whether reconciling the ping would change nothing (see the module docstring)."""
     return report_unchanged(ping.domains_digest, ping.domains, host.reconciled_digest, placed)
 

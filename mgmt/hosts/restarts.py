@@ -47,20 +47,15 @@ from hostdev.mgmt.devices.availability import RuleChanges, rule_changes
 from hostdev.mgmt.devices.device_rows import CLEANING, DEVICES, address_of
 from hostdev.mgmt.errors import InvalidRequest
 from hostdev.mgmt.hosts import report_order
-from hostdev.mgmt.hosts.pings import placed_vms, report_unchanged
+from hostdev.mgmt.hosts.pings import HostRow, lock_hosts, placed_vms, report_unchanged
 from hostdev.mgmt.hosts.registration import announce_status_of
-from hostdev.mgmt.hosts.report_order import HostReports, Stamp
+from hostdev.mgmt.hosts.report_order import Stamp
 from hostdev.mgmt.persistence.models import HOST_UP, OPERATOR_STATUSES, Host, utcnow
 from hostdev.mgmt.persistence.unit_of_work import TxContext
 
 log = structlog.get_logger()
 
 _HOSTS: Final = cast(Table, Host.__table__)
-_LOCK: Final = (select(_HOSTS.c.id, _HOSTS.c.guid, _HOSTS.c.report_boot_id,
-                       _HOSTS.c.report_seq, _HOSTS.c.retired_boot_id, _HOSTS.c.status,
-                       _HOSTS.c.reconciled_digest, _HOSTS.c.device_rules)
-                .where(_HOSTS.c.guid.in_(bindparam("guids", expanding=True)))
-                .with_for_update())
 _DEVICES_OF: Final = select(DEVICES).where(
     DEVICES.c.host_id.in_(bindparam("host_ids", expanding=True)))
 _ANNOUNCED: Final = update(_HOSTS).where(_HOSTS.c.id == bindparam("host_id")).values(
@@ -74,14 +69,6 @@ _ANNOUNCED: Final = update(_HOSTS).where(_HOSTS.c.id == bindparam("host_id")).va
     device_epoch=_HOSTS.c.device_epoch + 1)
 
 
-class _Known(HostReports):
-    """A known host as the batch reads it: its report order, status and last digest."""
-
-    def __init__(self, row: Sequence[Any]) -> None:
-        (self.id, self.guid, self.report_boot_id, self.report_seq, self.retired_boot_id,
-         self.status, self.reconciled_digest, self.device_rules) = row
-
-
 def take_restarts(tx: TxContext, config: MgmtConfig,
                   startups: Mapping[int, tuple[StartupRoutingCommand, Incoming]],
                   ) -> dict[int, StartupAnswer]:
@@ -91,8 +78,7 @@ def take_restarts(tx: TxContext, config: MgmtConfig,
     once and in no migration. Returns the answer of each taken, by position.
     """
     guids = {startup.guid: index for index, (startup, _) in startups.items()}
-    hosts = {row[1]: _Known(row) for row in
-             tx.connection.execute(_LOCK, {"guids": sorted(guids)})}
+    hosts = lock_hosts(tx, sorted(guids))
     candidates = {guid: host for guid, host in hosts.items()
                   if host.reconciled_digest is not None
                   and not report_order.is_stale(host, Stamp.of(startups[guids[guid]][0]))}
@@ -137,7 +123,7 @@ def _inventory_unchanged(startup: StartupRoutingCommand, rows: Sequence[Any]) ->
 
 
 def _announced(tx: TxContext, config: MgmtConfig, startup: StartupRoutingCommand,
-               host: _Known) -> StartupAnswer:
+               host: HostRow) -> StartupAnswer:
     """Writes what a start-up alone writes on an unchanged known host; returns its answer."""
     previous = host.status
     status: HostStatus = previous if previous in OPERATOR_STATUSES else HOST_UP

@@ -83,15 +83,16 @@ class StartupBatch:
         times = Counter(startup.guid for startup, _ in startups)
         known = set(tx.connection.scalars(select(_HOSTS.c.guid).where(
             _HOSTS.c.guid.in_([guid for guid, count in times.items() if count == 1]))))
-        migrating = migrating_hosts(tx.connection) if times else set()
+        migrating = migrating_hosts(tx.connection)
         restarts = {index: item for index, item in enumerate(startups)
                     if item[0].guid in known and item[0].guid not in migrating
                     and times[item[0].guid] == 1}
         if restarts:
             for index, answer in take_restarts(tx, self._config, restarts).items():
                 taken[index] = answer
+        not_new = known | migrating
         new = {index: inventory for index, inventory in _candidates(startups, times).items()
-               if startups[index][0].guid not in known | migrating}
+               if startups[index][0].guid not in not_new}
         if not new:
             return taken
         now = utcnow()

@@ -159,16 +159,10 @@ def job_for_answer(tx: TxContext, answer: VmAnswer, correlation_id: str | None,
     return job, vm
 
 
-#: The job awaiting a command, its VM and the guid of the VM's host, job and VM locked.
-_JOB_OF_COMMAND = (
-    select(Job, VmInstance,
-           select(Host.guid).where(Host.id == VmInstance.host_id).scalar_subquery())
-    .outerjoin(VmInstance, VmInstance.id == Job.vm_id)
-    .where(Job.command_id == bindparam("command_id"))
-    .with_for_update())
 _JOB_COLUMNS = [(attr.key, attr.columns[0]) for attr in inspect(Job).column_attrs]
 _VM_COLUMNS = [(attr.key, attr.columns[0]) for attr in inspect(VmInstance).column_attrs]
-#: The same for several commands at once: plain rows, job columns then VM columns.
+#: The jobs awaiting some commands, their VMs (job and VM locked) and the guid of each
+#: VM's host: plain rows, job columns then VM columns then the guid.
 _JOBS_OF_COMMANDS = (
     select(*(column for _, column in _JOB_COLUMNS), *(column for _, column in _VM_COLUMNS),
            select(Host.guid).where(Host.id == VmInstance.host_id).scalar_subquery())
@@ -191,25 +185,24 @@ def _job_of_command(tx: TxContext, command_id: str,
     ``tx.run_cache``, once: an answer repeated in the run reads it again.
     """
     rows: dict[str, Sequence[Any] | None] | None = tx.run_cache.get(_READ_AHEAD)
-    if rows is None:
-        ids = sorted({incoming.correlation_id for _, incoming in tx.ahead
-                      if incoming.correlation_id})
-        if len(ids) > 1:
-            rows = dict.fromkeys(ids)
-            for read in tx.connection.execute(_JOBS_OF_COMMANDS, {"command_ids": ids}):
-                rows[read[_COMMAND_ID]] = read
+    if rows is None or command_id not in rows:
+        ids = {command_id}
+        if rows is None:  # the first answer of its run, or alone
+            ids.update(incoming.correlation_id for _, incoming in tx.ahead
+                       if incoming.correlation_id)
+        rows = dict.fromkeys(sorted(ids))
+        for read in tx.connection.execute(_JOBS_OF_COMMANDS, {"command_ids": list(rows)}):
+            rows[read[_COMMAND_ID]] = read
+        if len(rows) > 1:
             tx.run_cache[_READ_AHEAD] = rows
-    if rows is not None and command_id in rows:
-        row = rows.pop(command_id)
-        if row is None:
-            return None, None, None
-        job = _persistent(tx.session, Job, _JOB_COLUMNS, row[:len(_JOB_COLUMNS)])
-        vm_values = row[len(_JOB_COLUMNS):-1]
-        vm = (_persistent(tx.session, VmInstance, _VM_COLUMNS, vm_values)
-              if vm_values[_VM_ID] is not None else None)
-        return job, vm, row[-1]
-    found = tx.session.execute(_JOB_OF_COMMAND, {"command_id": command_id}).first()
-    return (found[0], found[1], found[2]) if found is not None else (None, None, None)
+    row = rows.pop(command_id)
+    if row is None:
+        return None, None, None
+    job = _persistent(tx.session, Job, _JOB_COLUMNS, row[:len(_JOB_COLUMNS)])
+    vm_values = row[len(_JOB_COLUMNS):-1]
+    vm = (_persistent(tx.session, VmInstance, _VM_COLUMNS, vm_values)
+          if vm_values[_VM_ID] is not None else None)
+    return job, vm, row[-1]
 
 
 def _persistent(session: Session, cls: type[T], columns: Sequence[tuple[str, Any]],

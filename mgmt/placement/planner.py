@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, cast
 
 from sqlalchemy import case, func, select
 from sqlalchemy.orm import Session
@@ -183,11 +183,14 @@ def explain(session: Session, demand: Demand,
         if host_id is None:
             continue
         facts = host_rules.read_facts(session.connection(), host_id)
-        nodes = ({f.numa_node if f.numa_node is not None else NO_NODE for f in facts}
-                 if demand.numa == "required" else {None})
-        shorts = [choose(facts, requests, node).short for node in sorted(nodes, key=str)]
-        if all(short is not None for short in shorts):
-            name, wanted, free = next(short for short in shorts if short is not None)
+        # Under ``required`` the devices must come from one node: any node will do here.
+        nodes: list[int | None] = [None]
+        if demand.numa == "required":
+            nodes = [*sorted({f.numa_node if f.numa_node is not None else NO_NODE
+                              for f in facts})]
+        shorts = [choose(facts, requests, node).short for node in nodes]
+        if None not in shorts:
+            name, wanted, free = cast(tuple[str, int, int], shorts[0])
             refused = insufficient(host_id, name, wanted, free, by_rules=True)
             verdicts[index] = HostVerdict(host_guid=found.host_guid, host_name=found.host_name,
                                           accepted=False, reason=refused.detail)

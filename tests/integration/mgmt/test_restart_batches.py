@@ -102,7 +102,7 @@ def test_unchanged_known_hosts_are_registered_in_the_run_as_alone(engine: Engine
     assert harness.events("host.")[before:] == ["host.k1.Up", "host.k2.Up"]
 
 
-def _running_vm(harness: Harness, engine: Engine) -> tuple[DomainInfo, ...]:
+def _running_vm(harness: Harness) -> tuple[DomainInfo, ...]:
     """Deploys vm1 on k1, runs it, pings: k1's domains as its agent reports them."""
     harness.api(api.CreateOfferingRequest(name="net1", pci_devices="10GE"))
     assert isinstance(harness.api(api.DeployVmRequest(name="vm1", offering="net1")),
@@ -124,7 +124,7 @@ def test_a_known_host_still_running_its_vm_is_taken(engine: Engine) -> None:
     """k1 reports the domain of its Running VM again: taken; the VM stays Running."""
     harness = Harness(engine)
     _registered(harness, "k1")
-    domains = _running_vm(harness, engine)
+    domains = _running_vm(harness)
 
     taken = _taken(harness, _startup("k1", devices(3), boot="boot-2", domains=domains))
 
@@ -136,7 +136,7 @@ def test_a_known_host_whose_vm_is_gone_is_reconciled_alone(engine: Engine) -> No
     """k1 restarts without the domain of its Running VM: handed back, and alone it stops."""
     harness = Harness(engine)
     _registered(harness, "k1")
-    _running_vm(harness, engine)
+    _running_vm(harness)
     restart = _startup("k1", devices(3), boot="boot-2")
 
     assert _taken(harness, restart) == [False]

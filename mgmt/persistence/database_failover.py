@@ -13,10 +13,13 @@ treated the same: its connection is dropped and the next node is preferred.
 SQLite takes one URL.
 
 Causal reads: on a Galera node (``wsrep_on``), every connection sets
-``wsrep_sync_wait = 1``, so a read first applies what the cluster already
-committed. Without it a daemon on node 2 may not yet see the job a daemon on
-node 3 has just created and answered for ("job 206 does not exist"), most of
-all while a node leaves the cluster. Other servers are left as they are.
+``wsrep_sync_wait = 7`` (reads, updates and deletes, inserts), so each
+transaction first applies what the cluster already committed. Without it a
+daemon on node 2 may not yet see the job a daemon on node 3 has just created
+and answered for ("job 206 does not exist"), most of all while a node leaves
+the cluster. Reads alone (1) do not do: Galera waits before the FIRST
+statement of a transaction only, and a unit of work begins with an INSERT
+(the handled message's id). Other servers are left as they are.
 
 The counters (prometheus-client's default registry):
 
@@ -176,4 +179,4 @@ def _causal_reads(dbapi_connection: Any, _record: object) -> None:
             return
         row = cursor.fetchone()
         if row is not None and row[0] in (1, "1", "ON"):
-            cursor.execute("SET SESSION wsrep_sync_wait = 1")
+            cursor.execute("SET SESSION wsrep_sync_wait = 7")

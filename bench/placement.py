@@ -30,6 +30,7 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import pymysql
@@ -39,8 +40,10 @@ from sqlalchemy.orm import Session
 
 from hostdev.messages.values import PciRequest
 from hostdev.mgmt.persistence.database import create_database_engine
+from hostdev.mgmt.placement import blocks
+from hostdev.mgmt.placement.blocks import _FITTING
 from hostdev.mgmt.placement.planner import Demand, find_hosts
-from hostdev.mgmt.placement.search import WINDOW, _host_search, _page_search
+from hostdev.mgmt.placement.search import BLOCKS, _host_search, _page_search
 
 DEVICES = {"GPU": 4, "NIC": 4}
 DEMANDS = [Demand(cpus=4, memory_mb=8192, pci=(PciRequest(name="GPU", count=1),)),
@@ -83,9 +86,18 @@ def populate(url: str, hosts: int, refused: int, full: int = 0) -> None:
         cursor.execute("INSERT INTO service_offerings (id, name, cpus, memory_mb, "
                        "migration_policy, created_at) VALUES (1, 'bench', 2, 2048, 'forbid', %s)",
                        (NOW,))
+        rows = [_host(i, i <= refused) for i in range(1, hosts + 1)]
         _insert(cursor, "hosts", "id, guid, name, status, cpus, memory_mb, used_cpus, "
-                "used_memory_mb, hypervisor_version, created_at, updated_at",
-                [_host(i, i <= refused) for i in range(1, hosts + 1)])
+                "used_memory_mb, hypervisor_version, created_at, updated_at", rows)
+        # Placement's blocks, as the hosts' registrations and their VMs' starts leave them.
+        cells: dict[int, int] = {}
+        for host_id, _, _, status, cpus, memory, used_cpus, used_memory, *_ in rows:
+            if status == "Up":
+                cells[blocks.block_of(host_id)] = (cells.get(blocks.block_of(host_id), 0)
+                                                   | blocks.cell(cpus - used_cpus,
+                                                                 memory - used_memory))
+        _insert(cursor, "host_blocks", "block, cells, raised",
+                [(block, bits, 0) for block, bits in cells.items()])
         _insert(cursor, "vm_instances", "id, uuid, name, offering_id, host_id, state, "
                 "update_count, cpus, memory_mb, created_at, updated_at",
                 [(i, f"vm-{i}", f"vm-{i}", 1, i, "Running", 0, 2, 2048, NOW, NOW)
@@ -137,20 +149,40 @@ def p50_p99(timings: list[float]) -> tuple[float, float]:
     return statistics.median(ordered), ordered[int(len(ordered) * 0.99) - 1]
 
 
-def explain(url: str) -> None:
-    """Prints ``EXPLAIN`` and ``ANALYZE FORMAT=JSON`` of both reads for the first demand.
+def _tables(plan: Any) -> Iterator[dict[str, Any]]:
+    """Yields every ``table`` object of an ``ANALYZE FORMAT=JSON`` plan, outer first."""
+    if isinstance(plan, dict):
+        if "table" in plan:
+            yield plan["table"]
+        for value in plan.values():
+            yield from _tables(value)
+    elif isinstance(plan, list):
+        for value in plan:
+            yield from _tables(value)
 
-    The device page (after host 0), then the host search over the window
-    after the page's last host (64: the page is refused).
+
+def explain(url: str) -> None:
+    """Prints ``EXPLAIN`` and what ``ANALYZE`` measured of the three reads for the first demand.
+
+    The device page (after host 0), the blocks after the page's last host
+    (64: the page is refused), the host search over the blocks they name.
     """
     engine = create_database_engine(url)
     demand = DEMANDS[0]
-    params = {"cpus": demand.cpus, "memory_mb": demand.memory_mb, "name_0": "GPU",
-              "count_0": 1}
-    for title, statement, after in (
-            ("device page", _page_search(len(demand.pci), 0, 5, False), 0),
-            ("host search", _host_search(len(demand.pci), 0, 5, False), 64)):
-        query = statement._statement.params(**params, after=after, upto=after + WINDOW).compile(
+    params: dict[str, object] = {"cpus": demand.cpus, "memory_mb": demand.memory_mb,
+                                 "name_0": "GPU", "count_0": 1, "after": 0, "first": 0,
+                                 "want": blocks.wanted(demand.cpus, demand.memory_mb),
+                                 "count": BLOCKS}
+    with engine.connect() as connection:
+        fitting = blocks.fitting(connection, 64, int(params["want"]), BLOCKS)  # type: ignore[call-overload]
+    for index, block in enumerate(fitting):
+        params[f"low_{index}"] = block * blocks.BLOCK - 1
+        params[f"high_{index}"] = (block + 1) * blocks.BLOCK - 1
+    for title, statement, more in (
+            ("device page", _page_search(len(demand.pci), 0, 5, False)._statement, {}),
+            ("blocks", _FITTING._statement, {"first": blocks.block_of(65)}),
+            ("host search", _host_search(len(demand.pci), 0, 5, False)._statement, {})):
+        query = statement.params(**params | more).compile(
             dialect=engine.dialect, compile_kwargs={"literal_binds": True})
         print(f"-- {title}\n{query}")
         with engine.connect() as connection:
@@ -161,7 +193,11 @@ def explain(url: str) -> None:
                 for row in cursor.fetchall():
                     print(row)
                 cursor.execute(f"ANALYZE FORMAT=JSON {query}")
-                print(json.dumps(json.loads(cursor.fetchone()[0]), indent=1))
+                plan = json.loads(cursor.fetchone()[0])
+                for table in _tables(plan):
+                    print("ANALYZE", {key: table.get(key) for key in (
+                        "table_name", "access_type", "key", "r_rows", "r_filtered",
+                        "r_table_time_ms")})
     engine.dispose()
 
 

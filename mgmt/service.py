@@ -69,6 +69,7 @@ from hostdev.mgmt.persistence.models import HandledMessage, VmInstance, utcnow
 from hostdev.mgmt.persistence.outbox import OutboxPublisher
 from hostdev.mgmt.persistence.unit_of_work import AlreadyHandled, TxContext, UnitOfWork
 from hostdev.mgmt.pipeline import Handler, Pipeline, Route, always, no_check
+from hostdev.mgmt.placement import blocks
 from hostdev.mgmt.vms.vm_lifecycle import PciDeviceManager, VmLifecycleManager
 
 log = structlog.get_logger()
@@ -118,6 +119,7 @@ class ManagementService:
         #: Requests from clients: refusals become ErrorAnswers.
         self.api_pipeline = Pipeline(self.work, _api_log_context, no_check,
                                      self._api_error_answer)
+        self.blocks = blocks.Tightening(self.work)
         self._started = False
 
     # -- lifecycle ------------------------------------------------------------------
@@ -133,6 +135,7 @@ class ManagementService:
         self.bus.call_every(0.2, self._guard(self.outbox.mark_published))
         self.bus.call_every(2.0, self._guard(self.outbox.publish_stale))
         self.bus.call_every(3600.0, self._guard(self.purge))
+        self.bus.call_every(blocks.TIGHTEN_INTERVAL_S, self._guard(self.blocks.tighten_next))
         self._started = True
         log.info("mgmt_started", service=self.name, bus=self.bus.config.safe_url(),
                  db=self.engine.url.render_as_string())

@@ -293,3 +293,16 @@ CREATE INDEX ix_hosts_status_id_cpus_used_cpus_memory_mb_used_memory_mb ON hosts
 
 UPDATE alembic_version SET version_num='0012' WHERE alembic_version.version_num = '0011';
 
+-- Running upgrade 0012 -> 0013
+
+CREATE TABLE host_blocks (
+    block INTEGER NOT NULL, 
+    cells BIGINT NOT NULL DEFAULT '0', 
+    raised BIGINT NOT NULL DEFAULT '0', 
+    CONSTRAINT pk_host_blocks PRIMARY KEY (block)
+)ENGINE=InnoDB CHARSET=utf8mb4 COLLATE utf8mb4_bin;
+
+INSERT INTO host_blocks (block, cells, raised) SELECT DISTINCT id >> 8, 72057594037927935, 0 FROM hosts;
+
+UPDATE alembic_version SET version_num='0013' WHERE alembic_version.version_num = '0012';
+

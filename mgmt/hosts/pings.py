@@ -73,11 +73,13 @@ _VMS = cast(Table, VmInstance.__table__)
 @dataclass(slots=True)
 class HostRow(HostReports):
     """The columns of a host a ping or a start-up batch reads: its report order,
-    status, last digest and whether its devices have rules."""
+    status, last digest, whether its devices have rules, and what its VMs hold."""
 
     status: HostStatus
     reconciled_digest: str | None
     device_rules: bool
+    used_cpus: int
+    used_memory_mb: int
 
 
 @dataclass(slots=True)
@@ -110,7 +112,7 @@ def _ids(size: int, prefix: str = "i") -> list[ClauseElement]:
 _LOCK_HOSTS = _BySize(lambda size: select(
     _HOSTS.c.id, _HOSTS.c.guid, _HOSTS.c.report_boot_id, _HOSTS.c.report_seq,
     _HOSTS.c.retired_boot_id, _HOSTS.c.status, _HOSTS.c.reconciled_digest,
-    _HOSTS.c.device_rules,
+    _HOSTS.c.device_rules, _HOSTS.c.used_cpus, _HOSTS.c.used_memory_mb,
 ).where(_HOSTS.c.guid.in_(_ids(size, "g"))).with_for_update())
 
 

@@ -54,6 +54,7 @@ from hostdev.mgmt.persistence.models import (
     utcnow,
 )
 from hostdev.mgmt.persistence.unit_of_work import TxContext
+from hostdev.mgmt.placement import blocks
 from hostdev.mgmt.vms.vm_lifecycle import VmLifecycleManager, offering_numa_policy
 from hostdev.mgmt.vms.vm_states import VmEvent
 
@@ -135,6 +136,7 @@ class HostRegistry:
         status: HostStatus = previous if previous in OPERATOR_STATUSES else HOST_UP
         host.status = status
         tx.session.flush()
+        blocks.raise_host(tx.session.connection(), host.id)  # placeable, maybe with more room
         # A host created by this transaction is seen by no other: its first
         # inventory is one INSERT, without serializing or reading rows.
         changes = pci_inventory.reconcile_inventory(tx.session.connection(), host.id,
@@ -176,6 +178,8 @@ class HostRegistry:
         host.last_ping = utcnow()
         if previous != HOST_UP and previous not in OPERATOR_STATUSES:
             host.status = HOST_UP
+            tx.session.flush()
+            blocks.raise_host(tx.session.connection(), host.id)
             self._status_event(tx, host, "Up", previous)
         self._reconcile_power(tx, host, command.domains, stamp)
         return True

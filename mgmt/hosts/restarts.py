@@ -52,6 +52,7 @@ from hostdev.mgmt.hosts.registration import announce_status_of
 from hostdev.mgmt.hosts.report_order import Stamp
 from hostdev.mgmt.persistence.models import HOST_UP, OPERATOR_STATUSES, Host, utcnow
 from hostdev.mgmt.persistence.unit_of_work import TxContext
+from hostdev.mgmt.placement import blocks
 
 log = structlog.get_logger()
 
@@ -104,6 +105,12 @@ def take_restarts(tx: TxContext, config: MgmtConfig,
         # Its log lines name its message, as the pipeline binds them for one alone.
         with bound_message(incoming.message_id, incoming.correlation_id, host=guid, vm=None):
             answers[index] = _announced(tx, config, startup, host)
+    # Up again, perhaps with more CPUs or memory: placement's blocks (none when in maintenance).
+    blocks.raise_rows(tx.connection, [
+        (host.id, startups[guids[guid]][0].cpus - host.used_cpus,
+         startups[guids[guid]][0].memory_mb - host.used_memory_mb)
+        for guid, host in candidates.items()
+        if guids[guid] in answers and host.status not in OPERATOR_STATUSES])
     return answers
 
 

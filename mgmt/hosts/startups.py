@@ -60,6 +60,7 @@ from hostdev.mgmt.jobs.payloads import migrating_hosts
 from hostdev.mgmt.persistence.literal_rows import insert_rows
 from hostdev.mgmt.persistence.models import HOST_UP, Host, utcnow
 from hostdev.mgmt.persistence.unit_of_work import TxContext
+from hostdev.mgmt.placement import blocks
 
 log = structlog.get_logger()
 
@@ -102,6 +103,9 @@ class StartupBatch:
         rows = [_host_row(startups[index][0], inventory, now, digest)
                 for index, inventory in new.items()]
         ids = list(tx.connection.execute(_INSERT_HOSTS, rows).scalars().all())
+        blocks.raise_rows(tx.connection, [  # Up, with all their room: placement's blocks
+            (host_id, startups[index][0].cpus, startups[index][0].memory_mb)
+            for host_id, index in zip(ids, new, strict=True)])
         insert_rows(tx.connection, DEVICES, ROW_COLUMNS,
                     [row for host_id, inventory in zip(ids, new.values(), strict=True)
                      for row in inventory.rows(host_id, now)])

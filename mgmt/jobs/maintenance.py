@@ -56,6 +56,7 @@ from hostdev.mgmt.persistence.models import (
     VmInstance,
 )
 from hostdev.mgmt.persistence.unit_of_work import TxContext
+from hostdev.mgmt.placement import blocks
 from hostdev.mgmt.vms.vm_states import HOLDS_DEVICES
 
 log = structlog.get_logger()
@@ -144,6 +145,7 @@ class MaintenanceManager:
         host.status = HOST_UP
         host.status_reason = ""
         tx.session.flush()
+        blocks.raise_host(tx.session.connection(), host.id)  # placeable again
         return host
 
     # -- progress ------------------------------------------------------------------

@@ -159,6 +159,24 @@ class Host(Base):
     updated_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow, onupdate=utcnow)
 
 
+class HostBlock(Base):
+    """The room the Up hosts of 256 host ids may have: what placement's search may skip.
+
+    Kept by ``hostdev.mgmt.placement.blocks`` (docs/database.md, "Placement's search").
+    """
+
+    __tablename__ = "host_blocks"
+    __table_args__ = (MYSQL_OPTIONS,)
+
+    #: ``hosts.id >> 8``.
+    block: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    #: One bit per cell of (free CPUs, free memory) an Up host of the block is in, or was
+    #: in since the block was last tightened.
+    cells: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    #: Bumped by every write that sets bits, so that it always changes the row.
+    raised: Mapped[int] = mapped_column(BigInteger, server_default="0")
+
+
 class ServiceOffering(Base):
     """A compute offering: CPUs, memory, the PCI devices it asks for, a migration policy."""
 

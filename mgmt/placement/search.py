@@ -1,24 +1,26 @@
 """Placement's SQL search: the first hosts, by id, that fit a demand (docs/database.md).
 
-Two reads, each one prepared query, taken in turn:
+Three reads, each one prepared query, taken in turn:
 
 1. With PCI requests, the *device page*: the first ``PAGE`` hosts after
    ``after`` that have enough free devices of the first requested name, read
    from the device index ``(state, name, host_id)``; full hosts have no row
    there and cost nothing. The hosts of the page that meet the rest of the
    fit rule are the answer, when there are any.
-2. When a whole page is refused, the *host search* over the next window of
-   host ids (``WINDOW``, then ``WINDOW_GROWTH`` times more each turn), or
-   over all hosts without PCI requests: the Up hosts in id order through
-   the index ``(status, id, cpus, used_cpus, memory_mb, used_memory_mb)``.
-   Hosts that are not Up are skipped as one range of it; those short of CPU
-   or memory are refused on the index entry alone; the others are asked for
-   their free devices through ``(host_id, name, state)``.
+2. When a whole page is refused (or without PCI requests), the *blocks*: the
+   next ``BLOCKS`` blocks of 256 host ids that may hold a host with the CPUs
+   and memory asked for (``hostdev.mgmt.placement.blocks``); blocks whose Up
+   hosts are all short of CPU or memory, or that have no Up host, are
+   skipped without reading a host.
+3. The *host search* over those blocks' host ids: the Up hosts in id order
+   through the index ``(status, id, cpus, used_cpus, memory_mb,
+   used_memory_mb)``, those short of CPU or memory refused on the index entry
+   alone, the others asked for their free devices through ``(host_id, name,
+   state)``.
 
-Each read goes on where the other stopped: no host before it fits. Refused
-hosts holding devices cost the host search an index entry each; full hosts
-cost the device page nothing; taking turns, a long run of either is crossed
-by the read it costs least (docs/database.md).
+Each turn goes on where the last stopped: no host before it fits. Full hosts
+cost the device page nothing; hosts refused for status, CPU or memory cost
+the host search nothing outside the blocks it reads (docs/database.md).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from sqlalchemy import (
     bindparam,
     case,
     func,
+    or_,
     select,
 )
 from sqlalchemy.orm import Session
@@ -43,6 +46,7 @@ from sqlalchemy.orm import Session
 from hostdev.mgmt.devices.device_rows import FREE, NUMA_NODE
 from hostdev.mgmt.persistence.database import PreparedStatement
 from hostdev.mgmt.persistence.models import Host, PciDevice
+from hostdev.mgmt.placement import blocks
 from hostdev.mgmt.placement.demand import PLACEABLE, Candidate, Demand
 
 #: Hosts with enough free devices of the first requested name read in the device page.
@@ -51,12 +55,8 @@ PAGE: Final = 64
 #: left to itself reads it as ``ref`` on (state, name) and filters ``host_id >
 #: after``: a page after N then costs every row before N (docs/database.md).
 _PAGE_INDEX: Final = "ix_op_host_pci_devices_state_name_host_id"
-#: The host ids the first host search after a refused device page reads; each next one
-#: ``WINDOW_GROWTH`` times more.
-WINDOW: Final = 1024
-WINDOW_GROWTH: Final = 8
-#: The largest host id (``hosts.id`` is a 32-bit INTEGER).
-LAST_ID: Final = 2**31 - 1
+#: Blocks (of ``blocks.BLOCK`` host ids) the host search reads per turn.
+BLOCKS: Final = 4
 #: The host index the host search reads as a range (``status = 'Up' AND id > after``).
 HOST_INDEX: Final = "ix_hosts_status_id_cpus_used_cpus_memory_mb_used_memory_mb"
 
@@ -90,23 +90,29 @@ def search_hosts(connection: Connection, demand: Demand, *, avoid: Collection[st
         params[f"count_{index}"] = request.count
     for index, ref in enumerate(sorted(avoid)):
         params[f"avoid_{index}"] = ref
+    want, after = blocks.wanted(demand.cpus, demand.memory_mb), 0
+    page = _page_search(len(demand.pci), len(avoid), limit, numa) if demand.pci else None
     hosts = _host_search(len(demand.pci), len(avoid), limit, numa)
-    if not demand.pci:
-        return _candidates(hosts.execute(connection, params | {"upto": LAST_ID}).rows)
-    page, window = _page_search(len(demand.pci), len(avoid), limit, numa), WINDOW
     while True:
-        rows = page.execute(connection, params).rows
+        if page is not None:
+            rows = page.execute(connection, params).rows
+            if rows:
+                return _candidates(rows)
+            last, count = _PAGE_END.execute(connection, params).rows[0]
+            if last is None or (count or 0) < PAGE:
+                return []  # no host after the page has the devices
+            after = int(last)  # no host up to ``last`` fits
+        found = blocks.fitting(connection, after, want, BLOCKS)
+        if not found:
+            return []  # no host after ``after`` has the room
+        for index in range(BLOCKS):  # the last block again when there are fewer
+            block = found[min(index, len(found) - 1)]
+            params[f"low_{index}"] = max(after, (block << blocks.BLOCK_SHIFT) - 1)
+            params[f"high_{index}"] = after = ((block + 1) << blocks.BLOCK_SHIFT) - 1
+        rows = hosts.execute(connection, params).rows
         if rows:
             return _candidates(rows)
-        last, count = _PAGE_END.execute(connection, params).rows[0]
-        if last is None or (count or 0) < PAGE:
-            return []  # no host after the page has the devices
-        # No host up to ``last`` fits: the next window of host ids, through the host index.
-        params["after"], params["upto"] = int(last), min(int(last) + window, LAST_ID)
-        rows = hosts.execute(connection, params).rows
-        if rows or params["upto"] == LAST_ID:
-            return _candidates(rows)
-        params["after"], window = params["upto"], window * WINDOW_GROWTH
+        params["after"] = after
 
 
 def _candidates(rows: list[tuple[int, str, str]]) -> list[Candidate]:
@@ -206,17 +212,20 @@ def _page_search(names: int, avoided: int, limit: int, numa: bool) -> PreparedSt
 
 
 def _host_search(names: int, avoided: int, limit: int, numa: bool) -> PreparedStatement:
-    """Returns the host search after host ``after``, prepared once per shape.
+    """Returns the host search over ``BLOCKS`` ranges of host ids, prepared once per shape.
 
-    Parameters: those of :func:`_fit_conditions`, ``after`` and ``upto``
-    (the hosts with ids in ``(after, upto]``). Names the
-    host index (MariaDB only): left to itself MariaDB reads it as ``ref`` on
-    ``status`` and filters ``id > after`` entry by entry, from the first Up host.
+    Parameters: those of :func:`_fit_conditions`, ``low_<i>`` and
+    ``high_<i>`` for each ``i`` below ``BLOCKS`` (the hosts with ids in
+    ``(low_i, high_i]``). Names the host index (MariaDB only): left to itself
+    MariaDB reads it as ``ref`` on ``status`` and filters the ids entry by
+    entry, from the first Up host.
     """
     def build() -> Select[int, str, str]:
         query = select(Host.id, Host.guid, Host.name)
         for dialect in ("mysql", "mariadb"):
             query = query.with_hint(Host.__table__, f"FORCE INDEX ({HOST_INDEX})", dialect)
-        return query.where(Host.id > bindparam("after"), Host.id <= bindparam("upto"),
+        ranges = [and_(Host.id > bindparam(f"low_{index}"), Host.id <= bindparam(f"high_{index}"))
+                  for index in range(BLOCKS)]
+        return query.where(or_(*ranges),
                            *_fit_conditions(range(names), avoided, names if numa else 0))
     return _prepared("hosts", names, avoided, limit, numa, build)

@@ -8,6 +8,8 @@ transaction that makes the change: the VM lifecycle's conditional UPDATE
 (:func:`move_to_host`). So ``used_*`` of a host always equals the sum over
 its VMs in those states; placement compares them with the host's ``cpus``
 and ``memory_mb`` through one index (docs/database.md, "Placement's search").
+Room given back also sets the host's cell in its block
+(``hostdev.mgmt.placement.blocks``); room taken writes nothing more.
 
 The UPDATE adds to the column (``used_cpus = used_cpus + n``): two daemons
 changing VMs of one host at once each add their own, under InnoDB's row lock.
@@ -23,6 +25,7 @@ from sqlalchemy import Connection, Table, bindparam, update
 from hostdev.messages.values import VmState
 from hostdev.mgmt.persistence.database import PreparedStatement
 from hostdev.mgmt.persistence.models import Host, VmInstance, utcnow
+from hostdev.mgmt.placement import blocks
 from hostdev.mgmt.vms.vm_states import HOLDS_DEVICES
 
 _HOSTS = cast(Table, Host.__table__)
@@ -58,6 +61,8 @@ def moved(conn: Connection, vm: VmInstance, before: tuple[int | None, VmState],
         if host_id is not None:
             _ADD.execute(conn, {"host_id": host_id, "cpus": sign * vm.cpus,
                                 "memory_mb": sign * vm.memory_mb})
+    if source is not None:  # the room given back may put the host in a higher cell
+        blocks.raise_host(conn, source)
 
 
 def move_to_host(conn: Connection, vm: VmInstance, target_id: int,

@@ -27,7 +27,7 @@ from typing import ClassVar
 import pytest
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
-from sqlalchemy import Engine, func, select, update
+from sqlalchemy import Engine, delete, func, select, update
 
 from hostdev.messages.pci_address import PciAddress
 from hostdev.messages.values import DeviceState, NumaPolicy, PciDeviceInfo
@@ -35,12 +35,13 @@ from hostdev.mgmt.devices.availability import HELD_STATES, DeviceFacts, rule_cha
 from hostdev.mgmt.devices.device_admin import DeviceBusy
 from hostdev.mgmt.devices.pci_devices import InsufficientDevices
 from hostdev.mgmt.persistence.database import transaction
-from hostdev.mgmt.persistence.models import DEVICE_STATES, Host, PciDevice, VmInstance
+from hostdev.mgmt.persistence.models import DEVICE_STATES, Host, HostBlock, PciDevice, VmInstance
 from hostdev.mgmt.persistence.unit_of_work import TxContext, UnitOfWork
+from hostdev.mgmt.placement import blocks
 from hostdev.mgmt.vms import capacity
 from hostdev.mgmt.vms.vm_lifecycle import PciDeviceManager, VmLifecycleManager
 from hostdev.mgmt.vms.vm_states import HOLDS_DEVICES, VmEvent, is_allowed
-from tests.support.databases import add_host, add_offering, add_vms
+from tests.support.databases import add_host, add_offering, add_vms, uncovered_hosts
 from tests.support.pci_device_contract import ClaimPath
 
 NAMES = ("A", "B")
@@ -172,6 +173,10 @@ class AllocationMachine(RuleBasedStateMachine):
         super().__init__()
         self.repo = ClaimPath(self.engine)
         with transaction(self.engine) as conn:
+            # Earlier examples' hosts go Down and their blocks away: the blocks hold what
+            # this example's hosts did, not what a neighbour's room hides.
+            conn.execute(update(Host).values(status="Down"))
+            conn.execute(delete(HostBlock))
             self.hosts = [add_host(conn) for _ in range(HOSTS)]
             self.vms = add_vms(conn, add_offering(conn), VMS)
             self.lifecycle_vms = add_vms(conn, add_offering(conn), LIFECYCLE_VMS)
@@ -382,6 +387,18 @@ class AllocationMachine(RuleBasedStateMachine):
                        VmInstance.state.in_(HOLDS_DEVICES))
                 .group_by(VmInstance.host_id))}
         assert used == {h: sums.get(h, (0, 0)) for h in self.hosts}
+
+    @rule()
+    def tighten_blocks(self) -> None:
+        """Placement's blocks are recomputed from the hosts (a daemon's periodic task)."""
+        self.work.run(lambda tx: blocks.tighten(tx.connection, 0), what="tighten blocks")
+
+    @invariant()
+    def every_up_host_is_in_a_block_that_may_fit_it(self) -> None:
+        """Each Up host's block has the bit of its (free CPUs, free memory) cell or of one
+        above it in both, so placement's search never skips it."""
+        with self.engine.connect() as conn:
+            assert uncovered_hosts(conn) == []
 
     @invariant()
     def required_vms_stay_on_one_numa_node(self) -> None:

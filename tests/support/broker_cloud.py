@@ -32,6 +32,7 @@ from hostdev.mgmt.config import MgmtConfig
 from hostdev.mgmt.persistence.database import create_database_engine
 from hostdev.mgmt.service import ManagementService
 from tests.support.agent import write_spec
+from tests.support.databases import uncovered_hosts
 from tests.support.rabbitmq import amqp_vhost
 from tests.support.waiting import wait_for
 
@@ -162,6 +163,8 @@ def broker_cloud(db_url: str, work: Path, **config: Any) -> Iterator[BrokerCloud
         try:
             wait_for(lambda: _answers(cloud), timeout=20, what="management answers")
             yield cloud
+            with engine.connect() as conn:  # whatever the test did, placement skips no host
+                assert uncovered_hosts(conn) == []
         finally:
             cloud.close()
             thread.join(timeout=10)

@@ -21,10 +21,11 @@ from typing import Any, Final
 
 import pymysql
 from alembic.script import ScriptDirectory
-from sqlalchemy import Connection, Engine, insert, make_url
+from sqlalchemy import Connection, Engine, insert, make_url, select
 
 from hostdev.mgmt.persistence.database import alembic_config, create_database_engine, upgrade
-from hostdev.mgmt.persistence.models import Host, ServiceOffering, VmInstance
+from hostdev.mgmt.persistence.models import Host, HostBlock, ServiceOffering, VmInstance
+from hostdev.mgmt.placement import blocks
 
 MARIADB_SOCKET: Final = os.environ.get("HOSTDEV_TEST_MARIADB_SOCKET", "/run/mysqld/mysqld.sock")
 
@@ -129,7 +130,30 @@ def add_host(conn: Connection, *, name: str | None = None, status: str = "Up",
         guid=guid, name=name or f"host-{guid[:8]}", status=status, cpus=cpus,
         memory_mb=memory_mb, hypervisor_version="test",
     ))
-    return int(result.inserted_primary_key[0])
+    host_id = int(result.inserted_primary_key[0])
+    blocks.raise_host(conn, host_id)  # as its registration would
+    return host_id
+
+
+def raise_blocks(conn: Connection) -> None:
+    """Sets placement's blocks for hosts inserted as rows, as their registrations would."""
+    blocks.raise_rows(conn, conn.execute(
+        select(Host.id, Host.cpus - Host.used_cpus, Host.memory_mb - Host.used_memory_mb)
+        .where(Host.status == "Up")).all())
+
+
+def uncovered_hosts(conn: Connection) -> list[tuple[int, int, int]]:
+    """Returns the Up hosts (id, free CPUs, free memory) whose block has neither their
+    cell's bit nor one of a cell above it in both: hosts placement's search would skip
+    for a VM asking exactly their room. Always empty."""
+    cells = {int(block): int(bits)
+             for block, bits in conn.execute(select(HostBlock.block, HostBlock.cells))}
+    return [(host_id, free_cpus, free_memory_mb) for host_id, free_cpus, free_memory_mb
+            in conn.execute(select(Host.id, Host.cpus - Host.used_cpus,
+                                   Host.memory_mb - Host.used_memory_mb)
+                            .where(Host.status == "Up"))
+            if not cells.get(blocks.block_of(host_id), 0) & blocks.wanted(free_cpus,
+                                                                          free_memory_mb)]
 
 
 def add_offering(conn: Connection, *, name: str | None = None, cpus: int = 2,

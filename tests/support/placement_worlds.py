@@ -23,11 +23,12 @@ from hostdev.mgmt.persistence.models import (
     NUMA_POLICIES,
     VM_STATES,
     Host,
+    HostBlock,
     PciDevice,
     ServiceOffering,
     VmInstance,
 )
-from hostdev.mgmt.placement import planner
+from hostdev.mgmt.placement import blocks, planner
 from hostdev.mgmt.placement.planner import Demand
 from hostdev.mgmt.vms.vm_states import HOLDS_DEVICES
 
@@ -157,7 +158,7 @@ def worlds(draw: st.DrawFn, max_hosts: int = 8, numa: NumaPolicy | None = None, 
 def load(engine: Engine, world: World) -> None:
     """Replaces every host, device and VM in the database with the world's."""
     with engine.begin() as conn:
-        for model in (PciDevice, VmInstance, ServiceOffering, Host):
+        for model in (PciDevice, VmInstance, ServiceOffering, Host, HostBlock):
             conn.execute(delete(model))
         offering = conn.execute(insert(ServiceOffering).values(
             name="any", cpus=1, memory_mb=1024)).inserted_primary_key[0]
@@ -169,6 +170,7 @@ def load(engine: Engine, world: World) -> None:
                 memory_mb=spec.memory_mb, used_cpus=sum(c for c, _ in holding),
                 used_memory_mb=sum(m for _, m in holding),
                 hypervisor_version="")).inserted_primary_key[0]
+            blocks.raise_host(conn, host_id)  # as its registration would
             for number, (device, (state, reason)) in enumerate(zip(
                     spec.devices, spec.ruled_states(), strict=True)):
                 pf = device.pf

@@ -16,6 +16,7 @@ from hostdev.mgmt.persistence.database import (
     current_revision,
 )
 from hostdev.mgmt.persistence.models import Base
+from hostdev.mgmt.placement import blocks
 from tests.support.databases import head_revision
 
 
@@ -205,5 +206,39 @@ def test_0012_fills_used_capacity_from_the_vms_holding_it(empty_url: str) -> Non
         with engine.connect() as conn:
             columns = {c["name"] for c in inspect(conn).get_columns("hosts")}
         assert not {"used_cpus", "used_memory_mb"} & columns
+    finally:
+        engine.dispose()
+
+
+def test_0013_gives_every_block_with_hosts_every_cell_and_a_tightening_sets_them(
+        empty_url: str) -> None:
+    """After 0013 each block of 256 host ids that has hosts claims every cell (a bound too
+    high: the search reads its hosts, misses none); the first tightening sets them from the
+    Up hosts; the downgrade drops the table."""
+    config = alembic_config(empty_url)
+    command.upgrade(config, "0012")
+    engine = create_database_engine(empty_url)
+    now = datetime(2026, 1, 1)
+    try:
+        with engine.begin() as conn:
+            for host_id, status in ((1, "Up"), (2, "Down"), (300, "Down"), (1000, "Up")):
+                conn.execute(text(
+                    "INSERT INTO hosts (id, guid, name, status, cpus, memory_mb, used_cpus, "
+                    "used_memory_mb, hypervisor_version, created_at, updated_at) VALUES (:id, "
+                    ":guid, :guid, :status, 32, 65536, 30, 0, '', :now, :now)"),
+                    {"id": host_id, "guid": f"h{host_id}", "status": status, "now": now})
+        command.upgrade(config, "0013")
+        every = (1 << 56) - 1
+        with engine.connect() as conn:
+            rows = conn.execute(text("SELECT block, cells FROM host_blocks ORDER BY block")).all()
+        assert [tuple(row) for row in rows] == [(0, every), (1, every), (3, every)]
+        with engine.begin() as conn:
+            assert blocks.tighten(conn, 0) == 4  # after the last block read
+            rows = conn.execute(text("SELECT block, cells FROM host_blocks ORDER BY block")).all()
+        up = blocks.cell(2, 65536)
+        assert [tuple(row) for row in rows] == [(0, up), (1, 0), (3, up)]
+        command.downgrade(config, "0012")
+        with engine.connect() as conn:
+            assert "host_blocks" not in inspect(conn).get_table_names()
     finally:
         engine.dispose()

@@ -9,6 +9,7 @@ from sqlalchemy.orm import Session
 from hostdev.messages.values import PciRequest
 from hostdev.mgmt.persistence.models import Host, PciDevice, VmInstance, utcnow
 from hostdev.mgmt.placement import planner, search
+from tests.support.databases import raise_blocks
 from tests.support.placement_worlds import World, load, search_and_verdicts, worlds
 
 
@@ -84,9 +85,13 @@ def test_the_host_search_skips_refused_hosts_as_a_range_of_the_host_index(
              "function": "0", "vendor_id": "", "product_id": "",
              "state": "free" if n % 4 or n > 1500 else "allocated",
              "created_at": now, "updated_at": now} for n in range(1, 2001)])
+        raise_blocks(conn)  # as the hosts' registrations would
         conn.exec_driver_sql("ANALYZE TABLE hosts, op_host_pci_devices")
-    params = {"cpus": 4, "memory_mb": 1024, "name_0": "GPU", "count_0": 1, "after": 64,
-              "upto": 1088}
+    params: dict[str, object] = {"cpus": 4, "memory_mb": 1024, "name_0": "GPU", "count_0": 1,
+                                 "after": 64}
+    for index in range(search.BLOCKS):  # hosts 65 to 1,023
+        params[f"low_{index}"] = max(64, 256 * index - 1)
+        params[f"high_{index}"] = 256 * index + 255
     sql = search._host_search(1, 0, 5, False)._statement.params(**params).compile(
         engine, compile_kwargs={"literal_binds": True})
     with engine.connect() as conn:

@@ -9,8 +9,9 @@ from sqlalchemy.orm import Session
 
 from hostdev.messages.values import PciRequest
 from hostdev.mgmt.persistence.models import Host, PciDevice
-from hostdev.mgmt.placement import planner, search
+from hostdev.mgmt.placement import blocks, planner, search
 from hostdev.mgmt.placement.planner import Demand, HostCapacity, find_hosts, refusal, verdict
+from tests.support.databases import raise_blocks
 
 TWO_10GE = Demand(cpus=2, memory_mb=1024, pci=(PciRequest(name="10GE", count=2),))
 
@@ -67,6 +68,7 @@ def _hosts(engine: Engine, specs: list[tuple[str, str, int]]) -> None:
                 conn.execute(insert(PciDevice).values(
                     host_id=host_id, name="10GE", domain="0000", bus="28", slot="00",
                     function=str(n), state="free"))
+        raise_blocks(conn)  # as the hosts' registrations would
 
 
 def test_search_is_first_fit_and_skips_what_does_not_fit(engine: Engine) -> None:
@@ -87,9 +89,10 @@ def test_search_reads_the_next_page_when_a_page_is_refused(engine: Engine) -> No
 
 
 def test_search_takes_turns_past_refused_pages_and_full_windows(engine: Engine) -> None:
-    """A refused page, a window of full hosts, another refused page, a window larger than the
-    first of full hosts: the first host that fits is still found, and nothing before it."""
-    window = search.WINDOW
+    """A refused page, the blocks of one host search of full hosts, another refused page, more
+    than those blocks of full hosts: the first host that fits is still found, and nothing
+    before it."""
+    window = search.BLOCKS * blocks.BLOCK
     specs = ([(f"d{n}", "Down", 2) for n in range(planner.PAGE + 1)]
              + [(f"f{n}", "Up", 0) for n in range(window)]
              + [(f"m{n}", "Maintenance", 2) for n in range(planner.PAGE + 1)]

@@ -68,8 +68,8 @@ def find_hosts(session: Session, demand: Demand, *, avoid: Collection[str] = (),
     ``avoid`` holds host guids or names to leave out (hosts already tried,
     or named by the request). With PCI requests the device page is read
     first; when all its hosts are refused, the host search reads the next
-    window of host ids, then the device page after it, and so on; the answer
-    holds the fitting hosts of the first page or window that has any. The
+    blocks that may fit, then the device page after them, and so on; the
+    answer holds the fitting hosts of the first page or search that has any. The
     caller claims on the first host in the same transaction; a lost race
     rolls back and the next host is tried in a new transaction.
     """
@@ -226,6 +226,9 @@ def _host_search(names: int, avoided: int, limit: int, numa: bool) -> PreparedSt
             query = query.with_hint(Host.__table__, f"FORCE INDEX ({HOST_INDEX})", dialect)
         ranges = [and_(Host.id > bindparam(f"low_{index}"), Host.id <= bindparam(f"high_{index}"))
                   for index in range(BLOCKS)]
-        return query.where(or_(*ranges),
+        # The span of all ranges too: SQLite reads it as one range of the index, and
+        # MariaDB intersects it with the ranges (no change).
+        span = (Host.id > bindparam("low_0"), Host.id <= bindparam(f"high_{BLOCKS - 1}"))
+        return query.where(*span, or_(*ranges),
                            *_fit_conditions(range(names), avoided, names if numa else 0))
     return _prepared("hosts", names, avoided, limit, numa, build)

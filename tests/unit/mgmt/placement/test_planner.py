@@ -88,7 +88,7 @@ def test_search_reads_the_next_page_when_a_page_is_refused(engine: Engine) -> No
         assert find_hosts(session, TWO_10GE, avoid={"up"}) == []
 
 
-def test_search_takes_turns_past_refused_pages_and_full_windows(engine: Engine) -> None:
+def test_search_takes_turns_past_refused_pages_and_full_blocks(engine: Engine) -> None:
     """A refused page, the blocks of one host search of full hosts, another refused page, more
     than those blocks of full hosts: the first host that fits is still found, and nothing
     before it."""

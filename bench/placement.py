@@ -14,12 +14,19 @@ free ``NIC`` devices each (NUMA nodes 0 and 1), one Running VM of 2 CPUs and
   devices, then N/2 Up hosts with room whose devices are all disabled (full),
   then hosts that fit: the case the host search pays one device lookup per
   full host for (docs/database.md).
+- ``half refused untightened`` (with ``--layouts``): half refused, but every
+  block of placement's blocks claims every cell, as right after the upgrade
+  to revision 0013 or when every host filled up since the last tightening:
+  what a bound too high costs until the daemons tighten it.
+
+Placement's blocks are written as the hosts' registrations and their VMs'
+starts leave them (each block the cells of its Up hosts).
 
 Each layout is timed over ``QUERIES`` calls of ``find_hosts`` (each in its
 own transaction, after a warm-up), alternating plain, NUMA ``required`` and
 two-name demands. Prints a table, then ``metric=NAME value=NUMBER unit=ms``
-lines. ``--explain`` prints MariaDB's ``EXPLAIN`` and ``ANALYZE FORMAT=JSON`` of both reads
-at 10,000 hosts, half refused.
+lines. ``--explain`` prints MariaDB's ``EXPLAIN`` and what ``ANALYZE`` measured of the
+three reads at 10,000 hosts, half refused.
 Run: ``.venv/bin/python bench/placement.py [--explain] [--hosts 1000,10000,100000]``.
 """
 
@@ -43,7 +50,7 @@ from hostdev.mgmt.persistence.database import create_database_engine
 from hostdev.mgmt.placement import blocks
 from hostdev.mgmt.placement.blocks import _FITTING
 from hostdev.mgmt.placement.planner import Demand, find_hosts
-from hostdev.mgmt.placement.search import BLOCKS, _host_search, _page_search
+from hostdev.mgmt.placement.search import BLOCKS, _host_search, _page_search, ranges
 
 DEVICES = {"GPU": 4, "NIC": 4}
 DEMANDS = [Demand(cpus=4, memory_mb=8192, pci=(PciRequest(name="GPU", count=1),)),
@@ -54,6 +61,7 @@ DEMANDS = [Demand(cpus=4, memory_mb=8192, pci=(PciRequest(name="GPU", count=1),)
 QUERIES = 300
 #: Layout -> (refused hosts, full hosts after them), for N hosts.
 LAYOUTS = {"half refused": lambda n: (n // 2, 0), "all fit": lambda n: (0, 0),
+           "half refused untightened": lambda n: (n // 2, 0),
            "full behind refused": lambda n: (256, n // 2)}
 BATCH = 2_000  # rows per INSERT
 NOW = "2026-01-01 00:00:00"
@@ -77,7 +85,8 @@ def _insert(cursor: Any, table: str, columns: str, rows: list[tuple[Any, ...]]) 
                        + ", ".join([marks] * len(chunk)), [v for row in chunk for v in row])
 
 
-def populate(url: str, hosts: int, refused: int, full: int = 0) -> None:
+def populate(url: str, hosts: int, refused: int, full: int = 0, *,
+             untightened: bool = False) -> None:
     """Writes ``hosts`` hosts, the first ``refused`` of them refused, the next ``full`` of them
     without a free device (see the module's text)."""
     parsed = make_url(url)
@@ -96,6 +105,8 @@ def populate(url: str, hosts: int, refused: int, full: int = 0) -> None:
                 cells[blocks.block_of(host_id)] = (cells.get(blocks.block_of(host_id), 0)
                                                    | blocks.cell(cpus - used_cpus,
                                                                  memory - used_memory))
+        if untightened:  # every block claims every cell, as right after the upgrade
+            cells = dict.fromkeys(cells, (1 << 56) - 1)
         _insert(cursor, "host_blocks", "block, cells, raised",
                 [(block, bits, 0) for block, bits in cells.items()])
         _insert(cursor, "vm_instances", "id, uuid, name, offering_id, host_id, state, "
@@ -139,7 +150,7 @@ def measure(hosts: int, layout: str) -> list[float]:
     """Builds a world of ``hosts`` hosts in ``layout`` and times its searches (ms)."""
     refused, full = LAYOUTS[layout](hosts)
     with scratch.database("placement") as url:
-        populate(url, hosts, refused, full)
+        populate(url, hosts, refused, full, untightened="untightened" in layout)
         return time_searches(url, refused + full + 1)
 
 
@@ -174,10 +185,8 @@ def explain(url: str) -> None:
                                  "want": blocks.wanted(demand.cpus, demand.memory_mb),
                                  "count": BLOCKS}
     with engine.connect() as connection:
-        fitting = blocks.fitting(connection, 64, int(params["want"]), BLOCKS)  # type: ignore[call-overload]
-    for index, block in enumerate(fitting):
-        params[f"low_{index}"] = block * blocks.BLOCK - 1
-        params[f"high_{index}"] = (block + 1) * blocks.BLOCK - 1
+        ranges(blocks.fitting(connection, 64, blocks.wanted(demand.cpus, demand.memory_mb),
+                              BLOCKS), 64, params)
     for title, statement, more in (
             ("device page", _page_search(len(demand.pci), 0, 5, False)._statement, {}),
             ("blocks", _FITTING._statement, {"first": blocks.block_of(65)}),

@@ -8,11 +8,12 @@ Three reads, each one prepared query, taken in turn:
    there and cost nothing. The hosts of the page that meet the rest of the
    fit rule are the answer, when there are any.
 2. When a whole page is refused (or without PCI requests), the *blocks*: the
-   next ``BLOCKS`` blocks of 256 host ids that may hold a host with the CPUs
-   and memory asked for (``hostdev.mgmt.placement.blocks``); blocks whose Up
-   hosts are all short of CPU or memory, or that have no Up host, are
-   skipped without reading a host.
-3. The *host search* over those blocks' host ids: the Up hosts in id order
+   next ``BLOCKS`` blocks of 256 host ids (``GROWTH`` times more each turn)
+   that may hold a host with the CPUs and memory asked for
+   (``hostdev.mgmt.placement.blocks``); blocks whose Up hosts are all short of
+   CPU or memory, or that have no Up host, are skipped without reading a host.
+3. The *host search* over the host ids of those blocks (their first
+   ``RANGES`` runs of consecutive blocks): the Up hosts in id order
    through the index ``(status, id, cpus, used_cpus, memory_mb,
    used_memory_mb)``, those short of CPU or memory refused on the index entry
    alone, the others asked for their free devices through ``(host_id, name,
@@ -55,8 +56,15 @@ PAGE: Final = 64
 #: left to itself reads it as ``ref`` on (state, name) and filters ``host_id >
 #: after``: a page after N then costs every row before N (docs/database.md).
 _PAGE_INDEX: Final = "ix_op_host_pci_devices_state_name_host_id"
-#: Blocks (of ``blocks.BLOCK`` host ids) the host search reads per turn.
+#: Ranges of host ids the host search reads in a turn: each a block (of
+#: ``blocks.BLOCK`` host ids) or a run of consecutive blocks that may fit.
+RANGES: Final = 4
+#: Blocks that may fit the first turn reads at most; each next turn ``GROWTH`` times more
+#: (up to ``MOST_BLOCKS``), so a long stretch of blocks that claim more room than their hosts
+#: have (not yet tightened) is crossed in few turns.
 BLOCKS: Final = 4
+GROWTH: Final = 8
+MOST_BLOCKS: Final = 4096
 #: The host index the host search reads as a range (``status = 'Up' AND id > after``).
 HOST_INDEX: Final = "ix_hosts_status_id_cpus_used_cpus_memory_mb_used_memory_mb"
 
@@ -90,7 +98,7 @@ def search_hosts(connection: Connection, demand: Demand, *, avoid: Collection[st
         params[f"count_{index}"] = request.count
     for index, ref in enumerate(sorted(avoid)):
         params[f"avoid_{index}"] = ref
-    want, after = blocks.wanted(demand.cpus, demand.memory_mb), 0
+    want, after, reach = blocks.wanted(demand.cpus, demand.memory_mb), 0, BLOCKS
     page = _page_search(len(demand.pci), len(avoid), limit, numa) if demand.pci else None
     hosts = _host_search(len(demand.pci), len(avoid), limit, numa)
     while True:
@@ -102,17 +110,33 @@ def search_hosts(connection: Connection, demand: Demand, *, avoid: Collection[st
             if last is None or (count or 0) < PAGE:
                 return []  # no host after the page has the devices
             after = int(last)  # no host up to ``last`` fits
-        found = blocks.fitting(connection, after, want, BLOCKS)
+        found = blocks.fitting(connection, after, want, reach)
         if not found:
             return []  # no host after ``after`` has the room
-        for index in range(BLOCKS):  # the last block again when there are fewer
-            block = found[min(index, len(found) - 1)]
-            params[f"low_{index}"] = max(after, (block << blocks.BLOCK_SHIFT) - 1)
-            params[f"high_{index}"] = after = ((block + 1) << blocks.BLOCK_SHIFT) - 1
+        params["after"] = after = ranges(found, after, params)
         rows = hosts.execute(connection, params).rows
         if rows:
             return _candidates(rows)
-        params["after"] = after
+        reach = min(reach * GROWTH, MOST_BLOCKS)
+
+
+def ranges(found: list[int], after: int, params: dict[str, object]) -> int:
+    """Sets the host search's ranges (``low_<i>``, ``high_<i>``) to the first ``RANGES`` runs
+    of consecutive blocks in ``found`` (in order), from host ``after`` on; returns the last
+    host id they reach. Fewer runs: the last again, empty."""
+    runs: list[list[int]] = []
+    for block in found:
+        if runs and runs[-1][1] == block - 1:
+            runs[-1][1] = block
+        elif len(runs) < RANGES:
+            runs.append([block, block])
+        else:
+            break
+    for index in range(RANGES):
+        first, last = runs[min(index, len(runs) - 1)]
+        params[f"low_{index}"] = max(after, (first << blocks.BLOCK_SHIFT) - 1)
+        params[f"high_{index}"] = after = ((last + 1) << blocks.BLOCK_SHIFT) - 1
+    return after
 
 
 def _candidates(rows: list[tuple[int, str, str]]) -> list[Candidate]:
@@ -212,10 +236,10 @@ def _page_search(names: int, avoided: int, limit: int, numa: bool) -> PreparedSt
 
 
 def _host_search(names: int, avoided: int, limit: int, numa: bool) -> PreparedStatement:
-    """Returns the host search over ``BLOCKS`` ranges of host ids, prepared once per shape.
+    """Returns the host search over ``RANGES`` ranges of host ids, prepared once per shape.
 
     Parameters: those of :func:`_fit_conditions`, ``low_<i>`` and
-    ``high_<i>`` for each ``i`` below ``BLOCKS`` (the hosts with ids in
+    ``high_<i>`` for each ``i`` below ``RANGES`` (the hosts with ids in
     ``(low_i, high_i]``). Names the host index (MariaDB only): left to itself
     MariaDB reads it as ``ref`` on ``status`` and filters the ids entry by
     entry, from the first Up host.
@@ -225,10 +249,10 @@ def _host_search(names: int, avoided: int, limit: int, numa: bool) -> PreparedSt
         for dialect in ("mysql", "mariadb"):
             query = query.with_hint(Host.__table__, f"FORCE INDEX ({HOST_INDEX})", dialect)
         ranges = [and_(Host.id > bindparam(f"low_{index}"), Host.id <= bindparam(f"high_{index}"))
-                  for index in range(BLOCKS)]
+                  for index in range(RANGES)]
         # The span of all ranges too: SQLite reads it as one range of the index, and
         # MariaDB intersects it with the ranges (no change).
-        span = (Host.id > bindparam("low_0"), Host.id <= bindparam(f"high_{BLOCKS - 1}"))
+        span = (Host.id > bindparam("low_0"), Host.id <= bindparam(f"high_{RANGES - 1}"))
         return query.where(*span, or_(*ranges),
                            *_fit_conditions(range(names), avoided, names if numa else 0))
     return _prepared("hosts", names, avoided, limit, numa, build)

@@ -89,9 +89,9 @@ def test_the_host_search_skips_refused_hosts_as_a_range_of_the_host_index(
         conn.exec_driver_sql("ANALYZE TABLE hosts, op_host_pci_devices")
     params: dict[str, object] = {"cpus": 4, "memory_mb": 1024, "name_0": "GPU", "count_0": 1,
                                  "after": 64}
-    for index in range(search.BLOCKS):  # hosts 65 to 1,023
-        params[f"low_{index}"] = max(64, 256 * index - 1)
-        params[f"high_{index}"] = 256 * index + 255
+    assert search.ranges([0, 1, 3], 64, params) == 1023  # hosts 65 to 511, 768 to 1,023
+    assert [params[f"{b}_{i}"] for i in range(search.RANGES) for b in ("low", "high")] == [
+        64, 511, 767, 1023, 1023, 1023, 1023, 1023]
     sql = search._host_search(1, 0, 5, False)._statement.params(**params).compile(
         engine, compile_kwargs={"literal_binds": True})
     with engine.connect() as conn:

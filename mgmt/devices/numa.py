@@ -48,30 +48,37 @@ def free_by_node(conn: Connection, host_id: int,
     return {int(row[0]): tuple(int(n or 0) for n in row[1:]) for row in rows}
 
 
-def pick_node(by_node: Mapping[int, Sequence[int]], counts: Sequence[int],
-              prefer: int | None = None) -> int | None:
-    """Returns the node with ``counts[i]`` of every name: ``prefer`` if it has, else the first."""
+def fitting_nodes(by_node: Mapping[int, Sequence[int]], counts: Sequence[int],
+                  prefer: int | None = None) -> list[int]:
+    """Returns the nodes with ``counts[i]`` of every name: ``prefer`` first if it has, then
+    the others in order."""
     fitting = [node for node, free in sorted(by_node.items())
                if all(f >= c for f, c in zip(free, counts, strict=True))]
     if prefer in fitting:
-        return prefer
-    return fitting[0] if fitting else None
+        fitting.remove(prefer)
+        fitting.insert(0, prefer)
+    return fitting
 
 
 @dataclass(frozen=True)
 class _Choice:
-    """The requested (name, count) pairs by name, each node's free devices of them, the node."""
+    """The requested (name, count) pairs by name, each node's free devices of them, and the
+    nodes that have them by count, the one to take on first."""
 
     wanted: list[tuple[str, int]]
     by_node: dict[int, tuple[int, ...]]
-    node: int | None
+    nodes: list[int]
+
+    @property
+    def node(self) -> int | None:
+        return self.nodes[0] if self.nodes else None
 
 
 def _choose(conn: Connection, host_id: int, requests: Mapping[str, int],
             prefer: int | None) -> _Choice:
     wanted = sorted((name, count) for name, count in requests.items() if count)
     by_node = free_by_node(conn, host_id, [name for name, _ in wanted])
-    return _Choice(wanted, by_node, pick_node(by_node, [c for _, c in wanted], prefer))
+    return _Choice(wanted, by_node, fitting_nodes(by_node, [c for _, c in wanted], prefer))
 
 
 def node_for(conn: Connection, host_id: int, requests: Mapping[str, int], policy: NumaPolicy,
@@ -92,23 +99,28 @@ def take_on_node(conn: Connection, vm_id: int, host_id: int, requests: Mapping[s
 
     Raises:
         InsufficientDevices: too few free devices, or, under ``required``, no
-            node has them all (the text says what each node has).
+            node has them all (the text says what each node has) or the host's
+            hardware rules refuse them on every node that has them (the first
+            node's refusal).
         ClaimRaceLost: as :func:`~hostdev.mgmt.devices.pci_devices.claim_devices`.
     """
     take = reserve_devices if reserve else claim_devices
     if policy == "none" or not any(requests.values()):
         return take(conn, vm_id, host_id, requests), None
     choice = _choose(conn, host_id, requests, prefer)
-    if choice.node is not None:
+    refused: InsufficientDevices | None = None
+    # A node with the devices by count may still be refused by the host's hardware rules
+    # (a PF with its own VF, part of an IOMMU group): then the next one. A refusal writes
+    # nothing, so the next try starts clean.
+    for node in choice.nodes:
         try:
-            held = take(conn, vm_id, host_id, requests, numa_node=choice.node)
-        except InsufficientDevices:
-            if policy == "required":
-                raise
+            held = take(conn, vm_id, host_id, requests, numa_node=node)
+        except InsufficientDevices as exc:
+            refused = refused or exc
         else:  # devices of a host without NUMA are not on a node the guest can be bound to
-            return held, (choice.node if choice.node != NO_NODE else None)
+            return held, (node if node != NO_NODE else None)
     if policy == "required":
-        raise _no_node(host_id, choice.wanted, choice.by_node)
+        raise refused or _no_node(host_id, choice.wanted, choice.by_node)
     return take(conn, vm_id, host_id, requests), None
 
 

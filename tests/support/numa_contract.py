@@ -116,3 +116,23 @@ class NumaClaimContract:
         held, node = world.take(world.vms[0], world.numa_host, {"GPU": 1, "10GE": 1},
                                 "required", reserve=True, prefer=1)
         assert (world.nodes(held), node, {d.state for d in held}) == ([1, 1], 1, {"reserved"})
+
+    def test_required_goes_on_to_the_next_node_when_the_rules_refuse_one(
+            self, world: NumaWorld) -> None:
+        """Node 0 has two free GPUs by count, a PF and its own VF, which one VM may not hold
+        together; node 1 has two plain ones: required takes node 1's. With node 1's taken,
+        the refusal is the rules'."""
+        with transaction(world.engine) as conn:
+            ruled = add_host(conn)
+        pf = PciAddress("5e:00.0")
+        ClaimPath(world.engine).reconcile(ruled, [
+            PciDeviceInfo(address=pf, name="GPU", numa_node=0),
+            PciDeviceInfo(address=PciAddress("5e:00.1"), name="GPU", numa_node=0,
+                          physical_function=pf),
+            PciDeviceInfo(address=PciAddress("3b:00.0"), name="GPU", numa_node=1),
+            PciDeviceInfo(address=PciAddress("3b:00.1"), name="GPU", numa_node=1)])
+        held, node = world.take(world.vms[0], ruled, {"GPU": 2}, "required")
+        assert (world.nodes(held), node) == ([1, 1], 1)
+        with pytest.raises(InsufficientDevices, match="PF") as caught:
+            world.take(world.vms[1], ruled, {"GPU": 2}, "required")
+        assert caught.value.by_rules

@@ -26,7 +26,7 @@ The bound may be too high, never too low:
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any, Final, Unpack, cast
+from typing import Any, Final, cast
 
 from sqlalchemy import (
     BigInteger,
@@ -109,7 +109,7 @@ def _block_sql() -> ColumnElement[int]:
     return _HOSTS.c.id.op(">>")(BLOCK_SHIFT)
 
 
-def _upserts(values: Select[Unpack[tuple[Any, ...]]]) -> dict[str, PreparedStatement]:
+def _upserts(values: Select[*tuple[Any, ...]]) -> dict[str, PreparedStatement]:
     """Returns the statement that ORs ``values``' cells into their blocks, per dialect.
 
     ``values``: a SELECT of ``(block, cells, raised)`` rows. A block without

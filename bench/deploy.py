@@ -11,6 +11,10 @@
   per host. ``deploys_per_s_<N>_mgmt`` is the same with ``--daemons N``
   daemons sharing the queues and the database (default 2; the machine has
   two cores).
+- ``stops_per_s`` (and ``stops_per_s_<N>_mgmt``): then the same VMs stopped per
+  second, from the first ``StopVmRequest`` to the last ``vm.<uuid>.Stopped``
+  event (every stop gives its host room back: one write of placement's block
+  row, which all 20 hosts share).
 - ``placement_p50_ms_<N>_hosts``: the planner's search (``find_hosts``) on
   N hosts of 16 devices each, half of them full (first fit has to skip them).
 
@@ -50,7 +54,7 @@ from hostdev.messages.runtime.logging import configure_logging
 from hostdev.messages.values import PciRequest
 from hostdev.mgmt.persistence.database import create_database_engine
 from hostdev.mgmt.persistence.models import Host, PciDevice
-from hostdev.mgmt.placement import planner
+from hostdev.mgmt.placement import blocks, planner
 
 HOSTS = 20
 DEVICES_PER_HOST = 16
@@ -86,12 +90,17 @@ class Counters:
     def __init__(self, context: Any) -> None:
         self.running = context.Value("i", 0)
         self.last_running = context.Value("d", 0.0)
+        self.stopped = context.Value("i", 0)
+        self.last_stopped = context.Value("d", 0.0)
 
     def on_event(self, event: VmStateChanged, _: Any) -> None:
-        """Counts a ``vm.*.Running`` event."""
+        """Counts a ``vm.*.Running`` or ``vm.*.Stopped`` event."""
         if event.state == "Running":
             self.running.value += 1
             self.last_running.value = time.monotonic()
+        elif event.state == "Stopped":
+            self.stopped.value += 1
+            self.last_stopped.value = time.monotonic()
 
 
 def run_agents(amqp_url: str, folder: Path, counters: Counters) -> None:
@@ -120,13 +129,21 @@ def run_agents(amqp_url: str, folder: Path, counters: Counters) -> None:
         threading.Thread(target=agent.run, name=config.name, daemon=True).start()
     events = Bus(BusConfig(url=amqp_url, app_id="bench-events"))
     events.connect()
-    events.declare_queue("bench.events", ["vm.*.Running"], exchange=EVENTS_EXCHANGE)
+    events.declare_queue("bench.events", ["vm.*.Running", "vm.*.Stopped"],
+                         exchange=EVENTS_EXCHANGE)
     events.consume("bench.events", {VmStateChanged: counters.on_event})
     events.run()
 
 
 def bench_deploys(vms: int, daemons: int) -> float:
     """Returns VMs deployed per second end to end by ``daemons`` management daemons."""
+    return bench_deploys_and_stops(vms, daemons, stops=False)[0]
+
+
+def bench_deploys_and_stops(vms: int, daemons: int, *,
+                            stops: bool = True) -> tuple[float, float | None]:
+    """Returns VMs deployed, then (``stops``) stopped, per second end to end by ``daemons``
+    management daemons."""
     with scratch.vhost("deploy") as amqp_url, scratch.database("deploy") as db_url, \
             tempfile.TemporaryDirectory(prefix="hostdev-bench-") as directory:
         folder = Path(directory)
@@ -156,35 +173,17 @@ def bench_deploys(vms: int, daemons: int) -> float:
             wait(lambda: _hosts_up(client) == HOSTS, 60, f"{HOSTS} hosts Up")
             client.request(api.CreateOfferingRequest(name="one10ge", cpus=1, memory_mb=256,
                                                      pci_devices="10GE"))
-            names = iter(range(vms))
-            lock = threading.Lock()
-            errors: list[str] = []
-
-            def deploy_loop() -> None:
-                bus = Bus(BusConfig(url=amqp_url, app_id="bench"))
-                while True:
-                    with lock:
-                        n = next(names, None)
-                    if n is None:
-                        break
-                    answer = bus.request(api.DeployVmRequest(name=f"vm{n}",
-                                                             offering="one10ge"), timeout=30)
-                    if not isinstance(answer, api.JobAccepted):
-                        errors.append(str(answer))
-                bus.close()
-
-            threads = [threading.Thread(target=deploy_loop) for _ in range(CLIENTS)]
-            start = time.monotonic()
-            for thread in threads:
-                thread.start()
-            for thread in threads:
-                thread.join()
-            if errors:
-                raise SystemExit(f"deploys refused: {errors[:3]}")
+            start = _send(amqp_url, [api.DeployVmRequest(name=f"vm{n}", offering="one10ge")
+                                     for n in range(vms)])
             wait(lambda: counters.running.value >= vms, 120, f"{vms} VMs Running")
-            elapsed = counters.last_running.value - start
+            deploys = vms / (counters.last_running.value - start)
+            stopped = None
+            if stops:
+                start = _send(amqp_url, [api.StopVmRequest(vm=f"vm{n}") for n in range(vms)])
+                wait(lambda: counters.stopped.value >= vms, 120, f"{vms} VMs Stopped")
+                stopped = vms / (counters.last_stopped.value - start)
             client.close()
-            return vms / elapsed
+            return deploys, stopped
         finally:
             agents.terminate()
             agents.join(10)
@@ -192,6 +191,36 @@ def bench_deploys(vms: int, daemons: int) -> float:
                 process.terminate()
             for process in mgmt:
                 process.wait(15)
+
+
+def _send(amqp_url: str, requests: list[Any]) -> float:
+    """Sends the requests from ``CLIENTS`` client threads, each waiting for its answer (a
+    JobAccepted) before the next; returns when the first was sent (``time.monotonic``)."""
+    pending = iter(requests)
+    lock = threading.Lock()
+    errors: list[str] = []
+
+    def loop() -> None:
+        bus = Bus(BusConfig(url=amqp_url, app_id="bench"))
+        while True:
+            with lock:
+                request = next(pending, None)
+            if request is None:
+                break
+            answer = bus.request(request, timeout=30)
+            if not isinstance(answer, api.JobAccepted):
+                errors.append(str(answer))
+        bus.close()
+
+    threads = [threading.Thread(target=loop) for _ in range(CLIENTS)]
+    start = time.monotonic()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise SystemExit(f"requests refused: {errors[:3]}")
+    return start
 
 
 def _hosts_up(client: Bus) -> int | None:
@@ -221,6 +250,8 @@ def bench_placement(hosts: int, samples: int = 200) -> float:
                 {"guid": str(uuid.uuid4()), "name": f"h{i}", "status": "Up", "cpus": 64,
                  "memory_mb": 262144, "hypervisor_version": ""} for i in range(hosts)])
             ids = list(conn.scalars(select(Host.id).order_by(Host.id)))
+            # Placement's blocks, as the hosts' registrations leave them.
+            blocks.raise_rows(conn, [(host_id, 64, 262144) for host_id in ids])
             rows: list[dict[str, Any]] = []
             for index, host_id in enumerate(ids):
                 state = "allocated" if index < hosts // 2 else "free"
@@ -256,19 +287,26 @@ def main() -> None:
     args = parser.parse_args()
     configure_logging("warning")
     vms = min(args.vms, HOSTS * DEVICES_PER_HOST)
-    rate = bench_deploys(vms, 1)
-    rate_n = bench_deploys(vms, args.daemons) if args.daemons > 1 else None
+    rate, stops = bench_deploys_and_stops(vms, 1)
+    rate_n, stops_n = (bench_deploys_and_stops(vms, args.daemons) if args.daemons > 1
+                       else (None, None))
     p1k = bench_placement(1000)
     p10k = bench_placement(10000)
     print(f"{'figure':<38}{'value':>10}  unit")
     print(f"{'deploys end to end (20 hosts, 1 mgmt)':<38}{rate:>10.1f}  1/s")
     if rate_n is not None:
         print(f"{f'deploys end to end (20 hosts, {args.daemons} mgmt)':<38}{rate_n:>10.1f}  1/s")
+    print(f"{'stops end to end (20 hosts, 1 mgmt)':<38}{stops or 0:>10.1f}  1/s")
+    if stops_n is not None:
+        print(f"{f'stops end to end (20 hosts, {args.daemons} mgmt)':<38}{stops_n:>10.1f}  1/s")
     print(f"{'placement p50, 1,000 hosts':<38}{p1k:>10.2f}  ms")
     print(f"{'placement p50, 10,000 hosts':<38}{p10k:>10.2f}  ms")
     print(f"metric=deploys_per_s value={rate:.1f} unit=1/s")
     if rate_n is not None:
         print(f"metric=deploys_per_s_{args.daemons}_mgmt value={rate_n:.1f} unit=1/s")
+    print(f"metric=stops_per_s value={stops or 0:.1f} unit=1/s")
+    if stops_n is not None:
+        print(f"metric=stops_per_s_{args.daemons}_mgmt value={stops_n:.1f} unit=1/s")
     print(f"metric=placement_p50_ms_1000_hosts value={p1k:.2f} unit=ms")
     print(f"metric=placement_p50_ms_10000_hosts value={p10k:.2f} unit=ms")
 

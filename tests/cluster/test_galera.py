@@ -19,6 +19,7 @@ from sqlalchemy.exc import OperationalError
 
 from hostdev.messages import api
 from hostdev.mgmt.persistence.database import create_database_engine
+from hostdev.mgmt.placement import blocks
 from tests.cluster.conftest import running_stack
 from tests.support.cluster_burst import run_burst
 from tests.support.clusters import GaleraCluster, galera_database
@@ -39,6 +40,10 @@ DEVICE_ROWS = ("SELECT host_id, domain, bus, slot, function, state, instance_id 
                "FROM op_host_pci_devices ORDER BY host_id, domain, bus, slot, function")
 VM_ROWS = "SELECT id, uuid, name, state, host_id FROM vm_instances ORDER BY id"
 JOB_ROWS = "SELECT id, kind, state FROM jobs ORDER BY id"
+#: Each Up host's room, and placement's blocks.
+UP_HOSTS = ("SELECT id, cpus - used_cpus AS cpus, memory_mb - used_memory_mb AS memory_mb "
+            "FROM hosts WHERE status = 'Up' ORDER BY id")
+BLOCK_ROWS = "SELECT block, cells FROM host_blocks ORDER BY block"
 
 
 class GaleraStack:
@@ -84,7 +89,7 @@ def galera_stack(galera_cluster: GaleraCluster,
 
 def _check_devices(galera: GaleraCluster, g: GaleraStack) -> None:
     """Asserts every node has the same rows and no device is held twice or by a stopped VM."""
-    for query in (DEVICE_ROWS, VM_ROWS, JOB_ROWS):
+    for query in (DEVICE_ROWS, VM_ROWS, JOB_ROWS, UP_HOSTS):
         per_node = galera.agree(g.database, query)
         assert all(rows == per_node[0] for rows in per_node), query
     devices = galera.agree(g.database, DEVICE_ROWS)[0]
@@ -97,6 +102,11 @@ def _check_devices(galera: GaleraCluster, g: GaleraStack) -> None:
             assert (vm["state"], vm["host_id"]) == ("Running", device["host_id"]), device
     running = sum(1 for vm in vms.values() if vm["state"] == "Running")
     assert running == len(held)
+    # Stops on two nodes raise the same block row: placement still skips no Up host there.
+    cells = {row["block"]: int(row["cells"]) for row in galera.agree(g.database, BLOCK_ROWS)[0]}
+    for host in galera.agree(g.database, UP_HOSTS)[0]:
+        wanted = blocks.wanted(int(host["cpus"]), int(host["memory_mb"]))
+        assert cells.get(blocks.block_of(host["id"]), 0) & wanted, host
     for host in g.stack.hosts.values():  # each domain runs with its own device
         hostdevs = [a for _, on, devs in host.domains().values() if on for a in devs]
         assert len(hostdevs) == len(set(hostdevs)), host.name

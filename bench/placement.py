@@ -106,7 +106,7 @@ def populate(url: str, hosts: int, refused: int, full: int = 0, *,
                                                    | blocks.cell(cpus - used_cpus,
                                                                  memory - used_memory))
         if untightened:  # every block claims every cell, as right after the upgrade
-            cells = dict.fromkeys(cells, (1 << 56) - 1)
+            cells = dict.fromkeys(cells, blocks.ALL_CELLS)
         _insert(cursor, "host_blocks", "block, cells, raised",
                 [(block, bits, 0) for block, bits in cells.items()])
         _insert(cursor, "vm_instances", "id, uuid, name, offering_id, host_id, state, "

@@ -93,6 +93,7 @@ def take_restarts(tx: TxContext, config: MgmtConfig,
     ruled = host_rules.read_facts_of(
         tx.connection, [host.id for host in candidates.values() if host.device_rules])
     answers: dict[int, StartupAnswer] = {}
+    up: list[tuple[int, int, int]] = []  # (id, free CPUs, free memory) of those taken Up
     for guid, host in candidates.items():
         index = guids[guid]
         startup, incoming = startups[index]
@@ -105,12 +106,10 @@ def take_restarts(tx: TxContext, config: MgmtConfig,
         # Its log lines name its message, as the pipeline binds them for one alone.
         with bound_message(incoming.message_id, incoming.correlation_id, host=guid, vm=None):
             answers[index] = _announced(tx, config, startup, host)
-    # Up again, perhaps with more CPUs or memory: placement's blocks (none when in maintenance).
-    blocks.raise_rows(tx.connection, [
-        (host.id, startups[guids[guid]][0].cpus - host.used_cpus,
-         startups[guids[guid]][0].memory_mb - host.used_memory_mb)
-        for guid, host in candidates.items()
-        if guids[guid] in answers and host.status not in OPERATOR_STATUSES])
+        if host.status not in OPERATOR_STATUSES:  # Up again, perhaps with more room
+            up.append((host.id, startup.cpus - host.used_cpus,
+                       startup.memory_mb - host.used_memory_mb))
+    blocks.raise_rows(tx.connection, up)  # placement's blocks
     return answers
 
 

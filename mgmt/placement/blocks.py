@@ -57,6 +57,8 @@ CPU_STEPS: Final = (2, 4, 8, 16, 32, 64)
 #: 128 GiB and more).
 MEMORY_STEPS_MB: Final = (2048, 4096, 8192, 16384, 32768, 65536, 131072)
 _MEMORY_CELLS: Final = len(MEMORY_STEPS_MB) + 1
+#: Every cell's bit: a block that claims any room (as revision 0013 leaves every block).
+ALL_CELLS: Final = (1 << ((len(CPU_STEPS) + 1) * _MEMORY_CELLS)) - 1
 #: Blocks tightened per transaction: their hosts are read in one grouped query.
 TIGHTEN_BLOCKS: Final = 64
 #: Seconds between two tightenings of a management daemon (each the next

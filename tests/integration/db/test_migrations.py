@@ -228,7 +228,7 @@ def test_0013_gives_every_block_with_hosts_every_cell_and_a_tightening_sets_them
                     ":guid, :guid, :status, 32, 65536, 30, 0, '', :now, :now)"),
                     {"id": host_id, "guid": f"h{host_id}", "status": status, "now": now})
         command.upgrade(config, "0013")
-        every = (1 << 56) - 1
+        every = blocks.ALL_CELLS
         with engine.connect() as conn:
             rows = conn.execute(text("SELECT block, cells FROM host_blocks ORDER BY block")).all()
         assert [tuple(row) for row in rows] == [(0, every), (1, every), (3, every)]

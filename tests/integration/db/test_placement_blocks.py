@@ -11,42 +11,33 @@ import pytest
 from sqlalchemy import Connection, Engine, insert, select, text, update
 from sqlalchemy.orm import Session
 
-from hostdev.mgmt.persistence.database import create_database_engine
 from hostdev.mgmt.persistence.models import Host, HostBlock, VmInstance
 from hostdev.mgmt.placement import blocks
 from hostdev.mgmt.placement.planner import Demand, find_hosts
 from hostdev.mgmt.vms import capacity
 from tests.support.databases import (
     add_offering,
-    mariadb_database,
+    migrated_engine,
     raise_blocks,
-    sqlite_database,
     uncovered_hosts,
 )
 from tests.support.waiting import wait_for
 
 FOUR_CPUS = Demand(cpus=4, memory_mb=4096)
-ALL_CELLS = (1 << 56) - 1
 
 
 @pytest.fixture(params=["sqlite", pytest.param("mariadb", marks=pytest.mark.mariadb)])
 def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Engine]:
     """A migrated database on each back end."""
-    databases = {"sqlite": lambda: sqlite_database(tmp_path),
-                 "mariadb": lambda: mariadb_database("hostdev_blocks")}
-    with databases[request.param]() as url:
-        engine = create_database_engine(url)
+    with migrated_engine(request.param, tmp_path, "hostdev_blocks") as engine:
         yield engine
-        engine.dispose()
 
 
 @pytest.fixture
-def mariadb() -> Iterator[Engine]:
+def mariadb(tmp_path: Path) -> Iterator[Engine]:
     """A migrated MariaDB database (row locks are what the tests are about)."""
-    with mariadb_database("hostdev_blocks") as url:
-        engine = create_database_engine(url)
+    with migrated_engine("mariadb", tmp_path, "hostdev_blocks") as engine:
         yield engine
-        engine.dispose()
 
 
 def _hosts(conn: Connection, specs: list[tuple[str, int, int]]) -> list[int]:
@@ -89,7 +80,7 @@ def test_a_bound_too_high_costs_reads_and_hides_no_host(db: Engine) -> None:
     exact = _found(db)
     assert exact == ids[600:]
     with db.begin() as conn:
-        conn.execute(update(HostBlock).values(cells=ALL_CELLS))
+        conn.execute(update(HostBlock).values(cells=blocks.ALL_CELLS))
     assert _found(db) == exact
 
 
@@ -197,7 +188,7 @@ def test_room_given_back_during_a_tightening_is_set_after_it(mariadb: Engine) ->
     room back meanwhile: its raise waits for the tightening and sets the cell after it."""
     with mariadb.begin() as conn:
         (host,) = _hosts(conn, [("Up", 8, 8)])
-        conn.execute(update(HostBlock).values(cells=ALL_CELLS))
+        conn.execute(update(HostBlock).values(cells=blocks.ALL_CELLS))
     free = blocks.cell(8, 65536)
     with mariadb.connect() as tightening:
         tightening.begin()
